@@ -1,0 +1,44 @@
+"""truthmap — where does a language model know that its own answer is wrong?
+
+A causal LM answers questions; the answers are graded; hidden states are read at a fixed set of token
+positions at every layer; a linear probe per (layer, position) predicts "this answer is wrong"; the
+probe AUCs are drawn as a heatmap. See README.md and docs/run-folder.md.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import TruthmapError
+from .extract import load_features
+
+
+def run(
+    model: str | None = None,
+    dataset: str | None = None,
+    limit: int | None = None,
+    out: str | None = None,
+    seeds: list[int] | None = None,
+    site: str | list[str] | None = None,
+    config: str | None = None,
+    force: bool = False,
+    **settings,
+):
+    """Run the whole study and return the AUC table (``probe_results.csv``) as a DataFrame.
+
+    Arguments mirror ``truthmap run``; any other field of :class:`truthmap.config.Config` can be
+    passed by name (``positions=[...]``, ``max_new_tokens=32``, ``device="cuda"``, …).
+    """
+    import pandas as pd
+
+    from .config import load_config
+    from .pipeline import run_stages
+
+    sites = [site] if isinstance(site, str) else site
+    cfg = load_config(config, model=model, dataset=dataset, limit=limit, out=out, seeds=seeds, sites=sites,
+                      **settings)
+    run_dir = run_stages(cfg, force=force)
+    return pd.read_csv(run_dir / "probe_results.csv")
+
+
+__all__ = ["run", "load_features", "TruthmapError", "__version__"]

@@ -1,0 +1,87 @@
+"""Settings of a study: one dataclass, read from the CLI, a YAML file or the Python API."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import TruthmapError
+from .generate import DEFAULT_TEMPLATE
+from .label import DEFAULT_POSITIONS, check_positions
+from .models import DEFAULT_MODEL, SITES
+
+
+@dataclass
+class Config:
+    model: str = DEFAULT_MODEL  # hub id, local folder, .gguf file, or the embedded default
+    dataset: str = "facts"  # "facts" (built in), a CSV/JSONL/Parquet path, or a hub dataset id
+    limit: int | None = None  # study a deterministic sample of this many questions
+    out: str | None = None  # run folder; default runs/<model>-<dataset>
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one train/test split and probe per seed
+    sites: list[str] = field(default_factory=lambda: ["residual"])  # residual, mlp, attention
+    positions: list[str] = field(default_factory=lambda: list(DEFAULT_POSITIONS))
+    prompt_template: str = DEFAULT_TEMPLATE  # user message; {question} is replaced
+    max_new_tokens: int = 24
+    batch_size: int | None = None  # None: chosen from the device and free memory
+    dtype: str = "auto"  # auto, float32, bfloat16, float16
+    device: str = "auto"  # auto, cpu, cuda, cuda:1
+    device_map: str | None = None  # e.g. "auto" to spread a large model over GPUs (accelerate)
+    trust_remote_code: bool = False
+    extractor_model: str | None = None  # None: the studied model; "none": no extractor
+    question_column: str = "question"
+    answer_column: str | None = None  # default: answers, answer or gold
+    test_fraction: float = 0.3
+    C: float = 1.0  # inverse L2 strength of each probe, as in scikit-learn
+    bootstrap: int = 1000  # resamples for the AUC interval
+    progress: bool = True
+
+    def validate(self) -> "Config":
+        for site in self.sites:
+            if site not in SITES:
+                raise TruthmapError(f"site '{site}': use one of {', '.join(SITES)}")
+        check_positions(self.positions)
+        if not self.seeds:
+            raise TruthmapError("seeds: give at least one seed")
+        if not 0.05 <= self.test_fraction <= 0.95:
+            raise TruthmapError(f"test_fraction {self.test_fraction}: use a value between 0.05 and 0.95")
+        if self.max_new_tokens < 1:
+            raise TruthmapError(f"max_new_tokens {self.max_new_tokens}: must be at least 1")
+        if "{question}" not in self.prompt_template:
+            raise TruthmapError(f"prompt_template '{self.prompt_template}': must contain {{question}}")
+        return self
+
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        model = Path(self.model.split("::")[-1]).stem if self.model else "model"
+        name = f"{model.replace('embedded:', '')}-{Path(self.dataset).stem}"
+        return Path("runs") / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None, **overrides) -> Config:
+    """A Config from a YAML file (keys = field names), with non-None ``overrides`` applied on top."""
+    values = {}
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise TruthmapError(f"{path}: could not read the config ({str(err).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise TruthmapError(f"{path}: a config file is a mapping of setting: value")
+        known = {f.name for f in dataclasses.fields(Config)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TruthmapError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Config(**values).validate()
+    except TypeError as err:
+        raise TruthmapError(f"config: {err}") from None

@@ -1,0 +1,197 @@
+"""Stage 3 — hidden states at the chosen positions, every layer, one batched forward pass.
+
+Reads ``answers.parquet`` (position indices) and ``generations.parquet`` (token ids); writes
+``activations/``:
+
+* ``index.json`` — ids (row order), positions, hidden size, and per site its layer numbers and shards;
+* ``valid.npy`` — bool ``[N, P]``: whether position p exists for example n;
+* ``<site>/shard-00000.npy`` … — float16 ``[R, P, n, d]``: R layer rows of the site, P positions, the n
+  examples of that shard (consecutive rows of answers.parquet), hidden size d. Invalid cells hold 0.
+
+Layer rows: residual has rows 0..L (0 = embedding output, l = output of decoder block l); mlp and
+attention have rows 1..L (the sub-module's output inside block l). Forward hooks keep only the wanted
+positions, so nothing of size tokens × layers is ever held. Sequences are right-padded: with causal
+attention a real token never sees the padding after it, so features do not depend on batch size.
+The base model is called without its LM head (whose output is never needed).
+Shards already on disk are kept, so an interrupted extraction continues where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .errors import TruthmapError
+from .models import LoadedModel
+from .runfolder import ACTIVATIONS, read_json, write_json, write_npy
+
+SHARD_SIZE = 256
+
+
+def site_rows(lm: LoadedModel, site: str) -> list[int]:
+    """Layer numbers stored for ``site``."""
+    return list(range(0, lm.n_layers + 1)) if site == "residual" else list(range(1, lm.n_layers + 1))
+
+
+class _Capture:
+    """Forward hooks that copy the hidden state at given token positions into a buffer."""
+
+    def __init__(self, lm: LoadedModel, sites: list[str]):
+        self.lm, self.sites, self.handles = lm, sites, []
+        self.rows = None  # [B] long, set per batch
+        self.cols = None  # [B, P] long
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __enter__(self):
+        for site in self.sites:
+            modules = self.lm.site_modules(site)
+            if site == "residual":
+                modules = [self.lm.embeddings] + modules
+            for row, module in enumerate(modules):
+                self.handles.append(module.register_forward_hook(self._hook(site, row)))
+        return self
+
+    def _hook(self, site, row):
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            # [B, T, d] -> [B, P, d]: only the wanted positions leave the model
+            self.buffers[site][row] = hidden[self.rows, self.cols].to(self.buffers[site].dtype)
+
+        return hook
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def extract_batch(lm: LoadedModel, sequences: list[list[int]], index: np.ndarray, sites: list[str]) -> dict:
+    """Features of one batch: site -> float32 CPU tensor ``[R, B, P, d]`` (invalid positions read token 0)."""
+    device = lm.device
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), lm.tokenizer.pad_token_id, dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+    with _Capture(lm, sites) as capture:
+        capture.rows = torch.arange(len(sequences), device=device)[:, None]
+        capture.cols = torch.as_tensor(np.maximum(index, 0), device=device)
+        for site in sites:
+            n_rows = len(site_rows(lm, site))
+            capture.buffers[site] = torch.empty(
+                (n_rows, len(sequences), index.shape[1], lm.hidden_size), dtype=torch.float32, device=device
+            )
+        lm.model.base_model(input_ids=input_ids.to(device), use_cache=False)
+    return {site: buf.cpu() for site, buf in capture.buffers.items()}
+
+
+def run_extract(
+    lm: LoadedModel,
+    answers: pd.DataFrame,
+    generations: pd.DataFrame,
+    positions: list[str],
+    sites: list[str],
+    run_dir: Path,
+    batch_size: int = 16,
+    shard_size: int = SHARD_SIZE,
+    progress: bool = True,
+) -> None:
+    """Write the activations store for ``answers`` (see the module docstring)."""
+    out = Path(run_dir) / ACTIVATIONS
+    table = answers[["id"] + [f"pos_{p}" for p in positions]].merge(
+        generations[["id", "prompt_ids", "answer_ids"]], on="id", how="left", validate="one_to_one"
+    )
+    sequences = [list(p) + list(a) for p, a in zip(table.prompt_ids, table.answer_ids)]
+    index = table[[f"pos_{p}" for p in positions]].to_numpy(dtype=np.int64)
+    valid = index >= 0
+    n = len(table)
+    shards = [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+    meta = {
+        "ids": table.id.tolist(),
+        "positions": positions,
+        "hidden_size": lm.hidden_size,
+        "dtype": "float16",
+        "sites": {
+            site: {
+                "layers": site_rows(lm, site),
+                "shards": [{"file": f"{site}/shard-{k:05d}.npy", "start": a, "stop": b} for k, (a, b) in enumerate(shards)],
+            }
+            for site in sites
+        },
+    }
+    write_npy(out / "valid.npy", valid)
+    bar = tqdm(total=n, desc="extract", unit="q", disable=not progress)
+    for k, (start, stop) in enumerate(shards):
+        files = {site: out / site / f"shard-{k:05d}.npy" for site in sites}
+        if all(f.exists() for f in files.values()):  # finished before an interruption
+            bar.update(stop - start)
+            continue
+        store = {
+            site: np.zeros((len(site_rows(lm, site)), len(positions), stop - start, lm.hidden_size), np.float16)
+            for site in sites
+        }
+        order = sorted(range(start, stop), key=lambda i: len(sequences[i]))
+        for b in range(0, len(order), batch_size):
+            batch = order[b : b + batch_size]
+            features = extract_batch(lm, [sequences[i] for i in batch], index[batch], sites)
+            local = np.asarray(batch) - start
+            for site, values in features.items():
+                half = values.numpy().astype(np.float16)  # [R, B, P, d]
+                if not np.isfinite(half).all():
+                    bad = np.argwhere(~np.isfinite(half))[0]
+                    raise TruthmapError(
+                        f"extract: example '{table.id.iloc[batch[bad[1]]]}', site {site}, layer row {bad[0]}, "
+                        f"position {positions[bad[2]]}: value not finite in float16 (overflow); "
+                        f"use --dtype float32 or a different site"
+                    )
+                store[site][:, :, local, :] = half.transpose(0, 2, 1, 3)
+            bar.update(len(batch))
+        for site in sites:
+            store[site][:, ~valid[start:stop].T] = 0  # cells with no such position hold zeros
+            write_npy(files[site], store[site])
+    bar.close()
+    write_json(out / "index.json", meta)
+
+
+def _index(run_dir: Path) -> dict:
+    return read_json(Path(run_dir) / ACTIVATIONS / "index.json")
+
+
+def load_layer(run_dir: str | Path, site: str, layer: int) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """All positions of one layer: (ids, positions, features float16 ``[P, N, d]``, valid bool ``[N, P]``)."""
+    run_dir = Path(run_dir)
+    meta = _index(run_dir)
+    if site not in meta["sites"]:
+        raise TruthmapError(f"site '{site}': not extracted in {run_dir} (have {sorted(meta['sites'])})")
+    layers = meta["sites"][site]["layers"]
+    if layer not in layers:
+        raise TruthmapError(f"layer {layer}: site '{site}' has layers {layers[0]}..{layers[-1]}")
+    row = layers.index(layer)
+    parts = []
+    for shard in meta["sites"][site]["shards"]:
+        path = run_dir / ACTIVATIONS / shard["file"]
+        try:
+            parts.append(np.load(path, mmap_mode="r", allow_pickle=False)[row])
+        except (OSError, ValueError) as err:
+            raise TruthmapError(f"{path}: unreadable ({err}); delete it and rerun 'truthmap extract'") from None
+    features = np.concatenate(parts, axis=1)
+    valid = np.load(run_dir / ACTIVATIONS / "valid.npy", allow_pickle=False)
+    return meta["ids"], meta["positions"], features, valid
+
+
+def load_features(run_dir: str | Path, site: str, layer: int, position: str) -> tuple[list[str], np.ndarray]:
+    """The example ids and float32 feature matrix ``[n, d]`` of one cell, valid examples only.
+
+    ``site`` is residual / mlp / attention, ``layer`` a layer number (0 = embeddings for residual),
+    ``position`` a position name such as ``exact_answer_last`` or ``-1``. Ids match answers.parquet's
+    ``id`` column, so a probe can be re-fitted independently with splits.json.
+    """
+    ids, positions, features, valid = load_layer(run_dir, site, layer)
+    if position not in positions:
+        raise TruthmapError(f"position '{position}': not extracted (have {positions})")
+    p = positions.index(position)
+    keep = valid[:, p]
+    return [i for i, k in zip(ids, keep) if k], np.asarray(features[p][keep], dtype=np.float32)

@@ -1,0 +1,256 @@
+"""Stage 2 — grade each answer, locate its exact answer, and index the token positions.
+
+Reads the questions table, ``vocabularies.json`` and ``generations.parquet``; writes
+``answers.parquet`` (one row per question, columns in docs/run-folder.md) and ``splits.json``
+(train/test ids per seed, stratified by correctness).
+
+* correct: a gold alias occurs in the answer (normalised, whole-word; see textmatch).
+* exact answer: for a correct answer the matched alias; for a wrong one the first candidate of the
+  question's answer type (or the first number not in the question, for numeric answers); failing that,
+  the extractor model is asked, and its output counts only if it occurs in the answer.
+* positions: indices into prompt_ids + answer_ids (the sequence the extract stage reads), -1 where the
+  position does not exist (e.g. ``second_answer`` of a one-token answer, or no valid exact answer).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from . import textmatch
+from .errors import TruthmapError
+
+NAMED_POSITIONS = (
+    "last_q",
+    "first_answer",
+    "second_answer",
+    "exact_answer_before_first",
+    "exact_answer_first",
+    "exact_answer_last",
+    "exact_answer_after_last",
+)
+DEFAULT_POSITIONS = list(NAMED_POSITIONS) + [str(-k) for k in range(8, 0, -1)]
+EXACT_POSITIONS = {p for p in NAMED_POSITIONS if p.startswith("exact_answer")}
+MIN_PER_CLASS = 10
+
+
+def check_positions(positions: list[str]) -> list[str]:
+    for p in positions:
+        if p not in NAMED_POSITIONS and not (p.startswith("-") and p[1:].isdigit() and int(p) < 0):
+            raise TruthmapError(f"position '{p}': use one of {', '.join(NAMED_POSITIONS)} or -1, -2, … (from the end)")
+    if len(set(positions)) != len(positions):
+        raise TruthmapError(f"positions {positions}: each position may appear once")
+    return list(positions)
+
+
+def judge(answer: str, gold: list[str]) -> tuple[bool, tuple[str, int, int] | None]:
+    """(correct, (alias, start, end) of the earliest gold alias in the answer, or None)."""
+    match = textmatch.first_match(answer, list(gold))
+    return match is not None, match
+
+
+def find_exact_answer(
+    answer: str, question: str, gold: list[str], answer_type: str, vocabularies: dict
+) -> tuple[str | None, int, int, str]:
+    """(exact answer text, start, end, reason) without the extractor; text is None when not found."""
+    if not answer.strip():
+        return None, -1, -1, "empty_answer"
+    correct, match = judge(answer, gold)
+    if correct:
+        return answer[match[1] : match[2]], match[1], match[2], "gold_alias"
+    found = None
+    if answer_type == "number" or (not answer_type and all(textmatch.canonical_number(g) for g in gold)):
+        found, reason = textmatch.first_number(answer, exclude=question), "number"
+    elif answer_type in vocabularies:
+        found, reason = vocabularies[answer_type].first_in(answer, exclude=question), "vocabulary"
+    if found is None:
+        return None, -1, -1, "no_candidate_in_answer"
+    return answer[found[1] : found[2]], found[1], found[2], reason
+
+
+def token_char_spans(tokenizer, answer_ids: list[int], answer: str) -> list[tuple[int, int]]:
+    """Character span of each answer token in ``answer`` (the decoded text); special tokens get (n, n).
+
+    Uses the tokenizer's offset mapping on the decoded text when re-tokenising it gives back the
+    generated ids (the usual case); otherwise the spans come from decoding growing prefixes.
+    """
+    special = set(tokenizer.all_special_ids)
+    content = [t for t in answer_ids if t not in special]
+    n_special_tail = len(answer_ids) - len(content)
+    if content == answer_ids[: len(content)]:
+        enc = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+        if enc["input_ids"] == content:
+            return [tuple(o) for o in enc["offset_mapping"]] + [(len(answer), len(answer))] * n_special_tail
+    spans, previous = [], 0
+    for k in range(1, len(answer_ids) + 1):
+        end = min(len(tokenizer.decode(answer_ids[:k], skip_special_tokens=True)), len(answer))
+        end = max(end, previous)
+        spans.append((previous, end))
+        previous = end
+    return spans
+
+
+def char_span_to_tokens(spans: list[tuple[int, int]], start: int, end: int, text: str) -> tuple[int, int] | None:
+    """First and last token index whose characters overlap [start, end) at a non-space character."""
+    hits = [
+        k
+        for k, (s, e) in enumerate(spans)
+        if s < end and e > start and text[max(s, start) : min(e, end)].strip()
+    ]
+    return (hits[0], hits[-1]) if hits else None
+
+
+def position_indices(
+    n_prompt: int, n_answer: int, exact_tokens: tuple[int, int] | None, positions: list[str]
+) -> dict[str, int]:
+    """Index of each position in prompt_ids + answer_ids; -1 where the position does not exist."""
+    total = n_prompt + n_answer
+    out = {}
+    for p in positions:
+        if p == "last_q":
+            index = n_prompt - 1
+        elif p == "first_answer":
+            index = n_prompt if n_answer >= 1 else -1
+        elif p == "second_answer":
+            index = n_prompt + 1 if n_answer >= 2 else -1
+        elif p in EXACT_POSITIONS:
+            if exact_tokens is None:
+                index = -1
+            else:
+                first, last = exact_tokens
+                index = n_prompt + {
+                    "exact_answer_before_first": first - 1,
+                    "exact_answer_first": first,
+                    "exact_answer_last": last,
+                    "exact_answer_after_last": last + 1,
+                }[p]
+                if index >= total:
+                    index = -1
+        else:  # "-k": k-th token from the end of the answer, inside the answer only
+            index = total + int(p)
+            if index < n_prompt:
+                index = -1
+        out[p] = index
+    return out
+
+
+EXTRACTOR_INSTRUCTION = (
+    "Copy, word for word, the short part of the response that states its answer to the question. "
+    "Write only those words.\n\n"
+    "Question: Which river flows through Cairo?\nResponse: The river that flows through Cairo is the Nile.\n"
+    "Exact answer: Nile\n\n"
+    "Question: {question}\nResponse: {answer}\nExact answer:"
+)
+
+
+def extract_with_model(lm, questions: list[str], answers: list[str], progress: bool = True) -> list[str]:
+    """Ask ``lm`` for the exact answer of each (question, answer); first line of its reply."""
+    from .generate import build_prompt, decode_answer, encode_prompt, generate_answers
+
+    prompts = [
+        encode_prompt(lm.tokenizer, build_prompt(lm.tokenizer, EXTRACTOR_INSTRUCTION.format(question=q, answer=a), "{question}"))
+        for q, a in zip(questions, answers)
+    ]
+    replies = generate_answers(lm, prompts, max_new_tokens=16, progress=progress)
+    out = []
+    for ids, _ in replies:
+        text = decode_answer(lm.tokenizer, ids).strip().splitlines()
+        out.append(text[0].strip().strip(".,;:!\"'") if text else "")
+    return out
+
+
+def label_answers(
+    questions: pd.DataFrame,
+    generations: pd.DataFrame,
+    vocabularies: dict[str, list[str]],
+    tokenizer,
+    positions: list[str],
+    extractor=None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The answers table: correctness, exact answer, its validity and reason, and position indices.
+
+    ``extractor`` is a LoadedModel asked for the exact answer where the rules find none (None: skip).
+    """
+    table = questions.merge(generations, on="id", how="inner", validate="one_to_one")
+    vocab = {name: textmatch.Vocabulary(list(words)) for name, words in vocabularies.items()}
+    correct, exact = [], []
+    for row in table.itertuples():
+        ok, _ = judge(row.answer, list(row.gold))
+        correct.append(ok)
+        exact.append(find_exact_answer(row.answer, row.question, list(row.gold), row.answer_type, vocab))
+    missing = [i for i, e in enumerate(exact) if e[3] == "no_candidate_in_answer"]
+    if extractor is not None and missing:
+        replies = extract_with_model(
+            extractor, [table.question.iloc[i] for i in missing], [table.answer.iloc[i] for i in missing], progress
+        )
+        for i, reply in zip(missing, replies):
+            answer = table.answer.iloc[i]
+            span = textmatch.find_phrase(textmatch.words(answer), reply) if reply else None
+            if span:
+                exact[i] = (answer[span[0] : span[1]], span[0], span[1], "extractor")
+            else:
+                exact[i] = (None, -1, -1, "extractor_output_not_in_answer")
+
+    rows = []
+    for row, ok, (text, start, end, reason) in zip(table.itertuples(), correct, exact):
+        answer_ids = list(row.answer_ids)
+        tokens = None
+        if text is not None:
+            spans = token_char_spans(tokenizer, answer_ids, row.answer)
+            tokens = char_span_to_tokens(spans, start, end, row.answer)
+            if tokens is None:
+                text, reason = None, "span_not_on_tokens"
+        index = position_indices(len(row.prompt_ids), len(answer_ids), tokens, positions)
+        rows.append(
+            {
+                "id": row.id,
+                "question": row.question,
+                "gold": list(row.gold),
+                "family": row.family,
+                "subgroup": row.subgroup,
+                "prompt": row.prompt,
+                "answer": row.answer,
+                "correct": bool(ok),
+                "exact_answer": text or "",
+                "exact_answer_valid": text is not None,
+                "exact_answer_reason": reason,
+                "exact_answer_start": start if text is not None else -1,
+                "exact_answer_end": end if text is not None else -1,
+                "n_prompt_tokens": len(row.prompt_ids),
+                "n_answer_tokens": len(answer_ids),
+                **{f"pos_{p}": i for p, i in index.items()},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def make_splits(answers: pd.DataFrame, seeds: list[int], test_fraction: float = 0.3) -> dict:
+    """Train/test ids per seed, stratified by correctness so both classes reach both splits."""
+    ids = answers["id"].to_numpy()
+    label = answers["correct"].to_numpy()
+    splits = {"test_fraction": test_fraction, "seeds": {}}
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        test = []
+        for value in (False, True):
+            members = ids[label == value]
+            members = members[rng.permutation(len(members))]
+            test.extend(members[: int(round(test_fraction * len(members)))].tolist())
+        test_set = set(test)
+        splits["seeds"][str(seed)] = {
+            "train": [i for i in ids.tolist() if i not in test_set],
+            "test": [i for i in ids.tolist() if i in test_set],
+        }
+    return splits
+
+
+def check_labels(answers: pd.DataFrame, source: str) -> None:
+    """Refuse a study whose answers are all right or all wrong: no probe can be trained on one class."""
+    n_correct = int(answers["correct"].sum())
+    if n_correct == 0 or n_correct == len(answers):
+        kind = "right" if n_correct else "wrong"
+        raise TruthmapError(
+            f"{source}: every one of the {len(answers)} answers is {kind}; a probe needs both right and "
+            f"wrong answers (use harder/easier questions or more of them)"
+        )

