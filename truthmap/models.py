@@ -124,6 +124,9 @@ def file_sha256(path: str | Path, limit: int | None = None) -> str:
     return h.hexdigest()[:limit] if limit else h.hexdigest()
 
 
+_LOADED: dict[tuple, "LoadedModel"] = {}
+
+
 def load_model(
     model_id: str = DEFAULT_MODEL,
     dtype: str = "auto",
@@ -135,8 +138,17 @@ def load_model(
     """Load model and tokenizer; raise TruthmapError with a one-line reason when that fails.
 
     ``device_map`` (e.g. "auto") spreads a model larger than one GPU over several with accelerate;
-    otherwise the whole model goes to ``device``.
+    otherwise the whole model goes to ``device``. The last model loaded is kept, so several studies
+    in one process (tests, notebooks) load it once.
     """
+    key = (model_id, dtype, device, device_map, trust_remote_code, attn_implementation)
+    if key not in _LOADED:
+        _LOADED.clear()  # keep one model in memory at most
+        _LOADED[key] = _load(*key)
+    return _LOADED[key]
+
+
+def _load(model_id, dtype, device, device_map, trust_remote_code, attn_implementation) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -49,8 +49,7 @@ def draw_heatmap(ax, grid: np.ndarray, layers: list[int], positions: list[str], 
     import matplotlib.patches as patches
     from matplotlib import colormaps
 
-    cmap = colormaps["Blues"].copy()
-    cmap.set_bad("#dddddd")  # cells with no AUC (e.g. too few valid examples)
+    cmap = colormaps["Blues"].with_extremes(bad="#dddddd")  # grey: cells with no AUC
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=VMIN, vmax=VMAX, aspect="auto",
                       interpolation="nearest")
     ax.set_xticks(range(len(positions)), positions, rotation=60, ha="right", fontsize=8)

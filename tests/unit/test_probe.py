@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+from truthmap.probe import BatchedLogisticRegression, auc_score, bootstrap_counts
+
+
+def synthetic(n=400, d=24, cells=3, seed=0):
+    """Cells share a label; each sees it through its own noisy projection, with offsets and odd scales."""
+    rng = np.random.default_rng(seed)
+    latent = rng.normal(size=(n, 4))
+    y = (latent[:, 0] + 0.8 * rng.normal(size=n) > 0.3).astype(int)
+    X = np.stack([
+        (latent @ rng.normal(size=(4, d)) + rng.normal(size=(n, d))) * rng.uniform(0.1, 30, size=d) + 40
+        for _ in range(cells)
+    ]).astype(np.float32)
+    return X, y
+
+
+def test_matches_scikit_learn_per_cell_and_seed():
+    X, y = synthetic()
+    n_seeds = 2
+    train = np.zeros((X.shape[0], n_seeds, X.shape[1]), bool)
+    for s in range(n_seeds):
+        train[:, s, np.random.default_rng(s).permutation(X.shape[1])[:280]] = True
+    train[1, :, :50] = False  # a cell with invalid rows: they are in no split
+    model = BatchedLogisticRegression(C=1.0).fit(torch.tensor(X), torch.tensor(y), torch.tensor(train))
+    proba = model.predict_proba(torch.tensor(X)).numpy()
+    for c in range(X.shape[0]):
+        for s in range(n_seeds):
+            tr, te = train[c, s], ~train[:, s].any(0)
+            if c == 1:
+                te = te & (np.arange(X.shape[1]) >= 50)
+            scaler = StandardScaler().fit(X[c][tr])
+            reference = LogisticRegression(C=1.0, max_iter=5000, tol=1e-8).fit(scaler.transform(X[c][tr]), y[tr])
+            ref_auc = roc_auc_score(y[te], reference.predict_proba(scaler.transform(X[c][te]))[:, 1])
+            our_auc = roc_auc_score(y[te], proba[c, s, te])
+            assert abs(ref_auc - our_auc) < 0.01
+            # same solution, not just the same ranking: raw-unit weights agree closely
+            ref_coef = reference.coef_[0] / scaler.scale_
+            assert np.abs(model.coef_[c, s].numpy() - ref_coef).max() < 0.05 * np.abs(ref_coef).max()
+
+
+def test_learns_the_positive_class_direction():
+    X, y = synthetic(cells=1)
+    train = np.ones((1, 1, X.shape[1]), bool)
+    model = BatchedLogisticRegression().fit(torch.tensor(X), torch.tensor(y), torch.tensor(train))
+    p = model.predict_proba(torch.tensor(X)).numpy()[0, 0]
+    assert p[y == 1].mean() > p[y == 0].mean() + 0.2
+
+
+def test_auc_score_matches_scikit_learn_with_ties():
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 5, size=200).astype(float)  # many ties
+    labels = rng.integers(0, 2, size=200)
+    assert auc_score(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
+
+
+def test_weighted_auc_equals_auc_of_resampled_rows():
+    rng = np.random.default_rng(2)
+    scores, labels = rng.normal(size=60), rng.integers(0, 2, size=60)
+    counts = bootstrap_counts(60, 5, seed=0)
+    for row, weights in zip(auc_score(scores, labels, counts), counts):
+        index = np.repeat(np.arange(60), weights)
+        assert row == pytest.approx(roc_auc_score(labels[index], scores[index]))
+    assert (counts.sum(1) == 60).all()

@@ -1,0 +1,56 @@
+from truthmap.textmatch import Vocabulary, canonical_number, first_match, first_number, normalize, words
+
+
+def test_normalize_case_punctuation_articles_accents_whitespace():
+    assert normalize("  The  Côte d'Ivoire!! ") == "cote d ivoire"
+    assert normalize("A Paris.") == "paris"
+    assert normalize("São   Tomé") == normalize("sao tome")
+
+
+def test_numbers_compare_as_numbers():
+    assert canonical_number("9.0") == "9"
+    assert canonical_number("1,000") == "1000"
+    assert canonical_number("007") == "7"
+    assert canonical_number("-3.50") == "-3.5"
+    assert canonical_number("abc") is None
+    assert first_match("The answer is 9.0.", ["9"])[0] == "9"
+    assert first_match("That makes 1,000 apples", ["1000"]) is not None
+
+
+def test_whole_word_only():
+    assert first_match("It is 19 years", ["9"]) is None
+    assert first_match("Parisian food", ["Paris"]) is None
+    assert first_match("2-3 people", ["3"]) is not None  # a hyphen is not a minus sign
+    assert first_match("It is -3 degrees", ["3"]) is None
+
+
+def test_first_match_span_points_at_original_characters():
+    text = "Well, the capital is Yaoundé, not Douala."
+    phrase, start, end = first_match(text, ["Douala", "Yaounde"])
+    assert phrase == "Yaounde" and text[start:end] == "Yaoundé"
+
+
+def test_earliest_then_longest_alias_wins():
+    text = "It is Washington, D.C., the capital"
+    phrase, start, end = first_match(text, ["Washington", "Washington, D.C."])
+    assert phrase == "Washington, D.C." and text[start:end] == "Washington, D.C"
+
+
+def test_words_keep_spans():
+    ws = words("The answer: 12,345!")
+    assert [(w.norm, w.start, w.end) for w in ws] == [("answer", 4, 10), ("12345", 12, 18)]
+
+
+def test_vocabulary_finds_longest_candidate_and_skips_the_question():
+    vocab = Vocabulary(["South", "South Africa", "Georgia", "Tbilisi", "Kougou"])
+    text = "The capital of Georgia is South Africa"
+    candidate, start, end = vocab.first_in(text, exclude="What is the capital of Georgia?")
+    assert candidate == "South Africa" and text[start:end] == "South Africa"
+    assert vocab.first_in("No idea at all") is None
+    assert len(vocab) == 5
+
+
+def test_first_number_skips_numbers_of_the_question():
+    found = first_number("7 times 8 is 54.", exclude="What is 7 times 8?")
+    assert found[0] == "54"
+    assert first_number("7 times 8", exclude="What is 7 times 8?") is None
