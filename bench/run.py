@@ -1,0 +1,232 @@
+"""truthmap's CPU benchmark: side-by-side ratios measured in one run on the same data.
+
+    python bench/run.py [--quick]
+
+Absolute seconds vary on shared machines; the ratios are what this prints and what bench/RESULTS.md
+records. Each figure times our code and a baseline on the same inputs, one after the other:
+
+1. extraction / a bare batched ``model(..., output_hidden_states=True)`` over the same tokens
+2. the reference approach (one example at a time, every token of every layer kept) / our extraction
+3. a scikit-learn ``LogisticRegression`` per cell / our batched probes (all cells × 3 seeds, N = 2000)
+4. batch-1 generation / our batched generation
+5. a whole ``truthmap run`` on built-in questions / its generation stage alone
+6. peak RSS of extract + probe at 4× the examples / at 1×
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from truthmap.data import load_questions  # noqa: E402
+from truthmap.extract import run_extract  # noqa: E402
+from truthmap.generate import build_prompt, encode_prompt, generate_answers  # noqa: E402
+from truthmap.label import DEFAULT_POSITIONS  # noqa: E402
+from truthmap.models import load_model  # noqa: E402
+from truthmap.probe import BatchedLogisticRegression, auc_score  # noqa: E402
+
+
+def synthetic_study(lm, n: int, seed: int = 0):
+    """``n`` built-in prompts, each followed by a short fixed-form answer: the tables extract reads."""
+    questions, _ = load_questions("facts")
+    rng = np.random.default_rng(seed)
+    rows = questions.iloc[rng.integers(0, len(questions), size=n)].reset_index(drop=True)
+    prompt_ids = [encode_prompt(lm.tokenizer, build_prompt(lm.tokenizer, q)) for q in rows.question]
+    answer_ids = [lm.tokenizer(f"The answer is {g[0]}.", add_special_tokens=False)["input_ids"]
+                  + [lm.tokenizer.eos_token_id] for g in rows.gold]
+    index = {}
+    for k, p in enumerate(DEFAULT_POSITIONS):
+        if p.startswith("-"):  # counted from the end, as the label stage does
+            index[f"pos_{p}"] = [len(a) + len(b) + int(p) for a, b in zip(prompt_ids, answer_ids)]
+        else:  # any token of the answer: the cost does not depend on which
+            index[f"pos_{p}"] = [len(a) + min(k // 2, len(b) - 1) for a, b in zip(prompt_ids, answer_ids)]
+    ids = [f"q{i}" for i in range(n)]
+    answers = pd.DataFrame({"id": ids, **index})
+    generations = pd.DataFrame({"id": ids, "prompt_ids": prompt_ids, "answer_ids": answer_ids})
+    return answers, generations
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def bench_extraction(lm, n: int, batch: int = 16) -> dict:
+    answers, generations = synthetic_study(lm, n)
+    sequences = [list(p) + list(a) for p, a in zip(generations.prompt_ids, generations.answer_ids)]
+    order = sorted(range(n), key=lambda i: len(sequences[i]))
+
+    @torch.inference_mode()
+    def bare():
+        for b in range(0, n, batch):
+            chunk = [sequences[i] for i in order[b : b + batch]]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), lm.tokenizer.pad_token_id)
+            for r, s in enumerate(chunk):
+                ids[r, : len(s)] = torch.tensor(s)
+            lm.model(input_ids=ids, output_hidden_states=True)
+
+    @torch.inference_mode()
+    def reference():  # one example at a time, all layers × all tokens kept, positions picked afterwards
+        kept = []
+        for s in sequences:
+            out = lm.model(input_ids=torch.tensor([s]), output_hidden_states=True)
+            kept.append(torch.stack(out.hidden_states)[:, 0].numpy())
+        return kept
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = lambda: run_extract(lm, answers, generations, DEFAULT_POSITIONS, ["residual"], Path(tmp) / "run",
+                                   batch_size=batch, progress=False)
+        bare()  # warm-up
+        t_bare, _ = timed(bare)
+        t_ours, _ = timed(ours)
+        t_ref, _ = timed(reference)
+    tokens = sum(len(s) for s in sequences)
+    return {"n": n, "tokens": tokens, "bare_s": t_bare, "ours_s": t_ours, "reference_s": t_ref}
+
+
+def bench_probes(n: int = 2000, d: int = 576, layers: int = 31, positions: int = 15, seeds: int = 3,
+                 sklearn_sample: int = 24) -> dict:
+    """Synthetic features of the default model's shape with a planted, noisy error signal."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(n, 16)).astype(np.float32)
+    y = (latent[:, 0] + rng.normal(size=n) > 0.4).astype(np.int64)
+    train = np.zeros((seeds, n), bool)
+    for s in range(seeds):
+        train[s, np.random.default_rng(s).permutation(n)[: int(0.7 * n)]] = True
+    t_ours, probs, cells = 0.0, {}, []
+    for layer in range(layers):
+        strength = 0.2 + 0.8 * np.sin(np.pi * layer / layers)  # signal peaks mid-depth, as in real runs
+        X = np.stack([latent @ rng.normal(size=(16, d)).astype(np.float32) * strength
+                      + rng.normal(size=(n, d)).astype(np.float32) * 3 + 20 for _ in range(positions)])
+        mask = torch.as_tensor(np.broadcast_to(train, (positions, seeds, n)).copy())
+        dt, model = timed(lambda: BatchedLogisticRegression().fit(torch.as_tensor(X), torch.as_tensor(y), mask))
+        t_ours += dt
+        p = model.predict_proba(torch.as_tensor(X)).numpy()
+        for c in range(positions):
+            for s in range(seeds):
+                cells.append((layer, c, s))
+                probs[(layer, c, s)] = (X[c], p[c, s])
+    pick = np.random.default_rng(1).choice(len(cells), size=sklearn_sample, replace=False)
+    t_sk, diffs = 0.0, []
+    for k in pick:
+        layer, c, s = cells[k]
+        X, p = probs[(layer, c, s)]
+        tr, te = train[s], ~train[s]
+
+        def fit():
+            scaler = StandardScaler().fit(X[tr])
+            clf = LogisticRegression(max_iter=1000).fit(scaler.transform(X[tr]), y[tr])
+            return clf.predict_proba(scaler.transform(X[te]))[:, 1]
+
+        dt, ref = timed(fit)
+        t_sk += dt
+        diffs.append(abs(auc_score(ref, y[te]) - auc_score(p[te], y[te])))
+    per_fit = t_sk / sklearn_sample
+    return {"problems": len(cells), "ours_s": t_ours, "sklearn_per_fit_s": per_fit,
+            "sklearn_all_s": per_fit * len(cells), "sklearn_sampled": sklearn_sample, "max_auc_diff": max(diffs)}
+
+
+def bench_generation(lm, n: int) -> dict:
+    questions, _ = load_questions("facts", limit=n, seed=3)
+    prompts = [encode_prompt(lm.tokenizer, build_prompt(lm.tokenizer, q)) for q in questions.question]
+    t_ours, batched = timed(lambda: generate_answers(lm, prompts, 24, None, progress=False))
+    t_one, single = timed(lambda: generate_answers(lm, prompts, 24, 1, progress=False))
+    same = sum(a == b for a, b in zip(batched, single))
+    return {"n": n, "ours_s": t_ours, "batch1_s": t_one, "identical_answers": same}
+
+
+def bench_whole_run(n: int) -> dict:
+    import truthmap
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t_run, _ = timed(lambda: truthmap.run(limit=n, out=str(Path(tmp) / "run"), progress=False))
+        summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
+    return {"n": n, "run_s": t_run, "stages": summary["stage_seconds"]}
+
+
+def peak_rss_child(n: int) -> float:
+    """Peak RSS (MiB) of a fresh process that extracts and probes ``n`` examples."""
+    code = (
+        "import sys, resource, tempfile; sys.path.insert(0, %r)\n"
+        "from pathlib import Path\n"
+        "from bench.run import synthetic_study\n"
+        "from truthmap.models import load_model\n"
+        "from truthmap.extract import run_extract\n"
+        "from truthmap.label import DEFAULT_POSITIONS, make_splits\n"
+        "from truthmap.probe import run_probe\n"
+        "from truthmap import runfolder as rf\n"
+        "lm = load_model()\n"
+        "answers, generations = synthetic_study(lm, %d)\n"
+        "answers['correct'] = [i %% 3 == 0 for i in range(len(answers))]\n"
+        "run = Path(tempfile.mkdtemp())\n"
+        "rf.write_parquet(run / rf.ANSWERS, answers)\n"
+        "rf.write_json(run / rf.SPLITS, make_splits(answers, [0, 1, 2]))\n"
+        "run_extract(lm, answers, generations, DEFAULT_POSITIONS, ['residual'], run, progress=False)\n"
+        "run_probe(run, ['residual'], n_boot=200, progress=False)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    ) % (str(ROOT), n)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test of the benchmark)")
+    args = parser.parse_args()
+    q = args.quick
+    lm = load_model()
+    rows = []
+
+    ex = bench_extraction(lm, 64 if q else 256)
+    rows.append(("extraction / bare batched forward (output_hidden_states)", ex["ours_s"] / ex["bare_s"], "≤ 1.15",
+                 f"{ex['n']} examples, {ex['tokens']} tokens: {ex['ours_s']:.1f} s vs {ex['bare_s']:.1f} s"))
+    rows.append(("reference per-example loop / our extraction", ex["reference_s"] / ex["ours_s"], "≥ 5",
+                 f"{ex['reference_s']:.1f} s vs {ex['ours_s']:.1f} s"))
+    pr = bench_probes(n=500 if q else 2000, layers=4 if q else 31)
+    rows.append(("scikit-learn per-cell loop / our probes", pr["sklearn_all_s"] / pr["ours_s"], "≥ 20",
+                 f"{pr['problems']} probes: ours {pr['ours_s']:.1f} s; sklearn {pr['sklearn_per_fit_s']:.2f} s/fit "
+                 f"(timed on {pr['sklearn_sampled']}) → {pr['sklearn_all_s']:.0f} s"))
+    rows.append(("max |AUC difference| vs scikit-learn", pr["max_auc_diff"], "≤ 0.01",
+                 f"over the {pr['sklearn_sampled']} probes fitted by both"))
+    ge = bench_generation(lm, 32 if q else 256)
+    rows.append(("batch-1 generation / our generation", ge["batch1_s"] / ge["ours_s"], "≥ 3",
+                 f"{ge['n']} questions: {ge['batch1_s']:.1f} s vs {ge['ours_s']:.1f} s; "
+                 f"{ge['identical_answers']}/{ge['n']} answers identical"))
+    wr = bench_whole_run(100 if q else 1000)
+    rows.append(("whole truthmap run / generation alone", wr["run_s"] / wr["stages"]["generate"], "≤ 1.3",
+                 f"{wr['n']} questions: " + ", ".join(f"{k} {v:.0f} s" for k, v in wr["stages"].items())))
+    small, big = (250, 1000) if q else (1000, 4000)
+    rss_small, rss_big = peak_rss_child(small), peak_rss_child(big)
+    rows.append((f"peak RSS at {big} / at {small} examples (extract + probe)", rss_big / rss_small, "≤ 1.3",
+                 f"{rss_big:.0f} MiB vs {rss_small:.0f} MiB"))
+
+    print(f"\ntruthmap benchmark — {time.strftime('%Y-%m-%d')} — {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+          + (" (quick sizes)" if q else ""))
+    print(f"| figure | ratio | goal | detail |\n|---|---|---|---|")
+    for name, value, goal, detail in rows:
+        print(f"| {name} | {value:.3g} | {goal} | {detail} |")
+
+
+if __name__ == "__main__":
+    main()
