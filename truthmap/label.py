@@ -58,11 +58,14 @@ def find_exact_answer(
     correct, match = judge(answer, gold)
     if correct:
         return answer[match[1] : match[2]], match[1], match[2], "gold_alias"
-    found = None
+    found, reason = None, ""
     if answer_type == "number" or (not answer_type and all(textmatch.canonical_number(g) for g in gold)):
         found, reason = textmatch.first_number(answer, exclude=question), "number"
     elif answer_type in vocabularies:
         found, reason = vocabularies[answer_type].first_in(answer, exclude=question), "vocabulary"
+    if found is None and reason != "number":
+        # wrong answers often name something in no vocabulary ("… is Port-Íloula."): take what the verb states
+        found, reason = textmatch.stated_answer(answer), "stated_after_verb"
     if found is None:
         return None, -1, -1, "no_candidate_in_answer"
     return answer[found[1] : found[2]], found[1], found[2], reason
@@ -155,7 +158,9 @@ def extract_with_model(lm, questions: list[str], answers: list[str], progress: b
     out = []
     for ids, _ in replies:
         text = decode_answer(lm.tokenizer, ids).strip().splitlines()
-        out.append(text[0].strip().strip(".,;:!\"'") if text else "")
+        reply = text[0].strip().strip(".,;:!\"'") if text else ""
+        stated = textmatch.stated_answer(reply)  # a small extractor often copies the sentence: keep its answer
+        out.append(stated[0] if stated else reply)
     return out
 
 

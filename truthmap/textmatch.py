@@ -64,26 +64,42 @@ def normalize(text: str) -> str:
     return " ".join(w.norm for w in words(text))
 
 
-def find_phrase(answer_words: list[Word], phrase: str) -> tuple[int, int] | None:
-    """Character span of the first whole-word occurrence of ``phrase`` in the answer, or None."""
+def phrase_spans(answer_words: list[Word], phrase: str) -> list[tuple[int, int]]:
+    """Character spans of every whole-word occurrence of ``phrase`` in the answer, in order."""
     target = [w.norm for w in words(phrase)]
     n = len(target)
     if n == 0:
-        return None
-    for i in range(len(answer_words) - n + 1):
-        if all(answer_words[i + k].norm == target[k] for k in range(n)):
-            return answer_words[i].start, answer_words[i + n - 1].end
-    return None
+        return []
+    return [
+        (answer_words[i].start, answer_words[i + n - 1].end)
+        for i in range(len(answer_words) - n + 1)
+        if all(answer_words[i + k].norm == target[k] for k in range(n))
+    ]
 
 
-def first_match(text: str, phrases: list[str]) -> tuple[str, int, int] | None:
-    """The phrase that occurs earliest in ``text`` (the longest one at a tie), with its span."""
+def find_phrase(answer_words: list[Word], phrase: str) -> tuple[int, int] | None:
+    """Character span of the first whole-word occurrence of ``phrase`` in the answer, or None."""
+    spans = phrase_spans(answer_words, phrase)
+    return spans[0] if spans else None
+
+
+def first_match(
+    text: str, phrases: list[str], inside: list[tuple[int, int]] = ()
+) -> tuple[str, int, int] | None:
+    """The phrase that occurs earliest in ``text`` (the longest one at a tie), with its span.
+
+    An occurrence that lies within a longer span of ``inside`` does not count: "Sudan" inside
+    "South Sudan" names another country (``inside`` holds the spans of such longer candidates).
+    """
     answer_words = words(text)
     best = None
     for phrase in phrases:
-        span = find_phrase(answer_words, phrase)
-        if span and (best is None or (span[0], -(span[1] - span[0])) < (best[1], -(best[2] - best[1]))):
-            best = (phrase, *span)
+        for span in phrase_spans(answer_words, phrase):
+            if any(s <= span[0] and span[1] <= e and e - s > span[1] - span[0] for s, e in inside):
+                continue
+            if best is None or (span[0], -(span[1] - span[0])) < (best[1], -(best[2] - best[1])):
+                best = (phrase, *span)
+            break
     return best
 
 
@@ -101,6 +117,17 @@ class Vocabulary:
 
     def __len__(self):
         return sum(len(v) for v in self._by_first.values())
+
+    def all_in(self, text: str) -> list[tuple[str, int, int]]:
+        """Every candidate occurrence in ``text`` (overlapping ones included), with its span."""
+        answer_words = words(text)
+        norms = [w.norm for w in answer_words]
+        found = []
+        for i, first in enumerate(norms):
+            for key, candidate in self._by_first.get(first, ()):
+                if tuple(norms[i : i + len(key)]) == key:
+                    found.append((candidate, answer_words[i].start, answer_words[i + len(key) - 1].end))
+        return found
 
     def first_in(self, text: str, exclude: str = "") -> tuple[str, int, int] | None:
         """The earliest (then longest) candidate in ``text`` that does not also occur in ``exclude``.
@@ -132,3 +159,28 @@ def first_number(text: str, exclude: str = "") -> tuple[str, int, int] | None:
         if canonical_number(w.norm) is not None and w.norm not in excluded:
             return w.norm, w.start, w.end
     return None
+
+
+# "The capital of X is Y." — the commonest shape of a short answer: what follows the verb is the answer
+_COPULA = re.compile(r"\b(?:is|are|was|were|would be|will be)\s+(?:called\s+|known as\s+)?", re.IGNORECASE)
+_STOP = re.compile(r"[.,;:!?()\[\]\n]|\s(?:which|and|or|with|because|that|but)\s|\s[-–—]\s", re.IGNORECASE)
+
+
+def stated_answer(text: str, max_words: int = 6) -> tuple[str, int, int] | None:
+    """The phrase after the first 'is/are/was …' of the first sentence, up to punctuation or a clause.
+
+    ("The capital of Haiti is Port-Íloula." -> "Port-Íloula"); None when there is no such short phrase.
+    Leading articles are not part of the span.
+    """
+    first_sentence = re.split(r"(?<=[.!?])\s|\n", text, maxsplit=1)[0]
+    m = _COPULA.search(first_sentence)
+    if m is None:
+        return None
+    rest = text[m.end() :]
+    stop = _STOP.search(rest)
+    phrase = rest[: stop.start()] if stop else rest
+    span = words(phrase)
+    if not span or len(span) > max_words:
+        return None
+    start, end = m.end() + span[0].start, m.end() + span[-1].end
+    return text[start:end], start, end

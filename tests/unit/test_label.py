@@ -135,3 +135,11 @@ def test_all_right_or_all_wrong_is_refused():
         check_labels(pd.DataFrame({"correct": [True] * 3}), "answers.parquet")
     with pytest.raises(TruthmapError, match="is wrong"):
         check_labels(pd.DataFrame({"correct": [False] * 3}), "answers.parquet")
+
+
+def test_exact_answer_outside_every_vocabulary_is_what_the_verb_states():
+    vocab = {"city": Vocabulary(["Douala", "Haiti"])}
+    answer = "The capital of Haiti is Port-Íloula."
+    text, start, end, reason = find_exact_answer(answer, "What is the capital of Haiti?", ["Port-au-Prince"],
+                                                 "city", vocab)
+    assert (text, reason) == ("Port-Íloula", "stated_after_verb") and answer[start:end] == text

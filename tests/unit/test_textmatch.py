@@ -54,3 +54,14 @@ def test_first_number_skips_numbers_of_the_question():
     found = first_number("7 times 8 is 54.", exclude="What is 7 times 8?")
     assert found[0] == "54"
     assert first_number("7 times 8", exclude="What is 7 times 8?") is None
+
+
+def test_stated_answer_takes_the_phrase_after_the_verb():
+    from truthmap.textmatch import stated_answer
+
+    text = "The capital of Haiti is Port-Íloula. It is big."
+    phrase, start, end = stated_answer(text)
+    assert phrase == "Port-Íloula" and text[start:end] == phrase
+    assert stated_answer("The currency is the LWL (Luxère) which is old")[0] == "LWL"
+    assert stated_answer("To compute it we multiply 65 by 36, which gives us ") is None  # no verb phrase
+    assert stated_answer("It is one of the many small towns along the long river of the north") is None  # too long
