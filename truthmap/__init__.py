@@ -10,7 +10,16 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import TruthmapError
-from .extract import load_features
+
+
+def __getattr__(name):
+    # load_features needs torch; importing it lazily keeps `import truthmap.runfolder` and the CLI's
+    # error messages fast
+    if name == "load_features":
+        from .extract import load_features
+
+        return load_features
+    raise AttributeError(f"module 'truthmap' has no attribute '{name}'")
 
 
 def run(

@@ -24,6 +24,8 @@ def _common(f):
         click.option("--site", "sites", multiple=True, help="residual (default), mlp, attention."),
         click.option("--positions", multiple=True, help="Token positions (columns), in order."),
         click.option("--max-new-tokens", type=int),
+        click.option("--long-prompts", type=click.Choice(["truncate", "skip"]),
+                     help="A prompt longer than the model's context: cut its middle (default) or skip the question."),
         click.option("--batch-size", type=int),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"])),
         click.option("--device", help="auto, cpu, cuda, cuda:N."),

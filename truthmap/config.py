@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import TruthmapError
-from .generate import DEFAULT_TEMPLATE
+from .generate import DEFAULT_TEMPLATE, LONG_PROMPTS
 from .label import DEFAULT_POSITIONS, check_positions
 from .models import DEFAULT_MODEL, SITES
 
@@ -24,6 +24,7 @@ class Config:
     positions: list[str] = field(default_factory=lambda: list(DEFAULT_POSITIONS))
     prompt_template: str = DEFAULT_TEMPLATE  # user message; {question} is replaced
     max_new_tokens: int = 24
+    long_prompts: str = "truncate"  # a prompt longer than the context: truncate (cut its middle) or skip
     batch_size: int | None = None  # None: chosen from the device and free memory
     dtype: str = "auto"  # auto, float32, bfloat16, float16
     device: str = "auto"  # auto, cpu, cuda, cuda:1
@@ -48,6 +49,8 @@ class Config:
             raise TruthmapError(f"test_fraction {self.test_fraction}: use a value between 0.05 and 0.95")
         if self.max_new_tokens < 1:
             raise TruthmapError(f"max_new_tokens {self.max_new_tokens}: must be at least 1")
+        if self.long_prompts not in LONG_PROMPTS:
+            raise TruthmapError(f"long_prompts '{self.long_prompts}': use one of {', '.join(LONG_PROMPTS)}")
         if "{question}" not in self.prompt_template:
             raise TruthmapError(f"prompt_template '{self.prompt_template}': must contain {{question}}")
         return self

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .errors import TruthmapError
 from .models import LoadedModel
-from .runfolder import ACTIVATIONS, read_json, write_json, write_npy
+from .runfolder import ACTIVATIONS, read_json, trusted, write_json, write_npy
 
 SHARD_SIZE = 256
 
@@ -126,7 +126,7 @@ def run_extract(
     bar = tqdm(total=n, desc="extract", unit="q", disable=not progress)
     for k, (start, stop) in enumerate(shards):
         files = {site: out / site / f"shard-{k:05d}.npy" for site in sites}
-        if all(f.exists() for f in files.values()):  # finished before an interruption
+        if all(trusted(f) for f in files.values()):  # finished (and intact) before an interruption
             bar.update(stop - start)
             continue
         store = {
@@ -139,14 +139,20 @@ def run_extract(
             features = extract_batch(lm, [sequences[i] for i in batch], index[batch], sites)
             local = np.asarray(batch) - start
             for site, values in features.items():
-                half = values.numpy().astype(np.float16)  # [R, B, P, d]
-                if not np.isfinite(half).all():
-                    bad = np.argwhere(~np.isfinite(half))[0]
-                    raise TruthmapError(
-                        f"extract: example '{table.id.iloc[batch[bad[1]]]}', site {site}, layer row {bad[0]}, "
-                        f"position {positions[bad[2]]}: value not finite in float16 (overflow); "
-                        f"use --dtype float32 or a different site"
-                    )
+                values = values.numpy()  # [R, B, P, d]
+                half = values.astype(np.float16)
+                # only cells of existing positions count (the others read token 0 and are zeroed below)
+                finite = np.isfinite(half).all(axis=-1) | ~valid[batch][None]
+                if not finite.all():
+                    row, b, p = np.argwhere(~finite)[0]
+                    where = (f"extract: example '{table.id.iloc[batch[b]]}', site {site}, layer row {row}, "
+                             f"position {positions[p]}")
+                    if np.isfinite(values[row, b, p]).all():
+                        raise TruthmapError(f"{where}: a value beyond float16's range (±65504), which the store "
+                                            f"uses; probe another --site, or layers of this model cannot be stored")
+                    dtype = str(lm.model.dtype).replace("torch.", "")
+                    advice = "use --dtype float32" if dtype != "float32" else "the model overflows even in float32"
+                    raise TruthmapError(f"{where}: the model produced NaN/inf in {dtype}; {advice}")
                 store[site][:, :, local, :] = half.transpose(0, 2, 1, 3)
             bar.update(len(batch))
         for site in sites:

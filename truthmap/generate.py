@@ -8,6 +8,11 @@ token was emitted before max_new_tokens)``.
 Prompts use the tokenizer's chat template with ``add_generation_prompt=True`` when it has one, and a
 raw ``Q: … A:`` prompt otherwise. Batches are left-padded and sorted by length (fewer pad tokens);
 on a CUDA out-of-memory error the batch is halved and retried, finished batches are kept.
+
+A prompt longer than the model's context (less ``max_new_tokens``) loses tokens from its middle, so the
+chat template's start and its generation prompt stay whole (``long_prompts="truncate"``, counted in
+``prompt_cut``), or its question is left out (``"skip"``). Answers are saved in resumable chunks of
+``CHUNK_BATCHES`` batches (``generations/chunk-00000.parquet``, …): a killed run loses one chunk at most.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .errors import TruthmapError
 from .models import LoadedModel
 
 DEFAULT_TEMPLATE = "{question} Answer briefly."
+CHUNK_BATCHES = 4  # batches per saved chunk: what a killed run can lose
+LONG_PROMPTS = ("truncate", "skip")
 
 
 def build_prompt(tokenizer, question: str, template: str = DEFAULT_TEMPLATE) -> str:
@@ -56,6 +64,36 @@ def auto_batch_size(lm: LoadedModel, longest: int) -> int:
     # the cache plus a generous allowance for activations and logits of the same size
     per_sequence = longest * (3 * bytes_per_token + 4 * config.vocab_size // max(longest, 1))
     return int(max(1, min(256, 0.5 * free // max(per_sequence, 1))))
+
+
+def context_length(lm: LoadedModel) -> int | None:
+    """The longest sequence the model takes (prompt + answer), or None when it states no limit."""
+    config = lm.model.config.get_text_config()
+    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions", "n_ctx")]
+    limits.append(getattr(lm.tokenizer, "model_max_length", None))
+    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 10**8]  # tokenizers say 1e30 for 'none'
+    return min(limits) if limits else None
+
+
+def fit_prompt(prompt_ids: list[int], room: int) -> list[int]:
+    """``prompt_ids`` cut to ``room`` tokens by removing tokens from the middle (start and end stay)."""
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    head = room // 2
+    return prompt_ids[:head] + prompt_ids[len(prompt_ids) - (room - head) :]
+
+
+def prompt_room(lm: LoadedModel, max_new_tokens: int) -> int | None:
+    """How many prompt tokens fit in the context beside ``max_new_tokens`` answer tokens (None: no limit)."""
+    context = context_length(lm)
+    if context is None:
+        return None
+    if context - max_new_tokens < 8:
+        raise TruthmapError(
+            f"max_new_tokens {max_new_tokens}: leaves no room for a prompt in the model's context of "
+            f"{context} tokens; use a smaller --max-new-tokens"
+        )
+    return context - max_new_tokens
 
 
 def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,31 +135,58 @@ def generate_answers(
     batch_size: int | None = None,
     progress: bool = True,
     sample: tuple[float, int] | None = None,
+    chunks=None,
 ) -> list[tuple[list[int], bool]]:
-    """Answer ids and stopped-flag for each prompt, in the order given."""
+    """Answer ids and stopped-flag for each prompt, in the order given.
+
+    Prompts too long for the context are cut in the middle (see :func:`fit_prompt`). With ``chunks``
+    (a :class:`truthmap.runfolder.ChunkStore`) every ``CHUNK_BATCHES`` batches are saved as they finish
+    and chunks finished by an earlier, interrupted run are read back instead of generated. A chunk is a
+    run of whole batches of the length order and the batch size is the one the first run chose, so the
+    batches, and the greedy answers, are the same whether or not a run was interrupted.
+    """
+    room = prompt_room(lm, max_new_tokens)
+    if room is not None:
+        prompt_ids = [fit_prompt(p, room) for p in prompt_ids]
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     stop_ids = end_of_turn_ids(lm)
     if sample is not None:
+        if chunks is not None:
+            raise ValueError("sampled answers cannot be resumed from chunks (the random state is not saved)")
         torch.manual_seed(sample[1])
     if batch_size is None:
         batch_size = auto_batch_size(lm, max((len(p) for p in prompt_ids), default=1) + max_new_tokens)
+    if chunks is not None:
+        batch_size = chunks.setting("batch_size", batch_size)
+    chunk_rows = CHUNK_BATCHES * batch_size if chunks is not None else max(len(order), 1)
     results: list = [None] * len(prompt_ids)
     bar = tqdm(total=len(order), desc="generate", unit="q", disable=not progress)
-    start = 0
-    while start < len(order):
-        chunk = order[start : start + batch_size]
-        try:
-            answers = _generate_batch(lm, [prompt_ids[i] for i in chunk], max_new_tokens, stop_ids, sample)
-        except torch.cuda.OutOfMemoryError:
-            if batch_size == 1:
-                raise
-            batch_size //= 2
-            torch.cuda.empty_cache()
+    for k, first in enumerate(range(0, len(order), chunk_rows)):
+        rows = order[first : first + chunk_rows]
+        saved = chunks.get(k) if chunks is not None else None
+        if saved is not None and saved["row"].tolist() == rows:
+            for i, ids, stopped in zip(rows, saved["answer_ids"], saved["stopped"]):
+                results[i] = (list(ids), bool(stopped))
+            bar.update(len(rows))
             continue
-        for i, answer in zip(chunk, answers):
-            results[i] = answer
-        start += len(chunk)
-        bar.update(len(chunk))
+        start = 0
+        while start < len(rows):
+            batch = rows[start : start + batch_size]
+            try:
+                answers = _generate_batch(lm, [prompt_ids[i] for i in batch], max_new_tokens, stop_ids, sample)
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size //= 2
+                torch.cuda.empty_cache()
+                continue
+            for i, answer in zip(batch, answers):
+                results[i] = answer
+            start += len(batch)
+            bar.update(len(batch))
+        if chunks is not None:
+            chunks.put(k, pd.DataFrame({"row": rows, "answer_ids": [results[i][0] for i in rows],
+                                        "stopped": [results[i][1] for i in rows]}))
     bar.close()
     return results
 
@@ -137,16 +202,41 @@ def run_generate(
     max_new_tokens: int = 24,
     batch_size: int | None = None,
     progress: bool = True,
+    chunks=None,
+    long_prompts: str = "truncate",
 ) -> pd.DataFrame:
-    """The generations table for ``questions`` (see the module docstring for its columns)."""
+    """The generations table for ``questions`` (see the module docstring for its columns).
+
+    ``chunks``: a ChunkStore that makes the generation resumable; ``long_prompts``: what to do with a
+    prompt too long for the context, ``truncate`` (cut its middle) or ``skip`` (leave the question out).
+    """
+    if long_prompts not in LONG_PROMPTS:
+        raise TruthmapError(f"long_prompts '{long_prompts}': use one of {', '.join(LONG_PROMPTS)}")
     prompts = [build_prompt(lm.tokenizer, q, template) for q in questions["question"]]
     prompt_ids = [encode_prompt(lm.tokenizer, p) for p in prompts]
-    answers = generate_answers(lm, prompt_ids, max_new_tokens, batch_size, progress)
+    ids = questions["id"].tolist()
+    room = prompt_room(lm, max_new_tokens)
+    cut = [0] * len(prompt_ids)
+    if room is not None:
+        if long_prompts == "skip":
+            keep = [i for i, p in enumerate(prompt_ids) if len(p) <= room]
+            ids, prompts, prompt_ids = [ids[i] for i in keep], [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
+            cut = [0] * len(keep)
+            if not keep:
+                raise TruthmapError(f"every prompt is longer than the model's room of {room} prompt tokens; "
+                                    f"use --long-prompts truncate")
+        for i, p in enumerate(prompt_ids):
+            if len(p) > room:
+                cut[i] = len(p) - room
+                prompt_ids[i] = fit_prompt(p, room)
+                prompts[i] = lm.tokenizer.decode(prompt_ids[i], skip_special_tokens=False)
+    answers = generate_answers(lm, prompt_ids, max_new_tokens, batch_size, progress, chunks=chunks)
     return pd.DataFrame(
         {
-            "id": questions["id"].tolist(),
+            "id": ids,
             "prompt": prompts,
             "prompt_ids": prompt_ids,
+            "prompt_cut": cut,
             "answer_ids": [a for a, _ in answers],
             "answer": [decode_answer(lm.tokenizer, a) for a, _ in answers],
             "stopped": [s for _, s in answers],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -60,33 +60,45 @@ def _run_stage(run_dir: Path, name: str, settings: dict, inputs: list[Path], out
     stamp = rf.fingerprint(settings, inputs)
     if not force and rf.stage_is_current(run_dir, name, stamp, outputs):
         return False
-    started = time.perf_counter()
-    work()
-    seconds = time.perf_counter() - started
-    rf.mark_stage_done(run_dir, name, stamp, seconds)
-    rf.update_summary(run_dir, stage_seconds={name: round(seconds, 2)})
+    with rf.stage(name):
+        rf.forget_stage(run_dir, name)  # until it finishes, the stage's old outputs are not current
+        started = time.perf_counter()
+        work()
+        seconds = time.perf_counter() - started
+        rf.mark_stage_done(run_dir, name, stamp, seconds)
+        rf.update_summary(run_dir, stage_seconds={name: round(seconds, 2)})
     return True
 
 
 def stage_generate(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
     from .data import load_questions
-    from .generate import run_generate
+    from .generate import context_length, run_generate
 
     c = config
     settings = {k: getattr(c, k) for k in ("model", "dataset", "limit", "prompt_template", "max_new_tokens",
-                                           "dtype", "question_column", "answer_column")}
+                                           "dtype", "question_column", "answer_column", "long_prompts")}
+    # a local dataset file is an input: editing it makes the answers stale
+    inputs = [Path(c.dataset)] if Path(c.dataset).is_file() else []
+    stamp = rf.fingerprint(settings, inputs)
 
     def work():
         questions, vocabularies = load_questions(c.dataset, c.limit, 0, c.question_column, c.answer_column)
         rf.write_parquet(run_dir / rf.QUESTIONS, questions)
         rf.write_json(run_dir / rf.VOCABULARIES, vocabularies)
-        table = run_generate(models.lm, questions, c.prompt_template, c.max_new_tokens, c.batch_size, c.progress)
+        lm = models.lm
+        # finished chunks of an interrupted generation with the same settings and model are kept
+        chunks = rf.ChunkStore(run_dir / rf.GENERATION_CHUNKS, f"{stamp} {lm.revision}")
+        table = run_generate(lm, questions, c.prompt_template, c.max_new_tokens, c.batch_size, c.progress,
+                             chunks=chunks, long_prompts=c.long_prompts)
         rf.write_parquet(run_dir / rf.GENERATIONS, table)
-        rf.update_summary(run_dir, model=c.model, model_revision=models.lm.revision, dataset=c.dataset,
-                          n_layers=models.lm.n_layers, hidden_size=models.lm.hidden_size)
+        rf.update_summary(run_dir, model=c.model, model_revision=lm.revision, dataset=c.dataset,
+                          n_layers=lm.n_layers, hidden_size=lm.hidden_size,
+                          long_prompts={"mode": c.long_prompts, "context_tokens": context_length(lm),
+                                        "truncated": int((table["prompt_cut"] > 0).sum()),
+                                        "skipped": len(questions) - len(table)})
 
     outputs = [run_dir / rf.QUESTIONS, run_dir / rf.VOCABULARIES, run_dir / rf.GENERATIONS]
-    return _run_stage(run_dir, "generate", settings, [], outputs, work, force)
+    return _run_stage(run_dir, "generate", settings, inputs, outputs, work, force)
 
 
 def stage_label(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
@@ -126,10 +138,10 @@ def stage_extract(config: Config, run_dir: Path, models: _ModelHolder, force: bo
     def work():
         # shards of an interrupted extraction with the same inputs are kept; others are stale
         marker = store / "fingerprint"
-        if store.exists() and (not marker.exists() or marker.read_text() != stamp):
-            shutil.rmtree(store)
-        store.mkdir(parents=True, exist_ok=True)
-        marker.write_text(stamp)
+        if store.exists() and (not rf.trusted(marker) or marker.read_text() != stamp):
+            rf.remove(store)
+        if not rf.trusted(marker):
+            rf.write_text(marker, stamp)
         answers = rf.read_parquet(run_dir / rf.ANSWERS)
         generations = rf.read_parquet(run_dir / rf.GENERATIONS)
         run_extract(models.lm, answers, generations, c.positions, c.sites, run_dir,
@@ -203,6 +215,7 @@ def answer_summary(answers: pd.DataFrame) -> dict:
 
 
 def versions() -> dict:
+    import pyarrow
     import sklearn
     import torch
     import transformers
@@ -210,14 +223,24 @@ def versions() -> dict:
     from . import __version__
 
     return {"python": platform.python_version(), "truthmap": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__}
+            "transformers": transformers.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+            "pyarrow": pyarrow.__version__, "platform": platform.platform(),
+            # CPU results depend on the thread count (it changes the order of float sums)
+            "torch_threads": torch.get_num_threads()}
 
 
 def run_stages(config: Config, stages: tuple[str, ...] = STAGES, force: bool = False) -> Path:
     """Run ``stages`` of the study described by ``config``; return the run folder."""
     run_dir = config.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = rf.read_json(run_dir / rf.CONFIG, default={})
+    with rf.open_run(run_dir) as notices:  # one writer; damaged files are found, named and recomputed
+        for notice in notices:
+            print(f"truthmap: {notice}", file=sys.stderr)
+        _run_stages(config, run_dir, stages, force)
+    return run_dir
+
+
+def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: bool) -> None:
+    saved = rf.read_json(run_dir / rf.CONFIG, default={}) if rf.trusted(run_dir / rf.CONFIG) else {}
     if saved and "generate" not in stages and saved.get("model") != config.model:
         raise TruthmapError(f"{run_dir}: this run studied model '{saved.get('model')}', not '{config.model}'")
     rf.write_json(run_dir / rf.CONFIG, config.to_dict())
@@ -230,7 +253,6 @@ def run_stages(config: Config, stages: tuple[str, ...] = STAGES, force: bool = F
         else:
             globals()[f"stage_{stage}"](config, run_dir, force)
     rf.update_summary(run_dir, wall_seconds=round(time.perf_counter() - started, 2))
-    return run_dir
 
 
 def saved_config(run_dir: Path) -> dict:
