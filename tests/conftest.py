@@ -13,3 +13,24 @@ def default_model():
 @pytest.fixture(scope="session")
 def tokenizer(default_model):
     return default_model.tokenizer
+
+
+# One small whole study, shared by the model-backed tests that read a run folder (the end-to-end
+# contract, the report in a browser), so the suite runs the model over these questions only once.
+SMALL_STUDY = dict(limit=80, seeds=[0, 1], test_fraction=0.5, bootstrap=200, progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_study_settings():
+    """The arguments of ``truthmap.run`` that made ``small_study`` (to rerun it, or to check expectations)."""
+    return dict(SMALL_STUDY)
+
+
+@pytest.fixture(scope="session")
+def small_study(tmp_path_factory):
+    """(run folder, AUC table) of ``truthmap.run(**SMALL_STUDY)``: tests read the folder; one that
+    changes a file puts it back as it was (copy the folder to change it for good)."""
+    import truthmap
+
+    out = tmp_path_factory.mktemp("run") / "study"
+    return out, truthmap.run(out=str(out), **SMALL_STUDY)

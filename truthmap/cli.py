@@ -1,5 +1,6 @@
 """The ``truthmap`` command: ``run`` does the whole study; ``generate | label | extract | probe | plot``
-run one stage each on a run folder. Every command prints one clear line on bad input (exit status 2)."""
+run one stage each on a run folder; ``report`` writes the HTML page of one or several run folders.
+Every command prints one clear line on bad input (exit status 2)."""
 
 from __future__ import annotations
 
@@ -117,6 +118,26 @@ for _name, _doc in [
     ("plot", "Stage 5: the heatmap (heatmap.png, heatmap.svg)."),
 ]:
     _stage_command(_name, _doc)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", default="report.html", show_default=True, help="HTML file to write.")
+@click.option("--open", "open_", is_flag=True, help="Open the page in the default web browser.")
+def report(runs, out, open_):
+    """The interactive HTML report of one or several run folders (several: side by side and a difference map)."""
+    from .report import write_report
+
+    for run in runs:
+        if not Path(run).is_dir():
+            raise TruthmapError(f"{run}: no such run folder")
+    # not into a run folder by default: there report.html belongs to `truthmap run` (and its manifest)
+    path = write_report([Path(r) for r in runs], Path(out))
+    click.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if open_:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
 
 
 def expand_multi_value(argv: list[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """Runs the stages in order over one run folder, skipping those whose inputs have not changed.
 
-    questions ─> generate ─> label ─> extract ─> probe ─> plot
+    questions ─> generate ─> label ─> extract ─> probe ─> plot ─> report
 
 Each ``stage_*`` function reads the run folder and writes its own outputs (runfolder.py names them);
 the model is loaded at most once, and only if a stage that needs it has to run.
@@ -21,7 +21,7 @@ from . import runfolder as rf
 from .config import Config
 from .errors import TruthmapError
 
-STAGES = ("generate", "label", "extract", "probe", "plot")
+STAGES = ("generate", "label", "extract", "probe", "plot", "report")
 
 
 class _ModelHolder:
@@ -184,6 +184,15 @@ def stage_plot(config: Config, run_dir: Path, force: bool = False) -> bool:
 
     outputs = [run_dir / "heatmap.png", run_dir / "heatmap.svg"]
     return _run_stage(run_dir, "plot", {"positions": config.positions}, inputs, outputs, work, force)
+
+
+def stage_report(config: Config, run_dir: Path, force: bool = False) -> bool:
+    from .report import REPORT, write_report
+
+    # summary.json is not an input: every stage rewrites it, so the report would never be current
+    inputs = [run_dir / rf.ANSWERS, run_dir / rf.SPLITS, run_dir / rf.PROBE_RESULTS, run_dir / rf.PROBE_SCORES]
+    return _run_stage(run_dir, "report", {}, inputs, [run_dir / REPORT],
+                      lambda: write_report([run_dir], run_dir / REPORT), force)
 
 
 def _short_model(model: str) -> str:

@@ -18,10 +18,9 @@ SEEDS = [0, 1]
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, default_model):
-    out = tmp_path_factory.mktemp("run") / "study"
-    table = truthmap.run(limit=80, out=str(out), seeds=SEEDS, test_fraction=0.5, bootstrap=200, progress=False)
-    return out, table
+def study(small_study, small_study_settings):
+    assert small_study_settings["limit"] == 80 and small_study_settings["seeds"] == SEEDS  # what the tests expect
+    return small_study
 
 
 def test_auc_table(study):
@@ -40,7 +39,7 @@ def test_auc_table(study):
 def test_run_folder_contract(study):
     out, _ = study
     for name in ("answers.parquet", "splits.json", "probe_results.csv", "heatmap.png", "heatmap.svg",
-                 "summary.json", "activations/index.json"):
+                 "summary.json", "activations/index.json", "report.html"):
         assert (out / name).is_file(), name
     assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     answers = pd.read_parquet(out / "answers.parquet")
@@ -57,7 +56,7 @@ def test_run_folder_contract(study):
                 "stage_seconds", "versions", "families"):
         assert key in summary, key
     assert summary["n"] == 80 and len(summary["top_cells"]) == 5
-    assert set(summary["stage_seconds"]) == {"generate", "label", "extract", "probe", "plot"}
+    assert set(summary["stage_seconds"]) == {"generate", "label", "extract", "probe", "plot", "report"}
     splits = json.loads((out / "splits.json").read_text())
     assert set(splits["seeds"]) == {"0", "1"}
     assert set(answers.id[answers.split == "test"]) == set(splits["seeds"]["0"]["test"])
@@ -80,10 +79,10 @@ def test_load_features_refits_to_the_same_auc(study):
         assert abs(auc - ours) < 0.01
 
 
-def test_rerun_skips_unchanged_stages_and_plot_command_works(study):
+def test_rerun_skips_unchanged_stages_and_plot_command_works(study, small_study_settings):
     out, _ = study
     before = json.loads((out / "stages.json").read_text())
-    truthmap.run(limit=80, out=str(out), seeds=SEEDS, test_fraction=0.5, bootstrap=200, progress=False)
+    truthmap.run(out=str(out), **small_study_settings)
     assert json.loads((out / "stages.json").read_text()) == before  # nothing reran
     (out / "heatmap.png").unlink()
     app(["plot", "--out", str(out), "--quiet"])
