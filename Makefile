@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO_ARGS ?=
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench clean chromium
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests -m "not model"
+
+# the browser tests drive Debian's Chromium (Playwright's own browser download is not used); needs root
+chromium:
+	test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py
