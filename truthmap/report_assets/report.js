@@ -524,7 +524,7 @@
     const stages = Object.entries(sm.stage_seconds || {});
     if (stages.length) {
       const rows = stages.map(([name, sec]) => [name, fmt(sec, 1) + " s"]);
-      if (sm.wall_seconds !== undefined) rows.push(["whole run", fmt(sm.wall_seconds, 1) + " s"]);
+      if (sm.wall_seconds !== undefined) rows.push(["last truthmap run (all of it)", fmt(sm.wall_seconds, 1) + " s"]);
       panel.append(smallTable("Stage times", ["stage", "seconds"], rows));
     }
     const versions = Object.entries(sm.versions || {});
