@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .detector import Detector
 from .errors import TruthmapError
 
 
@@ -50,4 +51,4 @@ def run(
     return pd.read_csv(run_dir / "probe_results.csv")
 
 
-__all__ = ["run", "load_features", "TruthmapError", "__version__"]
+__all__ = ["run", "load_features", "Detector", "TruthmapError", "__version__"]

@@ -18,7 +18,11 @@ def _common(f):
     options = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of settings."),
         click.option("--model", help="Hub id, local folder, .gguf file, or the embedded default."),
-        click.option("--dataset", help="'facts' (built in), a CSV/JSONL/Parquet path, or a hub dataset id."),
+        click.option("--dataset", help="A task (see `truthmap tasks`), TASK:SPLIT, TASK:PATH, a CSV/JSONL/Parquet path, "
+                                       "or a hub dataset id. Default: facts (built in)."),
+        click.option("--data-dir", help="Folder holding task files by their reference names (default $TRUTHMAP_DATA_DIR or ./data)."),
+        click.option("--on-bad-row", type=click.Choice(["error", "skip"]),
+                     help="A source row that cannot become a question: stop with its file and row (default) or skip it."),
         click.option("--limit", type=int, help="Study a deterministic sample of N questions."),
         click.option("--out", help="Run folder (default runs/<model>-<dataset>)."),
         click.option("--seeds", type=int, multiple=True, help="Split/probe seeds, e.g. --seeds 0 1 2."),
@@ -138,6 +142,16 @@ def report(runs, out, open_):
         import webbrowser
 
         webbrowser.open(path.resolve().as_uri())
+
+
+@cli.command()
+def tasks():
+    """List the tasks --dataset accepts (--dataset TASK, TASK:SPLIT or TASK:PATH), one line each."""
+    from .tasks import REGISTRY
+
+    width = max(len(name) for name in REGISTRY)
+    for task in REGISTRY.values():
+        click.echo(f"{task.name:<{width}}  {task.description}")
 
 
 def expand_multi_value(argv: list[str]) -> list[str]:

@@ -16,14 +16,16 @@ from .models import DEFAULT_MODEL, SITES
 @dataclass
 class Config:
     model: str = DEFAULT_MODEL  # hub id, local folder, .gguf file, or the embedded default
-    dataset: str = "facts"  # "facts" (built in), a CSV/JSONL/Parquet path, or a hub dataset id
+    dataset: str = "facts"  # a task (`truthmap tasks`), TASK:SPLIT, TASK:PATH, a CSV/JSONL/Parquet path, or a hub id
+    data_dir: str | None = None  # folder of task files by their reference names; None: $TRUTHMAP_DATA_DIR or ./data
+    on_bad_row: str = "error"  # a source row that cannot become a question: error, or skip (counted in summary.json)
     limit: int | None = None  # study a deterministic sample of this many questions
     out: str | None = None  # run folder; default runs/<model>-<dataset>
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one train/test split and probe per seed
     sites: list[str] = field(default_factory=lambda: ["residual"])  # residual, mlp, attention
     positions: list[str] = field(default_factory=lambda: list(DEFAULT_POSITIONS))
-    prompt_template: str = DEFAULT_TEMPLATE  # user message; {question} is replaced
-    max_new_tokens: int = 24
+    prompt_template: str | None = None  # user message for chat models ({question}, {context}); None: the task's
+    max_new_tokens: int | None = None  # None: the task's (24; math 64)
     long_prompts: str = "truncate"  # a prompt longer than the context: truncate (cut its middle) or skip
     batch_size: int | None = None  # None: chosen from the device and free memory
     dtype: str = "auto"  # auto, float32, bfloat16, float16
@@ -47,11 +49,13 @@ class Config:
             raise TruthmapError("seeds: give at least one seed")
         if not 0.05 <= self.test_fraction <= 0.95:
             raise TruthmapError(f"test_fraction {self.test_fraction}: use a value between 0.05 and 0.95")
-        if self.max_new_tokens < 1:
+        if self.on_bad_row not in ("error", "skip"):
+            raise TruthmapError(f"on_bad_row '{self.on_bad_row}': use error or skip")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise TruthmapError(f"max_new_tokens {self.max_new_tokens}: must be at least 1")
         if self.long_prompts not in LONG_PROMPTS:
             raise TruthmapError(f"long_prompts '{self.long_prompts}': use one of {', '.join(LONG_PROMPTS)}")
-        if "{question}" not in self.prompt_template:
+        if self.prompt_template is not None and "{question}" not in self.prompt_template:
             raise TruthmapError(f"prompt_template '{self.prompt_template}': must contain {{question}}")
         return self
 

@@ -1,27 +1,37 @@
-"""Questions in, one table out: the built-in facts set, or the user's CSV / JSONL / Parquet / HF dataset.
+"""Questions in, one table out: any task of the registry (truthmap/tasks/), or the user's own table.
 
 Every source becomes the same questions table (a DataFrame, one row per question):
 
     id (str, unique) · question (str) · gold (list[str], the accepted answers, non-empty)
     family (str) · subgroup (str) · answer_type (str, key into the vocabularies or "")
+    task (str, the registry name that prompts and grades it) · context (str, a passage shown before
+    the question, or "") · question_base (str, the question as a base model completes it, or "" for
+    the same as ``question``) · wrong_answers (list[str], the competing options of a choice task)
 
 plus a dict of vocabularies (answer_type -> candidate answers) used to find the exact answer of a wrong
-answer. Bad rows raise a TruthmapError naming the file, row and field.
+answer. A bad row (empty question, missing gold, unparsable number, unknown label, duplicate id) raises
+a TruthmapError naming the file, row and field, or with ``on_bad_row="skip"`` is left out and counted:
+``table.attrs["source_rows"]`` says how many rows were read, used, skipped (and why) and left out by
+the task's design, and the pipeline copies it into summary.json.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 
+from . import tasks
 from .errors import TruthmapError, where
 
 BUILTIN = "facts"
 QUESTION_COLUMNS = ["id", "question", "gold", "family", "subgroup", "answer_type"]
+TASK_COLUMNS = ["task", "context", "question_base", "wrong_answers"]
+BAD_ROW_CHOICES = ("error", "skip")
+MAX_EXAMPLES = 5  # bad rows quoted in summary.json
 
 
 def load_questions(
@@ -30,21 +40,27 @@ def load_questions(
     seed: int = 0,
     question_column: str = "question",
     answer_column: str | None = None,
+    data_dir: str | None = None,
+    on_bad_row: str = "error",
 ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
-    """Load ``dataset`` as (questions table, vocabularies).
+    """Load ``dataset`` (a task name, ``TASK:SPLIT``, ``TASK:PATH``, a path or a hub id) as
+    (questions table, vocabularies).
 
-    ``limit`` keeps a deterministic sample of that many questions, spread over families (shuffled with
-    ``seed``, then the first ``limit`` taken), so ``--limit 50`` still sees every family.
+    ``limit`` keeps a deterministic sample of that many questions (shuffled with ``seed``, then the
+    first ``limit`` taken, in source order). ``data_dir`` is where task files are looked up by name.
     """
-    if dataset == BUILTIN:
-        from .facts import build_facts
-
-        rows, vocabularies = build_facts(seed=0)
-        table = pd.DataFrame(rows, columns=QUESTION_COLUMNS)
-        source = "built-in facts"
+    if on_bad_row not in BAD_ROW_CHOICES:
+        raise TruthmapError(f"--on-bad-row '{on_bad_row}': use one of {', '.join(BAD_ROW_CHOICES)}")
+    task, source = tasks.resolve(dataset, data_dir)
+    if source.kind == "builtin":
+        rows, vocabularies = task.builtin()
+        report = {"source": str(source), "read": len(rows), "used": len(rows)}
     else:
-        table, vocabularies = _load_table(dataset, question_column, answer_column), {}
-        source = dataset
+        records, first_row = read_records(source)
+        options = tasks.LoadOptions(question_column, answer_column)
+        rows, report = convert_records(task, records, first_row, str(source), options, on_bad_row)
+        vocabularies = {}
+    table = pd.DataFrame([_complete(row, task.name) for row in rows], columns=QUESTION_COLUMNS + TASK_COLUMNS)
     if limit is not None:
         if limit < 1:
             raise TruthmapError(f"--limit {limit}: must be a positive number of questions")
@@ -52,20 +68,87 @@ def load_questions(
     table = table.reset_index(drop=True)
     if table.empty:
         raise TruthmapError(f"{source}: no questions to study")
+    table.attrs["source_rows"] = report
     return table, vocabularies
 
 
-def _read_any(path: Path) -> pd.DataFrame:
+def _complete(row: dict, task: str) -> dict:
+    """A question row with every column, defaults filled in."""
+    defaults = {"family": task, "subgroup": "", "answer_type": "", "task": task, "context": "",
+                "question_base": "", "wrong_answers": []}
+    return {**defaults, **{k: v for k, v in row.items() if v is not None}}
+
+
+def convert_records(task, records: list[dict], first_row: int, source: str, options, on_bad_row: str = "error"):
+    """(question rows, report): each record through ``task.convert``, bad rows raised or skipped.
+
+    Rows are numbered as a user sees them (``first_row`` is the number of the first record: 2 for a
+    CSV, whose header is row 1). Ids missing from the source are the record's 0-based position.
+    """
+    rows, seen = [], {}
+    bad, examples, left_out = Counter(), [], Counter()
+    for i, record in enumerate(records):
+        row_number = i + first_row
+        try:
+            row = task.convert(record, options)
+            row["id"] = row.get("id") or str(i)
+            if row["id"] in seen:
+                raise tasks.BadRow("id", f"duplicate id '{row['id']}' (first at row {seen[row['id']]})")
+        except tasks.MissingField as err:
+            if i == 0:
+                columns = list(record) if isinstance(record, dict) else type(record).__name__
+                raise TruthmapError(
+                    f"{source}: missing column '{err.field}' (columns: {columns})"
+                    + (f"; {err.hint}" if err.hint else f"; is this a file of the '{task.name}' task?")
+                ) from None
+            bad_row = (err.field, f"missing field '{err.field}'")
+        except tasks.BadRow as err:
+            bad_row = (err.field, err.message)
+        except tasks.LeftOut as err:
+            left_out[err.reason] += 1
+            continue
+        else:
+            seen[row["id"]] = row_number
+            rows.append(row)
+            continue
+        message = f"{where(source, row_number, bad_row[0])}: {bad_row[1]}"
+        if on_bad_row == "error":
+            raise TruthmapError(
+                f"{message}; fix the row, or pass --on-bad-row skip to leave such rows out (counted in summary.json)"
+            )
+        bad[bad_row[1] if bad_row[0] is None else f"{bad_row[0]}: {bad_row[1]}"] += 1
+        if len(examples) < MAX_EXAMPLES:
+            examples.append(message)
+    report = {"source": source, "read": len(records), "used": len(rows), "skipped_bad": sum(bad.values())}
+    if bad:
+        report["skipped_reasons"] = dict(bad.most_common())
+        report["skipped_examples"] = examples
+    if left_out:
+        report["left_out"] = dict(left_out.most_common())
+    return rows, report
+
+
+def read_records(source: tasks.Source) -> tuple[list[dict], int]:
+    """(records as plain dicts, number of the first record as a user counts rows) of a file or hub dataset."""
+    if source.kind == "hub":
+        return _load_hf(source), 1
+    path = source.path
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+            if frame.columns.duplicated().any():
+                dupes = sorted(set(frame.columns[frame.columns.duplicated()]))
+                raise TruthmapError(f"{path}: duplicate column(s) {dupes}")
+            return frame.to_dict("records"), 2
         if suffix in (".jsonl", ".ndjson"):
-            return pd.read_json(path, lines=True, dtype=False)
+            return _read_jsonl(path), 1
         if suffix == ".json":
-            return pd.read_json(path, dtype=False)
+            return _read_json(path), 1
         if suffix == ".parquet":
-            return pd.read_parquet(path)
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist(), 1
     except UnicodeDecodeError as err:
         raise TruthmapError(f"{path}: not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
     except pd.errors.EmptyDataError:
@@ -75,74 +158,47 @@ def _read_any(path: Path) -> pd.DataFrame:
     raise TruthmapError(f"{path}: unknown file type '{suffix}'; use .csv, .jsonl, .json or .parquet")
 
 
-def _load_hf(dataset_id: str) -> pd.DataFrame:
-    """A Hugging Face dataset id, optionally 'id:split' or 'id:config:split' (needs network or a cache)."""
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise TruthmapError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+    if not records:
+        raise TruthmapError(f"{path}: the file is empty")
+    return records
+
+
+def _read_json(path: Path) -> list[dict]:
+    """A JSON list of records, or an object holding one under "Data" (TriviaQA) or "data"."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise TruthmapError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if isinstance(content, dict):
+        content = next((content[k] for k in ("Data", "data") if isinstance(content.get(k), list)), content)
+    if not isinstance(content, list):
+        raise TruthmapError(f"{path}: expected a list of records (or an object with a 'Data' list)")
+    return content
+
+
+def _load_hf(source: tasks.Source) -> list[dict]:
+    """A Hugging Face dataset split as records (needs network or a cache; honours HF_DATASETS_OFFLINE)."""
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
         raise TruthmapError("loading a hub dataset needs the 'datasets' package") from None
-    parts = dataset_id.split(":")
-    name, config, split = parts[0], (parts[1] if len(parts) == 3 else None), parts[-1] if len(parts) > 1 else "train"
     try:
-        return datasets.load_dataset(name, config, split=split).to_pandas()
+        return datasets.load_dataset(source.hub_id, source.config, split=source.split).to_list()
     except Exception as err:  # datasets raises many types; the user needs one line
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         raise TruthmapError(
-            f"dataset '{dataset_id}': not a local file and could not be loaded from the hub "
+            f"dataset '{source}': not a local file and could not be loaded from the hub "
             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
             + ("; offline mode is set" if offline else "")
+            + "; pass a local copy with --dataset TASK:PATH (or a path)"
         ) from None
-
-
-def _as_gold(value, path, row, field) -> list[str]:
-    """A gold cell as a non-empty list of strings: a list, a JSON list in a string, or one string."""
-    if isinstance(value, str) and value.strip().startswith("["):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
-    if hasattr(value, "tolist") and not isinstance(value, str):
-        value = value.tolist()
-    if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
-        value = [str(value)]
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
-        raise TruthmapError(f"{where(path, row, field)}: expected text or a list of texts, got {type(value).__name__}")
-    gold = [str(v).strip() for v in value if str(v).strip()]
-    if not gold:
-        raise TruthmapError(f"{where(path, row, field)}: empty gold answer")
-    return gold
-
-
-def _load_table(dataset: str, question_column: str, answer_column: str | None) -> pd.DataFrame:
-    path = Path(dataset).expanduser()
-    frame = _read_any(path) if path.exists() else _load_hf(dataset)
-    if frame.columns.duplicated().any():
-        dupes = sorted(set(frame.columns[frame.columns.duplicated()]))
-        raise TruthmapError(f"{dataset}: duplicate column(s) {dupes}")
-    if answer_column is None:
-        answer_column = next((c for c in ("answers", "answer", "gold") if c in frame.columns), "answer")
-    for column in (question_column, answer_column):
-        if column not in frame.columns:
-            raise TruthmapError(
-                f"{dataset}: missing column '{column}' (columns: {list(frame.columns)}); "
-                f"name the right one with --question-column / --answer-column"
-            )
-    rows = []
-    ids = frame["id"].astype(str).tolist() if "id" in frame.columns else [str(i) for i in range(len(frame))]
-    seen = {}
-    # rows are numbered as a user sees them: CSV rows count the header as row 1
-    first_row = 2 if path.suffix.lower() == ".csv" else 1
-    for i, (question, gold) in enumerate(zip(frame[question_column], frame[answer_column])):
-        row = i + first_row
-        if not isinstance(question, str):
-            raise TruthmapError(f"{where(dataset, row, question_column)}: expected text, got {type(question).__name__}")
-        if not question.strip():
-            raise TruthmapError(f"{where(dataset, row, question_column)}: empty question")
-        if ids[i] in seen:
-            raise TruthmapError(f"{where(dataset, row, 'id')}: duplicate id '{ids[i]}' (first at row {seen[ids[i]]})")
-        seen[ids[i]] = row
-        family = str(frame["family"].iloc[i]) if "family" in frame.columns else "all"
-        rows.append([ids[i], question.strip(), _as_gold(gold, dataset, row, answer_column), family, "", ""])
-    return pd.DataFrame(rows, columns=QUESTION_COLUMNS)

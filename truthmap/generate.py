@@ -24,17 +24,43 @@ from tqdm.auto import tqdm
 from .errors import TruthmapError
 from .models import LoadedModel
 
-DEFAULT_TEMPLATE = "{question} Answer briefly."
+from .tasks import DEFAULT_BASE_PROMPT, get_task
+from .tasks import DEFAULT_CHAT_PROMPT as DEFAULT_TEMPLATE
 CHUNK_BATCHES = 4  # batches per saved chunk: what a killed run can lose
 LONG_PROMPTS = ("truncate", "skip")
 
 
-def build_prompt(tokenizer, question: str, template: str = DEFAULT_TEMPLATE) -> str:
-    """The prompt text for one question: chat template if the tokenizer has one, else 'Q: … A:'."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": template.format(question=question)}]
+def build_prompt(
+    tokenizer, question: str, template: str = DEFAULT_TEMPLATE, base_template: str = DEFAULT_BASE_PROMPT, **fields
+) -> str:
+    """The prompt text for one question: ``template`` as the user message of the tokenizer's chat
+    template when it has one, else ``base_template`` as raw text for a base model to continue.
+
+    Both are filled with ``question`` and ``fields`` (a task's ``context``, ``question_base``).
+    """
+    values = {"question": question, "question_base": question, **fields}
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    try:
+        text = (template if chat else base_template).format(**values)
+    except (KeyError, IndexError, ValueError) as err:
+        raise TruthmapError(
+            f"prompt template {(template if chat else base_template)!r}: cannot be filled ({err!r}); "
+            f"use the fields {{question}} and, for tasks with a passage, {{context}}"
+        ) from None
+    if chat:
+        messages = [{"role": "user", "content": text}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"Q: {question}\nA:"
+    return text
+
+
+def task_prompts(tokenizer, questions: pd.DataFrame, template: str | None = None) -> list[str]:
+    """The prompt of every question, phrased as its task says (``template`` replaces the chat prompt)."""
+    prompts = []
+    for row in questions.itertuples():
+        task = get_task(getattr(row, "task", "generic") or "generic")
+        fields = {"context": getattr(row, "context", "") or "", "question_base": getattr(row, "question_base", "") or row.question}
+        prompts.append(build_prompt(tokenizer, row.question, template or task.chat_prompt, task.base_prompt, **fields))
+    return prompts
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -198,7 +224,7 @@ def decode_answer(tokenizer, answer_ids: list[int]) -> str:
 def run_generate(
     lm: LoadedModel,
     questions: pd.DataFrame,
-    template: str = DEFAULT_TEMPLATE,
+    template: str | None = None,
     max_new_tokens: int = 24,
     batch_size: int | None = None,
     progress: bool = True,
@@ -212,7 +238,7 @@ def run_generate(
     """
     if long_prompts not in LONG_PROMPTS:
         raise TruthmapError(f"long_prompts '{long_prompts}': use one of {', '.join(LONG_PROMPTS)}")
-    prompts = [build_prompt(lm.tokenizer, q, template) for q in questions["question"]]
+    prompts = task_prompts(lm.tokenizer, questions, template)
     prompt_ids = [encode_prompt(lm.tokenizer, p) for p in prompts]
     ids = questions["id"].tolist()
     room = prompt_room(lm, max_new_tokens)

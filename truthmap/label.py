@@ -4,15 +4,26 @@ Reads the questions table, ``vocabularies.json`` and ``generations.parquet``; wr
 ``answers.parquet`` (one row per question, columns in docs/run-folder.md) and ``splits.json``
 (train/test ids per seed, stratified by correctness).
 
-* correct: a gold alias occurs in the answer (normalised, whole-word; see textmatch).
-* exact answer: for a correct answer the matched alias; for a wrong one the first candidate of the
-  question's answer type (or the first number not in the question, for numeric answers); failing that,
-  the extractor model is asked, and its output counts only if it occurs in the answer.
-* positions: indices into prompt_ids + answer_ids (the sequence the extract stage reads), -1 where the
-  position does not exist (e.g. ``second_answer`` of a one-token answer, or no valid exact answer).
+Each row is graded by the rule its task names (``GRADING_RULES``; tasks in truthmap/tasks/):
+
+* alias (facts, QA tasks): correct when a gold alias occurs in the answer (normalised, whole-word; see
+  textmatch), not as part of a longer candidate of the question's vocabulary ("Sudan" inside "South
+  Sudan"). Exact answer: for a correct answer the matched alias; for a wrong one the first candidate of
+  the question's answer type (or the first number not in the question, for numeric answers); failing
+  that, the extractor model is asked, and its output counts only if it occurs in the answer.
+* number (math): the number the answer states (``stated_number``) must equal a gold number; 9 ≠ 19,
+  9.0 = 9. Exact answer: that number.
+* choice (winobias, winogrande, nli, imdb): of the gold and the wrong options, the one the answer names
+  first decides. Exact answer: that option.
+
+No rule falls back to another token when it finds no exact answer: the row is marked invalid with its
+reason. positions: indices into prompt_ids + answer_ids (the sequence the extract stage reads), -1 where
+the position does not exist (e.g. ``second_answer`` of a one-token answer, or no valid exact answer).
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pandas as pd
@@ -43,9 +54,20 @@ def check_positions(positions: list[str]) -> list[str]:
     return list(positions)
 
 
-def judge(answer: str, gold: list[str]) -> tuple[bool, tuple[str, int, int] | None]:
-    """(correct, (alias, start, end) of the earliest gold alias in the answer, or None)."""
-    match = textmatch.first_match(answer, list(gold))
+def judge(
+    answer: str, gold: list[str], vocabulary: textmatch.Vocabulary | None = None
+) -> tuple[bool, tuple[str, int, int] | None]:
+    """(correct, (alias, start, end) of the earliest gold alias in the answer, or None).
+
+    With the ``vocabulary`` of the question's answer type, an alias that is only part of a longer
+    candidate ("Republic of the Congo" in "Democratic Republic of the Congo", "Guinea" in
+    "Guinea-Bissau") does not count there: the answer names the other candidate.
+    """
+    longer = []
+    if vocabulary is not None:
+        gold_forms = {textmatch.normalize(g) for g in gold}
+        longer = [(s, e) for c, s, e in vocabulary.all_in(answer) if textmatch.normalize(c) not in gold_forms]
+    match = textmatch.first_match(answer, list(gold), inside=longer)
     return match is not None, match
 
 
@@ -55,7 +77,7 @@ def find_exact_answer(
     """(exact answer text, start, end, reason) without the extractor; text is None when not found."""
     if not answer.strip():
         return None, -1, -1, "empty_answer"
-    correct, match = judge(answer, gold)
+    correct, match = judge(answer, gold, vocabularies.get(answer_type))
     if correct:
         return answer[match[1] : match[2]], match[1], match[2], "gold_alias"
     found, reason = None, ""
@@ -69,6 +91,75 @@ def find_exact_answer(
     if found is None:
         return None, -1, -1, "no_candidate_in_answer"
     return answer[found[1] : found[2]], found[1], found[2], reason
+
+
+def grade_alias(answer, question, gold, wrong_answers, answer_type, vocabularies):
+    """(correct, (exact text, start, end, reason)): a gold alias in the answer (see ``judge``)."""
+    correct, _ = judge(answer, gold, vocabularies.get(answer_type))
+    return correct, find_exact_answer(answer, question, gold, answer_type, vocabularies)
+
+
+# where a calculation ends: the answer stated after "=", "so", "the answer is", …
+_CONCLUSION = re.compile(r"=|answer:|\b(?:so|thus|therefore|hence|answer is|total of|total is)\b", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def stated_number(answer: str, question: str = "") -> tuple[str, int, int] | None:
+    """The number an answer states, as (canonical number, start, end), or None when it has none.
+
+    It is read from the last sentence that holds a number (a worked answer ends with its result):
+    the first number after that sentence's last "=" or concluding word ("so", "the answer is"),
+    otherwise its first number that is not a number of the question ("There will be 1600 ants after 5
+    hours" states 1600), otherwise its first number.
+    """
+    sentences, start = [], 0
+    for m in list(_SENTENCE_END.finditer(answer)) + [None]:
+        end = m.start() if m else len(answer)
+        sentences.append((start, end))
+        start = m.end() if m else len(answer)
+    question_numbers = {w.norm for w in textmatch.words(question) if textmatch.canonical_number(w.norm)}
+    for s, e in reversed(sentences):
+        numbers = [w for w in textmatch.words(answer[s:e]) if textmatch.canonical_number(w.norm) is not None]
+        if not numbers:
+            continue
+        conclusions = list(_CONCLUSION.finditer(answer, s, e))
+        after = [w for w in numbers if conclusions and w.start >= conclusions[-1].end() - s]
+        new = [w for w in numbers if w.norm not in question_numbers]
+        w = (after or new or numbers)[0]
+        return w.norm, s + w.start, s + w.end
+    return None
+
+
+def grade_number(answer, question, gold, wrong_answers, answer_type, vocabularies):
+    """(correct, exact answer): the stated number equals a gold number (compared as numbers)."""
+    if not answer.strip():
+        return False, (None, -1, -1, "empty_answer")
+    stated = stated_number(answer, question)
+    if stated is None:
+        return False, (None, -1, -1, "no_candidate_in_answer")
+    value, start, end = stated
+    gold_numbers = {textmatch.canonical_number(g.strip()) for g in gold}
+    return value in gold_numbers, (answer[start:end], start, end, "number")
+
+
+def grade_choice(answer, question, gold, wrong_answers, answer_type, vocabularies):
+    """(correct, exact answer): of the gold and wrong options, the first the answer names decides."""
+    if not answer.strip():
+        return False, (None, -1, -1, "empty_answer")
+    match = textmatch.first_match(answer, list(gold) + list(wrong_answers))
+    if match is None:
+        return False, (None, -1, -1, "no_candidate_in_answer")
+    phrase, start, end = match
+    gold_forms = {textmatch.normalize(g) for g in gold}
+    return textmatch.normalize(phrase) in gold_forms, (answer[start:end], start, end, "first_choice")
+
+
+# rule name -> (grade function, whether the extractor model may find an exact answer the rule missed)
+GRADING_RULES = {
+    "alias": (grade_alias, True),
+    "number": (grade_number, False),
+    "choice": (grade_choice, False),
+}
 
 
 def token_char_spans(tokenizer, answer_ids: list[int], answer: str) -> list[tuple[int, int]]:
@@ -177,14 +268,23 @@ def label_answers(
 
     ``extractor`` is a LoadedModel asked for the exact answer where the rules find none (None: skip).
     """
+    from .tasks import get_task
+
     table = questions.merge(generations, on="id", how="inner", validate="one_to_one")
+    if "task" not in table.columns:  # a questions table from before tasks: graded as the generic task
+        table["task"] = "generic"
+    if "wrong_answers" not in table.columns:
+        table["wrong_answers"] = [[] for _ in range(len(table))]
     vocab = {name: textmatch.Vocabulary(list(words)) for name, words in vocabularies.items()}
-    correct, exact = [], []
+    correct, exact, may_extract = [], [], []
     for row in table.itertuples():
-        ok, _ = judge(row.answer, list(row.gold))
+        rule = get_task(row.task).grading
+        grade, extractable = GRADING_RULES[rule]
+        ok, found = grade(row.answer, row.question, list(row.gold), list(row.wrong_answers), row.answer_type, vocab)
         correct.append(ok)
-        exact.append(find_exact_answer(row.answer, row.question, list(row.gold), row.answer_type, vocab))
-    missing = [i for i, e in enumerate(exact) if e[3] == "no_candidate_in_answer"]
+        exact.append(found)
+        may_extract.append(extractable)
+    missing = [i for i, e in enumerate(exact) if e[3] == "no_candidate_in_answer" and may_extract[i]]
     if extractor is not None and missing:
         replies = extract_with_model(
             extractor, [table.question.iloc[i] for i in missing], [table.answer.iloc[i] for i in missing], progress
@@ -210,6 +310,7 @@ def label_answers(
         rows.append(
             {
                 "id": row.id,
+                "task": row.task,
                 "question": row.question,
                 "gold": list(row.gold),
                 "family": row.family,

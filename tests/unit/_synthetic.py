@@ -1,0 +1,69 @@
+"""Helpers for model-free tests of the analyses: a synthetic run folder and a tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+
+POSITIONS = ["last_q", "-1"]
+
+
+def make_run(folder: Path, n: int = 120, d: int = 8, layers: int = 3, seed: int = 0, direction: float = 1.0,
+             model: str = "tiny-model", dataset: str = "toy", families=("a", "b")) -> Path:
+    """A run folder with answers, splits (seeds 0 and 1), config, summary and residual activations.
+
+    Error depends on feature 0 of layer 1 at position -1 (sign ``direction``); everything else is noise.
+    """
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    (folder / "activations" / "residual").mkdir(parents=True, exist_ok=True)
+    ids = [f"{dataset}-{i}" for i in range(n)]
+    error = rng.random(n) < 0.5
+    X = rng.normal(size=(layers, len(POSITIONS), n, d)).astype(np.float32)
+    X[1, 1, :, 0] += direction * np.where(error, 1.5, -1.5)
+    valid = np.ones((n, len(POSITIONS)), bool)
+    valid[:5, 1] = False  # a few answers without the position
+    X[:, 1, :5] = 0
+    family = [families[i % len(families)] for i in range(n)]
+    answers = pd.DataFrame({"id": ids, "question": [f"question {i}?" for i in range(n)], "gold": [["x"]] * n,
+                            "family": family, "subgroup": "", "prompt": [f"<u>question {i}?</u>" for i in range(n)],
+                            "answer": "x", "correct": ~error, "exact_answer": "x", "exact_answer_valid": True,
+                            "exact_answer_reason": "gold_alias", "exact_answer_start": 0, "exact_answer_end": 1})
+    answers.to_parquet(folder / "answers.parquet", index=False)
+    splits = {"test_fraction": 0.5, "seeds": {}}
+    for s in (0, 1):
+        perm = np.random.default_rng(100 + s).permutation(n)
+        test = set(np.asarray(ids)[perm[: n // 2]].tolist())
+        splits["seeds"][str(s)] = {"train": [i for i in ids if i not in test], "test": [i for i in ids if i in test]}
+    (folder / "splits.json").write_text(json.dumps(splits))
+    (folder / "config.json").write_text(json.dumps({"model": model, "dataset": dataset, "max_new_tokens": 8}))
+    (folder / "summary.json").write_text(json.dumps({"model_revision": "rev1", "dataset": dataset,
+                                                     "best_cell": {"site": "residual", "layer": 1, "position": "-1"}}))
+    np.save(folder / "activations" / "valid.npy", valid)
+    np.save(folder / "activations" / "residual" / "shard-00000.npy", X.astype(np.float16))
+    index = {"ids": ids, "positions": POSITIONS, "hidden_size": d, "dtype": "float16",
+             "sites": {"residual": {"layers": list(range(layers)),
+                                    "shards": [{"file": "residual/shard-00000.npy", "start": 0, "stop": n}]}}}
+    (folder / "activations" / "index.json").write_text(json.dumps(index))
+    return folder
+
+
+def tiny_model(layers: int = 2, vocab: int = 40, seed: int = 0):
+    """A random 2-layer Llama wrapped as a LoadedModel (no download), with a stand-in tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from truthmap.models import LoadedModel
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    tokenizer = SimpleNamespace(pad_token_id=0, all_special_ids=[0])
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id="tiny", source="tiny", gguf_file=None,
+                       revision="r", n_layers=layers, hidden_size=16, blocks=model.model.layers,
+                       embeddings=model.model.embed_tokens)

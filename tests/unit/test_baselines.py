@@ -1,0 +1,80 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from _synthetic import make_run, tiny_model
+from truthmap.baselines import (SITE, evaluate, family_table, group_rates, merge_into_results, summarise_tokens,
+                                token_statistics, within_family_auc)
+
+
+def test_every_score_is_higher_for_the_less_confident_answer():
+    keep = np.ones(3, bool)
+    sure = summarise_tokens(np.array([0.9, 0.95, 0.99]), np.array([0.1, 0.2, 0.1]), keep)
+    unsure = summarise_tokens(np.array([0.3, 0.5, 0.2]), np.array([2.0, 1.5, 2.5]), keep)
+    assert set(sure) == {"logprob_mean", "logprob_min", "logprob_max", "logprob_last", "entropy_mean"}
+    assert all(unsure[k] > sure[k] for k in sure)
+    assert sure["logprob_min"] == pytest.approx(-np.log(0.9)) and sure["logprob_last"] == pytest.approx(-np.log(0.99))
+    exact = summarise_tokens(np.array([0.9, 0.1, 0.99]), np.zeros(3), np.array([False, True, False]), "_exact")
+    assert exact["logprob_mean_exact"] == pytest.approx(-np.log(0.1))
+    assert np.isnan(summarise_tokens(np.ones(2), np.ones(2), np.zeros(2, bool))["logprob_mean"])
+
+
+def test_token_statistics_match_a_plain_forward_pass():
+    lm = tiny_model()
+    sequences = [[1, 5, 7, 9, 11], [2, 3, 4, 8, 12, 15, 20]]
+    stats = token_statistics(lm, sequences, [3, 4])
+    for seq, n_prompt, (prob, entropy) in zip(sequences, [3, 4], stats):
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(torch.tensor([seq])).logits[0], -1)
+        expected = [logp[t - 1, seq[t]].exp().item() for t in range(n_prompt, len(seq))]
+        assert np.allclose(prob, expected, atol=1e-5)
+        assert np.allclose(entropy, [-(logp[t - 1].exp() * logp[t - 1]).sum().item()
+                                     for t in range(n_prompt, len(seq))], atol=1e-4)
+
+
+def test_group_rates_learn_on_train_only_and_fall_back_to_the_overall_rate():
+    answers = pd.DataFrame({"id": list("abcdef"), "correct": [False, False, True, True, True, False],
+                            "family": ["x", "x", "y", "y", "z", "x"]})
+    rates = group_rates(answers, {"a", "b", "c", "d"}, ["family"])
+    assert rates.tolist() == [1.0, 1.0, 0.0, 0.0, 0.5, 1.0]  # z has no train answer: overall 2/4
+
+
+def test_evaluate_same_positive_class_and_paired_bootstrap(tmp_path):
+    run = make_run(tmp_path / "run")
+    answers = pd.read_parquet(run / "answers.parquet")
+    splits = json.loads((run / "splits.json").read_text())
+    error = (~answers.correct).to_numpy(float)
+    scores = pd.DataFrame({"id": answers.id, "logprob_mean": error + 0.5 * np.arange(len(error)) / len(error),
+                           "p_true_answer": 1 - error, "logprob_mean_exact": np.where(np.arange(len(error)) < 50,
+                                                                                       np.nan, error)})
+    results = evaluate(scores, answers, splits, n_boot=100)
+    assert (results.site == SITE).all() and set(results.seed) == {0, 1}
+    by = results[results.seed == 0].set_index("position")
+    assert by.loc["logprob_mean", "auc"] == 1.0 and by.loc["p_true_answer", "auc"] == 0.0
+    assert by.loc["logprob_mean", "auc_lo"] == 1.0  # labels travel with scores in every bootstrap draw
+    assert by.loc["logprob_mean_exact", "n_test"] < by.loc["logprob_mean", "n_test"]
+    assert by.loc["family_rate", "n_train"] == len(splits["seeds"]["0"]["train"])
+    assert np.isnan(by.loc["logprob_mean", "accuracy"]) and not np.isnan(by.loc["p_true_answer", "accuracy"])
+
+
+def test_merge_replaces_old_baseline_rows():
+    probes = pd.DataFrame({"site": ["residual", SITE], "layer": [1, -1], "position": ["-1", "old"], "seed": [0, 0],
+                           "auc": [0.8, 0.1]})
+    new = pd.DataFrame({"site": [SITE], "layer": [-1], "position": ["new"], "seed": [0], "auc": [0.6]})
+    merged = merge_into_results(probes, new)
+    assert merged.position.tolist() == ["-1", "new"]
+
+
+def test_family_table_and_within_family_auc(tmp_path):
+    run = make_run(tmp_path / "run")
+    answers = pd.read_parquet(run / "answers.parquet")
+    splits = json.loads((run / "splits.json").read_text())
+    rows = [{"site": "residual", "layer": 1, "position": "-1", "seed": int(s), "id": i,
+             "score": float(not answers.set_index("id").correct[i])} for s in ("0", "1") for i in splits["seeds"][s]["test"]]
+    cell = {"site": "residual", "layer": 1, "position": "-1"}
+    families = family_table(answers, splits, pd.DataFrame(rows), cell)
+    assert set(families.family) == {"a", "b"} and (families.probe_auc == 1.0).all()
+    assert within_family_auc(families) == 1.0

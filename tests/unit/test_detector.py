@@ -1,0 +1,83 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.preprocessing import StandardScaler
+
+from _synthetic import make_run
+from truthmap import Detector, TruthmapError
+from truthmap.detector import check_card_auc, export_detector, prompt_frame
+
+
+def data(n=300, d=12, seed=0):
+    rng = np.random.default_rng(seed)
+    X = (rng.normal(size=(n, d)) * rng.uniform(0.1, 20, size=d) + 5).astype(np.float32)
+    y = (X[:, 0] / X[:, 0].std() + 0.7 * rng.normal(size=n) > 0.2).astype(int)
+    return X, y
+
+
+def test_estimator_contract_and_agreement_with_scikit_learn():
+    X, y = data()
+    detector = Detector(C=1.0)
+    assert detector.fit(X[:200], y[:200]) is detector
+    proba = detector.predict_proba(X[200:])
+    assert proba.shape == (100, 2) and np.allclose(proba.sum(1), 1) and list(detector.classes_) == [0, 1]
+    scaler = StandardScaler().fit(X[:200])
+    reference = LogisticRegression(C=1.0, max_iter=5000, tol=1e-8).fit(scaler.transform(X[:200]), y[:200])
+    ref = reference.predict_proba(scaler.transform(X[200:]))[:, 1]
+    assert np.abs(proba[:, 1] - ref).max() < 0.02
+    assert abs(roc_auc_score(y[200:], proba[:, 1]) - roc_auc_score(y[200:], ref)) < 0.01
+    assert set(detector.predict(X[200:])) <= {0, 1}
+
+
+def test_one_class_is_a_clear_error():
+    X, _ = data(20)
+    with pytest.raises(TruthmapError, match="all of one class"):
+        Detector().fit(X, np.zeros(20))
+
+
+def test_save_load_is_exact_and_pickle_free(tmp_path):
+    X, y = data()
+    detector = Detector(C=0.5, threshold=0.3, card={"model": "m", "site": "residual"}).fit(X, y)
+    detector.save(tmp_path / "det")
+    assert sorted(p.name for p in (tmp_path / "det").iterdir()) == ["card.json", "detector.safetensors"]
+    again = Detector.load(tmp_path / "det")
+    assert np.array_equal(again.predict_proba(X), detector.predict_proba(X))
+    assert again.C == 0.5 and again.threshold == 0.3 and again.card["model"] == "m"
+
+
+def test_load_of_a_wrong_folder_says_what_is_missing(tmp_path):
+    with pytest.raises(TruthmapError, match="no detector.safetensors"):
+        Detector.load(tmp_path)
+
+
+def test_export_reloads_in_a_fresh_process_with_the_same_auc(tmp_path):
+    run = make_run(tmp_path / "run")
+    folder = export_detector(run, "residual", 1, "-1", tmp_path / "det")
+    card = json.loads((folder / "card.json").read_text())
+    for key in ("model", "model_revision", "site", "layer", "position", "task", "train_size", "test_auc",
+                "threshold"):
+        assert key in card, key
+    assert card["model"] == "tiny-model" and card["layer"] == 1 and card["test_auc"] > 0.8
+    assert card["train_size"] + card["test_size"] == 115  # 5 answers have no position -1
+    code = ("import truthmap; from truthmap.detector import check_card_auc; "
+            f"print(*check_card_auc(truthmap.Detector.load({str(folder)!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert float(out[0]) == float(out[1]) == card["test_auc"]
+    assert check_card_auc(Detector.load(folder)) == (card["test_auc"], card["test_auc"])
+
+
+def test_prompt_frame_recovers_the_text_around_the_question(tmp_path):
+    run = make_run(tmp_path / "run")
+    assert prompt_frame(run) == ("<u>", "</u>")
+
+
+def test_another_model_is_refused_unless_forced(tmp_path):
+    run = make_run(tmp_path / "run")
+    detector = Detector.load(export_detector(run, "residual", 1, "-1", tmp_path / "det"))
+    with pytest.raises(TruthmapError, match="trained on model 'tiny-model', not 'other/model'"):
+        detector.score("q?", "a", model="other/model")

@@ -1,0 +1,154 @@
+"""The attention view: a second heatmap with the probe heatmap's axes, read the other way.
+
+The probe heatmap answers "where is the error decodable?"; a figure of the same shape can also be read
+as "where does the model look?". ``truthmap run --also attention`` draws that second reading: each cell
+(layer l, position p) is the attention weight that the last generated token pays to position p in the
+attention of block l, averaged over heads and over the answers where p exists.
+
+Attention weights exist only in the eager implementation, so this pass switches the model to eager
+attention and back. Forward hooks on the attention modules keep one query row per sequence (the last
+token), so nothing of size tokens × tokens leaves a layer.
+
+Reads ``answers.parquet`` (position indices) and ``generations.parquet``; writes ``attention.csv``
+(``layer, position, attention, n``; layers 1..L) and ``attention.png`` / ``attention.svg`` (layer 0,
+the embeddings, has no attention and stays grey).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import runfolder as rf
+from .errors import TruthmapError
+
+ATTENTION = "attention.csv"
+FIGURE = "attention"
+
+
+@contextmanager
+def eager_attention(lm):
+    """Run the block with the model's eager attention implementation, then restore the previous one."""
+    model = lm.model
+    previous = getattr(model.config, "_attn_implementation", None)
+    try:
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+        else:
+            model.config._attn_implementation = "eager"
+    except (ValueError, ImportError, AttributeError) as err:
+        raise TruthmapError(f"model '{lm.model_id}': cannot switch to eager attention ({err}); "
+                            f"drop --also attention") from None
+    try:
+        yield
+    finally:
+        if previous and previous != "eager":
+            if hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation(previous)
+            else:
+                model.config._attn_implementation = previous
+
+
+@torch.inference_mode()
+def attention_batch(lm, sequences: list[list[int]], index: np.ndarray) -> np.ndarray:
+    """Attention ``[L, B, P]`` from each sequence's last token to the positions ``index`` ``[B, P]``
+    (mean over heads; invalid positions, index -1, read position 0 and must be masked by the caller)."""
+    device = lm.device
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), lm.tokenizer.pad_token_id, dtype=torch.long)
+    for row, s in enumerate(sequences):
+        ids[row, : len(s)] = torch.tensor(s)
+    rows = torch.arange(len(sequences), device=device)
+    last = torch.tensor([len(s) - 1 for s in sequences], device=device)
+    cols = torch.as_tensor(np.maximum(index, 0), device=device)
+    modules = lm.site_modules("attention")
+    out = torch.zeros((len(modules), len(sequences), index.shape[1]), dtype=torch.float32)
+    missing = []
+
+    def hook_for(layer):
+        def hook(_module, _inputs, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                missing.append(layer)
+                return
+            row = weights[rows, :, last].float().mean(1)  # [B, T]: heads averaged
+            out[layer] = row[rows[:, None], cols].cpu()
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(k)) for k, m in enumerate(modules)]
+    try:
+        with eager_attention(lm):
+            lm.model.base_model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if missing:
+        raise TruthmapError(f"model '{lm.model_id}': its attention modules return no weights even in eager "
+                            f"mode; drop --also attention")
+    return out.numpy()
+
+
+def attention_table(lm, answers: pd.DataFrame, generations: pd.DataFrame, positions: list[str],
+                    batch_size: int = 8) -> pd.DataFrame:
+    """Mean attention from the last generated token to each position, per layer (see the module docstring)."""
+    table = answers[["id"] + [f"pos_{p}" for p in positions]].merge(
+        generations[["id", "prompt_ids", "answer_ids"]], on="id", validate="one_to_one")
+    sequences = [list(p) + list(a) for p, a in zip(table.prompt_ids, table.answer_ids)]
+    index = table[[f"pos_{p}" for p in positions]].to_numpy(dtype=np.int64)
+    total = np.zeros((lm.n_layers, len(positions)))
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        weights = attention_batch(lm, [sequences[i] for i in batch], index[batch])  # [L, B, P]
+        total += (weights * (index[batch] >= 0)[None]).sum(1)
+    n = (index >= 0).sum(0)
+    mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+    layers = np.repeat(np.arange(1, lm.n_layers + 1), len(positions))
+    return pd.DataFrame({"layer": layers, "position": positions * lm.n_layers, "attention": mean.ravel(),
+                         "n": np.tile(n, lm.n_layers)})
+
+
+def plot_attention(table: pd.DataFrame, positions: list[str], out_stem: Path, title: str) -> list[Path]:
+    """Layers down (0..L, 0 empty), positions across, mean attention weight in purples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+
+    layers = list(range(0, int(table["layer"].max()) + 1))
+    grid = table.pivot(index="layer", columns="position", values="attention").reindex(index=layers, columns=positions)
+    values = grid.to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.42 * len(positions), 1.8 + 0.2 * len(layers)))
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=colormaps["Purples"].with_extremes(bad="#dddddd"),
+                      vmin=0.0, vmax=max(float(np.nanmax(values)), 1e-6), aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(positions)), positions, rotation=60, ha="right", fontsize=8)
+    step = max(1, len(layers) // 16)
+    ax.set_yticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)], fontsize=8)
+    ax.set_xlabel("token position (attended to)")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="attention from the last generated token (mean over heads)")
+    paths = []
+    for suffix in (".png", ".svg"):
+        path = Path(str(out_stem) + suffix)
+        with rf.atomic_path(path) as tmp:
+            fig.savefig(tmp, format=suffix[1:], dpi=150, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def run_attention(lm, run_dir: Path, positions: list[str], title: str = "", batch_size: int = 8) -> pd.DataFrame:
+    run_dir = Path(run_dir)
+    answers = rf.read_parquet(run_dir / rf.ANSWERS)
+    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
+    table = attention_table(lm, answers, generations, positions, batch_size)
+    rf.write_csv(run_dir / ATTENTION, table)
+    plot_attention(table, positions, run_dir / FIGURE, title or "attention of the last generated token")
+    return table

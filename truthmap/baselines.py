@@ -1,0 +1,354 @@
+"""Baselines beside the probes: what a probe must beat before its AUC means anything.
+
+Reads ``answers.parquet``, ``generations.parquet``, ``splits.json`` and (for the per-family probe AUC)
+``probe_results.csv`` / ``probe_scores.parquet``; writes
+
+* ``baseline_scores.parquet`` — one row per answer: ``id`` and one column per model-based baseline;
+* ``baseline_results.csv`` — the columns of ``probe_results.csv`` with ``site = baseline``,
+  ``layer = -1`` and the baseline's name in ``position``; these rows are also merged into
+  ``probe_results.csv``;
+* ``family_results.csv`` — per family and seed: test size, wrong answers, the family's train error
+  rate and the best probe cell's AUC within the family;
+* ``baselines.png`` — every baseline's AUC beside the best probe's.
+
+**One orientation for every score: higher means "more likely wrong"**, and every AUC takes an error
+as the positive class, as the probes do. The baselines:
+
+* ``logprob_{mean,min,max,last}`` — minus the mean / min / max / last log-probability of the greedy
+  answer's tokens (special tokens such as end-of-turn left out); ``entropy_mean`` — the mean entropy
+  (nats) of the next-token distribution at those tokens; each also ``*_exact``: over the exact-answer
+  tokens only (missing where the answer has no valid exact answer);
+* ``p_true_exact``, ``p_true_answer`` — the model is asked whether the proposed answer (the exact
+  answer, or the whole answer) is true (``P_TRUE_PROMPT``, its reply begun with ``P_TRUE_REPLY`` so
+  that the next token is the option letter); score = P(B) / (P(A) + P(B)), the probability it gives
+  to "(B) False";
+* ``family_rate`` (and ``subgroup_rate`` where the questions have subgroups) — the error rate of the
+  question's family on the seed's train split: a probe no better than this only recognises kinds of
+  question.
+
+Only two scalars per answer token (its probability and the entropy) are ever kept, never logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import TruthmapError
+
+BASELINE_SCORES = "baseline_scores.parquet"
+BASELINE_RESULTS = "baseline_results.csv"
+FAMILY_RESULTS = "family_results.csv"
+FIGURE = "baselines.png"
+SITE = "baseline"
+P_TRUE_PROMPT = "Question: {question}\nPossible answer: {answer}\nIs the possible answer:\n(A) True\n(B) False"
+# the reply is begun for the model, so that its next token is the option letter (not "The", "True", …)
+P_TRUE_REPLY = "The possible answer is: ("
+LOGIT_BUDGET = 1 << 26  # floats of logits held at once ([batch, tokens, vocab])
+
+
+# ---------------------------------------------------------------------- per-token scalars
+
+@torch.inference_mode()
+def token_statistics(lm, sequences: list[list[int]], n_prompt: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(probability of each answer token, entropy of the distribution it was drawn from) per sequence.
+
+    ``sequences[i]`` is prompt + answer ids and its answer starts at ``n_prompt[i]``. Sequences are
+    right-padded (a real token never attends to the padding after it); the logits of a batch are reduced
+    to the two scalars per token at once.
+    """
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out: list = [None] * len(sequences)
+    start = 0
+    while start < len(order):
+        width = len(sequences[order[min(start + 15, len(order) - 1)]])
+        size = max(1, min(16, LOGIT_BUDGET // max(1, width * vocab)))
+        batch = order[start : start + size]
+        width = max(len(sequences[i]) for i in batch)
+        ids = torch.full((len(batch), width), lm.tokenizer.pad_token_id, dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+        logits = lm.model(input_ids=ids.to(lm.device), use_cache=False).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)  # [B, T]
+        for row, i in enumerate(batch):
+            n = len(sequences[i])
+            steps = torch.arange(n_prompt[i] - 1, n - 1, device=logp.device)  # the logits that chose each answer token
+            chosen = ids[row, n_prompt[i] : n].to(logp.device)
+            out[i] = (logp[row, steps, chosen].exp().cpu().numpy(), entropy[row, steps].cpu().numpy())
+        start += len(batch)
+    return out
+
+
+def summarise_tokens(prob: np.ndarray, entropy: np.ndarray, keep: np.ndarray, suffix: str = "") -> dict:
+    """The log-probability and entropy scores over the tokens ``keep`` (bool), oriented higher = wrong."""
+    if not keep.any():
+        return {f"{name}{suffix}": np.nan for name in ("logprob_mean", "logprob_min", "logprob_max", "logprob_last",
+                                                      "entropy_mean")}
+    logp = np.log(np.clip(prob[keep], 1e-30, 1.0))
+    return {
+        f"logprob_mean{suffix}": -float(logp.mean()),
+        f"logprob_min{suffix}": -float(logp.min()),  # the least likely token
+        f"logprob_max{suffix}": -float(logp.max()),
+        f"logprob_last{suffix}": -float(logp[-1]),
+        f"entropy_mean{suffix}": float(entropy[keep].mean()),
+    }
+
+
+# ---------------------------------------------------------------------- p(True)
+
+def letter_token_ids(tokenizer, letters: str = "AB") -> list[list[int]]:
+    """For each option letter, every token that reads as it ("A", " A", …)."""
+    texts = [t.strip() for t in tokenizer.batch_decode([[i] for i in range(len(tokenizer))])]
+    return [[i for i, t in enumerate(texts) if t == letter] for letter in letters]
+
+
+def p_true_prompt(tokenizer, question: str, proposed: str) -> str:
+    """The p(True) question as a user message, and the start of the model's reply."""
+    text = P_TRUE_PROMPT.format(question=question, answer=proposed)
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + P_TRUE_REPLY
+    return text + "\n" + P_TRUE_REPLY
+
+
+@torch.inference_mode()
+def p_true(lm, questions: list[str], proposed: list[str | None], batch_size: int = 16) -> np.ndarray:
+    """P("False") normalised over the A/B options for each (question, proposed answer); NaN where None."""
+    from .generate import encode_prompt
+
+    a_ids, b_ids = letter_token_ids(lm.tokenizer)
+    if not a_ids or not b_ids:
+        raise TruthmapError(f"model '{lm.model_id}': its tokenizer has no token for the option letters A/B")
+    out = np.full(len(questions), np.nan)
+    todo = [i for i, p in enumerate(proposed) if p]
+    prompts = {i: encode_prompt(lm.tokenizer, p_true_prompt(lm.tokenizer, questions[i], proposed[i])) for i in todo}
+    todo.sort(key=lambda i: len(prompts[i]))
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), width), lm.tokenizer.pad_token_id, dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : len(prompts[i])] = torch.tensor(prompts[i])
+        hidden = lm.model.base_model(input_ids=ids.to(lm.device), use_cache=False).last_hidden_state
+        last = hidden[torch.arange(len(batch)), torch.tensor([len(prompts[i]) - 1 for i in batch])]
+        # the model's own head on the last prompt token only (forward with the LM head on every token is wasted)
+        probs = torch.softmax(lm.model.get_output_embeddings()(last).float(), dim=-1)
+        mass_a, mass_b = probs[:, a_ids].sum(-1), probs[:, b_ids].sum(-1)
+        out[batch] = (mass_b / (mass_a + mass_b).clamp(min=1e-30)).cpu().numpy()
+    return out
+
+
+# ---------------------------------------------------------------------- all model-based scores
+
+def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
+    """The model-based baseline scores of every answer (one row per answer, ``id`` first)."""
+    from .label import char_span_to_tokens, token_char_spans
+
+    table = answers.merge(generations[["id", "prompt_ids", "answer_ids"]], on="id", how="left", validate="one_to_one")
+    sequences = [list(p) + list(a) for p, a in zip(table.prompt_ids, table.answer_ids)]
+    stats = token_statistics(lm, sequences, [len(p) for p in table.prompt_ids])
+    special = set(lm.tokenizer.all_special_ids)
+    rows = []
+    for row, (prob, entropy) in zip(table.itertuples(), stats):
+        answer_ids = list(row.answer_ids)
+        content = np.array([t not in special for t in answer_ids], dtype=bool)
+        exact = np.zeros(len(answer_ids), dtype=bool)
+        if row.exact_answer_valid:
+            span = char_span_to_tokens(token_char_spans(lm.tokenizer, answer_ids, row.answer),
+                                       row.exact_answer_start, row.exact_answer_end, row.answer)
+            if span is not None:
+                exact[span[0] : span[1] + 1] = True
+        rows.append({"id": row.id, **summarise_tokens(prob, entropy, content),
+                     **summarise_tokens(prob, entropy, exact & content, "_exact")})
+    scores = pd.DataFrame(rows)
+    questions = table["question"].tolist()
+    scores["p_true_exact"] = p_true(lm, questions, [e if v else None for e, v in
+                                                    zip(table.exact_answer, table.exact_answer_valid)])
+    scores["p_true_answer"] = p_true(lm, questions, [a if a.strip() else None for a in table.answer])
+    return scores
+
+
+def group_rates(answers: pd.DataFrame, train_ids: set, keys: list[str]) -> np.ndarray:
+    """Each answer's score = the error rate of its group (``keys``) on the train split; a group with no
+    train answers falls back to the overall train rate."""
+    error = ~answers["correct"].astype(bool)
+    train = answers["id"].isin(train_ids)
+    overall = float(error[train].mean())
+    rates = error[train].groupby([answers.loc[train, k] for k in keys]).mean()
+    index = pd.MultiIndex.from_frame(answers[keys]) if len(keys) > 1 else pd.Index(answers[keys[0]])
+    return rates.reindex(index).fillna(overall).to_numpy(dtype=float)
+
+
+# ---------------------------------------------------------------------- AUCs on the probes' test splits
+
+def evaluate(scores: pd.DataFrame, answers: pd.DataFrame, splits: dict, n_boot: int = 1000) -> pd.DataFrame:
+    """Rows in ``probe_results.csv``'s format for every baseline and seed, on the seed's test split."""
+    from .probe import RESULT_COLUMNS, auc_score, bootstrap_counts
+
+    answers = answers.set_index("id", drop=False)
+    scores = scores.set_index("id").reindex(answers.index)
+    error = (~answers["correct"].astype(bool)).to_numpy()
+    has_subgroups = answers["subgroup"].fillna("").astype(str).str.len().gt(0).any()
+    rows = []
+    for seed, split in sorted(splits["seeds"].items(), key=lambda kv: int(kv[0])):
+        train_ids, test_ids = set(split["train"]), split["test"]
+        columns = {name: scores[name].to_numpy(dtype=float) for name in scores.columns}
+        columns["family_rate"] = group_rates(answers.reset_index(drop=True), train_ids, ["family"])
+        if has_subgroups:
+            columns["subgroup_rate"] = group_rates(answers.reset_index(drop=True), train_ids, ["family", "subgroup"])
+        test = answers.index.isin(test_ids)
+        counts = bootstrap_counts(int(test.sum()), n_boot, int(seed))
+        for name, values in columns.items():
+            valid = test & np.isfinite(values)
+            score, y = values[valid], error[valid]
+            n_train = len(train_ids) if name.endswith("_rate") else 0
+            if len(set(y.tolist())) < 2:
+                rows.append([SITE, -1, name, int(seed), np.nan, np.nan, np.nan, np.nan, n_train, int(valid.sum())])
+                continue
+            auc = float(auc_score(score, y))
+            # one bootstrap draw resamples (score, label) pairs together: the counts weight both
+            lo, hi = np.nanpercentile(auc_score(score, y, counts[:, np.isfinite(values[test])]), [2.5, 97.5])
+            probability = name.startswith("p_true") or name.endswith("_rate")
+            accuracy = float(((score >= 0.5) == y).mean()) if probability else np.nan
+            rows.append([SITE, -1, name, int(seed), auc, float(lo), float(hi), accuracy, n_train, int(valid.sum())])
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def best_probe_cell(results: pd.DataFrame) -> dict | None:
+    """The probe cell (not a baseline) with the highest mean AUC over seeds."""
+    from .probe import top_cells
+
+    probes = results[results["site"] != SITE]
+    if probes["auc"].notna().sum() == 0:
+        return None
+    return top_cells(probes, 1).iloc[0].to_dict()
+
+
+def family_table(answers: pd.DataFrame, splits: dict, probe_scores: pd.DataFrame, cell: dict | None) -> pd.DataFrame:
+    """Per family and seed: n_test, n_wrong, train error rate, and the best cell's probe AUC within the family."""
+    from .probe import auc_score
+
+    error = dict(zip(answers["id"], ~answers["correct"].astype(bool)))
+    family = dict(zip(answers["id"], answers["family"]))
+    rows = []
+    for seed, split in sorted(splits["seeds"].items(), key=lambda kv: int(kv[0])):
+        train_rate = pd.Series([error[i] for i in split["train"]]).groupby([family[i] for i in split["train"]]).mean()
+        scored = pd.DataFrame(columns=["id", "score"])
+        if cell is not None:
+            scored = probe_scores[(probe_scores["site"] == cell["site"]) & (probe_scores["layer"] == cell["layer"])
+                                  & (probe_scores["position"] == cell["position"]) & (probe_scores["seed"] == int(seed))]
+        score_of = dict(zip(scored["id"], scored["score"]))
+        for name in sorted(set(family.values())):
+            test = [i for i in split["test"] if family[i] == name]
+            y = np.array([error[i] for i in test if i in score_of], dtype=bool)
+            s = np.array([score_of[i] for i in test if i in score_of], dtype=float)
+            auc = float(auc_score(s, y)) if len(set(y.tolist())) == 2 else np.nan
+            rows.append({"family": name, "seed": int(seed), "n_test": len(test),
+                         "n_wrong": int(sum(error[i] for i in test)),
+                         "train_error_rate": float(train_rate.get(name, np.nan)), "probe_auc": auc,
+                         "site": cell["site"] if cell else "", "layer": cell["layer"] if cell else -1,
+                         "position": cell["position"] if cell else ""})
+    return pd.DataFrame(rows)
+
+
+def within_family_auc(families: pd.DataFrame) -> float:
+    """Mean over seeds of the test-size-weighted mean of the probe's AUC within each family."""
+    scored = families.dropna(subset=["probe_auc"])
+    if scored.empty:
+        return float("nan")
+    per_seed = scored.groupby("seed").apply(lambda g: np.average(g["probe_auc"], weights=g["n_test"]),
+                                            include_groups=False)
+    return float(per_seed.mean())
+
+
+def merge_into_results(probe_results: pd.DataFrame, baseline_results: pd.DataFrame) -> pd.DataFrame:
+    """``probe_results`` with its baseline rows replaced by ``baseline_results``."""
+    kept = probe_results[probe_results["site"] != SITE]
+    return pd.concat([kept, baseline_results], ignore_index=True)
+
+
+def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: float, path: Path, title: str) -> None:
+    """Horizontal bars: each baseline's mean AUC (bootstrap interval as whiskers) and the best probe's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .probe import mean_over_seeds
+    from .runfolder import atomic_path
+
+    means = mean_over_seeds(results[results["site"] == SITE]).sort_values("auc", na_position="first")
+    labels, values, lows, highs, colours = [], [], [], [], []
+    for row in means.itertuples():
+        labels.append(row.position)
+        values.append(row.auc)
+        lows.append(row.auc_lo)
+        highs.append(row.auc_hi)
+        colours.append("#ff7f0e" if row.position.endswith("_rate") else "#7f7f7f")
+    if np.isfinite(within_family):
+        labels.append("probe within family")
+        values.append(within_family)
+        lows.append(np.nan)
+        highs.append(np.nan)
+        colours.append("#6baed6")
+    if cell is not None:
+        labels.append(f"probe {cell['site']} L{cell['layer']} {cell['position']}")
+        values.append(cell["auc"])
+        lows.append(cell["auc_lo"])
+        highs.append(cell["auc_hi"])
+        colours.append("#08519c")
+    values = np.array(values, dtype=float)
+    err = np.array([values - np.array(lows, float), np.array(highs, float) - values])
+    fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.28 * len(labels)))
+    ax.barh(range(len(labels)), np.nan_to_num(values - 0.5), left=0.5, color=colours,
+            xerr=np.nan_to_num(np.abs(err)), ecolor="#333333", capsize=2)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.axvline(0.5, color="black", linewidth=0.8)
+    ax.set_xlim(min(0.3, np.nanmin(values) - 0.05) if len(values) else 0.3, 1.0)
+    ax.set_xlabel("AUC predicting an error (mean over seeds, 95% bootstrap interval)")
+    ax.set_title(title, fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def run_baselines(lm, run_dir: Path, n_boot: int = 1000, title: str = "", progress: bool = False) -> dict:
+    """Compute, evaluate, merge, plot; return the summary fields (mean AUC per baseline, family control)."""
+    from . import runfolder as rf
+
+    run_dir = Path(run_dir)
+    answers = rf.read_parquet(run_dir / rf.ANSWERS)
+    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
+    splits = rf.read_json(run_dir / rf.SPLITS)
+    scores = compute_scores(lm, answers, generations, progress)
+    rf.write_parquet(run_dir / BASELINE_SCORES, scores)
+    return finish_baselines(run_dir, scores, n_boot, title)
+
+
+def finish_baselines(run_dir: Path, scores: pd.DataFrame, n_boot: int = 1000, title: str = "") -> dict:
+    """The model-free part: AUCs on the test splits, rows merged into probe_results.csv, the family
+    table, the figure, and the summary fields."""
+    from . import runfolder as rf
+    from .probe import mean_over_seeds
+
+    answers = rf.read_parquet(run_dir / rf.ANSWERS)
+    splits = rf.read_json(run_dir / rf.SPLITS)
+    results = evaluate(scores, answers, splits, n_boot)
+    rf.write_csv(run_dir / BASELINE_RESULTS, results)
+    probe_results = pd.read_csv(run_dir / rf.PROBE_RESULTS)
+    merged = merge_into_results(probe_results, results)
+    rf.write_csv(run_dir / rf.PROBE_RESULTS, merged)
+    cell = best_probe_cell(merged)
+    probe_scores = rf.read_parquet(run_dir / rf.PROBE_SCORES)
+    families = family_table(answers, splits, probe_scores, cell)
+    rf.write_csv(run_dir / FAMILY_RESULTS, families)
+    within = within_family_auc(families)
+    plot_baselines(merged, cell, within, run_dir / FIGURE, title)
+    means = mean_over_seeds(results)
+    return {"baselines": {r.position: None if pd.isna(r.auc) else round(float(r.auc), 4) for r in means.itertuples()},
+            "probe_within_family_auc": None if np.isnan(within) else round(within, 4)}

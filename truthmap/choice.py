@@ -1,0 +1,184 @@
+"""Answer choice: can the probe pick a better answer than greedy decoding?
+
+For every test question (first split seed) and its N resamples (``resamples.parquet``), four ways to
+choose one answer; the chosen answer's correctness is read from the grading afterwards:
+
+* ``greedy`` — the greedy answer (``answers.parquet``);
+* ``random`` — a resample drawn uniformly: its expected accuracy, the share of right resamples;
+* ``majority`` — a resample of the largest cluster of normalised exact answers (no gold label is read:
+  right answers are clustered by their own text like any other; ties go to the cluster seen first;
+  samples with no exact answer are in no cluster, and when none has one the first sample is taken);
+* ``probe`` — the resample a Detector (an exported one, or one fitted on the run's train split at the
+  chosen cell) finds least likely to be wrong; a resample where the position does not exist scores as
+  certainly wrong.
+
+Accuracy is reported overall and per error type (``error_types.parquet``) with a bootstrap 95%
+interval over questions. Reads the run folder; writes ``choice.csv`` (``strategy, error_type, n,
+accuracy, acc_lo, acc_hi``), ``choice_answers.parquet`` (per question: the sample each strategy chose)
+and ``choice.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import runfolder as rf
+from .errors import TruthmapError
+
+CHOICE = "choice.csv"
+CHOICE_ANSWERS = "choice_answers.parquet"
+FIGURE = "choice.png"
+STRATEGIES = ("greedy", "random", "majority", "probe")
+
+
+def majority_pick(clusters: list[str]) -> int:
+    """Index of the first sample of the largest non-empty cluster (first-seen wins a tie); 0 if none."""
+    counts: dict[str, int] = {}
+    for c in clusters:
+        if c:
+            counts[c] = counts.get(c, 0) + 1
+    if not counts:
+        return 0
+    best = max(counts.values())
+    winner = next(c for c in clusters if c and counts[c] == best)  # dicts keep first-seen order too
+    return clusters.index(winner)
+
+
+def probe_pick(scores: np.ndarray) -> int:
+    """Index of the lowest P(error); NaN (no such position) counts as 1.0; the first wins a tie."""
+    return int(np.argmin(np.where(np.isfinite(scores), scores, 1.0)))
+
+
+def resample_features(lm, run_dir: Path, resamples: pd.DataFrame, site: str, layer: int, position: str,
+                      batch_size: int = 16) -> np.ndarray:
+    """Features ``[n_resamples, d]`` of each resample at (site, layer, position); NaN rows where it does
+    not exist. Reads prompt ids from ``generations.parquet``."""
+    from .extract import extract_batch, site_rows
+
+    generations = rf.read_parquet(Path(run_dir) / rf.GENERATIONS).set_index("id")
+    column = f"pos_{position}"
+    if column not in resamples.columns:
+        raise TruthmapError(f"{rf.ACTIVATIONS}: position '{position}' was not located in {Path(run_dir) / 'resamples.parquet'}")
+    index = resamples[column].to_numpy(dtype=np.int64)
+    out = np.full((len(resamples), lm.hidden_size), np.nan, dtype=np.float32)
+    keep = np.flatnonzero(index >= 0)
+    row = site_rows(lm, site).index(layer)
+    prompts = generations.loc[resamples["id"], "prompt_ids"].tolist()
+    for start in range(0, len(keep), batch_size):
+        batch = keep[start : start + batch_size]
+        sequences = [list(prompts[i]) + list(resamples["answer_ids"].iloc[i]) for i in batch]
+        features = extract_batch(lm, sequences, index[batch][:, None], [site])[site]  # [R, B, 1, d]
+        out[batch] = features[row, :, 0].numpy()
+    return out
+
+
+def choose(answers: pd.DataFrame, resamples: pd.DataFrame, probe_scores: np.ndarray, test_ids: list[str]) -> pd.DataFrame:
+    """Per test question: correctness of each strategy's choice (``random``: expected correctness)."""
+    greedy = answers.set_index("id")["correct"].astype(bool)
+    resamples = resamples.assign(_score=probe_scores).sort_values(["id", "sample"])
+    rows = []
+    groups = dict(tuple(resamples.groupby("id", sort=False)))
+    for qid in test_ids:
+        if qid not in groups:
+            continue
+        group = groups[qid]
+        correct = group["correct"].to_numpy(dtype=bool)
+        m, p = majority_pick(group["cluster"].tolist()), probe_pick(group["_score"].to_numpy(dtype=float))
+        rows.append({"id": qid, "greedy": float(greedy[qid]), "random": float(correct.mean()),
+                     "majority": float(correct[m]), "probe": float(correct[p]),
+                     "majority_sample": int(group["sample"].iloc[m]), "probe_sample": int(group["sample"].iloc[p])})
+    if not rows:
+        raise TruthmapError("no test question has resamples; run 'truthmap resample' on this run first")
+    return pd.DataFrame(rows)
+
+
+def accuracy_table(chosen: pd.DataFrame, types: pd.DataFrame | None, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Accuracy of each strategy overall and per error type, bootstrap 95% interval over questions."""
+    from .probe import bootstrap_counts
+
+    kind = types.set_index("id")["error_type"] if types is not None else pd.Series(dtype=object)
+    chosen = chosen.assign(error_type=chosen["id"].map(kind).fillna("unknown"))
+    groups = [("all", chosen)] + [(name, g) for name, g in chosen.groupby("error_type", sort=True)]
+    rows = []
+    for name, group in groups:
+        counts = bootstrap_counts(len(group), n_boot, seed)  # one draw resamples whole questions
+        for strategy in STRATEGIES:
+            values = group[strategy].to_numpy(dtype=float)
+            lo, hi = np.percentile(counts @ values / len(values), [2.5, 97.5])
+            rows.append({"strategy": strategy, "error_type": name, "n": len(group), "accuracy": float(values.mean()),
+                         "acc_lo": float(lo), "acc_hi": float(hi)})
+    return pd.DataFrame(rows)
+
+
+def plot_choice(table: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(table["error_type"]))
+    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(groups), 3.2))
+    width = 0.8 / len(STRATEGIES)
+    colours = {"greedy": "#7f7f7f", "random": "#c7c7c7", "majority": "#ff7f0e", "probe": "#08519c"}
+    for k, strategy in enumerate(STRATEGIES):
+        part = table[table["strategy"] == strategy].set_index("error_type").reindex(groups)
+        acc = part["accuracy"].to_numpy(float)
+        err = np.abs(np.array([acc - part["acc_lo"].to_numpy(float), part["acc_hi"].to_numpy(float) - acc]))
+        ax.bar(np.arange(len(groups)) + (k - 1.5) * width, acc, width, yerr=err, label=strategy,
+               color=colours[strategy], ecolor="#333333", capsize=2)
+    n = table.drop_duplicates("error_type").set_index("error_type")["n"]
+    ax.set_xticks(range(len(groups)), [f"{g}\n(n={n[g]})" for g in groups], fontsize=7, rotation=20)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy of the chosen answer")
+    ax.legend(fontsize=7, ncol=4, loc="upper left")
+    ax.set_title(title, fontsize=9)
+    with rf.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def run_choice(lm, run_dir: Path, detector=None, cell: dict | None = None, seed: int | str | None = None,
+               C: float = 1.0, n_boot: int = 1000) -> pd.DataFrame:
+    """Score every test question's resamples and compare the strategies; returns the accuracy table.
+
+    ``detector``: a loaded Detector (its card's site/layer/position are used, and its model must be the
+    run's); otherwise one is fitted on the run's train split at ``cell`` (default: the best probe cell).
+    """
+    from .detector import fit_cell
+    from .resample import ERROR_TYPES, RESAMPLES, default_cell
+
+    run_dir = Path(run_dir)
+    splits = rf.read_json(run_dir / rf.SPLITS)["seeds"]
+    seed = str(seed if seed is not None else min(splits, key=int))
+    if detector is None:
+        cell = cell or default_cell(run_dir)
+        detector, *_ = fit_cell(run_dir, cell["site"], int(cell["layer"]), cell["position"], seed, C)
+    else:
+        run_model = rf.read_json(run_dir / rf.CONFIG).get("model")
+        if detector.card.get("model") != run_model:
+            raise TruthmapError(f"the detector was trained on model '{detector.card.get('model')}', this run "
+                                f"studied '{run_model}'; export a detector from a run of this model")
+        cell = {k: detector.card[k] for k in ("site", "layer", "position")}
+    resamples = rf.read_parquet(run_dir / RESAMPLES)
+    answers = rf.read_parquet(run_dir / rf.ANSWERS)
+    test_ids = splits[seed]["test"]
+    resamples = resamples[resamples["id"].isin(set(test_ids))].reset_index(drop=True)
+    features = resample_features(lm, run_dir, resamples, cell["site"], int(cell["layer"]), cell["position"])
+    scores = np.full(len(resamples), np.nan)
+    valid = np.isfinite(features).all(1)
+    if valid.any():
+        scores[valid] = detector.predict_proba(features[valid])[:, 1]
+    chosen = choose(answers, resamples, scores, test_ids)
+    types = rf.read_parquet(run_dir / ERROR_TYPES) if (run_dir / ERROR_TYPES).exists() else None
+    table = accuracy_table(chosen, types, n_boot, int(seed))
+    rf.write_parquet(run_dir / CHOICE_ANSWERS, chosen)
+    rf.write_csv(run_dir / CHOICE, table)
+    n = int(resamples.groupby("id").size().max())
+    plot_choice(table, run_dir / FIGURE, f"answer choice among {n} samples · probe at {cell['site']} "
+                                        f"L{cell['layer']} {cell['position']} · seed {seed} test split")
+    overall = table[table["error_type"] == "all"].set_index("strategy")["accuracy"].round(4).to_dict()
+    rf.update_summary(run_dir, choice={"cell": cell, "accuracy": overall})
+    return table

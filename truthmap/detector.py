@@ -1,0 +1,353 @@
+"""A reusable error detector: one probe, saved with everything needed to score new answers.
+
+:class:`Detector` follows scikit-learn's estimator contract: ``Detector(C=1.0).fit(X, y)`` standardises
+``X`` with the train rows' mean and deviation and fits an L2 logistic regression (the same problem as a
+probe of probe.py, solved by its :class:`~truthmap.probe.BatchedLogisticRegression`); ``predict_proba(X)``
+returns ``[n, 2]`` = (P(right), P(error)), ``classes_ = [0, 1]``, 1 = the answer is wrong.
+
+``truthmap export`` (:func:`export_detector`) fits one on a run's train split at one (site, layer,
+position) and writes a folder:
+
+* ``detector.safetensors`` — float32 ``mean [d]``, ``scale [d]``, ``coef [d]`` (on standardised
+  features), ``intercept [1]``;
+* ``card.json`` — model id and revision, site, layer, position, task, train/test sizes, test AUC,
+  threshold, the prompt's text around the question, and the test ids the AUC was measured on.
+
+``Detector.load(path)`` reads it back (no pickle). ``detector.score(question, answer)`` runs the card's
+model on new question–answer pairs and returns P(error) of each; ``detector.ask(question)`` generates
+the answer first. A model other than the card's is refused unless ``force=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import TruthmapError
+
+WEIGHTS = "detector.safetensors"
+CARD = "card.json"
+DEFAULT_THRESHOLD = 0.5
+
+
+class Detector:
+    """Standardise, then logistic regression; predicts P(error) of an answer from one hidden state.
+
+    Learned state: ``mean_``, ``scale_``, ``coef_`` (float32 ``[d]``) and ``intercept_`` (float).
+    ``card`` holds what :func:`export_detector` knows about where the features come from.
+    """
+
+    def __init__(self, C: float = 1.0, threshold: float = DEFAULT_THRESHOLD, card: dict | None = None):
+        self.C, self.threshold, self.card = C, threshold, card
+
+    def fit(self, X, y) -> "Detector":
+        import torch
+
+        from .probe import BatchedLogisticRegression
+
+        X, y = np.asarray(X, dtype=np.float32), np.asarray(y).astype(np.int64)
+        if X.ndim != 2 or len(X) != len(y):
+            raise TruthmapError(f"Detector.fit: X must be [n, d] and y [n]; got {X.shape} and {y.shape}")
+        if len(set(y.tolist())) < 2:
+            raise TruthmapError(f"Detector.fit: the {len(y)} training answers are all of one class; need both")
+        self.mean_ = X.mean(0)
+        std = X.std(0)
+        self.scale_ = np.where(std > 1e-6, std, 1.0).astype(np.float32)
+        Z = (X - self.mean_) / self.scale_
+        model = BatchedLogisticRegression(C=self.C).fit(
+            torch.from_numpy(Z)[None], torch.from_numpy(y), torch.ones((1, 1, len(y)), dtype=torch.bool))
+        self.coef_ = model.coef_[0, 0].numpy().astype(np.float32)
+        self.intercept_ = float(model.intercept_[0, 0])
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        """Logit of P(error) ``[n]``, in float64 with numpy's pairwise sums (same on any machine/threads)."""
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != len(self.coef_):
+            raise TruthmapError(f"Detector: features must be [n, {len(self.coef_)}]; got {X.shape}")
+        Z = (X.astype(np.float64) - self.mean_.astype(np.float64)) / self.scale_.astype(np.float64)
+        return (Z * self.coef_.astype(np.float64)).sum(axis=1) + self.intercept_
+
+    def predict_proba(self, X) -> np.ndarray:
+        p = 1.0 / (1.0 + np.exp(-self.decision_function(X)))
+        return np.column_stack([1.0 - p, p])
+
+    def predict(self, X) -> np.ndarray:
+        """1 where P(error) ≥ ``threshold`` (the answer is flagged as wrong)."""
+        return (self.predict_proba(X)[:, 1] >= self.threshold).astype(np.int64)
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def save(self, folder: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        from .runfolder import atomic_path, write_json
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"mean": self.mean_, "scale": self.scale_, "coef": self.coef_,
+                   "intercept": np.array([self.intercept_], dtype=np.float64)}
+        with atomic_path(folder / WEIGHTS) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+        write_json(folder / CARD, {**(self.card or {}), "C": self.C, "threshold": self.threshold})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Detector":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        folder = Path(folder)
+        for name in (WEIGHTS, CARD):
+            if not (folder / name).is_file():
+                raise TruthmapError(f"{folder}: no {name}; is this a folder written by 'truthmap export'?")
+        try:
+            tensors = load_file(str(folder / WEIGHTS))
+            card = json.loads((folder / CARD).read_text())
+        except (SafetensorError, OSError, ValueError) as err:
+            raise TruthmapError(f"{folder}: unreadable detector ({str(err).splitlines()[0]}); export it again") from None
+        detector = cls(C=card.get("C", 1.0), threshold=card.get("threshold", DEFAULT_THRESHOLD), card=card)
+        detector.mean_, detector.scale_, detector.coef_ = tensors["mean"], tensors["scale"], tensors["coef"]
+        detector.intercept_ = float(tensors["intercept"][0])
+        detector.classes_ = np.array([0, 1])
+        detector._lm = None
+        return detector
+
+    # ------------------------------------------------------------------ new questions and answers
+
+    def model(self, model=None, force: bool = False, dtype: str = "auto", device: str = "auto"):
+        """The card's model, loaded once; ``model`` (an id or a LoadedModel) must be the card's unless ``force``."""
+        from .models import LoadedModel, load_model
+
+        card = self.card or {}
+        if isinstance(model, LoadedModel):
+            lm = model
+        elif getattr(self, "_lm", None) is not None and model in (None, self._lm.model_id):
+            lm = self._lm
+        else:
+            name = model or card.get("model")
+            if name != card.get("model") and not force:
+                raise TruthmapError(f"this detector was trained on model '{card.get('model')}', not '{name}'; "
+                                    f"its features mean nothing for another model (force=True / --force to try)")
+            lm = load_model(name, dtype, device)
+        if not force:
+            if lm.model_id != card.get("model"):
+                raise TruthmapError(f"this detector was trained on model '{card.get('model')}', not "
+                                    f"'{lm.model_id}' (force=True / --force to try anyway)")
+            if card.get("model_revision") and lm.revision != card["model_revision"]:
+                raise TruthmapError(f"model '{lm.model_id}' is at revision {lm.revision}, the detector was trained "
+                                    f"at {card['model_revision']} (force=True / --force to try anyway)")
+        self._lm = lm
+        return lm
+
+    def prompt_ids(self, lm, question: str) -> list[int]:
+        from .generate import encode_prompt
+
+        card = self.card or {}
+        if card.get("prompt_prefix") is None:
+            raise TruthmapError("this detector's prompts hold more than the question (a passage or options), "
+                                "so it cannot build the prompt of a new question")
+        return encode_prompt(lm.tokenizer, card["prompt_prefix"] + question.strip() + card["prompt_suffix"])
+
+    def score(self, question, answer, model=None, force: bool = False, exact_answer=None) -> np.ndarray:
+        """P(error) of each (question, answer) pair (str or lists); NaN where the position does not exist
+        (e.g. no exact answer could be located for an ``exact_answer_*`` position).
+
+        ``exact_answer``: the span of each answer that states it, where known; otherwise it is found by
+        the same rules as the label stage, falling back on asking the model.
+        """
+        questions, answers = _as_list(question), _as_list(answer)
+        if len(questions) != len(answers):
+            raise TruthmapError(f"score: {len(questions)} questions but {len(answers)} answers")
+        lm = self.model(model, force)
+        answer_ids = [answer_token_ids(lm, a) for a in answers]
+        return self._score_ids(lm, questions, answer_ids, _as_list(exact_answer) if exact_answer else None)
+
+    def ask(self, question, model=None, force: bool = False, max_new_tokens: int | None = None) -> list[dict]:
+        """Generate the greedy answer to each question and score it: [{question, answer, p_error, flagged}]."""
+        from .generate import decode_answer, generate_answers
+
+        questions = _as_list(question)
+        lm = self.model(model, force)
+        prompts = [self.prompt_ids(lm, q) for q in questions]
+        generated = generate_answers(lm, prompts, max_new_tokens or self.card.get("max_new_tokens") or 24,
+                                     progress=False)
+        answer_ids = [ids for ids, _ in generated]
+        p = self._score_ids(lm, questions, answer_ids)
+        return [{"question": q, "answer": decode_answer(lm.tokenizer, ids), "p_error": float(s),
+                 "flagged": bool(s >= self.threshold)} for q, ids, s in zip(questions, answer_ids, p)]
+
+    def _score_ids(self, lm, questions, answer_ids, exact_answers=None) -> np.ndarray:
+        from .extract import extract_batch, site_rows
+
+        card = self.card
+        prompt_ids = [self.prompt_ids(lm, q) for q in questions]
+        index = locate_positions(lm, questions, prompt_ids, answer_ids, [card["position"]], exact_answers)
+        out = np.full(len(questions), np.nan)
+        keep = np.flatnonzero(index[:, 0] >= 0)
+        row = site_rows(lm, card["site"]).index(card["layer"])
+        for start in range(0, len(keep), 16):
+            batch = keep[start : start + 16]
+            sequences = [prompt_ids[i] + answer_ids[i] for i in batch]
+            features = extract_batch(lm, sequences, index[batch], [card["site"]])[card["site"]]  # [R, B, 1, d]
+            out[batch] = self.predict_proba(features[row, :, 0].numpy())[:, 1]
+        return out
+
+
+def _as_list(value) -> list:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def end_of_turn_id(lm) -> int | None:
+    """The token the chat template puts after an assistant message (the one a finished answer ends with)."""
+    from .generate import encode_prompt, end_of_turn_ids
+
+    stops = end_of_turn_ids(lm)
+    tok = lm.tokenizer
+    if getattr(tok, "chat_template", None):
+        user = [{"role": "user", "content": "Q"}]
+        prompt = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        full = tok.apply_chat_template(user + [{"role": "assistant", "content": "A"}], tokenize=False)
+        after = encode_prompt(tok, full)[len(encode_prompt(tok, prompt)):]
+        found = next((t for t in after if t in stops), None)
+        if found is not None:
+            return found
+    return stops[0] if stops else None
+
+
+def answer_token_ids(lm, answer: str) -> list[int]:
+    """Token ids of a finished answer as the model would have produced it: the text, then end-of-turn."""
+    ids = lm.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]
+    stop = end_of_turn_id(lm)
+    return ids + ([stop] if stop is not None else [])
+
+
+def locate_positions(lm, questions: list[str], prompt_ids: list[list[int]], answer_ids: list[list[int]],
+                     positions: list[str], exact_answers: list[str] | None = None, gold=None) -> np.ndarray:
+    """Index ``[n, P]`` of each position in prompt_ids + answer_ids (-1: absent), exact answers found by
+    the label stage's rules (given ``exact_answers`` are used as they are, when they occur in the answer)."""
+    import pandas as pd
+
+    from . import textmatch
+    from .generate import decode_answer
+    from .label import EXACT_POSITIONS, label_answers, position_indices
+
+    n = len(questions)
+    texts = [decode_answer(lm.tokenizer, ids) for ids in answer_ids]
+    if not EXACT_POSITIONS & set(positions):
+        return np.array([list(position_indices(len(p), len(a), None, positions).values())
+                         for p, a in zip(prompt_ids, answer_ids)], dtype=np.int64).reshape(n, len(positions))
+    ids = [f"q{i}" for i in range(n)]
+    table = pd.DataFrame({"id": ids, "question": questions, "gold": gold or [[] for _ in range(n)],
+                          "family": "", "subgroup": "", "answer_type": "", "task": "generic",
+                          "wrong_answers": [[] for _ in range(n)]})
+    generations = pd.DataFrame({"id": ids, "prompt": "", "prompt_ids": prompt_ids, "answer_ids": answer_ids,
+                                "answer": texts})
+    if exact_answers is not None:
+        # the caller's exact answers: found in the answer by whole-word match, as the extractor's are
+        labelled = []
+        for p, a, text, exact in zip(prompt_ids, answer_ids, texts, exact_answers):
+            span = textmatch.find_phrase(textmatch.words(text), exact) if exact else None
+            labelled.append(_indices_from_span(lm, p, a, text, span, positions))
+        return np.array(labelled, dtype=np.int64)
+    answers = label_answers(table, generations, {}, lm.tokenizer, positions, extractor=lm, progress=False)
+    return answers[[f"pos_{p}" for p in positions]].to_numpy(dtype=np.int64)
+
+
+def _indices_from_span(lm, prompt_ids, answer_ids, text, span, positions) -> list[int]:
+    from .label import char_span_to_tokens, position_indices, token_char_spans
+
+    tokens = None
+    if span is not None:
+        tokens = char_span_to_tokens(token_char_spans(lm.tokenizer, answer_ids, text), span[0], span[1], text)
+    return list(position_indices(len(prompt_ids), len(answer_ids), tokens, positions).values())
+
+
+# ---------------------------------------------------------------------- training from a run folder
+
+def cell_data(run_dir: Path, site: str, layer: int, position: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(ids, features ``[n, d]``, y ``[n]`` with 1 = error) of one cell of a run, valid examples only."""
+    from .extract import load_features
+    from .runfolder import ANSWERS, read_parquet
+
+    ids, X = load_features(run_dir, site, layer, position)
+    answers = read_parquet(Path(run_dir) / ANSWERS).set_index("id")
+    y = (~answers.loc[ids, "correct"].astype(bool)).to_numpy().astype(np.int64)
+    return ids, X, y
+
+
+def split_ids(run_dir: Path, seed: int | str) -> tuple[set, set]:
+    from .runfolder import SPLITS, read_json
+
+    splits = read_json(Path(run_dir) / SPLITS)["seeds"]
+    if str(seed) not in splits:
+        raise TruthmapError(f"{Path(run_dir) / SPLITS}: no seed {seed} (have {sorted(splits, key=int)})")
+    return set(splits[str(seed)]["train"]), set(splits[str(seed)]["test"])
+
+
+def fit_cell(run_dir: Path, site: str, layer: int, position: str, seed: int | str = 0, C: float = 1.0):
+    """A Detector fitted on one cell's train split of ``seed``; returns (detector, test ids, test X, test y).
+
+    The detector's ``n_train_`` is the number of train answers where the position exists."""
+    ids, X, y = cell_data(run_dir, site, layer, position)
+    train_ids, test_ids = split_ids(run_dir, seed)
+    train = np.array([i in train_ids for i in ids])
+    test = np.array([i in test_ids for i in ids])
+    detector = Detector(C=C).fit(X[train], y[train])
+    detector.n_train_ = int(train.sum())
+    return detector, [i for i, t in zip(ids, test) if t], X[test], y[test]
+
+
+def prompt_frame(run_dir: Path) -> tuple[str | None, str | None]:
+    """(prefix, suffix) such that every prompt of the run is prefix + question + suffix, or (None, None)."""
+    from .runfolder import ANSWERS, read_parquet
+
+    answers = read_parquet(Path(run_dir) / ANSWERS)
+    frames = set()
+    for prompt, question in zip(answers["prompt"], answers["question"]):
+        if prompt.count(question) != 1:
+            return None, None
+        before, after = prompt.split(question)
+        frames.add((before, after))
+    return frames.pop() if len(frames) == 1 else (None, None)
+
+
+def export_detector(run_dir: str | Path, site: str, layer: int, position: str, out: str | Path | None = None,
+                    seed: int | str = 0, C: float = 1.0) -> Path:
+    """Fit a Detector on the run's train split (``seed``), measure it on the test split, and save it."""
+    from . import __version__
+    from .probe import auc_score
+    from .runfolder import CONFIG, SUMMARY, read_json
+
+    run_dir = Path(run_dir)
+    config, summary = read_json(run_dir / CONFIG), read_json(run_dir / SUMMARY, default={})
+    detector, test_ids, X_test, y_test = fit_cell(run_dir, site, layer, position, seed, C)
+    auc = float(auc_score(detector.predict_proba(X_test)[:, 1], y_test)) if len(set(y_test.tolist())) == 2 else None
+    prefix, suffix = prompt_frame(run_dir)
+    detector.card = {
+        "model": config["model"], "model_revision": summary.get("model_revision"),
+        "site": site, "layer": int(layer), "position": position,
+        "task": summary.get("dataset", config.get("dataset")), "seed": int(seed),
+        "train_size": detector.n_train_,
+        "test_size": len(test_ids), "test_auc": auc,
+        "positive_class": "error (the answer is wrong)", "threshold_rule": "flag when P(error) >= threshold",
+        "prompt_prefix": prefix, "prompt_suffix": suffix, "max_new_tokens": config.get("max_new_tokens"),
+        "run": str(run_dir), "test_ids": test_ids, "truthmap": __version__,
+    }
+    out = Path(out) if out else run_dir / "detectors" / f"{site}-L{layer}-{position}"
+    return detector.save(out)
+
+
+def check_card_auc(detector: Detector, run_dir: str | Path | None = None) -> tuple[float, float]:
+    """(test AUC recomputed from the run's stored features, AUC on the card): equal for an intact detector."""
+    from .probe import auc_score
+
+    card = detector.card
+    run_dir = Path(run_dir or card["run"])
+    ids, X, y = cell_data(run_dir, card["site"], card["layer"], card["position"])
+    row = {i: k for k, i in enumerate(ids)}
+    rows = [row[i] for i in card["test_ids"]]
+    return float(auc_score(detector.predict_proba(X[rows])[:, 1], y[rows])), card["test_auc"]

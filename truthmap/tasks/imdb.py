@@ -1,0 +1,33 @@
+"""imdb — the sentiment of a movie review (hub ``imdb`` or a local CSV/JSONL/Parquet ``text, label``).
+
+Labels: 1 / 0, or positive / negative (pos / neg). The review's "<br />" line breaks become newlines.
+Correct when the first sentiment word of the answer ("positive" or "negative") is the gold one.
+"""
+
+from . import Task, label, register, text
+
+LABELS = {1: "positive", 0: "negative", "1": "positive", "0": "negative", "positive": "positive",
+          "negative": "negative", "pos": "positive", "neg": "negative"}
+
+
+def convert(record: dict, options) -> dict:
+    sentiment = label(record, "label", LABELS)
+    return {
+        "question": text(record, "text", "review").replace("<br />", "\n"),
+        "gold": [sentiment],
+        "wrong_answers": ["negative" if sentiment == "positive" else "positive"],
+        "family": "imdb",
+        "subgroup": sentiment,
+    }
+
+
+register(Task(
+    name="imdb",
+    description="IMDB review sentiment (hub imdb or a local CSV text, label); first sentiment word.",
+    convert=convert,
+    grading="choice",
+    chat_prompt="{question}\n\nIs the sentiment of this review positive or negative? "
+                "Start with either 'positive' or 'negative'.",
+    base_prompt="Review: {question}\nSentiment (positive or negative):",
+    hub=("imdb", None, "test"),
+))

@@ -1,0 +1,139 @@
+"""Transfer between tasks: a probe trained on one task, tested on others.
+
+``truthmap transfer --train A --test B [C …] --layer L --position P`` takes run folders (or task names,
+whose run folder for ``--model`` must exist). For every train task T and every task U (the train tasks
+and the test tasks), and every seed both runs share, a :class:`~truthmap.detector.Detector` is fitted
+on T's train split at (site, layer, position) and scored on U's test split — the same test split as
+U's own probes, so the diagonal is the in-task AUC. Writes, into ``--out``:
+
+* ``transfer.csv`` — ``train, test, seed, auc, auc_lo, auc_hi, n_train, n_test`` (bootstrap 95% interval
+  over the test split, each draw resampling answers with their labels);
+* ``transfer_matrix.csv`` — rows: train task, columns: test task, mean AUC over seeds;
+* ``transfer.png`` — that matrix as a heatmap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import runfolder as rf
+from .errors import TruthmapError
+
+COLUMNS = ["train", "test", "seed", "auc", "auc_lo", "auc_hi", "n_train", "n_test"]
+
+
+def resolve_run(name: str, model: str | None = None) -> Path:
+    """A run folder given as a path, or the default run folder of task ``name`` for ``model``."""
+    from .config import Config
+
+    path = Path(name)
+    if not (path / rf.ANSWERS).exists():
+        candidate = Config(model=model, dataset=name).run_dir() if model else Config(dataset=name).run_dir()
+        if not (candidate / rf.ANSWERS).exists():
+            raise TruthmapError(f"'{name}': neither a run folder nor a task with a run at {candidate}; "
+                                f"run 'truthmap run --dataset {name}' first, or give the run folder")
+        path = candidate
+    if not (path / rf.ACTIVATIONS / "index.json").exists():
+        raise TruthmapError(f"{path}: no activations; run 'truthmap extract --out {path}' first")
+    return path
+
+
+def task_name(run_dir: Path) -> str:
+    """The task a run studied: its dataset's name (the folder name when the dataset is a path)."""
+    dataset = rf.read_json(run_dir / rf.CONFIG, default={}).get("dataset") or run_dir.name
+    return Path(dataset).stem if ("/" in dataset or "." in dataset) else dataset
+
+
+def check_same_model(runs: list[Path]) -> str:
+    models = {str(r): rf.read_json(r / rf.CONFIG, default={}).get("model") for r in runs}
+    if len(set(models.values())) > 1:
+        listing = ", ".join(f"{r}: {m}" for r, m in models.items())
+        raise TruthmapError(f"transfer needs runs of one model; these differ ({listing})")
+    return next(iter(models.values()))
+
+
+def transfer_table(train_runs: list[Path], test_runs: list[Path], site: str, layer: int, position: str,
+                   C: float = 1.0, n_boot: int = 1000) -> pd.DataFrame:
+    """One row per (train task, test task, shared seed); see the module docstring."""
+    from .detector import Detector, cell_data
+    from .probe import auc_score, bootstrap_counts
+
+    runs = list(dict.fromkeys(list(train_runs) + list(test_runs)))
+    check_same_model(runs)
+    names = {r: task_name(r) for r in runs}
+    if len(set(names.values())) < len(runs):  # two runs of one task: tell them apart by folder
+        names = {r: f"{task_name(r)} ({r.name})" for r in runs}
+    data = {r: cell_data(r, site, layer, position) for r in runs}
+    splits = {r: rf.read_json(r / rf.SPLITS)["seeds"] for r in runs}
+    rows = []
+    for train_run in train_runs:
+        ids, X, y = data[train_run]
+        for test_run in runs:
+            seeds = sorted(set(splits[train_run]) & set(splits[test_run]), key=int)
+            if not seeds:
+                raise TruthmapError(f"{train_run} and {test_run} share no split seed; rerun one with --seeds")
+            test_ids_all, X_test_all, y_test_all = data[test_run]
+            for seed in seeds:
+                train = np.isin(ids, splits[train_run][seed]["train"])
+                test = np.isin(test_ids_all, splits[test_run][seed]["test"])
+                X_test, y_test = X_test_all[test], y_test_all[test]
+                if len(set(y[train].tolist())) < 2 or len(set(y_test.tolist())) < 2:
+                    rows.append([names[train_run], names[test_run], int(seed), np.nan, np.nan, np.nan,
+                                 int(train.sum()), int(test.sum())])
+                    continue
+                score = Detector(C=C).fit(X[train], y[train]).predict_proba(X_test)[:, 1]
+                auc = float(auc_score(score, y_test))
+                lo, hi = np.nanpercentile(auc_score(score, y_test, bootstrap_counts(len(score), n_boot, int(seed))),
+                                          [2.5, 97.5])
+                rows.append([names[train_run], names[test_run], int(seed), auc, float(lo), float(hi),
+                             int(train.sum()), int(test.sum())])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def matrix(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean AUC over seeds: rows = train task, columns = test task, in the order they first appear."""
+    out = table.groupby(["train", "test"], sort=False)["auc"].mean().unstack("test")
+    return out.reindex(index=list(dict.fromkeys(table["train"])), columns=list(dict.fromkeys(table["test"])))
+
+
+def plot_matrix(grid: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+
+    values = grid.to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.1 * values.shape[1], 1.4 + 0.7 * values.shape[0]))
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=colormaps["Blues"].with_extremes(bad="#dddddd"),
+                      vmin=0.5, vmax=1.0, aspect="auto")
+    for (r, c), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=9, color="white" if v > 0.8 else "black")
+    ax.set_xticks(range(values.shape[1]), grid.columns, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(values.shape[0]), grid.index, fontsize=8)
+    ax.set_xlabel("test task")
+    ax.set_ylabel("train task")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="AUC predicting an error")
+    with rf.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def run_transfer(train: list[str], test: list[str], site: str, layer: int, position: str, out: str | None = None,
+                 model: str | None = None, C: float = 1.0, n_boot: int = 1000) -> tuple[Path, pd.DataFrame]:
+    """Resolve the runs, compute the table and matrix, write them; return (out folder, matrix)."""
+    train_runs = [resolve_run(t, model) for t in train]
+    test_runs = [resolve_run(t, model) for t in test]
+    table = transfer_table(train_runs, test_runs, site, layer, position, C, n_boot)
+    out_dir = Path(out) if out else train_runs[0] / "transfer"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = matrix(table)
+    rf.write_csv(out_dir / "transfer.csv", table)
+    rf.write_csv(out_dir / "transfer_matrix.csv", grid.reset_index().rename(columns={"train": "train \\ test"}))
+    plot_matrix(grid, out_dir / "transfer.png", f"transfer · {site} layer {layer} · {position}")
+    return out_dir, grid
