@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO_ARGS ?=
 
-.PHONY: demo test test-fast bench clean chromium
+.PHONY: demo test test-fast bench clean chromium stress
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test-fast: $(VENV)/.installed
 # the browser tests drive Debian's Chromium (Playwright's own browser download is not used); needs root
 chromium:
 	test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+# N kill/resume trials of `truthmap run` and M fuzzed question files; prints survived / rows lost / clear
+# errors and fails unless all survive with no row lost (tests/stress.py; about 3 model runs per trial)
+STRESS_ARGS ?= --trials 5 --fuzz 300
+stress: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/python tests/stress.py $(STRESS_ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run.py

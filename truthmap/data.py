@@ -17,6 +17,7 @@ the task's design, and the pipeline copies it into summary.json.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections import Counter
@@ -137,9 +138,7 @@ def read_records(source: tasks.Source) -> tuple[list[dict], int]:
     try:
         if suffix == ".csv":
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-            if frame.columns.duplicated().any():
-                dupes = sorted(set(frame.columns[frame.columns.duplicated()]))
-                raise TruthmapError(f"{path}: duplicate column(s) {dupes}")
+            _check_csv_header(path)
             return frame.to_dict("records"), 2
         if suffix in (".jsonl", ".ndjson"):
             return _read_jsonl(path), 1
@@ -158,6 +157,36 @@ def read_records(source: tasks.Source) -> tuple[list[dict], int]:
     raise TruthmapError(f"{path}: unknown file type '{suffix}'; use .csv, .jsonl, .json or .parquet")
 
 
+def _check_csv_header(path: Path) -> None:
+    """Refuse a header that names a column twice (pandas would silently rename one 'name.1')."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f), [])
+    except csv.Error:  # a header pandas could read and csv cannot (say, over csv's field size limit)
+        return
+    seen, dupes = set(), []
+    for name in header:
+        if name in seen and name not in dupes:
+            dupes.append(name)
+        seen.add(name)
+    if dupes:
+        raise TruthmapError(f"{path}: duplicate column(s) {dupes} in the header; rename or remove one of each")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object as a dict, refusing one that holds a key twice (json would keep the last silently)."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
     with open(path, encoding="utf-8") as f:
@@ -165,7 +194,9 @@ def _read_jsonl(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append(json.loads(line, object_pairs_hook=_unique_keys))
+            except _DuplicateKey as err:
+                raise TruthmapError(f"{path}, line {number}: key '{err}' twice in one record; keep one") from None
             except json.JSONDecodeError as err:
                 raise TruthmapError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
     if not records:
@@ -176,7 +207,9 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _read_json(path: Path) -> list[dict]:
     """A JSON list of records, or an object holding one under "Data" (TriviaQA) or "data"."""
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise TruthmapError(f"{path}: key '{err}' twice in one record; keep one") from None
     except json.JSONDecodeError as err:
         raise TruthmapError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     if isinstance(content, dict):

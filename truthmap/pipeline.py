@@ -60,8 +60,7 @@ def _run_stage(run_dir: Path, name: str, settings: dict, inputs: list[Path], out
     stamp = rf.fingerprint(settings, inputs)
     if not force and rf.stage_is_current(run_dir, name, stamp, outputs):
         return False
-    with rf.stage(name):
-        rf.forget_stage(run_dir, name)  # until it finishes, the stage's old outputs are not current
+    with rf.stage(name, rerun=True):  # until it finishes, the stage's old outputs are not current
         started = time.perf_counter()
         work()
         seconds = time.perf_counter() - started

@@ -70,6 +70,7 @@ class _OpenRun:
     root: Path
     files: dict  # relative posix path -> {"size", "sha256", "stage", and "previous" while a write is pending}
     stage: str | None = None  # the stage now running; files written are attributed to it
+    forget: str | None = None  # a stage to mark unfinished before its first write (see stage())
     stage_fields: dict = field(default_factory=dict)  # stage -> summary fields it wrote
     events: dict = field(default_factory=dict)  # stage -> failpoint events so far
 
@@ -88,6 +89,9 @@ def atomic_path(path: Path):
     :func:`open_run` resolves (old file and old checksum, or new file and new checksum).
     """
     path = Path(path)
+    if _open is not None and _open.forget is not None:
+        name, _open.forget = _open.forget, None
+        forget_stage(_open.root, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -391,16 +395,25 @@ def _check(run_dir: Path) -> list[str]:
 # ---------------------------------------------------------------- stages
 
 @contextmanager
-def stage(name: str):
-    """Attribute the files written inside the block to stage ``name`` (and count its failpoints)."""
+def stage(name: str, rerun: bool = False):
+    """Attribute the files written inside the block to stage ``name`` (and count its failpoints).
+
+    ``rerun``: the block recomputes the stage, so the stage is marked unfinished in ``stages.json``
+    just before its first write: a crash midway never leaves old and new outputs marked finished,
+    and a stage that fails before writing anything (say, on a bad input file) stays finished.
+    """
     if _open is None:
         yield
         return
     previous, _open.stage = _open.stage, name
+    if rerun:
+        _open.forget = name
+        _open.stage_fields.pop(name, None)  # its summary fields are written anew
     try:
         yield
     finally:
         _open.stage = previous
+        _open.forget = None
 
 
 def fingerprint(settings: dict, inputs: list[Path]) -> str:
@@ -440,8 +453,6 @@ def forget_stage(run_dir: Path, stage: str) -> None:
     if stage in done:
         del done[stage]
         write_json(path, done)
-    if _open is not None:
-        _open.stage_fields.pop(stage, None)
 
 
 def mark_stage_done(run_dir: Path, stage: str, print_: str, seconds: float) -> None:

@@ -108,11 +108,19 @@ def test_fingerprint_follows_the_checksums_of_the_inputs(tmp_path):
         assert rf.fingerprint({"a": 1}, [tmp_path / rf.ANSWERS]) != before
 
 
-def test_a_stage_being_rerun_is_not_current_until_it_finishes(tmp_path):
+def test_a_stage_being_rerun_is_not_current_from_its_first_write_until_it_finishes(tmp_path):
     make_run(tmp_path)
     with rf.open_run(tmp_path):
-        rf.forget_stage(tmp_path, "label")
-        assert not rf.stage_is_current(tmp_path, "label", "print-1", [])
+        with pytest.raises(TruthmapError):
+            with rf.stage("label", rerun=True):
+                raise TruthmapError("bad input file")  # failed before writing: the old results stand
+        assert rf.stage_is_current(tmp_path, "label", "print-1", [])
+        with rf.stage("label", rerun=True):
+            rf.update_summary(tmp_path, accuracy=0.75)
+            assert not rf.stage_is_current(tmp_path, "label", "print-1", [])
+            rf.mark_stage_done(tmp_path, "label", "print-2", 2.0)
+        assert rf.stage_is_current(tmp_path, "label", "print-2", [])
+        assert rf.read_json(tmp_path / rf.STAGES)["label"]["summary"] == {"accuracy": 0.75}
 
 
 SCRIPT = textwrap.dedent("""

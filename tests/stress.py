@@ -1,0 +1,291 @@
+"""`make stress`: many kill/resume trials of `truthmap run`, and many fuzzed question files.
+
+Kill/resume: one uninterrupted reference run lists every write event; each trial then runs the same
+study in a fresh folder, SIGKILLing it 1-3 times — at a random write event (TRUTHMAP_FAILPOINT) or after
+a random time — and resuming each time until a run finishes. A trial survives when the finished run
+equals the reference: every answer, the features (within float16 rounding) and every AUC. Rows lost
+counts reference questions whose row is missing or different at the end (must be 0).
+
+Fuzzing: valid CSV / JSONL / JSON / Parquet question files, damaged at random (bytes flipped, inserted,
+cut, truncated, NUL bytes, Latin-1 text, megabyte fields, duplicated columns and ids, empty files), are
+loaded: each must give a well-formed table or a clear error (TruthmapError), never another exception.
+A few of the refused files are then given to `truthmap run` on a copy of the finished reference run:
+the command must answer in one line, and the run must stay intact.
+
+    python tests/stress.py [--trials 5] [--fuzz 300] [--limit 64] [--seed 0] [--work DIR]
+
+Exit status 0 only if every trial survived, no row was lost and no fuzzed file crashed the loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV.pop("TRUTHMAP_FAILPOINT", None)
+
+
+def run_study(out: Path, config: Path, failpoint: str | None = None, kill_after: float | None = None,
+              log: Path | None = None) -> tuple[int, str]:
+    """(exit status, stderr) of one `truthmap run`; -9 when it was killed."""
+    env = dict(ENV)
+    if failpoint:
+        env["TRUTHMAP_FAILPOINT"] = failpoint
+    if log:
+        env["TRUTHMAP_FAILPOINT_LOG"] = str(log)
+    command = [sys.executable, "-m", "truthmap.cli", "run", "--config", str(config), "--out", str(out), "--quiet"]
+    with tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+        try:
+            process.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        err.seek(0)
+        return process.returncode, err.read()
+
+
+def compare(run: Path, reference: Path) -> tuple[int, list[str]]:
+    """(rows lost, differences) between a finished run and the reference."""
+    problems, lost = [], 0
+    try:
+        ref = pd.read_parquet(reference / "answers.parquet").set_index("id")
+        got = pd.read_parquet(run / "answers.parquet").set_index("id")
+    except Exception as err:  # a run that did not finish has no table at all
+        return len(pd.read_parquet(reference / "answers.parquet")), [f"answers.parquet unreadable: {err}"]
+    for qid in ref.index:
+        if qid not in got.index or not ref.loc[qid].astype(str).equals(got.loc[qid].astype(str)):
+            lost += 1
+    if lost:
+        problems.append(f"{lost} answer rows missing or different")
+    for name in ("generations.parquet",):
+        if not pd.read_parquet(run / name).equals(pd.read_parquet(reference / name)):
+            problems.append(f"{name} differs")
+    index = json.loads((reference / "activations/index.json").read_text())
+    for site in index["sites"].values():
+        for shard in site["shards"]:
+            a = np.load(run / "activations" / shard["file"], allow_pickle=False).astype(np.float32)
+            b = np.load(reference / "activations" / shard["file"], allow_pickle=False).astype(np.float32)
+            rounding = np.spacing(np.maximum(np.abs(a), np.abs(b)).astype(np.float16)).astype(np.float32)
+            if a.shape != b.shape or not np.all(np.abs(a - b) <= rounding):
+                problems.append(f"{shard['file']}: features differ beyond float16 rounding")
+    ours, theirs = pd.read_csv(run / "probe_results.csv"), pd.read_csv(reference / "probe_results.csv")
+    if not ours.equals(theirs):
+        problems.append("probe_results.csv differs (AUCs)")
+    for name in ("heatmap.png", "summary.json"):
+        if not (run / name).is_file():
+            problems.append(f"{name} missing")
+    return lost, problems
+
+
+def kill_resume_trials(n_trials: int, config: Path, work: Path, rng: random.Random) -> dict:
+    reference = work / "reference"
+    log = work / "reference-events.tsv"
+    started = time.perf_counter()
+    status, err = run_study(reference, config, log=log)
+    duration = time.perf_counter() - started
+    if status != 0:
+        sys.exit(f"the reference run failed:\n{err[-3000:]}")
+    events = [line.split("\t") for line in log.read_text().splitlines()]
+    print(f"reference run: {duration:.0f} s, {len(events)} write events", flush=True)
+    tally = {"trials": 0, "survived": 0, "rows_lost": 0, "kills_at_events": 0, "kills_at_times": 0, "failures": []}
+    for trial in range(n_trials):
+        out = work / f"trial-{trial}"
+        kills = rng.randint(1, 3)
+        plan = []
+        for _ in range(kills):
+            if rng.random() < 0.5:
+                stage, number = rng.choice(events)[:2]
+                plan.append(("event", f"{stage}:{number}"))
+            else:
+                plan.append(("time", rng.uniform(5.0, duration)))
+        notes = []
+        for kind, where in plan:
+            status, err = run_study(out, config, failpoint=where if kind == "event" else None,
+                                    kill_after=where if kind == "time" else None)
+            if status == -signal.SIGKILL:
+                tally["kills_at_events" if kind == "event" else "kills_at_times"] += 1
+                notes.append(f"killed at {where if kind == 'event' else f'{where:.0f} s'}")
+            else:
+                notes.append(f"{kind} {where}: not reached (exit {status})")
+        status, err = run_study(out, config)
+        tally["trials"] += 1
+        if status != 0:
+            lost, problems = compare(out, reference) if (out / "answers.parquet").exists() else (0, [])
+            problems = [f"final run failed (exit {status}): {err.strip().splitlines()[-1] if err.strip() else ''}"] + problems
+        else:
+            lost, problems = compare(out, reference)
+        tally["rows_lost"] += lost
+        if problems:
+            tally["failures"].append(f"trial {trial} ({'; '.join(notes)}): {'; '.join(problems)}")
+        else:
+            tally["survived"] += 1
+            shutil.rmtree(out)
+        print(f"trial {trial}: {'survived' if not problems else 'FAILED'} ({'; '.join(notes)})", flush=True)
+    tally["reference"] = reference
+    return tally
+
+
+# ---------------------------------------------------------------- fuzzed question files
+
+def seed_files() -> dict[str, bytes]:
+    rows = [{"id": f"q{i}", "question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(30)]
+    buffer = io.BytesIO()
+    pd.DataFrame(rows).to_parquet(buffer)
+    return {
+        ".csv": pd.DataFrame(rows).to_csv(index=False).encode(),
+        ".jsonl": "\n".join(json.dumps(r) for r in rows).encode(),
+        ".json": json.dumps(rows).encode(),
+        ".parquet": buffer.getvalue(),
+    }
+
+
+def mutate(data: bytes, suffix: str, rng: random.Random) -> bytes:
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.choice(["flip", "insert", "cut", "truncate", "nul", "latin1", "huge", "dup_column", "dup_id",
+                         "drop_column", "empty", "header_only"])
+        at = rng.randrange(max(len(data), 1))
+        if op == "flip" and data:
+            data[at] ^= 1 << rng.randrange(8)
+        elif op == "insert":
+            data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+        elif op == "cut":
+            del data[at : at + rng.randint(1, 32)]
+        elif op == "truncate":
+            data = data[:at]
+        elif op == "nul":
+            data[at:at] = b"\x00" * rng.randint(1, 4)
+        elif op == "latin1":
+            data[at:at] = "Zürich café".encode("latin-1")
+        elif op == "huge":
+            data[at:at] = b"x" * rng.randint(10**5, 3 * 10**6)
+        elif op == "dup_column" and suffix == ".csv":
+            data = data.replace(b"id,question,answer", b"id,question,question,answer", 1)
+        elif op == "dup_id":
+            data = data.replace(b"q1", b"q2", 1)
+        elif op == "drop_column":
+            data = data.replace(b"question", b"query")
+        elif op == "empty":
+            data = bytearray()
+        elif op == "header_only" and suffix == ".csv":
+            data = bytearray(data.split(b"\n")[0] + b"\n")
+    return bytes(data)
+
+
+def fuzz_files(n_files: int, work: Path, rng: random.Random, reference: Path | None, cli_checks: int = 5) -> dict:
+    from truthmap.cli import app
+    from truthmap.data import load_questions
+    from truthmap.errors import TruthmapError
+
+    seeds = seed_files()
+    tally = {"files": 0, "loaded": 0, "clear_errors": 0, "crashes": [], "cli_refused": 0, "cli_failures": []}
+    refused = []
+    folder = work / "fuzz"
+    folder.mkdir(exist_ok=True)
+    for k in range(n_files):
+        suffix = rng.choice(list(seeds))
+        path = folder / f"file-{k:04d}{suffix}"
+        path.write_bytes(mutate(seeds[suffix], suffix, rng))
+        tally["files"] += 1
+        try:
+            table, _ = load_questions(str(path))
+            assert table["id"].is_unique and len(table) > 0
+            tally["loaded"] += 1
+            path.unlink()
+        except TruthmapError as err:
+            tally["clear_errors"] += 1
+            refused.append((path, str(err)))
+        except Exception as err:  # the failure this test exists to find
+            tally["crashes"].append(f"{path}: {type(err).__name__}: {str(err)[:200]}")
+    if reference is not None:
+        run = work / "bad-input-run"
+        shutil.copytree(reference, run)
+        before = {name: (run / name).read_bytes() for name in ("answers.parquet", "probe_results.csv")}
+        for path, _ in rng.sample(refused, min(cli_checks, len(refused))):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    app(["run", "--dataset", str(path), "--out", str(run), "--quiet"])
+                    code = 0
+                except SystemExit as exit_:
+                    code = exit_.code
+                except Exception as error:  # noqa: BLE001 - reported, not raised
+                    code = f"{type(error).__name__}: {error}"
+            lines = [line for line in err.getvalue().splitlines() if line.strip()]
+            if code == 2 and len(lines) == 1 and lines[0].startswith("error: "):
+                tally["cli_refused"] += 1
+            else:
+                tally["cli_failures"].append(f"{path}: exit {code}, stderr {lines[-3:]}")
+        from truthmap import runfolder as rf
+
+        with rf.open_run(run) as notices:
+            if notices:
+                tally["cli_failures"].append(f"the run folder was damaged: {notices}")
+        for name, data in before.items():
+            if (run / name).read_bytes() != data:
+                tally["cli_failures"].append(f"{name} changed after refused inputs")
+    return tally
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=5, help="kill/resume trials (each 1-3 kills)")
+    parser.add_argument("--fuzz", type=int, default=300, help="fuzzed question files")
+    parser.add_argument("--limit", type=int, default=64, help="questions per study")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", help="working folder (default: a temporary one, removed after)")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="truthmap-stress-"))
+    work.mkdir(parents=True, exist_ok=True)
+    config = work / "study.yaml"
+    config.write_text(yaml.safe_dump({"limit": args.limit, "seeds": [0], "test_fraction": 0.5, "bootstrap": 50,
+                                      "max_new_tokens": 16, "batch_size": 8}))
+    started = time.perf_counter()
+    kills = kill_resume_trials(args.trials, config, work, rng) if args.trials else None
+    fuzz = fuzz_files(args.fuzz, work, rng, kills["reference"] if kills else None)
+    print()
+    ok = True
+    if kills:
+        print(f"kill/resume: {kills['survived']} of {kills['trials']} trials survived "
+              f"({kills['kills_at_events']} kills at write events, {kills['kills_at_times']} at random times); "
+              f"rows lost: {kills['rows_lost']}")
+        for failure in kills["failures"]:
+            print(f"  FAILED {failure}")
+        ok &= kills["survived"] == kills["trials"] and kills["rows_lost"] == 0
+    print(f"fuzzed files: {fuzz['files']}: {fuzz['clear_errors']} clear errors, {fuzz['loaded']} loaded, "
+          f"{len(fuzz['crashes'])} crashes")
+    for crash in fuzz["crashes"][:20]:
+        print(f"  CRASH {crash}")
+    if kills:
+        print(f"refused files given to `truthmap run` on a finished run: {fuzz['cli_refused']} refused in one "
+              f"line, {len(fuzz['cli_failures'])} problems")
+        for failure in fuzz["cli_failures"]:
+            print(f"  FAILED {failure}")
+    ok &= not fuzz["crashes"] and not fuzz["cli_failures"]
+    print(f"{'PASS' if ok else 'FAIL'} in {time.perf_counter() - started:.0f} s")
+    if ok and not args.work:
+        shutil.rmtree(work)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
