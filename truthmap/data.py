@@ -130,7 +130,9 @@ def convert_records(task, records: list[dict], first_row: int, source: str, opti
 
 
 def read_records(source: tasks.Source) -> tuple[list[dict], int]:
-    """(records as plain dicts, number of the first record as a user counts rows) of a file or hub dataset."""
+    """(records as plain dicts, number of the first record as a user counts rows) of a file or hub dataset.
+
+    The records are a list, or for a hub dataset a sequence with ``len`` that reads them as they are used."""
     if source.kind == "hub":
         return _load_hf(source), 1
     path = source.path
@@ -219,14 +221,15 @@ def _read_json(path: Path) -> list[dict]:
     return content
 
 
-def _load_hf(source: tasks.Source) -> list[dict]:
-    """A Hugging Face dataset split as records (needs network or a cache; honours HF_DATASETS_OFFLINE)."""
+def _load_hf(source: tasks.Source):
+    """A Hugging Face dataset split: a sized sequence of records, read one at a time (a split of Natural
+    Questions holds gigabytes of HTML). Needs network or a cache; honours HF_DATASETS_OFFLINE."""
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
         raise TruthmapError("loading a hub dataset needs the 'datasets' package") from None
     try:
-        return datasets.load_dataset(source.hub_id, source.config, split=source.split).to_list()
+        return datasets.load_dataset(source.hub_id, source.config, split=source.split)
     except Exception as err:  # datasets raises many types; the user needs one line
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         raise TruthmapError(

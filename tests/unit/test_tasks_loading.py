@@ -243,3 +243,20 @@ def test_hub_loading_honours_offline_mode():
     last = result.stderr.strip().splitlines()[-1]
     assert "trivia_qa (rc.nocontext) [validation]" in last and "offline mode is set" in last
     assert "--dataset TASK:PATH" in last
+
+
+def test_hub_datasets_are_read_record_by_record(monkeypatch):
+    """A task's hub source is asked for its id, config and split; the rows are read from the Dataset itself."""
+    import datasets
+
+    rows = [json.loads(line) for line in open(FIXTURES / "imdb.jsonl", encoding="utf-8")]
+    calls = []
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    table, _ = load_questions("imdb", limit=5)
+    assert calls == [("imdb", None, "test")] and len(table) == 5
+    assert table.attrs["source_rows"]["source"] == "imdb [test]" and table.attrs["source_rows"]["read"] == 40
