@@ -272,6 +272,13 @@ def merge_into_results(probe_results: pd.DataFrame, baseline_results: pd.DataFra
     return pd.concat([kept, baseline_results], ignore_index=True)
 
 
+def keep_baseline_rows(run_dir: Path, probe_results: pd.DataFrame) -> pd.DataFrame:
+    """``probe_results`` with the baseline rows already computed for this run (a rerun of the probe
+    stage keeps them; the baselines stage replaces them when its inputs change)."""
+    path = Path(run_dir) / BASELINE_RESULTS
+    return merge_into_results(probe_results, pd.read_csv(path)) if path.exists() else probe_results
+
+
 def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: float, path: Path, title: str) -> None:
     """Horizontal bars: each baseline's mean AUC (bootstrap interval as whiskers) and the best probe's."""
     import matplotlib

@@ -4,6 +4,7 @@ Every command prints one clear line on bad input (exit status 2)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import click
 
 from .errors import TruthmapError
 
-MULTI_VALUE = ("--seeds", "--site", "--positions")
+MULTI_VALUE = ("--seeds", "--site", "--positions", "--also", "--train", "--test")
 
 
 def _common(f):
@@ -42,6 +43,7 @@ def _common(f):
         click.option("--bootstrap", type=int, help="Bootstrap resamples for AUC intervals."),
         click.option("--force", is_flag=True, help="Rerun the stage(s) even if their inputs are unchanged."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
+        click.option("--also", multiple=True, help="Extra views: attention (a heatmap of attention weights)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -105,6 +107,8 @@ def _stage_command(name: str, doc: str):
     def command(config_file, force, quiet, **values):
         from .pipeline import run_stages
 
+        if name == "attention":  # asking for the stage by name asks for the view
+            values["also"] = tuple(dict.fromkeys(tuple(values.get("also") or ()) + ("attention",)))
         run_dir = run_stages(_config(config_file, quiet, **values), stages=(name,), force=force)
         click.echo(f"{name}: done ({run_dir})")
         if name in ("probe", "plot"):
@@ -119,6 +123,8 @@ for _name, _doc in [
     ("label", "Stage 2: grade answers, locate exact answers and positions (answers.parquet, splits.json)."),
     ("extract", "Stage 3: hidden states at the positions, every layer (activations/)."),
     ("probe", "Stage 4: a probe per (site, layer, position, seed) (probe_results.csv)."),
+    ("baselines", "Stage 4b: logit, entropy, p(True) and family baselines beside the probes (baselines.png)."),
+    ("attention", "Stage 4c: the attention heatmap (attention.png); `run` draws it with --also attention."),
     ("plot", "Stage 5: the heatmap (heatmap.png, heatmap.svg)."),
 ]:
     _stage_command(_name, _doc)
@@ -152,6 +158,179 @@ def tasks():
     width = max(len(name) for name in REGISTRY)
     for task in REGISTRY.values():
         click.echo(f"{task.name:<{width}}  {task.description}")
+
+
+# ---------------------------------------------------------------- analyses beyond the heatmap (issue 5)
+
+def _cell_options(f):
+    options = [
+        click.option("--site", default="residual", show_default=True, help="residual, mlp or attention."),
+        click.option("--layer", type=int, help="Layer of the probe cell (default: the run's best cell)."),
+        click.option("--position", help="Token position of the probe cell (default: the run's best cell)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _cell(run_dir: Path, site: str, layer: int | None, position: str | None) -> dict:
+    from .resample import default_cell
+
+    if layer is None and position is None:
+        return default_cell(run_dir)
+    if layer is None or position is None:
+        raise TruthmapError("give both --layer and --position (or neither, for the run's best cell)")
+    return {"site": site, "layer": layer, "position": position}
+
+
+def _run_folder(out: str) -> Path:
+    run_dir = Path(out)
+    if not (run_dir / "config.json").exists():
+        raise TruthmapError(f"{run_dir}: not a run folder (no config.json); give the --out of a finished 'truthmap run'")
+    return run_dir
+
+
+@cli.command()
+@click.option("--train", "train", multiple=True, required=True, help="Run folder(s) or task(s) to train on.")
+@click.option("--test", "test", multiple=True, help="Run folder(s) or task(s) to test on.")
+@click.option("--site", default="residual", show_default=True)
+@click.option("--layer", type=int, required=True)
+@click.option("--position", required=True)
+@click.option("--model", help="The model whose runs a task name refers to (default: the embedded default).")
+@click.option("--to", "to", help="Folder for the outputs (default: <first train run>/transfer).")
+@click.option("--bootstrap", type=int, default=1000, show_default=True)
+def transfer(train, test, site, layer, position, model, to, bootstrap):
+    """Train a probe on one task, test it on others: a task × task AUC matrix (CSV + heatmap)."""
+    from .transfer import run_transfer
+
+    out, grid = run_transfer(list(train), list(test), site, layer, position, to, model, n_boot=bootstrap)
+    click.echo(grid.round(3).to_string())
+    click.echo(f"transfer: {out / 'transfer.csv'}, {out / 'transfer_matrix.csv'}, {out / 'transfer.png'}")
+
+
+@cli.command()
+@click.option("--out", required=True, help="Run folder of a finished 'truthmap run'.")
+@click.option("--n", "n", type=int, default=10, show_default=True, help="Sampled answers per question.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
+@_cell_options
+@click.option("--batch-size", type=int)
+@click.option("--quiet", is_flag=True)
+def resample(out, n, temperature, sample_seed, site, layer, position, batch_size, quiet):
+    """N sampled answers per question, error types, and probes predicting each type."""
+    from . import runfolder as rf
+    from .pipeline import _ModelHolder
+    from .resample import run_resample
+
+    run_dir = _run_folder(out)
+    config = _config(None, quiet, out=out)
+    cell = _cell(run_dir, site, layer, position)
+    models = _ModelHolder(config)
+    with rf.open_run(run_dir), rf.stage("resample"):
+        results = run_resample(models.lm, run_dir, n, temperature, sample_seed, cell, models.extractor, config.C,
+                               config.bootstrap, batch_size, not quiet)
+    table = results.groupby("error_type", sort=False)[["auc", "n_train_positive", "n_test_positive"]].mean()
+    click.echo(table.round(3).to_string())
+    click.echo(f"resample: {run_dir / 'error_types.parquet'}, {run_dir / 'error_type_results.csv'}, "
+               f"{run_dir / 'error_types.png'}")
+
+
+@cli.command()
+@click.option("--out", required=True, help="Run folder where 'truthmap resample' has run.")
+@_cell_options
+@click.option("--detector", "detector_path", help="A folder from 'truthmap export' (default: fit at the cell).")
+@click.option("--seed", type=int, help="Split whose test questions are chosen for (default: the first).")
+@click.option("--quiet", is_flag=True)
+def choose(out, site, layer, position, detector_path, seed, quiet):
+    """Answer choice among the resamples: greedy, random, majority vote, probe (accuracy per error type)."""
+    from . import runfolder as rf
+    from .choice import run_choice
+    from .detector import Detector
+    from .pipeline import _ModelHolder
+
+    run_dir = _run_folder(out)
+    config = _config(None, quiet, out=out)
+    detector = Detector.load(detector_path) if detector_path else None
+    cell = None if detector else _cell(run_dir, site, layer, position)
+    with rf.open_run(run_dir), rf.stage("choice"):
+        table = run_choice(_ModelHolder(config).lm, run_dir, detector, cell, seed, config.C, config.bootstrap)
+    click.echo(table.pivot(index="error_type", columns="strategy", values="accuracy").round(3).to_string())
+    click.echo(f"choice: {run_dir / 'choice.csv'}, {run_dir / 'choice.png'}")
+
+
+@cli.command()
+@click.option("--out", required=True, help="Run folder of a finished 'truthmap run'.")
+@_cell_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Split to train on (and test on).")
+@click.option("--to", "to", help="Detector folder (default: <run>/detectors/<site>-L<layer>-<position>).")
+def export(out, site, layer, position, seed, to):
+    """Save a reusable detector (safetensors weights + a JSON card) for one (layer, position)."""
+    from .detector import export_detector
+
+    run_dir = _run_folder(out)
+    cell = _cell(run_dir, site, layer, position)
+    folder = export_detector(run_dir, cell["site"], int(cell["layer"]), cell["position"], to, seed)
+    card = json.loads((folder / "card.json").read_text())
+    click.echo(f"detector: {folder} (test AUC {card['test_auc']:.4f} on {card['test_size']} answers, "
+               f"trained on {card['train_size']})")
+
+
+def _detector(path, model, force, dtype, device):
+    from .detector import Detector
+
+    detector = Detector.load(path)
+    detector.model(model, force, dtype or "auto", device or "auto")
+    return detector
+
+
+@cli.command()
+@click.option("--detector", "detector_path", required=True, help="A folder from 'truthmap export'.")
+@click.option("--question", "questions", multiple=True, help="A question (repeat, paired with --answer).")
+@click.option("--answer", "answers", multiple=True, help="The answer to score (one per --question).")
+@click.option("--file", "pairs_file", type=click.Path(dir_okay=False, exists=True),
+              help="CSV with columns question, answer; writes <file>.scored.csv with p_error.")
+@click.option("--model", help="Model to run (default: the detector's own).")
+@click.option("--force", is_flag=True, help="Run even if the model differs from the detector's.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--device")
+def score(detector_path, questions, answers, pairs_file, model, force, dtype, device):
+    """P(error) of given question–answer pairs under an exported detector."""
+    import pandas as pd
+
+    if pairs_file:
+        table = pd.read_csv(pairs_file, dtype=str, keep_default_na=False)
+        missing = {"question", "answer"} - set(table.columns)
+        if missing:
+            raise TruthmapError(f"{pairs_file}: missing column(s) {sorted(missing)} (need question, answer)")
+    else:
+        if not questions or len(questions) != len(answers):
+            raise TruthmapError("give --question and --answer in pairs (or --file pairs.csv)")
+        table = pd.DataFrame({"question": questions, "answer": answers})
+    detector = _detector(detector_path, model, force, dtype, device)
+    table["p_error"] = detector.score(table["question"].tolist(), table["answer"].tolist(), model, force)
+    table["flagged"] = table["p_error"] >= detector.threshold
+    if pairs_file:
+        target = Path(pairs_file).with_suffix(".scored.csv")
+        table.to_csv(target, index=False)
+        click.echo(f"scored: {target}")
+    for row in table.itertuples():
+        click.echo(f"P(error) {row.p_error:.3f}{'  FLAGGED' if row.flagged else ''}  {row.question} -> {row.answer}")
+
+
+@cli.command()
+@click.argument("question")
+@click.option("--detector", "detector_path", required=True, help="A folder from 'truthmap export'.")
+@click.option("--model", help="Model to run (default: the detector's own).")
+@click.option("--force", is_flag=True, help="Run even if the model differs from the detector's.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--device")
+def ask(question, detector_path, model, force, dtype, device):
+    """Answer a question with the detector's model and flag the answer if it is likely wrong."""
+    detector = _detector(detector_path, model, force, dtype, device)
+    result = detector.ask(question, model, force)[0]
+    verdict = "likely WRONG" if result["flagged"] else "likely right"
+    click.echo(f"{result['answer']}\nP(error) {result['p_error']:.3f}: {verdict} "
+               f"(threshold {detector.threshold})")
 
 
 def expand_multi_value(argv: list[str]) -> list[str]:

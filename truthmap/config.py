@@ -12,6 +12,8 @@ from .generate import DEFAULT_TEMPLATE, LONG_PROMPTS
 from .label import DEFAULT_POSITIONS, check_positions
 from .models import DEFAULT_MODEL, SITES
 
+ALSO = ("attention",)  # optional passes of `truthmap run`
+
 
 @dataclass
 class Config:
@@ -39,12 +41,16 @@ class Config:
     C: float = 1.0  # inverse L2 strength of each probe, as in scikit-learn
     bootstrap: int = 1000  # resamples for the AUC interval
     progress: bool = True
+    also: list[str] = field(default_factory=list)  # extra views of `run`: "attention" (attention heatmap)
 
     def validate(self) -> "Config":
         for site in self.sites:
             if site not in SITES:
                 raise TruthmapError(f"site '{site}': use one of {', '.join(SITES)}")
         check_positions(self.positions)
+        for extra in self.also:
+            if extra not in ALSO:
+                raise TruthmapError(f"--also '{extra}': use one of {', '.join(ALSO)}")
         if not self.seeds:
             raise TruthmapError("seeds: give at least one seed")
         if not 0.05 <= self.test_fraction <= 0.95:

@@ -327,6 +327,12 @@ def export_detector(run_dir: str | Path, site: str, layer: int, position: str, o
     detector, test_ids, X_test, y_test = fit_cell(run_dir, site, layer, position, seed, C)
     auc = float(auc_score(detector.predict_proba(X_test)[:, 1], y_test)) if len(set(y_test.tolist())) == 2 else None
     prefix, suffix = prompt_frame(run_dir)
+    max_new_tokens = config.get("max_new_tokens")
+    if not max_new_tokens:  # the task's own answer length, as the generate stage chose it
+        from .runfolder import QUESTIONS, read_parquet
+        from .tasks import answer_length
+
+        max_new_tokens = answer_length(read_parquet(run_dir / QUESTIONS)["task"])
     detector.card = {
         "model": config["model"], "model_revision": summary.get("model_revision"),
         "site": site, "layer": int(layer), "position": position,
@@ -334,7 +340,7 @@ def export_detector(run_dir: str | Path, site: str, layer: int, position: str, o
         "train_size": detector.n_train_,
         "test_size": len(test_ids), "test_auc": auc,
         "positive_class": "error (the answer is wrong)", "threshold_rule": "flag when P(error) >= threshold",
-        "prompt_prefix": prefix, "prompt_suffix": suffix, "max_new_tokens": config.get("max_new_tokens"),
+        "prompt_prefix": prefix, "prompt_suffix": suffix, "max_new_tokens": int(max_new_tokens),
         "run": str(run_dir), "test_ids": test_ids, "truthmap": __version__,
     }
     out = Path(out) if out else run_dir / "detectors" / f"{site}-L{layer}-{position}"

@@ -1,6 +1,6 @@
 """Runs the stages in order over one run folder, skipping those whose inputs have not changed.
 
-    questions ─> generate ─> label ─> extract ─> probe ─> plot ─> report
+    questions ─> generate ─> label ─> extract ─> probe ─> baselines (─> attention) ─> plot ─> report
 
 Each ``stage_*`` function reads the run folder and writes its own outputs (runfolder.py names them);
 the model is loaded at most once, and only if a stage that needs it has to run.
@@ -21,7 +21,8 @@ from . import runfolder as rf
 from .config import Config
 from .errors import TruthmapError
 
-STAGES = ("generate", "label", "extract", "probe", "plot", "report")
+STAGES = ("generate", "label", "extract", "probe", "baselines", "attention", "plot", "report")
+MODEL_STAGES = ("generate", "label", "extract", "baselines", "attention")  # stages that may need the model
 
 
 class _ModelHolder:
@@ -72,15 +73,14 @@ def _run_stage(run_dir: Path, name: str, settings: dict, inputs: list[Path], out
 def stage_generate(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
     from .data import load_questions
     from .generate import context_length, run_generate
-    from .tasks import answer_length, resolve
+    from .tasks import answer_length
 
     c = config
     settings = {k: getattr(c, k) for k in ("model", "dataset", "limit", "prompt_template", "max_new_tokens",
                                            "dtype", "question_column", "answer_column", "long_prompts",
                                            "data_dir", "on_bad_row")}
-    # a local dataset file is an input: editing it makes the answers stale (TASK:PATH and --data-dir too)
-    _, source = resolve(c.dataset, c.data_dir)
-    inputs = [source.path] if source.kind == "file" else []
+    # a local dataset file is an input: editing it makes the answers stale
+    inputs = [Path(c.dataset)] if Path(c.dataset).is_file() else []
     stamp = rf.fingerprint(settings, inputs)
 
     def work():
@@ -166,7 +166,9 @@ def stage_probe(config: Config, run_dir: Path, force: bool = False) -> bool:
     def work():
         device = resolve_device(c.device) if c.device_map is None else "cpu"
         results, scores = run_probe(run_dir, c.sites, c.C, c.bootstrap, device, c.progress)
-        rf.write_csv(run_dir / rf.PROBE_RESULTS, results)
+        from .baselines import keep_baseline_rows
+
+        rf.write_csv(run_dir / rf.PROBE_RESULTS, keep_baseline_rows(run_dir, results))  # probes + baselines
         rf.write_parquet(run_dir / rf.PROBE_SCORES, scores)
         top = top_cells(results, 5)
         cells = top[["site", "layer", "position", "auc", "auc_std", "auc_lo", "auc_hi", "n_test"]].to_dict("records")
@@ -176,6 +178,43 @@ def stage_probe(config: Config, run_dir: Path, force: bool = False) -> bool:
     return _run_stage(run_dir, "probe", settings, inputs, outputs, work, force)
 
 
+def stage_baselines(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
+    """Token-probability, entropy, p(True) and family baselines on the probes' test splits (baselines.py)."""
+    from . import baselines as bl
+
+    inputs = [run_dir / rf.ANSWERS, run_dir / rf.GENERATIONS, run_dir / rf.SPLITS, run_dir / rf.PROBE_SCORES]
+    outputs = [run_dir / bl.BASELINE_SCORES, run_dir / bl.BASELINE_RESULTS, run_dir / bl.FAMILY_RESULTS,
+               run_dir / bl.FIGURE]
+
+    def work():
+        answers = rf.read_parquet(run_dir / rf.ANSWERS)
+        scores = bl.compute_scores(models.lm, answers, rf.read_parquet(run_dir / rf.GENERATIONS), config.progress)
+        rf.write_parquet(run_dir / bl.BASELINE_SCORES, scores)
+        title = f"{_short_model(config.model)} · {config.dataset} · baselines beside the best probe"
+        rf.update_summary(run_dir, **bl.finish_baselines(run_dir, scores, config.bootstrap, title))
+
+    ran = _run_stage(run_dir, "baselines", {"bootstrap": config.bootstrap}, inputs, outputs, work, force)
+    results = pd.read_csv(run_dir / rf.PROBE_RESULTS)
+    if not ran and not (results["site"] == bl.SITE).any():  # the probe stage rewrote its table since
+        with rf.stage("baselines"):
+            rf.write_csv(run_dir / rf.PROBE_RESULTS,
+                         bl.merge_into_results(results, pd.read_csv(run_dir / bl.BASELINE_RESULTS)))
+    return ran
+
+
+def stage_attention(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
+    """With ``--also attention``: the attention heatmap (attention.py); otherwise nothing."""
+    if "attention" not in config.also:
+        return False
+    from .attention import ATTENTION, FIGURE, run_attention
+
+    title = f"{_short_model(config.model)} · {config.dataset} · attention of the last generated token"
+    outputs = [run_dir / ATTENTION, run_dir / f"{FIGURE}.png", run_dir / f"{FIGURE}.svg"]
+    return _run_stage(run_dir, "attention", {"positions": config.positions},
+                      [run_dir / rf.ANSWERS, run_dir / rf.GENERATIONS], outputs,
+                      lambda: run_attention(models.lm, run_dir, config.positions, title), force)
+
+
 def stage_plot(config: Config, run_dir: Path, force: bool = False) -> bool:
     from .plot import plot_heatmap
 
@@ -183,6 +222,7 @@ def stage_plot(config: Config, run_dir: Path, force: bool = False) -> bool:
 
     def work():
         results = pd.read_csv(run_dir / rf.PROBE_RESULTS)
+        results = results[results["site"] != "baseline"]  # baselines have their own figure (baselines.png)
         summary = rf.read_json(run_dir / rf.SUMMARY, default={})
         plot_heatmap(results, config.positions, run_dir / "heatmap", _short_model(config.model),
                      config.dataset, summary.get("n", 0))
@@ -262,7 +302,7 @@ def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: b
     started = time.perf_counter()
     models = _ModelHolder(config)
     for stage in stages:
-        if stage in ("generate", "label", "extract"):
+        if stage in MODEL_STAGES:
             globals()[f"stage_{stage}"](config, run_dir, models, force)
         else:
             globals()[f"stage_{stage}"](config, run_dir, force)

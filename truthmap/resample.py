@@ -195,8 +195,10 @@ def plot_error_types(types: pd.DataFrame, results: pd.DataFrame, path: Path, tit
 
 def run_resample(lm, run_dir: Path, n: int = 10, temperature: float = 1.0, seed: int = 0,
                  cell: dict | None = None, extractor=None, C: float = 1.0, n_boot: int = 1000,
-                 batch_size: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """Draw, label, type, probe, plot (see the module docstring); return error_type_results."""
+                 batch_size: int | None = None, progress: bool = True, max_new_tokens: int | None = None) -> pd.DataFrame:
+    """Draw, label, type, probe, plot (see the module docstring); return error_type_results.
+
+    ``max_new_tokens``: the answers' length limit (default: the run's)."""
     run_dir = Path(run_dir)
     config = rf.read_json(run_dir / rf.CONFIG)
     questions = rf.read_parquet(run_dir / rf.QUESTIONS)
@@ -205,8 +207,11 @@ def run_resample(lm, run_dir: Path, n: int = 10, temperature: float = 1.0, seed:
     vocabularies = rf.read_json(run_dir / rf.VOCABULARIES, default={})
     positions = rf.read_json(run_dir / rf.ACTIVATIONS / "index.json")["positions"]
     prompts = generations.set_index("id").loc[questions["id"], "prompt_ids"].map(list).tolist()
-    max_new = max(len(a) for a in generations["answer_ids"])  # what the greedy pass was allowed
-    max_new = int(config.get("max_new_tokens") or max_new)
+    max_new = max_new_tokens or config.get("max_new_tokens")
+    if not max_new:  # the task's own length, as the generate stage chose it
+        from .tasks import answer_length
+
+        max_new = answer_length(questions["task"]) if "task" in questions.columns else 24
     drawn = sample_answers(lm, prompts, n, temperature, seed, max_new, batch_size, progress)
     resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, extractor, progress)
     rf.write_parquet(run_dir / RESAMPLES, resamples)

@@ -25,6 +25,7 @@ def study(small_study, small_study_settings):
 
 def test_auc_table(study):
     out, table = study
+    table = table[table.site != "baseline"]  # the baselines' rows are checked in test_analyses.py
     assert list(table.columns) == ["site", "layer", "position", "seed", "auc", "auc_lo", "auc_hi", "accuracy",
                                    "n_train", "n_test"]
     assert len(table) == 31 * len(DEFAULT_POSITIONS) * len(SEEDS)
@@ -56,7 +57,7 @@ def test_run_folder_contract(study):
                 "stage_seconds", "versions", "families"):
         assert key in summary, key
     assert summary["n"] == 80 and len(summary["top_cells"]) == 5
-    assert set(summary["stage_seconds"]) == {"generate", "label", "extract", "probe", "plot", "report"}
+    assert set(summary["stage_seconds"]) == {"generate", "label", "extract", "probe", "baselines", "plot", "report"}
     splits = json.loads((out / "splits.json").read_text())
     assert set(splits["seeds"]) == {"0", "1"}
     assert set(answers.id[answers.split == "test"]) == set(splits["seeds"]["0"]["test"])
