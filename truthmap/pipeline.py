@@ -73,14 +73,15 @@ def _run_stage(run_dir: Path, name: str, settings: dict, inputs: list[Path], out
 def stage_generate(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
     from .data import load_questions
     from .generate import context_length, run_generate
-    from .tasks import answer_length
+    from .tasks import answer_length, resolve
 
     c = config
     settings = {k: getattr(c, k) for k in ("model", "dataset", "limit", "prompt_template", "max_new_tokens",
                                            "dtype", "question_column", "answer_column", "long_prompts",
                                            "data_dir", "on_bad_row")}
-    # a local dataset file is an input: editing it makes the answers stale
-    inputs = [Path(c.dataset)] if Path(c.dataset).is_file() else []
+    # a local dataset file is an input: editing it makes the answers stale (TASK:PATH and --data-dir too)
+    _, source = resolve(c.dataset, c.data_dir)
+    inputs = [source.path] if source.kind == "file" else []
     stamp = rf.fingerprint(settings, inputs)
 
     def work():
