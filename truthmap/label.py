@@ -14,7 +14,7 @@ Each row is graded by the rule its task names (``GRADING_RULES``; tasks in truth
 * number (math): the number the answer states (``stated_number``) must equal a gold number; 9 ≠ 19,
   9.0 = 9. Exact answer: that number.
 * choice (winobias, winogrande, nli, imdb): of the gold and the wrong options, the one the answer names
-  first decides. Exact answer: that option.
+  first decides (not counting a stretch that merely repeats the question). Exact answer: that option.
 
 No rule falls back to another token when it finds no exact answer: the row is marked invalid with its
 reason. positions: indices into prompt_ids + answer_ids (the sequence the extract stage reads), -1 where
@@ -142,11 +142,40 @@ def grade_number(answer, question, gold, wrong_answers, answer_type, vocabularie
     return value in gold_numbers, (answer[start:end], start, end, "number")
 
 
+ECHO_MIN_WORDS = 5  # this many words copied in a row from the question are an echo, not an answer
+
+
+def echoed_spans(answer: str, question: str, min_words: int = ECHO_MIN_WORDS) -> list[tuple[int, int]]:
+    """Character spans of the answer that repeat at least ``min_words`` consecutive words of the question."""
+    answer_words = textmatch.words(answer)
+    question_norms = [w.norm for w in textmatch.words(question)]
+    runs = {tuple(question_norms[i : i + min_words]) for i in range(len(question_norms) - min_words + 1)}
+    covered = [False] * len(answer_words)
+    for i in range(len(answer_words) - min_words + 1):
+        if tuple(w.norm for w in answer_words[i : i + min_words]) in runs:
+            covered[i : i + min_words] = [True] * min_words
+    spans, i = [], 0
+    while i < len(answer_words):
+        if not covered[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(answer_words) and covered[j + 1]:
+            j += 1
+        spans.append((answer_words[i].start, answer_words[j].end))
+        i = j + 1
+    return spans
+
+
 def grade_choice(answer, question, gold, wrong_answers, answer_type, vocabularies):
-    """(correct, exact answer): of the gold and wrong options, the first the answer names decides."""
+    """(correct, exact answer): of the gold and wrong options, the first the answer names decides.
+
+    Options inside a stretch that repeats the question ("The cook prepared a dish for the teacher
+    because …") are not named by the answer and do not count.
+    """
     if not answer.strip():
         return False, (None, -1, -1, "empty_answer")
-    match = textmatch.first_match(answer, list(gold) + list(wrong_answers))
+    match = textmatch.first_match(answer, list(gold) + list(wrong_answers), inside=echoed_spans(answer, question))
     if match is None:
         return False, (None, -1, -1, "no_candidate_in_answer")
     phrase, start, end = match
