@@ -36,6 +36,11 @@ def _common(f):
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"])),
         click.option("--device", help="auto, cpu, cuda, cuda:N."),
         click.option("--device-map", help="e.g. auto: spread a large model over several GPUs."),
+        click.option("--ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                     help="Generate and extract on Ray workers: a new local cluster (no ADDRESS), 'auto', "
+                          "or ray://HOST:10001. Needs pip install 'truthmap[ray]'. See docs/scaling.md."),
+        click.option("--ray-workers", type=int, help="At most N Ray workers (default: one per GPU, or per CPU)."),
+        click.option("--ray-gpus-per-worker", type=int, help="GPUs per Ray worker: k > 1 spreads the model over k GPUs."),
         click.option("--trust-remote-code", is_flag=True, default=None, help="Run the model repo's own code."),
         click.option("--extractor-model", help="Model asked for exact answers the rules miss ('none' to skip)."),
         click.option("--question-column"),

@@ -42,6 +42,11 @@ class Config:
     bootstrap: int = 1000  # resamples for the AUC interval
     progress: bool = True
     also: list[str] = field(default_factory=list)  # extra views of `run`: "attention" (attention heatmap)
+    # Ray (truthmap/distributed.py, docs/scaling.md): generation and extraction on workers of a Ray cluster
+    ray: str | None = None  # None: one process; "local": a new one-machine cluster; "auto" or "ray://HOST:10001"
+    ray_workers: int | None = None  # at most this many workers (each loads the model); None: as many as fit
+    ray_gpus_per_worker: int | None = None  # GPUs per worker (k > 1: the model spread over k GPUs); None: 1 if any
+    ray_cpus_per_worker: int = 1  # CPUs (and torch threads, on a CPU worker) per worker
 
     def validate(self) -> "Config":
         for site in self.sites:
@@ -61,6 +66,12 @@ class Config:
             raise TruthmapError(f"max_new_tokens {self.max_new_tokens}: must be at least 1")
         if self.long_prompts not in LONG_PROMPTS:
             raise TruthmapError(f"long_prompts '{self.long_prompts}': use one of {', '.join(LONG_PROMPTS)}")
+        if self.ray is not None and (not isinstance(self.ray, str) or not self.ray.strip()):
+            raise TruthmapError(f"ray {self.ray!r}: use local, auto, or the address of a cluster (ray://HOST:10001)")
+        for name, least in (("ray_workers", 1), ("ray_gpus_per_worker", 0), ("ray_cpus_per_worker", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise TruthmapError(f"{name} {value!r}: use a whole number, at least {least}")
         if self.prompt_template is not None and "{question}" not in self.prompt_template:
             raise TruthmapError(f"prompt_template '{self.prompt_template}': must contain {{question}}")
         return self

@@ -96,21 +96,27 @@ def run_extract(
     sites: list[str],
     run_dir: Path,
     batch_size: int = 16,
-    shard_size: int = SHARD_SIZE,
+    shard_size: int | None = None,
     progress: bool = True,
 ) -> None:
-    """Write the activations store for ``answers`` (see the module docstring)."""
+    """Write the activations store for ``answers`` (see the module docstring).
+
+    ``shard_size``: examples per shard (default ``SHARD_SIZE``). When ``lm`` is a model held by Ray
+    workers (:class:`truthmap.distributed.RemoteModel`), the missing shards are computed there, several
+    at once, by :func:`extract_shard`, the function used here, and written here as they arrive.
+    """
     out = Path(run_dir) / ACTIVATIONS
+    shard_size = shard_size or SHARD_SIZE
     table = answers[["id"] + [f"pos_{p}" for p in positions]].merge(
         generations[["id", "prompt_ids", "answer_ids"]], on="id", how="left", validate="one_to_one"
     )
     sequences = [list(p) + list(a) for p, a in zip(table.prompt_ids, table.answer_ids)]
     index = table[[f"pos_{p}" for p in positions]].to_numpy(dtype=np.int64)
-    valid = index >= 0
+    ids = table.id.tolist()
     n = len(table)
     shards = [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
     meta = {
-        "ids": table.id.tolist(),
+        "ids": ids,
         "positions": positions,
         "hidden_size": lm.hidden_size,
         "dtype": "float16",
@@ -122,44 +128,61 @@ def run_extract(
             for site in sites
         },
     }
-    write_npy(out / "valid.npy", valid)
+    write_npy(out / "valid.npy", index >= 0)
     bar = tqdm(total=n, desc="extract", unit="q", disable=not progress)
+    todo = []
     for k, (start, stop) in enumerate(shards):
-        files = {site: out / site / f"shard-{k:05d}.npy" for site in sites}
-        if all(trusted(f) for f in files.values()):  # finished (and intact) before an interruption
+        if all(trusted(out / site / f"shard-{k:05d}.npy") for site in sites):  # finished (and intact) before
             bar.update(stop - start)
-            continue
-        store = {
-            site: np.zeros((len(site_rows(lm, site)), len(positions), stop - start, lm.hidden_size), np.float16)
-            for site in sites
-        }
-        order = sorted(range(start, stop), key=lambda i: len(sequences[i]))
-        for b in range(0, len(order), batch_size):
-            batch = order[b : b + batch_size]
-            features = extract_batch(lm, [sequences[i] for i in batch], index[batch], sites)
-            local = np.asarray(batch) - start
-            for site, values in features.items():
-                values = values.numpy()  # [R, B, P, d]
-                half = values.astype(np.float16)
-                # only cells of existing positions count (the others read token 0 and are zeroed below)
-                finite = np.isfinite(half).all(axis=-1) | ~valid[batch][None]
-                if not finite.all():
-                    row, b, p = np.argwhere(~finite)[0]
-                    where = (f"extract: example '{table.id.iloc[batch[b]]}', site {site}, layer row {row}, "
-                             f"position {positions[p]}")
-                    if np.isfinite(values[row, b, p]).all():
-                        raise TruthmapError(f"{where}: a value beyond float16's range (±65504), which the store "
-                                            f"uses; probe another --site, or layers of this model cannot be stored")
-                    dtype = str(lm.model.dtype).replace("torch.", "")
-                    advice = "use --dtype float32" if dtype != "float32" else "the model overflows even in float32"
-                    raise TruthmapError(f"{where}: the model produced NaN/inf in {dtype}; {advice}")
-                store[site][:, :, local, :] = half.transpose(0, 2, 1, 3)
-            bar.update(len(batch))
+        else:
+            todo.append(k)
+    workers = getattr(lm, "workers", None)
+    if workers is None:
+        finished = ((k, extract_shard(lm, sequences[a:b], index[a:b], ids[a:b], positions, sites, batch_size, bar))
+                    for k, (a, b) in ((k, shards[k]) for k in todo))
+    else:  # (k, shard) in the order the workers finish them
+        jobs = {k: (sequences[a:b], index[a:b], ids[a:b]) for k, (a, b) in ((k, shards[k]) for k in todo)}
+        finished = workers.extract_shards(jobs, positions, sites, batch_size, bar)
+    for k, store in finished:
         for site in sites:
-            store[site][:, ~valid[start:stop].T] = 0  # cells with no such position hold zeros
-            write_npy(files[site], store[site])
+            write_npy(out / site / f"shard-{k:05d}.npy", store[site])
     bar.close()
     write_json(out / "index.json", meta)
+
+
+def extract_shard(lm: LoadedModel, sequences: list[list[int]], index: np.ndarray, ids: list[str],
+                  positions: list[str], sites: list[str], batch_size: int = 16, bar=None) -> dict[str, np.ndarray]:
+    """The features of one shard: site -> float16 ``[R, P, n, d]`` for the n ``sequences`` (token ids),
+    at the positions ``index`` (int ``[n, P]``, -1 where a position does not exist; those cells hold 0).
+    ``ids`` name the examples in errors. Batches run shortest first."""
+    valid = index >= 0
+    store = {site: np.zeros((len(site_rows(lm, site)), len(positions), len(sequences), lm.hidden_size), np.float16)
+             for site in sites}
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        features = extract_batch(lm, [sequences[i] for i in batch], index[batch], sites)
+        for site, values in features.items():
+            values = values.numpy()  # [R, B, P, d]
+            half = values.astype(np.float16)
+            # only cells of existing positions count (the others read token 0 and are zeroed below)
+            finite = np.isfinite(half).all(axis=-1) | ~valid[batch][None]
+            if not finite.all():
+                row, j, p = np.argwhere(~finite)[0]
+                where = (f"extract: example '{ids[batch[j]]}', site {site}, layer row {row}, "
+                         f"position {positions[p]}")
+                if np.isfinite(values[row, j, p]).all():
+                    raise TruthmapError(f"{where}: a value beyond float16's range (±65504), which the store "
+                                        f"uses; probe another --site, or layers of this model cannot be stored")
+                dtype = str(lm.model.dtype).replace("torch.", "")
+                advice = "use --dtype float32" if dtype != "float32" else "the model overflows even in float32"
+                raise TruthmapError(f"{where}: the model produced NaN/inf in {dtype}; {advice}")
+            store[site][:, :, batch, :] = half.transpose(0, 2, 1, 3)
+        if bar is not None:
+            bar.update(len(batch))
+    for site in sites:
+        store[site][:, ~valid.T] = 0  # cells with no such position hold zeros
+    return store
 
 
 def _index(run_dir: Path) -> dict:

@@ -170,51 +170,84 @@ def generate_answers(
     and chunks finished by an earlier, interrupted run are read back instead of generated. A chunk is a
     run of whole batches of the length order and the batch size is the one the first run chose, so the
     batches, and the greedy answers, are the same whether or not a run was interrupted.
+
+    When ``lm`` is a model held by Ray workers (:class:`truthmap.distributed.RemoteModel`), the chunks
+    are answered there, several at once, by :func:`answer_prompts`, the function used here; they are
+    saved, and the answers returned, in the same order, so the result is the same.
     """
+    workers = getattr(lm, "workers", None)
     room = prompt_room(lm, max_new_tokens)
     if room is not None:
         prompt_ids = [fit_prompt(p, room) for p in prompt_ids]
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    stop_ids = end_of_turn_ids(lm)
     if sample is not None:
         if chunks is not None:
             raise ValueError("sampled answers cannot be resumed from chunks (the random state is not saved)")
+        if workers is not None:
+            raise TruthmapError("sampled answers are drawn in one process (one random state): run without --ray")
         torch.manual_seed(sample[1])
     if batch_size is None:
-        batch_size = auto_batch_size(lm, max((len(p) for p in prompt_ids), default=1) + max_new_tokens)
+        longest = max((len(p) for p in prompt_ids), default=1) + max_new_tokens
+        batch_size = workers.auto_batch_size(longest) if workers is not None else auto_batch_size(lm, longest)
     if chunks is not None:
         batch_size = chunks.setting("batch_size", batch_size)
-    chunk_rows = CHUNK_BATCHES * batch_size if chunks is not None else max(len(order), 1)
+    # workers split even an unsaved generation into chunks: whole batches, so the same batches
+    chunk_rows = CHUNK_BATCHES * batch_size if chunks is not None or workers is not None else max(len(order), 1)
+    plan = [order[first : first + chunk_rows] for first in range(0, len(order), chunk_rows)]
     results: list = [None] * len(prompt_ids)
     bar = tqdm(total=len(order), desc="generate", unit="q", disable=not progress)
-    for k, first in enumerate(range(0, len(order), chunk_rows)):
-        rows = order[first : first + chunk_rows]
+    todo = []
+    for k, rows in enumerate(plan):
         saved = chunks.get(k) if chunks is not None else None
         if saved is not None and saved["row"].tolist() == rows:
             for i, ids, stopped in zip(rows, saved["answer_ids"], saved["stopped"]):
                 results[i] = (list(ids), bool(stopped))
             bar.update(len(rows))
-            continue
-        start = 0
-        while start < len(rows):
-            batch = rows[start : start + batch_size]
-            try:
-                answers = _generate_batch(lm, [prompt_ids[i] for i in batch], max_new_tokens, stop_ids, sample)
-            except torch.cuda.OutOfMemoryError:
-                if batch_size == 1:
-                    raise
-                batch_size //= 2
-                torch.cuda.empty_cache()
-                continue
-            for i, answer in zip(batch, answers):
-                results[i] = answer
-            start += len(batch)
-            bar.update(len(batch))
+        else:
+            todo.append(k)
+
+    def answer_here():
+        size = batch_size  # halved on a CUDA out-of-memory error, and kept halved for the next chunks
+        stop_ids = end_of_turn_ids(lm)
+        for k in todo:
+            answers, size = answer_prompts(lm, [prompt_ids[i] for i in plan[k]], max_new_tokens, size, stop_ids,
+                                           sample, bar)
+            yield k, answers
+
+    if workers is None:
+        finished = answer_here()
+    else:  # (k, answers) in the order the workers finish them
+        finished = workers.answer_chunks({k: [prompt_ids[i] for i in plan[k]] for k in todo}, max_new_tokens,
+                                         batch_size, bar)
+    for k, answers in finished:
+        for i, answer in zip(plan[k], answers):
+            results[i] = answer
         if chunks is not None:
-            chunks.put(k, pd.DataFrame({"row": rows, "answer_ids": [results[i][0] for i in rows],
-                                        "stopped": [results[i][1] for i in rows]}))
+            chunks.put(k, pd.DataFrame({"row": plan[k], "answer_ids": [results[i][0] for i in plan[k]],
+                                        "stopped": [results[i][1] for i in plan[k]]}))
     bar.close()
     return results
+
+
+def answer_prompts(lm: LoadedModel, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
+                   stop_ids: list[int], sample=None, bar=None) -> tuple[list[tuple[list[int], bool]], int]:
+    """(answer ids, stopped) of each prompt, in consecutive batches of ``batch_size``, and the batch size
+    left after halving it on CUDA out-of-memory errors (finished batches are kept)."""
+    results, start = [], 0
+    while start < len(prompt_ids):
+        batch = prompt_ids[start : start + batch_size]
+        try:
+            results += _generate_batch(lm, batch, max_new_tokens, stop_ids, sample)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            torch.cuda.empty_cache()
+            continue
+        start += len(batch)
+        if bar is not None:
+            bar.update(len(batch))
+    return results, batch_size
 
 
 def decode_answer(tokenizer, answer_ids: list[int]) -> str:

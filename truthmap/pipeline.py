@@ -8,6 +8,7 @@ the model is loaded at most once, and only if a stage that needs it has to run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sys
@@ -23,6 +24,7 @@ from .errors import TruthmapError
 
 STAGES = ("generate", "label", "extract", "probe", "baselines", "attention", "plot", "report")
 MODEL_STAGES = ("generate", "label", "extract", "baselines", "attention")  # stages that may need the model
+RAY_STAGES = ("generate", "label", "extract")  # their model work runs on Ray workers with --ray (distributed.py)
 
 
 class _ModelHolder:
@@ -37,8 +39,19 @@ class _ModelHolder:
             from .models import load_model
 
             c = self.config
-            self._lm = load_model(c.model, c.dtype, c.device, c.device_map, c.trust_remote_code)
+            if c.ray:  # the model lives on Ray workers; here only its tokenizer and config (distributed.py)
+                from .distributed import start_workers
+
+                self._lm = start_workers(c)
+            else:
+                self._lm = load_model(c.model, c.dtype, c.device, c.device_map, c.trust_remote_code)
         return self._lm
+
+    def close(self) -> None:
+        """Stop the Ray workers, if any were started."""
+        workers = getattr(self._lm, "workers", None)
+        if workers is not None:
+            workers.close()
 
     @property
     def extractor(self):
@@ -302,11 +315,16 @@ def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: b
     rf.update_summary(run_dir, versions=versions(), config=config.to_dict())
     started = time.perf_counter()
     models = _ModelHolder(config)
-    for stage in stages:
-        if stage in MODEL_STAGES:
-            globals()[f"stage_{stage}"](config, run_dir, models, force)
-        else:
-            globals()[f"stage_{stage}"](config, run_dir, force)
+    # with Ray, the other model stages load the model here, in the driver (loaded only if they run)
+    local = _ModelHolder(dataclasses.replace(config, ray=None)) if config.ray else models
+    try:
+        for stage in stages:
+            if stage in MODEL_STAGES:
+                globals()[f"stage_{stage}"](config, run_dir, models if stage in RAY_STAGES else local, force)
+            else:
+                globals()[f"stage_{stage}"](config, run_dir, force)
+    finally:
+        models.close()
     rf.update_summary(run_dir, wall_seconds=round(time.perf_counter() - started, 2))
 
 

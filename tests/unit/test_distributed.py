@@ -1,0 +1,143 @@
+"""Model-free checks of the Ray path (truthmap/distributed.py): the driver's side of the work loop —
+chunks and shards that come back in any order are merged in their fixed order, saved once, and
+resumed — with stand-in workers; settings; and the error when Ray is missing. The real workers are
+tested in tests/integration/test_ray.py."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from truthmap import generate
+from truthmap import runfolder as rf
+from truthmap.config import load_config
+from truthmap.errors import TruthmapError
+from truthmap.extract import run_extract
+
+
+class FakeWorkers:
+    """Stand-in for distributed.Workers: does the work here, hands results back in reverse order."""
+
+    def __init__(self):
+        self.asked = []
+
+    def auto_batch_size(self, longest):
+        return 3
+
+    def answer_chunks(self, jobs, max_new_tokens, batch_size, bar=None):
+        self.asked += sorted(jobs)
+        for k in sorted(jobs, reverse=True):
+            answers, _ = generate.answer_prompts(None, jobs[k], max_new_tokens, batch_size, [1])
+            yield k, answers
+
+    def extract_shards(self, jobs, positions, sites, batch_size, bar=None):
+        self.asked += sorted(jobs)
+        for k in sorted(jobs, reverse=True):
+            sequences, index, ids = jobs[k]
+            # each example's cells hold its own number: a shard merged in the wrong place is seen
+            value = np.array([float(i.split("-")[1]) for i in ids], np.float16)
+            yield k, {site: np.broadcast_to(value[None, None, :, None], (3, len(positions), len(ids), 4)).copy()
+                      for site in sites}
+
+
+@pytest.fixture
+def fake_batches(monkeypatch):
+    batches = []
+
+    def fake_batch(lm, batch, max_new_tokens, stop_ids, sample=None):
+        batches.append([tuple(p) for p in batch])
+        return [([sum(p) % 97, len(batch)], True) for p in batch]  # depends on the batch: catches regrouping
+
+    monkeypatch.setattr(generate, "_generate_batch", fake_batch)
+    monkeypatch.setattr(generate, "prompt_room", lambda lm, n: 50)
+    monkeypatch.setattr(generate, "end_of_turn_ids", lambda lm: [1])
+    return batches
+
+
+def prompts(n=37):
+    return [[2 + i] * (1 + (i * 7) % 11) for i in range(n)]
+
+
+def test_chunks_from_workers_in_any_order_give_the_single_process_answers(tmp_path, fake_batches):
+    plain = generate.generate_answers(SimpleNamespace(), prompts(), 8, batch_size=3, progress=False)
+    plain_batches = sorted(fake_batches)
+    fake_batches.clear()
+    workers = FakeWorkers()
+    with rf.open_run(tmp_path):
+        store = rf.ChunkStore(tmp_path / "generations", "k")
+        spread = generate.generate_answers(SimpleNamespace(workers=workers), prompts(), 8, batch_size=3,
+                                           progress=False, chunks=store)
+    assert spread == plain and sorted(fake_batches) == plain_batches  # the same batches, the same answers
+    assert workers.asked == [0, 1, 2, 3]  # 37 prompts in chunks of 4 batches of 3
+    # a driver that died after chunks 0 and 3: the rerun asks the workers for the others only
+    for k in (1, 2):
+        (tmp_path / "generations" / f"chunk-0000{k}.parquet").unlink()
+    workers = FakeWorkers()
+    with rf.open_run(tmp_path):
+        store = rf.ChunkStore(tmp_path / "generations", "k")
+        again = generate.generate_answers(SimpleNamespace(workers=workers), prompts(), 8, batch_size=3,
+                                          progress=False, chunks=store)
+    assert again == plain and workers.asked == [1, 2]
+
+
+def test_without_a_chunk_store_workers_still_get_whole_batches(fake_batches):
+    plain = generate.generate_answers(SimpleNamespace(), prompts(), 8, batch_size=3, progress=False)
+    workers = FakeWorkers()
+    spread = generate.generate_answers(SimpleNamespace(workers=workers), prompts(), 8, progress=False)
+    assert spread == plain and workers.asked == [0, 1, 2, 3]  # batch size from the workers: 3
+
+
+def test_sampling_is_refused_on_workers(fake_batches):
+    with pytest.raises(TruthmapError, match="without --ray"):
+        generate.generate_answers(SimpleNamespace(workers=FakeWorkers()), prompts(), 8, 3, False, sample=(1.0, 0))
+
+
+def test_shards_from_workers_land_in_their_place(tmp_path, monkeypatch):
+    n, positions = 10, ["last_q", "-1"]
+    ids = [f"q-{i}" for i in range(n)]
+    answers = pd.DataFrame({"id": ids, "pos_last_q": 2, "pos_-1": [3 if i % 3 else -1 for i in range(n)]})
+    generations = pd.DataFrame({"id": ids[::-1], "prompt_ids": [[5, 6, 7]] * n, "answer_ids": [[8]] * n})
+    workers = FakeWorkers()
+    lm = SimpleNamespace(n_layers=2, hidden_size=4, workers=workers)
+    with rf.open_run(tmp_path):
+        run_extract(lm, answers, generations, positions, ["residual"], tmp_path, shard_size=4, progress=False)
+    assert workers.asked == [0, 1, 2]
+    store = tmp_path / "activations"
+    merged = np.concatenate([np.load(store / "residual" / f"shard-0000{k}.npy") for k in range(3)], axis=2)
+    assert merged.shape == (3, 2, n, 4)
+    assert merged[0, 0, :, 0].tolist() == list(range(n))  # every example in its row, in the ids' order
+    assert np.load(store / "valid.npy").tolist() == [[True, bool(i % 3)] for i in range(n)]
+
+
+def test_ray_settings_are_checked():
+    assert load_config(None, ray="local", ray_workers=2, ray_gpus_per_worker=0).ray_workers == 2
+    for bad in (dict(ray=True), dict(ray=""), dict(ray_workers=0), dict(ray_gpus_per_worker=-1),
+                dict(ray_cpus_per_worker=0)):
+        with pytest.raises(TruthmapError):
+            load_config(None, **bad)
+
+
+def test_cli_ray_flag_takes_an_optional_address(monkeypatch):
+    import truthmap.cli as cli
+    import truthmap.pipeline as pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_stages", lambda config, **kw: seen.append(config) or config.run_dir())
+    monkeypatch.setattr(cli, "_report", lambda run_dir: None)
+    cli.app(["run", "--ray", "--out", "x"])
+    cli.app(["run", "--ray", "ray://head:10001", "--ray-gpus-per-worker", "2", "--out", "x"])
+    cli.app(["run", "--out", "x"])
+    assert [c.ray for c in seen] == ["local", "ray://head:10001", None]
+    assert seen[1].ray_gpus_per_worker == 2
+
+
+def test_missing_ray_is_a_clear_error(monkeypatch):
+    from truthmap.distributed import import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(TruthmapError, match=r"pip install 'truthmap\[ray\]'"):
+        import_ray()
