@@ -1,0 +1,100 @@
+"""Model-backed, Ray: a study on two Ray workers equals the same study in one process, even when a
+worker is killed in the middle of it.
+
+The test starts its own one-machine Ray cluster on the loopback address (2 CPUs: 2 workers of 1 CPU,
+each loading the default model). One single-process reference run, then one distributed run in which
+the worker that starts generation chunk 1 kills itself once (TRUTHMAP_RAY_FAILPOINT, distributed.py):
+Ray restarts it and retries that chunk. Small chunks and shards give both workers several pieces of
+each stage; the stages after probe do not involve the workers and are left out.
+"""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import truthmap.extract
+import truthmap.probe
+from truthmap.config import load_config
+from truthmap.pipeline import run_stages
+
+pytestmark = pytest.mark.model
+# a tiny study: 24 questions, batch size 2 -> 3 generation chunks of 8; 3 feature shards of 8
+STUDY = dict(limit=24, seeds=[0], test_fraction=0.5, bootstrap=50, batch_size=2, max_new_tokens=12,
+             dtype="float32", device="cpu", progress=False)  # the model the default_model fixture may have loaded
+STAGES = ("generate", "label", "extract", "probe")
+SHARD_SIZE = 8
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(single-process run folder, distributed run folder, kill marker file)."""
+    # Ray binds its node to the loopback address only when it is not set up for a real cluster
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray  # the test extra installs it (pip install 'truthmap[ray]')
+    import torch
+
+    root = tmp_path_factory.mktemp("ray")
+    marker = root / "killed"
+    threads = torch.get_num_threads()
+    # the workers compute with one thread each; CPU float sums depend on the thread count, so the
+    # reference does too, and the answers and features can be compared exactly
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(truthmap.extract, "SHARD_SIZE", SHARD_SIZE)
+            patch.setattr(truthmap.probe, "MIN_PER_CLASS", 2)  # a tiny study still gets AUCs to compare
+            run_stages(load_config(None, out=str(root / "single"), **STUDY), STAGES)
+            ray.init(num_cpus=2, address="local", include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1")
+            try:
+                patch.setenv("TRUTHMAP_RAY_FAILPOINT", f"generate:1:{marker}")
+                run_stages(load_config(None, out=str(root / "ray"), ray="local", **STUDY), STAGES)
+            finally:
+                ray.shutdown()
+    finally:
+        torch.set_num_threads(threads)
+    return root / "single", root / "ray", marker
+
+
+def test_a_worker_was_killed_and_its_chunk_retried(runs):
+    single, distributed, marker = runs
+    assert marker.exists()  # the worker holding chunk 1 died once, mid-run
+    chunks = sorted(p.name for p in (distributed / "generations").glob("chunk-*.parquet"))
+    assert chunks == ["chunk-00000.parquet", "chunk-00001.parquet", "chunk-00002.parquet"]
+
+
+def test_same_answers(runs):
+    single, distributed, _ = runs
+    a = pd.read_parquet(single / "generations.parquet")
+    b = pd.read_parquet(distributed / "generations.parquet")
+    assert len(b) == 24 and b.id.is_unique  # nothing lost, nothing counted twice
+    assert a.id.tolist() == b.id.tolist()
+    assert a.answer.tolist() == b.answer.tolist()
+    assert [list(x) for x in a.answer_ids] == [list(x) for x in b.answer_ids]
+    columns = ["id", "correct", "exact_answer", "exact_answer_reason", "split"]
+    pd.testing.assert_frame_equal(pd.read_parquet(single / "answers.parquet")[columns],
+                                  pd.read_parquet(distributed / "answers.parquet")[columns])
+
+
+def test_same_features(runs):
+    single, distributed, _ = runs
+    index = json.loads((single / "activations" / "index.json").read_text())
+    shards = index["sites"]["residual"]["shards"]
+    assert len(shards) == 3  # 24 examples in shards of 8: both workers extracted
+    assert json.loads((distributed / "activations" / "index.json").read_text()) == index
+    for shard in shards:
+        a = np.load(single / "activations" / shard["file"]).astype(np.float32)
+        b = np.load(distributed / "activations" / shard["file"]).astype(np.float32)
+        assert a.shape == b.shape and np.abs(a).max() > 0
+        assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max()
+
+
+def test_same_aucs(runs):
+    single, distributed, _ = runs
+    a = pd.read_csv(single / "probe_results.csv")
+    b = pd.read_csv(distributed / "probe_results.csv")
+    assert a.auc.notna().sum() > 0.8 * len(a)
+    pd.testing.assert_frame_equal(a, b)
