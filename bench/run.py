@@ -191,39 +191,50 @@ def peak_rss_child(n: int) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test of the benchmark)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the benchmark)")
+    parser.add_argument("--extract-n", type=int, default=256, help="examples for the extraction figures")
+    parser.add_argument("--probe-n", type=int, default=2000, help="examples for the probe figures")
+    parser.add_argument("--generate-n", type=int, default=256, help="questions for the generation figure")
+    parser.add_argument("--run-n", type=int, default=1000, help="questions for the whole-run figure")
+    parser.add_argument("--run-from", help="take the whole-run figure from this finished run folder instead")
+    parser.add_argument("--rss-n", type=int, nargs=2, default=[1000, 4000], metavar=("SMALL", "BIG"))
     args = parser.parse_args()
-    q = args.quick
+    if args.quick:
+        args.extract_n, args.probe_n, args.generate_n, args.run_n, args.rss_n = 64, 500, 32, 100, [250, 1000]
     lm = load_model()
     rows = []
 
-    ex = bench_extraction(lm, 64 if q else 256)
+    ex = bench_extraction(lm, args.extract_n)
     rows.append(("extraction / bare batched forward (output_hidden_states)", ex["ours_s"] / ex["bare_s"], "≤ 1.15",
                  f"{ex['n']} examples, {ex['tokens']} tokens: {ex['ours_s']:.1f} s vs {ex['bare_s']:.1f} s"))
     rows.append(("reference per-example loop / our extraction", ex["reference_s"] / ex["ours_s"], "≥ 5",
                  f"{ex['reference_s']:.1f} s vs {ex['ours_s']:.1f} s"))
-    pr = bench_probes(n=500 if q else 2000, layers=4 if q else 31)
+    pr = bench_probes(n=args.probe_n, layers=4 if args.quick else 31)
     rows.append(("scikit-learn per-cell loop / our probes", pr["sklearn_all_s"] / pr["ours_s"], "≥ 20",
-                 f"{pr['problems']} probes: ours {pr['ours_s']:.1f} s; sklearn {pr['sklearn_per_fit_s']:.2f} s/fit "
-                 f"(timed on {pr['sklearn_sampled']}) → {pr['sklearn_all_s']:.0f} s"))
+                 f"{pr['problems']} probes, N={args.probe_n}: ours {pr['ours_s']:.1f} s; sklearn "
+                 f"{pr['sklearn_per_fit_s']:.2f} s/fit (timed on {pr['sklearn_sampled']}) → {pr['sklearn_all_s']:.0f} s"))
     rows.append(("max |AUC difference| vs scikit-learn", pr["max_auc_diff"], "≤ 0.01",
                  f"over the {pr['sklearn_sampled']} probes fitted by both"))
-    ge = bench_generation(lm, 32 if q else 256)
+    ge = bench_generation(lm, args.generate_n)
     rows.append(("batch-1 generation / our generation", ge["batch1_s"] / ge["ours_s"], "≥ 3",
                  f"{ge['n']} questions: {ge['batch1_s']:.1f} s vs {ge['ours_s']:.1f} s; "
                  f"{ge['identical_answers']}/{ge['n']} answers identical"))
-    wr = bench_whole_run(100 if q else 1000)
+    if args.run_from:
+        summary = json.loads((Path(args.run_from) / "summary.json").read_text())
+        wr = {"n": summary["n"], "stages": summary["stage_seconds"]}
+        wr["run_s"] = sum(wr["stages"].values())
+    else:
+        wr = bench_whole_run(args.run_n)
     rows.append(("whole truthmap run / generation alone", wr["run_s"] / wr["stages"]["generate"], "≤ 1.3",
                  f"{wr['n']} questions: " + ", ".join(f"{k} {v:.0f} s" for k, v in wr["stages"].items())))
-    small, big = (250, 1000) if q else (1000, 4000)
+    small, big = args.rss_n
     rss_small, rss_big = peak_rss_child(small), peak_rss_child(big)
-    rows.append((f"peak RSS at {big} / at {small} examples (extract + probe)", rss_big / rss_small, "≤ 1.3",
-                 f"{rss_big:.0f} MiB vs {rss_small:.0f} MiB"))
+    rows.append((f"peak RSS at {big} / at {small} examples (extract + probe)", rss_big / rss_small,
+                 "≤ 1.3", f"{rss_big:.0f} MiB vs {rss_small:.0f} MiB"))
 
     print(f"\ntruthmap benchmark — {time.strftime('%Y-%m-%d')} — {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
-          + (" (quick sizes)" if q else ""))
-    print(f"| figure | ratio | goal | detail |\n|---|---|---|---|")
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| figure | ratio | goal | detail |\n|---|---|---|---|")
     for name, value, goal, detail in rows:
         print(f"| {name} | {value:.3g} | {goal} | {detail} |")
 
