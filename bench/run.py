@@ -194,6 +194,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the benchmark)")
     parser.add_argument("--extract-n", type=int, default=256, help="examples for the extraction figures")
     parser.add_argument("--probe-n", type=int, default=2000, help="examples for the probe figures")
+    parser.add_argument("--probe-layers", type=int, default=31, help="layers of 15 positions × 3 seeds of probes")
     parser.add_argument("--generate-n", type=int, default=256, help="questions for the generation figure")
     parser.add_argument("--run-n", type=int, default=1000, help="questions for the whole-run figure")
     parser.add_argument("--run-from", help="take the whole-run figure from this finished run folder instead")
@@ -209,7 +210,7 @@ def main():
                  f"{ex['n']} examples, {ex['tokens']} tokens: {ex['ours_s']:.1f} s vs {ex['bare_s']:.1f} s"))
     rows.append(("reference per-example loop / our extraction", ex["reference_s"] / ex["ours_s"], "≥ 5",
                  f"{ex['reference_s']:.1f} s vs {ex['ours_s']:.1f} s"))
-    pr = bench_probes(n=args.probe_n, layers=4 if args.quick else 31)
+    pr = bench_probes(n=args.probe_n, layers=4 if args.quick else args.probe_layers)
     rows.append(("scikit-learn per-cell loop / our probes", pr["sklearn_all_s"] / pr["ours_s"], "≥ 20",
                  f"{pr['problems']} probes, N={args.probe_n}: ours {pr['ours_s']:.1f} s; sklearn "
                  f"{pr['sklearn_per_fit_s']:.2f} s/fit (timed on {pr['sklearn_sampled']}) → {pr['sklearn_all_s']:.0f} s"))
