@@ -31,7 +31,7 @@ chromium:
 
 # N kill/resume trials of `truthmap run` and M fuzzed question files; prints survived / rows lost / clear
 # errors and fails unless all survive with no row lost (tests/stress.py; about 3 model runs per trial)
-STRESS_ARGS ?= --trials 5 --fuzz 300
+STRESS_ARGS ?= --trials 5 --damage 5 --fuzz 300
 stress: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/python tests/stress.py $(STRESS_ARGS)
 

@@ -6,13 +6,16 @@ a random time — and resuming each time until a run finishes. A trial survives 
 equals the reference: every answer, the features (within float16 rounding) and every AUC. Rows lost
 counts reference questions whose row is missing or different at the end (must be 0).
 
+Damaged files: a copy of the finished reference run has one of its files (any file of the manifest)
+truncated, altered by one byte or deleted; a rerun must name it and end with the reference's results.
+
 Fuzzing: valid CSV / JSONL / JSON / Parquet question files, damaged at random (bytes flipped, inserted,
 cut, truncated, NUL bytes, Latin-1 text, megabyte fields, duplicated columns and ids, empty files), are
 loaded: each must give a well-formed table or a clear error (TruthmapError), never another exception.
 A few of the refused files are then given to `truthmap run` on a copy of the finished reference run:
 the command must answer in one line, and the run must stay intact.
 
-    python tests/stress.py [--trials 5] [--fuzz 300] [--limit 64] [--seed 0] [--work DIR]
+    python tests/stress.py [--trials 5] [--damage 5] [--fuzz 300] [--limit 64] [--seed 0] [--work DIR]
 
 Exit status 0 only if every trial survived, no row was lost and no fuzzed file crashed the loader.
 """
@@ -143,6 +146,40 @@ def kill_resume_trials(n_trials: int, config: Path, work: Path, rng: random.Rand
     return tally
 
 
+def damage_trials(n_trials: int, config: Path, work: Path, reference: Path, rng: random.Random) -> dict:
+    files = sorted(json.loads((reference / "manifest.json").read_text())["files"])
+    tally = {"trials": 0, "survived": 0, "named": 0, "rows_lost": 0, "failures": []}
+    for trial in range(n_trials):
+        out = (work / f"damage-{trial}").resolve()
+        shutil.copytree(reference, out)
+        name, how = rng.choice(files), rng.choice(["truncated", "one byte changed", "deleted"])
+        path = out / name
+        data = bytearray(path.read_bytes())
+        if how == "deleted":
+            path.unlink()
+        elif how == "truncated":
+            path.write_bytes(bytes(data[: rng.randrange(len(data))]))
+        else:
+            at = rng.randrange(len(data))
+            data[at] ^= 1 << rng.randrange(8)
+            path.write_bytes(bytes(data))
+        status, err = run_study(out, config)
+        tally["trials"] += 1
+        lost, problems = compare(out, reference) if status == 0 else (0, [f"rerun failed (exit {status})"])
+        named = f"truthmap: {path}:" in err
+        tally["named"] += named
+        tally["rows_lost"] += lost
+        if not named:
+            problems.append("the damaged file was not named")
+        if problems:
+            tally["failures"].append(f"{name} {how}: {'; '.join(problems)}")
+        else:
+            tally["survived"] += 1
+            shutil.rmtree(out)
+        print(f"damage {trial}: {name} {how}: {'survived' if not problems else 'FAILED'}", flush=True)
+    return tally
+
+
 # ---------------------------------------------------------------- fuzzed question files
 
 def seed_files() -> dict[str, bytes]:
@@ -248,6 +285,7 @@ def fuzz_files(n_files: int, work: Path, rng: random.Random, reference: Path | N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=5, help="kill/resume trials (each 1-3 kills)")
+    parser.add_argument("--damage", type=int, default=5, help="finished runs with one file damaged")
     parser.add_argument("--fuzz", type=int, default=300, help="fuzzed question files")
     parser.add_argument("--limit", type=int, default=64, help="questions per study")
     parser.add_argument("--seed", type=int, default=0)
@@ -261,6 +299,7 @@ def main() -> None:
                                       "max_new_tokens": 16, "batch_size": 8}))
     started = time.perf_counter()
     kills = kill_resume_trials(args.trials, config, work, rng) if args.trials else None
+    damage = damage_trials(args.damage, config, work, kills["reference"], rng) if kills else None
     fuzz = fuzz_files(args.fuzz, work, rng, kills["reference"] if kills else None)
     print()
     ok = True
@@ -271,6 +310,12 @@ def main() -> None:
         for failure in kills["failures"]:
             print(f"  FAILED {failure}")
         ok &= kills["survived"] == kills["trials"] and kills["rows_lost"] == 0
+    if damage:
+        print(f"damaged files: {damage['survived']} of {damage['trials']} runs repaired to the reference's results, "
+              f"{damage['named']} damaged files named; rows lost: {damage['rows_lost']}")
+        for failure in damage["failures"]:
+            print(f"  FAILED {failure}")
+        ok &= damage["survived"] == damage["trials"] and damage["rows_lost"] == 0
     print(f"fuzzed files: {fuzz['files']}: {fuzz['clear_errors']} clear errors, {fuzz['loaded']} loaded, "
           f"{len(fuzz['crashes'])} crashes")
     for crash in fuzz["crashes"][:20]:

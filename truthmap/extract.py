@@ -164,7 +164,8 @@ def extract_shard(lm: LoadedModel, sequences: list[list[int]], index: np.ndarray
         features = extract_batch(lm, [sequences[i] for i in batch], index[batch], sites)
         for site, values in features.items():
             values = values.numpy()  # [R, B, P, d]
-            half = values.astype(np.float16)
+            with np.errstate(over="ignore", invalid="ignore"):  # found and named just below
+                half = values.astype(np.float16)
             # only cells of existing positions count (the others read token 0 and are zeroed below)
             finite = np.isfinite(half).all(axis=-1) | ~valid[batch][None]
             if not finite.all():

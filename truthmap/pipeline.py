@@ -105,6 +105,8 @@ def stage_generate(config: Config, run_dir: Path, models: _ModelHolder, force: b
         rf.write_json(run_dir / rf.VOCABULARIES, vocabularies)
         lm = models.lm
         # finished chunks of an interrupted generation with the same settings and model are kept
+        if force:  # --force: answer anew, not from saved chunks
+            rf.remove(run_dir / rf.GENERATION_CHUNKS)
         chunks = rf.ChunkStore(run_dir / rf.GENERATION_CHUNKS, f"{stamp} {lm.revision}")
         table = run_generate(lm, questions, c.prompt_template, max_new_tokens, c.batch_size, c.progress,
                              chunks=chunks, long_prompts=c.long_prompts)
@@ -157,7 +159,7 @@ def stage_extract(config: Config, run_dir: Path, models: _ModelHolder, force: bo
     def work():
         # shards of an interrupted extraction with the same inputs are kept; others are stale
         marker = store / "fingerprint"
-        if store.exists() and (not rf.trusted(marker) or marker.read_text() != stamp):
+        if force or (store.exists() and (not rf.trusted(marker) or marker.read_text() != stamp)):
             rf.remove(store)
         if not rf.trusted(marker):
             rf.write_text(marker, stamp)

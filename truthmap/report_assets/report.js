@@ -475,7 +475,7 @@
       s("rect", {x: x0, y: by(0) + 40, width: 12, height: 12, fill: colourValue}),
       s("text", {x: x0 + 16, y: by(0) + 50, class: "axis"}, text)];
     svg.append(...key(RIGHT, "right answers", padLeft), ...key(WRONG, "wrong answers", padLeft + 130));
-    return h("figure", {class: "chart-box"}, [svg, h("figcaption", {}, "Scores of right and wrong answers")]);
+    return h("figure", {class: "chart-box wide"}, [svg, h("figcaption", {}, "Scores of right and wrong answers")]);
   }
 
   function summaryPanel(index) {
