@@ -30,6 +30,7 @@ import pandas as pd
 
 from . import runfolder as rf
 from .errors import TruthmapError
+from .models import SITES as PROBE_SITES  # any other site in probe_results.csv is a baseline
 from .plot import best_region
 from .probe import RESULT_COLUMNS, mean_over_seeds
 
@@ -37,7 +38,6 @@ REPORT = "report.html"
 ASSETS = Path(__file__).parent / "report_assets"
 SCORE_SCALE = 65534  # a score s in [0, 1] is stored as round(s * SCORE_SCALE)
 MISSING = 65535  # no score: the position does not exist for this answer
-PROBE_SITES = ("residual", "mlp", "attention")  # any other site in probe_results.csv is a baseline
 SUMMARY_KEYS = ("model", "model_revision", "dataset", "n", "n_layers", "hidden_size", "accuracy",
                 "valid_exact_answer_rate", "valid_exact_answer_rate_wrong", "invalid_exact_answer_reasons",
                 "families", "top_cells", "stage_seconds", "wall_seconds", "versions")
@@ -170,7 +170,9 @@ def run_data(run_dir: Path) -> dict:
     positions += [p for p in dict.fromkeys(probed["position"]) if p not in positions]
     sites = cell_tables(results, positions)
 
-    seeds = sorted(splits["seeds"], key=int)
+    seeds = sorted((s for s in splits["seeds"] if int(s) in set(probed["seed"])), key=int)
+    if not seeds:
+        raise TruthmapError(f"{run_dir / rf.PROBE_RESULTS}: no seed of {rf.SPLITS} was probed; rerun the probe stage")
     tested = set().union(*(splits["seeds"][s]["test"] for s in seeds))
     shown = answers[answers["id"].isin(tested)].reset_index(drop=True)
     ids = shown["id"].tolist()
