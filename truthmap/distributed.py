@@ -76,10 +76,21 @@ class _ModelWorker:
 
         if device == "cpu":
             torch.set_num_threads(threads)
-        self.lm = load_model(model, dtype, device, device_map, trust_remote_code)
+        # a model that does not load is reported by the first call, as an error of the work, so that Ray
+        # does not restart the worker to load it again and again
+        self.lm, self.error = None, None
+        try:
+            self.lm = load_model(model, dtype, device, device_map, trust_remote_code)
+        except TruthmapError as err:
+            self.error = err
+
+    def _model(self) -> LoadedModel:
+        if self.error is not None:
+            raise self.error
+        return self.lm
 
     def describe(self) -> dict:
-        lm = self.lm
+        lm = self._model()
         return {"tokenizer": lm.tokenizer, "model_id": lm.model_id, "source": lm.source, "gguf_file": lm.gguf_file,
                 "revision": lm.revision, "n_layers": lm.n_layers, "hidden_size": lm.hidden_size,
                 "config": lm.model.config, "generation_config": lm.model.generation_config,
@@ -88,14 +99,15 @@ class _ModelWorker:
     def auto_batch_size(self, longest: int) -> int:
         from .generate import auto_batch_size
 
-        return auto_batch_size(self.lm, longest)
+        return auto_batch_size(self._model(), longest)
 
     def answer(self, k: int, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int):
         """Chunk ``k``: (answer ids, stopped) of each prompt."""
         from .generate import answer_prompts, end_of_turn_ids
 
         _failpoint("generate", k)
-        answers, _ = answer_prompts(self.lm, prompt_ids, max_new_tokens, batch_size, end_of_turn_ids(self.lm))
+        lm = self._model()
+        answers, _ = answer_prompts(lm, prompt_ids, max_new_tokens, batch_size, end_of_turn_ids(lm))
         return answers
 
     def extract(self, k: int, sequences, index, ids, positions, sites, batch_size):
@@ -103,7 +115,7 @@ class _ModelWorker:
         from .extract import extract_shard
 
         _failpoint("extract", k)
-        return extract_shard(self.lm, sequences, index, ids, positions, sites, batch_size)
+        return extract_shard(self._model(), sequences, index, ids, positions, sites, batch_size)
 
 
 def _failpoint(stage: str, k: int) -> None:
@@ -233,12 +245,12 @@ def start_workers(config) -> RemoteModel:
                                  cpus_per_worker) for _ in range(n_workers)]
     workers = Workers(ray, actors, started_ray)
     try:
-        facts = ray.get(actors[0].describe.remote())
-    except ray.exceptions.RayActorError as err:
+        facts = workers._get(actors[0].describe.remote(), "loading the model")
+    except BaseException as err:
         workers.close()
-        # the actor's own error (say, a model that does not load) is in the message
-        cause = str(err).split("TruthmapError:")[-1] if "TruthmapError:" in str(err) else _first_line(err)
-        raise TruthmapError(f"--ray: a worker could not load model '{config.model}' ({cause.strip()})") from None
+        if isinstance(err, TruthmapError):
+            raise TruthmapError(f"--ray: a worker could not load model '{config.model}': {err}") from None
+        raise
     return RemoteModel(
         model=_ConfigOnly(facts["config"], facts["generation_config"], facts["dtype"]), tokenizer=facts["tokenizer"],
         model_id=facts["model_id"], source=facts["source"], gguf_file=facts["gguf_file"], revision=facts["revision"],
