@@ -14,7 +14,8 @@ Each row is graded by the rule its task names (``GRADING_RULES``; tasks in truth
 * number (math): the number the answer states (``stated_number``) must equal a gold number; 9 ≠ 19,
   9.0 = 9. Exact answer: that number.
 * choice (winobias, winogrande, nli, imdb): of the gold and the wrong options, the one the answer names
-  first decides (not counting a stretch that merely repeats the question). Exact answer: that option.
+  first decides (not counting a stretch that merely repeats the question, nor a list of the options).
+  Exact answer: that option.
 
 No rule falls back to another token when it finds no exact answer: the row is marked invalid with its
 reason. positions: indices into prompt_ids + answer_ids (the sequence the extract stage reads), -1 where
@@ -167,15 +168,41 @@ def echoed_spans(answer: str, question: str, min_words: int = ECHO_MIN_WORDS) ->
     return spans
 
 
+_QUOTES = "'\"\u2018\u2019\u201c\u201d"
+_LIST_GLUE = re.compile(rf"[\s,;/{_QUOTES}]*(?:\b(?:or|and|nor)\b)?[\s,;/{_QUOTES}]*(?:\b(?:the|a|an)\s+)?[{_QUOTES}]?",
+                        re.IGNORECASE)
+
+
+def listed_spans(answer: str, options: list[str]) -> list[tuple[int, int]]:
+    """Spans where the answer lists options ("entailment, contradiction, or neutrality", "positive or
+    negative"): two or more options joined only by commas, "or", "and"."""
+    answer_words = textmatch.words(answer)
+    found = sorted({span for option in options for span in textmatch.phrase_spans(answer_words, option)})
+    spans, chain = [], found[:1]
+    for span in found[1:]:
+        if span[0] >= chain[-1][1] and _LIST_GLUE.fullmatch(answer[chain[-1][1] : span[0]]):
+            chain.append(span)
+            continue
+        if span[0] >= chain[-1][1]:
+            spans += [(chain[0][0], chain[-1][1])] if len(chain) > 1 else []
+            chain = [span]
+    if len(chain) > 1:
+        spans.append((chain[0][0], chain[-1][1]))
+    return spans
+
+
 def grade_choice(answer, question, gold, wrong_answers, answer_type, vocabularies):
     """(correct, exact answer): of the gold and wrong options, the first the answer names decides.
 
     Options inside a stretch that repeats the question ("The cook prepared a dish for the teacher
-    because …") are not named by the answer and do not count.
+    because …") or inside a list of options ("entailment, contradiction, or neutrality") are not
+    chosen by the answer and do not count.
     """
     if not answer.strip():
         return False, (None, -1, -1, "empty_answer")
-    match = textmatch.first_match(answer, list(gold) + list(wrong_answers), inside=echoed_spans(answer, question))
+    options = list(gold) + list(wrong_answers)
+    ignored = echoed_spans(answer, question) + listed_spans(answer, options)
+    match = textmatch.first_match(answer, options, inside=ignored)
     if match is None:
         return False, (None, -1, -1, "no_candidate_in_answer")
     phrase, start, end = match

@@ -100,6 +100,23 @@ def test_choice_ignores_an_echo_of_the_question(question, answer, gold, wrong, c
     assert grade("winobias", answer, [gold], [wrong], question=question)[:2] == (correct, exact)
 
 
+@pytest.mark.parametrize("answer,gold,correct,exact", [
+    ("To decide whether it represents entailment, contradiction, or neutrality, look at it. It is neutral.",
+     "neutral", True, "neutral"),
+    ("It is either entailment or contradiction.", "entailment", False, None),  # listing is not choosing
+    ("Entailment, not contradiction.", "entailment", True, "Entailment"),  # "not" is no list
+    ("Contradiction. Entailment and neutrality do not fit.", "neutral", False, "Contradiction"),
+])
+def test_nli_a_list_of_labels_is_not_a_choice(answer, gold, correct, exact):
+    assert nli(answer, gold)[:2] == (correct, exact)
+
+
+def test_a_list_of_options_is_not_a_choice():
+    assert grade("imdb", "Is it positive or negative? It is negative.", ["positive"], ["negative"])[:2] == (False, "negative")
+    assert grade("winobias", "The carpenter or the librarian.", ["carpenter"], ["librarian"])[:2] == (False, None)
+    assert grade("imdb", "Either 'positive' or 'negative': 'negative'.", ["positive"], ["negative"])[:2] == (False, "negative")
+
+
 def test_winogrande_longer_option_wins_a_tie():
     # options that share a word: the longer one at the same place is the one named
     assert grade("winogrande", "The new car would be safer.", ["new car"], ["car"])[:2] == (True, "new car")

@@ -42,9 +42,12 @@ def test_resolve_forms(tmp_path):
     (tmp_path / "movie_qa_train.csv").write_text("Question,Answer\nWho?,Me\n")
     task, source = resolve("movies", str(tmp_path))
     assert (task.name, source.kind, source.path, source.split) == ("movies", "file", tmp_path / "movie_qa_train.csv", "train")
-    task, source = resolve("triviaqa")
+    task, source = resolve("triviaqa", str(tmp_path))  # no official file in the data folder: the hub
     assert (task.name, source.kind, source.hub_id, source.config, source.split) == (
         "triviaqa", "hub", "trivia_qa", "rc.nocontext", "validation")
+    (tmp_path / "triviaqa-unfiltered").mkdir()
+    (tmp_path / "triviaqa-unfiltered" / "unfiltered-web-dev.json").write_text('{"Data": []}')
+    assert resolve("triviaqa", str(tmp_path))[1].path == tmp_path / "triviaqa-unfiltered" / "unfiltered-web-dev.json"
     assert resolve("hotpotqa:train")[1].split == "train"
     assert resolve(f"triviaqa:{fixture('triviaqa_official.json')}")[1].kind == "file"
     task, source = resolve(fixture("movie_qa.csv"))  # a bare path: the generic task

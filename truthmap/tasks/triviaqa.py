@@ -2,7 +2,8 @@
 
 Reads the official JSON (``{"Data": [{"Question", "QuestionId", "Answer": {"Value", "Aliases",
 "NormalizedAliases", "Type"}}]}``) or the hub schema of ``trivia_qa`` (``question``, ``question_id``,
-``answer: {value, aliases, normalized_aliases, type}``), as a file or from the hub (rc.nocontext).
+``answer: {value, aliases, normalized_aliases, type}``), as a file (by default the unfiltered web files
+in the data folder) or, when the data folder lacks them, from the hub (rc.nocontext).
 """
 
 from . import BadRow, LoadOptions, Task, get, register, text, unique
@@ -32,5 +33,8 @@ register(Task(
     name="triviaqa",
     description="TriviaQA trivia questions (official JSON path or hub trivia_qa rc.nocontext); alias match.",
     convert=convert,
+    # the unfiltered web files of the official download, under these names in the data folder
+    files={"validation": "triviaqa-unfiltered/unfiltered-web-dev.json",
+           "train": "triviaqa-unfiltered/unfiltered-web-train.json"},
     hub=("trivia_qa", "rc.nocontext", "validation"),
 ))
