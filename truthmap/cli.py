@@ -87,8 +87,16 @@ def _report(run_dir: Path) -> None:
         table.add_row(cell["site"], str(cell["layer"]), cell["position"], f"{cell['auc']:.3f} ± {cell['auc_std']:.3f}",
                       f"{cell['auc_lo']:.3f}–{cell['auc_hi']:.3f}", str(int(cell["n_test"])))
     console.print(table)
-    if (run_dir / "heatmap.png").exists():
-        console.print(f"heatmap: {run_dir / 'heatmap.png'}")
+    baselines = {k: v for k, v in (summary.get("baselines") or {}).items() if v is not None}
+    if baselines:
+        best = sorted(baselines.items(), key=lambda kv: -kv[1])[:3]
+        within = summary.get("probe_within_family_auc")
+        console.print("best baselines (mean AUC): " + ", ".join(f"{k} {v:.3f}" for k, v in best)
+                      + (f"; family alone {baselines['family_rate']:.3f}" if "family_rate" in baselines else "")
+                      + (f"; best probe within families {within:.3f}" if within is not None else ""))
+    for figure in ("heatmap", "baselines", "attention"):
+        if (run_dir / f"{figure}.png").exists():
+            console.print(f"{figure}: {run_dir / f'{figure}.png'}")
 
 
 @click.group()

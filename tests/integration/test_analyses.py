@@ -101,11 +101,11 @@ def test_resample_error_types_and_answer_choice(default_model, run_copy):
 
     cell = {"site": "residual", "layer": 20, "position": "-1"}
     with rf.open_run(run_copy):
-        results = run_resample(default_model, run_copy, n=3, seed=0, cell=cell, n_boot=50, progress=False,
-                               max_new_tokens=12)
+        results = run_resample(default_model, run_copy, n=2, seed=0, cell=cell, n_boot=50, progress=False,
+                               max_new_tokens=10)
         table = run_choice(default_model, run_copy, cell=cell, n_boot=50)
     resamples = pd.read_parquet(run_copy / "resamples.parquet")
-    assert (resamples.groupby("id").size() == 3).all() and len(resamples) == 3 * 80
+    assert (resamples.groupby("id").size() == 2).all() and len(resamples) == 2 * 80
     valid = resamples[resamples.exact_answer_valid]
     assert all(a[s:e] == x for a, s, e, x in zip(valid.answer, valid.exact_answer_start, valid.exact_answer_end,
                                                   valid.exact_answer))
