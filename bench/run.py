@@ -189,6 +189,15 @@ def peak_rss_child(n: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+class _Rows(list):
+    """The table's rows, each printed as soon as it is measured."""
+
+    def append(self, row):
+        name, value, goal, detail = row
+        print(f"| {name} | {value:.3g} | {goal} | {detail} |", flush=True)
+        super().append(row)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test of the benchmark)")
@@ -203,7 +212,10 @@ def main():
     if args.quick:
         args.extract_n, args.probe_n, args.generate_n, args.run_n, args.rss_n = 64, 500, 32, 100, [250, 1000]
     lm = load_model()
-    rows = []
+    print(f"truthmap benchmark — {time.strftime('%Y-%m-%d')} — {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print("| figure | ratio | goal | detail |\n|---|---|---|---|", flush=True)
+    rows = _Rows()
 
     ex = bench_extraction(lm, args.extract_n)
     rows.append(("extraction / bare batched forward (output_hidden_states)", ex["ours_s"] / ex["bare_s"], "≤ 1.15",
@@ -232,12 +244,6 @@ def main():
     rss_small, rss_big = peak_rss_child(small), peak_rss_child(big)
     rows.append((f"peak RSS at {big} / at {small} examples (extract + probe)", rss_big / rss_small,
                  "≤ 1.3", f"{rss_big:.0f} MiB vs {rss_small:.0f} MiB"))
-
-    print(f"\ntruthmap benchmark — {time.strftime('%Y-%m-%d')} — {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| figure | ratio | goal | detail |\n|---|---|---|---|")
-    for name, value, goal, detail in rows:
-        print(f"| {name} | {value:.3g} | {goal} | {detail} |")
 
 
 if __name__ == "__main__":
