@@ -241,8 +241,9 @@ def locate_positions(lm, questions: list[str], prompt_ids: list[list[int]], answ
         return np.array([list(position_indices(len(p), len(a), None, positions).values())
                          for p, a in zip(prompt_ids, answer_ids)], dtype=np.int64).reshape(n, len(positions))
     ids = [f"q{i}" for i in range(n)]
+    # no gold and no known answer type: the answer is what the verb states, else what the model extracts
     table = pd.DataFrame({"id": ids, "question": questions, "gold": gold or [[] for _ in range(n)],
-                          "family": "", "subgroup": "", "answer_type": "", "task": "generic",
+                          "family": "", "subgroup": "", "answer_type": "free_text", "task": "generic",
                           "wrong_answers": [[] for _ in range(n)]})
     generations = pd.DataFrame({"id": ids, "prompt": "", "prompt_ids": prompt_ids, "answer_ids": answer_ids,
                                 "answer": texts})

@@ -75,6 +75,16 @@ def test_exported_detector_reloads_in_a_fresh_process_and_scores_like_the_probe(
     ids, X = truthmap.load_features(run_copy, "residual", 20, "-1")
     rows = [ids.index(i) for i in stopped.id]
     assert np.abs(p - detector.predict_proba(X[rows])[:, 1]).max() < 0.02  # float16 storage of X
+    # an exact-answer position: given the exact answer, the detector finds its tokens as the label stage did
+    app(["export", "--out", str(run_copy), "--layer", "15", "--position", "exact_answer_last",
+         "--to", str(tmp_path / "det15")])
+    exact = truthmap.Detector.load(tmp_path / "det15")
+    once = answers[answers.exact_answer_valid & answers.id.map(generations.stopped)]
+    once = once[[a.count(x) == 1 for a, x in zip(once.answer, once.exact_answer)]].head(3)
+    p15 = exact.score(once.question.tolist(), once.answer.tolist(), model=default_model,
+                      exact_answer=once.exact_answer.tolist())
+    ids15, X15 = truthmap.load_features(run_copy, "residual", 15, "exact_answer_last")
+    assert np.abs(p15 - exact.predict_proba(X15[[ids15.index(i) for i in once.id]])[:, 1]).max() < 0.02
     # the card's prompt frame rebuilds the run's prompt of any question
     first = stopped.id.iloc[0]
     assert detector.prompt_ids(default_model, stopped.question.iloc[0]) == list(generations.prompt_ids[first])
