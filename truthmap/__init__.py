@@ -48,7 +48,9 @@ def run(
     cfg = load_config(config, model=model, dataset=dataset, limit=limit, out=out, seeds=seeds, sites=sites,
                       **settings)
     run_dir = run_stages(cfg, force=force)
-    return pd.read_csv(run_dir / "probe_results.csv")
+    from .probe import read_results
+
+    return read_results(run_dir / "probe_results.csv")
 
 
 __all__ = ["run", "load_features", "Detector", "TruthmapError", "__version__"]

@@ -21,6 +21,7 @@ import pandas as pd
 from . import runfolder as rf
 from .config import Config
 from .errors import TruthmapError
+from .probe import read_results
 
 STAGES = ("generate", "label", "extract", "probe", "baselines", "attention", "plot", "report")
 MODEL_STAGES = ("generate", "label", "extract", "baselines", "attention")  # stages that may need the model
@@ -210,7 +211,7 @@ def stage_baselines(config: Config, run_dir: Path, models: _ModelHolder, force: 
         rf.update_summary(run_dir, **bl.finish_baselines(run_dir, scores, config.bootstrap, title))
 
     ran = _run_stage(run_dir, "baselines", {"bootstrap": config.bootstrap}, inputs, outputs, work, force)
-    results = pd.read_csv(run_dir / rf.PROBE_RESULTS)
+    results = read_results(run_dir / rf.PROBE_RESULTS)
     if not ran and not (results["site"] == bl.SITE).any():  # the probe stage rewrote its table since
         with rf.stage("baselines"):
             rf.write_csv(run_dir / rf.PROBE_RESULTS,
@@ -237,7 +238,7 @@ def stage_plot(config: Config, run_dir: Path, force: bool = False) -> bool:
     inputs = [run_dir / rf.PROBE_RESULTS]
 
     def work():
-        results = pd.read_csv(run_dir / rf.PROBE_RESULTS)
+        results = read_results(run_dir / rf.PROBE_RESULTS)
         results = results[results["site"] != "baseline"]  # baselines have their own figure (baselines.png)
         summary = rf.read_json(run_dir / rf.SUMMARY, default={})
         plot_heatmap(results, config.positions, run_dir / "heatmap", _short_model(config.model),

@@ -261,3 +261,8 @@ def mean_over_seeds(results: pd.DataFrame) -> pd.DataFrame:
 
 def top_cells(results: pd.DataFrame, k: int = 5) -> pd.DataFrame:
     return mean_over_seeds(results).sort_values("auc", ascending=False).head(k).reset_index(drop=True)
+
+
+def read_results(path) -> pd.DataFrame:
+    """``probe_results.csv`` as written: positions stay text ("-1" is a position name, not a number)."""
+    return pd.read_csv(path, dtype={"site": str, "position": str})
