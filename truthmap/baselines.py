@@ -276,7 +276,9 @@ def keep_baseline_rows(run_dir: Path, probe_results: pd.DataFrame) -> pd.DataFra
     """``probe_results`` with the baseline rows already computed for this run (a rerun of the probe
     stage keeps them; the baselines stage replaces them when its inputs change)."""
     path = Path(run_dir) / BASELINE_RESULTS
-    return merge_into_results(probe_results, pd.read_csv(path)) if path.exists() else probe_results
+    from .probe import read_results
+
+    return merge_into_results(probe_results, read_results(path)) if path.exists() else probe_results
 
 
 def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: float, path: Path, title: str) -> None:
@@ -341,13 +343,13 @@ def finish_baselines(run_dir: Path, scores: pd.DataFrame, n_boot: int = 1000, ti
     """The model-free part: AUCs on the test splits, rows merged into probe_results.csv, the family
     table, the figure, and the summary fields."""
     from . import runfolder as rf
-    from .probe import mean_over_seeds
+    from .probe import mean_over_seeds, read_results
 
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
     splits = rf.read_json(run_dir / rf.SPLITS)
     results = evaluate(scores, answers, splits, n_boot)
     rf.write_csv(run_dir / BASELINE_RESULTS, results)
-    probe_results = pd.read_csv(run_dir / rf.PROBE_RESULTS)
+    probe_results = read_results(run_dir / rf.PROBE_RESULTS)  # positions stay text ("-1")
     merged = merge_into_results(probe_results, results)
     rf.write_csv(run_dir / rf.PROBE_RESULTS, merged)
     cell = best_probe_cell(merged)

@@ -215,7 +215,7 @@ def stage_baselines(config: Config, run_dir: Path, models: _ModelHolder, force: 
     if not ran and not (results["site"] == bl.SITE).any():  # the probe stage rewrote its table since
         with rf.stage("baselines"):
             rf.write_csv(run_dir / rf.PROBE_RESULTS,
-                         bl.merge_into_results(results, pd.read_csv(run_dir / bl.BASELINE_RESULTS)))
+                         bl.merge_into_results(results, read_results(run_dir / bl.BASELINE_RESULTS)))
     return ran
 
 

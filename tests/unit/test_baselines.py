@@ -78,3 +78,24 @@ def test_family_table_and_within_family_auc(tmp_path):
     families = family_table(answers, splits, pd.DataFrame(rows), cell)
     assert set(families.family) == {"a", "b"} and (families.probe_auc == 1.0).all()
     assert within_family_auc(families) == 1.0
+
+
+def test_finish_keeps_numeric_looking_positions_as_text(tmp_path):
+    from truthmap.baselines import finish_baselines
+
+    run = make_run(tmp_path / "run")
+    answers = pd.read_parquet(run / "answers.parquet")
+    splits = json.loads((run / "splits.json").read_text())
+    wrong = dict(zip(answers.id, ~answers.correct))
+    # a study of the position "-1" only: read back as a number, it would match no probe score
+    pd.DataFrame([{"site": "residual", "layer": 1, "position": "-1", "seed": int(s), "auc": 0.9, "auc_lo": 0.8,
+                   "auc_hi": 1.0, "accuracy": 0.8, "n_train": 60, "n_test": 60} for s in ("0", "1")]
+                 ).to_csv(run / "probe_results.csv", index=False)
+    pd.DataFrame([{"site": "residual", "layer": 1, "position": "-1", "seed": int(s), "id": i,
+                   "score": float(wrong[i])} for s in ("0", "1") for i in splits["seeds"][s]["test"]]
+                 ).to_parquet(run / "probe_scores.parquet", index=False)
+    scores = pd.DataFrame({"id": answers.id, "logprob_mean": (~answers.correct).astype(float)})
+    fields = finish_baselines(run, scores, n_boot=20)
+    assert fields["probe_within_family_auc"] == 1.0 and fields["baselines"]["logprob_mean"] == 1.0
+    merged = pd.read_csv(run / "probe_results.csv", dtype={"position": str})
+    assert set(merged.site) == {"residual", SITE} and (run / "baselines.png").is_file()
