@@ -19,8 +19,9 @@ when its holder dies, however it dies).
 
 ``TRUTHMAP_FAILPOINT=<stage>:<n>`` makes the process SIGKILL itself at the n-th write event of that
 stage (events: ``before-rename``, ``after-rename``, ``after-commit`` of every file), and
-``TRUTHMAP_FAILPOINT_LOG=<file>`` lists every event; the crash tests use them to kill a run at exact
-points.
+``TRUTHMAP_FAILPOINT=<stage>:<event>:<file>`` at that event of that file (a path relative to the run
+folder); ``TRUTHMAP_FAILPOINT_LOG=<file>`` lists every event. The crash tests use them to kill a run
+at exact points.
 """
 
 from __future__ import annotations
@@ -533,10 +534,11 @@ def _failpoint(event: str, path: Path) -> None:
         return
     name = _open.stage or "setup"
     count = _open.events[name] = _open.events.get(name, 0) + 1
+    key = _key(Path(path))
     log = os.environ.get("TRUTHMAP_FAILPOINT_LOG")
     if log:
         with open(log, "a") as f:
-            f.write(f"{name}\t{count}\t{event}\t{_key(Path(path))}\n")
-    if os.environ.get("TRUTHMAP_FAILPOINT") == f"{name}:{count}":
+            f.write(f"{name}\t{count}\t{event}\t{key}\n")
+    if os.environ.get("TRUTHMAP_FAILPOINT") in (f"{name}:{count}", f"{name}:{event}:{key}"):
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -19,8 +19,8 @@ from truthmap.data import load_questions
 from truthmap.errors import TruthmapError
 from truthmap.label import DEFAULT_POSITIONS, char_span_to_tokens, position_indices, token_char_spans
 
-FILES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-FAST = settings(max_examples=400, deadline=None)
+FILES = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=250, deadline=None)
 
 # text of every script, control characters and combining marks included (no lone surrogates: a file
 # cannot hold them as UTF-8)

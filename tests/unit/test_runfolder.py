@@ -156,6 +156,15 @@ def test_sigkill_at_every_write_event_leaves_a_consistent_folder(tmp_path, event
     assert "previous" not in json.dumps(manifest(tmp_path))
 
 
+def test_a_failpoint_can_name_the_event_and_the_file(tmp_path):
+    env = {**os.environ, "TRUTHMAP_FAILPOINT": "probe:after-rename:probe_results.csv"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), "0.25"], env=env)
+    assert done.returncode == -signal.SIGKILL
+    assert json.loads((tmp_path / rf.MANIFEST).read_text())["files"]["probe_results.csv"]["previous"] is None
+    with rf.open_run(tmp_path):
+        assert pd.read_csv(tmp_path / "probe_results.csv").auc.item() == 0.25
+
+
 HOLDER = textwrap.dedent("""
     import sys, time
     from truthmap import runfolder as rf
