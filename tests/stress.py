@@ -89,6 +89,8 @@ def compare(run: Path, reference: Path) -> tuple[int, list[str]]:
             rounding = np.spacing(np.maximum(np.abs(a), np.abs(b)).astype(np.float16)).astype(np.float32)
             if a.shape != b.shape or not np.all(np.abs(a - b) <= rounding):
                 problems.append(f"{shard['file']}: features differ beyond float16 rounding")
+            elif not np.array_equal(a, b):
+                print(f"  note: {shard['file']} differs within float16 rounding", flush=True)
     ours, theirs = pd.read_csv(run / "probe_results.csv"), pd.read_csv(reference / "probe_results.csv")
     if not ours.equals(theirs):
         problems.append("probe_results.csv differs (AUCs)")
