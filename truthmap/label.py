@@ -95,7 +95,12 @@ def find_exact_answer(
 
 
 def grade_alias(answer, question, gold, wrong_answers, answer_type, vocabularies):
-    """(correct, (exact text, start, end, reason)): a gold alias in the answer (see ``judge``)."""
+    """(correct, (exact text, start, end, reason)): a gold alias in the answer (see ``judge``).
+
+    A question with named competing answers (HotpotQA's yes/no questions) is graded as a choice.
+    """
+    if wrong_answers:
+        return grade_choice(answer, question, gold, wrong_answers, answer_type, vocabularies)
     correct, _ = judge(answer, gold, vocabularies.get(answer_type))
     return correct, find_exact_answer(answer, question, gold, answer_type, vocabularies)
 

@@ -170,6 +170,16 @@ def test_alias_tasks_match_any_alias_whole_word():
     assert not grade("hotpotqa_context", "The answer is Paris.", ["France"])[0]
 
 
+def test_hotpotqa_yes_no_questions_are_a_choice():
+    table, _ = load_questions(f"hotpotqa:{fixture('hotpotqa_distractor.jsonl')}")
+    row = table[table.gold.apply(lambda g: list(g) == ["yes"])].iloc[0]
+    assert list(row.wrong_answers) == ["no"] and list(table.iloc[0].wrong_answers) == []
+    lions = "No, they are not; yes, people often think so."
+    assert grade("hotpotqa", lions, ["yes"], ["no"])[:2] == (False, "No")
+    assert grade("hotpotqa", "Yes, both are big cats.", ["yes"], ["no"])[:2] == (True, "Yes")
+    assert grade("hotpotqa", "They are not both in it.", ["yes"], ["no"])[:2] == (False, None)
+
+
 def test_a_gold_alias_inside_a_longer_candidate_does_not_count():
     countries = Vocabulary(["Republic of the Congo", "Congo-Brazzaville", "Democratic Republic of the Congo", "DR Congo",
                             "Guinea", "Guinea-Bissau", "Equatorial Guinea", "Papua New Guinea", "Sudan", "South Sudan"])

@@ -4,7 +4,8 @@ Reads the hub schema of ``hotpot_qa`` (distractor): ``id, question, answer, type
 supporting_facts: {title, sent_id}, context: {title, sentences}``, or the original JSON list (``_id``,
 ``supporting_facts: [[title, sent_id]]``, ``context: [[title, [sentences]]]``). The context shown with a
 question is its supporting paragraphs (the ones ``supporting_facts`` names, each as "Title: text"),
-not the eight distractors, so prompts stay short.
+not the eight distractors, so prompts stay short. A yes/no question gets the other word as its wrong
+answer, so that the first of "yes" / "no" the answer says decides.
 """
 
 from . import BadRow, Task, gold, register, text
@@ -40,6 +41,9 @@ def _convert(record: dict, with_context: bool) -> dict:
         "family": str(record.get("type") or "hotpotqa"),
         "subgroup": str(record.get("level") or ""),
     }
+    yes_no = {"yes": "no", "no": "yes"}.get(row["gold"][0].lower())
+    if yes_no:  # a comparison asked as yes/no: "No, …" names the other answer (graded as a choice)
+        row["wrong_answers"] = [yes_no]
     if with_context:
         paragraphs, titles = _paragraphs(record), _supporting_titles(record)
         if not titles:
