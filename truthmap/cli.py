@@ -46,6 +46,8 @@ def _common(f):
         click.option("--question-column"),
         click.option("--answer-column"),
         click.option("--bootstrap", type=int, help="Bootstrap resamples for AUC intervals."),
+        click.option("--min-per-class", type=int,
+                     help="Fewest right and wrong answers a train or test split may hold (default 10; at least 2)."),
         click.option("--force", is_flag=True, help="Rerun the stage(s) even if their inputs are unchanged."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
         click.option("--also", multiple=True, help="Extra views: attention (a heatmap of attention weights)."),

@@ -40,6 +40,7 @@ class Config:
     test_fraction: float = 0.3
     C: float = 1.0  # inverse L2 strength of each probe, as in scikit-learn
     bootstrap: int = 1000  # resamples for the AUC interval
+    min_per_class: int = 10  # fewest right (and wrong) answers a train or test split may hold
     progress: bool = True
     also: list[str] = field(default_factory=list)  # extra views of `run`: "attention" (attention heatmap)
     # Ray (truthmap/distributed.py, docs/scaling.md): generation and extraction on workers of a Ray cluster
@@ -62,6 +63,8 @@ class Config:
             raise TruthmapError(f"test_fraction {self.test_fraction}: use a value between 0.05 and 0.95")
         if self.on_bad_row not in ("error", "skip"):
             raise TruthmapError(f"on_bad_row '{self.on_bad_row}': use error or skip")
+        if self.min_per_class < 2:
+            raise TruthmapError(f"min_per_class {self.min_per_class}: must be at least 2 (an AUC needs both classes)")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise TruthmapError(f"max_new_tokens {self.max_new_tokens}: must be at least 1")
         if self.long_prompts not in LONG_PROMPTS:

@@ -177,12 +177,12 @@ def stage_probe(config: Config, run_dir: Path, force: bool = False) -> bool:
     from .probe import run_probe, top_cells
 
     c = config
-    settings = {"C": c.C, "bootstrap": c.bootstrap, "sites": c.sites}
+    settings = {"C": c.C, "bootstrap": c.bootstrap, "sites": c.sites, "min_per_class": c.min_per_class}
     inputs = [run_dir / rf.ANSWERS, run_dir / rf.SPLITS, run_dir / rf.ACTIVATIONS]
 
     def work():
         device = resolve_device(c.device) if c.device_map is None else "cpu"
-        results, scores = run_probe(run_dir, c.sites, c.C, c.bootstrap, device, c.progress)
+        results, scores = run_probe(run_dir, c.sites, c.C, c.bootstrap, device, c.progress, c.min_per_class)
         from .baselines import keep_baseline_rows
 
         rf.write_csv(run_dir / rf.PROBE_RESULTS, keep_baseline_rows(run_dir, results))  # probes + baselines

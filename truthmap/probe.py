@@ -174,16 +174,17 @@ def bootstrap_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)
 
 
-def check_split_sizes(labels: np.ndarray, splits: dict, ids: list[str]) -> None:
+def check_split_sizes(labels: np.ndarray, splits: dict, ids: list[str], min_per_class: int = MIN_PER_CLASS) -> None:
     position = {i: k for k, i in enumerate(ids)}
     for seed, split in splits["seeds"].items():
         for part in ("train", "test"):
             y = labels[[position[i] for i in split[part]]]
             for value, name in ((1, "wrong"), (0, "right")):
-                if int((y == value).sum()) < MIN_PER_CLASS:
+                if int((y == value).sum()) < min_per_class:
                     raise TruthmapError(
                         f"splits.json, seed {seed}, {part} split: only {int((y == value).sum())} {name} answers "
-                        f"(need at least {MIN_PER_CLASS}); study more questions (--limit) or a different mix"
+                        f"(need at least {min_per_class}); study more questions (--limit) or a different mix, "
+                        f"or accept wide AUC intervals with --min-per-class (at least 2)"
                     )
 
 
@@ -194,8 +195,13 @@ def run_probe(
     n_boot: int = 1000,
     device: str = "cpu",
     progress: bool = True,
+    min_per_class: int = MIN_PER_CLASS,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Fit and evaluate every probe; return (results table, test scores table)."""
+    """Fit and evaluate every probe; return (results table, test scores table).
+
+    Every split must hold at least ``min_per_class`` right and wrong answers (an AUC from fewer is mostly
+    noise; its bootstrap interval says how much).
+    """
     from .runfolder import ANSWERS, SPLITS, read_parquet
 
     run_dir = Path(run_dir)
@@ -205,7 +211,7 @@ def run_probe(
     ids = meta["ids"]
     label_of = dict(zip(answers["id"], ~answers["correct"].astype(bool)))
     y = np.array([label_of[i] for i in ids], dtype=np.int64)  # 1 = error
-    check_split_sizes(y, splits, ids)
+    check_split_sizes(y, splits, ids, min_per_class)
     seeds = sorted(splits["seeds"], key=int)
     row_of = {i: k for k, i in enumerate(ids)}
     in_train = np.zeros((len(seeds), len(ids)), bool)

@@ -67,3 +67,25 @@ def test_weighted_auc_equals_auc_of_resampled_rows():
         index = np.repeat(np.arange(60), weights)
         assert row == pytest.approx(roc_auc_score(labels[index], scores[index]))
     assert (counts.sum(1) == 60).all()
+
+
+def test_split_sizes_name_the_short_class_and_honour_min_per_class():
+    from truthmap.errors import TruthmapError
+    from truthmap.probe import check_split_sizes
+
+    ids = [f"q{i}" for i in range(40)]
+    labels = np.array([1] * 34 + [0] * 6)  # 6 right answers: 4 in train, 2 in test
+    splits = {"seeds": {"0": {"train": ids[:28] + ids[34:38], "test": ids[28:34] + ids[38:]}}}
+    with pytest.raises(TruthmapError, match=r"seed 0, train split: only 4 right answers \(need at least 10\)"):
+        check_split_sizes(labels, splits, ids)
+    with pytest.raises(TruthmapError, match=r"test split: only 2 right answers \(need at least 3\)"):
+        check_split_sizes(labels, splits, ids, min_per_class=3)
+    check_split_sizes(labels, splits, ids, min_per_class=2)
+
+
+def test_min_per_class_below_two_is_refused():
+    from truthmap.config import Config
+    from truthmap.errors import TruthmapError
+
+    with pytest.raises(TruthmapError, match="min_per_class 1"):
+        Config(min_per_class=1).validate()
