@@ -129,7 +129,7 @@ def kill_resume_trials(n_trials: int, config: Path, work: Path, rng: random.Rand
                 tally["kills_at_events" if kind == "event" else "kills_at_times"] += 1
                 notes.append(f"killed at {where if kind == 'event' else f'{where:.0f} s'}")
             else:
-                notes.append(f"{kind} {where}: not reached (exit {status})")
+                notes.append(f"{where if kind == 'event' else f'{where:.0f} s'}: not reached (exit {status})")
         status, err = run_study(out, config)
         tally["trials"] += 1
         if status != 0:
