@@ -180,9 +180,10 @@ def check_split_sizes(labels: np.ndarray, splits: dict, ids: list[str], min_per_
         for part in ("train", "test"):
             y = labels[[position[i] for i in split[part]]]
             for value, name in ((1, "wrong"), (0, "right")):
-                if int((y == value).sum()) < min_per_class:
+                count = int((y == value).sum())
+                if count < min_per_class:
                     raise TruthmapError(
-                        f"splits.json, seed {seed}, {part} split: only {int((y == value).sum())} {name} answers "
+                        f"splits.json, seed {seed}, {part} split: only {count} {name} answer{'s' * (count != 1)} "
                         f"(need at least {min_per_class}); study more questions (--limit) or a different mix, "
                         f"or accept wide AUC intervals with --min-per-class (at least 2)"
                     )

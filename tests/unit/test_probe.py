@@ -81,6 +81,8 @@ def test_split_sizes_name_the_short_class_and_honour_min_per_class():
     with pytest.raises(TruthmapError, match=r"test split: only 2 right answers \(need at least 3\)"):
         check_split_sizes(labels, splits, ids, min_per_class=3)
     check_split_sizes(labels, splits, ids, min_per_class=2)
+    with pytest.raises(TruthmapError, match=r"test split: only 1 right answer \(need at least 2\)"):
+        check_split_sizes(np.r_[labels[:-1], 1], splits, ids, min_per_class=2)
 
 
 def test_min_per_class_below_two_is_refused():
