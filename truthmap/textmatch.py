@@ -16,7 +16,7 @@ from dataclasses import dataclass
 ARTICLES = frozenset({"a", "an", "the"})
 # a number (with thousands separators or a decimal part) or a run of letters/digits
 _SIGN = r"(?:(?<!\w)[-−])?"  # a minus sign only where it cannot be a hyphen ("2-3" is two numbers)
-_WORD = re.compile(_SIGN + r"\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|" + _SIGN + r"\d+(?:\.\d+)?|[^\W_]+")
+_WORD = re.compile(_SIGN + r"\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d|,\d)|" + _SIGN + r"\d+(?:\.\d+)?|[^\W_]+")
 _NUMBER = re.compile(r"[-−]?[\d,]*\d(?:\.\d+)?")
 
 

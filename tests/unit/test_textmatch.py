@@ -17,6 +17,13 @@ def test_numbers_compare_as_numbers():
     assert first_match("That makes 1,000 apples", ["1000"]) is not None
 
 
+def test_a_comma_after_a_number_with_thousands_separators_ends_it():
+    assert [w.norm for w in words("It costs $20,000, which is a lot")][:3] == ["it", "costs", "20000"]
+    assert [w.norm for w in words("20,000,000 ants")] == ["20000000", "ants"]
+    assert [w.norm for w in words("1, 2, 3")] == ["1", "2", "3"]
+    assert [w.norm for w in words("12,34")] == ["12", "34"]  # not a thousands group: two numbers
+
+
 def test_whole_word_only():
     assert first_match("It is 19 years", ["9"]) is None
     assert first_match("Parisian food", ["Paris"]) is None
