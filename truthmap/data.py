@@ -196,11 +196,14 @@ def _read_jsonl(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line, object_pairs_hook=_unique_keys))
+                record = json.loads(line, object_pairs_hook=_unique_keys)
             except _DuplicateKey as err:
                 raise TruthmapError(f"{path}, line {number}: key '{err}' twice in one record; keep one") from None
             except json.JSONDecodeError as err:
                 raise TruthmapError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise TruthmapError(f"{path}, line {number}: {_kind(record)}, not a record ({{\"question\": …}})")
+            records.append(record)
     if not records:
         raise TruthmapError(f"{path}: the file is empty")
     return records
@@ -218,7 +221,15 @@ def _read_json(path: Path) -> list[dict]:
         content = next((content[k] for k in ("Data", "data") if isinstance(content.get(k), list)), content)
     if not isinstance(content, list):
         raise TruthmapError(f"{path}: expected a list of records (or an object with a 'Data' list)")
+    for number, record in enumerate(content, start=1):
+        if not isinstance(record, dict):
+            raise TruthmapError(f"{path}, record {number}: {_kind(record)}, not a record ({{\"question\": …}})")
     return content
+
+
+def _kind(value) -> str:
+    names = {list: "a list", str: "a string", bool: "true or false", type(None): "null"}
+    return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
 def _load_hf(source: tasks.Source):

@@ -77,3 +77,14 @@ def test_unknown_local_file_type(tmp_path):
     path = write(tmp_path / "q.txt", "hello")
     with pytest.raises(TruthmapError, match="unknown file type '.txt'"):
         load_questions(path)
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("q.jsonl", '{"question": "Q?", "answer": "x"}\n0\n', r"q.jsonl, line 2: a number, not a record"),
+    ("q.jsonl", '["Q?", "x"]\n', r"q.jsonl, line 1: a list, not a record"),
+    ("q.json", '[{"question": "Q?", "answer": "x"}, "Q2?"]', r"q.json, record 2: a string, not a record"),
+])
+def test_json_values_that_are_not_records_are_named(tmp_path, name, content, message):
+    path = write(tmp_path / name, content)
+    with pytest.raises(TruthmapError, match=message):
+        load_questions(path)
