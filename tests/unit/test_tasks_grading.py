@@ -170,6 +170,14 @@ def test_alias_tasks_match_any_alias_whole_word():
     assert not grade("hotpotqa_context", "The answer is Paris.", ["France"])[0]
 
 
+def test_nq_context_short_answers_whole_word_and_numbers_as_numbers():
+    assert grade("nq_context", "It fell in 1989.", ["1989"])[:2] == (True, "1989")
+    assert not grade("nq_context", "It fell in 19890 BC.", ["1989"])[0]
+    assert grade("nq_context", "About 212.0 degrees", ["212"])[:2] == (True, "212.0")
+    assert grade("nq_context", "J.K. Rowling wrote them.", ["J. K. Rowling", "Rowling"])[0]
+    assert not grade("nq_context", "Rowlings wrote them.", ["Rowling"])[0]
+
+
 def test_hotpotqa_yes_no_questions_are_a_choice():
     table, _ = load_questions(f"hotpotqa:{fixture('hotpotqa_distractor.jsonl')}")
     row = table[table.gold.apply(lambda g: list(g) == ["yes"])].iloc[0]

@@ -52,6 +52,16 @@ def test_context_tasks_show_the_passage_first():
     assert chat.startswith("<user>Context: The Declaration of Independence was drafted") and "Question: who wrote" in chat
 
 
+def test_movies_and_nq_prompts():
+    chat, base = first_prompts(f"movies:{FIXTURES / 'movie_qa.csv'}")
+    assert chat == "<user>Who acted as Rick Blaine in the movie 'Casablanca'? Answer briefly.</user><assistant>"
+    assert base == "Q: Who acted as Rick Blaine in the movie 'Casablanca'?\nA:"
+    chat, base = first_prompts(f"nq_context:{FIXTURES / 'nq_wc.csv'}")
+    assert chat.startswith("<user>Context: The Declaration of Independence was drafted by Thomas Jefferson")
+    assert chat.endswith("Question: who wrote the declaration of independence Answer briefly.</user><assistant>")
+    assert base.endswith("Q: who wrote the declaration of independence\nA:") and "Thomas Jefferson" in base
+
+
 def test_math_asks_for_a_short_answer():
     chat, base = first_prompts(f"math:{FIXTURES / 'math.csv'}")
     assert chat.endswith("How many rolls are left? Answer shortly.</user><assistant>")
