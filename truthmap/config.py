@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import TruthmapError
 from .generate import DEFAULT_TEMPLATE, LONG_PROMPTS
-from .label import DEFAULT_POSITIONS, check_positions
+from .label import DEFAULT_POSITIONS, MIN_PER_CLASS, check_positions
 from .models import DEFAULT_MODEL, SITES
 
 ALSO = ("attention",)  # optional passes of `truthmap run`
@@ -40,7 +40,7 @@ class Config:
     test_fraction: float = 0.3
     C: float = 1.0  # inverse L2 strength of each probe, as in scikit-learn
     bootstrap: int = 1000  # resamples for the AUC interval
-    min_per_class: int = 10  # fewest right (and wrong) answers a train or test split may hold
+    min_per_class: int = MIN_PER_CLASS  # fewest right (and wrong) answers a train or test split may hold
     progress: bool = True
     also: list[str] = field(default_factory=list)  # extra views of `run`: "attention" (attention heatmap)
     # Ray (truthmap/distributed.py, docs/scaling.md): generation and extraction on workers of a Ray cluster

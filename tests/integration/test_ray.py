@@ -16,14 +16,14 @@ import pandas as pd
 import pytest
 
 import truthmap.extract
-import truthmap.probe
 from truthmap.config import load_config
 from truthmap.pipeline import run_stages
 
 pytestmark = pytest.mark.model
 # a tiny study: 24 questions, batch size 2 -> 3 generation chunks of 8; 3 feature shards of 8
 STUDY = dict(limit=24, seeds=[0], test_fraction=0.5, bootstrap=50, batch_size=2, max_new_tokens=12,
-             dtype="float32", device="cpu", progress=False)  # the model the default_model fixture may have loaded
+             dtype="float32", device="cpu", progress=False,  # the model the default_model fixture may have loaded
+             min_per_class=2)  # a tiny study still gets AUCs to compare
 STAGES = ("generate", "label", "extract", "probe")
 SHARD_SIZE = 8
 
@@ -45,7 +45,6 @@ def runs(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(truthmap.extract, "SHARD_SIZE", SHARD_SIZE)
-            patch.setattr(truthmap.probe, "MIN_PER_CLASS", 2)  # a tiny study still gets AUCs to compare
             run_stages(load_config(None, out=str(root / "single"), **STUDY), STAGES)
             ray.init(num_cpus=2, address="local", include_dashboard=False, log_to_driver=False,
                      _node_ip_address="127.0.0.1")
