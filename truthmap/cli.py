@@ -89,6 +89,10 @@ def _report(run_dir: Path) -> None:
         table.add_row(cell["site"], str(cell["layer"]), cell["position"], f"{cell['auc']:.3f} ± {cell['auc_std']:.3f}",
                       f"{cell['auc_lo']:.3f}–{cell['auc_hi']:.3f}", str(int(cell["n_test"])))
     console.print(table)
+    heldout = summary.get("best_cell_heldout")
+    if heldout:
+        console.print(f"best cell chosen on half of each test split, scored on the other half: AUC "
+                      f"{heldout['auc']:.3f} ± {heldout['auc_std']:.3f} (the top cell's own AUC is the best of many)")
     baselines = {k: v for k, v in (summary.get("baselines") or {}).items() if v is not None}
     if baselines:
         best = sorted(baselines.items(), key=lambda kv: -kv[1])[:3]

@@ -174,7 +174,7 @@ def stage_extract(config: Config, run_dir: Path, models: _ModelHolder, force: bo
 
 def stage_probe(config: Config, run_dir: Path, force: bool = False) -> bool:
     from .models import resolve_device
-    from .probe import run_probe, top_cells
+    from .probe import heldout_best_auc, run_probe, top_cells
 
     c = config
     settings = {"C": c.C, "bootstrap": c.bootstrap, "sites": c.sites, "min_per_class": c.min_per_class}
@@ -189,7 +189,9 @@ def stage_probe(config: Config, run_dir: Path, force: bool = False) -> bool:
         rf.write_parquet(run_dir / rf.PROBE_SCORES, scores)
         top = top_cells(results, 5)
         cells = top[["site", "layer", "position", "auc", "auc_std", "auc_lo", "auc_hi", "n_test"]].to_dict("records")
-        rf.update_summary(run_dir, best_cell=cells[0] if cells else None, top_cells=cells)
+        answers = rf.read_parquet(run_dir / rf.ANSWERS)
+        heldout = heldout_best_auc(scores, dict(zip(answers["id"], ~answers["correct"].astype(bool))))
+        rf.update_summary(run_dir, best_cell=cells[0] if cells else None, top_cells=cells, best_cell_heldout=heldout)
 
     outputs = [run_dir / rf.PROBE_RESULTS, run_dir / rf.PROBE_SCORES]
     return _run_stage(run_dir, "probe", settings, inputs, outputs, work, force)

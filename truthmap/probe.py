@@ -270,6 +270,49 @@ def top_cells(results: pd.DataFrame, k: int = 5) -> pd.DataFrame:
     return mean_over_seeds(results).sort_values("auc", ascending=False).head(k).reset_index(drop=True)
 
 
+def heldout_best_auc(scores: pd.DataFrame, error_of: dict, rounds: int = 10) -> dict | None:
+    """The AUC to expect of the best cell on answers that did not choose it.
+
+    The heatmap's best cell is the best of hundreds on the test splits that score it, so its AUC is
+    optimistic. Here each seed's test answers are cut into two stratified halves (``rounds`` times, seeded);
+    the cell with the best AUC on one half is scored on the other half, both ways round. ``scores`` is
+    ``probe_scores.parquet`` (site, layer, position, seed, id, score); ``error_of`` maps id -> wrong.
+    Returns the mean and spread of those held-out AUCs, their number, and the cell chosen most often.
+    """
+    held_out, chosen = [], {}
+    for seed, part in scores.groupby("seed", sort=True):
+        ids = np.array(sorted(part["id"].unique()))
+        y = np.array([bool(error_of[i]) for i in ids])
+        rng = np.random.default_rng(20_000 + int(seed))
+        halves = np.zeros((rounds, len(ids)), bool)
+        for r in range(rounds):
+            for value in (False, True):
+                members = rng.permutation(np.flatnonzero(y == value))
+                halves[r, members[: len(members) // 2]] = True
+        weights = np.stack([halves, ~halves], axis=1).reshape(2 * rounds, len(ids)).astype(np.float64)
+        row_of = {i: k for k, i in enumerate(ids)}
+        cells, aucs = [], []
+        for cell, rows in part.groupby(["site", "layer", "position"], sort=False):
+            cols = np.fromiter((row_of[i] for i in rows["id"]), dtype=np.int64, count=len(rows))
+            cells.append(cell)
+            aucs.append(auc_score(rows["score"].to_numpy(np.float64), y[cols], weights[:, cols]))
+        table = np.array(aucs)  # [cell, 2 * rounds]: AUC of every cell on every half
+        for pick in range(2 * rounds):
+            if np.isnan(table[:, pick]).all():
+                continue
+            best = int(np.nanargmax(table[:, pick]))
+            other = pick + 1 if pick % 2 == 0 else pick - 1  # the other half of the same cut
+            if not np.isnan(table[best, other]):
+                held_out.append(float(table[best, other]))
+                chosen[cells[best]] = chosen.get(cells[best], 0) + 1
+    if not held_out:
+        return None
+    site, layer, position = max(chosen, key=chosen.get)
+    return {"auc": float(np.mean(held_out)), "auc_std": float(np.std(held_out)), "n": len(held_out),
+            "most_chosen": {"site": site, "layer": int(layer), "position": position,
+                            "share": chosen[(site, layer, position)] / len(held_out)}}
+
+
 def read_results(path) -> pd.DataFrame:
     """``probe_results.csv`` as written: positions stay text ("-1" is a position name, not a number)."""
     return pd.read_csv(path, dtype={"site": str, "position": str})

@@ -91,3 +91,36 @@ def test_min_per_class_below_two_is_refused():
 
     with pytest.raises(TruthmapError, match="min_per_class 1"):
         Config(min_per_class=1).validate()
+
+
+def _scores_table(signal_cells: dict, n_cells: int = 200, n: int = 120, seeds=(0, 1), seed: int = 0):
+    """probe_scores-like rows: ``n_cells`` cells of pure noise, plus cells whose score carries the label."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    ids = [f"q{i}" for i in range(n)]
+    wrong = rng.random(n) < 0.4
+    rows = []
+    for s in seeds:
+        for c in range(n_cells):
+            strength = signal_cells.get(c, 0.0)
+            score = rng.normal(size=n) + strength * wrong
+            rows.append(pd.DataFrame({"site": "residual", "layer": c, "position": "last_q", "seed": s,
+                                      "id": ids, "score": score}))
+    return pd.concat(rows, ignore_index=True), dict(zip(ids, wrong))
+
+
+def test_heldout_best_auc_removes_the_winners_curse():
+    from truthmap.probe import heldout_best_auc
+
+    scores, error_of = _scores_table({})  # nothing to find
+    y = np.array(list(error_of.values()))
+    per_cell = scores.groupby(["seed", "layer"]).score.apply(lambda s: auc_score(s.to_numpy(), y)).groupby("layer").mean()
+    assert per_cell.max() > 0.58  # the best of 200 noise cells looks like a finding
+    heldout = heldout_best_auc(scores, error_of)
+    assert abs(heldout["auc"] - 0.5) < 0.04 and heldout["n"] == 2 * 10 * 2
+
+    scores, error_of = _scores_table({17: 1.5})  # one cell knows
+    heldout = heldout_best_auc(scores, error_of)
+    assert heldout["most_chosen"]["layer"] == 17 and heldout["most_chosen"]["share"] > 0.9
+    assert 0.75 < heldout["auc"] < 0.95
