@@ -40,7 +40,7 @@ SCORE_SCALE = 65534  # a score s in [0, 1] is stored as round(s * SCORE_SCALE)
 MISSING = 65535  # no score: the position does not exist for this answer
 SUMMARY_KEYS = ("model", "model_revision", "dataset", "n", "n_layers", "hidden_size", "accuracy",
                 "valid_exact_answer_rate", "valid_exact_answer_rate_wrong", "invalid_exact_answer_reasons",
-                "families", "top_cells", "stage_seconds", "wall_seconds", "versions")
+                "families", "top_cells", "best_cell_heldout", "stage_seconds", "wall_seconds", "versions")
 
 
 def _number(value, digits: int = 4):

@@ -512,6 +512,11 @@
       });
       panel.append(smallTable("Best cells (mean over seeds)", ["cell", "AUC", "95% interval", "n_test"], rows));
     }
+    const held = sm.best_cell_heldout;
+    if (held) {
+      panel.append(h("p", {class: "hint"}, "The best cell is chosen on the test splits that score it. Chosen on one half of " +
+        "each test split and scored on the other (" + held.n + " choices): AUC " + fmt(held.auc) + " ± " + fmt(held.auc_std) + "."));
+    }
     if (run.baselines.length) {
       panel.append(smallTable("Baselines (same test splits)", ["baseline", "AUC", "95% interval", "n_test"],
         run.baselines.map((b) => [b.name + (b.site === "baseline" ? "" : " (" + b.site + ")"),
