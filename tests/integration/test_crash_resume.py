@@ -118,7 +118,7 @@ def assert_same_results(run: Path, reference: Path) -> None:
     ours, theirs = pd.read_csv(run / "probe_results.csv"), pd.read_csv(reference / "probe_results.csv")
     pd.testing.assert_frame_equal(ours, theirs)  # AUCs identical, not merely close
     summary, expected = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
-    for key in ("n", "accuracy", "valid_exact_answer_rate", "best_cell", "top_cells", "model_revision"):
+    for key in ("n", "accuracy", "valid_exact_answer_rate", "best_cell", "top_cells", "best_cell_heldout", "model_revision"):
         assert summary[key] == expected[key], key
     assert (run / "heatmap.png").is_file() and (run / "heatmap.svg").is_file()
 

@@ -57,6 +57,8 @@ def test_run_folder_contract(study):
                 "stage_seconds", "versions", "families"):
         assert key in summary, key
     assert summary["n"] == 80 and len(summary["top_cells"]) == 5
+    heldout = summary["best_cell_heldout"]  # 10 cuts x 2 halves x 2 seeds, each choice scored on the other half
+    assert 30 <= heldout["n"] <= 40 and 0 <= heldout["auc"] <= 1  # a choice whose cell lacks a class in the other half is dropped
     assert set(summary["stage_seconds"]) == {"generate", "label", "extract", "probe", "baselines", "plot", "report"}
     splits = json.loads((out / "splits.json").read_text())
     assert set(splits["seeds"]) == {"0", "1"}
