@@ -67,3 +67,8 @@ def tiny_model(layers: int = 2, vocab: int = 40, seed: int = 0):
     return LoadedModel(model=model, tokenizer=tokenizer, model_id="tiny", source="tiny", gguf_file=None,
                        revision="r", n_layers=layers, hidden_size=16, blocks=model.model.layers,
                        embeddings=model.model.embed_tokens)
+
+
+def prompts(n: int = 37) -> list[list[int]]:
+    """Token-id prompts of varied lengths (1 to 11 tokens), for generation without a model."""
+    return [[2 + i] * (1 + (i * 7) % 11) for i in range(n)]

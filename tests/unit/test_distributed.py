@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from _synthetic import prompts
 
 from truthmap import generate
 from truthmap import runfolder as rf
@@ -44,34 +45,16 @@ class FakeWorkers:
                       for site in sites}
 
 
-@pytest.fixture
-def fake_batches(monkeypatch):
-    batches = []
-
-    def fake_batch(lm, batch, max_new_tokens, stop_ids, sample=None):
-        batches.append([tuple(p) for p in batch])
-        return [([sum(p) % 97, len(batch)], True) for p in batch]  # depends on the batch: catches regrouping
-
-    monkeypatch.setattr(generate, "_generate_batch", fake_batch)
-    monkeypatch.setattr(generate, "prompt_room", lambda lm, n: 50)
-    monkeypatch.setattr(generate, "end_of_turn_ids", lambda lm: [1])
-    return batches
-
-
-def prompts(n=37):
-    return [[2 + i] * (1 + (i * 7) % 11) for i in range(n)]
-
-
-def test_chunks_from_workers_in_any_order_give_the_single_process_answers(tmp_path, fake_batches):
+def test_chunks_from_workers_in_any_order_give_the_single_process_answers(tmp_path, fake_generation):
     plain = generate.generate_answers(SimpleNamespace(), prompts(), 8, batch_size=3, progress=False)
-    plain_batches = sorted(fake_batches)
-    fake_batches.clear()
+    plain_batches = sorted(fake_generation)
+    fake_generation.clear()
     workers = FakeWorkers()
     with rf.open_run(tmp_path):
         store = rf.ChunkStore(tmp_path / "generations", "k")
         spread = generate.generate_answers(SimpleNamespace(workers=workers), prompts(), 8, batch_size=3,
                                            progress=False, chunks=store)
-    assert spread == plain and sorted(fake_batches) == plain_batches  # the same batches, the same answers
+    assert spread == plain and sorted(fake_generation) == plain_batches  # the same batches, the same answers
     assert workers.asked == [0, 1, 2, 3]  # 37 prompts in chunks of 4 batches of 3
     # a driver that died after chunks 0 and 3: the rerun asks the workers for the others only
     for k in (1, 2):
@@ -84,14 +67,14 @@ def test_chunks_from_workers_in_any_order_give_the_single_process_answers(tmp_pa
     assert again == plain and workers.asked == [1, 2]
 
 
-def test_without_a_chunk_store_workers_still_get_whole_batches(fake_batches):
+def test_without_a_chunk_store_workers_still_get_whole_batches(fake_generation):
     plain = generate.generate_answers(SimpleNamespace(), prompts(), 8, batch_size=3, progress=False)
     workers = FakeWorkers()
     spread = generate.generate_answers(SimpleNamespace(workers=workers), prompts(), 8, progress=False)
     assert spread == plain and workers.asked == [0, 1, 2, 3]  # batch size from the workers: 3
 
 
-def test_sampling_is_refused_on_workers(fake_batches):
+def test_sampling_is_refused_on_workers(fake_generation):
     with pytest.raises(TruthmapError, match="without --ray"):
         generate.generate_answers(SimpleNamespace(workers=FakeWorkers()), prompts(), 8, 3, False, sample=(1.0, 0))
 

@@ -10,6 +10,7 @@ import time
 
 import pandas as pd
 import pytest
+from _synthetic import prompts
 
 from truthmap import generate
 from truthmap import runfolder as rf
@@ -214,24 +215,6 @@ class FakeModel:
 
     class tokenizer:  # noqa: N801 - stands in for an object
         pad_token_id = 0
-
-
-@pytest.fixture
-def fake_generation(monkeypatch):
-    batches = []
-
-    def fake_batch(lm, batch, max_new_tokens, stop_ids, sample=None):
-        batches.append([tuple(p) for p in batch])
-        return [([sum(p) % 97, len(batch)], True) for p in batch]  # depends on the batch: catches regrouping
-
-    monkeypatch.setattr(generate, "_generate_batch", fake_batch)
-    monkeypatch.setattr(generate, "prompt_room", lambda lm, n: 50)
-    monkeypatch.setattr(generate, "end_of_turn_ids", lambda lm: [1])
-    return batches
-
-
-def prompts(n=37):
-    return [[2 + i] * (1 + (i * 7) % 11) for i in range(n)]
 
 
 def test_chunks_do_not_change_the_batches_or_the_answers(tmp_path, fake_generation):
