@@ -101,7 +101,7 @@ def stage_generate(config: Config, run_dir: Path, models: _ModelHolder, force: b
     def work():
         questions, vocabularies = load_questions(c.dataset, c.limit, 0, c.question_column, c.answer_column,
                                                  c.data_dir, c.on_bad_row)
-        max_new_tokens = c.max_new_tokens or answer_length(questions["task"])
+        max_new_tokens = answer_length(questions["task"], c.max_new_tokens)
         rf.write_parquet(run_dir / rf.QUESTIONS, questions)
         rf.write_json(run_dir / rf.VOCABULARIES, vocabularies)
         lm = models.lm

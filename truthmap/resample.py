@@ -207,11 +207,9 @@ def run_resample(lm, run_dir: Path, n: int = 10, temperature: float = 1.0, seed:
     vocabularies = rf.read_json(run_dir / rf.VOCABULARIES, default={})
     positions = rf.read_json(run_dir / rf.ACTIVATIONS / "index.json")["positions"]
     prompts = generations.set_index("id").loc[questions["id"], "prompt_ids"].map(list).tolist()
-    max_new = max_new_tokens or config.get("max_new_tokens")
-    if not max_new:  # the task's own length, as the generate stage chose it
-        from .tasks import answer_length
+    from .tasks import answer_length
 
-        max_new = answer_length(questions["task"]) if "task" in questions.columns else 24
+    max_new = answer_length(questions.get("task", ()), max_new_tokens or config.get("max_new_tokens"))
     drawn = sample_answers(lm, prompts, n, temperature, seed, max_new, batch_size, progress)
     resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, extractor, progress)
     rf.write_parquet(run_dir / RESAMPLES, resamples)

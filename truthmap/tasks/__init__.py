@@ -92,8 +92,12 @@ def get_task(name: str) -> Task:
         raise TruthmapError(f"task '{name}': unknown; known tasks: {', '.join(REGISTRY)} (see `truthmap tasks`)") from None
 
 
-def answer_length(task_names) -> int:
-    """The answer length (max_new_tokens) that the tasks of a questions table allow: the longest of theirs."""
+def answer_length(task_names, configured: int | None = None) -> int:
+    """The answer length (max_new_tokens) of a run: the one configured, else the longest its tasks allow.
+
+    ``task_names``: the ``task`` column of its questions table (empty for a table without one)."""
+    if configured:
+        return int(configured)
     return max((get_task(name).max_new_tokens for name in set(task_names)), default=Task("", "").max_new_tokens)
 
 
