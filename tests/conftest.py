@@ -17,7 +17,8 @@ def tokenizer(default_model):
 
 # One small whole study, shared by the model-backed tests that read a run folder (the end-to-end
 # contract, the report in a browser), so the suite runs the model over these questions only once.
-SMALL_STUDY = dict(limit=80, seeds=[0, 1], test_fraction=0.5, bootstrap=200, progress=False)
+SMALL_STUDY = dict(limit=80, seeds=[0, 1], test_fraction=0.3, validation_fraction=0.2, min_per_class=4, bootstrap=200,
+                   progress=False)
 
 
 @pytest.fixture(scope="session")

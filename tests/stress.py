@@ -297,7 +297,8 @@ def main() -> None:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="truthmap-stress-"))
     work.mkdir(parents=True, exist_ok=True)
     config = work / "study.yaml"
-    config.write_text(yaml.safe_dump({"limit": args.limit, "seeds": [0], "test_fraction": 0.5, "bootstrap": 50,
+    config.write_text(yaml.safe_dump({"limit": args.limit, "seeds": [0], "test_fraction": 0.3, "validation_fraction": 0.2,
+                                      "min_per_class": 4, "bootstrap": 50,
                                       "max_new_tokens": 16, "batch_size": 8}))
     started = time.perf_counter()
     kills = kill_resume_trials(args.trials, config, work, rng) if args.trials else None

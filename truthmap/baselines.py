@@ -186,47 +186,78 @@ def group_rates(answers: pd.DataFrame, train_ids: set, keys: list[str]) -> np.nd
 
 # ---------------------------------------------------------------------- AUCs on the probes' test splits
 
-def evaluate(scores: pd.DataFrame, answers: pd.DataFrame, splits: dict, n_boot: int = 1000) -> pd.DataFrame:
-    """Rows in ``probe_results.csv``'s format for every baseline and seed, on the seed's test split."""
-    from .probe import RESULT_COLUMNS, auc_score, bootstrap_counts
+PROBABILITIES = ("p_true_exact", "p_true_answer", "family_rate", "subgroup_rate", "surface")  # accuracy at 0.5
+LEARNED = ("family_rate", "subgroup_rate", "surface")  # fitted on the train part (n_train counts it)
 
-    answers = answers.set_index("id", drop=False)
-    scores = scores.set_index("id").reindex(answers.index)
-    error = (~answers["correct"].astype(bool)).to_numpy()
+
+def surface_features(answers: pd.DataFrame) -> np.ndarray:
+    """``[N, k]`` what an answer looks like from outside, nothing the model holds inside: its length in
+    tokens, its exact answer's length in characters, the route that found the exact answer (one-hot:
+    ``exact_answer_reason``) and whether it stopped on its own (end of turn before the token limit)."""
+    reasons = answers["exact_answer_reason"].astype(str)
+    routes = pd.get_dummies(reasons).to_numpy(dtype=float)
+    length = answers["n_answer_tokens"].to_numpy(dtype=float)[:, None]
+    exact = np.where(answers["exact_answer_valid"], answers["exact_answer_end"] - answers["exact_answer_start"], 0)
+    stopped = answers["stopped"].astype(float).to_numpy()[:, None] if "stopped" in answers.columns \
+        else np.zeros((len(answers), 1))
+    return np.hstack([length, np.asarray(exact, dtype=float)[:, None], routes, stopped])
+
+
+def surface_scores(answers: pd.DataFrame, train: np.ndarray) -> np.ndarray:
+    """P(error) of a logistic model of :func:`surface_features`, fitted on the ``train`` rows: the
+    surface control. If it matches the exact-answer columns, those columns may only read the surface."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X = surface_features(answers)
+    y = ~answers["correct"].astype(bool).to_numpy()
+    if len(set(y[train].tolist())) < 2:
+        return np.full(len(answers), np.nan)
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)).fit(X[train], y[train])
+    return model.predict_proba(X)[:, 1]
+
+
+def evaluate(scores: pd.DataFrame, answers: pd.DataFrame, splits: dict, n_boot: int = 1000) -> pd.DataFrame:
+    """Rows in ``probe_results.csv``'s format for every baseline and seed: scored, like the probes, on
+    the test (and validation) parts of the seed's split — the same answers — with the same bootstrap."""
+    from .probe import RESULT_COLUMNS, bootstrap_for, cell_stats, result_rows, split_masks, strata_of
+
+    ids = answers["id"].tolist()
+    seeds, parts = split_masks(splits, ids)
+    error = (~answers["correct"].astype(bool)).to_numpy().astype(np.int64)
+    weights = bootstrap_for(answers, ids, n_boot)
+    strata = strata_of(answers, ids)
+    table = scores.set_index("id").reindex(ids)
+    columns = {name: np.tile(table[name].to_numpy(dtype=float), (len(seeds), 1)) for name in table.columns}
     has_subgroups = answers["subgroup"].fillna("").astype(str).str.len().gt(0).any()
+    learned = {"family_rate": ["family"], "subgroup_rate": ["family", "subgroup"]}
+    if not has_subgroups:
+        learned.pop("subgroup_rate")
+    for name, keys in learned.items():
+        columns[name] = np.stack([group_rates(answers, set(np.asarray(ids)[parts["train"][s]]), keys)
+                                  for s in range(len(seeds))])
+    columns["surface"] = np.stack([surface_scores(answers, parts["train"][s]) for s in range(len(seeds))])
     rows = []
-    for seed, split in sorted(splits["seeds"].items(), key=lambda kv: int(kv[0])):
-        train_ids, test_ids = set(split["train"]), split["test"]
-        columns = {name: scores[name].to_numpy(dtype=float) for name in scores.columns}
-        columns["family_rate"] = group_rates(answers.reset_index(drop=True), train_ids, ["family"])
-        if has_subgroups:
-            columns["subgroup_rate"] = group_rates(answers.reset_index(drop=True), train_ids, ["family", "subgroup"])
-        test = answers.index.isin(test_ids)
-        counts = bootstrap_counts(int(test.sum()), n_boot, int(seed))
-        for name, values in columns.items():
-            valid = test & np.isfinite(values)
-            score, y = values[valid], error[valid]
-            n_train = len(train_ids) if name.endswith("_rate") else 0
-            if len(set(y.tolist())) < 2:
-                rows.append([SITE, -1, name, int(seed), np.nan, np.nan, np.nan, np.nan, n_train, int(valid.sum())])
-                continue
-            auc = float(auc_score(score, y))
-            # one bootstrap draw resamples (score, label) pairs together: the counts weight both
-            lo, hi = np.nanpercentile(auc_score(score, y, counts[:, np.isfinite(values[test])]), [2.5, 97.5])
-            probability = name.startswith("p_true") or name.endswith("_rate")
-            accuracy = float(((score >= 0.5) == y).mean()) if probability else np.nan
-            rows.append([SITE, -1, name, int(seed), auc, float(lo), float(hi), accuracy, n_train, int(valid.sum())])
+    for name, score in columns.items():
+        per_seed, cell = cell_stats(score, error, parts, weights, strata, probability=name in PROBABILITIES)
+        if name not in LEARNED:
+            for row in per_seed:
+                row["n_train"] = 0
+        rows.extend(result_rows(SITE, -1, name, seeds, per_seed, cell))
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
-def best_probe_cell(results: pd.DataFrame) -> dict | None:
-    """The probe cell (not a baseline) with the highest mean AUC over seeds."""
-    from .probe import top_cells
+def best_probe_cell(results: pd.DataFrame, positions: list[str] | None = None) -> dict | None:
+    """The probe cell (not a baseline), among ``positions`` if given, chosen on mean validation AUC."""
+    from .probe import choose_cell, mean_over_seeds
 
     probes = results[results["site"] != SITE]
+    if positions is not None:
+        probes = probes[probes["position"].isin(positions)]
     if probes["auc"].notna().sum() == 0:
         return None
-    return top_cells(probes, 1).iloc[0].to_dict()
+    return choose_cell(mean_over_seeds(probes))
 
 
 def family_table(answers: pd.DataFrame, splits: dict, probe_scores: pd.DataFrame, cell: dict | None) -> pd.DataFrame:
@@ -346,6 +377,8 @@ def finish_baselines(run_dir: Path, scores: pd.DataFrame, n_boot: int = 1000, ti
     from .probe import mean_over_seeds, read_results
 
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
+    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
+    answers = answers.merge(generations[["id", "stopped"]], on="id", how="left")
     splits = rf.read_json(run_dir / rf.SPLITS)
     results = evaluate(scores, answers, splits, n_boot)
     rf.write_csv(run_dir / BASELINE_RESULTS, results)
@@ -360,4 +393,32 @@ def finish_baselines(run_dir: Path, scores: pd.DataFrame, n_boot: int = 1000, ti
     plot_baselines(merged, cell, within, run_dir / FIGURE, title)
     means = mean_over_seeds(results)
     return {"baselines": {r.position: None if pd.isna(r.auc) else round(float(r.auc), 4) for r in means.itertuples()},
-            "probe_within_family_auc": None if np.isnan(within) else round(within, 4)}
+            "probe_within_family_auc": None if np.isnan(within) else round(within, 4),
+            "controls": controls(merged)}
+
+
+def controls(results: pd.DataFrame) -> dict:
+    """The surface and family controls beside the validation-chosen cells of the exact-answer columns and
+    of the other columns: ``confounded`` is true when the surface control's test AUC reaches into the
+    interval of the best exact-answer cell (those columns may only read what the answer looks like)."""
+    from .label import EXACT_POSITIONS
+    from .probe import cell_summary, mean_over_seeds
+
+    means = mean_over_seeds(results[results["site"] == SITE]).set_index("position")
+    positions = results.loc[results["site"] != SITE, "position"].unique()
+    exact = best_probe_cell(results, [p for p in positions if p in EXACT_POSITIONS])
+    other = best_probe_cell(results, [p for p in positions if p not in EXACT_POSITIONS])
+
+    def auc_of(name):
+        if name not in means.index or pd.isna(means.loc[name, "auc"]):
+            return None
+        row = means.loc[name]
+        return {k: None if pd.isna(row[k]) else round(float(row[k]), 4) for k in ("auc", "auc_lo", "auc_hi")}
+
+    surface = auc_of("surface")
+    confounded = None
+    if surface and exact and exact.get("auc_lo") is not None and not pd.isna(exact["auc_lo"]):
+        confounded = bool(surface["auc"] >= exact["auc_lo"])
+    return {"surface": surface, "family_rate": auc_of("family_rate"), "subgroup_rate": auc_of("subgroup_rate"),
+            "best_exact_answer_cell": cell_summary(exact), "best_other_cell": cell_summary(other),
+            "exact_answer_confounded": confounded}

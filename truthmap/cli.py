@@ -46,6 +46,12 @@ def _common(f):
         click.option("--question-column"),
         click.option("--answer-column"),
         click.option("--bootstrap", type=int, help="Bootstrap resamples for AUC intervals."),
+        click.option("--population", type=click.Choice(["common", "each"]),
+                     help="common (default): every column trained and tested on the same answers, those at which "
+                          "every position exists; each: every column on the answers where its position exists."),
+        click.option("--test-fraction", type=float, help="Share of each split tested (default 0.3)."),
+        click.option("--validation-fraction", type=float,
+                     help="Share of each split that chooses the best cell and region (default 0.2)."),
         click.option("--min-per-class", type=int,
                      help="Fewest right and wrong answers a train or test split may hold (default 10; at least 2)."),
         click.option("--force", is_flag=True, help="Rerun the stage(s) even if their inputs are unchanged."),
@@ -82,17 +88,26 @@ def _report(run_dir: Path) -> None:
     console = Console()
     console.print(f"model accuracy {summary.get('accuracy', float('nan')):.1%} on {summary.get('n')} questions; "
                   f"valid exact answers {summary.get('valid_exact_answer_rate', float('nan')):.1%}")
-    table = Table(title="top cells (mean AUC over seeds)")
-    for column in ("site", "layer", "position", "AUC", "95% CI", "n_test"):
+    population = summary.get("population") or {}
+    if population:
+        console.print(f"population ({population.get('rule')}): {population.get('n')} answers in every cell; "
+                      f"{population.get('left_out')} left out ({_reasons(population.get('left_out_reasons'))})")
+    table = Table(title="top cells, chosen on validation (mean over seeds; test AUC with its 95% interval)")
+    for column in ("site", "layer", "position", "val AUC", "test AUC", "95% CI", "n_test"):
         table.add_column(column)
     for cell in summary.get("top_cells", []):
-        table.add_row(cell["site"], str(cell["layer"]), cell["position"], f"{cell['auc']:.3f} ± {cell['auc_std']:.3f}",
-                      f"{cell['auc_lo']:.3f}–{cell['auc_hi']:.3f}", str(int(cell["n_test"])))
+        table.add_row(cell["site"], str(cell["layer"]), cell["position"], _num(cell.get("val_auc")),
+                      f"{_num(cell.get('auc'))} ± {_num(cell.get('auc_std'))}",
+                      f"{_num(cell.get('auc_lo'))}–{_num(cell.get('auc_hi'))}", str(int(cell["n_test"] or 0)))
     console.print(table)
-    heldout = summary.get("best_cell_heldout")
-    if heldout:
-        console.print(f"best cell chosen on half of each test split, scored on the other half: AUC "
-                      f"{heldout['auc']:.3f} ± {heldout['auc_std']:.3f} (the top cell's own AUC is the best of many)")
+    on_test = summary.get("best_on_test")
+    if on_test:
+        console.print(f"the best cell on test would be {on_test['site']} L{on_test['layer']} {on_test['position']} "
+                      f"with test AUC {_num(on_test.get('auc'))}: optimistic, the best of many on the answers that score it")
+    within = summary.get("best_within_cell")
+    if within:
+        console.print(f"best cell within strata (family and subgroup), chosen on validation: {within['site']} "
+                      f"L{within['layer']} {within['position']}, test AUC within strata {_num(within.get('within_auc'))}")
     baselines = {k: v for k, v in (summary.get("baselines") or {}).items() if v is not None}
     if baselines:
         best = sorted(baselines.items(), key=lambda kv: -kv[1])[:3]
@@ -100,9 +115,17 @@ def _report(run_dir: Path) -> None:
         console.print("best baselines (mean AUC): " + ", ".join(f"{k} {v:.3f}" for k, v in best)
                       + (f"; family alone {baselines['family_rate']:.3f}" if "family_rate" in baselines else "")
                       + (f"; best probe within families {within:.3f}" if within is not None else ""))
-    for figure in ("heatmap", "baselines", "attention"):
+    for figure in ("heatmap", "heatmap_within", "baselines", "attention"):
         if (run_dir / f"{figure}.png").exists():
             console.print(f"{figure}: {run_dir / f'{figure}.png'}")
+
+
+def _num(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _reasons(counts) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in (counts or {}).items()) or "none"
 
 
 @click.group()

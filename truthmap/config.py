@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import TruthmapError
 from .generate import DEFAULT_TEMPLATE, LONG_PROMPTS
-from .label import DEFAULT_POSITIONS, MIN_PER_CLASS, check_positions
+from .label import DEFAULT_POSITIONS, MIN_PER_CLASS, POPULATIONS, check_positions
 from .models import DEFAULT_MODEL, SITES
 
 ALSO = ("attention",)  # optional passes of `truthmap run`
@@ -37,7 +37,9 @@ class Config:
     extractor_model: str | None = None  # None: the studied model; "none": no extractor
     question_column: str = "question"
     answer_column: str | None = None  # default: answers, answer or gold
-    test_fraction: float = 0.3
+    test_fraction: float = 0.3  # share of each seed's split scored for the heatmap
+    validation_fraction: float = 0.2  # share that chooses the best cell and region (train: the rest, 0.5)
+    population: str = "common"  # common: every column on the same answers (all positions exist); each: per column
     C: float = 1.0  # inverse L2 strength of each probe, as in scikit-learn
     bootstrap: int = 1000  # resamples for the AUC interval
     min_per_class: int = MIN_PER_CLASS  # fewest right (and wrong) answers a train or test split may hold
@@ -61,6 +63,11 @@ class Config:
             raise TruthmapError("seeds: give at least one seed")
         if not 0.05 <= self.test_fraction <= 0.95:
             raise TruthmapError(f"test_fraction {self.test_fraction}: use a value between 0.05 and 0.95")
+        if not 0.05 <= self.validation_fraction <= 0.9 - self.test_fraction:
+            raise TruthmapError(f"validation_fraction {self.validation_fraction}: use a value between 0.05 and "
+                                f"{0.9 - self.test_fraction:.2f} (train keeps at least 0.1)")
+        if self.population not in POPULATIONS:
+            raise TruthmapError(f"population '{self.population}': use one of {', '.join(POPULATIONS)}")
         if self.on_bad_row not in ("error", "skip"):
             raise TruthmapError(f"on_bad_row '{self.on_bad_row}': use error or skip")
         if self.min_per_class < 2:

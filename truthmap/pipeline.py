@@ -128,7 +128,8 @@ def stage_label(config: Config, run_dir: Path, models: _ModelHolder, force: bool
 
     c = config
     settings = {"positions": c.positions, "extractor_model": c.extractor_model, "seeds": c.seeds,
-                "test_fraction": c.test_fraction}
+                "test_fraction": c.test_fraction, "validation_fraction": c.validation_fraction,
+                "population": c.population}
     inputs = [run_dir / rf.QUESTIONS, run_dir / rf.VOCABULARIES, run_dir / rf.GENERATIONS]
 
     def work():
@@ -137,12 +138,13 @@ def stage_label(config: Config, run_dir: Path, models: _ModelHolder, force: bool
         vocabularies = rf.read_json(run_dir / rf.VOCABULARIES)
         answers = label_answers(questions, generations, vocabularies, models.lm.tokenizer, c.positions,
                                 models.extractor, c.progress)
-        answers["split"] = "train"
-        splits = make_splits(answers, c.seeds, c.test_fraction)
-        answers.loc[answers["id"].isin(set(splits["seeds"][str(c.seeds[0])]["test"])), "split"] = "test"
+        splits = make_splits(answers, c.seeds, c.test_fraction, c.validation_fraction, c.positions, c.population)
+        answers["split"] = ""  # "": outside the study's population
+        for part, members in splits["seeds"][str(c.seeds[0])].items():
+            answers.loc[answers["id"].isin(set(members)), "split"] = part
         rf.write_parquet(run_dir / rf.ANSWERS, answers)
         rf.write_json(run_dir / rf.SPLITS, splits)
-        rf.update_summary(run_dir, **answer_summary(answers))
+        rf.update_summary(run_dir, **answer_summary(answers), population=population_summary(splits, len(answers)))
         check_labels(answers, str(run_dir / rf.ANSWERS))
 
     return _run_stage(run_dir, "label", settings, inputs, [run_dir / rf.ANSWERS, run_dir / rf.SPLITS], work, force)
@@ -174,7 +176,7 @@ def stage_extract(config: Config, run_dir: Path, models: _ModelHolder, force: bo
 
 def stage_probe(config: Config, run_dir: Path, force: bool = False) -> bool:
     from .models import resolve_device
-    from .probe import heldout_best_auc, run_probe, top_cells
+    from .probe import mean_over_seeds, run_probe
 
     c = config
     settings = {"C": c.C, "bootstrap": c.bootstrap, "sites": c.sites, "min_per_class": c.min_per_class}
@@ -187,14 +189,34 @@ def stage_probe(config: Config, run_dir: Path, force: bool = False) -> bool:
 
         rf.write_csv(run_dir / rf.PROBE_RESULTS, keep_baseline_rows(run_dir, results))  # probes + baselines
         rf.write_parquet(run_dir / rf.PROBE_SCORES, scores)
-        top = top_cells(results, 5)
-        cells = top[["site", "layer", "position", "auc", "auc_std", "auc_lo", "auc_hi", "n_test"]].to_dict("records")
-        answers = rf.read_parquet(run_dir / rf.ANSWERS)
-        heldout = heldout_best_auc(scores, dict(zip(answers["id"], ~answers["correct"].astype(bool))))
-        rf.update_summary(run_dir, best_cell=cells[0] if cells else None, top_cells=cells, best_cell_heldout=heldout)
+        rf.update_summary(run_dir, **best_cells(mean_over_seeds(results)))
 
     outputs = [run_dir / rf.PROBE_RESULTS, run_dir / rf.PROBE_SCORES]
     return _run_stage(run_dir, "probe", settings, inputs, outputs, work, force)
+
+
+def best_cells(means: pd.DataFrame) -> dict:
+    """summary.json's choices among probe cells: every "best" is chosen on validation AUCs."""
+    from .probe import cell_summary, choose_cell
+
+    top = means.sort_values("val_auc", ascending=False).head(5)
+    return {
+        "best_cell": cell_summary(choose_cell(means)),  # chosen on validation; its test AUC is free of the choice
+        "top_cells": [cell_summary(row) for row in top.to_dict("records")],
+        "best_within_cell": cell_summary(choose_cell(means, "within_val_auc")),
+        # what choosing on test would report (optimistic: the best of hundreds on the answers that score it)
+        "best_on_test": cell_summary(choose_cell(means, "auc")),
+    }
+
+
+def population_summary(splits: dict, n_answers: int) -> dict:
+    """summary.json's account of the answers studied: the rule, how many, who was left out and why."""
+    reasons = pd.Series(list(splits["left_out"].values()), dtype=object)
+    return {"rule": splits["population"], "n": splits["n"], "n_answers": n_answers,
+            "left_out": int(len(reasons)), "left_out_reasons": reasons.value_counts().to_dict(),
+            "fractions": {"train": round(1 - splits["test_fraction"] - splits["validation_fraction"], 4),
+                          "validation": splits["validation_fraction"], "test": splits["test_fraction"]},
+            "groups": splits["groups"]}
 
 
 def stage_baselines(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
@@ -235,18 +257,19 @@ def stage_attention(config: Config, run_dir: Path, models: _ModelHolder, force: 
 
 
 def stage_plot(config: Config, run_dir: Path, force: bool = False) -> bool:
-    from .plot import plot_heatmap
+    from .plot import VIEWS, plot_heatmap
 
-    inputs = [run_dir / rf.PROBE_RESULTS]
+    inputs = [run_dir / rf.PROBE_RESULTS, run_dir / rf.ANSWERS]
 
     def work():
         results = read_results(run_dir / rf.PROBE_RESULTS)
         results = results[results["site"] != "baseline"]  # baselines have their own figure (baselines.png)
-        summary = rf.read_json(run_dir / rf.SUMMARY, default={})
-        plot_heatmap(results, config.positions, run_dir / "heatmap", _short_model(config.model),
-                     config.dataset, summary.get("n", 0))
+        n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))  # the population
+        for view in VIEWS:
+            plot_heatmap(results, config.positions, run_dir / view, _short_model(config.model), config.dataset,
+                         n, view)
 
-    outputs = [run_dir / "heatmap.png", run_dir / "heatmap.svg"]
+    outputs = [run_dir / f"{view}{suffix}" for view in VIEWS for suffix in (".png", ".svg")]
     return _run_stage(run_dir, "plot", {"positions": config.positions}, inputs, outputs, work, force)
 
 

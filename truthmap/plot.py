@@ -1,7 +1,13 @@
-"""Stage 5 — the heatmap: layers down, token positions across, probe AUC in blues.
+"""Stage 5 — the heatmaps: layers down, token positions across, probe AUC in blues.
 
 Reads ``probe_results.csv`` (mean over seeds per cell) and ``summary.json`` (for the title); writes
-``heatmap.png`` and ``heatmap.svg`` (one panel per site when several were probed).
+``heatmap.png``/``.svg`` (each cell's test AUC) and ``heatmap_within.png``/``.svg`` (each cell's AUC within
+strata: how well the probe tells wrong from right answers to questions of the same kind), one panel per
+site when several were probed.
+
+The black rectangle outlines the best region, chosen on validation AUCs only (:func:`best_region`): the
+validation-best cell and the cells connected to it (sharing an edge) whose mean validation AUC is within
+one bootstrap standard error of the best one's; the rectangle is the region's bounding box.
 """
 
 from __future__ import annotations
@@ -14,22 +20,24 @@ import pandas as pd
 from .probe import mean_over_seeds
 
 VMIN, VMAX = 0.5, 1.0
-BEST_MARGIN = 0.01
+# (shown, chosen on, its standard error) per heatmap: the test AUC is drawn, the validation AUC chooses
+VIEWS = {"heatmap": ("auc", "val_auc", "val_auc_se"), "heatmap_within": ("within_auc", "within_val_auc", None)}
 
 
-def auc_grid(results: pd.DataFrame, site: str, positions: list[str]) -> tuple[list[int], np.ndarray]:
-    """(layers, mean AUC ``[layers, positions]``) of one site, NaN where a cell has no AUC."""
+def auc_grid(results: pd.DataFrame, site: str, positions: list[str], column: str = "auc") -> tuple[list[int], np.ndarray]:
+    """(layers, mean ``column`` ``[layers, positions]``) of one site, NaN where a cell has no value."""
     means = mean_over_seeds(results[results["site"] == site])
     layers = sorted(means["layer"].unique())
-    grid = means.pivot(index="layer", columns="position", values="auc").reindex(index=layers, columns=positions)
+    grid = means.pivot(index="layer", columns="position", values=column).reindex(index=layers, columns=positions)
     return layers, grid.to_numpy(dtype=float)
 
 
-def best_region(grid: np.ndarray, margin: float = BEST_MARGIN) -> tuple[int, int, int, int] | None:
-    """Bounding box (row0, col0, row1, col1), inclusive, of the connected block of cells within
-    ``margin`` of the best AUC that contains the best cell (4-neighbour connectivity)."""
-    if np.all(np.isnan(grid)):
+def best_region(grid: np.ndarray, margin: float = 0.0) -> tuple[int, int, int, int] | None:
+    """Bounding box (row0, col0, row1, col1), inclusive, of the connected block of cells of ``grid`` (the
+    validation AUCs) within ``margin`` of its best value that contains the best cell (4-neighbour)."""
+    if grid.size == 0 or np.all(np.isnan(grid)):
         return None
+    margin = 0.0 if margin is None or not np.isfinite(margin) else float(margin)
     best = np.unravel_index(np.nanargmax(grid), grid.shape)
     near = np.nan_to_num(grid, nan=-1.0) >= grid[best] - margin
     seen, stack = {best}, [best]
@@ -44,8 +52,19 @@ def best_region(grid: np.ndarray, margin: float = BEST_MARGIN) -> tuple[int, int
     return min(rows), min(cols), max(rows), max(cols)
 
 
-def draw_heatmap(ax, grid: np.ndarray, layers: list[int], positions: list[str], title: str):
-    """Draw one panel on ``ax``; returns the image (for a colour bar)."""
+def site_region(results: pd.DataFrame, site: str, positions: list[str], view: str = "heatmap"):
+    """The validation-chosen region of one site's ``view`` (see ``VIEWS``)."""
+    _, chosen_on, error = VIEWS[view]
+    layers, grid = auc_grid(results, site, positions, chosen_on)
+    margin = 0.0
+    if error is not None and not np.all(np.isnan(grid)):
+        _, se = auc_grid(results, site, positions, error)
+        margin = se[np.unravel_index(np.nanargmax(grid), grid.shape)]
+    return best_region(grid, margin)
+
+
+def draw_heatmap(ax, grid: np.ndarray, layers: list[int], positions: list[str], title: str, region=None):
+    """Draw one panel on ``ax`` with ``region`` outlined; returns the image (for a colour bar)."""
     import matplotlib.patches as patches
     from matplotlib import colormaps
 
@@ -58,30 +77,33 @@ def draw_heatmap(ax, grid: np.ndarray, layers: list[int], positions: list[str], 
     ax.set_xlabel("token position")
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
-    region = best_region(grid)
     if region:
         r0, c0, r1, c1 = region
         ax.add_patch(patches.Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0 + 1, r1 - r0 + 1, fill=False,
-                                       edgecolor="#d62728", linewidth=2))
+                                       edgecolor="black", linewidth=2))
     return image
 
 
 def plot_heatmap(results: pd.DataFrame, positions: list[str], out_stem: Path, model: str, dataset: str,
-                 n: int) -> list[Path]:
-    """Write ``<out_stem>.png`` and ``.svg``; return their paths."""
+                 n: int, view: str = "heatmap") -> list[Path]:
+    """Write ``<out_stem>.png`` and ``.svg`` of ``view`` (``VIEWS``); ``n`` is the population size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    shown = VIEWS[view][0]
+    what = "test AUC" if view == "heatmap" else "test AUC within strata"
+    label = "probe AUC (predicting an error)" if view == "heatmap" else "probe AUC within strata (predicting an error)"
     sites = list(dict.fromkeys(results["site"]))
     n_layers = results["layer"].nunique()
     fig, axes = plt.subplots(1, len(sites), squeeze=False,
-                             figsize=(1.6 + 0.42 * len(positions) * len(sites), 1.8 + 0.2 * n_layers))
+                             figsize=(1.6 + 0.42 * len(positions) * len(sites), 2.0 + 0.2 * n_layers))
     for ax, site in zip(axes[0], sites):
-        layers, grid = auc_grid(results, site, positions)
-        image = draw_heatmap(ax, grid, layers, positions, f"{model}\n{dataset} · {site} · n={n}")
-    fig.colorbar(image, ax=axes[0].tolist(), label="probe AUC (predicting an error)", fraction=0.05, pad=0.02)
+        layers, grid = auc_grid(results, site, positions, shown)
+        title = f"{model}\n{dataset} · {site} · {what}, mean over seeds · n={n} answers\nbox: best region on validation"
+        image = draw_heatmap(ax, grid, layers, positions, title, site_region(results, site, positions, view))
+    fig.colorbar(image, ax=axes[0].tolist(), label=label, fraction=0.05, pad=0.02)
     paths = []
     for suffix in (".png", ".svg"):
         path = Path(str(out_stem) + suffix)

@@ -1,18 +1,26 @@
 """Stage 4 — a logistic-regression probe per (site, layer, position, seed), all fitted together.
 
 Reads ``activations/`` (features), ``answers.parquet`` (labels) and ``splits.json``; writes
-``probe_results.csv`` — one row per (site, layer, position, seed) with
-``site, layer, position, seed, auc, auc_lo, auc_hi, accuracy, n_train, n_test`` — and
+``probe_results.csv`` — one row per (site, layer, position, seed), columns ``RESULT_COLUMNS`` (test AUC
+and its interval, validation AUC, the AUC within strata, and the interval of the mean over seeds) — and
 ``probe_scores.parquet`` (``site, layer, position, seed, id, score``: each test example's P(error)).
 
 The positive class is *error* (the answer is wrong). Each probe is scikit-learn's
 ``LogisticRegression(C=1.0)`` on features standardised with the train split's mean and deviation; we
 solve the same problem for many cells at once with a batched L-BFGS in torch (see
 :class:`BatchedLogisticRegression`), so the AUCs agree with scikit-learn's to well within 0.01.
+
+Every probe is fitted on its seed's train part and scored on its validation and test parts. The heatmap
+shows test AUCs; the best cell and its region are chosen on validation AUCs alone (:func:`choose_cell`,
+:func:`best_region`), so the AUC reported for the choice is free of it. Intervals come from one cluster
+bootstrap shared by every cell and seed (:func:`group_bootstrap`): a replicate re-weights whole groups of
+related questions; a seed's interval reads the weights of its test answers, and the interval of the mean
+over seeds averages the seeds' AUCs within each replicate.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +33,9 @@ from .extract import load_layer
 from .label import MIN_PER_CLASS
 from .runfolder import ACTIVATIONS, read_json
 
-RESULT_COLUMNS = ["site", "layer", "position", "seed", "auc", "auc_lo", "auc_hi", "accuracy", "n_train", "n_test"]
+RESULT_COLUMNS = ["site", "layer", "position", "seed", "auc", "auc_lo", "auc_hi", "accuracy", "n_train", "n_test",
+                  "val_auc", "n_val", "within_auc", "within_val_auc", "mean_auc_lo", "mean_auc_hi", "val_auc_se"]
+SCORE_COLUMNS = ["site", "layer", "position", "seed", "id", "score"]
 
 
 class BatchedLogisticRegression:
@@ -174,19 +184,140 @@ def bootstrap_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)
 
 
+def group_bootstrap(groups: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
+    """``[n_boot, N]`` weights of a cluster bootstrap: each replicate draws the G groups with replacement
+    (multinomial counts) and every member of a group gets its group's count, so related questions stay
+    together in the resampling as in the splits."""
+    groups = np.asarray(groups)
+    if len(groups) == 0:
+        return np.zeros((n_boot, 0))
+    n_groups = int(groups.max()) + 1
+    counts = bootstrap_counts(n_groups, n_boot, seed)
+    return counts[:, groups].astype(np.float64)
+
+
+def within_auc(scores: np.ndarray, positive: np.ndarray, strata: np.ndarray) -> float:
+    """AUC over the (wrong, right) pairs of the same stratum only: the share of same-stratum pairs ranked
+    correctly (ties count one half). It is the strata's AUCs averaged with weights n_wrong · n_right, so a
+    score that only tells strata apart gets 0.5, and strata with one class count for nothing."""
+    frame = pd.DataFrame({"s": scores, "y": positive.astype(bool), "g": strata})
+    ranks = frame.groupby("g")["s"].rank(method="average")
+    per = frame.assign(r=ranks * frame["y"]).groupby("g").agg(n=("y", "size"), pos=("y", "sum"), rank=("r", "sum"))
+    pairs = per["pos"] * (per["n"] - per["pos"])
+    if pairs.sum() == 0:
+        return float("nan")
+    return float((per["rank"] - per["pos"] * (per["pos"] + 1) / 2).sum() / pairs.sum())
+
+
+def cell_stats(score: np.ndarray, y: np.ndarray, parts: dict[str, np.ndarray], weights: np.ndarray,
+               strata: np.ndarray | None = None, probability: bool = True) -> tuple[list[dict], dict]:
+    """One cell's evaluation: per seed and for the mean over seeds.
+
+    ``score`` ``[S, N]`` (NaN where an answer has no score), ``y`` ``[N]`` (1 = error), ``parts``
+    ``{"train" | "validation" | "test": bool [S, N]}``, ``weights`` the ``[B, N]`` bootstrap of
+    :func:`group_bootstrap`, ``strata`` ``[N]`` or None. Returns (per-seed dicts with auc, auc_lo, auc_hi,
+    accuracy, n_train, n_val, n_test, val_auc, within_auc, within_val_auc; the cell's dict with
+    mean_auc_lo, mean_auc_hi and val_auc_se, the bootstrap deviation of the mean validation AUC)."""
+    n_seeds = score.shape[0]
+    reps = {"test": np.full((n_seeds, weights.shape[0]), np.nan), "validation": np.full((n_seeds, weights.shape[0]), np.nan)}
+    rows = []
+    for s in range(n_seeds):
+        row = {"n_train": int((parts["train"][s] & np.isfinite(score[s])).sum())}
+        for part, key in (("test", "auc"), ("validation", "val_auc")):
+            rows_in = parts[part][s] & np.isfinite(score[s])
+            row["n_test" if part == "test" else "n_val"] = int(rows_in.sum())
+            values, labels = score[s, rows_in], y[rows_in]
+            if len(set(labels.tolist())) < 2:
+                row[key] = np.nan
+                row["within_" + key] = np.nan
+                continue
+            row[key] = float(auc_score(values, labels))
+            reps[part][s] = auc_score(values, labels, weights[:, rows_in])
+            row["within_" + key] = within_auc(values, labels, strata[rows_in]) if strata is not None else np.nan
+            if part == "test":
+                row["auc_lo"], row["auc_hi"] = (float(v) for v in _interval(reps[part][s]))
+                row["accuracy"] = float(((values >= 0.5) == labels).mean()) if probability else np.nan
+        rows.append(row)
+    mean_lo, mean_hi = _interval(_nanmean(reps["test"]))
+    val_means = _nanmean(reps["validation"])
+    finite = val_means[np.isfinite(val_means)]
+    return rows, {"mean_auc_lo": mean_lo, "mean_auc_hi": mean_hi,
+                  "val_auc_se": float(np.std(finite)) if len(finite) > 1 else np.nan}
+
+
+def _nanmean(replicates: np.ndarray) -> np.ndarray:
+    """Mean over seeds of each bootstrap replicate ``[S, B] -> [B]``; NaN where no seed has a value."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice": NaN is the answer
+        return np.nanmean(replicates, axis=0)
+
+
+def _interval(replicates: np.ndarray) -> tuple[float, float]:
+    """The 2.5 and 97.5 percentiles of the finite replicates (NaN, NaN when none is)."""
+    finite = replicates[np.isfinite(replicates)]
+    if len(finite) == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(finite, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def result_rows(site: str, layer: int, position: str, seeds: list, per_seed: list[dict], cell: dict) -> list[list]:
+    """``probe_results.csv`` rows (``RESULT_COLUMNS``) of one cell from :func:`cell_stats`'s output."""
+    out = []
+    for seed, row in zip(seeds, per_seed):
+        values = {"site": site, "layer": layer, "position": position, "seed": int(seed), **cell, **row}
+        out.append([values.get(c, np.nan) for c in RESULT_COLUMNS])
+    return out
+
+
 def check_split_sizes(labels: np.ndarray, splits: dict, ids: list[str], min_per_class: int = MIN_PER_CLASS) -> None:
     position = {i: k for k, i in enumerate(ids)}
     for seed, split in splits["seeds"].items():
-        for part in ("train", "test"):
+        missing = [part for part in ("train", "validation", "test") if part not in split]
+        if missing:
+            raise TruthmapError(f"splits.json, seed {seed}: no {missing[0]} part (made by an older truthmap); "
+                                f"rerun the label stage (truthmap label)")
+    for seed, split in splits["seeds"].items():
+        for part in ("train", "validation", "test"):
             y = labels[[position[i] for i in split[part]]]
             for value, name in ((1, "wrong"), (0, "right")):
                 count = int((y == value).sum())
                 if count < min_per_class:
                     raise TruthmapError(
-                        f"splits.json, seed {seed}, {part} split: only {count} {name} answer{'s' * (count != 1)} "
+                        f"splits.json, seed {seed}, {part} part: only {count} {name} answer{'s' * (count != 1)} "
                         f"(need at least {min_per_class}); study more questions (--limit) or a different mix, "
                         f"or accept wide AUC intervals with --min-per-class (at least 2)"
                     )
+
+
+def split_masks(splits: dict, ids: list[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(seeds in order, ``{part: bool [S, N]}``) of ``splits.json`` over the row order ``ids``."""
+    seeds = sorted(splits["seeds"], key=int)
+    row_of = {i: k for k, i in enumerate(ids)}
+    parts = {}
+    for part in ("train", "validation", "test"):
+        mask = np.zeros((len(seeds), len(ids)), bool)
+        for s, seed in enumerate(seeds):
+            mask[s, [row_of[i] for i in splits["seeds"][seed].get(part, []) if i in row_of]] = True
+        parts[part] = mask
+    return seeds, parts
+
+
+def strata_of(answers: pd.DataFrame, ids: list[str]) -> np.ndarray:
+    """The stratum of each answer in ``ids`` order: its family and subgroup, as its task sets them."""
+    table = answers.set_index("id")
+    subgroup = table["subgroup"].fillna("").astype(str) if "subgroup" in table.columns else ""
+    keys = (table["family"].fillna("").astype(str) + "|" + subgroup).reindex(ids)
+    return pd.factorize(keys)[0]
+
+
+def bootstrap_for(answers: pd.DataFrame, ids: list[str], n_boot: int) -> np.ndarray:
+    """The run's shared cluster bootstrap over ``ids`` (groups of label.split_groups)."""
+    from .label import split_groups
+
+    # groups numbered over the whole answers table, so the probes and the baselines share every replicate
+    group_of = dict(zip(answers["id"], split_groups(answers.reset_index(drop=True))))
+    return group_bootstrap(np.array([group_of[i] for i in ids], dtype=np.int64), n_boot, seed=0)
 
 
 def run_probe(
@@ -200,8 +331,9 @@ def run_probe(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fit and evaluate every probe; return (results table, test scores table).
 
-    Every split must hold at least ``min_per_class`` right and wrong answers (an AUC from fewer is mostly
-    noise; its bootstrap interval says how much).
+    Every part of every split must hold at least ``min_per_class`` right and wrong answers (an AUC from
+    fewer is mostly noise; its bootstrap interval says how much). A probe is fitted and scored only on
+    the answers its splits hold (the study's population) at which its position exists.
     """
     from .runfolder import ANSWERS, SPLITS, read_parquet
 
@@ -213,14 +345,9 @@ def run_probe(
     label_of = dict(zip(answers["id"], ~answers["correct"].astype(bool)))
     y = np.array([label_of[i] for i in ids], dtype=np.int64)  # 1 = error
     check_split_sizes(y, splits, ids, min_per_class)
-    seeds = sorted(splits["seeds"], key=int)
-    row_of = {i: k for k, i in enumerate(ids)}
-    in_train = np.zeros((len(seeds), len(ids)), bool)
-    in_test = np.zeros((len(seeds), len(ids)), bool)
-    for s, seed in enumerate(seeds):
-        in_train[s, [row_of[i] for i in splits["seeds"][seed]["train"]]] = True
-        in_test[s, [row_of[i] for i in splits["seeds"][seed]["test"]]] = True
-    boots = {s: bootstrap_counts(int(in_test[s].sum()), n_boot, int(seed)) for s, seed in enumerate(seeds)}
+    seeds, parts = split_masks(splits, ids)
+    weights = bootstrap_for(answers, ids, n_boot)
+    strata = strata_of(answers, ids)
     y_t = torch.as_tensor(y, device=device)
     results, scores = [], []
     total = sum(len(meta["sites"][site]["layers"]) for site in sites)
@@ -229,88 +356,71 @@ def run_probe(
         for layer in meta["sites"][site]["layers"]:
             _, positions, features, valid = load_layer(run_dir, site, layer)
             X = torch.as_tensor(np.asarray(features), device=device).float()  # [P, N, d]
-            train = torch.as_tensor(in_train[None] & valid.T[:, None], device=device)  # [P, S, N]
+            train = torch.as_tensor(parts["train"][None] & valid.T[:, None], device=device)  # [P, S, N]
             model = BatchedLogisticRegression(C=C).fit(X, y_t, train)
-            prob = model.predict_proba(X).cpu().numpy()  # [P, S, N]
+            prob = model.predict_proba(X).cpu().numpy().astype(np.float64)  # [P, S, N]
             for p, position in enumerate(positions):
+                score = np.where(valid[:, p][None, :], prob[p], np.nan)  # [S, N]
+                per_seed, cell = cell_stats(score, y, parts, weights, strata)
+                results.extend(result_rows(site, layer, position, seeds, per_seed, cell))
                 for s, seed in enumerate(seeds):
-                    test = in_test[s] & valid[:, p]
-                    n_train = int((in_train[s] & valid[:, p]).sum())
-                    if test.sum() == 0 or len(set(y[test])) < 2 or n_train == 0:
-                        auc = lo = hi = acc = float("nan")
-                    else:
-                        score = prob[p, s, test]
-                        auc = float(auc_score(score, y[test]))
-                        # bootstrap over the seed's test split; rows of this cell's invalid examples get no weight
-                        counts = boots[s][:, valid[in_test[s], p]]
-                        lo, hi = np.nanpercentile(auc_score(score, y[test], counts), [2.5, 97.5])
-                        acc = float(((score >= 0.5) == y[test]).mean())
-                        scores.append(pd.DataFrame({"site": site, "layer": layer, "position": position,
-                                                    "seed": int(seed), "id": np.asarray(ids)[test], "score": score}))
-                    results.append([site, layer, position, int(seed), auc, float(lo), float(hi), acc, n_train, int(test.sum())])
+                    test = parts["test"][s] & valid[:, p]
+                    scores.append(pd.DataFrame({"site": site, "layer": layer, "position": position,
+                                                "seed": int(seed), "id": np.asarray(ids)[test],
+                                                "score": prob[p, s, test]}))
             bar.update(1)
     bar.close()
     table = pd.DataFrame(results, columns=RESULT_COLUMNS)
-    score_table = pd.concat(scores, ignore_index=True) if scores else pd.DataFrame(
-        columns=["site", "layer", "position", "seed", "id", "score"])
+    score_table = pd.concat(scores, ignore_index=True) if scores else pd.DataFrame(columns=SCORE_COLUMNS)
     return table, score_table
 
 
 def mean_over_seeds(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (site, layer, position): mean AUC over seeds, its spread (std), and mean interval."""
+    """One row per (site, layer, position): mean test and validation AUC over seeds, the seeds' spread
+    (``auc_std``), and the bootstrap interval of the mean (``auc_lo``, ``auc_hi``; NaN in a table
+    without it). The within-strata AUCs are averaged the same way."""
+    results = results.copy()
+    for column in RESULT_COLUMNS:
+        if column not in results.columns:
+            results[column] = np.nan
     grouped = results.groupby(["site", "layer", "position"], sort=False)
-    out = grouped.agg(auc=("auc", "mean"), auc_std=("auc", "std"), auc_lo=("auc_lo", "mean"),
-                      auc_hi=("auc_hi", "mean"), accuracy=("accuracy", "mean"),
-                      n_train=("n_train", "mean"), n_test=("n_test", "mean"), seeds=("seed", "nunique"))
+    out = grouped.agg(auc=("auc", "mean"), auc_std=("auc", "std"), auc_lo=("mean_auc_lo", "first"),
+                      auc_hi=("mean_auc_hi", "first"), val_auc=("val_auc", "mean"), val_auc_se=("val_auc_se", "first"),
+                      within_auc=("within_auc", "mean"), within_val_auc=("within_val_auc", "mean"),
+                      accuracy=("accuracy", "mean"), n_train=("n_train", "mean"), n_val=("n_val", "mean"),
+                      n_test=("n_test", "mean"), seeds=("seed", "nunique"))
     out["auc_std"] = out["auc_std"].fillna(0.0)
     return out.reset_index()
 
 
-def top_cells(results: pd.DataFrame, k: int = 5) -> pd.DataFrame:
-    return mean_over_seeds(results).sort_values("auc", ascending=False).head(k).reset_index(drop=True)
-
-
-def heldout_best_auc(scores: pd.DataFrame, error_of: dict, rounds: int = 10) -> dict | None:
-    """The AUC to expect of the best cell on answers that did not choose it.
-
-    The heatmap's best cell is the best of hundreds on the test splits that score it, so its AUC is
-    optimistic. Here each seed's test answers are cut into two stratified halves (``rounds`` times, seeded);
-    the cell with the best AUC on one half is scored on the other half, both ways round. ``scores`` is
-    ``probe_scores.parquet`` (site, layer, position, seed, id, score); ``error_of`` maps id -> wrong.
-    Returns the mean and spread of those held-out AUCs, their number, and the cell chosen most often.
-    """
-    held_out, chosen = [], {}
-    for seed, part in scores.groupby("seed", sort=True):
-        ids = np.array(sorted(part["id"].unique()))
-        y = np.array([bool(error_of[i]) for i in ids])
-        rng = np.random.default_rng(20_000 + int(seed))
-        halves = np.zeros((rounds, len(ids)), bool)
-        for r in range(rounds):
-            for value in (False, True):
-                members = rng.permutation(np.flatnonzero(y == value))
-                halves[r, members[: len(members) // 2]] = True
-        weights = np.stack([halves, ~halves], axis=1).reshape(2 * rounds, len(ids)).astype(np.float64)
-        row_of = {i: k for k, i in enumerate(ids)}
-        cells, aucs = [], []
-        for cell, rows in part.groupby(["site", "layer", "position"], sort=False):
-            cols = np.fromiter((row_of[i] for i in rows["id"]), dtype=np.int64, count=len(rows))
-            cells.append(cell)
-            aucs.append(auc_score(rows["score"].to_numpy(np.float64), y[cols], weights[:, cols]))
-        table = np.array(aucs)  # [cell, 2 * rounds]: AUC of every cell on every half
-        for pick in range(2 * rounds):
-            if np.isnan(table[:, pick]).all():
-                continue
-            best = int(np.nanargmax(table[:, pick]))
-            other = pick + 1 if pick % 2 == 0 else pick - 1  # the other half of the same cut
-            if not np.isnan(table[best, other]):
-                held_out.append(float(table[best, other]))
-                chosen[cells[best]] = chosen.get(cells[best], 0) + 1
-    if not held_out:
+def choose_cell(means: pd.DataFrame, on: str = "val_auc") -> dict | None:
+    """The cell of ``means`` (:func:`mean_over_seeds`) with the highest ``on`` — the validation AUC by
+    default, never the test AUC it reports — as a dict of that row; None when no cell has one."""
+    scored = means[means[on].notna()]
+    if scored.empty:
         return None
-    site, layer, position = max(chosen, key=chosen.get)
-    return {"auc": float(np.mean(held_out)), "auc_std": float(np.std(held_out)), "n": len(held_out),
-            "most_chosen": {"site": site, "layer": int(layer), "position": position,
-                            "share": chosen[(site, layer, position)] / len(held_out)}}
+    row = scored.loc[scored[on].idxmax()]
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.to_dict().items()}
+
+
+def top_cells(results: pd.DataFrame, k: int = 5, on: str = "val_auc") -> pd.DataFrame:
+    """The ``k`` cells with the highest mean ``on`` (validation AUC by default)."""
+    return mean_over_seeds(results).sort_values(on, ascending=False).head(k).reset_index(drop=True)
+
+
+def cell_summary(cell: dict | None) -> dict | None:
+    """The fields of a chosen cell that summary.json records."""
+    if cell is None:
+        return None
+    keys = ("site", "layer", "position", "val_auc", "val_auc_se", "auc", "auc_std", "auc_lo", "auc_hi",
+            "within_val_auc", "within_auc", "n_val", "n_test")
+    out = {}
+    for key in keys:
+        value = cell.get(key)
+        if isinstance(value, float):
+            value = None if np.isnan(value) else round(value, 4)
+        out[key] = int(value) if key == "layer" else value
+    return out
 
 
 def read_results(path) -> pd.DataFrame:

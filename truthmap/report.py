@@ -40,7 +40,8 @@ SCORE_SCALE = 65534  # a score s in [0, 1] is stored as round(s * SCORE_SCALE)
 MISSING = 65535  # no score: the position does not exist for this answer
 SUMMARY_KEYS = ("model", "model_revision", "dataset", "n", "n_layers", "hidden_size", "accuracy",
                 "valid_exact_answer_rate", "valid_exact_answer_rate_wrong", "invalid_exact_answer_reasons",
-                "families", "top_cells", "best_cell_heldout", "stage_seconds", "wall_seconds", "versions")
+                "families", "top_cells", "best_cell", "best_on_test", "best_within_cell", "population", "controls",
+                "probe_within_family_auc", "stage_seconds", "wall_seconds", "versions")
 
 
 def _number(value, digits: int = 4):
@@ -54,28 +55,43 @@ def _grid(table: pd.DataFrame, column: str, layers: list[int], positions: list[s
     return [[_number(v, digits) for v in row] for row in pivot.to_numpy(dtype=float)]
 
 
-def _view(table: pd.DataFrame, layers: list[int], positions: list[str], spread: bool) -> dict:
-    """The AUC table of one view (mean over seeds, or one seed) and its best region, as the PNG draws it."""
-    view = {name: _grid(table, name, layers, positions) for name in ("auc", "auc_lo", "auc_hi")}
-    view["n_train"] = _grid(table, "n_train", layers, positions, 1)
-    view["n_test"] = _grid(table, "n_test", layers, positions, 1)
+def _view(table: pd.DataFrame, layers: list[int], positions: list[str], spread: bool, within: bool = False) -> dict:
+    """The AUC table of one view (mean over seeds, one seed, or the mean within strata) and its best
+    region, chosen on validation AUCs as the PNG's (plot.best_region)."""
+    table = table.copy()
+    for column in ("val_auc", "val_auc_se", "within_auc", "within_val_auc", "n_val"):
+        if column not in table.columns:
+            table[column] = np.nan
+    if within:  # the within-strata map: same cells, AUCs over same-stratum pairs, no interval
+        table = table.assign(auc=table["within_auc"], val_auc=table["within_val_auc"], auc_lo=np.nan, auc_hi=np.nan,
+                             val_auc_se=np.nan)
+    view = {name: _grid(table, name, layers, positions) for name in ("auc", "auc_lo", "auc_hi", "val_auc")}
+    for name in ("n_train", "n_val", "n_test"):
+        view[name] = _grid(table, name, layers, positions, 1)
     if spread:
         view["auc_std"] = _grid(table, "auc_std", layers, positions)
-    grid = np.array([[np.nan if v is None else v for v in row] for row in view["auc"]], dtype=float)
-    region = best_region(grid) if grid.size else None
+    chosen_on = np.array([[np.nan if v is None else v for v in row] for row in view["val_auc"]], dtype=float)
+    region = None
+    if chosen_on.size and not np.all(np.isnan(chosen_on)):
+        best = np.unravel_index(np.nanargmax(chosen_on), chosen_on.shape)
+        se = np.array(_grid(table, "val_auc_se", layers, positions), dtype=float)
+        region = best_region(chosen_on, se[best])
     view["region"] = [int(v) for v in region] if region else None
     return view
 
 
 def cell_tables(results: pd.DataFrame, positions: list[str]) -> dict:
-    """``site -> {layers, views: {"mean" | "<seed>": view}}`` for the probe sites of ``results``."""
+    """``site -> {layers, views: {"mean" | "within" | "<seed>": view}}`` for the probe sites of ``results``."""
     sites = {}
     for site in dict.fromkeys(results["site"]):
         if site not in PROBE_SITES:
             continue
         rows = results[results["site"] == site]
         layers = sorted(int(v) for v in rows["layer"].unique())
-        views = {"mean": _view(mean_over_seeds(rows), layers, positions, spread=True)}
+        means = mean_over_seeds(rows)
+        views = {"mean": _view(means, layers, positions, spread=True)}
+        if "within_auc" in rows.columns and rows["within_auc"].notna().any():
+            views["within"] = _view(means, layers, positions, spread=True, within=True)
         for seed in sorted(rows["seed"].unique()):
             views[str(int(seed))] = _view(rows[rows["seed"] == seed], layers, positions, spread=False)
         sites[site] = {"layers": layers, "views": views}
@@ -152,7 +168,7 @@ def run_data(run_dir: Path) -> dict:
                             "stage has finished? (truthmap run, or truthmap probe --out RUN)")
     try:
         results = pd.read_csv(run_dir / rf.PROBE_RESULTS, dtype={"site": str, "position": str})
-        problem = ", ".join(sorted(set(RESULT_COLUMNS) - set(results.columns)))
+        problem = ", ".join(sorted(set(RESULT_COLUMNS[:10]) - set(results.columns)))  # the rest: optional
         problem = problem and f"no column {problem}"
     except (ValueError, pd.errors.ParserError) as err:
         problem = str(err).splitlines()[0]

@@ -26,7 +26,8 @@ import yaml
 pytestmark = pytest.mark.model
 
 # small: 64 built-in questions, 2 generation chunks of 4 batches of 8, one split
-SETTINGS = {"limit": 64, "seeds": [0], "test_fraction": 0.5, "bootstrap": 50, "max_new_tokens": 16,
+SETTINGS = {"limit": 64, "seeds": [0], "test_fraction": 0.3, "validation_fraction": 0.2, "min_per_class": 4,
+            "bootstrap": 50, "max_new_tokens": 16,
             "batch_size": 8}
 # where each stage is killed: (event, file) — the three events of a write are each exercised
 KILL_AT = {
@@ -118,7 +119,7 @@ def assert_same_results(run: Path, reference: Path) -> None:
     ours, theirs = pd.read_csv(run / "probe_results.csv"), pd.read_csv(reference / "probe_results.csv")
     pd.testing.assert_frame_equal(ours, theirs)  # AUCs identical, not merely close
     summary, expected = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
-    for key in ("n", "accuracy", "valid_exact_answer_rate", "best_cell", "top_cells", "best_cell_heldout", "model_revision"):
+    for key in ("n", "accuracy", "valid_exact_answer_rate", "best_cell", "top_cells", "best_on_test", "population", "model_revision"):
         assert summary[key] == expected[key], key
     assert (run / "heatmap.png").is_file() and (run / "heatmap.svg").is_file()
 

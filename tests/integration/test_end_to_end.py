@@ -12,6 +12,7 @@ from sklearn.preprocessing import StandardScaler
 import truthmap
 from truthmap.cli import app
 from truthmap.label import DEFAULT_POSITIONS
+from truthmap.probe import mean_over_seeds
 
 pytestmark = pytest.mark.model
 SEEDS = [0, 1]
@@ -57,8 +58,26 @@ def test_run_folder_contract(study):
                 "stage_seconds", "versions", "families"):
         assert key in summary, key
     assert summary["n"] == 80 and len(summary["top_cells"]) == 5
-    heldout = summary["best_cell_heldout"]  # 10 cuts x 2 halves x 2 seeds, each choice scored on the other half
-    assert 30 <= heldout["n"] <= 40 and 0 <= heldout["auc"] <= 1  # a choice whose cell lacks a class in the other half is dropped
+    best, means = summary["best_cell"], mean_over_seeds(pd.read_csv(out / "probe_results.csv",
+                                                                                  dtype={"position": str}))
+    probes = means[means.site == "residual"]
+    assert best["val_auc"] == pytest.approx(probes.val_auc.max(), abs=1e-4)  # chosen on validation
+    assert best["auc"] == pytest.approx(probes.set_index(["layer", "position"]).loc[(best["layer"], best["position"]), "auc"], abs=1e-4)
+    assert summary["best_on_test"]["auc"] == pytest.approx(probes.auc.max(), abs=1e-4)
+    # one population: every column of a layer and seed scored the same test answers, the baselines too
+    population = answers[answers.split != ""]
+    assert summary["population"]["n"] == len(population) == len(answers) - summary["population"]["left_out"]
+    assert population.exact_answer_valid.all()
+    scores = pd.read_parquet(out / "probe_scores.parquet")
+    scored = scores.groupby(["layer", "seed", "position"]).id.apply(frozenset)
+    assert scored.groupby(level=["layer", "seed"]).nunique().eq(1).all()
+    for seed in (0, 1):
+        assert set(scores[scores.seed == seed].id) == set(json.loads((out / "splits.json").read_text())["seeds"][str(seed)]["test"])
+    results = pd.read_csv(out / "probe_results.csv", dtype={"position": str})
+    assert results[results.site != "baseline"].groupby("seed").n_test.nunique().eq(1).all()
+    assert (results[(results.site == "baseline") & (results.position == "logprob_mean")].set_index("seed").n_test
+            == results[results.site != "baseline"].groupby("seed").n_test.first()).all()
+    assert (out / "heatmap_within.png").is_file()
     assert set(summary["stage_seconds"]) == {"generate", "label", "extract", "probe", "baselines", "plot", "report"}
     splits = json.loads((out / "splits.json").read_text())
     assert set(splits["seeds"]) == {"0", "1"}

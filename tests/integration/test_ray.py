@@ -21,7 +21,7 @@ from truthmap.pipeline import run_stages
 
 pytestmark = pytest.mark.model
 # a tiny study: 24 questions, batch size 2 -> 3 generation chunks of 8; 3 feature shards of 8
-STUDY = dict(limit=24, seeds=[0], test_fraction=0.5, bootstrap=50, batch_size=2, max_new_tokens=12,
+STUDY = dict(limit=24, seeds=[0], test_fraction=0.3, validation_fraction=0.3, bootstrap=50, batch_size=2, max_new_tokens=12,
              dtype="float32", device="cpu", progress=False,  # the model the default_model fixture may have loaded
              min_per_class=2)  # a tiny study still gets AUCs to compare
 STAGES = ("generate", "label", "extract", "probe")

@@ -33,12 +33,19 @@ def make_run(folder: Path, n: int = 120, d: int = 8, layers: int = 3, seed: int 
                             "family": family, "subgroup": "", "prompt": [f"<u>question {i}?</u>" for i in range(n)],
                             "answer": "x", "correct": ~error, "exact_answer": "x", "exact_answer_valid": True,
                             "exact_answer_reason": "gold_alias", "exact_answer_start": 0, "exact_answer_end": 1})
+    answers["n_prompt_tokens"] = 6
+    answers["n_answer_tokens"] = 3 + np.arange(n) % 5
     answers.to_parquet(folder / "answers.parquet", index=False)
-    splits = {"test_fraction": 0.5, "seeds": {}}
+    pd.DataFrame({"id": ids, "prompt": answers["prompt"], "prompt_ids": [[5] * 6] * n,
+                  "answer_ids": [[7] * int(k) for k in answers["n_answer_tokens"]], "answer": "x",
+                  "stopped": np.arange(n) % 3 > 0}).to_parquet(folder / "generations.parquet", index=False)
+    splits = {"test_fraction": 0.35, "validation_fraction": 0.25, "population": "common", "n": n, "left_out": {},
+              "groups": {"n": n, "largest": 1}, "seeds": {}}
     for s in (0, 1):
         perm = np.random.default_rng(100 + s).permutation(n)
-        test = set(np.asarray(ids)[perm[: n // 2]].tolist())
-        splits["seeds"][str(s)] = {"train": [i for i in ids if i not in test], "test": [i for i in ids if i in test]}
+        part = np.empty(n, dtype=object)
+        part[perm] = ["test"] * int(0.35 * n) + ["validation"] * int(0.25 * n) + ["train"] * (n - int(0.35 * n) - int(0.25 * n))
+        splits["seeds"][str(s)] = {name: [i for i, p in zip(ids, part) if p == name] for name in ("train", "validation", "test")}
     (folder / "splits.json").write_text(json.dumps(splits))
     (folder / "config.json").write_text(json.dumps({"model": model, "dataset": dataset, "max_new_tokens": 8}))
     (folder / "summary.json").write_text(json.dumps({"model_revision": "rev1", "dataset": dataset,

@@ -57,6 +57,12 @@ def test_evaluate_same_positive_class_and_paired_bootstrap(tmp_path):
     assert by.loc["logprob_mean", "auc_lo"] == 1.0  # labels travel with scores in every bootstrap draw
     assert by.loc["logprob_mean_exact", "n_test"] < by.loc["logprob_mean", "n_test"]
     assert by.loc["family_rate", "n_train"] == len(splits["seeds"]["0"]["train"])
+    assert by.loc["logprob_mean", "n_test"] == len(splits["seeds"]["0"]["test"])
+    assert by.loc["logprob_mean", "n_val"] == len(splits["seeds"]["0"]["validation"])
+    assert by.loc["logprob_mean", "val_auc"] == 1.0
+    # the interval of the mean over seeds is the same for both seeds' rows and brackets their mean
+    both = results[results.position == "logprob_mean_exact"]
+    assert both.mean_auc_lo.nunique() == 1 and both.mean_auc_lo.iloc[0] <= both.auc.mean() <= both.mean_auc_hi.iloc[0]
     assert np.isnan(by.loc["logprob_mean", "accuracy"]) and not np.isnan(by.loc["p_true_answer", "accuracy"])
 
 
@@ -89,7 +95,8 @@ def test_finish_keeps_numeric_looking_positions_as_text(tmp_path):
     wrong = dict(zip(answers.id, ~answers.correct))
     # a study of the position "-1" only: read back as a number, it would match no probe score
     pd.DataFrame([{"site": "residual", "layer": 1, "position": "-1", "seed": int(s), "auc": 0.9, "auc_lo": 0.8,
-                   "auc_hi": 1.0, "accuracy": 0.8, "n_train": 60, "n_test": 60} for s in ("0", "1")]
+                   "auc_hi": 1.0, "accuracy": 0.8, "n_train": 60, "n_test": 60, "val_auc": 0.9}
+                   for s in ("0", "1")]
                  ).to_csv(run / "probe_results.csv", index=False)
     pd.DataFrame([{"site": "residual", "layer": 1, "position": "-1", "seed": int(s), "id": i,
                    "score": float(wrong[i])} for s in ("0", "1") for i in splits["seeds"][s]["test"]]

@@ -73,16 +73,19 @@ def test_split_sizes_name_the_short_class_and_honour_min_per_class():
     from truthmap.errors import TruthmapError
     from truthmap.probe import check_split_sizes
 
-    ids = [f"q{i}" for i in range(40)]
-    labels = np.array([1] * 34 + [0] * 6)  # 6 right answers: 4 in train, 2 in test
-    splits = {"seeds": {"0": {"train": ids[:28] + ids[34:38], "test": ids[28:34] + ids[38:]}}}
-    with pytest.raises(TruthmapError, match=r"seed 0, train split: only 4 right answers \(need at least 10\)"):
+    labels = np.array([1] * 34 + [0] * 8)  # 8 right answers: 4 in train, 2 in validation, 2 in test
+    ids = [f"q{i}" for i in range(42)]
+    splits = {"seeds": {"0": {"train": ids[:20] + ids[34:38], "validation": ids[20:26] + ids[38:40],
+                              "test": ids[26:34] + ids[40:]}}}
+    with pytest.raises(TruthmapError, match=r"seed 0, train part: only 4 right answers \(need at least 10\)"):
         check_split_sizes(labels, splits, ids)
-    with pytest.raises(TruthmapError, match=r"test split: only 2 right answers \(need at least 3\)"):
+    with pytest.raises(TruthmapError, match=r"validation part: only 2 right answers \(need at least 3\)"):
         check_split_sizes(labels, splits, ids, min_per_class=3)
     check_split_sizes(labels, splits, ids, min_per_class=2)
-    with pytest.raises(TruthmapError, match=r"test split: only 1 right answer \(need at least 2\)"):
+    with pytest.raises(TruthmapError, match=r"test part: only 1 right answer \(need at least 2\)"):
         check_split_sizes(np.r_[labels[:-1], 1], splits, ids, min_per_class=2)
+    with pytest.raises(TruthmapError, match=r"no validation part .* rerun the label stage"):
+        check_split_sizes(labels, {"seeds": {"0": {"train": ids[:30], "test": ids[30:]}}}, ids)
 
 
 def test_min_per_class_below_two_is_refused():
@@ -93,34 +96,55 @@ def test_min_per_class_below_two_is_refused():
         Config(min_per_class=1).validate()
 
 
-def _scores_table(signal_cells: dict, n_cells: int = 200, n: int = 120, seeds=(0, 1), seed: int = 0):
-    """probe_scores-like rows: ``n_cells`` cells of pure noise, plus cells whose score carries the label."""
+def test_the_best_cell_is_chosen_on_validation_not_on_test():
+    """Cell 3 is strong on test only (luck on the answers that score it); cell 7 on validation and test:
+    the validation choice is 7, and its reported AUC is its test AUC."""
     import pandas as pd
 
-    rng = np.random.default_rng(seed)
-    ids = [f"q{i}" for i in range(n)]
-    wrong = rng.random(n) < 0.4
+    from truthmap.probe import choose_cell, mean_over_seeds
+
     rows = []
-    for s in seeds:
-        for c in range(n_cells):
-            strength = signal_cells.get(c, 0.0)
-            score = rng.normal(size=n) + strength * wrong
-            rows.append(pd.DataFrame({"site": "residual", "layer": c, "position": "last_q", "seed": s,
-                                      "id": ids, "score": score}))
-    return pd.concat(rows, ignore_index=True), dict(zip(ids, wrong))
+    for seed in (0, 1):
+        for layer in range(12):
+            val, test = {3: (0.55, 0.95), 7: (0.85, 0.84)}.get(layer, (0.6, 0.6))
+            rows.append({"site": "residual", "layer": layer, "position": "-1", "seed": seed, "auc": test,
+                         "val_auc": val})
+    means = mean_over_seeds(pd.DataFrame(rows))
+    chosen = choose_cell(means)
+    assert chosen["layer"] == 7 and chosen["auc"] == pytest.approx(0.84) and chosen["val_auc"] == pytest.approx(0.85)
+    assert choose_cell(means, "auc")["layer"] == 3  # what choosing on test would have said
 
 
-def test_heldout_best_auc_removes_the_winners_curse():
-    from truthmap.probe import heldout_best_auc
+def test_within_strata_auc_of_a_score_that_only_encodes_the_stratum_is_one_half():
+    from truthmap.probe import within_auc
 
-    scores, error_of = _scores_table({})  # nothing to find
-    y = np.array(list(error_of.values()))
-    per_cell = scores.groupby(["seed", "layer"]).score.apply(lambda s: auc_score(s.to_numpy(), y)).groupby("layer").mean()
-    assert per_cell.max() > 0.58  # the best of 200 noise cells looks like a finding
-    heldout = heldout_best_auc(scores, error_of)
-    assert abs(heldout["auc"] - 0.5) < 0.04 and heldout["n"] == 2 * 10 * 2
+    rng = np.random.default_rng(0)
+    strata = rng.integers(0, 6, 600)
+    rate = np.linspace(0.1, 0.9, 6)[strata]  # strata differ in error rate
+    wrong = rng.random(600) < rate
+    assert auc_score(rate, wrong) > 0.75  # across strata, the stratum alone looks like knowledge
+    assert within_auc(rate, wrong, strata) == pytest.approx(0.5)
+    knows = wrong + rng.normal(0, 0.5, 600)
+    assert within_auc(knows, wrong, strata) > 0.8
+    # pooled over strata it equals the pair-count-weighted mean of the strata's AUCs
+    pairs = [(wrong[strata == g].sum() * (~wrong[strata == g]).sum(), auc_score(knows[strata == g], wrong[strata == g]))
+             for g in range(6)]
+    assert within_auc(knows, wrong, strata) == pytest.approx(sum(w * a for w, a in pairs) / sum(w for w, _ in pairs))
 
-    scores, error_of = _scores_table({17: 1.5})  # one cell knows
-    heldout = heldout_best_auc(scores, error_of)
-    assert heldout["most_chosen"]["layer"] == 17 and heldout["most_chosen"]["share"] > 0.9
-    assert 0.75 < heldout["auc"] < 0.95
+
+def test_group_bootstrap_moves_whole_groups_and_the_mean_interval_is_of_the_mean():
+    from truthmap.probe import cell_stats, group_bootstrap
+
+    groups = np.repeat(np.arange(50), 4)
+    weights = group_bootstrap(groups, 200, seed=0)
+    assert weights.shape == (200, 200) and (weights.reshape(200, 50, 4).std(-1) == 0).all()
+    assert (weights.reshape(200, 50, 4)[..., 0].sum(1) == 50).all()
+    rng = np.random.default_rng(1)
+    y = (rng.random(200) < 0.5).astype(int)
+    score = np.stack([y + rng.normal(0, 1.0, 200) for _ in range(3)])
+    part = rng.permutation(np.repeat(["train", "validation", "test"], [100, 40, 60]))
+    parts = {p: np.tile(part == p, (3, 1)) for p in ("train", "validation", "test")}
+    per_seed, cell = cell_stats(score, y, parts, weights)
+    mean = np.mean([r["auc"] for r in per_seed])
+    assert cell["mean_auc_lo"] < mean < cell["mean_auc_hi"]
+    assert cell["val_auc_se"] > 0

@@ -295,7 +295,7 @@ def test_position_indices_stay_inside_the_sequence(n_prompt, n_answer, data):
     assert index["last_q"] == n_prompt - 1
     assert index["first_answer"] == (n_prompt if n_answer else -1)
     for k in range(1, 9):
-        assert index[str(-k)] == (total - k if k <= n_answer else -1)  # inside the answer only
+        assert index[str(-k)] == (total - k if k <= total else -1)  # counted over prompt and answer
     if exact is None:
         assert all(index[p] == -1 for p in index if p.startswith("exact_answer"))
     else:

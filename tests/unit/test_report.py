@@ -62,8 +62,9 @@ def make_run(folder, n=40, layers=(0, 1, 2), positions=POSITIONS, seeds=(0, 1), 
                     y = ~correct[test]
                     score = np.clip(0.5 + (y - 0.5) * 0.1 * (layer + p) + rng.normal(0, 0.2, len(test)), 0.001, 0.999)
                     auc = float(auc_score(score, y))
+                    val = auc + rng.normal(0, 0.05)  # validation AUCs choose the region, not these
                     results.append([site, layer, position, seed, auc, auc - 0.05, min(1.0, auc + 0.05), 0.7,
-                                    n - len(test), len(test)])
+                                    n - len(test), len(test), val, 0.02, auc - 0.1, val - 0.1])
                     for column, value in (("site", site), ("layer", layer), ("position", position), ("seed", seed)):
                         scores[column] += [value] * len(test)
                     scores["id"] += [ids[k] for k in test]
@@ -72,7 +73,8 @@ def make_run(folder, n=40, layers=(0, 1, 2), positions=POSITIONS, seeds=(0, 1), 
     answers.to_parquet(folder / "answers.parquet", index=False)
     (folder / "splits.json").write_text(json.dumps(splits))
     pd.DataFrame(results, columns=["site", "layer", "position", "seed", "auc", "auc_lo", "auc_hi", "accuracy",
-                                   "n_train", "n_test"]).to_csv(folder / "probe_results.csv", index=False)
+                                   "n_train", "n_test", "val_auc", "val_auc_se", "within_auc", "within_val_auc"]
+                 ).to_csv(folder / "probe_results.csv", index=False)
     scores = pd.DataFrame(scores).astype({"score": np.float32})
     scores.to_parquet(folder / "probe_scores.parquet", index=False)
     (folder / "config.json").write_text(json.dumps({"positions": list(positions), "seeds": list(seeds)}))
@@ -106,9 +108,9 @@ def test_heatmap_tables_match_the_auc_table(run_dir, tmp_path):
     results = pd.read_csv(run_dir / "probe_results.csv", dtype={"position": str})
     assert run["positions"] == POSITIONS and run["seeds"] == ["0", "1"]
     site = run["sites"]["residual"]
-    assert site["layers"] == [0, 1, 2] and set(site["views"]) == {"mean", "0", "1"}
+    assert site["layers"] == [0, 1, 2] and set(site["views"]) == {"mean", "within", "0", "1"}
     means = mean_over_seeds(results).set_index(["layer", "position"])
-    grid = np.full((3, 3), np.nan)
+    grid, chosen_on, within = np.full((3, 3), np.nan), np.full((3, 3), np.nan), np.full((3, 3), np.nan)
     for li, layer in enumerate(site["layers"]):
         for pi, position in enumerate(POSITIONS):
             row = means.loc[(layer, position)]
@@ -117,8 +119,10 @@ def test_heatmap_tables_match_the_auc_table(run_dir, tmp_path):
             assert site["views"]["mean"]["n_test"][li][pi] == pytest.approx(row.n_test, abs=0.05)
             one = results[(results.layer == layer) & (results.position == position) & (results.seed == 1)].iloc[0]
             assert site["views"]["1"]["auc_lo"][li][pi] == pytest.approx(one.auc_lo, abs=1e-4)
-            grid[li, pi] = row.auc
-    assert site["views"]["mean"]["region"] == list(best_region(grid))
+            grid[li, pi], chosen_on[li, pi], within[li, pi] = row.auc, row.val_auc, row.within_val_auc
+            assert site["views"]["within"]["auc"][li][pi] == pytest.approx(row.within_auc, abs=1e-4)
+    assert site["views"]["mean"]["region"] == list(best_region(chosen_on, 0.02))  # chosen on validation
+    assert site["views"]["within"]["region"] == list(best_region(within))
 
 
 def test_scores_decode_to_the_probe_scores(run_dir, tmp_path):
@@ -191,7 +195,7 @@ def test_policy_allows_only_the_inlined_script_and_style(run_dir, tmp_path):
 def test_baseline_rows_are_listed_beside_not_in_the_map(run_dir, tmp_path):
     results = pd.read_csv(run_dir / "probe_results.csv")
     extra = pd.DataFrame([["baseline", 0, "logits_mean", seed, 0.61 + seed / 100, 0.55, 0.67, 0.6, 20, 20]
-                          for seed in (0, 1)], columns=results.columns)
+                          for seed in (0, 1)], columns=results.columns[:10])
     pd.concat([results, extra]).to_csv(run_dir / "probe_results.csv", index=False)
     run = page_data(write_report([run_dir], tmp_path / "r.html"))["runs"][0]
     assert list(run["sites"]) == ["residual"]

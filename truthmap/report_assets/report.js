@@ -8,7 +8,7 @@
   const RUNS = DATA.runs;
   const SVG_NS = "http://www.w3.org/2000/svg";
   const NO_VALUE = "#dddddd"; // grey: a cell with no AUC, as in the PNG
-  const REGION = "#d62728"; // outline of the best region, as in the PNG
+  const REGION = "#000000"; // outline of the best region (chosen on validation), as in the PNG
   const WRONG = "#d55e00", RIGHT = "#0072b2"; // Okabe-Ito vermillion and blue: apart for colour-blind readers
 
   // ---- small helpers -------------------------------------------------------------------------
@@ -259,7 +259,7 @@
 
   function aucLegend() {
     return legend(DATA.palette.auc, 0.5, 1.0, [0.5, 0.6, 0.7, 0.8, 0.9, 1.0], "probe AUC (predicting an error)",
-      [swatch("none", "no AUC"), swatch("region", "best region (within 0.01 of the best cell)")]);
+      [swatch("none", "no AUC"), swatch("region", "best region: chosen on validation AUC (within one standard error of the best)")]);
   }
 
   function select(label, options, value, onChange) {
@@ -280,8 +280,11 @@
     values: false,
   }));
 
+  const MEAN_VIEWS = ["mean", "within"]; // views over every seed; the others are one seed each
+
   function viewLabel(run, view) {
-    return view === "mean" ? "mean over " + run.seeds.length + " seed" + (run.seeds.length === 1 ? "" : "s")
+    const seeds = run.seeds.length + " seed" + (run.seeds.length === 1 ? "" : "s");
+    return view === "mean" ? "mean over " + seeds : view === "within" ? "within strata, mean over " + seeds
       : "seed " + view;
   }
 
@@ -292,11 +295,13 @@
     if (auc === null) {
       lines.push("no AUC (the test split lacks a class here, or the position never exists)");
     } else {
-      lines.push("AUC " + fmt(auc) + (view === "mean" ? " ± " + fmt(table.auc_std[li][pi]) + " (" + viewLabel(run, view) + ")"
+      lines.push("test AUC " + fmt(auc) + (view === "mean" ? " ± " + fmt(table.auc_std[li][pi]) + " (" + viewLabel(run, view) + ")"
         : " (" + viewLabel(run, view) + ")"));
-      lines.push("95% interval " + fmt(table.auc_lo[li][pi]) + "–" + fmt(table.auc_hi[li][pi]));
+      if (table.auc_lo[li][pi] !== null) lines.push("95% interval " + fmt(table.auc_lo[li][pi]) + "–" + fmt(table.auc_hi[li][pi]));
+      if (table.val_auc && table.val_auc[li][pi] !== null) lines.push("validation AUC " + fmt(table.val_auc[li][pi]));
     }
-    lines.push("n_train " + count(table.n_train[li][pi]) + " · n_test " + count(table.n_test[li][pi]));
+    lines.push("n_train " + count(table.n_train[li][pi]) + (table.n_val ? " · n_val " + count(table.n_val[li][pi]) : "") +
+      " · n_test " + count(table.n_test[li][pi]));
     return lines;
   }
 
@@ -322,9 +327,10 @@
           }
           st.site = v; drawMap(); drawDetail();
         }),
-        select("AUC of", [["mean", viewLabel(run, "mean")]].concat(run.seeds.map((seed) => [seed, "seed " + seed])), st.view, (v) => {
+        select("AUC of", MEAN_VIEWS.filter((v) => site.views[v]).map((v) => [v, viewLabel(run, v)])
+          .concat(run.seeds.map((seed) => [seed, "seed " + seed])), st.view, (v) => {
           st.view = v;
-          if (v !== "mean") st.seed = v;
+          if (!MEAN_VIEWS.includes(v)) st.seed = v;
           drawMap(); drawDetail();
         }),
         h("label", {class: "control check"}, [
@@ -357,7 +363,7 @@
       const [li, pi] = st.cell;
       const site = run.sites[st.site];
       const layer = site.layers[li], position = run.positions[pi];
-      const seed = st.view === "mean" ? st.seed : st.view;
+      const seed = MEAN_VIEWS.includes(st.view) ? st.seed : st.view;
       const scored = cellScores(index, st.site, seed, li, pi);
       const a = run.answers;
       const families = Array.from(new Set(scored.map((x) => a.family[x.row]))).sort();
@@ -375,8 +381,8 @@
       const controls = h("div", {class: "controls"}, [
         select("seed (test split)", run.seeds.map((v) => [v, "seed " + v]), seed, (v) => {
           st.seed = v;
-          if (st.view !== "mean") st.view = v;
-          if (st.view !== "mean") drawMap();
+          if (!MEAN_VIEWS.includes(st.view)) st.view = v;
+          if (!MEAN_VIEWS.includes(st.view)) drawMap();
           drawDetail();
         }),
         tasks.length > 1 ? select("task", [["", "all tasks"]].concat(tasks.map((t) => [t, t])), st.task, (v) => { st.task = v; drawDetail(); }) : null,
@@ -508,14 +514,34 @@
         const go = li >= 0 && pi >= 0
           ? h("button", {type: "button", class: "link", onclick: () => document.getElementById("run-" + index).selectCell(c.site, li, pi)}, name)
           : name;
-        return [go, fmt(c.auc) + " ± " + fmt(c.auc_std), fmt(c.auc_lo) + "–" + fmt(c.auc_hi), count(c.n_test)];
+        return [go, fmt(c.val_auc), fmt(c.auc), fmt(c.auc_lo) + "–" + fmt(c.auc_hi)];
       });
-      panel.append(smallTable("Best cells (mean over seeds)", ["cell", "AUC", "95% interval", "n_test"], rows));
+      panel.append(smallTable("Best cells, chosen on validation", ["cell", "val AUC", "test AUC", "95% interval"], rows));
     }
-    const held = sm.best_cell_heldout;
-    if (held) {
-      panel.append(h("p", {class: "hint"}, "The best cell is chosen on the test splits that score it. Chosen on one half of " +
-        "each test split and scored on the other (" + held.n + " choices): AUC " + fmt(held.auc) + " ± " + fmt(held.auc_std) + "."));
+    const pop = sm.population;
+    if (pop) {
+      panel.append(h("p", {class: "hint"}, "Every cell is scored on the same " + pop.n + " answers (population " + pop.rule +
+        "; " + pop.left_out + " left out: " + Object.entries(pop.left_out_reasons || {}).map(([r, n]) => r + " " + n).join(", ") +
+        "). Splits keep related questions together (" + (pop.groups ? pop.groups.n + " groups, the largest " + pop.groups.largest : "") + ")."));
+    }
+    const onTest = sm.best_on_test;
+    if (onTest && sm.best_cell) {
+      panel.append(h("p", {class: "hint"}, "Chosen on test instead, the best cell would be layer " + onTest.layer + " · " +
+        onTest.position + " with test AUC " + fmt(onTest.auc) + " (optimistic: the best of many on the answers that score it)."));
+    }
+    const controls = sm.controls;
+    if (controls) {
+      const rows = [];
+      if (controls.best_exact_answer_cell) rows.push(["best exact-answer cell", fmt(controls.best_exact_answer_cell.auc)]);
+      if (controls.best_other_cell) rows.push(["best other cell", fmt(controls.best_other_cell.auc)]);
+      if (controls.surface) rows.push(["surface control", fmt(controls.surface.auc)]);
+      if (controls.family_rate) rows.push(["family control", fmt(controls.family_rate.auc)]);
+      if (controls.subgroup_rate) rows.push(["family + subgroup control", fmt(controls.subgroup_rate.auc)]);
+      if (rows.length) panel.append(smallTable("Controls (test AUC)", ["", "AUC"], rows));
+      if (controls.exact_answer_confounded) {
+        panel.append(h("p", {class: "warning"}, "The surface control (answer length, exact-answer length and route, " +
+          "whether the answer stopped) reaches the exact-answer columns' interval: those columns may read only what the answer looks like."));
+      }
     }
     if (run.baselines.length) {
       panel.append(smallTable("Baselines (same test splits)", ["baseline", "AUC", "95% interval", "n_test"],

@@ -55,6 +55,9 @@ class Task:
     hub: tuple[str, str | None, str] | None = None  # (hub dataset id, config, default split)
     max_new_tokens: int = 24
     builtin: Callable[[], tuple[list[dict], dict]] | None = None  # builds (rows, vocabularies) itself
+    # (id, question) -> the key of questions that must share a split part ("" = none): questions about one
+    # entity; questions whose texts normalise alike always share a part (label.split_groups)
+    group: Callable[[str, str], str] | None = None
 
 
 @dataclass(frozen=True)
