@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from _synthetic import make_run, tiny_model
+from truthmap.probe import auc_score
 from truthmap.baselines import (SITE, evaluate, family_table, group_rates, merge_into_results, summarise_tokens,
                                 token_statistics, within_family_auc)
 
@@ -106,3 +107,36 @@ def test_finish_keeps_numeric_looking_positions_as_text(tmp_path):
     assert fields["probe_within_family_auc"] == 1.0 and fields["baselines"]["logprob_mean"] == 1.0
     merged = pd.read_csv(run / "probe_results.csv", dtype={"position": str})
     assert set(merged.site) == {"residual", SITE} and (run / "baselines.png").is_file()
+
+
+def test_surface_control_catches_a_study_confounded_by_answer_length():
+    """Wrong answers are the long ones that ran to the token limit: the surface control alone finds them,
+    and ``controls`` flags exact-answer columns that do no better."""
+    from truthmap.baselines import controls, surface_scores
+
+    rng = np.random.default_rng(0)
+    n = 400
+    wrong = rng.random(n) < 0.5
+    answers = pd.DataFrame({"id": [str(i) for i in range(n)], "correct": ~wrong,
+                            "n_answer_tokens": np.where(wrong, 20, 6) + rng.integers(0, 5, n),
+                            "exact_answer_valid": True, "exact_answer_start": 0, "exact_answer_end": 5,
+                            "exact_answer_reason": np.where(rng.random(n) < 0.5, "gold_alias", "vocabulary"),
+                            "stopped": ~wrong})
+    train = np.arange(n) < 200
+    score = surface_scores(answers, train)
+    assert auc_score(score[~train], wrong[~train]) > 0.95
+    answers["n_answer_tokens"] = 10  # nothing on the surface: the control is near chance
+    answers["stopped"] = True
+    assert abs(auc_score(surface_scores(answers, train)[~train], wrong[~train]) - 0.5) < 0.1
+
+    def rows(site, position, auc, lo, hi):
+        return [{"site": site, "layer": 3 if site != SITE else -1, "position": position, "seed": s, "auc": auc,
+                 "val_auc": auc, "mean_auc_lo": lo, "mean_auc_hi": hi} for s in (0, 1)]
+
+    table = pd.DataFrame(rows("residual", "exact_answer_last", 0.90, 0.86, 0.94) + rows("residual", "-1", 0.80, 0.75, 0.85)
+                         + rows(SITE, "surface", 0.88, 0.84, 0.92) + rows(SITE, "family_rate", 0.70, 0.65, 0.75))
+    found = controls(table)
+    assert found["exact_answer_confounded"] is True and found["surface"]["auc"] == 0.88
+    assert found["best_exact_answer_cell"]["position"] == "exact_answer_last" and found["best_other_cell"]["position"] == "-1"
+    table.loc[table.position == "surface", "auc"] = 0.6
+    assert controls(table)["exact_answer_confounded"] is False
