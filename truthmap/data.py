@@ -5,8 +5,9 @@ Every source becomes the same questions table (a DataFrame, one row per question
     id (str, unique) · question (str) · gold (list[str], the accepted answers, non-empty)
     family (str) · subgroup (str) · answer_type (str, key into the vocabularies or "")
     task (str, the registry name that prompts and grades it) · context (str, a passage shown before
-    the question, or "") · question_base (str, the question as a base model completes it, or "" for
-    the same as ``question``) · wrong_answers (list[str], the competing options of a choice task)
+    the question, or "") · question_base (str, the question as a base model completes it, e.g.
+    WinoBias's "The pronoun 'he' refers to the", or "" for the same as ``question``) · wrong_answers
+    (list[str], the competing options of a choice task)
 
 plus a dict of vocabularies (answer_type -> candidate answers) used to find the exact answer of a wrong
 answer. A bad row (empty question, missing gold, unparsable number, unknown label, duplicate id) raises

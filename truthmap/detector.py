@@ -166,7 +166,8 @@ class Detector:
         (e.g. no exact answer could be located for an ``exact_answer_*`` position).
 
         ``exact_answer``: the span of each answer that states it, where known; otherwise it is found by
-        the same rules as the label stage, falling back on asking the model.
+        the same rules as the label stage, falling back on asking the model. An answer the model did not
+        write is outside what the detector learned from: :meth:`own_answers` tells which these are.
         """
         questions, answers = _as_list(question), _as_list(answer)
         if len(questions) != len(answers):
