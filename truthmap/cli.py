@@ -29,6 +29,9 @@ def _common(f):
         click.option("--seeds", type=int, multiple=True, help="Split/probe seeds, e.g. --seeds 0 1 2."),
         click.option("--site", "sites", multiple=True, help="residual (default), mlp, attention."),
         click.option("--positions", multiple=True, help="Token positions (columns), in order."),
+        click.option("--protocol", type=click.Choice(["brief", "reference"]),
+                     help="Generation settings: brief (default; '… Answer briefly.', 24 new tokens) or reference "
+                          "(the reference study's: the question alone, 100 new tokens, math 200; docs/tasks.md)."),
         click.option("--max-new-tokens", type=int),
         click.option("--long-prompts", type=click.Choice(["truncate", "skip"]),
                      help="A prompt longer than the model's context: cut its middle (default) or skip the question."),
@@ -336,7 +339,10 @@ def _detector(path, model, force, dtype, device):
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--device")
 def score(detector_path, questions, answers, pairs_file, model, force, dtype, device):
-    """P(error) of given question–answer pairs under an exported detector."""
+    """P(error) of given question–answer pairs under an exported detector.
+
+    Each answer is also compared with the model's own greedy answer (columns own_answer, model_answer,
+    answer_logprob): the detector was trained on the model's own answers, so it warns about any other."""
     import pandas as pd
 
     if pairs_file:
@@ -351,12 +357,20 @@ def score(detector_path, questions, answers, pairs_file, model, force, dtype, de
     detector = _detector(detector_path, model, force, dtype, device)
     table["p_error"] = detector.score(table["question"].tolist(), table["answer"].tolist(), model, force)
     table["flagged"] = table["p_error"] >= detector.threshold
+    own = detector.own_answers(table["question"].tolist(), table["answer"].tolist(), model, force)
+    table = pd.concat([table, pd.DataFrame(own, index=table.index)], axis=1)
     if pairs_file:
         target = Path(pairs_file).with_suffix(".scored.csv")
         table.to_csv(target, index=False)
         click.echo(f"scored: {target}")
     for row in table.itertuples():
-        click.echo(f"P(error) {row.p_error:.3f}{'  FLAGGED' if row.flagged else ''}  {row.question} -> {row.answer}")
+        click.echo(f"P(error) {row.p_error:.3f}{'  FLAGGED' if row.flagged else ''}  {row.question} -> {row.answer}"
+                   f"  [{'the model' if row.own_answer else 'NOT the model'}'s own answer; "
+                   f"mean log-prob {row.answer_logprob:.2f}]")
+    for row in table[~table["own_answer"]].itertuples():
+        click.echo(f"warning: {row.question!r}: the answer is not the model's own (it answers {row.model_answer!r}); "
+                   f"the detector was trained on the model's own answers, so this P(error) is outside its "
+                   f"domain", err=True)
 
 
 @cli.command()

@@ -11,6 +11,7 @@ from .errors import TruthmapError
 from .generate import DEFAULT_TEMPLATE, LONG_PROMPTS
 from .label import DEFAULT_POSITIONS, MIN_PER_CLASS, POPULATIONS, check_positions
 from .models import DEFAULT_MODEL, SITES
+from .tasks import check_protocol
 
 ALSO = ("attention",)  # optional passes of `truthmap run`
 
@@ -26,8 +27,9 @@ class Config:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one train/test split and probe per seed
     sites: list[str] = field(default_factory=lambda: ["residual"])  # residual, mlp, attention
     positions: list[str] = field(default_factory=lambda: list(DEFAULT_POSITIONS))
+    protocol: str = "brief"  # brief ("… Answer briefly.", 24 new tokens) or reference (the reference study's settings)
     prompt_template: str | None = None  # user message for chat models ({question}, {context}); None: the task's
-    max_new_tokens: int | None = None  # None: the task's (24; math 64)
+    max_new_tokens: int | None = None  # None: the task's under the protocol (brief 24, math 64; reference 100, math 200)
     long_prompts: str = "truncate"  # a prompt longer than the context: truncate (cut its middle) or skip
     batch_size: int | None = None  # None: chosen from the device and free memory
     dtype: str = "auto"  # auto, float32, bfloat16, float16
@@ -74,6 +76,7 @@ class Config:
             raise TruthmapError(f"min_per_class {self.min_per_class}: must be at least 2 (an AUC needs both classes)")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise TruthmapError(f"max_new_tokens {self.max_new_tokens}: must be at least 1")
+        check_protocol(self.protocol)
         if self.long_prompts not in LONG_PROMPTS:
             raise TruthmapError(f"long_prompts '{self.long_prompts}': use one of {', '.join(LONG_PROMPTS)}")
         if self.ray is not None and (not isinstance(self.ray, str) or not self.ray.strip()):

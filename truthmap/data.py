@@ -5,8 +5,9 @@ Every source becomes the same questions table (a DataFrame, one row per question
     id (str, unique) · question (str) · gold (list[str], the accepted answers, non-empty)
     family (str) · subgroup (str) · answer_type (str, key into the vocabularies or "")
     task (str, the registry name that prompts and grades it) · context (str, a passage shown before
-    the question, or "") · question_base (str, the question as a base model completes it, or "" for
-    the same as ``question``) · wrong_answers (list[str], the competing options of a choice task)
+    the question, or "") · question_base (str, the question as a base model completes it, e.g.
+    WinoBias's "The pronoun 'he' refers to the", or "" for the same as ``question``) · wrong_answers
+    (list[str], the competing options of a choice task)
 
 plus a dict of vocabularies (answer_type -> candidate answers) used to find the exact answer of a wrong
 answer. A bad row (empty question, missing gold, unparsable number, unknown label, duplicate id) raises
@@ -43,22 +44,25 @@ def load_questions(
     answer_column: str | None = None,
     data_dir: str | None = None,
     on_bad_row: str = "error",
+    protocol: str = tasks.PROTOCOLS[0],
 ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """Load ``dataset`` (a task name, ``TASK:SPLIT``, ``TASK:PATH``, a path or a hub id) as
     (questions table, vocabularies).
 
     ``limit`` keeps a deterministic sample of that many questions (shuffled with ``seed``, then the
     first ``limit`` taken, in source order). ``data_dir`` is where task files are looked up by name.
+    ``protocol`` (brief or reference) decides the context a task shows where the two differ (HotpotQA).
     """
     if on_bad_row not in BAD_ROW_CHOICES:
         raise TruthmapError(f"--on-bad-row '{on_bad_row}': use one of {', '.join(BAD_ROW_CHOICES)}")
+    tasks.check_protocol(protocol)
     task, source = tasks.resolve(dataset, data_dir)
     if source.kind == "builtin":
         rows, vocabularies = task.builtin()
         report = {"source": str(source), "read": len(rows), "used": len(rows)}
     else:
         records, first_row = read_records(source)
-        options = tasks.LoadOptions(question_column, answer_column)
+        options = tasks.LoadOptions(question_column, answer_column, protocol)
         rows, report = convert_records(task, records, first_row, str(source), options, on_bad_row)
         vocabularies = {}
     table = pd.DataFrame([_complete(row, task.name) for row in rows], columns=QUESTION_COLUMNS + TASK_COLUMNS)

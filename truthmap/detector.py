@@ -11,11 +11,20 @@ position) and writes a folder:
 * ``detector.safetensors`` — float32 ``mean [d]``, ``scale [d]``, ``coef [d]`` (on standardised
   features), ``intercept [1]``;
 * ``card.json`` — model id and revision, site, layer, position, task, train/test sizes, test AUC,
-  threshold, the prompt's text around the question, and the test ids the AUC was measured on.
+  threshold, the prompt's text around the question, the test ids the AUC was measured on, and the
+  ``domain``: the answers the detector was trained on and what lies outside them (see below).
 
 ``Detector.load(path)`` reads it back (no pickle). ``detector.score(question, answer)`` runs the card's
 model on new question–answer pairs and returns P(error) of each; ``detector.ask(question)`` generates
 the answer first. A model other than the card's is refused unless ``force=True``.
+
+**Domain.** A detector learned from the model's own greedy answers, read in the model's own hidden
+states: it says whether the model's answer is wrong, not whether a text is. An answer the model did not
+write (another model's, a person's, an edited one) is outside that domain, and its P(error) is not a
+measured prediction ("What is the capital of Peru?" → "The capital of Peru is Bogotá." can score
+near 0). ``detector.own_answers(question, answer)`` says, for each pair, whether the answer is the
+model's own (its greedy answer, compared as normalised words) and the answer's mean token
+log-probability under the model; ``truthmap score`` prints it and warns. The card's ``domain`` says so.
 """
 
 from __future__ import annotations
@@ -157,7 +166,8 @@ class Detector:
         (e.g. no exact answer could be located for an ``exact_answer_*`` position).
 
         ``exact_answer``: the span of each answer that states it, where known; otherwise it is found by
-        the same rules as the label stage, falling back on asking the model.
+        the same rules as the label stage, falling back on asking the model. An answer the model did not
+        write is outside what the detector learned from: :meth:`own_answers` tells which these are.
         """
         questions, answers = _as_list(question), _as_list(answer)
         if len(questions) != len(answers):
@@ -165,6 +175,35 @@ class Detector:
         lm = self.model(model, force)
         answer_ids = [answer_token_ids(lm, a) for a in answers]
         return self._score_ids(lm, questions, answer_ids, _as_list(exact_answer) if exact_answer else None)
+
+    def own_answers(self, question, answer, model=None, force: bool = False,
+                    max_new_tokens: int | None = None) -> list[dict]:
+        """For each (question, answer): is the answer the model's own? ``[{model_answer, own_answer,
+        answer_logprob}]``.
+
+        ``model_answer`` is the model's greedy answer to the card's prompt of the question (as ``ask``
+        gives it); ``own_answer`` is True when the given answer says the same words (normalised: case,
+        accents, punctuation and articles ignored); ``answer_logprob`` is the mean log-probability of the
+        given answer's tokens under the model, its end-of-turn token included (a text the model would not
+        write scores lower than its own answer).
+        """
+        from .baselines import token_statistics
+        from .generate import decode_answer, generate_answers
+        from .textmatch import normalize
+
+        questions, answers = _as_list(question), _as_list(answer)
+        if len(questions) != len(answers):
+            raise TruthmapError(f"own_answers: {len(questions)} questions but {len(answers)} answers")
+        lm = self.model(model, force)
+        prompts = [self.prompt_ids(lm, q) for q in questions]
+        generated = generate_answers(lm, prompts, max_new_tokens or self.card.get("max_new_tokens") or 24,
+                                     progress=False)
+        greedy = [decode_answer(lm.tokenizer, ids).strip() for ids, _ in generated]
+        given = [answer_token_ids(lm, a) for a in answers]
+        stats = token_statistics(lm, [p + a for p, a in zip(prompts, given)], [len(p) for p in prompts])
+        return [{"model_answer": own, "own_answer": normalize(own) == normalize(text),
+                 "answer_logprob": float(np.log(np.clip(prob, 1e-30, 1.0)).mean())}
+                for own, text, (prob, _) in zip(greedy, answers, stats)]
 
     def ask(self, question, model=None, force: bool = False, max_new_tokens: int | None = None) -> list[dict]:
         """Generate the greedy answer to each question and score it: [{question, answer, p_error, flagged}]."""
@@ -202,11 +241,16 @@ def _as_list(value) -> list:
 
 
 def end_of_turn_id(lm) -> int | None:
-    """The token the chat template puts after an assistant message (the one a finished answer ends with)."""
-    from .generate import encode_prompt, end_of_turn_ids
+    """The token the chat template puts after an assistant message (the one a finished answer ends with);
+    for a model without a chat template, the line break that ends its one-line answer."""
+    from .generate import answers_one_line, encode_prompt, end_of_turn_ids
 
     stops = end_of_turn_ids(lm)
     tok = lm.tokenizer
+    if answers_one_line(tok):
+        line_break = tok("\n", add_special_tokens=False)["input_ids"][-1:]
+        if line_break and line_break[0] in stops:
+            return line_break[0]
     if getattr(tok, "chat_template", None):
         user = [{"role": "user", "content": "Q"}]
         prompt = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
@@ -328,24 +372,40 @@ def export_detector(run_dir: str | Path, site: str, layer: int, position: str, o
     detector, test_ids, X_test, y_test = fit_cell(run_dir, site, layer, position, seed, C)
     auc = float(auc_score(detector.predict_proba(X_test)[:, 1], y_test)) if len(set(y_test.tolist())) == 2 else None
     prefix, suffix = prompt_frame(run_dir)
+    protocol = config.get("protocol", "brief")
     max_new_tokens = config.get("max_new_tokens")
     if not max_new_tokens:  # the task's own answer length, as the generate stage chose it
         from .runfolder import QUESTIONS, read_parquet
         from .tasks import answer_length
 
-        max_new_tokens = answer_length(read_parquet(run_dir / QUESTIONS)["task"])
+        max_new_tokens = answer_length(read_parquet(run_dir / QUESTIONS)["task"], None, protocol)
+    task = summary.get("dataset", config.get("dataset"))
     detector.card = {
         "model": config["model"], "model_revision": summary.get("model_revision"),
         "site": site, "layer": int(layer), "position": position,
-        "task": summary.get("dataset", config.get("dataset")), "seed": int(seed),
+        "task": task, "seed": int(seed),
         "train_size": detector.n_train_,
         "test_size": len(test_ids), "test_auc": auc,
         "positive_class": "error (the answer is wrong)", "threshold_rule": "flag when P(error) >= threshold",
         "prompt_prefix": prefix, "prompt_suffix": suffix, "max_new_tokens": int(max_new_tokens),
         "run": str(run_dir), "test_ids": test_ids, "truthmap": __version__,
+        "domain": domain(config["model"], task, protocol, int(max_new_tokens)),
     }
     out = Path(out) if out else run_dir / "detectors" / f"{site}-L{layer}-{position}"
     return detector.save(out)
+
+
+def domain(model: str, task: str, protocol: str, max_new_tokens: int) -> dict:
+    """The card's ``domain``: what the detector's P(error) was measured on, and what lies outside it."""
+    return {
+        "answers": f"greedy answers of {model} itself (at most {max_new_tokens} new tokens, protocol "
+                   f"{protocol}), to the run's prompt of each question",
+        "questions": f"questions of {task}",
+        "protocol": protocol,
+        "outside": "an answer the model did not write (another model's, a person's, an edited one) or a "
+                   "question of another kind: its P(error) is not a measured prediction; 'truthmap score' "
+                   "warns when a given answer is not the model's own greedy answer",
+    }
 
 
 def check_card_auc(detector: Detector, run_dir: str | Path | None = None) -> tuple[float, float]:

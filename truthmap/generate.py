@@ -6,7 +6,11 @@ the model emitted one), answer (str, decoded without special tokens), stopped (b
 token was emitted before max_new_tokens)``.
 
 Prompts use the tokenizer's chat template with ``add_generation_prompt=True`` when it has one, and a
-raw ``Q: … A:`` prompt otherwise. Batches are left-padded and sorted by length (fewer pad tokens);
+raw ``Q: … A:`` prompt otherwise, phrased as the task says under the run's protocol (``brief`` or
+``reference``, truthmap/tasks/). A model without a chat template has no end-of-turn token of its own and
+goes on to make up the next "Q: … A: …": its answer ends at the first token that holds a line break
+(that token is its end of turn, kept in ``answer_ids``), and ``answer`` is the text before the line
+break, the line that is graded. Batches are left-padded and sorted by length (fewer pad tokens);
 on a CUDA out-of-memory error the batch is halved and retried, finished batches are kept.
 
 A prompt longer than the model's context (less ``max_new_tokens``) loses tokens from its middle, so the
@@ -24,8 +28,9 @@ from tqdm.auto import tqdm
 from .errors import TruthmapError
 from .models import LoadedModel
 
-from .tasks import DEFAULT_BASE_PROMPT, get_task
+from .tasks import DEFAULT_BASE_PROMPT, PROTOCOLS, get_task
 from .tasks import DEFAULT_CHAT_PROMPT as DEFAULT_TEMPLATE
+
 CHUNK_BATCHES = 4  # batches per saved chunk: what a killed run can lose
 LONG_PROMPTS = ("truncate", "skip")
 
@@ -53,13 +58,15 @@ def build_prompt(
     return text
 
 
-def task_prompts(tokenizer, questions: pd.DataFrame, template: str | None = None) -> list[str]:
-    """The prompt of every question, phrased as its task says (``template`` replaces the chat prompt)."""
+def task_prompts(tokenizer, questions: pd.DataFrame, template: str | None = None,
+                 protocol: str = PROTOCOLS[0]) -> list[str]:
+    """The prompt of every question, phrased as its task says under ``protocol`` (``template`` replaces
+    the chat prompt)."""
     prompts = []
     for row in questions.itertuples():
-        task = get_task(getattr(row, "task", "generic") or "generic")
+        chat, base = get_task(getattr(row, "task", "generic") or "generic").prompts(protocol)
         fields = {"context": getattr(row, "context", "") or "", "question_base": getattr(row, "question_base", "") or row.question}
-        prompts.append(build_prompt(tokenizer, row.question, template or task.chat_prompt, task.base_prompt, **fields))
+        prompts.append(build_prompt(tokenizer, row.question, template or chat, base, **fields))
     return prompts
 
 
@@ -70,12 +77,32 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 
 def end_of_turn_ids(lm: LoadedModel) -> list[int]:
-    """Token ids that end an answer: the generation config's EOS id(s) and the tokenizer's."""
+    """Token ids that end an answer: the generation config's EOS id(s) and the tokenizer's, and for a
+    model without a chat template every token that holds a line break (its answer is one line)."""
     ids = lm.model.generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if lm.tokenizer.eos_token_id is not None:
         ids.append(lm.tokenizer.eos_token_id)
+    if answers_one_line(lm.tokenizer):
+        ids += line_break_ids(lm.tokenizer)
     return sorted(set(ids))
+
+
+def answers_one_line(tokenizer) -> bool:
+    """True for a model without a chat template: its answer ends at its first line break."""
+    return not getattr(tokenizer, "chat_template", None)
+
+
+def line_break_ids(tokenizer) -> list[int]:
+    """Ids of every token whose text holds a line break ("\\n", "\\n\\n", ".\\n", …), found once per tokenizer.
+
+    A single "\\n" id would miss the merged tokens that many vocabularies have."""
+    cached = getattr(tokenizer, "_truthmap_line_break_ids", None)
+    if cached is None:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        cached = [i for i, text in enumerate(texts) if "\n" in text]
+        tokenizer._truthmap_line_break_ids = cached
+    return cached
 
 
 def auto_batch_size(lm: LoadedModel, longest: int) -> int:
@@ -137,8 +164,8 @@ def _generate_batch(lm, batch, max_new_tokens, stop_ids, sample=None):
     input_ids, mask = _left_pad(batch, lm.tokenizer.pad_token_id)
     device = lm.device
     kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if sample is not None:  # (temperature, torch.Generator seed) for resampling
-        kwargs = dict(do_sample=True, temperature=sample[0], top_p=1.0, top_k=0)
+    if sample is not None:  # (temperature, torch seed[, top_k]) for resampling; top_k 0: the whole vocabulary
+        kwargs = dict(do_sample=True, temperature=sample[0], top_p=1.0, top_k=sample[2] if len(sample) > 2 else 0)
     out = lm.model.generate(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
@@ -147,7 +174,7 @@ def _generate_batch(lm, batch, max_new_tokens, stop_ids, sample=None):
         eos_token_id=stop_ids,
         **kwargs,
     )
-    results = []
+    results, stop_ids = [], set(stop_ids)
     for row in out[:, input_ids.shape[1] :].tolist():
         stop = next((i for i, t in enumerate(row) if t in stop_ids), None)
         results.append((row if stop is None else row[: stop + 1], stop is not None))
@@ -160,10 +187,11 @@ def generate_answers(
     max_new_tokens: int = 24,
     batch_size: int | None = None,
     progress: bool = True,
-    sample: tuple[float, int] | None = None,
+    sample: tuple | None = None,
     chunks=None,
 ) -> list[tuple[list[int], bool]]:
-    """Answer ids and stopped-flag for each prompt, in the order given.
+    """Answer ids and stopped-flag for each prompt, in the order given: greedy, or drawn when ``sample``
+    is (temperature, seed) or (temperature, seed, top_k).
 
     Prompts too long for the context are cut in the middle (see :func:`fit_prompt`). With ``chunks``
     (a :class:`truthmap.runfolder.ChunkStore`) every ``CHUNK_BATCHES`` batches are saved as they finish
@@ -251,7 +279,9 @@ def answer_prompts(lm: LoadedModel, prompt_ids: list[list[int]], max_new_tokens:
 
 
 def decode_answer(tokenizer, answer_ids: list[int]) -> str:
-    return tokenizer.decode(answer_ids, skip_special_tokens=True)
+    """The answer's text without special tokens; for a model without a chat template, its first line."""
+    text = tokenizer.decode(answer_ids, skip_special_tokens=True)
+    return text.split("\n", 1)[0] if answers_one_line(tokenizer) else text
 
 
 def run_generate(
@@ -263,15 +293,17 @@ def run_generate(
     progress: bool = True,
     chunks=None,
     long_prompts: str = "truncate",
+    protocol: str = PROTOCOLS[0],
 ) -> pd.DataFrame:
     """The generations table for ``questions`` (see the module docstring for its columns).
 
     ``chunks``: a ChunkStore that makes the generation resumable; ``long_prompts``: what to do with a
-    prompt too long for the context, ``truncate`` (cut its middle) or ``skip`` (leave the question out).
+    prompt too long for the context, ``truncate`` (cut its middle) or ``skip`` (leave the question out);
+    ``protocol``: how the tasks phrase their prompts (brief or reference).
     """
     if long_prompts not in LONG_PROMPTS:
         raise TruthmapError(f"long_prompts '{long_prompts}': use one of {', '.join(LONG_PROMPTS)}")
-    prompts = task_prompts(lm.tokenizer, questions, template)
+    prompts = task_prompts(lm.tokenizer, questions, template, protocol)
     prompt_ids = [encode_prompt(lm.tokenizer, p) for p in prompts]
     ids = questions["id"].tolist()
     room = prompt_room(lm, max_new_tokens)

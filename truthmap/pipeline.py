@@ -86,13 +86,13 @@ def _run_stage(run_dir: Path, name: str, settings: dict, inputs: list[Path], out
 
 def stage_generate(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
     from .data import load_questions
-    from .generate import context_length, run_generate
+    from .generate import answers_one_line, context_length, run_generate
     from .tasks import answer_length, resolve
 
     c = config
-    settings = {k: getattr(c, k) for k in ("model", "dataset", "limit", "prompt_template", "max_new_tokens",
-                                           "dtype", "question_column", "answer_column", "long_prompts",
-                                           "data_dir", "on_bad_row")}
+    settings = {k: getattr(c, k) for k in ("model", "dataset", "limit", "protocol", "prompt_template",
+                                           "max_new_tokens", "dtype", "question_column", "answer_column",
+                                           "long_prompts", "data_dir", "on_bad_row")}
     # a local dataset file is an input: editing it makes the answers stale (TASK:PATH and --data-dir too)
     _, source = resolve(c.dataset, c.data_dir)
     inputs = [source.path] if source.kind == "file" else []
@@ -100,8 +100,8 @@ def stage_generate(config: Config, run_dir: Path, models: _ModelHolder, force: b
 
     def work():
         questions, vocabularies = load_questions(c.dataset, c.limit, 0, c.question_column, c.answer_column,
-                                                 c.data_dir, c.on_bad_row)
-        max_new_tokens = answer_length(questions["task"], c.max_new_tokens)
+                                                 c.data_dir, c.on_bad_row, c.protocol)
+        max_new_tokens = answer_length(questions["task"], c.max_new_tokens, c.protocol)
         rf.write_parquet(run_dir / rf.QUESTIONS, questions)
         rf.write_json(run_dir / rf.VOCABULARIES, vocabularies)
         lm = models.lm
@@ -110,11 +110,13 @@ def stage_generate(config: Config, run_dir: Path, models: _ModelHolder, force: b
             rf.remove(run_dir / rf.GENERATION_CHUNKS)
         chunks = rf.ChunkStore(run_dir / rf.GENERATION_CHUNKS, f"{stamp} {lm.revision}")
         table = run_generate(lm, questions, c.prompt_template, max_new_tokens, c.batch_size, c.progress,
-                             chunks=chunks, long_prompts=c.long_prompts)
+                             chunks=chunks, long_prompts=c.long_prompts, protocol=c.protocol)
         rf.write_parquet(run_dir / rf.GENERATIONS, table)
         rf.update_summary(run_dir, model=c.model, model_revision=lm.revision, dataset=c.dataset,
                           tasks=sorted(set(questions["task"])), source_rows=questions.attrs["source_rows"],
                           n_layers=lm.n_layers, hidden_size=lm.hidden_size,
+                          generation={"protocol": c.protocol, "max_new_tokens": max_new_tokens,
+                                      "answers_end_at_line_break": answers_one_line(lm.tokenizer)},
                           long_prompts={"mode": c.long_prompts, "context_tokens": context_length(lm),
                                         "truncated": int((table["prompt_cut"] > 0).sum()),
                                         "skipped": len(questions) - len(table)})

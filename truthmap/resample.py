@@ -1,10 +1,12 @@
 """Resampling and error types: what kind of error is the model about to make?
 
 ``truthmap resample --n 10`` draws N answers per question at temperature 1 (seedable; all questions ×
-N in one batched, length-sorted generation), grades each and locates its exact answer with the label
-stage's own rules, over the whole answer. Each question then gets one error type from the pattern of
-its N answers. Wrong answers are clustered by their normalised exact answer; all right answers form
-one cluster. With shares as fractions of N (``THRESHOLDS``), checked in this order:
+N in one batched, length-sorted generation) from the whole vocabulary, or, in a run of the reference
+protocol, from the ``REFERENCE_TOP_K`` = 50 likeliest tokens as the reference study did. It grades
+each and locates its exact answer with the label stage's own rules, over the whole answer. Each
+question then gets one error type from the pattern of its N answers. Wrong answers are clustered by
+their normalised exact answer; all right answers form one cluster. With shares as fractions of N
+(``THRESHOLDS``), checked in this order:
 
 * ``refuses`` — no answer (no exact answer could be found) in ≥ 0.5 of the samples;
 * ``consistently_correct`` — right in ≥ 0.8;
@@ -48,11 +50,15 @@ TYPES = ("refuses", "consistently_correct", "consistently_incorrect", "two_compe
 THRESHOLDS = {"refuses": 0.5, "consistent": 0.8, "competing_each": 0.25, "competing_together": 0.7,
               "many_largest_below": 0.5}
 CORRECT_CLUSTER = "<correct>"
+REFERENCE_TOP_K = 50  # the reference study sampled with transformers' default top_k
 
 
 def sample_answers(lm, prompt_ids: list[list[int]], n: int, temperature: float = 1.0, seed: int = 0,
-                   max_new_tokens: int = 24, batch_size: int | None = None, progress: bool = True):
-    """``n`` sampled (answer_ids, stopped) per prompt: a list per prompt, in the order given."""
+                   max_new_tokens: int = 24, batch_size: int | None = None, progress: bool = True,
+                   top_k: int = 0):
+    """``n`` sampled (answer_ids, stopped) per prompt: a list per prompt, in the order given.
+
+    ``top_k``: draw from the ``top_k`` likeliest tokens only (0: from the whole vocabulary)."""
     from .generate import generate_answers
 
     if n < 1:
@@ -60,7 +66,7 @@ def sample_answers(lm, prompt_ids: list[list[int]], n: int, temperature: float =
     if temperature <= 0:
         raise TruthmapError(f"--temperature {temperature}: must be above 0 (0 is greedy decoding)")
     flat = [p for p in prompt_ids for _ in range(n)]
-    drawn = generate_answers(lm, flat, max_new_tokens, batch_size, progress, sample=(temperature, seed))
+    drawn = generate_answers(lm, flat, max_new_tokens, batch_size, progress, sample=(temperature, seed, top_k))
     return [drawn[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
 
@@ -209,8 +215,10 @@ def run_resample(lm, run_dir: Path, n: int = 10, temperature: float = 1.0, seed:
     prompts = generations.set_index("id").loc[questions["id"], "prompt_ids"].map(list).tolist()
     from .tasks import answer_length
 
-    max_new = answer_length(questions.get("task", ()), max_new_tokens or config.get("max_new_tokens"))
-    drawn = sample_answers(lm, prompts, n, temperature, seed, max_new, batch_size, progress)
+    protocol = config.get("protocol", "brief")
+    max_new = answer_length(questions.get("task", ()), max_new_tokens or config.get("max_new_tokens"), protocol)
+    top_k = REFERENCE_TOP_K if protocol == "reference" else 0
+    drawn = sample_answers(lm, prompts, n, temperature, seed, max_new, batch_size, progress, top_k)
     resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, extractor, progress)
     rf.write_parquet(run_dir / RESAMPLES, resamples)
     types = error_types(resamples)
@@ -221,7 +229,7 @@ def run_resample(lm, run_dir: Path, n: int = 10, temperature: float = 1.0, seed:
     plot_error_types(types, results, run_dir / FIGURE,
                      f"error types over {n} samples (T={temperature}) · probe at {cell['site']} "
                      f"L{cell['layer']} {cell['position']}")
-    rf.update_summary(run_dir, resample={"n": n, "temperature": temperature, "seed": seed,
+    rf.update_summary(run_dir, resample={"n": n, "temperature": temperature, "seed": seed, "top_k": top_k,
                                          "error_types": types["error_type"].value_counts().to_dict(),
                                          "type_auc": results.groupby("error_type")["auc"].mean().round(4)
                                          .dropna().to_dict()})

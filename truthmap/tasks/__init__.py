@@ -12,6 +12,13 @@ A task says four things (one module per task in this package, each ending in ``r
   ("alias", "number" or "choice");
 * how long an answer may be: ``max_new_tokens``.
 
+Every task is phrased under two protocols (``--protocol``). ``brief``, the default, is the entry's
+``chat_prompt`` / ``base_prompt`` / ``max_new_tokens`` (QA tasks ask "{question} Answer briefly." for 24
+new tokens). ``reference`` reproduces the generation settings of the reference study (Orgad et al., "LLMs
+Know More Than They Show", ICLR 2025): ``reference_chat_prompt`` (for most tasks the question alone),
+``reference_base_prompt`` and ``reference_max_new_tokens`` (100; math 200). In both, a model without a
+chat template stops at its first line break and is graded on the line before it (generate.py).
+
 ``--dataset`` takes ``TASK``, ``TASK:SPLIT``, ``TASK:PATH``, or a bare path / hub id (the ``generic``
 task, with ``--question-column`` / ``--answer-column``). ``resolve`` turns that string into a task and a
 source. Adding a task touches one place: a new module here, imported at the bottom of this file.
@@ -31,6 +38,8 @@ from ..errors import TruthmapError
 
 DEFAULT_CHAT_PROMPT = "{question} Answer briefly."
 DEFAULT_BASE_PROMPT = "Q: {question}\nA:"
+PROTOCOLS = ("brief", "reference")  # the first is the default
+REFERENCE_MAX_NEW_TOKENS = 100
 READABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json", ".parquet")
 DATA_DIR_ENV = "TRUTHMAP_DATA_DIR"
 
@@ -41,6 +50,7 @@ class LoadOptions:
 
     question_column: str = "question"
     answer_column: str | None = None  # None: answers, answer or gold, whichever the source has
+    protocol: str = PROTOCOLS[0]  # a task whose shown context differs by protocol reads it (hotpotqa_context)
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,28 @@ class Task:
     # (id, question) -> the key of questions that must share a split part ("" = none): questions about one
     # entity; questions whose texts normalise alike always share a part (label.split_groups)
     group: Callable[[str, str], str] | None = None
+    # the reference study's phrasing (--protocol reference)
+    reference_chat_prompt: str = "{question}"
+    reference_base_prompt: str = DEFAULT_BASE_PROMPT
+    reference_max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS
+
+    def prompts(self, protocol: str = PROTOCOLS[0]) -> tuple[str, str]:
+        """(chat prompt, base prompt) of ``protocol``."""
+        check_protocol(protocol)
+        if protocol == "reference":
+            return self.reference_chat_prompt, self.reference_base_prompt
+        return self.chat_prompt, self.base_prompt
+
+    def answer_tokens(self, protocol: str = PROTOCOLS[0]) -> int:
+        """The answer length (max_new_tokens) of ``protocol``."""
+        check_protocol(protocol)
+        return self.reference_max_new_tokens if protocol == "reference" else self.max_new_tokens
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise TruthmapError(f"protocol '{protocol}': use one of {', '.join(PROTOCOLS)}")
+    return protocol
 
 
 @dataclass(frozen=True)
@@ -95,13 +127,15 @@ def get_task(name: str) -> Task:
         raise TruthmapError(f"task '{name}': unknown; known tasks: {', '.join(REGISTRY)} (see `truthmap tasks`)") from None
 
 
-def answer_length(task_names, configured: int | None = None) -> int:
-    """The answer length (max_new_tokens) of a run: the one configured, else the longest its tasks allow.
+def answer_length(task_names, configured: int | None = None, protocol: str = PROTOCOLS[0]) -> int:
+    """The answer length (max_new_tokens) of a run: the one configured, else the longest its tasks allow
+    under ``protocol``.
 
     ``task_names``: the ``task`` column of its questions table (empty for a table without one)."""
     if configured:
         return int(configured)
-    return max((get_task(name).max_new_tokens for name in set(task_names)), default=Task("", "").max_new_tokens)
+    return max((get_task(name).answer_tokens(protocol) for name in set(task_names)),
+               default=Task("", "").answer_tokens(protocol))
 
 
 def _looks_like_path(text: str) -> bool:

@@ -28,4 +28,6 @@ register(Task(
     chat_prompt="{question} Answer shortly.",
     files={"train": "AnswerableMath.csv", "test": "AnswerableMath_test.csv"},
     max_new_tokens=64,
+    reference_chat_prompt="{question} Answer shortly.",  # the reference asks math this way too
+    reference_max_new_tokens=200,
 ))

@@ -57,4 +57,6 @@ register(Task(
     base_prompt="Context: {context}\n\nQ: {question}\nA:",
     files={"train": "nq_wc_dataset.csv"},
     hub=("natural_questions", None, "validation"),
+    reference_chat_prompt="{context}\n{question}",
+    reference_base_prompt="Context:{context}\nQ: {question}\nA:",
 ))

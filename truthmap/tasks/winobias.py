@@ -32,5 +32,6 @@ register(Task(
     grading="choice",
     chat_prompt="{question}",
     base_prompt="{question_base}",
+    reference_base_prompt="{question_base}",  # the reference phrases WinoBias as brief does
     files={"dev": "winobias_dev.csv", "test": "winobias_test.csv"},
 ))
