@@ -200,13 +200,24 @@ def within_auc(scores: np.ndarray, positive: np.ndarray, strata: np.ndarray) -> 
     """AUC over the (wrong, right) pairs of the same stratum only: the share of same-stratum pairs ranked
     correctly (ties count one half). It is the strata's AUCs averaged with weights n_wrong · n_right, so a
     score that only tells strata apart gets 0.5, and strata with one class count for nothing."""
-    frame = pd.DataFrame({"s": scores, "y": positive.astype(bool), "g": strata})
-    ranks = frame.groupby("g")["s"].rank(method="average")
-    per = frame.assign(r=ranks * frame["y"]).groupby("g").agg(n=("y", "size"), pos=("y", "sum"), rank=("r", "sum"))
-    pairs = per["pos"] * (per["n"] - per["pos"])
-    if pairs.sum() == 0:
+    strata = np.asarray(strata)
+    if strata.dtype.kind not in "iu":
+        strata = pd.factorize(strata)[0]
+    order = np.lexsort((scores, strata))  # by stratum, then score
+    g, s, y = strata[order], np.asarray(scores)[order], np.asarray(positive, dtype=np.float64)[order]
+    n = len(s)
+    starts = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]  # first row of each stratum
+    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n])) + 1.0  # 1-based, within the stratum
+    ties = np.r_[0, np.flatnonzero((g[1:] != g[:-1]) | (s[1:] != s[:-1])) + 1]  # runs of equal scores
+    lengths = np.diff(np.r_[ties, n])
+    rank = np.repeat(np.add.reduceat(rank, ties) / lengths, lengths)  # tied scores share their mean rank
+    n_strata = int(g.max()) + 1 if n else 0
+    pos = np.bincount(g, weights=y, minlength=n_strata)
+    size = np.bincount(g, minlength=n_strata)
+    pairs = (pos * (size - pos)).sum()
+    if pairs == 0:
         return float("nan")
-    return float((per["rank"] - per["pos"] * (per["pos"] + 1) / 2).sum() / pairs.sum())
+    return float((np.bincount(g, weights=rank * y, minlength=n_strata) - pos * (pos + 1) / 2).sum() / pairs)
 
 
 def cell_stats(score: np.ndarray, y: np.ndarray, parts: dict[str, np.ndarray], weights: np.ndarray,
