@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .detector import Detector
+from .detector import Detector, ModelScorer
 from .errors import TruthmapError
 
 
@@ -53,4 +53,4 @@ def run(
     return read_results(run_dir / "probe_results.csv")
 
 
-__all__ = ["run", "load_features", "Detector", "TruthmapError", "__version__"]
+__all__ = ["run", "load_features", "Detector", "ModelScorer", "TruthmapError", "__version__"]

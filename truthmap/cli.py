@@ -321,11 +321,12 @@ def export(out, site, layer, position, seed, to):
 
 
 def _detector(path, model, force, dtype, device):
-    from .detector import Detector
+    """The exported detector bound to its model (loaded now, so a wrong model fails before any work)."""
+    from .detector import Detector, ModelScorer
 
-    detector = Detector.load(path)
-    detector.model(model, force, dtype or "auto", device or "auto")
-    return detector
+    scorer = ModelScorer(Detector.load(path), model, force, dtype or "auto", device or "auto")
+    scorer.lm
+    return scorer
 
 
 @cli.command()
@@ -355,9 +356,9 @@ def score(detector_path, questions, answers, pairs_file, model, force, dtype, de
             raise TruthmapError("give --question and --answer in pairs (or --file pairs.csv)")
         table = pd.DataFrame({"question": questions, "answer": answers})
     detector = _detector(detector_path, model, force, dtype, device)
-    table["p_error"] = detector.score(table["question"].tolist(), table["answer"].tolist(), model, force)
+    table["p_error"] = detector.score(table["question"].tolist(), table["answer"].tolist())
     table["flagged"] = table["p_error"] >= detector.threshold
-    own = detector.own_answers(table["question"].tolist(), table["answer"].tolist(), model, force)
+    own = detector.own_answers(table["question"].tolist(), table["answer"].tolist())
     table = pd.concat([table, pd.DataFrame(own, index=table.index)], axis=1)
     if pairs_file:
         target = Path(pairs_file).with_suffix(".scored.csv")
@@ -383,7 +384,7 @@ def score(detector_path, questions, answers, pairs_file, model, force, dtype, de
 def ask(question, detector_path, model, force, dtype, device):
     """Answer a question with the detector's model and flag the answer if it is likely wrong."""
     detector = _detector(detector_path, model, force, dtype, device)
-    result = detector.ask(question, model, force)[0]
+    result = detector.ask(question)[0]
     verdict = "likely WRONG" if result["flagged"] else "likely right"
     click.echo(f"{result['answer']}\nP(error) {result['p_error']:.3f}: {verdict} "
                f"(threshold {detector.threshold})")

@@ -14,9 +14,12 @@ position) and writes a folder:
   threshold, the prompt's text around the question, the test ids the AUC was measured on, and the
   ``domain``: the answers the detector was trained on and what lies outside them (see below).
 
-``Detector.load(path)`` reads it back (no pickle). ``detector.score(question, answer)`` runs the card's
-model on new question–answer pairs and returns P(error) of each; ``detector.ask(question)`` generates
-the answer first. A model other than the card's is refused unless ``force=True``.
+``Detector.load(path)`` reads it back (no pickle). A Detector is a scikit-learn estimator
+(``BaseEstimator``, ``ClassifierMixin``): ``clone``, ``get_params``, pipelines and ``score(X, y)`` work as
+for any classifier. Scoring new text needs the language model too, so it lives in its own object:
+``ModelScorer(detector)`` loads the card's model once; ``.score(question, answer)`` returns P(error) of
+each pair, ``.ask(question)`` generates the answer first, ``.own_answers`` says whether an answer is the
+model's own. A model other than the card's is refused unless ``force=True``.
 
 **Domain.** A detector learned from the model's own greedy answers, read in the model's own hidden
 states: it says whether the model's answer is wrong, not whether a text is. An answer the model did not
@@ -41,7 +44,13 @@ CARD = "card.json"
 DEFAULT_THRESHOLD = 0.5
 
 
-class Detector:
+def _estimator_bases():
+    from sklearn.base import BaseEstimator, ClassifierMixin
+
+    return ClassifierMixin, BaseEstimator
+
+
+class Detector(*_estimator_bases()):
     """Standardise, then logistic regression; predicts P(error) of an answer from one hidden state.
 
     Learned state: ``mean_``, ``scale_``, ``coef_`` (float32 ``[d]``) and ``intercept_`` (float).
@@ -125,23 +134,83 @@ class Detector:
         detector._lm = None
         return detector
 
-    # ------------------------------------------------------------------ new questions and answers
+    # ------------------------------------------------------------------ scikit-learn's score, and the old text API
 
-    def model(self, model=None, force: bool = False, dtype: str = "auto", device: str = "auto"):
-        """The card's model, loaded once; ``model`` (an id or a LoadedModel) must be the card's unless ``force``."""
+    def score(self, X, y=None, sample_weight=None, model=None, force: bool = False, exact_answer=None):
+        """scikit-learn's score: the mean accuracy of :meth:`predict` on ``X`` against ``y``.
+
+        Given question and answer texts instead (the spelling of truthmap 0.1, kept for one release), it
+        warns and returns :meth:`ModelScorer.score` of them."""
+        if isinstance(X, str) or (isinstance(X, (list, tuple)) and X and isinstance(X[0], str)):
+            _old_api("score")
+            return self._scorer(model, force).score(X, y, exact_answer=exact_answer)
+        from sklearn.metrics import accuracy_score
+
+        return accuracy_score(y, self.predict(X), sample_weight=sample_weight)
+
+    def ask(self, question, model=None, force: bool = False, max_new_tokens: int | None = None) -> list[dict]:
+        """Deprecated: use ``ModelScorer(detector).ask``."""
+        _old_api("ask")
+        return self._scorer(model, force).ask(question, max_new_tokens=max_new_tokens)
+
+    def own_answers(self, question, answer, model=None, force: bool = False, max_new_tokens: int | None = None):
+        """Deprecated: use ``ModelScorer(detector).own_answers``."""
+        _old_api("own_answers")
+        return self._scorer(model, force).own_answers(question, answer, max_new_tokens=max_new_tokens)
+
+    def _scorer(self, model, force) -> "ModelScorer":
+        scorer = getattr(self, "_bound", None)
+        if scorer is None or model not in (None, scorer.lm.model_id, scorer.lm):
+            scorer = ModelScorer(self, model, force)
+            self._bound = scorer
+        return scorer
+
+
+def _old_api(name: str) -> None:
+    import warnings
+
+    warnings.warn(f"Detector.{name}(question, …) is deprecated; use truthmap.ModelScorer(detector).{name}(…)",
+                  DeprecationWarning, stacklevel=3)
+
+
+class ModelScorer:
+    """A detector bound to its language model: P(error) of question–answer texts, end to end.
+
+    ``ModelScorer(detector, model=None, force=False)`` loads the card's model on first use (``model``: an
+    id or a loaded ``LoadedModel``; another model than the card's is refused unless ``force``). It builds
+    each prompt as the run did, locates the card's position, reads the hidden state and applies the
+    detector.
+    """
+
+    def __init__(self, detector: Detector, model=None, force: bool = False, dtype: str = "auto",
+                 device: str = "auto"):
+        self.detector, self.force, self.dtype, self.device = detector, force, dtype, device
+        self._wanted, self._lm = model, None
+
+    @property
+    def card(self) -> dict:
+        return self.detector.card or {}
+
+    @property
+    def threshold(self) -> float:
+        return self.detector.threshold
+
+    @property
+    def lm(self):
+        """The card's model, loaded once."""
         from .models import LoadedModel, load_model
 
-        card = self.card or {}
+        if self._lm is not None:
+            return self._lm
+        card, force, model = self.card, self.force, self._wanted
         if isinstance(model, LoadedModel):
             lm = model
-        elif getattr(self, "_lm", None) is not None and model in (None, self._lm.model_id):
-            lm = self._lm
         else:
             name = model or card.get("model")
             if name != card.get("model") and not force:
                 raise TruthmapError(f"this detector was trained on model '{card.get('model')}', not '{name}'; "
                                     f"its features mean nothing for another model (force=True / --force to try)")
-            lm = load_model(name, dtype, device)
+            lm = load_model(name, self.dtype, self.device)
         if not force:
             if lm.model_id != card.get("model"):
                 raise TruthmapError(f"this detector was trained on model '{card.get('model')}', not "
@@ -152,6 +221,7 @@ class Detector:
         self._lm = lm
         return lm
 
+
     def prompt_ids(self, lm, question: str) -> list[int]:
         from .generate import encode_prompt
 
@@ -161,7 +231,7 @@ class Detector:
                                 "so it cannot build the prompt of a new question")
         return encode_prompt(lm.tokenizer, card["prompt_prefix"] + question.strip() + card["prompt_suffix"])
 
-    def score(self, question, answer, model=None, force: bool = False, exact_answer=None) -> np.ndarray:
+    def score(self, question, answer, exact_answer=None) -> np.ndarray:
         """P(error) of each (question, answer) pair (str or lists); NaN where the position does not exist
         (e.g. no exact answer could be located for an ``exact_answer_*`` position).
 
@@ -172,12 +242,11 @@ class Detector:
         questions, answers = _as_list(question), _as_list(answer)
         if len(questions) != len(answers):
             raise TruthmapError(f"score: {len(questions)} questions but {len(answers)} answers")
-        lm = self.model(model, force)
+        lm = self.lm
         answer_ids = [answer_token_ids(lm, a) for a in answers]
         return self._score_ids(lm, questions, answer_ids, _as_list(exact_answer) if exact_answer else None)
 
-    def own_answers(self, question, answer, model=None, force: bool = False,
-                    max_new_tokens: int | None = None) -> list[dict]:
+    def own_answers(self, question, answer, max_new_tokens: int | None = None) -> list[dict]:
         """For each (question, answer): is the answer the model's own? ``[{model_answer, own_answer,
         answer_logprob}]``.
 
@@ -194,7 +263,7 @@ class Detector:
         questions, answers = _as_list(question), _as_list(answer)
         if len(questions) != len(answers):
             raise TruthmapError(f"own_answers: {len(questions)} questions but {len(answers)} answers")
-        lm = self.model(model, force)
+        lm = self.lm
         prompts = [self.prompt_ids(lm, q) for q in questions]
         generated = generate_answers(lm, prompts, max_new_tokens or self.card.get("max_new_tokens") or 24,
                                      progress=False)
@@ -205,12 +274,12 @@ class Detector:
                  "answer_logprob": float(np.log(np.clip(prob, 1e-30, 1.0)).mean())}
                 for own, text, (prob, _) in zip(greedy, answers, stats)]
 
-    def ask(self, question, model=None, force: bool = False, max_new_tokens: int | None = None) -> list[dict]:
+    def ask(self, question, max_new_tokens: int | None = None) -> list[dict]:
         """Generate the greedy answer to each question and score it: [{question, answer, p_error, flagged}]."""
         from .generate import decode_answer, generate_answers
 
         questions = _as_list(question)
-        lm = self.model(model, force)
+        lm = self.lm
         prompts = [self.prompt_ids(lm, q) for q in questions]
         generated = generate_answers(lm, prompts, max_new_tokens or self.card.get("max_new_tokens") or 24,
                                      progress=False)
@@ -232,7 +301,7 @@ class Detector:
             batch = keep[start : start + 16]
             sequences = [prompt_ids[i] + answer_ids[i] for i in batch]
             features = extract_batch(lm, sequences, index[batch], [card["site"]])[card["site"]]  # [R, B, 1, d]
-            out[batch] = self.predict_proba(features[row, :, 0].numpy())[:, 1]
+            out[batch] = self.detector.predict_proba(features[row, :, 0].numpy())[:, 1]
         return out
 
 

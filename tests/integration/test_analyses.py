@@ -68,10 +68,13 @@ def test_exported_detector_reloads_in_a_fresh_process_and_scores_like_the_probe(
 
     # new pairs: the detector runs the model on (question, answer) and reads the same hidden state
     detector = truthmap.Detector.load(tmp_path / "det")
+    scorer = truthmap.ModelScorer(detector, default_model)
     answers = pd.read_parquet(run_copy / "answers.parquet")
     generations = pd.read_parquet(run_copy / "generations.parquet").set_index("id")
     stopped = answers[answers.id.map(generations.stopped)].head(4)
-    p = detector.score(stopped.question.tolist(), stopped.answer.tolist(), model=default_model)
+    p = scorer.score(stopped.question.tolist(), stopped.answer.tolist())
+    with pytest.warns(DeprecationWarning):  # the 0.1 spelling still works for one release
+        assert np.allclose(detector.score(stopped.question.tolist(), stopped.answer.tolist(), model=default_model), p)
     ids, X = truthmap.load_features(run_copy, "residual", 20, "-1")
     rows = [ids.index(i) for i in stopped.id]
     assert np.abs(p - detector.predict_proba(X[rows])[:, 1]).max() < 0.02  # float16 storage of X
@@ -81,17 +84,17 @@ def test_exported_detector_reloads_in_a_fresh_process_and_scores_like_the_probe(
     exact = truthmap.Detector.load(tmp_path / "det15")
     once = answers[answers.exact_answer_valid & answers.id.map(generations.stopped)]
     once = once[[a.count(x) == 1 for a, x in zip(once.answer, once.exact_answer)]].head(3)
-    p15 = exact.score(once.question.tolist(), once.answer.tolist(), model=default_model,
-                      exact_answer=once.exact_answer.tolist())
+    p15 = truthmap.ModelScorer(exact, default_model).score(once.question.tolist(), once.answer.tolist(),
+                                                           exact_answer=once.exact_answer.tolist())
     ids15, X15 = truthmap.load_features(run_copy, "residual", 15, "exact_answer_last")
     assert np.abs(p15 - exact.predict_proba(X15[[ids15.index(i) for i in once.id]])[:, 1]).max() < 0.02
     # the card's prompt frame rebuilds the run's prompt of any question
     first = stopped.id.iloc[0]
-    assert detector.prompt_ids(default_model, stopped.question.iloc[0]) == list(generations.prompt_ids[first])
-    asked = detector.ask(stopped.question.iloc[0], model=default_model)[0]
+    assert scorer.prompt_ids(default_model, stopped.question.iloc[0]) == list(generations.prompt_ids[first])
+    asked = scorer.ask(stopped.question.iloc[0])[0]
     assert asked["answer"].strip() and 0 <= asked["p_error"] <= 1 and asked["flagged"] == (asked["p_error"] >= 0.5)
     with pytest.raises(truthmap.TruthmapError, match="trained on model"):
-        detector.score("q?", "a", model="someone/another-model")
+        truthmap.ModelScorer(detector, "someone/another-model").score("q?", "a")
 
 
 def test_sampling_is_seeded(default_model, run_copy):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from truthmap import Detector
+from truthmap import Detector, ModelScorer
 from truthmap.cli import app
 from truthmap.data import load_questions
 from truthmap.generate import build_prompt, end_of_turn_ids, generate_answers, run_generate
@@ -64,9 +64,10 @@ def synthetic_detector(lm, folder) -> Detector:
 
 def test_score_says_when_an_answer_is_not_the_models_own(default_model, tmp_path, monkeypatch, capsys):
     detector = synthetic_detector(default_model, tmp_path / "det")
-    own = detector.ask(PERU, model=default_model)[0]["answer"].strip()
+    scorer = ModelScorer(detector, default_model)
+    own = scorer.ask(PERU)[0]["answer"].strip()
     assert "Bogot" not in own  # the model answers otherwise (else this test shows nothing)
-    checked = detector.own_answers([PERU, PERU], [BOGOTA, own], model=default_model)
+    checked = scorer.own_answers([PERU, PERU], [BOGOTA, own])
     assert [c["own_answer"] for c in checked] == [False, True]
     assert checked[0]["model_answer"] == checked[1]["model_answer"] == own
     assert checked[1]["answer_logprob"] > checked[0]["answer_logprob"]

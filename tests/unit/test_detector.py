@@ -84,3 +84,23 @@ def test_another_model_is_refused_unless_forced(tmp_path):
     detector = Detector.load(export_detector(run, "residual", 1, "-1", tmp_path / "det"))
     with pytest.raises(TruthmapError, match="trained on model 'tiny-model', not 'other/model'"):
         detector.score("q?", "a", model="other/model")
+
+
+def test_detector_is_a_scikit_learn_estimator_inside_a_pipeline():
+    from sklearn.base import clone
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 12)).astype(np.float32)
+    y = (X[:, 0] + 0.3 * rng.normal(size=300) > 0).astype(int)
+    original = Detector(C=0.3, threshold=0.4, card={"model": "m"})
+    copy = clone(original)
+    assert copy is not original and copy.get_params() == {"C": 0.3, "threshold": 0.4, "card": {"model": "m"}}
+    assert not hasattr(copy, "coef_")  # a clone is unfitted
+    pipe = make_pipeline(StandardScaler(), Detector(C=1.0)).fit(X[:200], y[:200])
+    assert pipe.score(X[200:], y[200:]) > 0.85 and pipe.predict_proba(X[200:]).shape == (100, 2)
+    assert cross_val_score(Detector(), X, y, cv=3, scoring="roc_auc").min() > 0.9
+    pipe.set_params(detector__C=0.01)
+    assert pipe.get_params()["detector__C"] == 0.01
