@@ -299,7 +299,12 @@ EXTRACTOR_INSTRUCTION = (
 
 
 def extract_with_model(lm, questions: list[str], answers: list[str], progress: bool = True) -> list[str]:
-    """Ask ``lm`` for the exact answer of each (question, answer); first line of its reply."""
+    """Ask ``lm`` for the exact answer of each (question, answer): the phrase of its reply."""
+    return [extractor_phrase(reply) for reply in extractor_replies(lm, questions, answers, progress)]
+
+
+def extractor_replies(lm, questions: list[str], answers: list[str], progress: bool = True) -> list[str]:
+    """The extractor's raw reply (decoded text) to each (question, answer)."""
     from .generate import build_prompt, decode_answer, encode_prompt, generate_answers
 
     prompts = [
@@ -307,13 +312,23 @@ def extract_with_model(lm, questions: list[str], answers: list[str], progress: b
         for q, a in zip(questions, answers)
     ]
     replies = generate_answers(lm, prompts, max_new_tokens=16, progress=progress)
-    out = []
-    for ids, _ in replies:
-        text = decode_answer(lm.tokenizer, ids).strip().splitlines()
-        reply = text[0].strip().strip(".,;:!\"'") if text else ""
-        stated = textmatch.stated_answer(reply)  # a small extractor often copies the sentence: keep its answer
-        out.append(stated[0] if stated else reply)
-    return out
+    return [decode_answer(lm.tokenizer, ids) for ids, _ in replies]
+
+
+def extractor_phrase(reply: str) -> str:
+    """The phrase an extractor's reply proposes: its first line, trimmed; "" when it has none."""
+    lines = reply.strip().splitlines()
+    line = lines[0].strip().strip(".,;:!\"'") if lines else ""
+    stated = textmatch.stated_answer(line)  # a small extractor often copies the sentence: keep its answer
+    return stated[0] if stated else line
+
+
+def place_extracted(answer: str, phrase: str) -> tuple[str | None, int, int, str]:
+    """The exact answer the extractor proposed, where it occurs in the answer (whole words), else none."""
+    span = textmatch.find_phrase(textmatch.words(answer), phrase) if phrase else None
+    if span is None:
+        return None, -1, -1, "extractor_output_not_in_answer"
+    return answer[span[0] : span[1]], span[0], span[1], "extractor"
 
 
 def label_answers(
@@ -350,13 +365,8 @@ def label_answers(
         replies = extract_with_model(
             extractor, [table.question.iloc[i] for i in missing], [table.answer.iloc[i] for i in missing], progress
         )
-        for i, reply in zip(missing, replies):
-            answer = table.answer.iloc[i]
-            span = textmatch.find_phrase(textmatch.words(answer), reply) if reply else None
-            if span:
-                exact[i] = (answer[span[0] : span[1]], span[0], span[1], "extractor")
-            else:
-                exact[i] = (None, -1, -1, "extractor_output_not_in_answer")
+        for i, phrase in zip(missing, replies):
+            exact[i] = place_extracted(table.answer.iloc[i], phrase)
 
     rows = []
     for row, ok, (text, start, end, reason) in zip(table.itertuples(), correct, exact):
