@@ -14,7 +14,9 @@ so the audit replays the extractor without loading a model), ``exact_answer`` (t
 substring of the answer, or ``none``) and ``note``.
 
 Agreement (precision's numerator): the located span and the hand span are equal once normalised
-(``textmatch.normalize``: case, accents, punctuation and articles ignored). A span located where the
+(``textmatch.normalize``: case, accents, punctuation and articles ignored), or the located words are the
+end of the hand span, its head ("Yen" for "Uzbekistani Yen", "Africa" for "East Africa"); a located span
+longer than the hand span ("also known as irridium" for "irridium") disagrees. A span located where the
 hand says ``none`` counts against precision. Recall: of the rows with a hand span, the share where the
 locator finds an agreeing span. The looser "overlap" figure counts a located span that shares characters
 with an occurrence of the hand span (a located "Port" for "Port Louis").
@@ -92,6 +94,12 @@ def locate(row, vocabularies: dict) -> tuple[str | None, str, bool]:
     return text, reason, bool(correct)
 
 
+def agrees(located: str, hand: str) -> bool:
+    """Normalised equality, or the located words end the hand span (its head: "Yen" of "Uzbekistani Yen")."""
+    got, want = textmatch.normalize(located).split(), textmatch.normalize(hand).split()
+    return bool(got) and want[len(want) - len(got):] == got
+
+
 def _overlaps(answer: str, located: str, hand: str) -> bool:
     """Whether some occurrence of the located text shares characters with some occurrence of the hand span."""
     def spans(text):
@@ -111,7 +119,7 @@ def score_rows(table: pd.DataFrame, vocabularies: dict | None = None) -> pd.Data
     for row in table.itertuples():
         located, route, graded = locate(row, vocabularies)
         hand = None if row.exact_answer == NONE else row.exact_answer
-        agree = located is not None and hand is not None and textmatch.normalize(located) == textmatch.normalize(hand)
+        agree = located is not None and hand is not None and agrees(located, hand)
         rows.append({
             "task": row.task, "id": row.id, "class": "right" if graded else "wrong", "route": route,
             "located": located, "hand": hand, "agree": agree,

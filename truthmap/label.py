@@ -81,6 +81,8 @@ def find_exact_answer(
     correct, match = judge(answer, gold, vocabularies.get(answer_type))
     if correct:
         return answer[match[1] : match[2]], match[1], match[2], "gold_alias"
+    if textmatch.is_refusal(answer):  # "… is not known yet" names nothing: no candidate, no extractor
+        return None, -1, -1, "refusal"
     found, reason = None, ""
     if answer_type == "number" or (not answer_type and all(textmatch.canonical_number(g) for g in gold)):
         found, reason = textmatch.first_number(answer, exclude=question), "number"
@@ -196,6 +198,21 @@ def listed_spans(answer: str, options: list[str]) -> list[tuple[int, int]]:
     return spans
 
 
+# "… refers to the designer", "The blank refers to Emily", "The teacher is referring to the mover"
+_REFERS_TO = re.compile(r"\b(?:refers|referring|refer)\s+to\b", re.IGNORECASE)
+# a clause ends at a sentence end or a new clause, but "…, which is the secretary" still names the referent
+_CLAUSE_END = re.compile(r"[.;!?\n]|\s(?:who|which|that|where|when|because|as)\s(?!(?:is|are|was)\b)", re.IGNORECASE)
+
+
+def referent_clauses(answer: str) -> list[tuple[int, int]]:
+    """Spans of what follows each "refers to" up to the end of its clause: the referent the answer names."""
+    out = []
+    for m in _REFERS_TO.finditer(answer):
+        stop = _CLAUSE_END.search(answer, m.end())
+        out.append((m.end(), stop.start() if stop else len(answer)))
+    return out
+
+
 def grade_choice(answer, question, gold, wrong_answers, answer_type, vocabularies):
     """(correct, exact answer): of the gold and wrong options, the first the answer names decides.
 
@@ -207,9 +224,16 @@ def grade_choice(answer, question, gold, wrong_answers, answer_type, vocabularie
         return False, (None, -1, -1, "empty_answer")
     options = list(gold) + list(wrong_answers)
     ignored = echoed_spans(answer, question) + listed_spans(answer, options)
-    match = textmatch.first_match(answer, options, inside=ignored)
+    clauses = referent_clauses(answer)
+    if clauses:  # "The baker is referring to the laborer": only what the answer says it refers to counts
+        matches = (textmatch.first_match(answer[s:e], options, inside=[(a - s, b - s) for a, b in ignored])
+                   for s, e in clauses)
+        match = next(((p, s + a, s + b) for (s, _), m in zip(clauses, matches) if m for p, a, b in [m]), None)
+        reason = "referent_names_no_option"
+    else:
+        match, reason = textmatch.first_match(answer, options, inside=ignored), "no_candidate_in_answer"
     if match is None:
-        return False, (None, -1, -1, "no_candidate_in_answer")
+        return False, (None, -1, -1, reason)
     phrase, start, end = match
     gold_forms = {textmatch.normalize(g) for g in gold}
     return textmatch.normalize(phrase) in gold_forms, (answer[start:end], start, end, "first_choice")

@@ -40,7 +40,12 @@ def test_exact_answer_of_wrong_number():
     assert (text, reason) == ("146", "number")
 
 
-@pytest.mark.parametrize("answer,reason", [("", "empty_answer"), ("I do not know.", "no_candidate_in_answer")])
+@pytest.mark.parametrize("answer,reason", [
+    ("", "empty_answer"),
+    ("Nothing comes to mind.", "no_candidate_in_answer"),
+    ("I do not know.", "refusal"),
+    ("The capital of Cameroon is not known yet.", "refusal"),  # not the "exact answer" 'not known yet'
+])
 def test_exact_answer_absent(answer, reason):
     vocab = {"city": Vocabulary(["Douala"])}
     assert find_exact_answer(answer, "Capital of Cameroon?", ["Yaounde"], "city", vocab) == (None, -1, -1, reason)
@@ -143,3 +148,27 @@ def test_exact_answer_outside_every_vocabulary_is_what_the_verb_states():
     text, start, end, reason = find_exact_answer(answer, "What is the capital of Haiti?", ["Port-au-Prince"],
                                                  "city", vocab)
     assert (text, reason) == ("Port-Íloula", "stated_after_verb") and answer[start:end] == text
+
+
+@pytest.mark.parametrize("answer,expected", [
+    ("The chemical element with the symbol Ir is also known as irridium.", "irridium"),
+    ("Nepal is located in the Indian subcontinent.", "Indian subcontinent"),
+    ("Denmark is a country in Northern Europe, bordering Norway to the north.", None),  # describes
+    ("The chemical element with the symbol Pu is a member of the actinides family of elements.", None),
+])
+def test_the_phrase_after_the_verb_names_the_answer_or_nothing(answer, expected):
+    text, *_ = find_exact_answer(answer, "Which one?", ["Gold"], "city", {"city": Vocabulary(["Douala"])})
+    assert text == expected
+
+
+def test_a_short_code_in_lower_case_is_a_word_not_a_candidate():
+    vocab = {"country": Vocabulary(["TO", "Norway"])}
+    text, *_ = find_exact_answer("It lies next to Norway.", "Which country?", ["Sweden"], "country", vocab)
+    assert text == "Norway"
+
+
+def test_an_operand_of_a_working_is_not_the_stated_number():
+    text, *_ = find_exact_answer("To add 655 and 724, we need to multiply 655 by 72", "What is 655 plus 724?",
+                                 ["1379"], "number", {})
+    assert text is None
+    assert find_exact_answer("655 plus 724 is 1389.", "What is 655 plus 724?", ["1379"], "number", {})[0] == "1389"
