@@ -7,8 +7,9 @@ by its task's rule (the label stage's ``correct``); writes one row per answer wi
 of ``truthmap.audit`` and an empty ``exact_answer``, which a reader fills in after reading the answer
 (the span as it appears in the answer, or ``none``). The locator's own span is deliberately not written:
 the hand span must not be copied from what it audits. For alias-graded tasks the extractor model (the
-embedded default) is asked once for every answer, and its raw reply is kept, so the audit can replay the
-extractor for whichever rows reach it, before or after the rules change.
+embedded default) is asked for every answer where the rules find no candidate or a refusal, and its raw
+reply is kept, so the audit replays the extractor without a model. Rules that find fewer candidates
+(stricter) send no row to the extractor that was not asked; other rows' reply is empty (none placed).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from truthmap.tasks import get_task
 
 
 def draft(run_dirs: list[Path]) -> pd.DataFrame:
-    rows = []
+    rows, needs_extractor = [], []
     for run_dir in run_dirs:
         questions = rf.read_parquet(run_dir / rf.QUESTIONS)
         answers = rf.read_parquet(run_dir / rf.GENERATIONS).set_index("id")
@@ -40,14 +41,15 @@ def draft(run_dirs: list[Path]) -> pd.DataFrame:
             wrong = list(q.wrong_answers) if getattr(q, "wrong_answers", None) is not None else []
             answer_type = getattr(q, "answer_type", "") or ""
             grade, _ = GRADING_RULES[get_task(task).grading]
-            correct, _ = grade(answer, q.question, list(q.gold), wrong, answer_type, vocabularies)
+            correct, (_, _, _, reason) = grade(answer, q.question, list(q.gold), wrong, answer_type, vocabularies)
+            needs_extractor.append(reason in ("no_candidate_in_answer", "refusal"))
             rows.append({
                 "task": task, "id": q.id, "question": q.question, "gold": json.dumps(list(q.gold)),
                 "wrong_answers": json.dumps(wrong), "answer_type": answer_type, "answer": answer,
                 "correct": bool(correct), "extractor_reply": "", "exact_answer": "", "note": "",
             })
     table = pd.DataFrame(rows, columns=COLUMNS)
-    alias = table.task.map(lambda t: get_task(t).grading == "alias")
+    alias = table.task.map(lambda t: get_task(t).grading == "alias") & pd.Series(needs_extractor, index=table.index)
     if alias.any():
         from truthmap.models import load_model
 

@@ -204,6 +204,15 @@ _REFERS_TO = re.compile(r"\b(?:refers|referring|refer)\s+to\b", re.IGNORECASE)
 _CLAUSE_END = re.compile(r"[.;!?\n]|\s(?:who|which|that|where|when|because|as)\s(?!(?:is|are|was)\b)", re.IGNORECASE)
 
 
+# "does not necessarily represent a contradiction": an option the answer denies is not its choice
+_NEGATION = re.compile(r"\b(?:not|never|neither|nor)\b(?:\W+\w+){1,4}", re.IGNORECASE)
+
+
+def negated_spans(answer: str) -> list[tuple[int, int]]:
+    """Spans of a negation and the (up to four) words after it."""
+    return [m.span() for m in _NEGATION.finditer(answer)]
+
+
 def referent_clauses(answer: str) -> list[tuple[int, int]]:
     """Spans of what follows each "refers to" up to the end of its clause: the referent the answer names."""
     out = []
@@ -217,14 +226,17 @@ def grade_choice(answer, question, gold, wrong_answers, answer_type, vocabularie
     """(correct, exact answer): of the gold and wrong options, the first the answer names decides.
 
     Options inside a stretch that repeats the question ("The cook prepared a dish for the teacher
-    because …") or inside a list of options ("entailment, contradiction, or neutrality") are not
-    chosen by the answer and do not count.
+    because …"), inside a list of options ("entailment, contradiction, or neutrality") or right after a
+    negation ("does not necessarily represent a contradiction") are not chosen by the answer and do not
+    count. When the answer says what the pronoun or blank "refers to", only the options in those
+    clauses count ("The baker is referring to the laborer" chooses the laborer).
     """
     if not answer.strip():
         return False, (None, -1, -1, "empty_answer")
     options = list(gold) + list(wrong_answers)
-    ignored = echoed_spans(answer, question) + listed_spans(answer, options)
-    clauses = referent_clauses(answer)
+    echoed = echoed_spans(answer, question)
+    ignored = echoed + listed_spans(answer, options) + negated_spans(answer)
+    clauses = [(s, e) for s, e in referent_clauses(answer) if not any(a <= s < b for a, b in echoed)]
     if clauses:  # "The baker is referring to the laborer": only what the answer says it refers to counts
         matches = (textmatch.first_match(answer[s:e], options, inside=[(a - s, b - s) for a, b in ignored])
                    for s, e in clauses)
