@@ -90,7 +90,7 @@ def locate(row, vocabularies: dict) -> tuple[str | None, str, bool]:
     correct, (text, _, _, reason) = grade(row.answer, row.question, list(row.gold), list(row.wrong_answers),
                                           row.answer_type, vocabularies)
     if text is None and reason == "no_candidate_in_answer" and extractable:
-        text, _, _, reason = place_extracted(row.answer, extractor_phrase(row.extractor_reply))
+        text, _, _, reason = place_extracted(row.answer, extractor_phrase(row.extractor_reply), row.question)
     return text, reason, bool(correct)
 
 

@@ -81,7 +81,7 @@ def find_exact_answer(
     correct, match = judge(answer, gold, vocabularies.get(answer_type))
     if correct:
         return answer[match[1] : match[2]], match[1], match[2], "gold_alias"
-    if textmatch.is_refusal(answer):  # "… is not known yet" names nothing: no candidate, no extractor
+    if textmatch.is_refusal(answer, question):  # "… is not known yet" names nothing: no candidate, no extractor
         return None, -1, -1, "refusal"
     found, reason = None, ""
     if answer_type == "number" or (not answer_type and all(textmatch.canonical_number(g) for g in gold)):
@@ -90,7 +90,7 @@ def find_exact_answer(
         found, reason = vocabularies[answer_type].first_in(answer, exclude=question), "vocabulary"
     if found is None and reason != "number":
         # wrong answers often name something in no vocabulary ("… is Port-Íloula."): take what the verb states
-        found, reason = textmatch.stated_answer(answer), "stated_after_verb"
+        found, reason = textmatch.stated_answer(answer, question=question), "stated_after_verb"
     if found is None:
         return None, -1, -1, "no_candidate_in_answer"
     return answer[found[1] : found[2]], found[1], found[2], reason
@@ -115,25 +115,29 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 def stated_number(answer: str, question: str = "") -> tuple[str, int, int] | None:
     """The number an answer states, as (canonical number, start, end), or None when it has none.
 
-    It is read from the last sentence that holds a number (a worked answer ends with its result):
-    the first number after that sentence's last "=" or concluding word ("so", "the answer is"),
-    otherwise its first number that is not a number of the question ("There will be 1600 ants after 5
-    hours" states 1600), otherwise its first number.
+    It is read from the last sentence that holds a result (a worked answer ends with it): the first
+    number after that sentence's last "=" or concluding word ("so", "the answer is"), otherwise its
+    first number that is not a number of the question ("There will be 1600 ants after 5 hours" states
+    1600). A sentence with only the question's numbers restates it; the unfinished last sentence of an
+    answer cut off mid-working ("… = 2") is not read.
     """
     sentences, start = [], 0
     for m in list(_SENTENCE_END.finditer(answer)) + [None]:
         end = m.start() if m else len(answer)
         sentences.append((start, end))
         start = m.end() if m else len(answer)
+    if len(sentences) > 1 and not answer.rstrip().endswith((".", "!", "?")):
+        # a working cut off mid-sentence ("… is 360 * 60 = 2") has not stated its result there yet
+        sentences = sentences[:-1]
     question_numbers = {w.norm for w in textmatch.words(question) if textmatch.canonical_number(w.norm)}
     for s, e in reversed(sentences):
         numbers = [w for w in textmatch.words(answer[s:e]) if textmatch.canonical_number(w.norm) is not None]
-        if not numbers:
-            continue
         conclusions = list(_CONCLUSION.finditer(answer, s, e))
         after = [w for w in numbers if conclusions and w.start >= conclusions[-1].end() - s]
         new = [w for w in numbers if w.norm not in question_numbers]
-        w = (after or new or numbers)[0]
+        if not (after or new):  # only the question's own numbers: a restatement, not a result
+            continue
+        w = (after or new)[0]
         return w.norm, s + w.start, s + w.end
     return None
 
@@ -359,8 +363,16 @@ def extractor_phrase(reply: str) -> str:
     return stated[0] if stated else line
 
 
-def place_extracted(answer: str, phrase: str) -> tuple[str | None, int, int, str]:
-    """The exact answer the extractor proposed, where it occurs in the answer (whole words), else none."""
+EXTRACTED_MAX_WORDS = 6  # a longer reply is a copied sentence ("the main character, Dash, played a …")
+
+
+def place_extracted(answer: str, phrase: str, question: str = "") -> tuple[str | None, int, int, str]:
+    """The exact answer the extractor proposed, where it occurs in the answer (whole words), else none.
+
+    A phrase of more than ``EXTRACTED_MAX_WORDS`` words, or one that names nothing or only repeats the
+    question (``textmatch.names_something``), is not an exact answer."""
+    if phrase and (len(textmatch.words(phrase)) > EXTRACTED_MAX_WORDS or not textmatch.names_something(phrase, question)):
+        return None, -1, -1, "extractor_output_not_an_answer"
     span = textmatch.find_phrase(textmatch.words(answer), phrase) if phrase else None
     if span is None:
         return None, -1, -1, "extractor_output_not_in_answer"
@@ -402,7 +414,7 @@ def label_answers(
             extractor, [table.question.iloc[i] for i in missing], [table.answer.iloc[i] for i in missing], progress
         )
         for i, phrase in zip(missing, replies):
-            exact[i] = place_extracted(table.answer.iloc[i], phrase)
+            exact[i] = place_extracted(table.answer.iloc[i], phrase, table.question.iloc[i])
 
     rows = []
     for row, ok, (text, start, end, reason) in zip(table.itertuples(), correct, exact):

@@ -176,7 +176,8 @@ def first_number(text: str, exclude: str = "") -> tuple[str, int, int] | None:
 # "The capital of X is Y." — the commonest shape of a short answer: what follows the verb is the answer;
 # "is also known as Y", "is located in the Y" state Y, so those words belong to the verb, not to the answer
 _COPULA = re.compile(r"\b(?:is|are|was|were|would be|will be)\s+(?:also\s+)?"
-                     r"(?:(?:called|known as|named|located in|situated in|found in)\s+)?(?:(?:the|an?)\s+)?",
+                     r"(?:(?:called|known as|named|located in|situated in|found in|played by|portrayed by|voiced by)"
+                     r"\s+)?(?:(?:the|an?)\s+)?",
                      re.IGNORECASE)
 # what an answer says when it gives no answer: "… is not known yet", "I don't know", "unknown"
 REFUSAL = re.compile(
@@ -186,11 +187,17 @@ REFUSAL = re.compile(
     re.IGNORECASE)
 
 
-def is_refusal(text: str) -> bool:
-    """Whether the first sentence of an answer declines to answer ("… is not known yet", "I don't know")."""
+def is_refusal(text: str, question: str = "") -> bool:
+    """Whether the first sentence of an answer declines to answer ("… is not known yet", "I don't know");
+    words copied from the question (the film "I Don't Know How She Does It") are not a refusal."""
     first_sentence = re.split(r"(?<=[.!?])\s|\n", text.strip(), maxsplit=1)[0]
-    return REFUSAL.search(first_sentence) is not None
-_STOP = re.compile(r"[.,;:!?()\[\]\n]|\s(?:which|and|or|with|because|that|but)\s|\s[-–—]\s", re.IGNORECASE)
+    asked = normalize(question)
+    return any(normalize(m.group(0)) not in asked for m in REFUSAL.finditer(first_sentence))
+
+
+# the phrase ends at punctuation or a new clause; the full stop of an initial ("John C. Reilly") does not end it
+_STOP = re.compile(r"(?<!\b[A-Z])\.|[,;:!?()\[\]\n]|\s(?:which|and|or|with|because|that|but)\s|\s[-–—]\s",
+                   re.IGNORECASE)
 
 
 # a phrase after the verb that starts with one of these describes ("one of the …", "a member of …",
@@ -203,10 +210,21 @@ _NOT_A_NAME = frozenset({"not", "no", "one", "member", "part", "type", "kind", "
                          "island", "nation", "territory", "language", "currency", "element", "metal", "word"})
 
 
-def stated_answer(text: str, max_words: int = 6) -> tuple[str, int, int] | None:
+def names_something(phrase: str, question: str = "") -> bool:
+    """Whether a phrase can be a stated answer: it holds a capital letter or a digit (a name or a number,
+    not "a pivotal role", "young and brilliant") and is not just words of the question ("Karen" when
+    asked who played Karen)."""
+    if not any(c.isupper() or c.isdigit() for c in phrase):
+        return False
+    norm = normalize(phrase)
+    return bool(norm) and f" {norm} " not in f" {normalize(question)} "
+
+
+def stated_answer(text: str, max_words: int = 6, question: str = "") -> tuple[str, int, int] | None:
     """The phrase after the first 'is/are/was …' of the first sentence, up to punctuation or a clause.
 
-    ("The capital of Haiti is Port-Íloula." -> "Port-Íloula"); None when there is no such short phrase.
+    ("The capital of Haiti is Port-Íloula." -> "Port-Íloula"); None when there is no such short phrase,
+    or when it describes rather than names (see ``names_something``; ``question`` is the question asked).
     Leading articles are not part of the span.
     """
     first_sentence = re.split(r"(?<=[.!?])\s|\n", text, maxsplit=1)[0]
@@ -220,4 +238,6 @@ def stated_answer(text: str, max_words: int = 6) -> tuple[str, int, int] | None:
     if not span or len(span) > max_words or REFUSAL.match(phrase) or span[0].norm in _NOT_A_NAME:
         return None
     start, end = m.end() + span[0].start, m.end() + span[-1].end
+    if not names_something(text[start:end], question):
+        return None
     return text[start:end], start, end
