@@ -115,7 +115,7 @@ def test_label_answers_table(tokenizer):
     assert answers.correct.tolist() == [True, False, False]
     assert answers.exact_answer.tolist() == ["Paris", "Douala", ""]
     assert answers.exact_answer_valid.tolist() == [True, True, False]
-    assert answers.exact_answer_reason.tolist() == ["gold_alias", "vocabulary", "no_candidate_in_answer"]
+    assert answers.exact_answer_reason.tolist() == ["gold_alias", "vocabulary", "refusal"]  # "I am not sure."
     row = answers.iloc[1]
     full = prompt + list(generations.answer_ids[1])
     assert tokenizer.decode(full[row.pos_exact_answer_first : row.pos_exact_answer_last + 1]).strip() == "Douala"
@@ -151,13 +151,16 @@ def test_exact_answer_outside_every_vocabulary_is_what_the_verb_states():
 
 
 @pytest.mark.parametrize("answer,expected", [
-    ("The chemical element with the symbol Ir is also known as irridium.", "irridium"),
+    ("The chemical element with the symbol Ir is also known as Iridion.", "Iridion"),
+    ("In the film, Frank Calder was played by John C. Reilly.", "John C. Reilly"),
+    ("The main character is a young and brilliant detective.", None),  # no name: describes
+    ("The main character is Karen.", None),  # only repeats the question's "Karen"
     ("Nepal is located in the Indian subcontinent.", "Indian subcontinent"),
     ("Denmark is a country in Northern Europe, bordering Norway to the north.", None),  # describes
     ("The chemical element with the symbol Pu is a member of the actinides family of elements.", None),
 ])
 def test_the_phrase_after_the_verb_names_the_answer_or_nothing(answer, expected):
-    text, *_ = find_exact_answer(answer, "Which one?", ["Gold"], "city", {"city": Vocabulary(["Douala"])})
+    text, *_ = find_exact_answer(answer, "Which one played Karen?", ["Gold"], "city", {"city": Vocabulary(["Douala"])})
     assert text == expected
 
 
