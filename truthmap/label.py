@@ -87,7 +87,8 @@ def find_exact_answer(
     if answer_type == "number" or (not answer_type and all(textmatch.canonical_number(g) for g in gold)):
         found, reason = textmatch.first_number(answer, exclude=question), "number"
     elif answer_type in vocabularies:
-        found, reason = vocabularies[answer_type].first_in(answer, exclude=question), "vocabulary"
+        vocabulary = vocabularies[answer_type]
+        found, reason = vocabulary.first_in(answer, exclude=question, short_codes_capitalised=True), "vocabulary"
     if found is None and reason != "number":
         # wrong answers often name something in no vocabulary ("… is Port-Íloula."): take what the verb states
         found, reason = textmatch.stated_answer(answer, question=question), "stated_after_verb"

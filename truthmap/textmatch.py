@@ -129,11 +129,13 @@ class Vocabulary:
                     found.append((candidate, answer_words[i].start, answer_words[i + len(key) - 1].end))
         return found
 
-    def first_in(self, text: str, exclude: str = "") -> tuple[str, int, int] | None:
+    def first_in(self, text: str, exclude: str = "",
+                 short_codes_capitalised: bool = False) -> tuple[str, int, int] | None:
         """The earliest (then longest) candidate in ``text`` that does not also occur in ``exclude``.
 
         ``exclude`` is the question: a candidate the answer merely repeats from the question
-        ("The capital of *Georgia* is ...") is not the answer.
+        ("The capital of *Georgia* is ...") is not the answer. With ``short_codes_capitalised``, a
+        candidate of two letters or fewer counts only where the text writes it with a capital.
         """
         answer_words = words(text)
         excluded = {w.norm for w in words(exclude)} if exclude else set()
@@ -148,7 +150,8 @@ class Vocabulary:
                     continue
                 if n == 1 and first in excluded:
                     continue
-                if len(candidate) <= 2 and text[answer_words[i].start : answer_words[i].end].islower():
+                written = text[answer_words[i].start : answer_words[i].end]
+                if short_codes_capitalised and len(candidate) <= 2 and written.islower():
                     continue  # "to", "is" in running text are words, not the codes "TO", "IS"
 
                 return candidate, answer_words[i].start, answer_words[i + n - 1].end
