@@ -372,7 +372,8 @@ def place_extracted(answer: str, phrase: str, question: str = "") -> tuple[str |
 
     A phrase of more than ``EXTRACTED_MAX_WORDS`` words, or one that names nothing or only repeats the
     question (``textmatch.names_something``), is not an exact answer."""
-    if phrase and (len(textmatch.words(phrase)) > EXTRACTED_MAX_WORDS or not textmatch.names_something(phrase, question)):
+    too_long = len(textmatch.words(phrase)) > EXTRACTED_MAX_WORDS
+    if phrase and (too_long or not textmatch.names_something(phrase, question)):
         return None, -1, -1, "extractor_output_not_an_answer"
     span = textmatch.find_phrase(textmatch.words(answer), phrase) if phrase else None
     if span is None:
