@@ -81,14 +81,17 @@ def find_exact_answer(
     correct, match = judge(answer, gold, vocabularies.get(answer_type))
     if correct:
         return answer[match[1] : match[2]], match[1], match[2], "gold_alias"
+    if textmatch.is_refusal(answer, question):  # "… is not known yet" names nothing: no candidate, no extractor
+        return None, -1, -1, "refusal"
     found, reason = None, ""
     if answer_type == "number" or (not answer_type and all(textmatch.canonical_number(g) for g in gold)):
         found, reason = textmatch.first_number(answer, exclude=question), "number"
     elif answer_type in vocabularies:
-        found, reason = vocabularies[answer_type].first_in(answer, exclude=question), "vocabulary"
+        vocabulary = vocabularies[answer_type]
+        found, reason = vocabulary.first_in(answer, exclude=question, short_codes_capitalised=True), "vocabulary"
     if found is None and reason != "number":
         # wrong answers often name something in no vocabulary ("… is Port-Íloula."): take what the verb states
-        found, reason = textmatch.stated_answer(answer), "stated_after_verb"
+        found, reason = textmatch.stated_answer(answer, question=question), "stated_after_verb"
     if found is None:
         return None, -1, -1, "no_candidate_in_answer"
     return answer[found[1] : found[2]], found[1], found[2], reason
@@ -113,25 +116,29 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 def stated_number(answer: str, question: str = "") -> tuple[str, int, int] | None:
     """The number an answer states, as (canonical number, start, end), or None when it has none.
 
-    It is read from the last sentence that holds a number (a worked answer ends with its result):
-    the first number after that sentence's last "=" or concluding word ("so", "the answer is"),
-    otherwise its first number that is not a number of the question ("There will be 1600 ants after 5
-    hours" states 1600), otherwise its first number.
+    It is read from the last sentence that holds a result (a worked answer ends with it): the first
+    number after that sentence's last "=" or concluding word ("so", "the answer is"), otherwise its
+    first number that is not a number of the question ("There will be 1600 ants after 5 hours" states
+    1600). A sentence with only the question's numbers restates it; the unfinished last sentence of an
+    answer cut off mid-working ("… = 2") is not read.
     """
     sentences, start = [], 0
     for m in list(_SENTENCE_END.finditer(answer)) + [None]:
         end = m.start() if m else len(answer)
         sentences.append((start, end))
         start = m.end() if m else len(answer)
+    if len(sentences) > 1 and not answer.rstrip().endswith((".", "!", "?")):
+        # a working cut off mid-sentence ("… is 360 * 60 = 2") has not stated its result there yet
+        sentences = sentences[:-1]
     question_numbers = {w.norm for w in textmatch.words(question) if textmatch.canonical_number(w.norm)}
     for s, e in reversed(sentences):
         numbers = [w for w in textmatch.words(answer[s:e]) if textmatch.canonical_number(w.norm) is not None]
-        if not numbers:
-            continue
         conclusions = list(_CONCLUSION.finditer(answer, s, e))
         after = [w for w in numbers if conclusions and w.start >= conclusions[-1].end() - s]
         new = [w for w in numbers if w.norm not in question_numbers]
-        w = (after or new or numbers)[0]
+        if not (after or new):  # only the question's own numbers: a restatement, not a result
+            continue
+        w = (after or new)[0]
         return w.norm, s + w.start, s + w.end
     return None
 
@@ -196,20 +203,54 @@ def listed_spans(answer: str, options: list[str]) -> list[tuple[int, int]]:
     return spans
 
 
+# "… refers to the designer", "The blank refers to Emily", "The teacher is referring to the mover"
+_REFERS_TO = re.compile(r"\b(?:refers|referring|refer)\s+to\b", re.IGNORECASE)
+# a clause ends at a sentence end or a new clause, but "…, which is the secretary" still names the referent
+_CLAUSE_END = re.compile(r"[.;!?\n]|\s(?:who|which|that|where|when|because|as)\s(?!(?:is|are|was)\b)", re.IGNORECASE)
+
+
+# "does not necessarily represent a contradiction": an option the answer denies is not its choice
+_NEGATION = re.compile(r"\b(?:not|never|neither|nor)\b(?:\W+\w+){1,4}", re.IGNORECASE)
+
+
+def negated_spans(answer: str) -> list[tuple[int, int]]:
+    """Spans of a negation and the (up to four) words after it."""
+    return [m.span() for m in _NEGATION.finditer(answer)]
+
+
+def referent_clauses(answer: str) -> list[tuple[int, int]]:
+    """Spans of what follows each "refers to" up to the end of its clause: the referent the answer names."""
+    out = []
+    for m in _REFERS_TO.finditer(answer):
+        stop = _CLAUSE_END.search(answer, m.end())
+        out.append((m.end(), stop.start() if stop else len(answer)))
+    return out
+
+
 def grade_choice(answer, question, gold, wrong_answers, answer_type, vocabularies):
     """(correct, exact answer): of the gold and wrong options, the first the answer names decides.
 
     Options inside a stretch that repeats the question ("The cook prepared a dish for the teacher
-    because …") or inside a list of options ("entailment, contradiction, or neutrality") are not
-    chosen by the answer and do not count.
+    because …"), inside a list of options ("entailment, contradiction, or neutrality") or right after a
+    negation ("does not necessarily represent a contradiction") are not chosen by the answer and do not
+    count. When the answer says what the pronoun or blank "refers to", only the options in those
+    clauses count ("The baker is referring to the laborer" chooses the laborer).
     """
     if not answer.strip():
         return False, (None, -1, -1, "empty_answer")
     options = list(gold) + list(wrong_answers)
-    ignored = echoed_spans(answer, question) + listed_spans(answer, options)
-    match = textmatch.first_match(answer, options, inside=ignored)
+    echoed = echoed_spans(answer, question)
+    ignored = echoed + listed_spans(answer, options) + negated_spans(answer)
+    clauses = [(s, e) for s, e in referent_clauses(answer) if not any(a <= s < b for a, b in echoed)]
+    if clauses:  # "The baker is referring to the laborer": only what the answer says it refers to counts
+        matches = (textmatch.first_match(answer[s:e], options, inside=[(a - s, b - s) for a, b in ignored])
+                   for s, e in clauses)
+        match = next(((p, s + a, s + b) for (s, _), m in zip(clauses, matches) if m for p, a, b in [m]), None)
+        reason = "referent_names_no_option"
+    else:
+        match, reason = textmatch.first_match(answer, options, inside=ignored), "no_candidate_in_answer"
     if match is None:
-        return False, (None, -1, -1, "no_candidate_in_answer")
+        return False, (None, -1, -1, reason)
     phrase, start, end = match
     gold_forms = {textmatch.normalize(g) for g in gold}
     return textmatch.normalize(phrase) in gold_forms, (answer[start:end], start, end, "first_choice")
@@ -299,7 +340,12 @@ EXTRACTOR_INSTRUCTION = (
 
 
 def extract_with_model(lm, questions: list[str], answers: list[str], progress: bool = True) -> list[str]:
-    """Ask ``lm`` for the exact answer of each (question, answer); first line of its reply."""
+    """Ask ``lm`` for the exact answer of each (question, answer): the phrase of its reply."""
+    return [extractor_phrase(reply) for reply in extractor_replies(lm, questions, answers, progress)]
+
+
+def extractor_replies(lm, questions: list[str], answers: list[str], progress: bool = True) -> list[str]:
+    """The extractor's raw reply (decoded text) to each (question, answer)."""
     from .generate import build_prompt, decode_answer, encode_prompt, generate_answers
 
     prompts = [
@@ -307,13 +353,32 @@ def extract_with_model(lm, questions: list[str], answers: list[str], progress: b
         for q, a in zip(questions, answers)
     ]
     replies = generate_answers(lm, prompts, max_new_tokens=16, progress=progress)
-    out = []
-    for ids, _ in replies:
-        text = decode_answer(lm.tokenizer, ids).strip().splitlines()
-        reply = text[0].strip().strip(".,;:!\"'") if text else ""
-        stated = textmatch.stated_answer(reply)  # a small extractor often copies the sentence: keep its answer
-        out.append(stated[0] if stated else reply)
-    return out
+    return [decode_answer(lm.tokenizer, ids) for ids, _ in replies]
+
+
+def extractor_phrase(reply: str) -> str:
+    """The phrase an extractor's reply proposes: its first line, trimmed; "" when it has none."""
+    lines = reply.strip().splitlines()
+    line = lines[0].strip().strip(".,;:!\"'") if lines else ""
+    stated = textmatch.stated_answer(line)  # a small extractor often copies the sentence: keep its answer
+    return stated[0] if stated else line
+
+
+EXTRACTED_MAX_WORDS = 6  # a longer reply is a copied sentence ("the main character, Dash, played a …")
+
+
+def place_extracted(answer: str, phrase: str, question: str = "") -> tuple[str | None, int, int, str]:
+    """The exact answer the extractor proposed, where it occurs in the answer (whole words), else none.
+
+    A phrase of more than ``EXTRACTED_MAX_WORDS`` words, or one that names nothing or only repeats the
+    question (``textmatch.names_something``), is not an exact answer."""
+    too_long = len(textmatch.words(phrase)) > EXTRACTED_MAX_WORDS
+    if phrase and (too_long or not textmatch.names_something(phrase, question)):
+        return None, -1, -1, "extractor_output_not_an_answer"
+    span = textmatch.find_phrase(textmatch.words(answer), phrase) if phrase else None
+    if span is None:
+        return None, -1, -1, "extractor_output_not_in_answer"
+    return answer[span[0] : span[1]], span[0], span[1], "extractor"
 
 
 def label_answers(
@@ -350,13 +415,8 @@ def label_answers(
         replies = extract_with_model(
             extractor, [table.question.iloc[i] for i in missing], [table.answer.iloc[i] for i in missing], progress
         )
-        for i, reply in zip(missing, replies):
-            answer = table.answer.iloc[i]
-            span = textmatch.find_phrase(textmatch.words(answer), reply) if reply else None
-            if span:
-                exact[i] = (answer[span[0] : span[1]], span[0], span[1], "extractor")
-            else:
-                exact[i] = (None, -1, -1, "extractor_output_not_in_answer")
+        for i, phrase in zip(missing, replies):
+            exact[i] = place_extracted(table.answer.iloc[i], phrase, table.question.iloc[i])
 
     rows = []
     for row, ok, (text, start, end, reason) in zip(table.itertuples(), correct, exact):

@@ -129,11 +129,13 @@ class Vocabulary:
                     found.append((candidate, answer_words[i].start, answer_words[i + len(key) - 1].end))
         return found
 
-    def first_in(self, text: str, exclude: str = "") -> tuple[str, int, int] | None:
+    def first_in(self, text: str, exclude: str = "",
+                 short_codes_capitalised: bool = False) -> tuple[str, int, int] | None:
         """The earliest (then longest) candidate in ``text`` that does not also occur in ``exclude``.
 
         ``exclude`` is the question: a candidate the answer merely repeats from the question
-        ("The capital of *Georgia* is ...") is not the answer.
+        ("The capital of *Georgia* is ...") is not the answer. With ``short_codes_capitalised``, a
+        candidate of two letters or fewer counts only where the text writes it with a capital.
         """
         answer_words = words(text)
         excluded = {w.norm for w in words(exclude)} if exclude else set()
@@ -148,28 +150,84 @@ class Vocabulary:
                     continue
                 if n == 1 and first in excluded:
                     continue
+                written = text[answer_words[i].start : answer_words[i].end]
+                if short_codes_capitalised and len(candidate) <= 2 and written.islower():
+                    continue  # "to", "is" in running text are words, not the codes "TO", "IS"
+
                 return candidate, answer_words[i].start, answer_words[i + n - 1].end
         return None
 
 
+# a number right after these words is an operand of a working ("multiply 655 by 72"), not a result
+_OPERAND_BEFORE = frozenset({"by", "of", "and", "multiply", "add", "plus", "times", "minus", "from", "divide"})
+
+
 def first_number(text: str, exclude: str = "") -> tuple[str, int, int] | None:
-    """The first number in ``text`` that is not one of the numbers of ``exclude`` (the question)."""
+    """The first number in ``text`` that is not one of the numbers of ``exclude`` (the question), nor
+    an operand ("… multiply 655 by 72")."""
     excluded = {w.norm for w in words(exclude) if canonical_number(w.norm) is not None}
-    for w in words(text):
-        if canonical_number(w.norm) is not None and w.norm not in excluded:
-            return w.norm, w.start, w.end
+    text_words = words(text)
+    for i, w in enumerate(text_words):
+        if canonical_number(w.norm) is None or w.norm in excluded:
+            continue
+        if i > 0 and text_words[i - 1].norm in _OPERAND_BEFORE:
+            continue
+        return w.norm, w.start, w.end
     return None
 
 
-# "The capital of X is Y." — the commonest shape of a short answer: what follows the verb is the answer
-_COPULA = re.compile(r"\b(?:is|are|was|were|would be|will be)\s+(?:called\s+|known as\s+)?", re.IGNORECASE)
-_STOP = re.compile(r"[.,;:!?()\[\]\n]|\s(?:which|and|or|with|because|that|but)\s|\s[-–—]\s", re.IGNORECASE)
+# "The capital of X is Y." — the commonest shape of a short answer: what follows the verb is the answer;
+# "is also known as Y", "is located in the Y" state Y, so those words belong to the verb, not to the answer
+_COPULA = re.compile(r"\b(?:is|are|was|were|would be|will be)\s+(?:also\s+)?"
+                     r"(?:(?:called|known as|named|located in|situated in|found in|played by|portrayed by|voiced by)"
+                     r"\s+)?(?:(?:the|an?)\s+)?",
+                     re.IGNORECASE)
+# what an answer says when it gives no answer: "… is not known yet", "I don't know", "unknown"
+REFUSAL = re.compile(
+    r"\b(?:not (?:yet )?(?:known|sure|certain|available|specified|clear|determined|defined)|unknown|"
+    r"i (?:do not|don't|cannot|can't|could not|couldn't) (?:know|say|tell|answer|find|provide|determine)|"
+    r"(?:no|not enough) (?:information|data|record|answer)|unable to|i(?: am|'m) sorry|there is no)\b",
+    re.IGNORECASE)
 
 
-def stated_answer(text: str, max_words: int = 6) -> tuple[str, int, int] | None:
+def is_refusal(text: str, question: str = "") -> bool:
+    """Whether the first sentence of an answer declines to answer ("… is not known yet", "I don't know");
+    words copied from the question (the film "I Don't Know How She Does It") are not a refusal."""
+    first_sentence = re.split(r"(?<=[.!?])\s|\n", text.strip(), maxsplit=1)[0]
+    asked = normalize(question)
+    return any(normalize(m.group(0)) not in asked for m in REFUSAL.finditer(first_sentence))
+
+
+# the phrase ends at punctuation or a new clause; the full stop of an initial ("John C. Reilly") does not end it
+_STOP = re.compile(r"(?<!\b[A-Z])\.|[,;:!?()\[\]\n]|\s(?:which|and|or|with|because|that|but)\s|\s[-–—]\s",
+                   re.IGNORECASE)
+
+
+# a phrase after the verb that starts with one of these describes ("one of the …", "a member of …",
+# "not …") rather than names the answer
+_NOT_A_NAME = frozenset({"not", "no", "one", "member", "part", "type", "kind", "form", "unit", "symbol", "used",
+                         "home", "also", "still", "very", "currently", "usually", "often", "commonly", "in", "on",
+                         "at", "of", "from", "to", "by", "with", "for",
+                         # a kind of thing, not its name: "Denmark is a country in Northern Europe"
+                         "country", "city", "town", "capital", "state", "region", "area", "place", "continent",
+                         "island", "nation", "territory", "language", "currency", "element", "metal", "word"})
+
+
+def names_something(phrase: str, question: str = "") -> bool:
+    """Whether a phrase can be a stated answer: it holds a capital letter or a digit (a name or a number,
+    not "a pivotal role", "young and brilliant") and is not just words of the question ("Karen" when
+    asked who played Karen)."""
+    if not any(c.isupper() or c.isdigit() for c in phrase):
+        return False
+    norm = normalize(phrase)
+    return bool(norm) and f" {norm} " not in f" {normalize(question)} "
+
+
+def stated_answer(text: str, max_words: int = 6, question: str = "") -> tuple[str, int, int] | None:
     """The phrase after the first 'is/are/was …' of the first sentence, up to punctuation or a clause.
 
-    ("The capital of Haiti is Port-Íloula." -> "Port-Íloula"); None when there is no such short phrase.
+    ("The capital of Haiti is Port-Íloula." -> "Port-Íloula"); None when there is no such short phrase,
+    or when it describes rather than names (see ``names_something``; ``question`` is the question asked).
     Leading articles are not part of the span.
     """
     first_sentence = re.split(r"(?<=[.!?])\s|\n", text, maxsplit=1)[0]
@@ -180,7 +238,9 @@ def stated_answer(text: str, max_words: int = 6) -> tuple[str, int, int] | None:
     stop = _STOP.search(rest)
     phrase = rest[: stop.start()] if stop else rest
     span = words(phrase)
-    if not span or len(span) > max_words:
+    if not span or len(span) > max_words or REFUSAL.match(phrase) or span[0].norm in _NOT_A_NAME:
         return None
     start, end = m.end() + span[0].start, m.end() + span[-1].end
+    if not names_something(text[start:end], question):
+        return None
     return text[start:end], start, end

@@ -42,7 +42,12 @@ def test_exact_answer_of_wrong_number():
     assert (text, reason) == ("146", "number")
 
 
-@pytest.mark.parametrize("answer,reason", [("", "empty_answer"), ("I do not know.", "no_candidate_in_answer")])
+@pytest.mark.parametrize("answer,reason", [
+    ("", "empty_answer"),
+    ("Nothing comes to mind.", "no_candidate_in_answer"),
+    ("I do not know.", "refusal"),
+    ("The capital of Cameroon is not known yet.", "refusal"),  # not the "exact answer" 'not known yet'
+])
 def test_exact_answer_absent(answer, reason):
     vocab = {"city": Vocabulary(["Douala"])}
     assert find_exact_answer(answer, "Capital of Cameroon?", ["Yaounde"], "city", vocab) == (None, -1, -1, reason)
@@ -113,7 +118,7 @@ def test_label_answers_table(tokenizer):
     assert answers.correct.tolist() == [True, False, False]
     assert answers.exact_answer.tolist() == ["Paris", "Douala", ""]
     assert answers.exact_answer_valid.tolist() == [True, True, False]
-    assert answers.exact_answer_reason.tolist() == ["gold_alias", "vocabulary", "no_candidate_in_answer"]
+    assert answers.exact_answer_reason.tolist() == ["gold_alias", "vocabulary", "refusal"]  # "I am not sure."
     row = answers.iloc[1]
     full = prompt + list(generations.answer_ids[1])
     assert tokenizer.decode(full[row.pos_exact_answer_first : row.pos_exact_answer_last + 1]).strip() == "Douala"
@@ -200,3 +205,30 @@ def test_exact_answer_outside_every_vocabulary_is_what_the_verb_states():
     text, start, end, reason = find_exact_answer(answer, "What is the capital of Haiti?", ["Port-au-Prince"],
                                                  "city", vocab)
     assert (text, reason) == ("Port-Íloula", "stated_after_verb") and answer[start:end] == text
+
+
+@pytest.mark.parametrize("answer,expected", [
+    ("The chemical element with the symbol Ir is also known as Iridion.", "Iridion"),
+    ("In the film, Frank Calder was played by John C. Reilly.", "John C. Reilly"),
+    ("The main character is a young and brilliant detective.", None),  # no name: describes
+    ("The main character is Karen.", None),  # only repeats the question's "Karen"
+    ("Nepal is located in the Indian subcontinent.", "Indian subcontinent"),
+    ("Denmark is a country in Northern Europe, bordering Norway to the north.", None),  # describes
+    ("The chemical element with the symbol Pu is a member of the actinides family of elements.", None),
+])
+def test_the_phrase_after_the_verb_names_the_answer_or_nothing(answer, expected):
+    text, *_ = find_exact_answer(answer, "Which one played Karen?", ["Gold"], "city", {"city": Vocabulary(["Douala"])})
+    assert text == expected
+
+
+def test_a_short_code_in_lower_case_is_a_word_not_a_candidate():
+    vocab = {"country": Vocabulary(["TO", "Norway"])}
+    text, *_ = find_exact_answer("It lies next to Norway.", "Which country?", ["Sweden"], "country", vocab)
+    assert text == "Norway"
+
+
+def test_an_operand_of_a_working_is_not_the_stated_number():
+    text, *_ = find_exact_answer("To add 655 and 724, we need to multiply 655 by 72", "What is 655 plus 724?",
+                                 ["1379"], "number", {})
+    assert text is None
+    assert find_exact_answer("655 plus 724 is 1389.", "What is 655 plus 724?", ["1379"], "number", {})[0] == "1389"
