@@ -18,7 +18,6 @@ the task's design, and the pipeline copies it into summary.json.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -73,6 +72,23 @@ def load_questions(
     return table, vocabularies
 
 
+MAX_FIELD_CHARS = 10_000_000  # a longer field is a bad row: no prompt could hold it
+MAX_FILE_BYTES = 512 * 2**20  # a larger question file is refused before it is read (docs/guarantees.md)
+MAX_LINE_BYTES = 4 * MAX_FIELD_CHARS  # a JSONL line is read in pieces of at most this many bytes
+
+
+def _long_field(record, path: str = "") -> tuple[str, int] | None:
+    """(field, length) of the first text in ``record`` longer than MAX_FIELD_CHARS, else None."""
+    if isinstance(record, str):
+        return (path or "value", len(record)) if len(record) > MAX_FIELD_CHARS else None
+    items = record.items() if isinstance(record, dict) else enumerate(record) if isinstance(record, list) else ()
+    for key, value in items:
+        found = _long_field(value, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
 def _complete(row: dict, task: str) -> dict:
     """A question row with every column, defaults filled in."""
     defaults = {"family": task, "subgroup": "", "answer_type": "", "task": task, "context": "",
@@ -91,7 +107,13 @@ def convert_records(task, records: list[dict], first_row: int, source: str, opti
     for i, record in enumerate(records):
         row_number = i + first_row
         try:
+            if isinstance(record, _TooLong):
+                raise tasks.BadRow(None, f"a line of more than {MAX_LINE_BYTES} bytes, longer than any question")
+            long = _long_field(record)
+            if long:
+                raise tasks.BadRow(long[0], f"{long[1]} characters, more than the {MAX_FIELD_CHARS} a field may hold")
             row = task.convert(record, options)
+            _check_row_text(row)
             row["id"] = row.get("id") or str(i)
             if row["id"] in seen:
                 raise tasks.BadRow("id", f"duplicate id '{row['id']}' (first at row {seen[row['id']]})")
@@ -105,6 +127,8 @@ def convert_records(task, records: list[dict], first_row: int, source: str, opti
             bad_row = (err.field, f"missing field '{err.field}'")
         except tasks.BadRow as err:
             bad_row = (err.field, err.message)
+        except (RecursionError, MemoryError):
+            bad_row = (None, "nested too deeply to read")
         except tasks.LeftOut as err:
             left_out[err.reason] += 1
             continue
@@ -129,6 +153,21 @@ def convert_records(task, records: list[dict], first_row: int, source: str, opti
     return rows, report
 
 
+def _check_row_text(row: dict) -> None:
+    """Every text of a question row must be writable as UTF-8: a lone surrogate ("\\ud800") is not text."""
+    for name, value in row.items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise tasks.BadRow(name, f"holds a lone surrogate (\\u{ord(item[err.start]):04x}), which is not text") from None
+
+
+class _TooLong(dict):
+    """Stands for a JSONL line longer than MAX_LINE_BYTES (a bad row: an error, or skipped and counted)."""
+
+
 def read_records(source: tasks.Source) -> tuple[list[dict], int]:
     """(records as plain dicts, number of the first record as a user counts rows) of a file or hub dataset.
 
@@ -137,6 +176,13 @@ def read_records(source: tasks.Source) -> tuple[list[dict], int]:
         return _load_hf(source), 1
     path = source.path
     suffix = path.suffix.lower()
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise TruthmapError(f"{path}: cannot be read ({err.strerror})") from None
+    if size > MAX_FILE_BYTES:
+        raise TruthmapError(f"{path}: {size / 2**20:.0f} MiB, more than the {MAX_FILE_BYTES // 2**20} MiB a question "
+                            f"file may hold (docs/guarantees.md); split it, or sample it down first")
     try:
         if suffix == ".csv":
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
@@ -189,18 +235,43 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
+def _lines(f):
+    """The lines of a binary file, each read in pieces of at most MAX_LINE_BYTES: a longer line is
+    given as None (its bytes are skipped, never held)."""
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(MAX_LINE_BYTES)
+            yield None
+            continue
+        yield line
+
+
 def _read_jsonl(path: Path) -> list[dict]:
+    from .runfolder import parse_json
+
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(_lines(f), start=1):
+            if raw is None:
+                records.append(_TooLong())
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TruthmapError(f"{path}, line {number}: not UTF-8 text (byte {err.start} of the line); "
+                                    f"re-save it as UTF-8") from None
             if not line.strip():
                 continue
             try:
-                record = json.loads(line, object_pairs_hook=_unique_keys)
+                record = parse_json(line, object_pairs_hook=_unique_keys)
             except _DuplicateKey as err:
                 raise TruthmapError(f"{path}, line {number}: key '{err}' twice in one record; keep one") from None
-            except json.JSONDecodeError as err:
-                raise TruthmapError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+            except ValueError as err:
+                raise TruthmapError(f"{path}, line {number}: {err}") from None
             if not isinstance(record, dict):
                 raise TruthmapError(f"{path}, line {number}: {_kind(record)}, not a record ({{\"question\": …}})")
             records.append(record)
@@ -211,12 +282,14 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _read_json(path: Path) -> list[dict]:
     """A JSON list of records, or an object holding one under "Data" (TriviaQA) or "data"."""
+    from .runfolder import parse_json
+
     try:
-        content = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+        content = parse_json(path.read_bytes(), object_pairs_hook=_unique_keys)
     except _DuplicateKey as err:
         raise TruthmapError(f"{path}: key '{err}' twice in one record; keep one") from None
-    except json.JSONDecodeError as err:
-        raise TruthmapError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except ValueError as err:
+        raise TruthmapError(f"{path}: {err}") from None
     if isinstance(content, dict):
         content = next((content[k] for k in ("Data", "data") if isinstance(content.get(k), list)), content)
     if not isinstance(content, list):
