@@ -252,7 +252,12 @@ def _check_card(path: Path, card) -> None:
         raise TruthmapError(f"{path}: field 'model' is missing; export the detector again")
     if card.get("prompt_prefix") is not None and not isinstance(card.get("prompt_suffix"), str):
         raise TruthmapError(f"{path}: field 'prompt_suffix' is missing; export the detector again")
-    check_cell(card.get("site"), card.get("layer"), card.get("position"), path)
+    from .models import SITES
+
+    if "site" in card and card["site"] not in SITES:
+        raise TruthmapError(f"{path}: field 'site' is {sanitise(repr(card['site']), 60)}, not one of {', '.join(SITES)}")
+    if "layer" in card or "position" in card:  # the cell names what is extracted: checked whole
+        check_cell(card.get("site", "residual"), card.get("layer"), card.get("position"), path)
 
 
 def _as_list(value) -> list:
