@@ -55,16 +55,25 @@ def load_questions(
     if source.kind == "builtin":
         rows, vocabularies = task.builtin()
         report = {"source": str(source), "read": len(rows), "used": len(rows)}
+    elif limit is not None and limit < 1:
+        raise TruthmapError(f"--limit {limit}: must be a positive number of questions")
     else:
-        records, first_row = read_records(source)
         options = tasks.LoadOptions(question_column, answer_column)
-        rows, report = convert_records(task, records, first_row, str(source), options, on_bad_row)
+        keep = None
+        records, first_row = read_records(source)
+        if limit is not None:  # a first pass counts the rows and keeps none: memory holds only the sample
+            _, counted = convert_records(task, records, first_row, str(source), options, on_bad_row, keep=set())
+            keep = set(sample_positions(counted["used"], limit, seed))
+            if source.kind != "hub":  # a file is read again; a hub dataset is a sequence, read as it is used
+                records, first_row = read_records(source)
+        rows, report = convert_records(task, records, first_row, str(source), options, on_bad_row, keep=keep)
         vocabularies = {}
     table = pd.DataFrame([_complete(row, task.name) for row in rows], columns=QUESTION_COLUMNS + TASK_COLUMNS)
     if limit is not None:
         if limit < 1:
             raise TruthmapError(f"--limit {limit}: must be a positive number of questions")
-        table = table.sample(frac=1.0, random_state=seed).head(limit).sort_index()
+        if source.kind == "builtin":
+            table = table.iloc[sorted(sample_positions(len(table), limit, seed))]
     table = table.reset_index(drop=True)
     if table.empty:
         raise TruthmapError(f"{source}: no questions to study")
@@ -72,8 +81,14 @@ def load_questions(
     return table, vocabularies
 
 
+def sample_positions(n: int, limit: int, seed: int) -> list[int]:
+    """Positions (0..n-1) of the deterministic sample of ``limit`` rows out of ``n``: those of a seeded
+    shuffle (pandas' ``sample(frac=1, random_state=seed)``), the first ``limit`` taken."""
+    return pd.RangeIndex(n).to_series().sample(frac=1.0, random_state=seed).head(limit).tolist()
+
+
 MAX_FIELD_CHARS = 10_000_000  # a longer field is a bad row: no prompt could hold it
-MAX_FILE_BYTES = 512 * 2**20  # a larger question file is refused before it is read (docs/guarantees.md)
+MAX_FILE_BYTES = 2 * 2**30  # a larger question file is refused before it is read (docs/guarantees.md)
 MAX_LINE_BYTES = 4 * MAX_FIELD_CHARS  # a JSONL line is read in pieces of at most this many bytes
 
 
@@ -96,14 +111,18 @@ def _complete(row: dict, task: str) -> dict:
     return {**defaults, **{k: v for k, v in row.items() if v is not None}}
 
 
-def convert_records(task, records: list[dict], first_row: int, source: str, options, on_bad_row: str = "error"):
-    """(question rows, report): each record through ``task.convert``, bad rows raised or skipped.
+def convert_records(task, records, first_row: int, source: str, options, on_bad_row: str = "error",
+                    keep: set | None = None):
+    """(question rows, report): each record (of any iterable) through ``task.convert``, bad rows raised or
+    skipped. ``keep``: the positions among the good rows to keep (None: all), so that a sample never holds
+    the rest.
 
     Rows are numbered as a user sees them (``first_row`` is the number of the first record: 2 for a
     CSV, whose header is row 1). Ids missing from the source are the record's 0-based position.
     """
-    rows, seen = [], {}
+    rows, seen, used = [], {}, 0
     bad, examples, left_out = Counter(), [], Counter()
+    i = -1
     for i, record in enumerate(records):
         row_number = i + first_row
         try:
@@ -134,7 +153,9 @@ def convert_records(task, records: list[dict], first_row: int, source: str, opti
             continue
         else:
             seen[row["id"]] = row_number
-            rows.append(row)
+            if keep is None or used in keep:
+                rows.append(row)
+            used += 1
             continue
         message = f"{where(source, row_number, bad_row[0])}: {bad_row[1]}"
         if on_bad_row == "error":
@@ -144,7 +165,7 @@ def convert_records(task, records: list[dict], first_row: int, source: str, opti
         bad[bad_row[1] if bad_row[0] is None else f"{bad_row[0]}: {bad_row[1]}"] += 1
         if len(examples) < MAX_EXAMPLES:
             examples.append(message)
-    report = {"source": source, "read": len(records), "used": len(rows), "skipped_bad": sum(bad.values())}
+    report = {"source": source, "read": i + 1, "used": used, "skipped_bad": sum(bad.values())}
     if bad:
         report["skipped_reasons"] = dict(bad.most_common())
         report["skipped_examples"] = examples
@@ -183,26 +204,59 @@ def read_records(source: tasks.Source) -> tuple[list[dict], int]:
     if size > MAX_FILE_BYTES:
         raise TruthmapError(f"{path}: {size / 2**20:.0f} MiB, more than the {MAX_FILE_BYTES // 2**20} MiB a question "
                             f"file may hold (docs/guarantees.md); split it, or sample it down first")
-    try:
-        if suffix == ".csv":
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-            _check_csv_header(path)
-            return frame.to_dict("records"), 2
-        if suffix in (".jsonl", ".ndjson"):
-            return _read_jsonl(path), 1
-        if suffix == ".json":
-            return _read_json(path), 1
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
+    readers = {".csv": (_read_csv, 2), ".jsonl": (_read_jsonl, 1), ".ndjson": (_read_jsonl, 1),
+               ".json": (_read_json, 1), ".parquet": (_read_parquet, 1)}
+    if suffix not in readers:
+        raise TruthmapError(f"{path}: unknown file type '{suffix}'; use .csv, .jsonl, .json or .parquet")
+    reader, first_row = readers[suffix]
+    records = _plain_errors(path, reader)
+    first = next(records, _END)  # the file's first problems (empty, not UTF-8, no header) are raised here
+    return _chain(first, records), first_row
 
-            return pq.read_table(path).to_pylist(), 1
+
+_END = object()
+
+
+def _chain(first, rest):
+    if first is not _END:
+        yield first
+    yield from rest
+
+
+CHUNK_ROWS = 20_000  # rows a CSV or Parquet file is read at a time
+
+
+def _read_csv(path: Path):
+    """The records of a CSV file (every cell text), CHUNK_ROWS rows at a time."""
+    with pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", chunksize=CHUNK_ROWS) as chunks:
+        for k, chunk in enumerate(chunks):
+            if k == 0:
+                _check_csv_header(path)
+            yield from chunk.to_dict("records")
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS):
+        yield from batch.to_pylist()
+
+
+def _plain_errors(path: Path, reader):
+    """The records of ``reader(path)``, with what it raises while reading turned into one-line errors."""
+    suffix = path.suffix.lower()
+    try:
+        yield from reader(path)
     except UnicodeDecodeError as err:
         raise TruthmapError(f"{path}: not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
     except pd.errors.EmptyDataError:
         raise TruthmapError(f"{path}: the file is empty") from None
     except (ValueError, pd.errors.ParserError, OSError) as err:
         raise TruthmapError(f"{path}: could not be read as {suffix[1:]} ({str(err).splitlines()[0]})") from None
-    raise TruthmapError(f"{path}: unknown file type '{suffix}'; use .csv, .jsonl, .json or .parquet")
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        if isinstance(err, TruthmapError):
+            raise
+        raise TruthmapError(f"{path}: could not be read as {suffix[1:]} ({type(err).__name__})") from None
 
 
 def _check_csv_header(path: Path) -> None:
@@ -250,14 +304,16 @@ def _lines(f):
         yield line
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path):
+    """The records of a JSONL file, one line at a time."""
     from .runfolder import parse_json
 
-    records = []
+    records = 0
     with open(path, "rb") as f:
         for number, raw in enumerate(_lines(f), start=1):
             if raw is None:
-                records.append(_TooLong())
+                records += 1
+                yield _TooLong()
                 continue
             try:
                 line = raw.decode("utf-8")
@@ -274,10 +330,10 @@ def _read_jsonl(path: Path) -> list[dict]:
                 raise TruthmapError(f"{path}, line {number}: {err}") from None
             if not isinstance(record, dict):
                 raise TruthmapError(f"{path}, line {number}: {_kind(record)}, not a record ({{\"question\": …}})")
-            records.append(record)
+            records += 1
+            yield record
     if not records:
         raise TruthmapError(f"{path}: the file is empty")
-    return records
 
 
 def _read_json(path: Path) -> list[dict]:
