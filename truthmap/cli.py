@@ -94,16 +94,17 @@ def _report(run_dir: Path) -> None:
 
     with rf.reading(run_dir):
         summary = rf.read_json_object(run_dir / rf.SUMMARY)
-    text = lambda value: escape(rf.sanitise(value, 80))  # noqa: E731 - file text, shown as text
-    cells = lambda key: [c for c in (summary.get(key) or []) if isinstance(c, dict)] \
-        if isinstance(summary.get(key) or [], list) else []  # noqa: E731
+    def text(value) -> str:  # file text, shown as text (no terminal escapes, no rich markup)
+        return escape(rf.sanitise(value, 80))
+
     console = Console()
     console.print(f"model accuracy {_number(summary.get('accuracy'), '.1%')} on {text(summary.get('n'))} questions; "
                   f"valid exact answers {_number(summary.get('valid_exact_answer_rate'), '.1%')}")
     table = Table(title="top cells (mean AUC over seeds)")
     for column in ("site", "layer", "position", "AUC", "95% CI", "n_test"):
         table.add_column(column)
-    for cell in cells("top_cells"):
+    top = summary.get("top_cells")
+    for cell in [c for c in top if isinstance(c, dict)] if isinstance(top, list) else []:
         table.add_row(text(cell.get("site")), text(cell.get("layer")), text(cell.get("position")),
                       f"{_number(cell.get('auc'))} ± {_number(cell.get('auc_std'))}",
                       f"{_number(cell.get('auc_lo'))}–{_number(cell.get('auc_hi'))}", _number(cell.get("n_test"), ".0f"))
@@ -178,11 +179,10 @@ for _name, _doc in [
 @click.option("--open", "open_", is_flag=True, help="Open the page in the default web browser.")
 def report(runs, out, open_):
     """The interactive HTML report of one or several run folders (several: side by side and a difference map)."""
-    from .report import write_report
-
     from contextlib import ExitStack
 
     from . import runfolder as rf
+    from .report import write_report
 
     for run in runs:
         if not Path(run).is_dir():

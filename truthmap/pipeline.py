@@ -357,6 +357,9 @@ def continue_config(config: Config, run_dir: Path, given: frozenset, stages: tup
             raise TruthmapError(f"{run_dir}: this run studied model '{rf.sanitise(saved_model)}'; give --model "
                                 f"'{rf.sanitise(saved_model)}' to continue it (a model is never taken from a run folder)")
         values["model"] = saved_model  # only named in titles: no stage here loads a model
+    extractor = saved.get("extractor_model")
+    if "extractor_model" not in given and extractor in ("none", values["model"]):
+        values["extractor_model"] = extractor  # no extractor, or the studied model: nothing more is loaded
     for name in TRUST_SETTINGS[1:]:
         if name in saved and saved[name] != values[name] and name not in given:
             print(f"truthmap: {run_dir / rf.CONFIG}: this run had {name} = {rf.sanitise(repr(saved[name]), 80)}; "

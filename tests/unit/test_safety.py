@@ -343,7 +343,7 @@ def test_a_crafted_detector_is_one_line(tmp_path, capsys, card, tensors, message
     folder = _detector_folder(tmp_path / "det", card, tensors)
     with pytest.raises(TruthmapError, match=message):
         Detector.load(folder)
-    assert message.split("'")[0] in exit_line(["ask", "Why?", "--detector", str(folder)], capsys) or True
+    assert message in exit_line(["score", "--detector", str(folder), "--question", "q?", "--answer", "a"], capsys)
 
 
 def test_plot_before_the_probe_stage_is_one_line(tmp_path, capsys):
