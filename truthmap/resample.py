@@ -211,7 +211,9 @@ def run_resample(lm, run_dir: Path, n: int = 10, temperature: float = 1.0, seed:
     prompts = generations.set_index("id").loc[questions["id"], "prompt_ids"].map(list).tolist()
     from .tasks import answer_length
 
-    max_new = answer_length(questions.get("task", ()), max_new_tokens or config.get("max_new_tokens"))
+    saved = config.get("max_new_tokens")
+    saved = saved if isinstance(saved, int) and not isinstance(saved, bool) and saved > 0 else None
+    max_new = answer_length(questions.get("task", ()), max_new_tokens or saved)
     drawn = sample_answers(lm, prompts, n, temperature, seed, max_new, batch_size, progress)
     resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, extractor, progress)
     rf.write_parquet(run_dir / RESAMPLES, resamples)
