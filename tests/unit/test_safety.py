@@ -312,6 +312,18 @@ def test_score_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     assert "not UTF-8" in err
 
 
+@pytest.mark.parametrize("data,message", [
+    ("limit: 5\nmodel: café\n".encode("latin-1"), "not UTF-8"),
+    (b"x: " + b"[" * 100_000 + b"]" * 100_000, "nested too deeply|could not read"),
+])
+def test_a_config_file_that_is_not_utf8_or_too_deep_is_one_line(tmp_path, capsys, data, message):
+    import re
+
+    path = tmp_path / "study.yaml"
+    path.write_bytes(data)
+    assert re.search(message, exit_line(["run", "--config", str(path), "--out", str(tmp_path / "r")], capsys))
+
+
 def _detector_folder(folder: Path, card, tensors=None) -> Path:
     from safetensors.numpy import save_file
 
