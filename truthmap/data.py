@@ -58,6 +58,7 @@ def load_questions(
     elif limit is not None and limit < 1:
         raise TruthmapError(f"--limit {limit}: must be a positive number of questions")
     else:
+        _check_whole_size(source, limit)
         options = tasks.LoadOptions(question_column, answer_column)
         keep = None
         records, first_row = read_records(source)
@@ -87,6 +88,22 @@ def sample_positions(n: int, limit: int, seed: int) -> list[int]:
     return pd.RangeIndex(n).to_series().sample(frac=1.0, random_state=seed).head(limit).tolist()
 
 
+def _check_whole_size(source, limit: int | None) -> None:
+    """Without --limit every question is kept in memory (about 10 bytes per byte of CSV): refuse a file
+    over MAX_WHOLE_FILE_BYTES before reading it; with --limit the file is streamed (MAX_FILE_BYTES)."""
+    if limit is not None or source.kind != "file":
+        return
+    try:
+        size = source.path.stat().st_size
+    except OSError:
+        return  # read_records names the problem
+    if size > MAX_WHOLE_FILE_BYTES:
+        raise TruthmapError(f"{source.path}: {size / 2**20:.0f} MiB, more than the {MAX_WHOLE_FILE_BYTES // 2**20} MiB "
+                            f"studied whole (docs/guarantees.md); give --limit N to study a sample (the file is then "
+                            f"streamed), or split it")
+
+
+MAX_WHOLE_FILE_BYTES = 256 * 2**20  # without --limit every question is held: about 10x the file in memory
 MAX_FIELD_CHARS = 10_000_000  # a longer field is a bad row: no prompt could hold it
 MAX_FILE_BYTES = 2 * 2**30  # a larger question file is refused before it is read (docs/guarantees.md)
 MAX_LINE_BYTES = 4 * MAX_FIELD_CHARS  # a JSONL line is read in pieces of at most this many bytes

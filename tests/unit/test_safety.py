@@ -402,11 +402,26 @@ def test_a_jsonl_line_longer_than_the_cap_is_never_held(tmp_path, monkeypatch):
 
 
 def test_a_question_file_over_the_size_cap_is_refused_before_reading(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr(data, "MAX_FILE_BYTES", 10_000)
+    monkeypatch.setattr(data, "MAX_WHOLE_FILE_BYTES", 1000)
     path = tmp_path / "q.csv"
-    path.write_text("question,answer\n" + "What?,a\n" * 500)
-    with pytest.raises(TruthmapError, match="a question file may hold"):
+    path.write_text("question,answer\n" + "".join(f"What {i}?,a\n" for i in range(200)))
+    with pytest.raises(TruthmapError, match="studied whole.*give --limit N"):
         data.load_questions(str(path))
+    assert len(data.load_questions(str(path), limit=5)[0]) == 5  # streamed: under MAX_FILE_BYTES
+    path.write_text("question,answer\n" + "".join(f"What {i}?,a\n" for i in range(2000)))
+    with pytest.raises(TruthmapError, match="a question file may hold"):
+        data.load_questions(str(path), limit=5)
+
+
+def test_a_limited_sample_is_the_same_as_the_whole_files(tmp_path, monkeypatch):
+    path = tmp_path / "q.csv"
+    path.write_text("question,answer\n" + "".join(f"What {i}?,a{i}\n" for i in range(300)))
+    whole, _ = data.load_questions(str(path))
+    monkeypatch.setattr(data, "CHUNK_ROWS", 7)  # several chunks, read twice
+    sample, _ = data.load_questions(str(path), limit=20, seed=3)
+    expected = whole.sample(frac=1.0, random_state=3).head(20).sort_index().reset_index(drop=True)
+    assert sample.equals(expected) and sample.attrs["source_rows"]["read"] == 300
 
 
 # ---------------------------------------------------------------- 6. readers verify
