@@ -645,6 +645,9 @@ def _lock(run_dir: Path, exclusive: bool) -> tuple[int | None, list[str]]:
         pid = holder[0] if holder else "?"
         host = f" on {holder[1]}" if len(holder) > 1 and holder[1] != socket.gethostname() else ""
         since = f" since {holder[2]}" if len(holder) > 2 else ""
+        if exclusive and not host and not _alive(pid):  # the last writer is gone: a reader holds it
+            raise TruthmapError(f"{run_dir}: being read (export, report, transfer or load_features); wait for "
+                                f"it to finish, or give another --out") from None
         what = "in use by" if exclusive else "being written by"
         raise TruthmapError(
             f"{run_dir}: {what} pid {pid}{host}{since}; wait for that run to finish, or give another --out"
@@ -658,6 +661,17 @@ def _lock(run_dir: Path, exclusive: bool) -> tuple[int | None, list[str]]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {stamp}\n".encode(), 0)
     return fd, []
+
+
+def _alive(pid: str) -> bool:
+    """Whether process ``pid`` (as read from the lock) exists on this machine."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check(run_dir: Path) -> list[str]:

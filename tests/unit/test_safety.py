@@ -484,6 +484,11 @@ def test_a_reader_waits_for_no_writer_and_refuses_while_one_writes(tmp_path):
         holder.wait()
     with rf.reading(run):
         assert rf.read_json(run / rf.SPLITS)["seeds"]["0"]["test"] == ["b"]
+        reader = subprocess.run([sys.executable, "-c", (  # a writer cannot start while the folder is read
+            "import sys\nfrom truthmap import runfolder as rf\nfrom truthmap.errors import TruthmapError\n"
+            "try:\n    with rf.open_run(sys.argv[1]):\n        print('wrote')\n"
+            "except TruthmapError as err:\n    print(err)\n"), str(run)], capture_output=True, text=True)
+        assert "being read" in reader.stdout
 
 
 def test_export_refuses_a_crafted_best_cell_and_writes_nothing_outside(tmp_path, capsys):
