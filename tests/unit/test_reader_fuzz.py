@@ -45,7 +45,11 @@ _BASE = {}
 def _base() -> Path:
     """One synthetic, sealed run folder, copied for each example."""
     if "run" not in _BASE:
-        _BASE["run"] = make_run(Path(tempfile.mkdtemp(prefix="fuzz-base-")) / "run", n=24)
+        import atexit
+
+        folder = Path(tempfile.mkdtemp(prefix="fuzz-base-"))
+        atexit.register(shutil.rmtree, folder, True)  # removed when the test session ends
+        _BASE["run"] = make_run(folder / "run", n=24)
     return _BASE["run"]
 
 
