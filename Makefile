@@ -29,9 +29,10 @@ test-fast: $(VENV)/.installed
 chromium:
 	test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
-# N kill/resume trials of `truthmap run` and M fuzzed question files; prints survived / rows lost / clear
-# errors and fails unless all survive with no row lost (tests/stress.py; about 3 model runs per trial)
-STRESS_ARGS ?= --trials 5 --damage 5 --fuzz 300
+# N kill/resume trials of `truthmap run`, M fuzzed question files and H commands on hostile folders; prints
+# survived / rows lost / clear errors / files touched / tracebacks and fails unless all survive with no row
+# lost and nothing touched (tests/stress.py; about 3 model runs per trial)
+STRESS_ARGS ?= --trials 5 --damage 5 --fuzz 300 --hostile 45
 stress: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/python tests/stress.py $(STRESS_ARGS)
 

@@ -15,9 +15,17 @@ loaded: each must give a well-formed table or a clear error (TruthmapError), nev
 A few of the refused files are then given to `truthmap run` on a copy of the finished reference run:
 the command must answer in one line, and the run must stay intact.
 
-    python tests/stress.py [--trials 5] [--damage 5] [--fuzz 300] [--limit 64] [--seed 0] [--work DIR]
+Hostile folders: commands (stage commands, export, report, transfer; detector loading) on crafted
+folders: random non-run folders, manifests naming paths outside the folder or damaged entries, locks
+that are links, hard links, folders or FIFOs, shards and shard folders that are links out, configs that
+name a model with its own code, switch on trust_remote_code or point Ray at a remote address, crafted
+summaries, indexes, splits and detector cards. Counted: files truthmap did not write that changed
+(outside the folder, or the user's files inside it), tracebacks, and code run from a folder: all 0.
 
-Exit status 0 only if every trial survived, no row was lost and no fuzzed file crashed the loader.
+    python tests/stress.py [--trials 5] [--damage 5] [--fuzz 300] [--hostile 45] [--limit 64] [--seed 0] [--work DIR]
+
+Exit status 0 only if every trial survived, no row was lost, no fuzzed file crashed the loader, and no
+hostile folder touched a file, crashed, or ran code.
 """
 
 from __future__ import annotations
@@ -284,12 +292,240 @@ def fuzz_files(n_files: int, work: Path, rng: random.Random, reference: Path | N
     return tally
 
 
+# ---------------------------------------------------------------- hostile folders
+
+def _snapshot(paths) -> dict:
+    """Each file under ``paths`` (links not followed) -> its content, or the link's target."""
+    out = {}
+    for root in paths:
+        root = Path(root)
+        items = [root] if not root.is_dir() or root.is_symlink() else [root, *root.rglob("*")]
+        for path in items:
+            if path.is_symlink():
+                out[str(path)] = ("link", os.readlink(path))
+            elif path.is_file():
+                out[str(path)] = ("file", path.read_bytes())
+    return out
+
+
+def _custom_code_model(folder: Path, marker: Path) -> None:
+    """A local model folder whose configuration code, if ever imported, writes ``marker``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil",
+                                                    "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    (folder / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+
+
+def _craft(kind: str, target: Path, sandbox: Path, rng: random.Random) -> list[Path]:
+    """Make ``target`` a hostile folder of ``kind``; return the files in it that truthmap did not write."""
+    sys.path.insert(0, str(ROOT / "tests" / "unit"))
+    from _synthetic import make_run, seal
+
+    canary = sandbox / "outside" / "thesis.txt"
+    if kind == "foreign":  # a folder of someone's files, some of them with truthmap's names
+        target.mkdir()
+        names = rng.sample(["summary.json", "config.json", "lock", "report.html", "notes.txt", "activations",
+                            ".draft.abc.tmp", "data.csv", "generations", "photo.png"], rng.randint(1, 6))
+        for name in names:
+            if name in ("activations", "generations"):
+                (target / name).mkdir()
+                (target / name / "x.npy").write_bytes(os.urandom(64))
+                (target / name / ".half.k2.tmp").write_bytes(b"mine")
+            else:
+                (target / name).write_bytes(os.urandom(rng.randint(0, 256)))
+        if not any(n not in ("summary.json", "config.json", "lock", "report.html", ".draft.abc.tmp",
+                             "activations", "generations") for n in names):
+            (target / "mine.txt").write_text("mine")
+        return [p for p in target.rglob("*") if p.is_file()]
+    make_run(target, n=40)
+    manifest_path = target / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    planted = []
+    if kind == "manifest":
+        key = rng.choice(["../outside/thesis.txt", str(canary), "activations/../../outside/thesis.txt",
+                          "a/../../outside/thesis.txt"])
+        entry = rng.choice([{"size": 1, "sha256": "0" * 64, "stage": "probe"}, None, [], 7, {"size": "x"},
+                            {"size": 1, "sha256": "0" * 64, "previous": {"size": 2, "sha256": "1" * 64}}])
+        if rng.random() < 0.5:
+            manifest["files"][key] = entry
+        else:
+            manifest["files"]["answers.parquet"] = entry
+        text = json.dumps(manifest)
+        text = rng.choice([text, text.replace('"version": 1', '"version": NaN'), "[" * 5000 + "]" * 5000, text])
+        manifest_path.write_text(text)
+    elif kind == "lock":
+        (target / "lock").unlink(missing_ok=True)
+        how = rng.choice(["symlink", "hardlink", "folder", "fifo"])
+        if how == "symlink":
+            (target / "lock").symlink_to(canary)
+        elif how == "hardlink":
+            os.link(canary, target / "lock")
+        elif how == "folder":
+            (target / "lock").mkdir()
+            (target / "lock" / "inside.txt").write_text("mine")
+            planted.append(target / "lock" / "inside.txt")
+        else:
+            os.mkfifo(target / "lock")
+    elif kind == "shard":
+        shard = target / "activations" / "residual" / "shard-00000.npy"
+        if rng.random() < 0.5:
+            shard.unlink()
+            shard.symlink_to(sandbox / "outside" / "array.npy")
+        else:
+            shutil.rmtree(target / "activations" / "residual")
+            (target / "activations" / "residual").symlink_to(sandbox / "outside")
+        if rng.random() < 0.5:
+            seal(target)  # a manifest that vouches for what the link points to
+    elif kind == "config":
+        model = sandbox / "evil_model"
+        _custom_code_model(model, sandbox / "marker")
+        config = rng.choice([
+            {"model": str(model), "dataset": "toy", "trust_remote_code": True},
+            {"model": str(model), "dataset": "toy", "ray": "ray://203.0.113.7:10001", "device_map": "auto"},
+            {"model": str(model), "dataset": "toy", "seeds": "all", "positions": {"x": 1}},
+            [], "not json {", {"model": str(model), "dataset": "toy", "limit": float("nan")}])
+        text = config if isinstance(config, str) else json.dumps(config)
+        (target / "config.json").write_text(text)
+        if rng.random() < 0.7:
+            seal(target)
+    elif kind == "summary":
+        summary = rng.choice([
+            {"best_cell": {"site": "residual", "layer": 1, "position": "../../../outside/x"}},
+            {"best_cell": {"site": "../../outside", "layer": 1, "position": "-1"}},
+            {"best_cell": {"site": "residual", "layer": "1; rm", "position": "-1"}},
+            {"best_cell": [], "top_cells": "x"},
+            {"accuracy": float("nan"), "top_cells": [{"auc": None, "auc_lo": "x"}]}])
+        (target / "summary.json").write_text(json.dumps(summary))
+        seal(target)
+    elif kind == "index":
+        index = json.loads((target / "activations" / "index.json").read_text())
+        choice = rng.randrange(5)
+        if choice == 0:
+            index["sites"]["residual"]["shards"][0]["file"] = "../../outside/array.npy"
+        elif choice == 1:
+            index["sites"]["residual"]["shards"][0]["file"] = str(sandbox / "outside" / "array.npy")
+        elif choice == 2:
+            index["ids"] = None
+        elif choice == 3:
+            index["sites"]["residual"]["layers"] = ["1"]
+        else:
+            index = [index]
+        (target / "activations" / "index.json").write_text(json.dumps(index))
+        seal(target)
+    elif kind == "splits":
+        splits = rng.choice([{"seeds": {"0": {"train": None}}}, {"seeds": []}, {"seeds": {"x": {"train": [], "test": []}}},
+                             {"seeds": {"0": {"train": ["nope"], "test": ["nope"]}}}, "[]"])
+        (target / "splits.json").write_text(json.dumps(splits))
+        seal(target)
+    # every run-folder kind also holds a file of the user's, which must stay as it is
+    (target / "notes").mkdir(exist_ok=True)
+    (target / "notes" / ".draft.x1.tmp").write_text("the user's draft")
+    planted.append(target / "notes" / ".draft.x1.tmp")
+    return planted
+
+
+def _card(folder: Path, rng: random.Random) -> None:
+    """A crafted detector folder."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir()
+    d = 4
+    tensors = {"mean": np.zeros(d, np.float32), "scale": np.ones(d, np.float32), "coef": np.ones(d, np.float32),
+               "intercept": np.zeros(1)}
+    drop = rng.choice([None, "scale", "coef", "intercept"])
+    if drop:
+        del tensors[drop]
+    if rng.random() < 0.3:
+        tensors["scale"] = np.zeros(d + 1, np.float32)
+    save_file(tensors, str(folder / "detector.safetensors"))
+    card = rng.choice([[], "x", {"model": 3}, {"model": "m", "site": "../x", "layer": 1, "position": "-1"},
+                       {"model": "m", "site": "residual", "layer": None, "position": "-1"},
+                       {"model": "m", "threshold": "high"}, {"model": "m", "prompt_prefix": 5}])
+    (folder / "card.json").write_text(json.dumps(card) if rng.random() < 0.9 else "[" * 100_000)
+
+
+HOSTILE_KINDS = ("foreign", "manifest", "lock", "shard", "config", "summary", "index", "splits", "card")
+
+
+def hostile_folders(n_trials: int, work: Path, rng: random.Random) -> dict:
+    """Commands on crafted folders, in process: count files truthmap did not write that changed (must be
+    0), tracebacks (must be 0), and code run from a folder (must be 0)."""
+    from truthmap import runfolder as rf
+    from truthmap.cli import app
+    from truthmap.detector import Detector
+    from truthmap.errors import TruthmapError
+
+    tally = {"trials": 0, "refused": 0, "ran": 0, "touched": [], "tracebacks": [], "code_ran": 0,
+             "kinds": {k: 0 for k in HOSTILE_KINDS}}
+    for k in range(n_trials):
+        kind = HOSTILE_KINDS[k % len(HOSTILE_KINDS)] if k < len(HOSTILE_KINDS) else rng.choice(HOSTILE_KINDS)
+        sandbox = work / "hostile" / f"trial-{k:03d}"
+        (sandbox / "outside").mkdir(parents=True)
+        (sandbox / "outside" / "thesis.txt").write_text("years of work")
+        np.save(sandbox / "outside" / "array.npy", np.ones((1, 2, 40, 8), np.float16), allow_pickle=False)
+        target = sandbox / "target"
+        tally["trials"] += 1
+        tally["kinds"][kind] += 1
+        if kind == "card":
+            _card(target, rng)
+            watched = _snapshot([sandbox])
+            try:
+                Detector.load(target)
+                outcome = "ran"
+            except TruthmapError:
+                outcome = "refused"
+            except Exception as err:  # noqa: BLE001 - what this family exists to find
+                outcome = f"{type(err).__name__}: {str(err)[:200]}"
+            commands = []
+        else:
+            planted = _craft(kind, target, sandbox, rng)
+            watched = _snapshot([sandbox / "outside", *planted])
+            commands = rng.sample([
+                ["plot", "--out", str(target), "--quiet"], ["probe", "--out", str(target), "--quiet"],
+                ["export", "--out", str(target)], ["report", str(target), "--out", str(sandbox / "r.html")],
+                ["transfer", "--train", str(target), "--layer", "1", "--position", "-1", "--to", str(sandbox / "t")],
+                ["generate", "--out", str(target), "--limit", "2", "--quiet"] if kind in ("foreign", "config") else
+                ["plot", "--out", str(target), "--quiet"]], 2)
+            outcome = None
+        for argv in commands:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    app(argv)
+                    code = 0
+                except SystemExit as exit_:
+                    code = exit_.code
+                except Exception as error:  # noqa: BLE001 - what this family exists to find
+                    code = f"{type(error).__name__}: {str(error)[:200]}"
+            rf._open = None  # an escaped exception would leave the holder set; the next trial starts clean
+            lines = [line for line in err.getvalue().splitlines() if line.strip()]
+            if code == 0:
+                tally["ran"] += 1
+            elif code == 2 and lines and lines[-1].startswith("error: ") and "Traceback" not in err.getvalue():
+                tally["refused"] += 1
+            else:
+                tally["tracebacks"].append(f"{kind}: {' '.join(argv[:1])}: exit {code}, stderr {lines[-2:]}")
+        if outcome is not None:
+            if outcome in ("ran", "refused"):
+                tally[outcome] += 1
+            else:
+                tally["tracebacks"].append(f"card: {outcome}")
+        after = _snapshot([sandbox])  # new files are truthmap's outputs; only the watched ones must stay
+        for path, before in watched.items():
+            if after.get(path) != before:
+                tally["touched"].append(f"{kind}: {path}")
+        if (sandbox / "marker").exists():
+            tally["code_ran"] += 1
+    return tally
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=5, help="kill/resume trials (each 1-3 kills)")
     parser.add_argument("--damage", type=int, default=5, help="finished runs with one file damaged")
     parser.add_argument("--fuzz", type=int, default=300, help="fuzzed question files")
     parser.add_argument("--limit", type=int, default=64, help="questions per study")
+    parser.add_argument("--hostile", type=int, default=45, help="commands on crafted, hostile folders")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", help="working folder (default: a temporary one, removed after)")
     args = parser.parse_args()
@@ -304,8 +540,17 @@ def main() -> None:
     kills = kill_resume_trials(args.trials, config, work, rng) if args.trials else None
     damage = damage_trials(args.damage, config, work, kills["reference"], rng) if kills else None
     fuzz = fuzz_files(args.fuzz, work, rng, kills["reference"] if kills else None)
+    hostile = hostile_folders(args.hostile, work, rng) if args.hostile else None
     print()
     ok = True
+    if hostile:
+        print(f"hostile folders: {hostile['trials']} ({', '.join(f'{k} {v}' for k, v in hostile['kinds'].items())}); "
+              f"{hostile['refused']} refused in one line, {hostile['ran']} ran; files outside truthmap's own "
+              f"touched: {len(hostile['touched'])}; tracebacks: {len(hostile['tracebacks'])}; "
+              f"code run from a folder: {hostile['code_ran']}")
+        for failure in (hostile["touched"] + hostile["tracebacks"])[:20]:
+            print(f"  FAILED {failure}")
+        ok &= not hostile["touched"] and not hostile["tracebacks"] and not hostile["code_ran"]
     if kills:
         print(f"kill/resume: {kills['survived']} of {kills['trials']} trials survived "
               f"({kills['kills_at_events']} kills at write events, {kills['kills_at_times']} at random times); "

@@ -151,13 +151,13 @@ def run_choice(lm, run_dir: Path, detector=None, cell: dict | None = None, seed:
     from .resample import ERROR_TYPES, RESAMPLES, default_cell
 
     run_dir = Path(run_dir)
-    splits = rf.read_json(run_dir / rf.SPLITS)["seeds"]
+    splits = rf.read_splits(run_dir / rf.SPLITS)["seeds"]
     seed = str(seed if seed is not None else min(splits, key=int))
     if detector is None:
         cell = cell or default_cell(run_dir)
         detector, *_ = fit_cell(run_dir, cell["site"], int(cell["layer"]), cell["position"], seed, C)
     else:
-        run_model = rf.read_json(run_dir / rf.CONFIG).get("model")
+        run_model = rf.read_json_object(run_dir / rf.CONFIG).get("model")
         if detector.card.get("model") != run_model:
             raise TruthmapError(f"the detector was trained on model '{detector.card.get('model')}', this run "
                                 f"studied '{run_model}'; export a detector from a run of this model")
@@ -172,7 +172,7 @@ def run_choice(lm, run_dir: Path, detector=None, cell: dict | None = None, seed:
     if valid.any():
         scores[valid] = detector.predict_proba(features[valid])[:, 1]
     chosen = choose(answers, resamples, scores, test_ids)
-    types = rf.read_parquet(run_dir / ERROR_TYPES) if (run_dir / ERROR_TYPES).exists() else None
+    types = rf.read_parquet(run_dir / ERROR_TYPES) if rf.trusted(run_dir / ERROR_TYPES) else None
     table = accuracy_table(chosen, types, n_boot, int(seed))
     rf.write_parquet(run_dir / CHOICE_ANSWERS, chosen)
     rf.write_csv(run_dir / CHOICE, table)

@@ -4,7 +4,7 @@ Every command prints one clear line on bad input (exit status 2)."""
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +44,8 @@ def _common(f):
                           "or ray://HOST:10001. Needs pip install 'truthmap[ray]'. See docs/scaling.md."),
         click.option("--ray-workers", type=int, help="At most N Ray workers (default: one per GPU, or per CPU)."),
         click.option("--ray-gpus-per-worker", type=int, help="GPUs per Ray worker: k > 1 spreads the model over k GPUs."),
-        click.option("--trust-remote-code", is_flag=True, default=None, help="Run the model repo's own code."),
+        click.option("--trust-remote-code/--no-trust-remote-code", default=None,
+                     help="Run the model repo's own code (default: no; never taken from a run folder)."),
         click.option("--extractor-model", help="Model asked for exact answers the rules miss ('none' to skip)."),
         click.option("--question-column"),
         click.option("--answer-column"),
@@ -67,68 +68,83 @@ def _common(f):
 
 
 def _config(config_file, quiet, **values):
+    """(Config, the settings given) from the command line and ``--config FILE``. Nothing is read from the
+    run folder here: a stage command continues the folder's other settings only once it holds the folder
+    (pipeline.continue_config); None in place of the settings when --config FILE says everything."""
     from .config import load_config
-    from .pipeline import saved_config
 
     values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
     values = {k: v for k, v in values.items() if v not in (None, [])}
+    given = frozenset(values) if config_file is None else None
     values["progress"] = not quiet
-    if config_file is None and values.get("out") and (Path(values["out"]) / "config.json").exists():
-        # a stage command on an existing run folder continues with that run's settings
-        base = saved_config(Path(values["out"]))
-        base.update(values)
-        values = base
-    return load_config(config_file, **values)
+    return load_config(config_file, **values), given
+
+
+def _number(value, spec: str = ".3f") -> str:
+    """A number from summary.json for the terminal; "n/a" where it is missing, null or not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "n/a"
+    return format(value, spec)
+
+
+def _shown(text, limit: int = 300) -> str:
+    """Model or file text for the terminal: control characters (escape sequences) shown escaped."""
+    from .runfolder import sanitise
+
+    return sanitise(text, limit)
 
 
 def _report(run_dir: Path) -> None:
-    import json
-
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    summary = json.loads((run_dir / "summary.json").read_text())
+    from . import runfolder as rf
+
+    with rf.reading(run_dir):
+        summary = rf.read_json_object(run_dir / rf.SUMMARY)
+    def text(value) -> str:  # file text, shown as text (no terminal escapes, no rich markup)
+        return escape(rf.sanitise(value, 80))
+
     console = Console()
-    console.print(f"model accuracy {summary.get('accuracy', float('nan')):.1%} on {summary.get('n')} questions; "
-                  f"valid exact answers {summary.get('valid_exact_answer_rate', float('nan')):.1%}")
-    population = summary.get("population") or {}
-    if population:
-        console.print(f"population ({population.get('rule')}): {population.get('n')} answers in every cell; "
-                      f"{population.get('left_out')} left out ({_reasons(population.get('left_out_reasons'))})")
+    console.print(f"model accuracy {_number(summary.get('accuracy'), '.1%')} on {text(summary.get('n'))} questions; "
+                  f"valid exact answers {_number(summary.get('valid_exact_answer_rate'), '.1%')}")
+    population = summary.get("population")
+    if isinstance(population, dict):
+        reasons = population.get("left_out_reasons")
+        reasons = ", ".join(f"{text(k)}: {text(v)}" for k, v in reasons.items()) if isinstance(reasons, dict) else ""
+        console.print(f"population ({text(population.get('rule'))}): {text(population.get('n'))} answers in every "
+                      f"cell; {text(population.get('left_out'))} left out ({reasons or 'none'})")
     table = Table(title="top cells, chosen on validation (mean over seeds; test AUC with its 95% interval)")
     for column in ("site", "layer", "position", "val AUC", "test AUC", "95% CI", "n_test"):
         table.add_column(column)
-    for cell in summary.get("top_cells", []):
-        table.add_row(cell["site"], str(cell["layer"]), cell["position"], _num(cell.get("val_auc")),
-                      f"{_num(cell.get('auc'))} ± {_num(cell.get('auc_std'))}",
-                      f"{_num(cell.get('auc_lo'))}–{_num(cell.get('auc_hi'))}", str(int(cell["n_test"] or 0)))
+    top = summary.get("top_cells")
+    for cell in [c for c in top if isinstance(c, dict)] if isinstance(top, list) else []:
+        table.add_row(text(cell.get("site")), text(cell.get("layer")), text(cell.get("position")),
+                      _number(cell.get("val_auc")), f"{_number(cell.get('auc'))} ± {_number(cell.get('auc_std'))}",
+                      f"{_number(cell.get('auc_lo'))}–{_number(cell.get('auc_hi'))}", _number(cell.get("n_test"), ".0f"))
     console.print(table)
     on_test = summary.get("best_on_test")
-    if on_test:
-        console.print(f"the best cell on test would be {on_test['site']} L{on_test['layer']} {on_test['position']} "
-                      f"with test AUC {_num(on_test.get('auc'))}: optimistic, the best of many on the answers that score it")
+    if isinstance(on_test, dict):
+        console.print(f"the best cell on test would be {text(on_test.get('site'))} L{text(on_test.get('layer'))} "
+                      f"{text(on_test.get('position'))} with test AUC {_number(on_test.get('auc'))}: optimistic, the "
+                      f"best of many on the answers that score it")
     within = summary.get("best_within_cell")
-    if within:
-        console.print(f"best cell within strata (family and subgroup), chosen on validation: {within['site']} "
-                      f"L{within['layer']} {within['position']}, test AUC within strata {_num(within.get('within_auc'))}")
-    baselines = {k: v for k, v in (summary.get("baselines") or {}).items() if v is not None}
+    if isinstance(within, dict):
+        console.print(f"best cell within strata (family and subgroup), chosen on validation: {text(within.get('site'))} "
+                      f"L{text(within.get('layer'))} {text(within.get('position'))}, test AUC within strata "
+                      f"{_number(within.get('within_auc'))}")
+    baselines = summary.get("baselines") if isinstance(summary.get("baselines"), dict) else {}
+    baselines = {k: v for k, v in baselines.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if baselines:
         best = sorted(baselines.items(), key=lambda kv: -kv[1])[:3]
         within = summary.get("probe_within_family_auc")
-        console.print("best baselines (mean AUC): " + ", ".join(f"{k} {v:.3f}" for k, v in best)
-                      + (f"; family alone {baselines['family_rate']:.3f}" if "family_rate" in baselines else "")
-                      + (f"; best probe within families {within:.3f}" if within is not None else ""))
+        console.print("best baselines (mean AUC): " + ", ".join(f"{text(k)} {_number(v)}" for k, v in best)
+                      + (f"; family alone {_number(baselines['family_rate'])}" if "family_rate" in baselines else "")
+                      + (f"; best probe within families {_number(within)}" if within is not None else ""))
     for figure in ("heatmap", "heatmap_within", "baselines", "attention"):
         if (run_dir / f"{figure}.png").exists():
-            console.print(f"{figure}: {run_dir / f'{figure}.png'}")
-
-
-def _num(value) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
-def _reasons(counts) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in (counts or {}).items()) or "none"
+            console.print(f"{figure}: {text(run_dir / f'{figure}.png')}")
 
 
 @click.group()
@@ -143,7 +159,8 @@ def run(config_file, force, quiet, **values):
     """Run the whole study: generate, label, extract, probe, plot."""
     from .pipeline import run_stages
 
-    run_dir = run_stages(_config(config_file, quiet, **values), force=force)
+    config, given = _config(config_file, quiet, **values)
+    run_dir = run_stages(config, force=force, given=given)
     _report(run_dir)
 
 
@@ -154,7 +171,8 @@ def _stage_command(name: str, doc: str):
 
         if name == "attention":  # asking for the stage by name asks for the view
             values["also"] = tuple(dict.fromkeys(tuple(values.get("also") or ()) + ("attention",)))
-        run_dir = run_stages(_config(config_file, quiet, **values), stages=(name,), force=force)
+        config, given = _config(config_file, quiet, **values)
+        run_dir = run_stages(config, stages=(name,), force=force, given=given)
         click.echo(f"{name}: done ({run_dir})")
         if name in ("probe", "plot"):
             _report(run_dir)
@@ -181,13 +199,20 @@ for _name, _doc in [
 @click.option("--open", "open_", is_flag=True, help="Open the page in the default web browser.")
 def report(runs, out, open_):
     """The interactive HTML report of one or several run folders (several: side by side and a difference map)."""
+    from contextlib import ExitStack
+
+    from . import runfolder as rf
     from .report import write_report
 
     for run in runs:
         if not Path(run).is_dir():
             raise TruthmapError(f"{run}: no such run folder")
+    _refuse_foreign_file(Path(out), ("<!doctype html", "<html"))
     # not into a run folder by default: there report.html belongs to `truthmap run` (and its manifest)
-    path = write_report([Path(r) for r in runs], Path(out))
+    with ExitStack() as held:  # every run read under its shared lock, every file checked against its manifest
+        for run in runs:
+            held.enter_context(rf.reading(Path(run)))
+        path = write_report([Path(r) for r in runs], Path(out))
     click.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if open_:
         import webbrowser
@@ -225,14 +250,54 @@ def _cell(run_dir: Path, site: str, layer: int | None, position: str | None) -> 
         return default_cell(run_dir)
     if layer is None or position is None:
         raise TruthmapError("give both --layer and --position (or neither, for the run's best cell)")
-    return {"site": site, "layer": layer, "position": position}
+    from .resample import check_cell
+
+    return check_cell(site, layer, position, "--site/--layer/--position")
 
 
 def _run_folder(out: str) -> Path:
+    from . import runfolder as rf
+
     run_dir = Path(out)
-    if not (run_dir / "config.json").exists():
-        raise TruthmapError(f"{run_dir}: not a run folder (no config.json); give the --out of a finished 'truthmap run'")
+    rf.check_run_folder(run_dir)
+    if not (run_dir / rf.MANIFEST).is_file():
+        raise TruthmapError(f"{run_dir}: not a run folder (no manifest.json); give the --out of a finished 'truthmap run'")
     return run_dir
+
+
+def _refuse_foreign_file(path: Path, starts: tuple[str, ...]) -> None:
+    """Refuse to overwrite ``path`` unless it is missing or begins as truthmap's own output does."""
+    if os.path.islink(path):
+        raise TruthmapError(f"{path}: a symbolic link; truthmap writes no file through one")
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise TruthmapError(f"{path}: not a file; give another path")
+    with open(path, "rb") as f:
+        head = f.read(64).decode("utf-8", "replace").lstrip().lower()
+    if not any(head.startswith(s) for s in starts):
+        raise TruthmapError(f"{path}: exists and was not written by truthmap; not overwritten, give another path")
+
+
+def _model_options(f):
+    options = [
+        click.option("--model", help="The run's model (default: the embedded default); never taken from the folder."),
+        click.option("--trust-remote-code/--no-trust-remote-code", default=None, help="Run the model repo's own code."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _held_config(run_dir: Path, quiet: bool, model, trust_remote_code):
+    """The Config of a command on a held run folder: the model and trust from the command line only,
+    the rest continued from the run (checked: a model other than the run's is refused)."""
+    from .config import load_config
+    from .pipeline import continue_config
+
+    values = {k: v for k, v in {"model": model, "trust_remote_code": trust_remote_code}.items() if v is not None}
+    config = load_config(None, out=str(run_dir), progress=not quiet, **values)
+    return continue_config(config, run_dir, frozenset(values) | {"out"}, ("generate",))
 
 
 @cli.command()
@@ -260,18 +325,19 @@ def transfer(train, test, site, layer, position, model, to, bootstrap):
 @click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
 @_cell_options
 @click.option("--batch-size", type=int)
+@_model_options
 @click.option("--quiet", is_flag=True)
-def resample(out, n, temperature, sample_seed, site, layer, position, batch_size, quiet):
+def resample(out, n, temperature, sample_seed, site, layer, position, batch_size, model, trust_remote_code, quiet):
     """N sampled answers per question, error types, and probes predicting each type."""
     from . import runfolder as rf
     from .pipeline import _ModelHolder
     from .resample import run_resample
 
     run_dir = _run_folder(out)
-    config = _config(None, quiet, out=out)
-    cell = _cell(run_dir, site, layer, position)
-    models = _ModelHolder(config)
     with rf.open_run(run_dir), rf.stage("resample"):
+        config = _held_config(run_dir, quiet, model, trust_remote_code)
+        cell = _cell(run_dir, site, layer, position)
+        models = _ModelHolder(config)
         results = run_resample(models.lm, run_dir, n, temperature, sample_seed, cell, models.extractor, config.C,
                                config.bootstrap, batch_size, not quiet)
     table = results.groupby("error_type", sort=False)[["auc", "n_train_positive", "n_test_positive"]].mean()
@@ -285,8 +351,9 @@ def resample(out, n, temperature, sample_seed, site, layer, position, batch_size
 @_cell_options
 @click.option("--detector", "detector_path", help="A folder from 'truthmap export' (default: fit at the cell).")
 @click.option("--seed", type=int, help="Split whose test questions are chosen for (default: the first).")
+@_model_options
 @click.option("--quiet", is_flag=True)
-def choose(out, site, layer, position, detector_path, seed, quiet):
+def choose(out, site, layer, position, detector_path, seed, model, trust_remote_code, quiet):
     """Answer choice among the resamples: greedy, random, majority vote, probe (accuracy per error type)."""
     from . import runfolder as rf
     from .choice import run_choice
@@ -294,10 +361,10 @@ def choose(out, site, layer, position, detector_path, seed, quiet):
     from .pipeline import _ModelHolder
 
     run_dir = _run_folder(out)
-    config = _config(None, quiet, out=out)
     detector = Detector.load(detector_path) if detector_path else None
-    cell = None if detector else _cell(run_dir, site, layer, position)
     with rf.open_run(run_dir), rf.stage("choice"):
+        config = _held_config(run_dir, quiet, model, trust_remote_code)
+        cell = None if detector else _cell(run_dir, site, layer, position)
         table = run_choice(_ModelHolder(config).lm, run_dir, detector, cell, seed, config.C, config.bootstrap)
     click.echo(table.pivot(index="error_type", columns="strategy", values="accuracy").round(3).to_string())
     click.echo(f"choice: {run_dir / 'choice.csv'}, {run_dir / 'choice.png'}")
@@ -310,14 +377,17 @@ def choose(out, site, layer, position, detector_path, seed, quiet):
 @click.option("--to", "to", help="Detector folder (default: <run>/detectors/<site>-L<layer>-<position>).")
 def export(out, site, layer, position, seed, to):
     """Save a reusable detector (safetensors weights + a JSON card) for one (layer, position)."""
-    from .detector import export_detector
+    from .detector import Detector, export_detector
+
+    from . import runfolder as rf
 
     run_dir = _run_folder(out)
-    cell = _cell(run_dir, site, layer, position)
-    folder = export_detector(run_dir, cell["site"], int(cell["layer"]), cell["position"], to, seed)
-    card = json.loads((folder / "card.json").read_text())
-    click.echo(f"detector: {folder} (test AUC {card['test_auc']:.4f} on {card['test_size']} answers, "
-               f"trained on {card['train_size']})")
+    with rf.reading(run_dir):  # under the shared lock, every file read checked against the manifest
+        cell = _cell(run_dir, site, layer, position)
+        folder = export_detector(run_dir, cell["site"], int(cell["layer"]), cell["position"], to, seed)
+    card = Detector.load(folder).card
+    click.echo(f"detector: {folder} (test AUC {_number(card['test_auc'], '.4f')} on {card['test_size']} "
+               f"answers, trained on {card['train_size']})")
 
 
 def _detector(path, model, force, dtype, device):
@@ -347,7 +417,7 @@ def score(detector_path, questions, answers, pairs_file, model, force, dtype, de
     import pandas as pd
 
     if pairs_file:
-        table = pd.read_csv(pairs_file, dtype=str, keep_default_na=False)
+        table = _read_pairs(Path(pairs_file))
         missing = {"question", "answer"} - set(table.columns)
         if missing:
             raise TruthmapError(f"{pairs_file}: missing column(s) {sorted(missing)} (need question, answer)")
@@ -365,13 +435,32 @@ def score(detector_path, questions, answers, pairs_file, model, force, dtype, de
         table.to_csv(target, index=False)
         click.echo(f"scored: {target}")
     for row in table.itertuples():
-        click.echo(f"P(error) {row.p_error:.3f}{'  FLAGGED' if row.flagged else ''}  {row.question} -> {row.answer}"
+        click.echo(f"P(error) {_number(row.p_error)}{'  FLAGGED' if row.flagged else ''}  "
+                   f"{_shown(row.question)} -> {_shown(row.answer)}"
                    f"  [{'the model' if row.own_answer else 'NOT the model'}'s own answer; "
-                   f"mean log-prob {row.answer_logprob:.2f}]")
+                   f"mean log-prob {_number(row.answer_logprob, '.2f')}]")
     for row in table[~table["own_answer"]].itertuples():
-        click.echo(f"warning: {row.question!r}: the answer is not the model's own (it answers {row.model_answer!r}); "
-                   f"the detector was trained on the model's own answers, so this P(error) is outside its "
-                   f"domain", err=True)
+        click.echo(f"warning: {_shown(row.question)!r}: the answer is not the model's own (it answers "
+                   f"{_shown(row.model_answer)!r}); the detector was trained on the model's own answers, so this "
+                   f"P(error) is outside its domain", err=True)
+
+
+def _read_pairs(path: Path):
+    """The question–answer CSV of ``score --file``: UTF-8, at most data.MAX_FILE_BYTES; one-line errors."""
+    import pandas as pd
+
+    from .data import MAX_FILE_BYTES
+
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise TruthmapError(f"{path}: more than the {MAX_FILE_BYTES // 2**20} MiB a question file may hold; split it")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TruthmapError(f"{path}: not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise TruthmapError(f"{path}: the file is empty") from None
+    except (ValueError, pd.errors.ParserError, OSError) as err:
+        raise TruthmapError(f"{path}: could not be read as CSV ({str(err).splitlines()[0]})") from None
 
 
 @cli.command()
@@ -386,7 +475,7 @@ def ask(question, detector_path, model, force, dtype, device):
     detector = _detector(detector_path, model, force, dtype, device)
     result = detector.ask(question)[0]
     verdict = "likely WRONG" if result["flagged"] else "likely right"
-    click.echo(f"{result['answer']}\nP(error) {result['p_error']:.3f}: {verdict} "
+    click.echo(f"{_shown(result['answer'], 2000)}\nP(error) {_number(result['p_error'])}: {verdict} "
                f"(threshold {detector.threshold})")
 
 
@@ -414,7 +503,9 @@ def app(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="truthmap", standalone_mode=False)
     except TruthmapError as err:
-        click.echo(f"error: {err}", err=True)
+        from .runfolder import sanitise
+
+        click.echo(f"error: {sanitise(err, 4000)}", err=True)  # one line, whatever text a file put in it
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)

@@ -108,9 +108,13 @@ def load_config(path: str | Path | None, **overrides) -> Config:
 
         path = Path(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as err:
             raise TruthmapError(f"{path}: could not read the config ({str(err).splitlines()[0]})") from None
+        except UnicodeDecodeError as err:
+            raise TruthmapError(f"{path}: not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
+        except RecursionError:
+            raise TruthmapError(f"{path}: nested too deeply to be a config") from None
         if not isinstance(values, dict):
             raise TruthmapError(f"{path}: a config file is a mapping of setting: value")
         known = {f.name for f in dataclasses.fields(Config)}

@@ -19,7 +19,6 @@ the task's design, and the pipeline copies it into summary.json.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -60,21 +59,70 @@ def load_questions(
     if source.kind == "builtin":
         rows, vocabularies = task.builtin()
         report = {"source": str(source), "read": len(rows), "used": len(rows)}
+    elif limit is not None and limit < 1:
+        raise TruthmapError(f"--limit {limit}: must be a positive number of questions")
     else:
-        records, first_row = read_records(source)
+        _check_whole_size(source, limit)
         options = tasks.LoadOptions(question_column, answer_column, protocol)
-        rows, report = convert_records(task, records, first_row, str(source), options, on_bad_row)
+        keep = None
+        records, first_row = read_records(source)
+        if limit is not None:  # a first pass counts the rows and keeps none: memory holds only the sample
+            _, counted = convert_records(task, records, first_row, str(source), options, on_bad_row, keep=set())
+            keep = set(sample_positions(counted["used"], limit, seed))
+            if source.kind != "hub":  # a file is read again; a hub dataset is a sequence, read as it is used
+                records, first_row = read_records(source)
+        rows, report = convert_records(task, records, first_row, str(source), options, on_bad_row, keep=keep)
         vocabularies = {}
     table = pd.DataFrame([_complete(row, task.name) for row in rows], columns=QUESTION_COLUMNS + TASK_COLUMNS)
     if limit is not None:
         if limit < 1:
             raise TruthmapError(f"--limit {limit}: must be a positive number of questions")
-        table = table.sample(frac=1.0, random_state=seed).head(limit).sort_index()
+        if source.kind == "builtin":
+            table = table.iloc[sorted(sample_positions(len(table), limit, seed))]
     table = table.reset_index(drop=True)
     if table.empty:
         raise TruthmapError(f"{source}: no questions to study")
     table.attrs["source_rows"] = report
     return table, vocabularies
+
+
+def sample_positions(n: int, limit: int, seed: int) -> list[int]:
+    """Positions (0..n-1) of the deterministic sample of ``limit`` rows out of ``n``: those of a seeded
+    shuffle (pandas' ``sample(frac=1, random_state=seed)``), the first ``limit`` taken."""
+    return pd.RangeIndex(n).to_series().sample(frac=1.0, random_state=seed).head(limit).tolist()
+
+
+def _check_whole_size(source, limit: int | None) -> None:
+    """Without --limit every question is kept in memory (about 10 bytes per byte of CSV): refuse a file
+    over MAX_WHOLE_FILE_BYTES before reading it; with --limit the file is streamed (MAX_FILE_BYTES)."""
+    if limit is not None or source.kind != "file":
+        return
+    try:
+        size = source.path.stat().st_size
+    except OSError:
+        return  # read_records names the problem
+    if size > MAX_WHOLE_FILE_BYTES:
+        raise TruthmapError(f"{source.path}: {size / 2**20:.0f} MiB, more than the {MAX_WHOLE_FILE_BYTES // 2**20} MiB "
+                            f"studied whole (docs/guarantees.md); give --limit N to study a sample (the file is then "
+                            f"streamed), or split it")
+
+
+MAX_WHOLE_FILE_BYTES = 256 * 2**20  # without --limit every question is held: about 10x the file in memory
+MAX_FIELD_CHARS = 10_000_000  # a longer field is a bad row: no prompt could hold it
+MAX_FILE_BYTES = 2 * 2**30  # a larger question file is refused before it is read (docs/guarantees.md)
+MAX_LINE_BYTES = 4 * MAX_FIELD_CHARS  # a JSONL line is read in pieces of at most this many bytes
+
+
+def _long_field(record, path: str = "") -> tuple[str, int] | None:
+    """(field, length) of the first text in ``record`` longer than MAX_FIELD_CHARS, else None."""
+    if isinstance(record, str):
+        return (path or "value", len(record)) if len(record) > MAX_FIELD_CHARS else None
+    items = record.items() if isinstance(record, dict) else enumerate(record) if isinstance(record, list) else ()
+    for key, value in items:
+        found = _long_field(value, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
 
 
 def _complete(row: dict, task: str) -> dict:
@@ -84,18 +132,28 @@ def _complete(row: dict, task: str) -> dict:
     return {**defaults, **{k: v for k, v in row.items() if v is not None}}
 
 
-def convert_records(task, records: list[dict], first_row: int, source: str, options, on_bad_row: str = "error"):
-    """(question rows, report): each record through ``task.convert``, bad rows raised or skipped.
+def convert_records(task, records, first_row: int, source: str, options, on_bad_row: str = "error",
+                    keep: set | None = None):
+    """(question rows, report): each record (of any iterable) through ``task.convert``, bad rows raised or
+    skipped. ``keep``: the positions among the good rows to keep (None: all), so that a sample never holds
+    the rest.
 
     Rows are numbered as a user sees them (``first_row`` is the number of the first record: 2 for a
     CSV, whose header is row 1). Ids missing from the source are the record's 0-based position.
     """
-    rows, seen = [], {}
+    rows, seen, used = [], {}, 0
     bad, examples, left_out = Counter(), [], Counter()
+    i = -1
     for i, record in enumerate(records):
         row_number = i + first_row
         try:
+            if isinstance(record, _TooLong):
+                raise tasks.BadRow(None, f"a line of more than {MAX_LINE_BYTES} bytes, longer than any question")
+            long = _long_field(record)
+            if long:
+                raise tasks.BadRow(long[0], f"{long[1]} characters, more than the {MAX_FIELD_CHARS} a field may hold")
             row = task.convert(record, options)
+            _check_row_text(row)
             row["id"] = row.get("id") or str(i)
             if row["id"] in seen:
                 raise tasks.BadRow("id", f"duplicate id '{row['id']}' (first at row {seen[row['id']]})")
@@ -109,12 +167,16 @@ def convert_records(task, records: list[dict], first_row: int, source: str, opti
             bad_row = (err.field, f"missing field '{err.field}'")
         except tasks.BadRow as err:
             bad_row = (err.field, err.message)
+        except (RecursionError, MemoryError):
+            bad_row = (None, "nested too deeply to read")
         except tasks.LeftOut as err:
             left_out[err.reason] += 1
             continue
         else:
             seen[row["id"]] = row_number
-            rows.append(row)
+            if keep is None or used in keep:
+                rows.append(row)
+            used += 1
             continue
         message = f"{where(source, row_number, bad_row[0])}: {bad_row[1]}"
         if on_bad_row == "error":
@@ -124,13 +186,28 @@ def convert_records(task, records: list[dict], first_row: int, source: str, opti
         bad[bad_row[1] if bad_row[0] is None else f"{bad_row[0]}: {bad_row[1]}"] += 1
         if len(examples) < MAX_EXAMPLES:
             examples.append(message)
-    report = {"source": source, "read": len(records), "used": len(rows), "skipped_bad": sum(bad.values())}
+    report = {"source": source, "read": i + 1, "used": used, "skipped_bad": sum(bad.values())}
     if bad:
         report["skipped_reasons"] = dict(bad.most_common())
         report["skipped_examples"] = examples
     if left_out:
         report["left_out"] = dict(left_out.most_common())
     return rows, report
+
+
+def _check_row_text(row: dict) -> None:
+    """Every text of a question row must be writable as UTF-8: a lone surrogate ("\\ud800") is not text."""
+    for name, value in row.items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise tasks.BadRow(name, f"holds a lone surrogate (\\u{ord(item[err.start]):04x}), which is not text") from None
+
+
+class _TooLong(dict):
+    """Stands for a JSONL line longer than MAX_LINE_BYTES (a bad row: an error, or skipped and counted)."""
 
 
 def read_records(source: tasks.Source) -> tuple[list[dict], int]:
@@ -142,25 +219,65 @@ def read_records(source: tasks.Source) -> tuple[list[dict], int]:
     path = source.path
     suffix = path.suffix.lower()
     try:
-        if suffix == ".csv":
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-            _check_csv_header(path)
-            return frame.to_dict("records"), 2
-        if suffix in (".jsonl", ".ndjson"):
-            return _read_jsonl(path), 1
-        if suffix == ".json":
-            return _read_json(path), 1
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
+        size = path.stat().st_size
+    except OSError as err:
+        raise TruthmapError(f"{path}: cannot be read ({err.strerror})") from None
+    if size > MAX_FILE_BYTES:
+        raise TruthmapError(f"{path}: {size / 2**20:.0f} MiB, more than the {MAX_FILE_BYTES // 2**20} MiB a question "
+                            f"file may hold (docs/guarantees.md); split it, or sample it down first")
+    readers = {".csv": (_read_csv, 2), ".jsonl": (_read_jsonl, 1), ".ndjson": (_read_jsonl, 1),
+               ".json": (_read_json, 1), ".parquet": (_read_parquet, 1)}
+    if suffix not in readers:
+        raise TruthmapError(f"{path}: unknown file type '{suffix}'; use .csv, .jsonl, .json or .parquet")
+    reader, first_row = readers[suffix]
+    records = _plain_errors(path, reader)
+    first = next(records, _END)  # the file's first problems (empty, not UTF-8, no header) are raised here
+    return _chain(first, records), first_row
 
-            return pq.read_table(path).to_pylist(), 1
+
+_END = object()
+
+
+def _chain(first, rest):
+    if first is not _END:
+        yield first
+    yield from rest
+
+
+CHUNK_ROWS = 20_000  # rows a CSV or Parquet file is read at a time
+
+
+def _read_csv(path: Path):
+    """The records of a CSV file (every cell text), CHUNK_ROWS rows at a time."""
+    with pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", chunksize=CHUNK_ROWS) as chunks:
+        for k, chunk in enumerate(chunks):
+            if k == 0:
+                _check_csv_header(path)
+            yield from chunk.to_dict("records")
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS):
+        yield from batch.to_pylist()
+
+
+def _plain_errors(path: Path, reader):
+    """The records of ``reader(path)``, with what it raises while reading turned into one-line errors."""
+    suffix = path.suffix.lower()
+    try:
+        yield from reader(path)
     except UnicodeDecodeError as err:
         raise TruthmapError(f"{path}: not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
     except pd.errors.EmptyDataError:
         raise TruthmapError(f"{path}: the file is empty") from None
     except (ValueError, pd.errors.ParserError, OSError) as err:
         raise TruthmapError(f"{path}: could not be read as {suffix[1:]} ({str(err).splitlines()[0]})") from None
-    raise TruthmapError(f"{path}: unknown file type '{suffix}'; use .csv, .jsonl, .json or .parquet")
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        if isinstance(err, TruthmapError):
+            raise
+        raise TruthmapError(f"{path}: could not be read as {suffix[1:]} ({type(err).__name__})") from None
 
 
 def _check_csv_header(path: Path) -> None:
@@ -193,34 +310,63 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+def _lines(f):
+    """The lines of a binary file, each read in pieces of at most MAX_LINE_BYTES: a longer line is
+    given as None (its bytes are skipped, never held)."""
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(MAX_LINE_BYTES)
+            yield None
+            continue
+        yield line
+
+
+def _read_jsonl(path: Path):
+    """The records of a JSONL file, one line at a time."""
+    from .runfolder import parse_json
+
+    records = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(_lines(f), start=1):
+            if raw is None:
+                records += 1
+                yield _TooLong()
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TruthmapError(f"{path}, line {number}: not UTF-8 text (byte {err.start} of the line); "
+                                    f"re-save it as UTF-8") from None
             if not line.strip():
                 continue
             try:
-                record = json.loads(line, object_pairs_hook=_unique_keys)
+                record = parse_json(line, object_pairs_hook=_unique_keys)
             except _DuplicateKey as err:
                 raise TruthmapError(f"{path}, line {number}: key '{err}' twice in one record; keep one") from None
-            except json.JSONDecodeError as err:
-                raise TruthmapError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+            except ValueError as err:
+                raise TruthmapError(f"{path}, line {number}: {err}") from None
             if not isinstance(record, dict):
                 raise TruthmapError(f"{path}, line {number}: {_kind(record)}, not a record ({{\"question\": …}})")
-            records.append(record)
+            records += 1
+            yield record
     if not records:
         raise TruthmapError(f"{path}: the file is empty")
-    return records
 
 
 def _read_json(path: Path) -> list[dict]:
     """A JSON list of records, or an object holding one under "Data" (TriviaQA) or "data"."""
+    from .runfolder import parse_json
+
     try:
-        content = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+        content = parse_json(path.read_bytes(), object_pairs_hook=_unique_keys)
     except _DuplicateKey as err:
         raise TruthmapError(f"{path}: key '{err}' twice in one record; keep one") from None
-    except json.JSONDecodeError as err:
-        raise TruthmapError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except ValueError as err:
+        raise TruthmapError(f"{path}: {err}") from None
     if isinstance(content, dict):
         content = next((content[k] for k in ("Data", "data") if isinstance(content.get(k), list)), content)
     if not isinstance(content, list):

@@ -115,8 +115,12 @@ class Detector(*_estimator_bases()):
 
     @classmethod
     def load(cls, folder: str | Path) -> "Detector":
+        """A detector folder of 'truthmap export', checked: the weights are four float vectors of one
+        length, the card an object whose fields have the types export writes (one-line errors)."""
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
+
+        from .runfolder import parse_json
 
         folder = Path(folder)
         for name in (WEIGHTS, CARD):
@@ -124,9 +128,17 @@ class Detector(*_estimator_bases()):
                 raise TruthmapError(f"{folder}: no {name}; is this a folder written by 'truthmap export'?")
         try:
             tensors = load_file(str(folder / WEIGHTS))
-            card = json.loads((folder / CARD).read_text())
         except (SafetensorError, OSError, ValueError) as err:
-            raise TruthmapError(f"{folder}: unreadable detector ({str(err).splitlines()[0]}); export it again") from None
+            raise TruthmapError(f"{folder / WEIGHTS}: unreadable ({str(err).splitlines()[0] if str(err) else 'empty'}); "
+                                f"export it again") from None
+        if (folder / CARD).stat().st_size > MAX_CARD_BYTES:
+            raise TruthmapError(f"{folder / CARD}: more than {MAX_CARD_BYTES} bytes; not a card of 'truthmap export'")
+        try:
+            card = parse_json((folder / CARD).read_bytes())
+        except (OSError, ValueError) as err:
+            raise TruthmapError(f"{folder / CARD}: {err}; export it again") from None
+        _check_weights(folder / WEIGHTS, tensors)
+        _check_card(folder / CARD, card)
         detector = cls(C=card.get("C", 1.0), threshold=card.get("threshold", DEFAULT_THRESHOLD), card=card)
         detector.mean_, detector.scale_, detector.coef_ = tensors["mean"], tensors["scale"], tensors["coef"]
         detector.intercept_ = float(tensors["intercept"][0])
@@ -305,6 +317,57 @@ class ModelScorer:
         return out
 
 
+MAX_CARD_BYTES = 1 << 28  # the card lists the test ids: a few MB for a million answers
+
+
+def _check_weights(path: Path, tensors: dict) -> None:
+    missing = [k for k in ("mean", "scale", "coef", "intercept") if k not in tensors]
+    if missing:
+        raise TruthmapError(f"{path}: no tensor {', '.join(missing)}; export the detector again")
+    d = tensors["coef"].shape
+    for name in ("mean", "scale", "coef"):
+        t = tensors[name]
+        if t.ndim != 1 or t.shape != d or t.dtype.kind != "f" or not np.isfinite(t).all():
+            raise TruthmapError(f"{path}: tensor '{name}' is not a finite float vector of the length of 'coef'")
+    if (tensors["scale"] == 0).any():
+        raise TruthmapError(f"{path}: tensor 'scale' holds a zero; export the detector again")
+    t = tensors["intercept"]
+    if t.shape != (1,) or t.dtype.kind != "f" or not np.isfinite(t).all():
+        raise TruthmapError(f"{path}: tensor 'intercept' is not one finite number")
+
+
+def _check_card(path: Path, card) -> None:
+    """The fields a detector uses, of the types 'truthmap export' writes."""
+    from .resample import check_cell
+    from .runfolder import sanitise
+
+    if not isinstance(card, dict):
+        raise TruthmapError(f"{path}: holds {type(card).__name__}, not a card (an object)")
+    text = (str,)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    rules = {"model": lambda v: isinstance(v, text), "C": lambda v: number(v) and v > 0,
+             "threshold": lambda v: number(v) and 0 <= v <= 1,
+             "prompt_prefix": lambda v: v is None or isinstance(v, text),
+             "prompt_suffix": lambda v: v is None or isinstance(v, text),
+             "model_revision": lambda v: v is None or isinstance(v, text),
+             "max_new_tokens": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 100_000),
+             "test_ids": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+             "test_auc": lambda v: v is None or number(v)}
+    for name, ok in rules.items():
+        if name in card and not ok(card[name]):
+            raise TruthmapError(f"{path}: field '{name}' is {sanitise(repr(card[name]), 60)}; export the detector again")
+    if "model" not in card:
+        raise TruthmapError(f"{path}: field 'model' is missing; export the detector again")
+    if card.get("prompt_prefix") is not None and not isinstance(card.get("prompt_suffix"), str):
+        raise TruthmapError(f"{path}: field 'prompt_suffix' is missing; export the detector again")
+    from .models import SITES
+
+    if "site" in card and card["site"] not in SITES:
+        raise TruthmapError(f"{path}: field 'site' is {sanitise(repr(card['site']), 60)}, not one of {', '.join(SITES)}")
+    if "layer" in card or "position" in card:  # the cell names what is extracted: checked whole
+        check_cell(card.get("site", "residual"), card.get("layer"), card.get("position"), path)
+
+
 def _as_list(value) -> list:
     return [value] if isinstance(value, str) else list(value)
 
@@ -394,9 +457,9 @@ def cell_data(run_dir: Path, site: str, layer: int, position: str) -> tuple[list
 
 
 def split_ids(run_dir: Path, seed: int | str) -> tuple[set, set]:
-    from .runfolder import SPLITS, read_json
+    from .runfolder import SPLITS, read_splits
 
-    splits = read_json(Path(run_dir) / SPLITS)["seeds"]
+    splits = read_splits(Path(run_dir) / SPLITS)["seeds"]
     if str(seed) not in splits:
         raise TruthmapError(f"{Path(run_dir) / SPLITS}: no seed {seed} (have {sorted(splits, key=int)})")
     return set(splits[str(seed)]["train"]), set(splits[str(seed)]["test"])
@@ -431,19 +494,50 @@ def prompt_frame(run_dir: Path) -> tuple[str | None, str | None]:
 
 def export_detector(run_dir: str | Path, site: str, layer: int, position: str, out: str | Path | None = None,
                     seed: int | str = 0, C: float = 1.0) -> Path:
-    """Fit a Detector on the run's train split (``seed``), measure it on the test split, and save it."""
-    from . import __version__
-    from .probe import auc_score
-    from .runfolder import CONFIG, SUMMARY, read_json
+    """Fit a Detector on the run's train split (``seed``), measure it on the test split, and save it.
+
+    ``out`` (default ``<run>/detectors/<site>-L<layer>-<position>``) must be new, empty or a detector."""
+    from .resample import check_cell
+    from .runfolder import CONFIG, SUMMARY, child, read_json_object, reading
 
     run_dir = Path(run_dir)
-    config, summary = read_json(run_dir / CONFIG), read_json(run_dir / SUMMARY, default={})
-    detector, test_ids, X_test, y_test = fit_cell(run_dir, site, layer, position, seed, C)
+    cell = check_cell(site, layer, position)  # the values name the default folder: nothing else may
+    out = Path(out) if out else child(run_dir, f"detectors/{cell['site']}-L{cell['layer']}-{cell['position']}", "detector")
+    _refuse_foreign_folder(out)
+    with reading(run_dir):  # under the run's shared lock, every file checked against its manifest
+        config, summary = read_json_object(run_dir / CONFIG), read_json_object(run_dir / SUMMARY, default={})
+        if not isinstance(config.get("model"), str):
+            raise TruthmapError(f"{run_dir / CONFIG}: no model named; is this a run folder?")
+        detector, test_ids, X_test, y_test = fit_cell(run_dir, site, layer, position, seed, C)
+        return _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary, site, layer, position,
+                              seed, out)
+
+
+def _refuse_foreign_folder(out: Path) -> None:
+    """An export writes only into a new or empty folder, or one holding a detector (which it replaces)."""
+    import os
+
+    if os.path.islink(out):
+        raise TruthmapError(f"{out}: a symbolic link; truthmap writes through none")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise TruthmapError(f"{out}: not a folder; give another --to")
+    foreign = [p.name for p in out.iterdir() if p.name not in (WEIGHTS, CARD) and not p.name.endswith(".tmp")]
+    if foreign or os.path.islink(out / WEIGHTS) or os.path.islink(out / CARD):
+        raise TruthmapError(f"{out}: holds files truthmap did not write ({', '.join(sorted(foreign)[:3]) or 'links'}); "
+                            f"nothing touched; give another --to")
+
+
+def _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary, site, layer, position, seed, out):
+    from . import __version__
+    from .probe import auc_score
+
     auc = float(auc_score(detector.predict_proba(X_test)[:, 1], y_test)) if len(set(y_test.tolist())) == 2 else None
     prefix, suffix = prompt_frame(run_dir)
     protocol = config.get("protocol", "brief")
     max_new_tokens = config.get("max_new_tokens")
-    if not max_new_tokens:  # the task's own answer length, as the generate stage chose it
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:  # the task's own answer length, as the generate stage chose it
         from .runfolder import QUESTIONS, read_parquet
         from .tasks import answer_length
 
@@ -460,7 +554,6 @@ def export_detector(run_dir: str | Path, site: str, layer: int, position: str, o
         "run": str(run_dir), "test_ids": test_ids, "truthmap": __version__,
         "domain": domain(config["model"], task, protocol, int(max_new_tokens)),
     }
-    out = Path(out) if out else run_dir / "detectors" / f"{site}-L{layer}-{position}"
     return detector.save(out)
 
 

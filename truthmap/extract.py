@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .errors import TruthmapError
 from .models import LoadedModel
-from .runfolder import ACTIVATIONS, read_json, trusted, write_json, write_npy
+from .runfolder import ACTIVATIONS, child, read_json, read_npy, reading, safe_key, trusted, write_json, write_npy
 
 SHARD_SIZE = 256
 
@@ -187,28 +187,73 @@ def extract_shard(lm: LoadedModel, sequences: list[list[int]], index: np.ndarray
 
 
 def _index(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / ACTIVATIONS / "index.json")
+    return read_index(run_dir)
+
+
+def read_index(run_dir: str | Path) -> dict:
+    """``activations/index.json``, checked: every shard a plain file name inside ``activations/``, every
+    list of the type the store writes (a one-line error for anything else)."""
+    path = Path(run_dir) / ACTIVATIONS / "index.json"
+    meta = read_json(path)
+    try:
+        _check_index(meta)
+    except (TypeError, KeyError, ValueError) as err:
+        raise TruthmapError(f"{path}: not an index of the activations store ({err}); rerun 'truthmap extract'") from None
+    return meta
+
+
+def _check_index(meta) -> None:
+    def texts(value, name):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"'{name}' is not a list of strings")
+
+    if not isinstance(meta, dict):
+        raise TypeError("not an object")
+    texts(meta.get("ids"), "ids")
+    texts(meta.get("positions"), "positions")
+    if not isinstance(meta.get("sites"), dict):
+        raise ValueError("'sites' is not an object")
+    for site, entry in meta["sites"].items():
+        if site not in ("residual", "mlp", "attention") or not isinstance(entry, dict):
+            raise ValueError(f"unknown site {site!r}")
+        layers, shards = entry.get("layers"), entry.get("shards")
+        if not isinstance(layers, list) or not layers or not all(type(v) is int for v in layers):
+            raise ValueError(f"site {site}: 'layers' is not a list of whole numbers")
+        if not isinstance(shards, list):
+            raise ValueError(f"site {site}: 'shards' is not a list")
+        for shard in shards:
+            if not isinstance(shard, dict) or not safe_key(shard.get("file")) or not shard["file"].startswith(site + "/"):
+                raise ValueError(f"site {site}: a shard file is not a file of activations/{site}/")
+            if not all(type(shard.get(k)) is int for k in ("start", "stop")):
+                raise ValueError(f"site {site}: a shard's start or stop is not a whole number")
 
 
 def load_layer(run_dir: str | Path, site: str, layer: int) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """All positions of one layer: (ids, positions, features float16 ``[P, N, d]``, valid bool ``[N, P]``)."""
+    """All positions of one layer: (ids, positions, features float16 ``[P, N, d]``, valid bool ``[N, P]``).
+
+    Every file read is checked against the run's manifest, under the folder's shared lock
+    (:func:`truthmap.runfolder.reading`), unless this process already holds the folder."""
     run_dir = Path(run_dir)
-    meta = _index(run_dir)
-    if site not in meta["sites"]:
-        raise TruthmapError(f"site '{site}': not extracted in {run_dir} (have {sorted(meta['sites'])})")
-    layers = meta["sites"][site]["layers"]
-    if layer not in layers:
-        raise TruthmapError(f"layer {layer}: site '{site}' has layers {layers[0]}..{layers[-1]}")
-    row = layers.index(layer)
-    parts = []
-    for shard in meta["sites"][site]["shards"]:
-        path = run_dir / ACTIVATIONS / shard["file"]
+    with reading(run_dir):
+        meta = _index(run_dir)
+        if site not in meta["sites"]:
+            raise TruthmapError(f"site '{site}': not extracted in {run_dir} (have {sorted(meta['sites'])})")
+        layers = meta["sites"][site]["layers"]
+        if layer not in layers:
+            raise TruthmapError(f"layer {layer}: site '{site}' has layers {layers[0]}..{layers[-1]}")
+        row = layers.index(layer)
+        parts = []
+        for shard in meta["sites"][site]["shards"]:
+            path = child(run_dir / ACTIVATIONS, shard["file"], "shard")
+            parts.append(read_npy(path, mmap_mode="r")[row])
+        valid = read_npy(run_dir / ACTIVATIONS / "valid.npy")
         try:
-            parts.append(np.load(path, mmap_mode="r", allow_pickle=False)[row])
-        except (OSError, ValueError) as err:
-            raise TruthmapError(f"{path}: unreadable ({err}); delete it and rerun 'truthmap extract'") from None
-    features = np.concatenate(parts, axis=1)
-    valid = np.load(run_dir / ACTIVATIONS / "valid.npy", allow_pickle=False)
+            features = np.concatenate(parts, axis=1)
+        except ValueError as err:
+            raise TruthmapError(f"{run_dir / ACTIVATIONS}: shards of different shapes ({err}); rerun 'truthmap extract'") from None
+        if valid.ndim != 2 or features.ndim != 3 or valid.shape != (len(meta["ids"]), len(meta["positions"])) \
+                or features.shape[:2] != (len(meta["positions"]), len(meta["ids"])):
+            raise TruthmapError(f"{run_dir / ACTIVATIONS}: the arrays do not match index.json; rerun 'truthmap extract'")
     return meta["ids"], meta["positions"], features, valid
 
 

@@ -9,7 +9,6 @@ the model is loaded at most once, and only if a stage that needs it has to run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import sys
 import time
@@ -327,20 +326,82 @@ def versions() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def run_stages(config: Config, stages: tuple[str, ...] = STAGES, force: bool = False) -> Path:
-    """Run ``stages`` of the study described by ``config``; return the run folder."""
+def run_stages(config: Config, stages: tuple[str, ...] = STAGES, force: bool = False,
+               given: frozenset | None = None) -> Path:
+    """Run ``stages`` of the study described by ``config``; return the run folder.
+
+    ``given``: the settings the user gave (command line): the others are continued from the folder's
+    saved config.json, read only once the folder is locked and checked, and never those of
+    TRUST_SETTINGS (see :func:`continue_config`). None: ``config`` is used as it is.
+    """
     run_dir = config.run_dir()
     with rf.open_run(run_dir) as notices:  # one writer; damaged files are found, named and recomputed
         for notice in notices:
-            print(f"truthmap: {notice}", file=sys.stderr)
+            print(f"truthmap: {rf.sanitise(notice, 1000)}", file=sys.stderr)
+        if given is not None:
+            config = continue_config(config, run_dir, given, stages)
         _run_stages(config, run_dir, stages, force)
     return run_dir
 
 
+# settings that decide what code runs and where: only ever from the command line or --config FILE
+TRUST_SETTINGS = ("model", "trust_remote_code", "ray", "device_map", "extractor_model")
+_NOT_CONTINUED = TRUST_SETTINGS + ("out", "progress")
+
+
+def saved_config(run_dir: Path) -> dict:
+    """The run folder's config.json if the manifest vouches for it (call inside open_run), else {}."""
+    path = Path(run_dir) / rf.CONFIG
+    if not rf.trusted(path):
+        return {}
+    try:
+        saved = rf.read_json(path)
+    except TruthmapError as err:
+        print(f"truthmap: {err}; its settings are not continued", file=sys.stderr)
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def continue_config(config: Config, run_dir: Path, given: frozenset, stages: tuple[str, ...]) -> Config:
+    """``config`` with the settings the user did not give taken from the run's saved config.json.
+
+    Read values never widen trust: the settings of TRUST_SETTINGS are never taken from the folder; one
+    that differs is said on stderr, and a model other than the run's is refused unless given (a stage
+    that needs no model only names the run's model in its titles).
+    """
+    saved = saved_config(run_dir)
+    if not saved:
+        return config
+    fields = {f.name for f in dataclasses.fields(Config)}
+    values = config.to_dict()
+    values.update({k: v for k, v in saved.items() if k in fields and k not in given and k not in _NOT_CONTINUED})
+    needs_model = bool(set(stages) & set(MODEL_STAGES))
+    saved_model = saved.get("model")
+    if isinstance(saved_model, str) and saved_model != config.model and "model" not in given:
+        if needs_model:
+            raise TruthmapError(f"{run_dir}: this run studied model '{rf.sanitise(saved_model)}'; give --model "
+                                f"'{rf.sanitise(saved_model)}' to continue it (a model is never taken from a run folder)")
+        values["model"] = saved_model  # only named in titles: no stage here loads a model
+    extractor = saved.get("extractor_model")
+    if "extractor_model" not in given and extractor in ("none", values["model"]):
+        values["extractor_model"] = extractor  # no extractor, or the studied model: nothing more is loaded
+    for name in TRUST_SETTINGS[1:]:
+        if name in saved and saved[name] != values[name] and name not in given:
+            print(f"truthmap: {run_dir / rf.CONFIG}: this run had {name} = {rf.sanitise(repr(saved[name]), 80)}; "
+                  f"not taken from the folder (now {values[name]!r}; give it on the command line or in --config)",
+                  file=sys.stderr)
+    try:
+        return Config(**values).validate()
+    except (TypeError, ValueError) as err:
+        raise TruthmapError(f"{run_dir / rf.CONFIG}: {rf.sanitise(err)}; give the settings on the command line") from None
+    except TruthmapError as err:
+        raise TruthmapError(f"{run_dir / rf.CONFIG}: {err}") from None
+
+
 def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: bool) -> None:
-    saved = rf.read_json(run_dir / rf.CONFIG, default={}) if rf.trusted(run_dir / rf.CONFIG) else {}
+    saved = saved_config(run_dir)
     if saved and "generate" not in stages and saved.get("model") != config.model:
-        raise TruthmapError(f"{run_dir}: this run studied model '{saved.get('model')}', not '{config.model}'")
+        raise TruthmapError(f"{run_dir}: this run studied model '{rf.sanitise(saved.get('model'))}', not '{config.model}'")
     rf.write_json(run_dir / rf.CONFIG, config.to_dict())
     rf.update_summary(run_dir, versions=versions(), config=config.to_dict())
     started = time.perf_counter()
@@ -356,8 +417,3 @@ def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: b
     finally:
         models.close()
     rf.update_summary(run_dir, wall_seconds=round(time.perf_counter() - started, 2))
-
-
-def saved_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / rf.CONFIG
-    return json.loads(path.read_text()) if path.exists() else {}

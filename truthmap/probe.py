@@ -346,12 +346,14 @@ def run_probe(
     fewer is mostly noise; its bootstrap interval says how much). A probe is fitted and scored only on
     the answers its splits hold (the study's population) at which its position exists.
     """
-    from .runfolder import ANSWERS, SPLITS, read_parquet
+    from .runfolder import ANSWERS, SPLITS, read_parquet, read_splits
 
     run_dir = Path(run_dir)
     answers = read_parquet(run_dir / ANSWERS)
-    splits = read_json(run_dir / SPLITS)
-    meta = read_json(run_dir / ACTIVATIONS / "index.json")
+    splits = read_splits(run_dir / SPLITS)
+    from .extract import read_index
+
+    meta = read_index(run_dir)  # checked: a crafted index is a one-line error
     ids = meta["ids"]
     label_of = dict(zip(answers["id"], ~answers["correct"].astype(bool)))
     y = np.array([label_of[i] for i in ids], dtype=np.int64)  # 1 = error
@@ -436,4 +438,6 @@ def cell_summary(cell: dict | None) -> dict | None:
 
 def read_results(path) -> pd.DataFrame:
     """``probe_results.csv`` as written: positions stay text ("-1" is a position name, not a number)."""
-    return pd.read_csv(path, dtype={"site": str, "position": str})
+    from .runfolder import read_csv
+
+    return read_csv(path, dtype={"site": str, "position": str})  # a missing or damaged file: one line

@@ -166,20 +166,19 @@ def run_data(run_dir: Path) -> dict:
     if not (run_dir / rf.PROBE_RESULTS).exists():
         raise TruthmapError(f"{run_dir / rf.PROBE_RESULTS}: missing; is {run_dir} a run folder whose probe "
                             "stage has finished? (truthmap run, or truthmap probe --out RUN)")
-    try:
-        results = pd.read_csv(run_dir / rf.PROBE_RESULTS, dtype={"site": str, "position": str})
-        problem = ", ".join(sorted(set(RESULT_COLUMNS[:10]) - set(results.columns)))  # the rest: optional
-        problem = problem and f"no column {problem}"
-    except (ValueError, pd.errors.ParserError) as err:
-        problem = str(err).splitlines()[0]
+    results = rf.read_csv(run_dir / rf.PROBE_RESULTS, dtype={"site": str, "position": str})  # verified
+    problem = ", ".join(sorted(set(RESULT_COLUMNS[:10]) - set(results.columns)))  # the rest: optional
+    problem = problem and f"no column {problem}"
     if problem:
         raise TruthmapError(f"{run_dir / rf.PROBE_RESULTS}: unreadable ({problem}); "
                             "rerun the probe stage (truthmap probe --force --out RUN)")
     scores = rf.read_parquet(run_dir / rf.PROBE_SCORES)
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
-    splits = rf.read_json(run_dir / rf.SPLITS)
-    summary = rf.read_json(run_dir / rf.SUMMARY, default={})
-    config = rf.read_json(run_dir / rf.CONFIG, default={})
+    splits = rf.read_splits(run_dir / rf.SPLITS)
+    summary = rf.finite(rf.read_json_object(run_dir / rf.SUMMARY, default={}))
+    config = rf.read_json_object(run_dir / rf.CONFIG, default={})
+    if not isinstance(config.get("positions", []), list):
+        raise TruthmapError(f"{run_dir / rf.CONFIG}: 'positions' is not a list; rerun the run")
 
     probed = results[results["site"].isin(PROBE_SITES)]
     positions = [str(p) for p in config.get("positions", []) if str(p) in set(probed["position"])]
@@ -262,7 +261,10 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
     """Write the report of ``run_dirs`` (one page; several runs side by side) to ``out``; return it."""
     if not run_dirs:
         raise TruthmapError("report: name at least one run folder")
-    runs = [run_data(Path(d)) for d in run_dirs]
+    runs = []
+    for d in run_dirs:
+        with rf.reading(Path(d)):  # shared lock; every file checked against the manifest (no-op in a held run)
+            runs.append(run_data(Path(d)))
     names = [run["name"] for run in runs]
     for k, run in enumerate(runs):  # tabs are labelled by folder name: make them distinct
         if names.count(run["name"]) > 1:

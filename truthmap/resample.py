@@ -149,7 +149,7 @@ def type_probes(run_dir: Path, types: pd.DataFrame, site: str, layer: int, posit
 
     ids, X = load_features(run_dir, site, layer, position)
     kind = types.set_index("id").reindex(ids)["error_type"].to_numpy()
-    splits = rf.read_json(Path(run_dir) / rf.SPLITS)["seeds"]
+    splits = rf.read_splits(Path(run_dir) / rf.SPLITS)["seeds"]
     rows = []
     for seed, split in sorted(splits.items(), key=lambda kv: int(kv[0])):
         train, test = np.isin(ids, split["train"]), np.isin(ids, split["test"])
@@ -206,17 +206,21 @@ def run_resample(lm, run_dir: Path, n: int = 10, temperature: float = 1.0, seed:
 
     ``max_new_tokens``: the answers' length limit (default: the run's)."""
     run_dir = Path(run_dir)
-    config = rf.read_json(run_dir / rf.CONFIG)
+    config = rf.read_json_object(run_dir / rf.CONFIG)
     questions = rf.read_parquet(run_dir / rf.QUESTIONS)
     generations = rf.read_parquet(run_dir / rf.GENERATIONS)
     questions = questions[questions["id"].isin(set(generations["id"]))]
     vocabularies = rf.read_json(run_dir / rf.VOCABULARIES, default={})
-    positions = rf.read_json(run_dir / rf.ACTIVATIONS / "index.json")["positions"]
+    from .extract import read_index
+
+    positions = read_index(run_dir)["positions"]
     prompts = generations.set_index("id").loc[questions["id"], "prompt_ids"].map(list).tolist()
     from .tasks import answer_length
 
     protocol = config.get("protocol", "brief")
-    max_new = answer_length(questions.get("task", ()), max_new_tokens or config.get("max_new_tokens"), protocol)
+    saved = config.get("max_new_tokens")
+    saved = saved if isinstance(saved, int) and not isinstance(saved, bool) and saved > 0 else None
+    max_new = answer_length(questions.get("task", ()), max_new_tokens or saved, protocol)
     top_k = REFERENCE_TOP_K if protocol == "reference" else 0
     drawn = sample_answers(lm, prompts, n, temperature, seed, max_new, batch_size, progress, top_k)
     resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, extractor, progress)
@@ -238,8 +242,29 @@ def run_resample(lm, run_dir: Path, n: int = 10, temperature: float = 1.0, seed:
 
 def default_cell(run_dir: Path) -> dict:
     """The run's best probe cell (summary.json), the cell analyses use unless told otherwise."""
-    best = rf.read_json(Path(run_dir) / rf.SUMMARY, default={}).get("best_cell")
+    best = rf.read_json_object(Path(run_dir) / rf.SUMMARY, default={}).get("best_cell")
     if not best:
         raise TruthmapError(f"{run_dir}: no best probe cell yet; run 'truthmap probe --out {run_dir}' "
                             f"or give --layer and --position")
-    return {"site": best["site"], "layer": int(best["layer"]), "position": best["position"]}
+    if not isinstance(best, dict):
+        raise TruthmapError(f"{Path(run_dir) / rf.SUMMARY}: best_cell is not a cell; give --layer and --position")
+    return check_cell(best.get("site"), best.get("layer"), best.get("position"), Path(run_dir) / rf.SUMMARY)
+
+
+def check_cell(site, layer, position, source="the cell") -> dict:
+    """A probe cell {site, layer, position} whose values can name files: a known site, a whole layer
+    number, a position of check_positions; a one-line error (naming ``source``) otherwise."""
+    from .label import check_positions
+    from .models import SITES
+
+    if site not in SITES:
+        raise TruthmapError(f"{source}: site {rf.sanitise(repr(site), 60)} is not one of {', '.join(SITES)}")
+    if isinstance(layer, bool) or not isinstance(layer, (int, float)) or layer != int(layer) or not 0 <= layer < 100_000:
+        raise TruthmapError(f"{source}: layer {rf.sanitise(repr(layer), 60)} is not a layer number")
+    if not isinstance(position, str):
+        raise TruthmapError(f"{source}: position {rf.sanitise(repr(position), 60)} is not a position name")
+    try:
+        check_positions([position])
+    except TruthmapError:
+        raise TruthmapError(f"{source}: position {rf.sanitise(repr(position), 60)} is not a position name") from None
+    return {"site": site, "layer": int(layer), "position": position}

@@ -31,8 +31,11 @@ import json
 import os
 import re
 import shutil
+import errno
+import math
 import signal
 import socket
+import stat
 import tempfile
 import time
 from contextlib import contextmanager
@@ -62,6 +65,18 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 _RUN_FILES = {SUMMARY, STAGES, CONFIG}  # written by every stage or by none
 _TEMPORARY = re.compile(r"^\..+\.tmp$")  # atomic_path's temporary files: .<name>.<random>.tmp
+# what truthmap writes at the top of a run folder (docs/run-folder.md): a folder holding anything else and
+# no manifest is not a run folder, and is refused untouched
+OWN_NAMES = frozenset({
+    QUESTIONS, VOCABULARIES, GENERATIONS, GENERATION_CHUNKS, ANSWERS, SPLITS, ACTIVATIONS, PROBE_RESULTS,
+    PROBE_SCORES, SUMMARY, CONFIG, STAGES, MANIFEST, LOCK, "heatmap.png", "heatmap.svg",
+    "baseline_scores.parquet", "baseline_results.csv", "family_results.csv", "baselines.png",
+    "attention.csv", "attention.png", "attention.svg", "resamples.parquet", "error_types.parquet",
+    "error_type_results.csv", "error_types.png", "choice.csv", "choice_answers.parquet", "choice.png",
+    "detectors", "transfer", "report.html",
+})
+_OWN_FOLDERS = (GENERATION_CHUNKS, ACTIVATIONS, *(f"{ACTIVATIONS}/{site}" for site in ("residual", "mlp", "attention")))
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -90,6 +105,8 @@ def atomic_path(path: Path):
     :func:`open_run` resolves (old file and old checksum, or new file and new checksum).
     """
     path = Path(path)
+    if _open is not None and _key(path) is not None:
+        _check_inside(_open.root, path)
     if _open is not None and _open.forget is not None:
         name, _open.forget = _open.forget, None
         forget_stage(_open.root, name)
@@ -164,6 +181,57 @@ def _key(path: Path) -> str | None:
         return None
 
 
+def _check_inside(root: Path, path: Path) -> None:
+    """Refuse ``path`` unless it lies inside ``root`` once every symbolic link is followed, and is not a
+    link itself: truthmap writes no links, so one is something it did not write."""
+    path = Path(os.path.abspath(path))
+    if os.path.islink(path):
+        raise TruthmapError(f"{path}: a symbolic link, which truthmap never writes nor follows; "
+                            f"remove it or give another --out")
+    real_root = Path(os.path.realpath(root))
+    try:
+        Path(os.path.realpath(path)).relative_to(real_root)
+    except ValueError:
+        raise TruthmapError(f"{path}: leads outside the run folder {root}; truthmap reads and writes only "
+                            f"inside it") from None
+
+
+def safe_key(key) -> bool:
+    """Whether ``key`` (from a manifest, an index, a card…) is a relative path that stays in its folder."""
+    if not isinstance(key, str) or not key or "\\" in key or "\x00" in key or key.startswith("/"):
+        return False
+    parts = key.split("/")
+    return all(part not in ("", ".", "..") for part in parts)
+
+
+def child(root: Path, name: str, what: str = "path") -> Path:
+    """``root / name`` for a ``name`` read from a file: refused unless it stays inside ``root``."""
+    if not safe_key(name):
+        raise TruthmapError(f"{root}: {what} {sanitise(repr(name))} is not a plain relative path inside the folder")
+    path = Path(root) / name
+    if path.exists() or os.path.islink(path):
+        _check_inside(root, path)
+    return path
+
+
+def sanitise(text, limit: int = 300) -> str:
+    """Text from a file or a model, safe to print on a terminal: control characters (escape sequences,
+    carriage returns, lone surrogates) shown escaped, and at most ``limit`` characters."""
+    text = str(text)
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if code < 32 or 127 <= code < 160 or 0xD800 <= code < 0xE000 or code in (0x2028, 0x2029, 0x202E, 0x2066,
+                                                                                  0x2067, 0x2068, 0x2069):
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                       if code < 0xD800 or code >= 0xE000 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def _save_manifest() -> None:
     path = _open.root / MANIFEST
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=_open.root)
@@ -184,7 +252,13 @@ def trusted(path: Path) -> bool:
     or written since). Outside an open run, whether it exists."""
     key = _key(Path(path))
     if key is None:
-        return Path(path).exists()
+        run, key = _reader_of(Path(path))
+        if run is None:
+            return Path(path).exists()
+        entry = run.files.get(key)
+        return entry is not None and "previous" not in entry and Path(path).exists()
+    if not safe_key(key) or os.path.islink(path):
+        return False
     entry = _open.files.get(key)
     return entry is not None and "previous" not in entry and Path(path).exists()
 
@@ -192,11 +266,15 @@ def trusted(path: Path) -> bool:
 def remove(path: Path) -> None:
     """Delete a file or folder of the run and its manifest entries."""
     path = Path(path)
-    if path.is_dir():
+    if _open is not None and _key(path) is not None and os.path.lexists(path):
+        _check_inside(_open.root, path)
+    key = _key(path)
+    if key is not None and path.is_dir():
+        _remove_listed(path, key)
+    elif path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
-    key = _key(path)
     if key is not None:
         gone = [k for k in _open.files if k == key or k.startswith(key + "/")]
         for k in gone:
@@ -205,11 +283,112 @@ def remove(path: Path) -> None:
             _save_manifest()
 
 
+def _remove_listed(folder: Path, key: str) -> None:
+    """Delete the files of ``folder`` that the manifest lists, truthmap's temporary files, and then the
+    folders left empty: a file truthmap did not write stays (and so does the folder holding it)."""
+    for k in [k for k in _open.files if k.startswith(key + "/")]:
+        path = _open.root / k
+        if path.is_file() and not os.path.islink(path):
+            path.unlink()
+    for where, folders, names in os.walk(folder, topdown=False):
+        for name in names:
+            full = os.path.join(where, name)
+            if _TEMPORARY.match(name) and not os.path.islink(full):
+                os.unlink(full)
+        try:
+            os.rmdir(where)
+        except OSError:
+            pass  # holds something truthmap did not write
+
+
 # ---------------------------------------------------------------- readers and writers
 
 def write_json(path: Path, obj) -> None:
+    """JSON that any parser reads: NaN and infinities are written as null."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+        tmp.write_text(dumps(obj) + "\n")
+
+
+def dumps(obj, indent: int | None = 2) -> str:
+    """``json.dumps`` with numpy values, and NaN or infinite numbers as null (strict JSON has neither)."""
+    return json.dumps(finite(json.loads(json.dumps(obj, default=_json_default))), indent=indent, allow_nan=False)
+
+
+def finite(obj):
+    """``obj`` with every NaN or infinite float replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
+
+
+MAX_JSON_DEPTH = 100  # deeper nesting is refused before the parser could run out of stack
+
+
+def parse_json(data: bytes | str, object_pairs_hook=None):
+    """Strict JSON: ValueError (with the reason) for non-UTF-8 bytes, lone surrogates, NaN or infinities,
+    nesting deeper than MAX_JSON_DEPTH, or anything json refuses."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"not UTF-8 text (byte {err.start})") from None
+    _check_depth(data)
+    try:
+        value = json.loads(data, parse_constant=_no_constant, object_pairs_hook=object_pairs_hook)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON: {err.msg} (line {err.lineno})") from None
+    except RecursionError:  # pragma: no cover - _check_depth refuses such nesting first
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    _check_text(value)
+    return value
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH (brackets inside strings are not counted)."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        elif ch in "]}":
+            depth -= 1
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_text(value) -> None:
+    """Refuse strings holding lone surrogates (``"\\ud800"``): they are not text, and no file can hold them."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"a string holds a lone surrogate (\\u{ord(item[err.start]):04x}), which is not text") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -218,16 +397,47 @@ def write_text(path: Path, text: str) -> None:
 
 
 def read_json(path: Path, default=None):
+    """A JSON file of a run (``default`` if it is missing); verified first (:func:`verify`); strict
+    (:func:`parse_json`) and at most MAX_JSON_BYTES."""
     path = Path(path)
     if not path.exists():
         if default is not None:
             return default
         raise TruthmapError(f"{path}: missing; run the stage that writes it first")
+    verify(path)
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise TruthmapError(f"{path}: {path.stat().st_size} bytes, more than the {MAX_JSON_BYTES} a run's JSON "
+                            f"file may hold; delete it to recompute")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        line = f" (line {err.lineno})" if isinstance(err, json.JSONDecodeError) else ""
-        raise TruthmapError(f"{path}: not valid JSON{line}; delete it to recompute") from None
+        return parse_json(path.read_bytes())
+    except ValueError as err:
+        raise TruthmapError(f"{path}: {err}; delete it to recompute") from None
+
+
+MAX_JSON_BYTES = 1 << 30  # splits.json and index.json list every id: a few MB per million questions
+
+
+def read_splits(path: Path) -> dict:
+    """splits.json, checked: ``{"seeds": {"<int>": {"train": [ids], "test": [ids]}}}``."""
+    splits = read_json_object(path)
+    seeds = splits.get("seeds")
+    ok = isinstance(seeds, dict) and seeds and all(
+        isinstance(seed, str) and seed.lstrip("-").isdigit() and isinstance(split, dict)
+        and all(isinstance(split.get(part), list) and all(isinstance(i, str) for i in split[part])
+                for part in ("train", "test"))
+        for seed, split in seeds.items())
+    if not ok:
+        raise TruthmapError(f"{path}: not the splits the label stage writes ({{\"seeds\": {{\"0\": {{\"train\": [ids], "
+                            f"\"test\": [ids]}}}}}}); delete it to recompute")
+    return splits
+
+
+def read_json_object(path: Path, default=None) -> dict:
+    """:func:`read_json` of a file that must hold an object (a mapping)."""
+    value = read_json(path, default)
+    if not isinstance(value, dict):
+        raise TruthmapError(f"{path}: holds {type(value).__name__}, not an object; delete it to recompute")
+    return value
 
 
 def write_parquet(path: Path, frame: pd.DataFrame) -> None:
@@ -239,10 +449,39 @@ def read_parquet(path: Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise TruthmapError(f"{path}: missing; run the stage that writes it first")
+    verify(path)
     try:
         return pd.read_parquet(path)
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise TruthmapError(f"{path}: unreadable ({str(err).splitlines()[0]}); delete it to recompute") from None
+
+
+def read_csv(path: Path, **options) -> pd.DataFrame:
+    """A CSV table of a run, verified first; one-line errors for a missing or unreadable file."""
+    path = Path(path)
+    if not path.exists():
+        raise TruthmapError(f"{path}: missing; run the stage that writes it first")
+    verify(path)
+    try:
+        return pd.read_csv(path, encoding="utf-8", **options)
+    except UnicodeDecodeError as err:
+        raise TruthmapError(f"{path}: not UTF-8 text (byte {err.start}); delete it to recompute") from None
+    except Exception as err:  # pandas raises several types for a damaged file
+        raise TruthmapError(f"{path}: unreadable ({sanitise(str(err).splitlines()[0] if str(err) else type(err).__name__)}); "
+                            f"delete it to recompute") from None
+
+
+def read_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """An array of a run (never a pickle), verified first."""
+    path = Path(path)
+    if not path.exists():
+        raise TruthmapError(f"{path}: missing; run the stage that writes it first")
+    verify(path)
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise TruthmapError(f"{path}: unreadable ({sanitise(str(err).splitlines()[0] if str(err) else type(err).__name__)}); "
+                            f"delete it to recompute") from None
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
@@ -276,17 +515,21 @@ def open_run(run_dir: Path):
 
     The notices (a list of one-line strings) name each file found missing, truncated or altered (it
     is deleted and the stage that wrote it will run again) and anything else repaired. Raises
-    TruthmapError when another live process holds the folder.
+    TruthmapError, touching nothing, when the folder is not a run folder (:func:`check_run_folder`),
+    when its manifest names a path outside it or a symbolic link, and when another live process holds it.
     """
     global _open
     run_dir = Path(os.path.abspath(run_dir))
     if _open is not None:
         raise TruthmapError(f"{run_dir}: this process already holds the run folder {_open.root}")
+    if run_dir in _readers:
+        raise TruthmapError(f"{run_dir}: this process is reading the run folder; it cannot also write it")
+    check_run_folder(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock_fd, notices = _lock(run_dir)
     except OSError as err:
         raise TruthmapError(f"{run_dir}: cannot write the run folder here ({err.strerror}); give another --out") from None
+    lock_fd, notices = _lock(run_dir, exclusive=True)
     try:
         _open = _OpenRun(run_dir, {})
         notices += _check(run_dir)
@@ -297,54 +540,162 @@ def open_run(run_dir: Path):
             os.close(lock_fd)  # closing the descriptor releases the lock; the file stays (see _lock)
 
 
-def _lock(run_dir: Path) -> tuple[int | None, list[str]]:
-    """Take the folder's lock (flock: released by the kernel when the holder dies, so never stale).
+def check_run_folder(run_dir: Path) -> None:
+    """Refuse (TruthmapError, nothing touched) a folder that is not a run folder.
 
-    The lock file is never deleted: deleting it would let two processes lock two different files.
+    A run folder is missing, empty, holds truthmap's ``manifest.json``, or is a run of an older truthmap
+    (only truthmap's own names, and a ``config.json`` naming a model and a dataset). A folder holding only
+    a ``lock`` is one whose first run stopped before writing anything.
+    """
+    run_dir = Path(run_dir)
+    if not os.path.lexists(run_dir):
+        return
+    if not run_dir.is_dir():
+        raise TruthmapError(f"{run_dir}: not a folder; give a new or empty folder, or a run folder, as --out")
+    names = sorted(os.listdir(run_dir))
+    if not names:
+        return
+    foreign = [n for n in names if n not in OWN_NAMES and not _TEMPORARY.match(n)]
+    manifest = run_dir / MANIFEST
+    if os.path.islink(manifest) or (manifest.exists() and not manifest.is_file()):
+        raise TruthmapError(f"{manifest}: not a regular file; this is not a run folder truthmap wrote")
+    if manifest.is_file():
+        try:
+            _parse_manifest(manifest.read_bytes())
+            return
+        except ValueError:
+            if not foreign:
+                return  # a damaged manifest of a folder holding only truthmap's files: nothing is trusted
+            raise TruthmapError(f"{run_dir}: its manifest.json is damaged and it holds files truthmap does not "
+                                f"write ({_names(foreign)}); refused, nothing touched; give another --out") from None
+    if not foreign and (set(names) <= {LOCK} | {n for n in names if _TEMPORARY.match(n)} or _older_run(run_dir)):
+        return
+    raise TruthmapError(f"{run_dir}: not a run folder (it holds {_names(names)} and no manifest.json); "
+                        f"nothing touched; give a new or empty folder as --out")
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(sanitise(n, 60) for n in names[:4])
+    return shown + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def _older_run(run_dir: Path) -> bool:
+    """A run of a truthmap that kept no manifest: its config.json names a model and a dataset."""
+    path = run_dir / CONFIG
+    if os.path.islink(path) or not path.is_file() or path.stat().st_size > 1_000_000:
+        return False
+    try:
+        config = parse_json(path.read_bytes())
+    except ValueError:
+        return False
+    return isinstance(config, dict) and isinstance(config.get("model"), str) and isinstance(config.get("dataset"), str)
+
+
+def _parse_manifest(data: bytes) -> dict:
+    """The ``files`` of a manifest truthmap wrote; ValueError (with the reason) for anything else."""
+    manifest = parse_json(data)
+    if not isinstance(manifest, dict) or manifest.get("version") != 1 or not isinstance(manifest.get("files"), dict):
+        raise ValueError("not a manifest of this truthmap")
+    for key, entry in manifest["files"].items():
+        if not safe_key(key) or key == MANIFEST or key == LOCK:
+            raise ValueError(f"entry {sanitise(repr(key), 80)} is not a path inside the folder")
+        if not isinstance(entry, dict) or not _describes(entry) or not isinstance(entry.get("stage"), (str, type(None))):
+            raise ValueError(f"entry {sanitise(repr(key), 80)} is not a file description")
+        previous = entry.get("previous")
+        if "previous" in entry and previous is not None and not (isinstance(previous, dict) and _describes(previous)):
+            raise ValueError(f"entry {sanitise(repr(key), 80)} has a damaged pending write")
+    return manifest["files"]
+
+
+def _describes(entry: dict) -> bool:
+    size, digest = entry.get("size"), entry.get("sha256")
+    return (isinstance(size, int) and not isinstance(size, bool) and size >= 0
+            and isinstance(digest, str) and bool(_SHA256.match(digest)))
+
+
+def _lock(run_dir: Path, exclusive: bool) -> tuple[int | None, list[str]]:
+    """Take the folder's lock (flock: released by the kernel when the holder dies, so never stale):
+    exclusive for a writer, shared for a reader.
+
+    The lock file is never deleted: deleting it would let two processes lock two different files. It is
+    opened without following a symbolic link, and refused unless it is a regular file with no other name
+    (so the pid written into it can land nowhere else).
     """
     path = run_dir / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666 & ~_UMASK)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise TruthmapError(f"{path}: a symbolic link, not truthmap's lock; refused, nothing touched") from None
+        if exclusive or err.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise TruthmapError(f"{path}: cannot open the lock ({err.strerror}); give another --out") from None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # a read-only folder: a reader still locks
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        kind = "a regular file with other names (hard links)" if stat.S_ISREG(info.st_mode) else "not a regular file"
+        raise TruthmapError(f"{path}: {kind}, not truthmap's lock; refused, nothing touched")
     try:
         import fcntl
 
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except (BlockingIOError, PermissionError):
-        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+        holder = sanitise(os.pread(fd, 200, 0).decode("utf-8", "replace"), 200).split()
         os.close(fd)
         pid = holder[0] if holder else "?"
         host = f" on {holder[1]}" if len(holder) > 1 and holder[1] != socket.gethostname() else ""
         since = f" since {holder[2]}" if len(holder) > 2 else ""
+        if exclusive and not host and not _alive(pid):  # the last writer is gone: a reader holds it
+            raise TruthmapError(f"{run_dir}: being read (export, report, transfer or load_features); wait for "
+                                f"it to finish, or give another --out") from None
+        what = "in use by" if exclusive else "being written by"
         raise TruthmapError(
-            f"{run_dir}: in use by pid {pid}{host}{since}; wait for that run to finish, or give another --out"
+            f"{run_dir}: {what} pid {pid}{host}{since}; wait for that run to finish, or give another --out"
         ) from None
     except (ImportError, OSError) as err:  # no fcntl (Windows) or a file system without locks
         os.close(fd)
         reason = getattr(err, "strerror", None) or type(err).__name__
         return None, [f"{path}: could not lock the folder ({reason}); a second run on it would not be refused"]
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {stamp}\n".encode(), 0)
+    if exclusive:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {stamp}\n".encode(), 0)
     return fd, []
 
 
+def _alive(pid: str) -> bool:
+    """Whether process ``pid`` (as read from the lock) exists on this machine."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _check(run_dir: Path) -> list[str]:
-    """Resolve interrupted writes, delete damaged files, and mark their stages unfinished."""
+    """Resolve interrupted writes, delete damaged files, and mark their stages unfinished.
+
+    Nothing is touched before the whole manifest is known good: a manifest naming a path outside the
+    folder, or a listed file that is a symbolic link, trusts nothing and deletes nothing.
+    """
     notices = []
-    for tmp in run_dir.rglob(".*.tmp"):
-        if tmp.is_file() and _TEMPORARY.match(tmp.name):
-            tmp.unlink()  # the unfinished write of a killed run
     manifest_path = run_dir / MANIFEST
     files = {}
     if manifest_path.exists():
         try:
-            files = json.loads(manifest_path.read_text())["files"]
-            if not isinstance(files, dict):
-                raise ValueError
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            notices.append(f"{manifest_path}: damaged; no file of this run is trusted, every stage runs again")
+            files = _parse_manifest(manifest_path.read_bytes())
+            for key in files:
+                _check_inside(run_dir, run_dir / key)
+        except (ValueError, TruthmapError) as err:
+            reason = str(err).replace(str(run_dir / "") , "") if isinstance(err, TruthmapError) else str(err)
+            notices.append(f"{manifest_path}: damaged ({sanitise(reason, 160)}); no file of this run is trusted "
+                           f"and none is deleted; every stage runs again")
             files = {}
-    elif any(p.name != LOCK for p in run_dir.iterdir()):
+    elif any(p != LOCK and not _TEMPORARY.match(p) for p in os.listdir(run_dir)):
         notices.append(f"{manifest_path}: missing (a run of an older truthmap, or deleted); every stage runs again")
+    _remove_temporaries(run_dir, files)
     _open.files = files
     stale_stages, changed = set(), False
     for key, entry in sorted(files.items()):
@@ -368,11 +719,11 @@ def _check(run_dir: Path) -> list[str]:
         if pending and actual is None and not previous:
             continue  # killed before the rename of a new file: nothing was there
         stage = entry.get("stage")
-        redo = f"; the {stage} stage will run again" if stage else "; it will be rewritten"
+        redo = f"; the {sanitise(stage, 40)} stage will run again" if stage else "; it will be rewritten"
         if actual is None:
             notices.append(f"{path}: missing{redo}")
         else:
-            path.unlink()
+            path.unlink()  # listed in the manifest and inside the folder (checked above): truthmap wrote it
             if actual["size"] != entry.get("size"):
                 what = f"truncated or resized ({actual['size']} bytes, {entry.get('size')} expected)"
             else:
@@ -382,7 +733,7 @@ def _check(run_dir: Path) -> list[str]:
             stale_stages.add(stage)
     if changed:
         _save_manifest()
-    done = read_json(run_dir / STAGES, default={}) if trusted(run_dir / STAGES) else {}
+    done = _stages_json(run_dir)
     if stale_stages & set(done):
         for stage in stale_stages:
             done.pop(stage, None)
@@ -391,6 +742,120 @@ def _check(run_dir: Path) -> list[str]:
         write_json(run_dir / SUMMARY, _summary_from_stages(done))
         notices.append(f"{run_dir / SUMMARY}: rebuilt from {STAGES}")
     return notices
+
+
+def _stages_json(run_dir: Path) -> dict:
+    """stages.json if trusted and well formed (stage -> {fingerprint, seconds, summary}), else {}."""
+    path = Path(run_dir) / STAGES
+    if not trusted(path):
+        return {}
+    try:
+        done = read_json(path)
+    except TruthmapError:
+        return {}
+    if not isinstance(done, dict):
+        return {}
+    return {k: v for k, v in done.items() if isinstance(v, dict)}
+
+
+def _remove_temporaries(run_dir: Path, files: dict) -> None:
+    """Delete the leftover temporary files of killed writes: only names of truthmap's own pattern
+    (``.<name>.<random>.tmp``), only regular files, only in folders truthmap owns (the run folder, its
+    own sub-folders, and the folders of files in the manifest)."""
+    folders = {""} | set(_OWN_FOLDERS) | {key.rpartition("/")[0] for key in files}
+    for folder in sorted(folders):
+        where = run_dir / folder
+        if folder and (os.path.islink(where) or not where.is_dir()):
+            continue
+        try:
+            _check_inside(run_dir, where)
+            entries = list(os.scandir(where))
+        except (OSError, TruthmapError):
+            continue
+        for entry in entries:
+            if _TEMPORARY.match(entry.name) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)  # the unfinished write of a killed run
+
+
+# ---------------------------------------------------------------- readers: a shared lock and verified reads
+
+@dataclass
+class _ReadRun:
+    """A run folder this process reads: its manifest, and the files verified against it so far."""
+
+    root: Path
+    files: dict
+    verified: set = field(default_factory=set)
+
+
+_readers: dict = {}  # root -> _ReadRun
+
+
+@contextmanager
+def reading(run_dir: Path):
+    """Read ``run_dir`` under a shared lock (no writer can change it meanwhile), every file checked
+    against the manifest as it is read (:func:`verify`). Re-entrant: nothing more to do when this
+    process already holds the folder, for writing or reading.
+
+    Refuses (TruthmapError) a folder that is not a run folder, one without a valid manifest (nothing in
+    it can be verified), and one a writer holds.
+    """
+    run_dir = Path(os.path.abspath(run_dir))
+    if (_open is not None and _open.root == run_dir) or run_dir in _readers:
+        yield
+        return
+    if not run_dir.is_dir():
+        raise TruthmapError(f"{run_dir}: no such run folder")
+    check_run_folder(run_dir)
+    manifest = run_dir / MANIFEST
+    try:
+        files = _parse_manifest(manifest.read_bytes())
+    except (OSError, ValueError) as err:
+        reason = "missing" if isinstance(err, OSError) else f"damaged ({sanitise(err, 120)})"
+        raise TruthmapError(f"{manifest}: {reason}, so nothing in {run_dir} can be verified; run "
+                            f"'truthmap run --out {run_dir}' to repair it") from None
+    fd, notices = _lock(run_dir, exclusive=False)
+    _readers[run_dir] = _ReadRun(run_dir, files)
+    try:
+        yield
+    finally:
+        del _readers[run_dir]
+        if fd is not None:
+            os.close(fd)
+
+
+def _reader_of(path: Path) -> tuple[_ReadRun | None, str | None]:
+    path = Path(os.path.abspath(path))
+    for root, run in _readers.items():
+        try:
+            return run, path.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return None, None
+
+
+def verify(path: Path) -> None:
+    """Before reading ``path``: inside a folder this process writes, it must stay inside it; inside a
+    folder it reads, it must be listed in the manifest with the size and checksum it has now."""
+    path = Path(path)
+    if _open is not None and _key(path) is not None:
+        _check_inside(_open.root, path)
+        return
+    run, key = _reader_of(path)
+    if run is None or key in run.verified:
+        return
+    _check_inside(run.root, path)
+    entry = run.files.get(key)
+    if entry is None or "previous" in entry:
+        raise TruthmapError(f"{path}: not in the run's manifest, so not read; run 'truthmap run --out {run.root}' "
+                            f"to finish the run")
+    actual = _describe(path) if path.is_file() else None
+    if actual is None:
+        raise TruthmapError(f"{path}: missing; run 'truthmap run --out {run.root}' to recompute it")
+    if actual["size"] != entry["size"] or actual["sha256"] != entry["sha256"]:
+        raise TruthmapError(f"{path}: damaged (its checksum differs from the manifest's); run "
+                            f"'truthmap run --out {run.root}' to recompute it")
+    run.verified.add(key)
 
 
 # ---------------------------------------------------------------- stages
@@ -442,15 +907,14 @@ def fingerprint(settings: dict, inputs: list[Path]) -> str:
 
 
 def stage_is_current(run_dir: Path, stage: str, print_: str, outputs: list[Path]) -> bool:
-    path = Path(run_dir) / STAGES
-    done = read_json(path, default={}) if trusted(path) else {}
+    done = _stages_json(run_dir)
     return done.get(stage, {}).get("fingerprint") == print_ and all(trusted(p) for p in outputs)
 
 
 def forget_stage(run_dir: Path, stage: str) -> None:
     """Mark ``stage`` unfinished before it rewrites its outputs (so a crash midway is never 'finished')."""
     path = Path(run_dir) / STAGES
-    done = read_json(path, default={}) if trusted(path) else {}
+    done = _stages_json(run_dir)
     if stage in done:
         del done[stage]
         write_json(path, done)
@@ -458,7 +922,7 @@ def forget_stage(run_dir: Path, stage: str) -> None:
 
 def mark_stage_done(run_dir: Path, stage: str, print_: str, seconds: float) -> None:
     path = Path(run_dir) / STAGES
-    done = read_json(path, default={}) if trusted(path) else {}
+    done = _stages_json(run_dir)
     entry = {"fingerprint": print_, "seconds": round(seconds, 3)}
     if _open is not None and stage in _open.stage_fields:
         entry["summary"] = _open.stage_fields[stage]  # to rebuild summary.json should it be lost
@@ -468,10 +932,15 @@ def mark_stage_done(run_dir: Path, stage: str, print_: str, seconds: float) -> N
 
 def update_summary(run_dir: Path, **fields) -> dict:
     path = Path(run_dir) / SUMMARY
-    summary = read_json(path, default={}) if trusted(path) else {}
+    try:
+        summary = read_json(path, default={}) if trusted(path) else {}
+    except TruthmapError:
+        summary = {}
+    if not isinstance(summary, dict):
+        summary = {}
     _merge(summary, fields)
     if _open is not None and _open.stage is not None:
-        _merge(_open.stage_fields.setdefault(_open.stage, {}), json.loads(json.dumps(fields, default=_json_default)))
+        _merge(_open.stage_fields.setdefault(_open.stage, {}), json.loads(dumps(fields)))
     write_json(path, summary)
     return summary
 
@@ -487,8 +956,10 @@ def _merge(summary: dict, fields: dict) -> None:
 def _summary_from_stages(done: dict) -> dict:
     summary = {}
     for name, entry in done.items():
-        _merge(summary, entry.get("summary", {}))
-    summary["stage_seconds"] = {name: round(entry.get("seconds", 0.0), 2) for name, entry in done.items()}
+        if isinstance(entry.get("summary"), dict):
+            _merge(summary, entry["summary"])
+    summary["stage_seconds"] = {name: round(entry["seconds"], 2) if isinstance(entry.get("seconds"), (int, float)) else None
+                                for name, entry in done.items()}
     return summary
 
 
@@ -502,7 +973,10 @@ class ChunkStore:
     def __init__(self, folder: Path, key: str):
         self.folder = Path(folder)
         plan_path = self.folder / "plan.json"
-        plan = read_json(plan_path) if trusted(plan_path) else None
+        try:
+            plan = read_json(plan_path) if trusted(plan_path) else None
+        except TruthmapError:
+            plan = None
         if not isinstance(plan, dict) or plan.get("key") != key:
             remove(self.folder)
             plan = {"key": key}

@@ -43,12 +43,13 @@ def resolve_run(name: str, model: str | None = None) -> Path:
 
 def task_name(run_dir: Path) -> str:
     """The task a run studied: its dataset's name (the folder name when the dataset is a path)."""
-    dataset = rf.read_json(run_dir / rf.CONFIG, default={}).get("dataset") or run_dir.name
+    dataset = rf.read_json_object(run_dir / rf.CONFIG, default={}).get("dataset") or run_dir.name
+    dataset = dataset if isinstance(dataset, str) else run_dir.name
     return Path(dataset).stem if ("/" in dataset or "." in dataset) else dataset
 
 
 def check_same_model(runs: list[Path]) -> str:
-    models = {str(r): rf.read_json(r / rf.CONFIG, default={}).get("model") for r in runs}
+    models = {str(r): rf.read_json_object(r / rf.CONFIG, default={}).get("model") for r in runs}
     if len(set(models.values())) > 1:
         listing = ", ".join(f"{r}: {m}" for r, m in models.items())
         raise TruthmapError(f"transfer needs runs of one model; these differ ({listing})")
@@ -67,7 +68,7 @@ def transfer_table(train_runs: list[Path], test_runs: list[Path], site: str, lay
     if len(set(names.values())) < len(runs):  # two runs of one task: tell them apart by folder
         names = {r: f"{task_name(r)} ({r.name})" for r in runs}
     data = {r: cell_data(r, site, layer, position) for r in runs}
-    splits = {r: rf.read_json(r / rf.SPLITS)["seeds"] for r in runs}
+    splits = {r: rf.read_splits(r / rf.SPLITS)["seeds"] for r in runs}
     rows = []
     for train_run in train_runs:
         ids, X, y = data[train_run]
@@ -127,13 +128,39 @@ def plot_matrix(grid: pd.DataFrame, path: Path, title: str) -> None:
 def run_transfer(train: list[str], test: list[str], site: str, layer: int, position: str, out: str | None = None,
                  model: str | None = None, C: float = 1.0, n_boot: int = 1000) -> tuple[Path, pd.DataFrame]:
     """Resolve the runs, compute the table and matrix, write them; return (out folder, matrix)."""
+    from contextlib import ExitStack
+
+    from .resample import check_cell
+
+    check_cell(site, layer, position, "--site/--layer/--position")
     train_runs = [resolve_run(t, model) for t in train]
     test_runs = [resolve_run(t, model) for t in test]
-    table = transfer_table(train_runs, test_runs, site, layer, position, C, n_boot)
+    with ExitStack() as held:  # each run read under its shared lock, every file checked against its manifest
+        for run in dict.fromkeys(train_runs + test_runs):
+            held.enter_context(rf.reading(run))
+        table = transfer_table(train_runs, test_runs, site, layer, position, C, n_boot)
     out_dir = Path(out) if out else train_runs[0] / "transfer"
+    _refuse_foreign_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = matrix(table)
     rf.write_csv(out_dir / "transfer.csv", table)
     rf.write_csv(out_dir / "transfer_matrix.csv", grid.reset_index().rename(columns={"train": "train \\ test"}))
     plot_matrix(grid, out_dir / "transfer.png", f"transfer · {site} layer {layer} · {position}")
     return out_dir, grid
+
+
+OUTPUTS = ("transfer.csv", "transfer_matrix.csv", "transfer.png")
+
+
+def _refuse_foreign_folder(out: Path) -> None:
+    """The outputs go only into a new or empty folder, or one holding nothing but earlier outputs."""
+    import os
+
+    if os.path.islink(out) or any(os.path.islink(out / name) for name in OUTPUTS):
+        raise TruthmapError(f"{out}: a symbolic link; truthmap writes through none")
+    if out.exists() and not out.is_dir():
+        raise TruthmapError(f"{out}: not a folder; give another --to")
+    foreign = [p.name for p in out.iterdir() if p.name not in OUTPUTS and not p.name.endswith(".tmp")] if out.exists() else []
+    if foreign:
+        raise TruthmapError(f"{out}: holds files truthmap did not write ({', '.join(sorted(foreign)[:3])}); "
+                            f"nothing touched; give another --to")

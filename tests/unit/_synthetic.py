@@ -56,6 +56,21 @@ def make_run(folder: Path, n: int = 120, d: int = 8, layers: int = 3, seed: int 
              "sites": {"residual": {"layers": list(range(layers)),
                                     "shards": [{"file": "residual/shard-00000.npy", "start": 0, "stop": n}]}}}
     (folder / "activations" / "index.json").write_text(json.dumps(index))
+    return seal(folder)
+
+
+def seal(folder: Path, stage: str = "label") -> Path:
+    """List every file of ``folder`` in its manifest, as truthmap does when it writes them: a synthetic run
+    folder that readers accept (they verify each file read against the manifest)."""
+    import hashlib
+
+    files = {}
+    for path in sorted(Path(folder).rglob("*")):
+        key = path.relative_to(folder).as_posix()
+        if path.is_file() and key not in ("manifest.json", "lock"):
+            files[key] = {"size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                          "stage": stage}
+    (Path(folder) / "manifest.json").write_text(json.dumps({"version": 1, "files": files}))
     return folder
 
 

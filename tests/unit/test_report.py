@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from _synthetic import seal
+
 from truthmap.cli import app
 from truthmap.plot import best_region
 from truthmap.probe import auc_score, mean_over_seeds
@@ -83,7 +85,7 @@ def make_run(folder, n=40, layers=(0, 1, 2), positions=POSITIONS, seeds=(0, 1), 
         "accuracy": float(correct.mean()), "stage_seconds": {"generate": 1.5, "probe": 0.5},
         "families": {pick(2, "addition"): {"n": n, "accuracy": 0.5, "valid_exact_answer_rate": 1.0}},
     }))
-    return folder
+    return seal(folder)
 
 
 def page_data(path) -> dict:
@@ -197,6 +199,7 @@ def test_baseline_rows_are_listed_beside_not_in_the_map(run_dir, tmp_path):
     extra = pd.DataFrame([["baseline", 0, "logits_mean", seed, 0.61 + seed / 100, 0.55, 0.67, 0.6, 20, 20]
                           for seed in (0, 1)], columns=results.columns[:10])
     pd.concat([results, extra]).to_csv(run_dir / "probe_results.csv", index=False)
+    seal(run_dir)
     run = page_data(write_report([run_dir], tmp_path / "r.html"))["runs"][0]
     assert list(run["sites"]) == ["residual"]
     assert [(b["name"], b["auc"]) for b in run["baselines"]] == [("logits_mean", pytest.approx(0.615))]
@@ -222,6 +225,12 @@ def test_a_folder_without_probe_results_is_a_clear_error(tmp_path, capsys):
         app(["report", str(tmp_path / "empty")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
+    assert "manifest.json: missing, so nothing in" in err and "Traceback" not in err  # an unverified folder
+    (tmp_path / "started").mkdir()
+    seal(tmp_path / "started")
+    with pytest.raises(SystemExit):
+        app(["report", str(tmp_path / "started")])
+    err = capsys.readouterr().err
     assert "probe_results.csv: missing" in err and "Traceback" not in err
 
 
@@ -236,6 +245,11 @@ def test_a_1000_question_run_fits_in_5_mb(tmp_path):
 
 def test_a_damaged_auc_table_is_a_clear_error(run_dir, capsys):
     (run_dir / "probe_results.csv").write_text("site,layer\nresidual,0\n")
+    with pytest.raises(SystemExit):
+        app(["report", str(run_dir), "--out", str(run_dir.parent / "r.html")])
+    err = capsys.readouterr().err
+    assert "probe_results.csv: damaged (its checksum differs" in err and "Traceback" not in err
+    seal(run_dir)  # the same table as if truthmap had written it: its content is checked too
     with pytest.raises(SystemExit):
         app(["report", str(run_dir), "--out", str(run_dir.parent / "r.html")])
     err = capsys.readouterr().err

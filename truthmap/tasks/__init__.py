@@ -250,9 +250,13 @@ def text(record: dict, dotted: str, what: str = "text", hint: str = "") -> str:
 def _as_list(value):
     """A list from a list, an array, or a string holding a JSON / Python list literal; else the value."""
     if isinstance(value, str) and value.strip().startswith("["):
+        from ..runfolder import parse_json
+
+        if value.count("[") > 100 and value.strip().startswith("[" * 101):
+            raise RecursionError  # deeper than any answer list; refused before a parser recurses
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
+            return parse_json(value)
+        except ValueError:
             try:
                 return ast.literal_eval(value.strip())  # "['a', 'b']" as written by Python; literals only
             except (ValueError, SyntaxError):
@@ -264,7 +268,10 @@ def _as_list(value):
 
 def gold(record: dict, dotted: str, hint: str = "") -> list[str]:
     """A gold cell as a non-empty list of strings: a list, a JSON list in a string, or one string."""
-    value = _as_list(get(record, dotted, hint))
+    try:
+        value = _as_list(get(record, dotted, hint))
+    except (RecursionError, MemoryError):  # a list literal nested too deep for the parser
+        raise BadRow(dotted, "a list nested too deeply to read") from None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and not (isinstance(value, float) and math.isnan(value)):
         value = [str(value)]
     if isinstance(value, str):
