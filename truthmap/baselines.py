@@ -192,10 +192,14 @@ LEARNED = ("family_rate", "subgroup_rate", "surface")  # fitted on the train par
 
 def surface_features(answers: pd.DataFrame) -> np.ndarray:
     """``[N, k]`` what an answer looks like from outside, nothing the model holds inside: its length in
-    tokens, its exact answer's length in characters, the route that found the exact answer (one-hot:
-    ``exact_answer_reason``) and whether it stopped on its own (end of turn before the token limit)."""
-    reasons = answers["exact_answer_reason"].astype(str)
-    routes = pd.get_dummies(reasons).to_numpy(dtype=float)
+    tokens, its exact answer's length in characters, the route of the exact-answer rules (one-hot:
+    ``locator_route``, the route taken without the gold answer — ``exact_answer_reason`` would give the
+    label away, as a right answer's exact answer is always its gold alias) and whether it stopped on its
+    own (end of turn before the token limit)."""
+    if "locator_route" in answers.columns:
+        routes = pd.get_dummies(answers["locator_route"].astype(str)).to_numpy(dtype=float)
+    else:  # a table without the label-blind route: no route feature rather than a leak of the label
+        routes = np.zeros((len(answers), 0))
     length = answers["n_answer_tokens"].to_numpy(dtype=float)[:, None]
     exact = np.where(answers["exact_answer_valid"], answers["exact_answer_end"] - answers["exact_answer_start"], 0)
     stopped = answers["stopped"].astype(float).to_numpy()[:, None] if "stopped" in answers.columns \

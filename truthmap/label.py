@@ -442,6 +442,9 @@ def label_answers(
                 "exact_answer": text or "",
                 "exact_answer_valid": text is not None,
                 "exact_answer_reason": reason,
+                # the route the rules take without the gold answer: the same rule for right and wrong answers
+                "locator_route": reason if reason != "gold_alias" else
+                find_exact_answer(row.answer, row.question, [], row.answer_type, vocab)[3],
                 "exact_answer_start": start if text is not None else -1,
                 "exact_answer_end": end if text is not None else -1,
                 "n_prompt_tokens": len(row.prompt_ids),

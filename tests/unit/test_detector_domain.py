@@ -2,7 +2,7 @@
 
 import json
 
-from _synthetic import make_run
+from _synthetic import make_run, seal
 from truthmap.detector import export_detector
 
 
@@ -10,6 +10,7 @@ def test_the_card_names_its_domain_and_the_runs_protocol(tmp_path):
     run = make_run(tmp_path / "run")
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "protocol": "reference"}))
+    seal(run)  # as truthmap would have listed the file it wrote
     card = json.loads((export_detector(run, "residual", 1, "-1", tmp_path / "det") / "card.json").read_text())
     domain = card["domain"]
     assert domain["protocol"] == "reference" and "reference" in domain["answers"]

@@ -119,6 +119,8 @@ def test_label_answers_table(tokenizer):
     assert answers.exact_answer.tolist() == ["Paris", "Douala", ""]
     assert answers.exact_answer_valid.tolist() == [True, True, False]
     assert answers.exact_answer_reason.tolist() == ["gold_alias", "vocabulary", "refusal"]  # "I am not sure."
+    # the route without the gold answer: the right answer's "Paris" is found as the wrong answer's "Douala" is
+    assert answers.locator_route.tolist() == ["vocabulary", "vocabulary", "refusal"]
     row = answers.iloc[1]
     full = prompt + list(generations.answer_ids[1])
     assert tokenizer.decode(full[row.pos_exact_answer_first : row.pos_exact_answer_last + 1]).strip() == "Douala"
