@@ -551,7 +551,8 @@ def _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary,
         "test_size": len(test_ids), "test_auc": auc,
         "positive_class": "error (the answer is wrong)", "threshold_rule": "flag when P(error) >= threshold",
         "prompt_prefix": prefix, "prompt_suffix": suffix, "max_new_tokens": int(max_new_tokens),
-        "run": str(run_dir), "test_ids": test_ids, "truthmap": __version__,
+        # the run folder's name, not its path: a card is meant to be shared, a machine's paths are not
+        "run": run_dir.resolve().name, "test_ids": test_ids, "truthmap": __version__,
         "domain": domain(config["model"], task, protocol, int(max_new_tokens)),
     }
     return detector.save(out)
@@ -570,12 +571,13 @@ def domain(model: str, task: str, protocol: str, max_new_tokens: int) -> dict:
     }
 
 
-def check_card_auc(detector: Detector, run_dir: str | Path | None = None) -> tuple[float, float]:
-    """(test AUC recomputed from the run's stored features, AUC on the card): equal for an intact detector."""
+def check_card_auc(detector: Detector, run_dir: str | Path) -> tuple[float, float]:
+    """(test AUC recomputed from the stored features of ``run_dir``, the run the detector was exported
+    from; AUC on the card): equal for an intact detector."""
     from .probe import auc_score
 
     card = detector.card
-    run_dir = Path(run_dir or card["run"])
+    run_dir = Path(run_dir)
     ids, X, y = cell_data(run_dir, card["site"], card["layer"], card["position"])
     row = {i: k for k, i in enumerate(ids)}
     rows = [row[i] for i in card["test_ids"]]

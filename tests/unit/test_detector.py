@@ -68,10 +68,11 @@ def test_export_reloads_in_a_fresh_process_with_the_same_auc(tmp_path):
     validation = len(set(splits["validation"]) - without_position)  # chooses cells; neither trains nor tests
     assert card["train_size"] + card["test_size"] == 115 - validation
     code = ("import truthmap; from truthmap.detector import check_card_auc; "
-            f"print(*check_card_auc(truthmap.Detector.load({str(folder)!r})))")
+            f"print(*check_card_auc(truthmap.Detector.load({str(folder)!r}), {str(run)!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert float(out[0]) == float(out[1]) == card["test_auc"]
-    assert check_card_auc(Detector.load(folder)) == (card["test_auc"], card["test_auc"])
+    assert check_card_auc(Detector.load(folder), run) == (card["test_auc"], card["test_auc"])
+    assert card["run"] == "run" and str(tmp_path) not in (folder / "card.json").read_text()  # no machine path
 
 
 def test_prompt_frame_recovers_the_text_around_the_question(tmp_path):
