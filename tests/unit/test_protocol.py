@@ -161,7 +161,7 @@ def test_the_protocol_is_a_setting_with_a_clear_error():
 def test_the_cli_flag_reaches_the_generate_stage(tmp_path, monkeypatch):
     seen = {}
 
-    def fake_run_stages(config, stages=None, force=False):
+    def fake_run_stages(config, stages=None, force=False, given=None):
         seen["protocol"] = config.protocol
         return tmp_path
 
