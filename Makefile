@@ -20,10 +20,10 @@ demo: $(VENV)/.installed
 	$(BIN)/truthmap run $(DEMO_ARGS)
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: $(VENV)/.installed
-	$(BIN)/python -m pytest -q tests -m "not model"
+	$(BIN)/python -m pytest -q --durations=15 tests -m "not model"
 
 # the browser tests drive Debian's Chromium (Playwright's own browser download is not used); needs root
 chromium:

@@ -11,8 +11,11 @@ def default_model():
 
 
 @pytest.fixture(scope="session")
-def tokenizer(default_model):
-    return default_model.tokenizer
+def tokenizer():
+    """The embedded default model's tokenizer alone: unit tests of grading and positions load no weights."""
+    from truthmap.models import load_tokenizer
+
+    return load_tokenizer()
 
 
 # One small whole study, shared by the model-backed tests that read a run folder (the end-to-end

@@ -148,6 +148,19 @@ def load_model(
     return _LOADED[key]
 
 
+def load_tokenizer(model_id: str = DEFAULT_MODEL, trust_remote_code: bool = False):
+    """The tokenizer of ``model_id`` alone, no weights (what grading and position finding need)."""
+    from transformers import AutoTokenizer
+
+    source, gguf_file = resolve_model(model_id)
+    kwargs = {"trust_remote_code": trust_remote_code, **({"gguf_file": gguf_file} if gguf_file else {})}
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TruthmapError(f"model '{model_id}': its tokenizer could not be loaded ({first_line})") from None
+
+
 def _load(model_id, dtype, device, device_map, trust_remote_code, attn_implementation) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
