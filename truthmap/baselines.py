@@ -143,6 +143,121 @@ def p_true(lm, questions: list[str], proposed: list[str | None], batch_size: int
     return out
 
 
+def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, r in enumerate(rows):
+        ids[row, : len(r)] = torch.tensor(r)
+        mask[row, : len(r)] = 1
+    return ids, mask
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """Tokens all ``rows`` begin with, leaving each at least one token of its own."""
+    n = min(len(r) for r in rows) - 1
+    for k in range(n):
+        if any(r[k] != rows[0][k] for r in rows[1:]):
+            return k
+    return max(n, 0)
+
+
+def _plain_cache(cache) -> bool:
+    """A cache whose rows can be repeated for several continuations (every layer a plain dynamic layer)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _cache_argument(lm) -> str:
+    """The name the model's forward gives its KV cache (``past_key_values``, or ``cache`` in newer transformers)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(lm.model.base_model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def _last_hidden_shared(lm, groups: list[list[list[int]]]) -> torch.Tensor:
+    """The last position's final hidden state of every prompt of ``groups`` but each group's last (which
+    only marks how far the group's prompts agree): each group's shared beginning runs once, and its KV
+    cache serves all its prompts. None where the model's cache cannot be shared."""
+    pad = lm.tokenizer.pad_token_id
+    device = lm.device
+    cut = [_common_prefix(g) for g in groups]
+    if min(cut) == 0 or max(cut) == 0:  # a group with nothing to share
+        return None
+    prefix_ids, prefix_mask = _right_pad([g[0][:c] for g, c in zip(groups, cut)], pad)
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    lm.model.base_model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+                        position_ids=torch.arange(prefix_ids.shape[1])[None].expand_as(prefix_ids).to(device),
+                        **{_cache_argument(lm): cache}, use_cache=True)
+    if not _plain_cache(cache):
+        return None
+    owner = [g for g, group in enumerate(groups) for _ in group[:-1]]
+    suffixes = [prompt[cut[g]:] for g, group in enumerate(groups) for prompt in group[:-1]]
+    cache.reorder_cache(torch.tensor(owner, device=device))
+    suffix_ids, suffix_mask = _right_pad(suffixes, pad)
+    start = torch.tensor([cut[g] for g in owner])[:, None]
+    hidden = lm.model.base_model(
+        input_ids=suffix_ids.to(device),
+        attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=1).to(device),
+        position_ids=(start + torch.arange(suffix_ids.shape[1])[None]).to(device),
+        **{_cache_argument(lm): cache}, use_cache=True,
+    ).last_hidden_state
+    return hidden[torch.arange(len(suffixes)), torch.tensor([len(s) - 1 for s in suffixes])]
+
+
+@torch.inference_mode()
+def _last_hidden(lm, prompts: list[list[int]]) -> torch.Tensor:
+    """The last position's final hidden state of each prompt, in one right-padded pass."""
+    ids, _ = _right_pad(prompts, lm.tokenizer.pad_token_id)
+    hidden = lm.model.base_model(input_ids=ids.to(lm.device), use_cache=False).last_hidden_state
+    return hidden[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])]
+
+
+@torch.inference_mode()
+def p_true_variants(lm, questions: list[str], variants: list[list[str | None]], batch_size: int = 16,
+                    share_prefix: bool = True) -> np.ndarray:
+    """:func:`p_true` of several proposed answers per question (``variants[v][i]``), float ``[V, N]``.
+
+    All proposals of a question go in one batched pass: their shared beginning (the question) runs once
+    and its KV cache serves each proposal (``share_prefix``, where the model's cache allows it), and only
+    each prompt's last position goes through the LM head.
+    """
+    from .generate import encode_prompt
+
+    a_ids, b_ids = letter_token_ids(lm.tokenizer)
+    if not a_ids or not b_ids:
+        raise TruthmapError(f"model '{lm.model_id}': its tokenizer has no token for the option letters A/B")
+    out = np.full((len(variants), len(questions)), np.nan)
+    prompts, probe = {}, {}
+    for i, question in enumerate(questions):
+        for v, proposed in enumerate(variants):
+            if proposed[i]:
+                prompts[(v, i)] = encode_prompt(lm.tokenizer, p_true_prompt(lm.tokenizer, question, proposed[i]))
+        if share_prefix:  # ends where any proposal would begin: what a question's prompts share
+            probe[i] = encode_prompt(lm.tokenizer, p_true_prompt(lm.tokenizer, question, "?"))
+    keys_of = {i: [(v, i) for v in range(len(variants)) if (v, i) in prompts] for i in range(len(questions))}
+    todo = sorted((i for i in keys_of if keys_of[i]), key=lambda i: max(len(prompts[key]) for key in keys_of[i]))
+    head = lm.model.get_output_embeddings()
+    for start in range(0, len(todo), batch_size):
+        keys = [key for i in todo[start : start + batch_size] for key in keys_of[i]]
+        last = None
+        if share_prefix:
+            groups = [[prompts[key] for key in keys_of[i]] + [probe[i]] for i in todo[start : start + batch_size]]
+            last = _last_hidden_shared(lm, groups)
+        if last is None:  # a cache that cannot be shared (sliding windows, linear attention …)
+            last = _last_hidden(lm, [prompts[key] for key in keys])
+        probs = torch.softmax(head(last).float(), dim=-1)  # the LM head on the last position only
+        mass_a, mass_b = probs[:, a_ids].sum(-1), probs[:, b_ids].sum(-1)
+        score = (mass_b / (mass_a + mass_b).clamp(min=1e-30)).cpu().numpy()
+        for (v, i), value in zip(keys, score):
+            out[v, i] = value
+    return out
+
+
 # ---------------------------------------------------------------------- all model-based scores
 
 def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progress: bool = False) -> pd.DataFrame:

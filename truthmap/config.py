@@ -13,6 +13,7 @@ from .label import DEFAULT_POSITIONS, MIN_PER_CLASS, check_positions
 from .models import DEFAULT_MODEL, SITES
 
 ALSO = ("attention",)  # optional passes of `truthmap run`
+EXTRACT_MODES = ("onepass", "separate")  # read states while generating (capture.py), or in a pass of their own
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Config:
     min_per_class: int = MIN_PER_CLASS  # fewest right (and wrong) answers a train or test split may hold
     progress: bool = True
     also: list[str] = field(default_factory=list)  # extra views of `run`: "attention" (attention heatmap)
+    extract: str = "onepass"  # onepass: states and token scores read while generating; separate: passes of their own
     # Ray (truthmap/distributed.py, docs/scaling.md): generation and extraction on workers of a Ray cluster
     ray: str | None = None  # None: one process; "local": a new one-machine cluster; "auto" or "ray://HOST:10001"
     ray_workers: int | None = None  # at most this many workers (each loads the model); None: as many as fit
@@ -61,6 +63,8 @@ class Config:
             raise TruthmapError("seeds: give at least one seed")
         if not 0.05 <= self.test_fraction <= 0.95:
             raise TruthmapError(f"test_fraction {self.test_fraction}: use a value between 0.05 and 0.95")
+        if self.extract not in EXTRACT_MODES:
+            raise TruthmapError(f"extract '{self.extract}': use one of {', '.join(EXTRACT_MODES)}")
         if self.on_bad_row not in ("error", "skip"):
             raise TruthmapError(f"on_bad_row '{self.on_bad_row}': use error or skip")
         if self.min_per_class < 2:

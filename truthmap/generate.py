@@ -17,6 +17,8 @@ chat template's start and its generation prompt stay whole (``long_prompts="trun
 
 from __future__ import annotations
 
+import contextlib
+
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -133,24 +135,27 @@ def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
 
 
 @torch.inference_mode()
-def _generate_batch(lm, batch, max_new_tokens, stop_ids, sample=None):
+def _generate_batch(lm, batch, max_new_tokens, stop_ids, sample=None, capture=None):
     input_ids, mask = _left_pad(batch, lm.tokenizer.pad_token_id)
     device = lm.device
     kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     if sample is not None:  # (temperature, torch.Generator seed) for resampling
         kwargs = dict(do_sample=True, temperature=sample[0], top_p=1.0, top_k=0)
-    out = lm.model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        max_new_tokens=max_new_tokens,
-        pad_token_id=lm.tokenizer.pad_token_id,
-        eos_token_id=stop_ids,
-        **kwargs,
-    )
+    kwargs.update(max_new_tokens=max_new_tokens, eos_token_id=stop_ids)
+    # with a capture (capture.py), hooks read the states and token scores as the model answers
+    hooks = capture.batch(len(batch), max_new_tokens, stop_ids) if capture is not None else None
+    if hooks is not None:
+        kwargs.update(hooks.generate_kwargs(input_ids.shape[1], stop_ids))
+    with hooks if hooks is not None else contextlib.nullcontext():
+        out = lm.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                pad_token_id=lm.tokenizer.pad_token_id, **kwargs)
     results = []
     for row in out[:, input_ids.shape[1] :].tolist():
+        row = row[:max_new_tokens]  # a capturing generation runs one token further
         stop = next((i for i, t in enumerate(row) if t in stop_ids), None)
         results.append((row if stop is None else row[: stop + 1], stop is not None))
+    if hooks is not None:
+        capture.add(hooks.results([len(ids) for ids, _ in results]))
     return results
 
 
@@ -162,6 +167,7 @@ def generate_answers(
     progress: bool = True,
     sample: tuple[float, int] | None = None,
     chunks=None,
+    capture=None,
 ) -> list[tuple[list[int], bool]]:
     """Answer ids and stopped-flag for each prompt, in the order given.
 
@@ -174,6 +180,9 @@ def generate_answers(
     When ``lm`` is a model held by Ray workers (:class:`truthmap.distributed.RemoteModel`), the chunks
     are answered there, several at once, by :func:`answer_prompts`, the function used here; they are
     saved, and the answers returned, in the same order, so the result is the same.
+
+    ``capture`` (a :class:`truthmap.capture.ChunkCapture`, with ``chunks``) reads the hidden states and
+    token scores of each answer while it is generated; not with Ray workers or sampled answers.
     """
     workers = getattr(lm, "workers", None)
     room = prompt_room(lm, max_new_tokens)
@@ -191,6 +200,10 @@ def generate_answers(
         batch_size = workers.auto_batch_size(longest) if workers is not None else auto_batch_size(lm, longest)
     if chunks is not None:
         batch_size = chunks.setting("batch_size", batch_size)
+    if capture is not None and (chunks is None or workers is not None or sample is not None):
+        capture = None  # Ray workers and sampled answers are read by the separate pass
+    if capture is not None:
+        capture.start(batch_size, max_new_tokens)
     # workers split even an unsaved generation into chunks: whole batches, so the same batches
     chunk_rows = CHUNK_BATCHES * batch_size if chunks is not None or workers is not None else max(len(order), 1)
     plan = [order[first : first + chunk_rows] for first in range(0, len(order), chunk_rows)]
@@ -202,6 +215,8 @@ def generate_answers(
         if saved is not None and saved["row"].tolist() == rows:
             for i, ids, stopped in zip(rows, saved["answer_ids"], saved["stopped"]):
                 results[i] = (list(ids), bool(stopped))
+            if capture is not None:
+                capture.read_chunk(saved)
             bar.update(len(rows))
         else:
             todo.append(k)
@@ -211,7 +226,7 @@ def generate_answers(
         stop_ids = end_of_turn_ids(lm)
         for k in todo:
             answers, size = answer_prompts(lm, [prompt_ids[i] for i in plan[k]], max_new_tokens, size, stop_ids,
-                                           sample, bar)
+                                           sample, bar, capture)
             yield k, answers
 
     if workers is None:
@@ -223,21 +238,22 @@ def generate_answers(
         for i, answer in zip(plan[k], answers):
             results[i] = answer
         if chunks is not None:
-            chunks.put(k, pd.DataFrame({"row": plan[k], "answer_ids": [results[i][0] for i in plan[k]],
-                                        "stopped": [results[i][1] for i in plan[k]]}))
+            frame = pd.DataFrame({"row": plan[k], "answer_ids": [results[i][0] for i in plan[k]],
+                                  "stopped": [results[i][1] for i in plan[k]]})
+            chunks.put(k, capture.finish_chunk(k, frame) if capture is not None else frame)
     bar.close()
     return results
 
 
 def answer_prompts(lm: LoadedModel, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
-                   stop_ids: list[int], sample=None, bar=None) -> tuple[list[tuple[list[int], bool]], int]:
+                   stop_ids: list[int], sample=None, bar=None, capture=None) -> tuple[list[tuple[list[int], bool]], int]:
     """(answer ids, stopped) of each prompt, in consecutive batches of ``batch_size``, and the batch size
     left after halving it on CUDA out-of-memory errors (finished batches are kept)."""
     results, start = [], 0
     while start < len(prompt_ids):
         batch = prompt_ids[start : start + batch_size]
         try:
-            results += _generate_batch(lm, batch, max_new_tokens, stop_ids, sample)
+            results += _generate_batch(lm, batch, max_new_tokens, stop_ids, sample, capture)
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise
@@ -263,11 +279,14 @@ def run_generate(
     progress: bool = True,
     chunks=None,
     long_prompts: str = "truncate",
+    capture_sites: list[str] | None = None,
 ) -> pd.DataFrame:
     """The generations table for ``questions`` (see the module docstring for its columns).
 
     ``chunks``: a ChunkStore that makes the generation resumable; ``long_prompts``: what to do with a
-    prompt too long for the context, ``truncate`` (cut its middle) or ``skip`` (leave the question out).
+    prompt too long for the context, ``truncate`` (cut its middle) or ``skip`` (leave the question out);
+    ``capture_sites``: read these sites' states and the token scores while answering (capture.py; with
+    ``chunks`` only), which adds the columns ``token_prob`` and ``token_entropy``.
     """
     if long_prompts not in LONG_PROMPTS:
         raise TruthmapError(f"long_prompts '{long_prompts}': use one of {', '.join(LONG_PROMPTS)}")
@@ -289,7 +308,13 @@ def run_generate(
                 cut[i] = len(p) - room
                 prompt_ids[i] = fit_prompt(p, room)
                 prompts[i] = lm.tokenizer.decode(prompt_ids[i], skip_special_tokens=False)
-    answers = generate_answers(lm, prompt_ids, max_new_tokens, batch_size, progress, chunks=chunks)
+    capture = None
+    if capture_sites and chunks is not None:
+        from .capture import ChunkCapture
+
+        capture = ChunkCapture(lm, chunks, capture_sites)
+    answers = generate_answers(lm, prompt_ids, max_new_tokens, batch_size, progress, chunks=chunks, capture=capture)
+    scores = capture.columns(len(answers)) if capture is not None and capture.plan is not None else {}
     return pd.DataFrame(
         {
             "id": ids,
@@ -299,5 +324,6 @@ def run_generate(
             "answer_ids": [a for a, _ in answers],
             "answer": [decode_answer(lm.tokenizer, a) for a, _ in answers],
             "stopped": [s for _, s in answers],
+            **scores,
         }
     )
