@@ -260,13 +260,26 @@ def p_true_variants(lm, questions: list[str], variants: list[list[str | None]], 
 
 # ---------------------------------------------------------------------- all model-based scores
 
-def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
-    """The model-based baseline scores of every answer (one row per answer, ``id`` first)."""
+def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progress: bool = False,
+                   one_pass: bool = True) -> pd.DataFrame:
+    """The model-based baseline scores of every answer (one row per answer, ``id`` first).
+
+    ``one_pass``: the token scores read while generating (``generations.parquet``'s ``token_prob`` and
+    ``token_entropy``, capture.py) are used where present, and only the other answers go through the
+    token-statistics pass; both p(True) variants share one pass. Otherwise (``--extract separate``)
+    the token statistics and each p(True) variant have a pass of their own. ``scores.attrs["seconds"]``
+    says how long each part took.
+    """
+    import time
+
     from .label import char_span_to_tokens, token_char_spans
 
-    table = answers.merge(generations[["id", "prompt_ids", "answer_ids"]], on="id", how="left", validate="one_to_one")
-    sequences = [list(p) + list(a) for p, a in zip(table.prompt_ids, table.answer_ids)]
-    stats = token_statistics(lm, sequences, [len(p) for p in table.prompt_ids])
+    columns = ["id", "prompt_ids", "answer_ids"] + [c for c in ("token_prob", "token_entropy")
+                                                     if one_pass and c in generations.columns]
+    table = answers.merge(generations[columns], on="id", how="left", validate="one_to_one")
+    started = time.perf_counter()
+    stats = _token_statistics_of(lm, table)
+    seconds = {"token_statistics": time.perf_counter() - started}
     special = set(lm.tokenizer.all_special_ids)
     rows = []
     for row, (prob, entropy) in zip(table.itertuples(), stats):
@@ -282,10 +295,32 @@ def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progres
                      **summarise_tokens(prob, entropy, exact & content, "_exact")})
     scores = pd.DataFrame(rows)
     questions = table["question"].tolist()
-    scores["p_true_exact"] = p_true(lm, questions, [e if v else None for e, v in
-                                                    zip(table.exact_answer, table.exact_answer_valid)])
-    scores["p_true_answer"] = p_true(lm, questions, [a if a.strip() else None for a in table.answer])
+    exact = [e if v else None for e, v in zip(table.exact_answer, table.exact_answer_valid)]
+    whole = [a if a.strip() else None for a in table.answer]
+    started = time.perf_counter()
+    if one_pass:
+        scores["p_true_exact"], scores["p_true_answer"] = p_true_variants(lm, questions, [exact, whole])
+    else:
+        scores["p_true_exact"], scores["p_true_answer"] = p_true(lm, questions, exact), p_true(lm, questions, whole)
+    seconds["p_true"] = time.perf_counter() - started
+    scores.attrs["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     return scores
+
+
+def _token_statistics_of(lm, table: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(token probabilities, entropies) of each answer: read while generating where ``table`` has them
+    (one per answer token), else by :func:`token_statistics`."""
+    stats: list = [None] * len(table)
+    if "token_prob" in table.columns:
+        for i, (answer, prob, entropy) in enumerate(zip(table.answer_ids, table.token_prob, table.token_entropy)):
+            if prob is not None and entropy is not None and len(prob) == len(answer) == len(entropy):
+                stats[i] = (np.asarray(prob, dtype=np.float32), np.asarray(entropy, dtype=np.float32))
+    todo = [i for i, s in enumerate(stats) if s is None]
+    if todo:
+        sequences = [list(table.prompt_ids.iloc[i]) + list(table.answer_ids.iloc[i]) for i in todo]
+        for i, found in zip(todo, token_statistics(lm, sequences, [len(table.prompt_ids.iloc[i]) for i in todo])):
+            stats[i] = found
+    return stats
 
 
 def group_rates(answers: pd.DataFrame, train_ids: set, keys: list[str]) -> np.ndarray:

@@ -210,14 +210,14 @@ class ChunkCapture:
     fixed by the run that began it (``plan.json``), and each chunk's states are written just before
     the chunk itself, so a finished chunk has its capture unless that write was lost."""
 
-    def __init__(self, lm, chunks, sites: list[str]):
-        self.lm, self.chunks, self.sites = lm, chunks, list(sites)
+    def __init__(self, lm, chunks, sites: list[str], budget: int | None = None):
+        self.lm, self.chunks, self.sites, self.budget = lm, chunks, list(sites), budget
         self.plan: CapturePlan | None = None
         self.pending: list[dict] = []  # the finished batches of the chunk being generated
         self.stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # row -> (token_prob, token_entropy)
 
     def start(self, batch_size: int, max_new_tokens: int) -> None:
-        proposed = capture_plan(self.lm, self.sites, batch_size, max_new_tokens)
+        proposed = capture_plan(self.lm, self.sites, batch_size, max_new_tokens, self.budget or CAPTURE_BYTES)
         saved = self.chunks.setting("capture", proposed.to_dict() if proposed else None)
         self.plan = CapturePlan(tuple(saved["sites"]), saved["head"], saved["tail"]) if saved else None
 

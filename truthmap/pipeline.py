@@ -214,12 +214,15 @@ def stage_baselines(config: Config, run_dir: Path, models: _ModelHolder, force: 
 
     def work():
         answers = rf.read_parquet(run_dir / rf.ANSWERS)
-        scores = bl.compute_scores(models.lm, answers, rf.read_parquet(run_dir / rf.GENERATIONS), config.progress)
+        scores = bl.compute_scores(models.lm, answers, rf.read_parquet(run_dir / rf.GENERATIONS), config.progress,
+                                   one_pass=config.extract == "onepass")
+        rf.update_summary(run_dir, baseline_seconds=scores.attrs.get("seconds"))
         rf.write_parquet(run_dir / bl.BASELINE_SCORES, scores)
         title = f"{_short_model(config.model)} · {config.dataset} · baselines beside the best probe"
         rf.update_summary(run_dir, **bl.finish_baselines(run_dir, scores, config.bootstrap, title))
 
-    ran = _run_stage(run_dir, "baselines", {"bootstrap": config.bootstrap}, inputs, outputs, work, force)
+    settings = {"bootstrap": config.bootstrap, "extract": config.extract}
+    ran = _run_stage(run_dir, "baselines", settings, inputs, outputs, work, force)
     results = read_results(run_dir / rf.PROBE_RESULTS)
     if not ran and not (results["site"] == bl.SITE).any():  # the probe stage rewrote its table since
         with rf.stage("baselines"):
