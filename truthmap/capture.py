@@ -126,7 +126,7 @@ class BatchCapture:
 
     # ------------------------------------------------------------ hooks
     def __enter__(self):
-        self.handles.append(self.lm.embeddings.register_forward_pre_hook(self._begin_step))
+        self.handles.append(self.lm.embeddings.register_forward_pre_hook(self._begin_step, with_kwargs=True))
         for site in self.plan.sites:
             modules = self.lm.site_modules(site)
             if site == "residual":
@@ -141,16 +141,17 @@ class BatchCapture:
             handle.remove()
         self.handles = []
 
-    def _begin_step(self, _module, args):
+    def _begin_step(self, _module, args, kwargs):
         """Before each forward: which slot its last position fills, and for which rows."""
         self.step += 1
         if self.step == 0:  # the prefill: every row's last prompt token (prompts are left-padded)
             self.slot, self.write = 0, None
             return
         token = self.step - 1
-        consumed = args[0][:, -1]
+        consumed = (args[0] if args else next(iter(kwargs.values())))[:, -1].to(self.ended.device)
         if self.logp is not None:  # the probability the previous step gave the token it now consumes
-            self.prob[:, token] = self.logp.gather(1, consumed[:, None])[:, 0].exp()
+            chosen = self.logp.gather(1, consumed[:, None].to(self.logp.device))[:, 0]
+            self.prob[:, token] = chosen.exp().to(self.prob.device)
         if token >= self.max_new_tokens:  # a step past every answer: nothing to read
             self.slot, self.write = None, None
             return
@@ -163,12 +164,10 @@ class BatchCapture:
         def hook(_module, _inputs, output):
             if self.slot is None:
                 return
-            hidden = (output[0] if isinstance(output, tuple) else output)[:, -1]  # [B, d]
             target = self.states[site][:, self.slot, row]
-            if self.write is None:
-                target.copy_(hidden)
-            else:
-                target.copy_(torch.where(self.write[:, None], hidden.to(target.dtype), target))
+            # [B, d]; a model spread over several devices (--device-map) hands it over from its own
+            hidden = (output[0] if isinstance(output, tuple) else output)[:, -1].to(target.device, target.dtype)
+            target.copy_(hidden if self.write is None else torch.where(self.write[:, None], hidden, target))
 
         return hook
 
@@ -176,7 +175,7 @@ class BatchCapture:
         if self.step > self.max_new_tokens:
             return
         logp = torch.log_softmax(output[:, -1].float(), dim=-1)
-        self.entropy[:, self.step] = -(logp.exp() * logp).sum(-1)
+        self.entropy[:, self.step] = (-(logp.exp() * logp).sum(-1)).to(self.entropy.device)
         self.logp = logp
 
     # ------------------------------------------------------------ generate() arguments and results
