@@ -144,8 +144,7 @@ def _generate_batch(lm, batch, max_new_tokens, stop_ids, sample=None, capture=No
     kwargs.update(max_new_tokens=max_new_tokens, eos_token_id=stop_ids)
     # with a capture (capture.py), hooks read the states and token scores as the model answers
     hooks = capture.batch(len(batch), max_new_tokens, stop_ids) if capture is not None else None
-    context = context_length(lm)
-    if hooks is not None and context is not None and input_ids.shape[1] + max_new_tokens + 1 > context:
+    if hooks is not None and input_ids.shape[1] + max_new_tokens + 1 > (context_length(lm) or float("inf")):
         hooks = None  # no room for the step past the answer: this batch is read by the extract stage
     if hooks is not None:
         kwargs.update(hooks.generate_kwargs(input_ids.shape[1], stop_ids))
