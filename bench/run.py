@@ -159,6 +159,53 @@ def bench_generation(lm, n: int) -> dict:
     return {"n": n, "ours_s": t_ours, "batch1_s": t_one, "identical_answers": same}
 
 
+def bench_one_pass_parts(lm, n: int) -> dict:
+    """Generation alone, generation with the one-pass capture (every residual row, token scores), and
+    the two p(True) variants a pass each (before) and in one pass with the question's prefix shared
+    (after), on the same ``n`` questions: wall and CPU seconds of this process (CPU seconds are less
+    sensitive to other work on a shared machine)."""
+    from truthmap.baselines import p_true, p_true_variants
+    from truthmap.capture import ChunkCapture
+    from truthmap.runfolder import ChunkStore
+
+    questions, _ = load_questions("facts", limit=n, seed=3)
+    prompts = [encode_prompt(lm.tokenizer, build_prompt(lm.tokenizer, q)) for q in questions.question]
+
+    def both_clocks(fn):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        return time.perf_counter() - wall, time.process_time() - cpu, result
+
+    plain = both_clocks(lambda: generate_answers(lm, prompts, 24, 16, progress=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        chunks = ChunkStore(Path(tmp) / "generations", "bench")
+        captured = both_clocks(lambda: generate_answers(lm, prompts, 24, 16, progress=False, chunks=chunks,
+                                                        capture=ChunkCapture(lm, chunks, ["residual"])))
+    answers = [lm.tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in plain[2]]
+    exact = [a.strip().rstrip(".").split(" ")[-1] or None for a in answers]  # a short span of each answer
+    whole = [a if a.strip() else None for a in answers]
+    qs = questions.question.tolist()
+    before = both_clocks(lambda: (p_true(lm, qs, exact), p_true(lm, qs, whole)))
+    after = both_clocks(lambda: p_true_variants(lm, qs, [exact, whole]))
+    same = np.nanmax(np.abs(np.stack(before[2]) - after[2]))
+    return {"n": n, "plain": plain[:2], "capture": captured[:2], "p_true_before": before[:2],
+            "p_true_after": after[:2], "p_true_max_diff": float(same),
+            "identical_answers": sum(a == b for a, b in zip(plain[2], captured[2]))}
+
+
+def one_pass_rows(rows, lm, n: int) -> None:
+    r = bench_one_pass_parts(lm, n)
+    (gw, gc), (cw, cc) = r["plain"], r["capture"]
+    rows.append(("generation with capture / generation alone (CPU s)", cc / gc, "≤ 1.1",
+                 f"{n} questions: CPU {cc:.1f} s vs {gc:.1f} s, wall {cw:.1f} s vs {gw:.1f} s; "
+                 f"{r['identical_answers']}/{n} answers identical"))
+    (bw, bc), (aw, ac) = r["p_true_before"], r["p_true_after"]
+    rows.append(("p(True) seconds / generation seconds, a pass per variant (before, CPU s)", bc / gc, "",
+                 f"CPU {bc:.1f} s, wall {bw:.1f} s"))
+    rows.append(("p(True) seconds / generation seconds, one pass, prefix shared (after, CPU s)", ac / gc, "",
+                 f"CPU {ac:.1f} s, wall {aw:.1f} s; max |difference| {r['p_true_max_diff']:.1e}"))
+
+
 def bench_whole_run(n: int, extract: str = "onepass") -> dict:
     """A whole ``truthmap run`` of ``n`` built-in questions: wall seconds, stage seconds, p(True) seconds,
     and its AUC table (to compare the two extraction paths)."""
@@ -260,11 +307,13 @@ def main():
     parser.add_argument("--rss-n", type=int, nargs=2, default=[1000, 4000], metavar=("SMALL", "BIG"))
     parser.add_argument("--rss-run-n", type=int, nargs=2, default=[250, 1000], metavar=("SMALL", "BIG"),
                         help="questions of the two whole runs whose peak RSS is compared")
-    parser.add_argument("--only-runs", action="store_true", help="only the whole-run and RSS figures")
+    parser.add_argument("--only-runs", action="store_true", help="only the one-pass, whole-run and RSS figures")
+    parser.add_argument("--parts-n", type=int, default=128, help="questions for the one-pass parts figure")
+    parser.add_argument("--only-parts", action="store_true", help="only the one-pass parts figure")
     args = parser.parse_args()
     if args.quick:
         args.extract_n, args.probe_n, args.generate_n, args.run_n, args.rss_n = 64, 500, 32, 100, [250, 1000]
-        args.rss_run_n = [25, 100]
+        args.rss_run_n, args.parts_n = [25, 100], 32
     lm = load_model()
     print(f"truthmap benchmark — {time.strftime('%Y-%m-%d')} — {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
@@ -273,7 +322,10 @@ def main():
     rows = _Rows()
     if not args.only_runs:
         component_rows(rows, lm, args)
-    run_rows(rows, args)
+    if args.only_parts:
+        one_pass_rows(rows, lm, args.parts_n)
+    else:
+        run_rows(rows, lm, args)
 
 
 def component_rows(rows, lm, args) -> None:
@@ -295,7 +347,8 @@ def component_rows(rows, lm, args) -> None:
                  f"{ge['identical_answers']}/{ge['n']} answers identical"))
 
 
-def run_rows(rows, args) -> None:
+def run_rows(rows, lm, args) -> None:
+    one_pass_rows(rows, lm, args.parts_n)
     if args.run_from:
         summary = json.loads((Path(args.run_from) / "summary.json").read_text())
         wr = {"n": summary["n"], "stages": summary["stage_seconds"]}
