@@ -320,7 +320,7 @@ def main():
     print(f"start: {load_line()}", flush=True)
     print("| figure | ratio | goal | detail |\n|---|---|---|---|", flush=True)
     rows = _Rows()
-    if not args.only_runs:
+    if not (args.only_runs or args.only_parts):
         component_rows(rows, lm, args)
     if args.only_parts:
         one_pass_rows(rows, lm, args.parts_n)
