@@ -5,7 +5,8 @@
 Builds a randomly initialised model with the shape of Llama-3-8B in bfloat16 (weights do not matter
 for speed), extracts every hidden-state row (33) at 15 positions for 2048 examples of ~128 tokens with
 truthmap's extraction, and fits all 495 probes on N = 10000 × 4096 synthetic features with truthmap's
-batched solver. It prints extraction tokens/s, model FLOP utilisation (2 × parameters × tokens / time,
+batched solver; generates 24 tokens for 512 prompts with and without the one-pass capture of
+every residual row. It prints extraction tokens/s, one-pass capture overhead, model FLOP utilisation (2 × parameters × tokens / time,
 against the card's bf16 matmul rate, measured here), probe-training seconds, and the same work done
 the reference way (one example at a time with every token kept; one scikit-learn fit per cell).
 Needs torch, transformers, numpy, scikit-learn (and pandas/tqdm, which truthmap imports).
@@ -61,7 +62,7 @@ def llama3_8b_shape() -> LoadedModel:
         with torch.device("cuda"):  # its inverse frequencies are computed, not loaded: rebuild them
             model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     model.eval()
-    return LoadedModel(model=model, tokenizer=SimpleNamespace(pad_token_id=0), model_id="random-llama-3-8b-shape",
+    return LoadedModel(model=model, tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=None), model_id="random-llama-3-8b-shape",
                        source="", gguf_file=None, revision="random", n_layers=32, hidden_size=4096,
                        blocks=model.model.layers, embeddings=model.model.embed_tokens)
 
@@ -117,6 +118,33 @@ def bench_extraction(lm: LoadedModel, n: int, batch: int, n_reference: int, peak
     print(f"  extraction MFU {2 * params * ours_rate / (peak * 1e12):.1%} of measured matmul rate   goal ≥ 40%")
 
 
+def bench_onepass(lm: LoadedModel, n: int, batch: int, max_new_tokens: int = 24) -> None:
+    """Greedy generation with the one-pass capture (every residual row of the prompt's last token and of
+    every answer token, and the token scores; written to disk per chunk) beside the same generation alone."""
+    import tempfile
+
+    from truthmap.capture import ChunkCapture
+    from truthmap.generate import generate_answers
+    from truthmap.runfolder import ChunkStore
+
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, 128000, size=k).tolist() for k in rng.integers(64, 129, size=n)]
+    generate_answers(lm, prompts[:batch], max_new_tokens, batch, progress=False)  # warm-up
+    t_plain, plain = cuda_time(lambda: generate_answers(lm, prompts, max_new_tokens, batch, progress=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        chunks = ChunkStore(Path(tmp) / "generations", "bench")
+        capture = ChunkCapture(lm, chunks, ["residual"])
+        t_capture, captured = cuda_time(lambda: generate_answers(lm, prompts, max_new_tokens, batch, progress=False,
+                                                                 chunks=chunks, capture=capture))
+    tokens = sum(len(a) for a, _ in plain)
+    same = sum(a == b for a, b in zip(plain, captured))
+    print(f"  generation alone                                 {tokens / t_plain:>10,.0f} tokens/s")
+    print(f"  generation with one-pass capture (plan {capture.plan.head}+{capture.plan.tail} answer tokens held)"
+          f" {tokens / t_capture:>10,.0f} tokens/s")
+    print(f"  capture overhead {t_capture / t_plain - 1:.1%} of generation   goal ≤ 10%; "
+          f"{same}/{n} answers identical")
+
+
 def bench_probes(n=10000, d=4096, layers=33, positions=15, sklearn_cells=3) -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -154,6 +182,7 @@ def main():
     parser.add_argument("--examples", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--reference-examples", type=int, default=256)
+    parser.add_argument("--generate-examples", type=int, default=512, help="prompts of the one-pass figure")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA GPU")
@@ -163,6 +192,7 @@ def main():
     lm = llama3_8b_shape()
     print(f"  model: Llama-3-8B shape, {sum(p.numel() for p in lm.model.parameters()) / 1e9:.2f} B parameters, bf16")
     bench_extraction(lm, args.examples, args.batch, args.reference_examples, peak)
+    bench_onepass(lm, args.generate_examples, args.batch)
     del lm
     torch.cuda.empty_cache()
     bench_probes()

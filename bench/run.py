@@ -1,6 +1,6 @@
 """truthmap's CPU benchmark: side-by-side ratios measured in one run on the same data.
 
-    python bench/run.py [--quick]
+    python bench/run.py [--quick] [--only-runs --run-n N --rss-run-n SMALL BIG]
 
 Absolute seconds vary on shared machines; the ratios are what this prints and what bench/RESULTS.md
 records. Each figure times our code and a baseline on the same inputs, one after the other:
@@ -9,8 +9,12 @@ records. Each figure times our code and a baseline on the same inputs, one after
 2. the reference approach (one example at a time, every token of every layer kept) / our extraction
 3. a scikit-learn ``LogisticRegression`` per cell / our batched probes (all cells × 3 seeds, N = 2000)
 4. batch-1 generation / our batched generation
-5. a whole ``truthmap run`` on built-in questions / its generation stage alone
-6. peak RSS of extract + probe at 4× the examples / at 1×
+5. a whole ``truthmap run`` on built-in questions / generation alone, with and without the p(True)
+   baselines, for the two-pass run (``--extract separate``, before) and the one-pass run (after), and
+   p(True) seconds / generation seconds of each; generation with capture / without; max |ΔAUC|
+6. peak RSS of extract + probe at 4× the examples / at 1×; of a whole run at 4× the questions / at 1×
+
+The machine's load average is printed at the start, around the whole runs and at the end.
 """
 
 from __future__ import annotations
@@ -155,13 +159,106 @@ def bench_generation(lm, n: int) -> dict:
     return {"n": n, "ours_s": t_ours, "batch1_s": t_one, "identical_answers": same}
 
 
-def bench_whole_run(n: int) -> dict:
+def bench_one_pass_parts(lm, n: int) -> dict:
+    """Generation alone, generation with the one-pass capture (every residual row, token scores), and
+    the two p(True) variants a pass each (before) and in one pass with the question's prefix shared
+    (after), on the same ``n`` questions: wall and CPU seconds of this process (CPU seconds are less
+    sensitive to other work on a shared machine)."""
+    from truthmap.baselines import p_true, p_true_variants
+    from truthmap.capture import ChunkCapture
+    from truthmap.runfolder import ChunkStore
+
+    questions, _ = load_questions("facts", limit=n, seed=3)
+    prompts = [encode_prompt(lm.tokenizer, build_prompt(lm.tokenizer, q)) for q in questions.question]
+
+    def both_clocks(fn):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        return time.perf_counter() - wall, time.process_time() - cpu, result
+
+    plain = both_clocks(lambda: generate_answers(lm, prompts, 24, 16, progress=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        chunks = ChunkStore(Path(tmp) / "generations", "bench")
+        captured = both_clocks(lambda: generate_answers(lm, prompts, 24, 16, progress=False, chunks=chunks,
+                                                        capture=ChunkCapture(lm, chunks, ["residual"])))
+    answers = [lm.tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in plain[2]]
+    exact = [a.strip().rstrip(".").split(" ")[-1] or None for a in answers]  # a short span of each answer
+    whole = [a if a.strip() else None for a in answers]
+    qs = questions.question.tolist()
+    before = both_clocks(lambda: (p_true(lm, qs, exact), p_true(lm, qs, whole)))
+    after = both_clocks(lambda: p_true_variants(lm, qs, [exact, whole]))
+    same = np.nanmax(np.abs(np.stack(before[2]) - after[2]))
+    return {"n": n, "plain": plain[:2], "capture": captured[:2], "p_true_before": before[:2],
+            "p_true_after": after[:2], "p_true_max_diff": float(same),
+            "identical_answers": sum(a == b for a, b in zip(plain[2], captured[2]))}
+
+
+def one_pass_rows(rows, lm, n: int) -> None:
+    r = bench_one_pass_parts(lm, n)
+    (gw, gc), (cw, cc) = r["plain"], r["capture"]
+    rows.append(("generation with capture / generation alone (CPU s)", cc / gc, "≤ 1.1",
+                 f"{n} questions: CPU {cc:.1f} s vs {gc:.1f} s, wall {cw:.1f} s vs {gw:.1f} s; "
+                 f"{r['identical_answers']}/{n} answers identical"))
+    (bw, bc), (aw, ac) = r["p_true_before"], r["p_true_after"]
+    rows.append(("p(True) seconds / generation seconds, a pass per variant (before, CPU s)", bc / gc, "",
+                 f"CPU {bc:.1f} s, wall {bw:.1f} s"))
+    rows.append(("p(True) seconds / generation seconds, one pass, prefix shared (after, CPU s)", ac / gc, "",
+                 f"CPU {ac:.1f} s, wall {aw:.1f} s; max |difference| {r['p_true_max_diff']:.1e}"))
+
+
+def bench_whole_run(n: int, extract: str = "onepass") -> dict:
+    """A whole ``truthmap run`` of ``n`` built-in questions: wall seconds, stage seconds, p(True) seconds,
+    and its AUC table (to compare the two extraction paths)."""
     import truthmap
 
     with tempfile.TemporaryDirectory() as tmp:
-        t_run, _ = timed(lambda: truthmap.run(limit=n, out=str(Path(tmp) / "run"), progress=False))
+        t_run, results = timed(lambda: truthmap.run(limit=n, out=str(Path(tmp) / "run"), progress=False,
+                                                    extract=extract))
         summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
-    return {"n": n, "run_s": t_run, "stages": summary["stage_seconds"]}
+    p_true_s = (summary.get("baseline_seconds") or {}).get("p_true", float("nan"))
+    return {"n": n, "run_s": t_run, "stages": summary["stage_seconds"], "p_true_s": p_true_s, "results": results,
+            "extract": summary.get("extract")}
+
+
+def whole_run_rows(rows, n: int) -> None:
+    """Today's two-pass run (``--extract separate``) and the one-pass run, one after the other: each
+    over the generation alone (the two-pass run's generate stage, which reads nothing extra)."""
+    before, after = bench_whole_run(n, "separate"), bench_whole_run(n, "onepass")
+    generate = before["stages"]["generate"]
+    detail = lambda r: f"{r['n']} questions: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["stages"].items())
+    for name, r in (("two-pass (before)", before), ("one pass (after)", after)):
+        total = sum(r["stages"].values())
+        rows.append((f"{name}: whole run / generation alone", total / generate, "≤ 1.6", detail(r)))
+        rows.append((f"{name}: whole run without p(True) / generation alone", (total - r["p_true_s"]) / generate,
+                     "≤ 1.3", f"p(True) {r['p_true_s']:.1f} s"))
+        rows.append((f"{name}: p(True) seconds / generation seconds", r["p_true_s"] / generate, "",
+                     "both variants" + (" in one pass, question prefix shared" if r is after else ", a pass each")))
+    rows.append(("one pass: generation with capture / generation alone", after["stages"]["generate"] / generate,
+                 "≤ 1.1", f"{after['stages']['generate']:.1f} s vs {generate:.1f} s; read again by extract: "
+                          f"{(after['extract'] or {}).get('read_again')} of {n}"))
+    key = ["site", "layer", "position", "seed"]
+    both = before["results"].merge(after["results"], on=key, suffixes=("_before", "_after"))
+    diff = (both["auc_before"] - both["auc_after"]).abs()
+    rows.append(("max |AUC one pass − AUC two-pass| over all cells", float(diff.max()), "≤ 0.005",
+                 f"mean {diff.mean():.4f} over {diff.notna().sum()} cells and seeds"))
+
+
+def peak_rss_run(n: int) -> float:
+    """Peak RSS (MiB) of a fresh process running a whole default ``truthmap run`` of ``n`` questions."""
+    code = (
+        "import sys, resource, tempfile; sys.path.insert(0, %r)\n"
+        "import truthmap\n"
+        "truthmap.run(limit=%d, out=tempfile.mkdtemp() + '/run', progress=False)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    ) % (str(ROOT), n)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def load_line() -> str:
+    """The machine's load averages (other work on a shared machine slows every figure)."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
 
 
 def peak_rss_child(n: int) -> float:
@@ -208,15 +305,31 @@ def main():
     parser.add_argument("--run-n", type=int, default=1000, help="questions for the whole-run figure")
     parser.add_argument("--run-from", help="take the whole-run figure from this finished run folder instead")
     parser.add_argument("--rss-n", type=int, nargs=2, default=[1000, 4000], metavar=("SMALL", "BIG"))
+    parser.add_argument("--rss-run-n", type=int, nargs=2, default=[250, 1000], metavar=("SMALL", "BIG"),
+                        help="questions of the two whole runs whose peak RSS is compared")
+    parser.add_argument("--only-runs", action="store_true", help="only the one-pass, whole-run and RSS figures")
+    parser.add_argument("--parts-n", type=int, default=128, help="questions for the one-pass parts figure")
+    parser.add_argument("--only-parts", action="store_true", help="only the one-pass parts figure")
     args = parser.parse_args()
     if args.quick:
         args.extract_n, args.probe_n, args.generate_n, args.run_n, args.rss_n = 64, 500, 32, 100, [250, 1000]
+        args.rss_run_n, args.parts_n = [25, 100], 32
     lm = load_model()
     print(f"truthmap benchmark — {time.strftime('%Y-%m-%d')} — {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(f"start: {load_line()}", flush=True)
     print("| figure | ratio | goal | detail |\n|---|---|---|---|", flush=True)
     rows = _Rows()
+    if not (args.only_runs or args.only_parts):
+        component_rows(rows, lm, args)
+    if args.only_parts:
+        one_pass_rows(rows, lm, args.parts_n)
+    else:
+        run_rows(rows, lm, args)
 
+
+def component_rows(rows, lm, args) -> None:
+    """Extraction, probes and generation, each beside its baseline."""
     ex = bench_extraction(lm, args.extract_n)
     rows.append(("extraction / bare batched forward (output_hidden_states)", ex["ours_s"] / ex["bare_s"], "≤ 1.15",
                  f"{ex['n']} examples, {ex['tokens']} tokens: {ex['ours_s']:.1f} s vs {ex['bare_s']:.1f} s"))
@@ -232,18 +345,29 @@ def main():
     rows.append(("batch-1 generation / our generation", ge["batch1_s"] / ge["ours_s"], "≥ 3",
                  f"{ge['n']} questions: {ge['batch1_s']:.1f} s vs {ge['ours_s']:.1f} s; "
                  f"{ge['identical_answers']}/{ge['n']} answers identical"))
+
+
+def run_rows(rows, lm, args) -> None:
+    one_pass_rows(rows, lm, args.parts_n)
     if args.run_from:
         summary = json.loads((Path(args.run_from) / "summary.json").read_text())
         wr = {"n": summary["n"], "stages": summary["stage_seconds"]}
         wr["run_s"] = sum(wr["stages"].values())
+        rows.append(("whole truthmap run / generation alone", wr["run_s"] / wr["stages"]["generate"], "≤ 1.3",
+                     f"{wr['n']} questions: " + ", ".join(f"{k} {v:.0f} s" for k, v in wr["stages"].items())))
     else:
-        wr = bench_whole_run(args.run_n)
-    rows.append(("whole truthmap run / generation alone", wr["run_s"] / wr["stages"]["generate"], "≤ 1.3",
-                 f"{wr['n']} questions: " + ", ".join(f"{k} {v:.0f} s" for k, v in wr["stages"].items())))
+        print(f"whole runs: {load_line()}", flush=True)
+        whole_run_rows(rows, args.run_n)
+        print(f"after the whole runs: {load_line()}", flush=True)
     small, big = args.rss_n
     rss_small, rss_big = peak_rss_child(small), peak_rss_child(big)
     rows.append((f"peak RSS at {big} / at {small} examples (extract + probe)", rss_big / rss_small,
                  "≤ 1.3", f"{rss_big:.0f} MiB vs {rss_small:.0f} MiB"))
+    small, big = args.rss_run_n
+    rss_small, rss_big = peak_rss_run(small), peak_rss_run(big)
+    rows.append((f"peak RSS of a whole run at {big} / at {small} questions", rss_big / rss_small,
+                 "≤ 1.3", f"{rss_big:.0f} MiB vs {rss_small:.0f} MiB"))
+    print(f"end: {load_line()}", flush=True)
 
 
 if __name__ == "__main__":

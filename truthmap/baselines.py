@@ -143,15 +143,143 @@ def p_true(lm, questions: list[str], proposed: list[str | None], batch_size: int
     return out
 
 
+def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, r in enumerate(rows):
+        ids[row, : len(r)] = torch.tensor(r)
+        mask[row, : len(r)] = 1
+    return ids, mask
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """Tokens all ``rows`` begin with, leaving each at least one token of its own."""
+    n = min(len(r) for r in rows) - 1
+    for k in range(n):
+        if any(r[k] != rows[0][k] for r in rows[1:]):
+            return k
+    return max(n, 0)
+
+
+def _plain_cache(cache) -> bool:
+    """A cache whose rows can be repeated for several continuations (every layer a plain dynamic layer)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _cache_argument(lm) -> str:
+    """The name the model's forward gives its KV cache (``past_key_values``, or ``cache`` in newer transformers)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(lm.model.base_model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def _last_hidden_shared(lm, groups: list[list[list[int]]]) -> torch.Tensor:
+    """The last position's final hidden state of every prompt of ``groups`` but each group's last (which
+    only marks how far the group's prompts agree): each group's shared beginning runs once, and its KV
+    cache serves all its prompts. None where the model's cache cannot be shared."""
+    pad = lm.tokenizer.pad_token_id
+    device = lm.device
+    cut = [_common_prefix(g) for g in groups]
+    if min(cut) == 0 or max(cut) == 0:  # a group with nothing to share
+        return None
+    prefix_ids, prefix_mask = _right_pad([g[0][:c] for g, c in zip(groups, cut)], pad)
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    lm.model.base_model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+                        position_ids=torch.arange(prefix_ids.shape[1])[None].expand_as(prefix_ids).to(device),
+                        **{_cache_argument(lm): cache}, use_cache=True)
+    if not _plain_cache(cache):
+        return None
+    owner = [g for g, group in enumerate(groups) for _ in group[:-1]]
+    suffixes = [prompt[cut[g]:] for g, group in enumerate(groups) for prompt in group[:-1]]
+    cache.reorder_cache(torch.tensor(owner, device=device))
+    suffix_ids, suffix_mask = _right_pad(suffixes, pad)
+    start = torch.tensor([cut[g] for g in owner])[:, None]
+    hidden = lm.model.base_model(
+        input_ids=suffix_ids.to(device),
+        attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=1).to(device),
+        position_ids=(start + torch.arange(suffix_ids.shape[1])[None]).to(device),
+        **{_cache_argument(lm): cache}, use_cache=True,
+    ).last_hidden_state
+    return hidden[torch.arange(len(suffixes)), torch.tensor([len(s) - 1 for s in suffixes])]
+
+
+@torch.inference_mode()
+def _last_hidden(lm, prompts: list[list[int]]) -> torch.Tensor:
+    """The last position's final hidden state of each prompt, in one right-padded pass."""
+    ids, _ = _right_pad(prompts, lm.tokenizer.pad_token_id)
+    hidden = lm.model.base_model(input_ids=ids.to(lm.device), use_cache=False).last_hidden_state
+    return hidden[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])]
+
+
+@torch.inference_mode()
+def p_true_variants(lm, questions: list[str], variants: list[list[str | None]], batch_size: int = 16,
+                    share_prefix: bool = True) -> np.ndarray:
+    """:func:`p_true` of several proposed answers per question (``variants[v][i]``), float ``[V, N]``.
+
+    All proposals of a question go in one batched pass: their shared beginning (the question) runs once
+    and its KV cache serves each proposal (``share_prefix``, where the model's cache allows it), and only
+    each prompt's last position goes through the LM head.
+    """
+    from .generate import encode_prompt
+
+    a_ids, b_ids = letter_token_ids(lm.tokenizer)
+    if not a_ids or not b_ids:
+        raise TruthmapError(f"model '{lm.model_id}': its tokenizer has no token for the option letters A/B")
+    out = np.full((len(variants), len(questions)), np.nan)
+    prompts, probe = {}, {}
+    for i, question in enumerate(questions):
+        for v, proposed in enumerate(variants):
+            if proposed[i]:
+                prompts[(v, i)] = encode_prompt(lm.tokenizer, p_true_prompt(lm.tokenizer, question, proposed[i]))
+        if share_prefix:  # ends where any proposal would begin: what a question's prompts share
+            probe[i] = encode_prompt(lm.tokenizer, p_true_prompt(lm.tokenizer, question, "?"))
+    keys_of = {i: [(v, i) for v in range(len(variants)) if (v, i) in prompts] for i in range(len(questions))}
+    todo = sorted((i for i in keys_of if keys_of[i]), key=lambda i: max(len(prompts[key]) for key in keys_of[i]))
+    head = lm.model.get_output_embeddings()
+    for start in range(0, len(todo), batch_size):
+        keys = [key for i in todo[start : start + batch_size] for key in keys_of[i]]
+        last = None
+        if share_prefix:
+            groups = [[prompts[key] for key in keys_of[i]] + [probe[i]] for i in todo[start : start + batch_size]]
+            last = _last_hidden_shared(lm, groups)
+        if last is None:  # a cache that cannot be shared (sliding windows, linear attention …)
+            last = _last_hidden(lm, [prompts[key] for key in keys])
+        probs = torch.softmax(head(last).float(), dim=-1)  # the LM head on the last position only
+        mass_a, mass_b = probs[:, a_ids].sum(-1), probs[:, b_ids].sum(-1)
+        score = (mass_b / (mass_a + mass_b).clamp(min=1e-30)).cpu().numpy()
+        for (v, i), value in zip(keys, score):
+            out[v, i] = value
+    return out
+
+
 # ---------------------------------------------------------------------- all model-based scores
 
-def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progress: bool = False) -> pd.DataFrame:
-    """The model-based baseline scores of every answer (one row per answer, ``id`` first)."""
+def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progress: bool = False,
+                   one_pass: bool = True) -> pd.DataFrame:
+    """The model-based baseline scores of every answer (one row per answer, ``id`` first).
+
+    ``one_pass``: the token scores read while generating (``generations.parquet``'s ``token_prob`` and
+    ``token_entropy``, capture.py) are used where present, and only the other answers go through the
+    token-statistics pass; both p(True) variants share one pass. Otherwise (``--extract separate``)
+    the token statistics and each p(True) variant have a pass of their own. ``scores.attrs["seconds"]``
+    says how long each part took.
+    """
+    import time
+
     from .label import char_span_to_tokens, token_char_spans
 
-    table = answers.merge(generations[["id", "prompt_ids", "answer_ids"]], on="id", how="left", validate="one_to_one")
-    sequences = [list(p) + list(a) for p, a in zip(table.prompt_ids, table.answer_ids)]
-    stats = token_statistics(lm, sequences, [len(p) for p in table.prompt_ids])
+    columns = ["id", "prompt_ids", "answer_ids"] + [c for c in ("token_prob", "token_entropy")
+                                                     if one_pass and c in generations.columns]
+    table = answers.merge(generations[columns], on="id", how="left", validate="one_to_one")
+    started = time.perf_counter()
+    stats = _token_statistics_of(lm, table)
+    seconds = {"token_statistics": time.perf_counter() - started}
     special = set(lm.tokenizer.all_special_ids)
     rows = []
     for row, (prob, entropy) in zip(table.itertuples(), stats):
@@ -167,10 +295,32 @@ def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progres
                      **summarise_tokens(prob, entropy, exact & content, "_exact")})
     scores = pd.DataFrame(rows)
     questions = table["question"].tolist()
-    scores["p_true_exact"] = p_true(lm, questions, [e if v else None for e, v in
-                                                    zip(table.exact_answer, table.exact_answer_valid)])
-    scores["p_true_answer"] = p_true(lm, questions, [a if a.strip() else None for a in table.answer])
+    exact = [e if v else None for e, v in zip(table.exact_answer, table.exact_answer_valid)]
+    whole = [a if a.strip() else None for a in table.answer]
+    started = time.perf_counter()
+    if one_pass:
+        scores["p_true_exact"], scores["p_true_answer"] = p_true_variants(lm, questions, [exact, whole])
+    else:
+        scores["p_true_exact"], scores["p_true_answer"] = p_true(lm, questions, exact), p_true(lm, questions, whole)
+    seconds["p_true"] = time.perf_counter() - started
+    scores.attrs["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     return scores
+
+
+def _token_statistics_of(lm, table: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(token probabilities, entropies) of each answer: read while generating where ``table`` has them
+    (one per answer token), else by :func:`token_statistics`."""
+    stats: list = [None] * len(table)
+    if "token_prob" in table.columns:
+        for i, (answer, prob, entropy) in enumerate(zip(table.answer_ids, table.token_prob, table.token_entropy)):
+            if prob is not None and entropy is not None and len(prob) == len(answer) == len(entropy):
+                stats[i] = (np.asarray(prob, dtype=np.float32), np.asarray(entropy, dtype=np.float32))
+    todo = [i for i, s in enumerate(stats) if s is None]
+    if todo:
+        sequences = [list(table.prompt_ids.iloc[i]) + list(table.answer_ids.iloc[i]) for i in todo]
+        for i, found in zip(todo, token_statistics(lm, sequences, [len(table.prompt_ids.iloc[i]) for i in todo])):
+            stats[i] = found
+    return stats
 
 
 def group_rates(answers: pd.DataFrame, train_ids: set, keys: list[str]) -> np.ndarray:

@@ -61,6 +61,9 @@ def _common(f):
         click.option("--force", is_flag=True, help="Rerun the stage(s) even if their inputs are unchanged."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
         click.option("--also", multiple=True, help="Extra views: attention (a heatmap of attention weights)."),
+        click.option("--extract", type=click.Choice(["onepass", "separate"]),
+                     help="onepass (default): hidden states and token scores read while the model answers; "
+                          "separate: a forward pass of their own after labelling."),
     ]
     for option in reversed(options):
         f = option(f)

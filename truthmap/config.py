@@ -14,6 +14,7 @@ from .models import DEFAULT_MODEL, SITES
 from .tasks import check_protocol
 
 ALSO = ("attention",)  # optional passes of `truthmap run`
+EXTRACT_MODES = ("onepass", "separate")  # read states while generating (capture.py), or in a pass of their own
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Config:
     min_per_class: int = MIN_PER_CLASS  # fewest right (and wrong) answers a train or test split may hold
     progress: bool = True
     also: list[str] = field(default_factory=list)  # extra views of `run`: "attention" (attention heatmap)
+    extract: str = "onepass"  # onepass: states and token scores read while generating; separate: passes of their own
     # Ray (truthmap/distributed.py, docs/scaling.md): generation and extraction on workers of a Ray cluster
     ray: str | None = None  # None: one process; "local": a new one-machine cluster; "auto" or "ray://HOST:10001"
     ray_workers: int | None = None  # at most this many workers (each loads the model); None: as many as fit
@@ -70,6 +72,8 @@ class Config:
                                 f"{0.9 - self.test_fraction:.2f} (train keeps at least 0.1)")
         if self.population not in POPULATIONS:
             raise TruthmapError(f"population '{self.population}': use one of {', '.join(POPULATIONS)}")
+        if self.extract not in EXTRACT_MODES:
+            raise TruthmapError(f"extract '{self.extract}': use one of {', '.join(EXTRACT_MODES)}")
         if self.on_bad_row not in ("error", "skip"):
             raise TruthmapError(f"on_bad_row '{self.on_bad_row}': use error or skip")
         if self.min_per_class < 2:

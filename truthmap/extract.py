@@ -1,5 +1,8 @@
 """Stage 3 — hidden states at the chosen positions, every layer, one batched forward pass.
 
+With a capture of the generation (capture.py, the default ``--extract onepass``) the states are copied
+from it, and the forward pass runs only over the examples it lacks.
+
 Reads ``answers.parquet`` (position indices) and ``generations.parquet`` (token ids); writes
 ``activations/``:
 
@@ -98,12 +101,15 @@ def run_extract(
     batch_size: int = 16,
     shard_size: int | None = None,
     progress: bool = True,
+    capture=None,
 ) -> None:
     """Write the activations store for ``answers`` (see the module docstring).
 
     ``shard_size``: examples per shard (default ``SHARD_SIZE``). When ``lm`` is a model held by Ray
     workers (:class:`truthmap.distributed.RemoteModel`), the missing shards are computed there, several
     at once, by :func:`extract_shard`, the function used here, and written here as they arrive.
+    ``capture``: a :class:`truthmap.capture.CaptureReader`; the states it holds are copied from it,
+    and only the examples it lacks go through the forward pass.
     """
     out = Path(run_dir) / ACTIVATIONS
     shard_size = shard_size or SHARD_SIZE
@@ -137,7 +143,11 @@ def run_extract(
         else:
             todo.append(k)
     workers = getattr(lm, "workers", None)
-    if workers is None:
+    if capture is not None and workers is None:
+        lengths = (np.array([len(p) for p in table.prompt_ids]), np.array([len(a) for a in table.answer_ids]))
+        finished = ((k, _shard_from_capture(lm, capture, sequences, index, ids, lengths, positions, sites, a, b,
+                                            batch_size, bar)) for k, (a, b) in ((k, shards[k]) for k in todo))
+    elif workers is None:
         finished = ((k, extract_shard(lm, sequences[a:b], index[a:b], ids[a:b], positions, sites, batch_size, bar))
                     for k, (a, b) in ((k, shards[k]) for k in todo))
     else:  # (k, shard) in the order the workers finish them
@@ -148,6 +158,26 @@ def run_extract(
             write_npy(out / site / f"shard-{k:05d}.npy", store[site])
     bar.close()
     write_json(out / "index.json", meta)
+
+
+def _shard_from_capture(lm, capture, sequences, index, ids, lengths, positions, sites, start, stop, batch_size,
+                        bar=None) -> dict[str, np.ndarray]:
+    """One shard from the capture of the generation; the examples it lacks are read by the forward pass."""
+    n_prompt, n_answer = lengths
+    store = {site: np.zeros((len(site_rows(lm, site)), len(positions), stop - start, lm.hidden_size), np.float16)
+             for site in sites}
+    missing = capture.fill(store, sites, ids[start:stop], n_prompt[start:stop], n_answer[start:stop],
+                           index[start:stop])
+    if bar is not None:
+        bar.update(stop - start - len(missing))
+    if missing:
+        rows = [start + m for m in missing]
+        again = extract_shard(lm, [sequences[i] for i in rows], index[rows], [ids[i] for i in rows], positions,
+                              sites, batch_size, bar)
+        for site in sites:
+            store[site][:, :, missing, :] = again[site]
+    capture.read_again += len(missing)
+    return store
 
 
 def extract_shard(lm: LoadedModel, sequences: list[list[int]], index: np.ndarray, ids: list[str],

@@ -21,6 +21,8 @@ chat template's start and its generation prompt stay whole (``long_prompts="trun
 
 from __future__ import annotations
 
+import contextlib
+
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -160,24 +162,29 @@ def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
 
 
 @torch.inference_mode()
-def _generate_batch(lm, batch, max_new_tokens, stop_ids, sample=None):
+def _generate_batch(lm, batch, max_new_tokens, stop_ids, sample=None, capture=None):
     input_ids, mask = _left_pad(batch, lm.tokenizer.pad_token_id)
     device = lm.device
     kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     if sample is not None:  # (temperature, torch seed[, top_k]) for resampling; top_k 0: the whole vocabulary
         kwargs = dict(do_sample=True, temperature=sample[0], top_p=1.0, top_k=sample[2] if len(sample) > 2 else 0)
-    out = lm.model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        max_new_tokens=max_new_tokens,
-        pad_token_id=lm.tokenizer.pad_token_id,
-        eos_token_id=stop_ids,
-        **kwargs,
-    )
+    kwargs.update(max_new_tokens=max_new_tokens, eos_token_id=stop_ids)
+    # with a capture (capture.py), hooks read the states and token scores as the model answers
+    hooks = capture.batch(len(batch), max_new_tokens, stop_ids) if capture is not None else None
+    if hooks is not None and input_ids.shape[1] + max_new_tokens + 1 > (context_length(lm) or float("inf")):
+        hooks = None  # no room for the step past the answer: this batch is read by the extract stage
+    if hooks is not None:
+        kwargs.update(hooks.generate_kwargs(input_ids.shape[1], stop_ids))
+    with hooks if hooks is not None else contextlib.nullcontext():
+        out = lm.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                pad_token_id=lm.tokenizer.pad_token_id, **kwargs)
     results, stop_ids = [], set(stop_ids)
     for row in out[:, input_ids.shape[1] :].tolist():
+        row = row[:max_new_tokens]  # a capturing generation runs one token further
         stop = next((i for i, t in enumerate(row) if t in stop_ids), None)
         results.append((row if stop is None else row[: stop + 1], stop is not None))
+    if hooks is not None:
+        capture.add(hooks.results([len(ids) for ids, _ in results]))
     return results
 
 
@@ -189,6 +196,7 @@ def generate_answers(
     progress: bool = True,
     sample: tuple | None = None,
     chunks=None,
+    capture=None,
 ) -> list[tuple[list[int], bool]]:
     """Answer ids and stopped-flag for each prompt, in the order given: greedy, or drawn when ``sample``
     is (temperature, seed) or (temperature, seed, top_k).
@@ -202,6 +210,9 @@ def generate_answers(
     When ``lm`` is a model held by Ray workers (:class:`truthmap.distributed.RemoteModel`), the chunks
     are answered there, several at once, by :func:`answer_prompts`, the function used here; they are
     saved, and the answers returned, in the same order, so the result is the same.
+
+    ``capture`` (a :class:`truthmap.capture.ChunkCapture`, with ``chunks``) reads the hidden states and
+    token scores of each answer while it is generated; not with Ray workers or sampled answers.
     """
     workers = getattr(lm, "workers", None)
     room = prompt_room(lm, max_new_tokens)
@@ -219,6 +230,10 @@ def generate_answers(
         batch_size = workers.auto_batch_size(longest) if workers is not None else auto_batch_size(lm, longest)
     if chunks is not None:
         batch_size = chunks.setting("batch_size", batch_size)
+    if capture is not None and (chunks is None or workers is not None or sample is not None):
+        capture = None  # Ray workers and sampled answers are read by the separate pass
+    if capture is not None:
+        capture.start(batch_size, max_new_tokens)
     # workers split even an unsaved generation into chunks: whole batches, so the same batches
     chunk_rows = CHUNK_BATCHES * batch_size if chunks is not None or workers is not None else max(len(order), 1)
     plan = [order[first : first + chunk_rows] for first in range(0, len(order), chunk_rows)]
@@ -230,6 +245,8 @@ def generate_answers(
         if saved is not None and saved["row"].tolist() == rows:
             for i, ids, stopped in zip(rows, saved["answer_ids"], saved["stopped"]):
                 results[i] = (list(ids), bool(stopped))
+            if capture is not None:
+                capture.read_chunk(saved)
             bar.update(len(rows))
         else:
             todo.append(k)
@@ -239,7 +256,7 @@ def generate_answers(
         stop_ids = end_of_turn_ids(lm)
         for k in todo:
             answers, size = answer_prompts(lm, [prompt_ids[i] for i in plan[k]], max_new_tokens, size, stop_ids,
-                                           sample, bar)
+                                           sample, bar, capture)
             yield k, answers
 
     if workers is None:
@@ -251,21 +268,22 @@ def generate_answers(
         for i, answer in zip(plan[k], answers):
             results[i] = answer
         if chunks is not None:
-            chunks.put(k, pd.DataFrame({"row": plan[k], "answer_ids": [results[i][0] for i in plan[k]],
-                                        "stopped": [results[i][1] for i in plan[k]]}))
+            frame = pd.DataFrame({"row": plan[k], "answer_ids": [results[i][0] for i in plan[k]],
+                                  "stopped": [results[i][1] for i in plan[k]]})
+            chunks.put(k, capture.finish_chunk(k, frame) if capture is not None else frame)
     bar.close()
     return results
 
 
 def answer_prompts(lm: LoadedModel, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
-                   stop_ids: list[int], sample=None, bar=None) -> tuple[list[tuple[list[int], bool]], int]:
+                   stop_ids: list[int], sample=None, bar=None, capture=None) -> tuple[list[tuple[list[int], bool]], int]:
     """(answer ids, stopped) of each prompt, in consecutive batches of ``batch_size``, and the batch size
     left after halving it on CUDA out-of-memory errors (finished batches are kept)."""
     results, start = [], 0
     while start < len(prompt_ids):
         batch = prompt_ids[start : start + batch_size]
         try:
-            results += _generate_batch(lm, batch, max_new_tokens, stop_ids, sample)
+            results += _generate_batch(lm, batch, max_new_tokens, stop_ids, sample, capture)
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise
@@ -294,12 +312,15 @@ def run_generate(
     chunks=None,
     long_prompts: str = "truncate",
     protocol: str = PROTOCOLS[0],
+    capture_sites: list[str] | None = None,
 ) -> pd.DataFrame:
     """The generations table for ``questions`` (see the module docstring for its columns).
 
     ``chunks``: a ChunkStore that makes the generation resumable; ``long_prompts``: what to do with a
     prompt too long for the context, ``truncate`` (cut its middle) or ``skip`` (leave the question out);
     ``protocol``: how the tasks phrase their prompts (brief or reference).
+    ``capture_sites``: read these sites' states and the token scores while answering (capture.py; with
+    ``chunks`` only), which adds the columns ``token_prob`` and ``token_entropy``.
     """
     if long_prompts not in LONG_PROMPTS:
         raise TruthmapError(f"long_prompts '{long_prompts}': use one of {', '.join(LONG_PROMPTS)}")
@@ -321,7 +342,13 @@ def run_generate(
                 cut[i] = len(p) - room
                 prompt_ids[i] = fit_prompt(p, room)
                 prompts[i] = lm.tokenizer.decode(prompt_ids[i], skip_special_tokens=False)
-    answers = generate_answers(lm, prompt_ids, max_new_tokens, batch_size, progress, chunks=chunks)
+    capture = None
+    if capture_sites and chunks is not None:
+        from .capture import ChunkCapture
+
+        capture = ChunkCapture(lm, chunks, capture_sites)
+    answers = generate_answers(lm, prompt_ids, max_new_tokens, batch_size, progress, chunks=chunks, capture=capture)
+    scores = capture.columns(len(answers)) if capture is not None and capture.plan is not None else {}
     return pd.DataFrame(
         {
             "id": ids,
@@ -331,5 +358,6 @@ def run_generate(
             "answer_ids": [a for a, _ in answers],
             "answer": [decode_answer(lm.tokenizer, a) for a, _ in answers],
             "stopped": [s for _, s in answers],
+            **scores,
         }
     )

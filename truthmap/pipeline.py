@@ -108,8 +108,11 @@ def stage_generate(config: Config, run_dir: Path, models: _ModelHolder, force: b
         if force:  # --force: answer anew, not from saved chunks
             rf.remove(run_dir / rf.GENERATION_CHUNKS)
         chunks = rf.ChunkStore(run_dir / rf.GENERATION_CHUNKS, f"{stamp} {lm.revision}")
+        # one pass: the states of every site and the token scores are read while the model answers
+        capture_sites = c.sites if c.extract == "onepass" else None
         table = run_generate(lm, questions, c.prompt_template, max_new_tokens, c.batch_size, c.progress,
-                             chunks=chunks, long_prompts=c.long_prompts, protocol=c.protocol)
+                             chunks=chunks, long_prompts=c.long_prompts, protocol=c.protocol,
+                             capture_sites=capture_sites)
         rf.write_parquet(run_dir / rf.GENERATIONS, table)
         rf.update_summary(run_dir, model=c.model, model_revision=lm.revision, dataset=c.dataset,
                           tasks=sorted(set(questions["task"])), source_rows=questions.attrs["source_rows"],
@@ -152,10 +155,11 @@ def stage_label(config: Config, run_dir: Path, models: _ModelHolder, force: bool
 
 
 def stage_extract(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
+    from .capture import CaptureReader
     from .extract import run_extract
 
     c = config
-    settings = {"sites": c.sites, "dtype": c.dtype}
+    settings = {"sites": c.sites, "dtype": c.dtype, "extract": c.extract}
     inputs = [run_dir / rf.ANSWERS, run_dir / rf.GENERATIONS]
     store = run_dir / rf.ACTIVATIONS
     stamp = rf.fingerprint(settings, inputs)
@@ -169,8 +173,12 @@ def stage_extract(config: Config, run_dir: Path, models: _ModelHolder, force: bo
             rf.write_text(marker, stamp)
         answers = rf.read_parquet(run_dir / rf.ANSWERS)
         generations = rf.read_parquet(run_dir / rf.GENERATIONS)
+        capture = CaptureReader(run_dir, generations) if c.extract == "onepass" else None
         run_extract(models.lm, answers, generations, c.positions, c.sites, run_dir,
-                    batch_size=c.batch_size or 16, progress=c.progress)
+                    batch_size=c.batch_size or 16, progress=c.progress, capture=capture)
+        if capture is not None:
+            rf.update_summary(run_dir, extract={"mode": c.extract, "captured": len(capture.where),
+                                                "read_again": capture.read_again})
 
     return _run_stage(run_dir, "extract", settings, inputs, [store / "index.json"], work, force)
 
@@ -230,12 +238,15 @@ def stage_baselines(config: Config, run_dir: Path, models: _ModelHolder, force: 
 
     def work():
         answers = rf.read_parquet(run_dir / rf.ANSWERS)
-        scores = bl.compute_scores(models.lm, answers, rf.read_parquet(run_dir / rf.GENERATIONS), config.progress)
+        scores = bl.compute_scores(models.lm, answers, rf.read_parquet(run_dir / rf.GENERATIONS), config.progress,
+                                   one_pass=config.extract == "onepass")
+        rf.update_summary(run_dir, baseline_seconds=scores.attrs.get("seconds"))
         rf.write_parquet(run_dir / bl.BASELINE_SCORES, scores)
         title = f"{_short_model(config.model)} · {config.dataset} · baselines beside the best probe"
         rf.update_summary(run_dir, **bl.finish_baselines(run_dir, scores, config.bootstrap, title))
 
-    ran = _run_stage(run_dir, "baselines", {"bootstrap": config.bootstrap}, inputs, outputs, work, force)
+    settings = {"bootstrap": config.bootstrap, "extract": config.extract}
+    ran = _run_stage(run_dir, "baselines", settings, inputs, outputs, work, force)
     results = read_results(run_dir / rf.PROBE_RESULTS)
     if not ran and not (results["site"] == bl.SITE).any():  # the probe stage rewrote its table since
         with rf.stage("baselines"):

@@ -31,7 +31,8 @@ SETTINGS = {"limit": 64, "seeds": [0], "test_fraction": 0.3, "validation_fractio
             "batch_size": 8}
 # where each stage is killed: (event, file) — the three events of a write are each exercised
 KILL_AT = {
-    "generate": ("after-commit", "generations/chunk-00000.parquet"),  # one chunk done, the next not begun
+    # one chunk done; the next one's captured states written, the chunk itself not (killed mid-capture)
+    "generate": ("after-commit", "generations/capture-00001-residual.npy"),
     "label": ("after-rename", "answers.parquet"),  # new file in place, manifest entry still pending
     "extract": ("before-rename", "activations/residual/shard-00000.npy"),  # shard written, not renamed
     "probe": ("before-rename", "stages.json"),  # all outputs written, the stage not yet marked done

@@ -11,7 +11,7 @@ def fake_generation(monkeypatch):
     batches generated are recorded in the returned list."""
     batches = []
 
-    def fake_batch(lm, batch, max_new_tokens, stop_ids, sample=None):
+    def fake_batch(lm, batch, max_new_tokens, stop_ids, sample=None, capture=None):
         batches.append([tuple(p) for p in batch])
         return [([sum(p) % 97, len(batch)], True) for p in batch]
 
