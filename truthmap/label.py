@@ -82,7 +82,7 @@ def find_exact_answer(
     if correct:
         return answer[match[1] : match[2]], match[1], match[2], "gold_alias"
     found, reason = None, ""
-    if answer_type == "number" or (not answer_type and all(textmatch.canonical_number(g) for g in gold)):
+    if answer_type == "number" or (not answer_type and gold and all(textmatch.canonical_number(g) for g in gold)):
         found, reason = textmatch.first_number(answer, exclude=question), "number"
     elif answer_type in vocabularies:
         found, reason = vocabularies[answer_type].first_in(answer, exclude=question), "vocabulary"
@@ -378,7 +378,7 @@ def label_answers(
                 "subgroup": row.subgroup,
                 "prompt": row.prompt,
                 "answer": row.answer,
-                "correct": bool(ok),
+                "correct": bool(ok) if len(row.gold) else None,  # None: no gold answer (a label-free study)
                 "exact_answer": text or "",
                 "exact_answer_valid": text is not None,
                 "exact_answer_reason": reason,
