@@ -70,13 +70,13 @@ def cluster_entropy(clusters: list, logprobs: list[float] | None = None) -> tupl
         return float("nan"), float("nan")
     keys, index = np.unique(np.asarray(clusters, dtype=object).astype(str), return_inverse=True)
     share = np.bincount(index, minlength=len(keys)) / len(clusters)
-    discrete = float(-(share * np.log(share)).sum())
+    discrete = float(-(share * np.log(share)).sum()) + 0.0  # + 0.0: no "-0.0"
     if logprobs is None or not np.all(np.isfinite(logprobs)):
         return discrete, float("nan")
     lp = np.asarray(logprobs, dtype=float)
     cluster_lp = np.array([_logsumexp(lp[index == k]) for k in range(len(keys))])
     cluster_lp -= _logsumexp(cluster_lp)  # normalised over the clusters the samples reached
-    return discrete, float(-(np.exp(cluster_lp) * cluster_lp).sum())
+    return discrete, float(-(np.exp(cluster_lp) * cluster_lp).sum()) + 0.0
 
 
 def _logsumexp(values: np.ndarray) -> float:

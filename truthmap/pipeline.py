@@ -228,7 +228,8 @@ def stage_entropy(config: Config, run_dir: Path, force: bool = False) -> bool:
         return False
     c = config
     column = "semantic_entropy_judged" if c.judge_equivalence else "semantic_entropy"
-    settings = {"C": c.C, "bootstrap": c.bootstrap, "sites": c.sites, "column": column, "positions": c.positions}
+    settings = {"C": c.C, "bootstrap": c.bootstrap, "sites": c.sites, "column": column, "positions": c.positions,
+                "min_per_class": c.min_per_class}
     inputs = [run_dir / rf.ANSWERS, run_dir / rf.SPLITS, run_dir / rf.ACTIVATIONS, run_dir / se.SAMPLING_SCORES]
 
     def work():
@@ -236,7 +237,7 @@ def stage_entropy(config: Config, run_dir: Path, force: bool = False) -> bool:
 
         device = resolve_device(c.device) if c.device_map is None else "cpu"
         results, scores, details = se.run_entropy_probe(run_dir, c.sites, column, c.C, c.bootstrap, device,
-                                                        c.progress)
+                                                        c.progress, c.min_per_class)
         rf.write_csv(run_dir / se.ENTROPY_RESULTS, results)
         rf.write_parquet(run_dir / se.ENTROPY_SCORES, scores)
         n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))
