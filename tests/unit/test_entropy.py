@@ -178,3 +178,36 @@ def test_transfer_trains_either_kind_of_probe(tmp_path):
     assert grid.loc["alpha [entropy]", "beta"] > 0.8  # learned without labels, tested on errors elsewhere
     with pytest.raises(TruthmapError, match="sampling_scores.parquet"):
         transfer_table([b], [a], "residual", 1, "-1", n_boot=20, probes=("entropy",))
+
+
+def test_sampling_scores_are_baseline_rows_on_the_probes_test_answers(tmp_path):
+    import json
+
+    from truthmap.baselines import SITE, evaluate
+
+    run = make_run(tmp_path / "run", n=120)
+    _plant_entropy(run, noise=0.2)
+    answers = pd.read_parquet(run / "answers.parquet").merge(
+        pd.read_parquet(run / "generations.parquet")[["id", "stopped"]], on="id")
+    scores = se.with_sampling_scores(run, pd.DataFrame({"id": answers["id"], "logprob_mean": 0.0}))
+    assert list(scores.columns) == ["id", "logprob_mean", "semantic_entropy"]
+    splits = json.loads((run / "splits.json").read_text())
+    rows = evaluate(scores, answers, splits, n_boot=20)
+    entropy_rows = rows[rows["position"] == "semantic_entropy"]
+    assert (entropy_rows["site"] == SITE).all() and len(entropy_rows) == 2
+    assert entropy_rows["n_test"].tolist() == [len(splits["seeds"][s]["test"]) for s in ("0", "1")]
+    assert entropy_rows["auc"].min() > 0.7  # planted: high entropy on wrong answers (20% flipped)
+
+
+def test_a_question_only_file_is_a_label_free_study_and_a_partly_answered_one_is_refused(tmp_path):
+    from truthmap.data import load_questions
+    from truthmap.errors import TruthmapError
+
+    plain = tmp_path / "plain.csv"
+    plain.write_text("question\nWhat is the capital of Peru?\nWho wrote Hamlet?\n")
+    questions, _ = load_questions(str(plain))
+    assert questions["gold"].map(len).tolist() == [0, 0]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"id": "a", "question": "Q1?", "answer": "x"}\n{"id": "b", "question": "Q2?"}\n')
+    with pytest.raises(TruthmapError, match="question id 'b' has no answer while others have one"):
+        load_questions(str(mixed))
