@@ -211,3 +211,25 @@ def test_a_question_only_file_is_a_label_free_study_and_a_partly_answered_one_is
     mixed.write_text('{"id": "a", "question": "Q1?", "answer": "x"}\n{"id": "b", "question": "Q2?"}\n')
     with pytest.raises(TruthmapError, match="question id 'b' has no answer while others have one"):
         load_questions(str(mixed))
+
+
+def test_the_report_has_an_entropy_view_of_the_entropy_probes_error_aucs(tmp_path):
+    from test_report import make_run as make_report_run
+
+    from truthmap.probe import mean_over_seeds
+    from truthmap.report import run_data
+
+    run = tmp_path / "run"
+    make_report_run(run)
+    assert "entropy" not in run_data(run)["sites"]["residual"]["views"]
+    entropy = pd.read_csv(run / "probe_results.csv", dtype={"position": str})
+    entropy["auc"] = 1.0 - entropy["auc"]  # unlike the correctness probes', so the view cannot copy them
+    rows = pd.concat([entropy.assign(target="error"), entropy.assign(target="high_entropy", auc=0.5)])
+    rows.to_csv(run / se.ENTROPY_RESULTS, index=False)
+    site = run_data(run)["sites"]["residual"]
+    view = site["views"]["entropy"]
+    means = mean_over_seeds(entropy).set_index(["layer", "position"])
+    positions = run_data(run)["positions"]
+    for li, layer in enumerate(site["layers"]):
+        for pi, position in enumerate(positions):
+            assert view["auc"][li][pi] == pytest.approx(means.loc[(layer, position), "auc"], abs=1e-4)
