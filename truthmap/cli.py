@@ -306,7 +306,10 @@ def resample(out, n, temperature, sample_seed, site, layer, position, batch_size
     from .pipeline import run_stages
 
     # the samples' semantic entropy as baselines, and the semantic-entropy probes
-    run_stages(config, stages=("entropy", "baselines", "plot", "report"))
+    try:
+        run_stages(config, stages=("baselines", "entropy", "plot", "report"))
+    except TruthmapError as err:  # the error types above stand; say why the entropy probes do not
+        click.echo(f"semantic-entropy probes: not trained ({err})", err=True)
     _report(run_dir)
 
 

@@ -1,6 +1,6 @@
 """Runs the stages in order over one run folder, skipping those whose inputs have not changed.
 
-    questions ─> generate ─> label ─> extract (─> samples) ─> probe (─> entropy) ─> baselines (─> attention)
+    questions ─> generate ─> label ─> extract (─> samples) ─> probe ─> baselines (─> entropy) (─> attention)
               ─> plot ─> report
 
 ``samples`` and ``entropy`` (truthmap/entropy.py) run with ``--also samples``, and always in a study
@@ -27,7 +27,7 @@ from .config import Config
 from .errors import TruthmapError
 from .probe import read_results
 
-STAGES = ("generate", "label", "extract", "samples", "probe", "entropy", "baselines", "attention", "plot", "report")
+STAGES = ("generate", "label", "extract", "samples", "probe", "baselines", "entropy", "attention", "plot", "report")
 MODEL_STAGES = ("generate", "label", "extract", "samples", "baselines", "attention")  # stages that may need the model
 LABELLED_STAGES = ("probe", "baselines", "attention", "plot", "report")  # need graded answers (correctness)
 RAY_STAGES = ("generate", "label", "extract")  # their model work runs on Ray workers with --ray (distributed.py)
