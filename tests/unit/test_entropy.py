@@ -233,3 +233,14 @@ def test_the_report_has_an_entropy_view_of_the_entropy_probes_error_aucs(tmp_pat
     for li, layer in enumerate(site["layers"]):
         for pi, position in enumerate(positions):
             assert view["auc"][li][pi] == pytest.approx(means.loc[(layer, position), "auc"], abs=1e-4)
+
+
+def test_sampling_settings_are_checked():
+    from truthmap.config import Config
+    from truthmap.errors import TruthmapError
+
+    assert Config(also=["samples"], samples=5).validate().samples == 5
+    with pytest.raises(TruthmapError, match="samples 1: draw at least 2"):
+        Config(samples=1).validate()
+    with pytest.raises(TruthmapError, match="sample_temperature 0"):
+        Config(sample_temperature=0).validate()
