@@ -34,7 +34,8 @@ def run(
     force: bool = False,
     **settings,
 ):
-    """Run the whole study and return the AUC table (``probe_results.csv``) as a DataFrame.
+    """Run the whole study and return the AUC table (``probe_results.csv``) as a DataFrame; for a study
+    without gold answers, the semantic-entropy probes' table (``entropy_probe_results.csv``).
 
     Arguments mirror ``truthmap run``; any other field of :class:`truthmap.config.Config` can be
     passed by name (``positions=[...]``, ``max_new_tokens=32``, ``device="cuda"``, …).
@@ -48,9 +49,11 @@ def run(
     cfg = load_config(config, model=model, dataset=dataset, limit=limit, out=out, seeds=seeds, sites=sites,
                       **settings)
     run_dir = run_stages(cfg, force=force)
+    from .entropy import ENTROPY_RESULTS
     from .probe import read_results
 
-    return read_results(run_dir / "probe_results.csv")
+    path = run_dir / "probe_results.csv"
+    return read_results(path if path.exists() or not (run_dir / ENTROPY_RESULTS).exists() else run_dir / ENTROPY_RESULTS)
 
 
 __all__ = ["run", "load_features", "Detector", "ModelScorer", "TruthmapError", "__version__"]

@@ -116,26 +116,33 @@ def p_true_prompt(tokenizer, question: str, proposed: str) -> str:
     return text + "\n" + P_TRUE_REPLY
 
 
-@torch.inference_mode()
 def p_true(lm, questions: list[str], proposed: list[str | None], batch_size: int = 16) -> np.ndarray:
     """P("False") normalised over the A/B options for each (question, proposed answer); NaN where None."""
+    texts = [p_true_prompt(lm.tokenizer, q, p) if p else None for q, p in zip(questions, proposed)]
+    return option_b_probability(lm, texts, batch_size)
+
+
+@torch.inference_mode()
+def option_b_probability(lm, prompts: list[str | None], batch_size: int = 16) -> np.ndarray:
+    """P(B) / (P(A) + P(B)) of the next token after each prompt text (which ends where the model names an
+    option letter); NaN where the prompt is None."""
     from .generate import encode_prompt
 
     a_ids, b_ids = letter_token_ids(lm.tokenizer)
     if not a_ids or not b_ids:
         raise TruthmapError(f"model '{lm.model_id}': its tokenizer has no token for the option letters A/B")
-    out = np.full(len(questions), np.nan)
-    todo = [i for i, p in enumerate(proposed) if p]
-    prompts = {i: encode_prompt(lm.tokenizer, p_true_prompt(lm.tokenizer, questions[i], proposed[i])) for i in todo}
-    todo.sort(key=lambda i: len(prompts[i]))
+    out = np.full(len(prompts), np.nan)
+    todo = [i for i, p in enumerate(prompts) if p]
+    encoded = {i: encode_prompt(lm.tokenizer, prompts[i]) for i in todo}
+    todo.sort(key=lambda i: len(encoded[i]))
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
-        width = max(len(prompts[i]) for i in batch)
+        width = max(len(encoded[i]) for i in batch)
         ids = torch.full((len(batch), width), lm.tokenizer.pad_token_id, dtype=torch.long)
         for row, i in enumerate(batch):
-            ids[row, : len(prompts[i])] = torch.tensor(prompts[i])
+            ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
         hidden = lm.model.base_model(input_ids=ids.to(lm.device), use_cache=False).last_hidden_state
-        last = hidden[torch.arange(len(batch)), torch.tensor([len(prompts[i]) - 1 for i in batch])]
+        last = hidden[torch.arange(len(batch)), torch.tensor([len(encoded[i]) - 1 for i in batch])]
         # the model's own head on the last prompt token only (forward with the LM head on every token is wasted)
         probs = torch.softmax(lm.model.get_output_embeddings()(last).float(), dim=-1)
         mass_a, mass_b = probs[:, a_ids].sum(-1), probs[:, b_ids].sum(-1)

@@ -60,7 +60,14 @@ def _common(f):
                      help="Fewest right and wrong answers a train or test split may hold (default 10; at least 2)."),
         click.option("--force", is_flag=True, help="Rerun the stage(s) even if their inputs are unchanged."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
-        click.option("--also", multiple=True, help="Extra views: attention (a heatmap of attention weights)."),
+        click.option("--also", multiple=True, help="Extra views: attention (a heatmap of attention weights); "
+                                                   "samples (semantic entropy and semantic-entropy probes)."),
+        click.option("--samples", type=int, help="Sampled answers per question for --also samples, and for a "
+                                                 "study without gold answers (default 5)."),
+        click.option("--sample-temperature", type=float, help="Temperature of those samples (default 1.0)."),
+        click.option("--judge-equivalence", is_flag=True, default=None,
+                     help="Also cluster the samples by meaning with a model judging two answers equivalent "
+                          "(--extractor-model, or the studied model): 2 forward passes per comparison."),
         click.option("--extract", type=click.Choice(["onepass", "separate"]),
                      help="onepass (default): hidden states and token scores read while the model answers; "
                           "separate: a forward pass of their own after labelling."),
@@ -145,7 +152,18 @@ def _report(run_dir: Path) -> None:
         console.print("best baselines (mean AUC): " + ", ".join(f"{text(k)} {_number(v)}" for k, v in best)
                       + (f"; family alone {_number(baselines['family_rate'])}" if "family_rate" in baselines else "")
                       + (f"; best probe within families {_number(within)}" if within is not None else ""))
-    for figure in ("heatmap", "heatmap_within", "baselines", "attention"):
+    if summary.get("labels") == "none":
+        console.print(f"no gold answers: {text(summary.get('no_correctness_auc'))}")
+    entropy = summary.get("entropy_probe") or {}
+    for key, how in (("best_cell", "chosen on validation AUC for errors"),
+                     ("best_cell_label_free", "chosen without labels, on validation agreement with semantic entropy")):
+        cell = entropy.get(key)
+        if cell:
+            console.print(f"semantic-entropy probe, {how}: {text(cell['site'])} L{_number(cell['layer'], 'd')} {text(cell['position'])}; "
+                          f"test AUC for errors {_number(cell.get('auc') if key == 'best_cell' else cell.get('error_auc'))}, "
+                          f"for high semantic entropy "
+                          f"{_number(cell.get('high_entropy_auc') if key == 'best_cell' else cell.get('auc'))}")
+    for figure in ("heatmap", "heatmap_within", "heatmap_entropy", "baselines", "attention"):
         if (run_dir / f"{figure}.png").exists():
             console.print(f"{figure}: {text(run_dir / f'{figure}.png')}")
 
@@ -172,12 +190,12 @@ def _stage_command(name: str, doc: str):
     def command(config_file, force, quiet, **values):
         from .pipeline import run_stages
 
-        if name == "attention":  # asking for the stage by name asks for the view
-            values["also"] = tuple(dict.fromkeys(tuple(values.get("also") or ()) + ("attention",)))
+        if name in ("attention", "samples"):  # asking for the stage by name asks for the view
+            values["also"] = tuple(dict.fromkeys(tuple(values.get("also") or ()) + (name,)))
         config, given = _config(config_file, quiet, **values)
         run_dir = run_stages(config, stages=(name,), force=force, given=given)
         click.echo(f"{name}: done ({run_dir})")
-        if name in ("probe", "plot"):
+        if name in ("probe", "plot", "entropy"):
             _report(run_dir)
 
     command.__doc__ = doc
@@ -189,6 +207,8 @@ for _name, _doc in [
     ("label", "Stage 2: grade answers, locate exact answers and positions (answers.parquet, splits.json)."),
     ("extract", "Stage 3: hidden states at the positions, every layer (activations/)."),
     ("probe", "Stage 4: a probe per (site, layer, position, seed) (probe_results.csv)."),
+    ("samples", "Stage 3b: N sampled answers per question and their semantic entropy (sampling_scores.parquet)."),
+    ("entropy", "Stage 4d: semantic-entropy probes for every cell (heatmap_entropy.png)."),
     ("baselines", "Stage 4b: logit, entropy, p(True) and family baselines beside the probes (baselines.png)."),
     ("attention", "Stage 4c: the attention heatmap (attention.png); `run` draws it with --also attention."),
     ("plot", "Stage 5: the heatmap (heatmap.png, heatmap.svg)."),
@@ -312,11 +332,14 @@ def _held_config(run_dir: Path, quiet: bool, model, trust_remote_code):
 @click.option("--model", help="The model whose runs a task name refers to (default: the embedded default).")
 @click.option("--to", "to", help="Folder for the outputs (default: <first train run>/transfer).")
 @click.option("--bootstrap", type=int, default=1000, show_default=True)
-def transfer(train, test, site, layer, position, model, to, bootstrap):
+@click.option("--probe", type=click.Choice(["correctness", "entropy", "both"]), default="correctness",
+              show_default=True, help="What the probe learns on the train task: wrong vs right answers, or high vs "
+                                      "low semantic entropy (no gold label; needs the run's samples), or both.")
+def transfer(train, test, site, layer, position, model, to, bootstrap, probe):
     """Train a probe on one task, test it on others: a task × task AUC matrix (CSV + heatmap)."""
     from .transfer import run_transfer
 
-    out, grid = run_transfer(list(train), list(test), site, layer, position, to, model, n_boot=bootstrap)
+    out, grid = run_transfer(list(train), list(test), site, layer, position, to, model, n_boot=bootstrap, probe=probe)
     click.echo(grid.round(3).to_string())
     click.echo(f"transfer: {out / 'transfer.csv'}, {out / 'transfer_matrix.csv'}, {out / 'transfer.png'}")
 
@@ -328,9 +351,12 @@ def transfer(train, test, site, layer, position, model, to, bootstrap):
 @click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
 @_cell_options
 @click.option("--batch-size", type=int)
+@click.option("--judge-equivalence", is_flag=True,
+              help="Also cluster the samples by a model judging equivalence (sampling_scores.parquet).")
 @_model_options
 @click.option("--quiet", is_flag=True)
-def resample(out, n, temperature, sample_seed, site, layer, position, batch_size, model, trust_remote_code, quiet):
+def resample(out, n, temperature, sample_seed, site, layer, position, batch_size, judge_equivalence, model,
+             trust_remote_code, quiet):
     """N sampled answers per question, error types, and probes predicting each type."""
     from . import runfolder as rf
     from .pipeline import _ModelHolder
@@ -343,10 +369,21 @@ def resample(out, n, temperature, sample_seed, site, layer, position, batch_size
         models = _ModelHolder(config)
         results = run_resample(models.lm, run_dir, n, temperature, sample_seed, cell, models.extractor, config.C,
                                config.bootstrap, batch_size, not quiet)
+        from .entropy import refresh_sampling_scores
+
+        refresh_sampling_scores(models.lm, run_dir, (models.extractor or models.lm) if judge_equivalence else None)
     table = results.groupby("error_type", sort=False)[["auc", "n_train_positive", "n_test_positive"]].mean()
     click.echo(table.round(3).to_string())
     click.echo(f"resample: {run_dir / 'error_types.parquet'}, {run_dir / 'error_type_results.csv'}, "
-               f"{run_dir / 'error_types.png'}")
+               f"{run_dir / 'error_types.png'}, {run_dir / 'sampling_scores.parquet'}")
+    from .pipeline import run_stages
+
+    # the samples' semantic entropy as baselines, and the semantic-entropy probes
+    try:
+        run_stages(config, stages=("baselines", "entropy", "plot", "report"))
+    except TruthmapError as err:  # the error types above stand; say why the entropy probes do not
+        click.echo(f"semantic-entropy probes: not trained ({err})", err=True)
+    _report(run_dir)
 
 
 @cli.command()

@@ -13,7 +13,7 @@ from .label import DEFAULT_POSITIONS, MIN_PER_CLASS, POPULATIONS, check_position
 from .models import DEFAULT_MODEL, SITES
 from .tasks import check_protocol
 
-ALSO = ("attention",)  # optional passes of `truthmap run`
+ALSO = ("attention", "samples")  # optional passes of `truthmap run`
 EXTRACT_MODES = ("onepass", "separate")  # read states while generating (capture.py), or in a pass of their own
 
 
@@ -47,7 +47,11 @@ class Config:
     bootstrap: int = 1000  # resamples for the AUC interval
     min_per_class: int = MIN_PER_CLASS  # fewest right (and wrong) answers a train or test split may hold
     progress: bool = True
-    also: list[str] = field(default_factory=list)  # extra views of `run`: "attention" (attention heatmap)
+    also: list[str] = field(default_factory=list)  # extra views of `run`: "attention" (attention heatmap), "samples"
+    # "samples" (and any study without gold answers): N sampled answers per question, semantic entropy, entropy probes
+    samples: int = 5  # sampled answers per question
+    sample_temperature: float = 1.0
+    judge_equivalence: bool = False  # also cluster samples by a model judging equivalence (--extractor-model or the studied one)
     extract: str = "onepass"  # onepass: states and token scores read while generating; separate: passes of their own
     # Ray (truthmap/distributed.py, docs/scaling.md): generation and extraction on workers of a Ray cluster
     ray: str | None = None  # None: one process; "local": a new one-machine cluster; "auto" or "ray://HOST:10001"
@@ -63,6 +67,10 @@ class Config:
         for extra in self.also:
             if extra not in ALSO:
                 raise TruthmapError(f"--also '{extra}': use one of {', '.join(ALSO)}")
+        if self.samples < 2:
+            raise TruthmapError(f"samples {self.samples}: draw at least 2 answers per question (an entropy needs a choice)")
+        if not self.sample_temperature > 0:
+            raise TruthmapError(f"sample_temperature {self.sample_temperature}: must be above 0")
         if not self.seeds:
             raise TruthmapError("seeds: give at least one seed")
         if not 0.05 <= self.test_fraction <= 0.95:

@@ -2,7 +2,8 @@
 
 Every source becomes the same questions table (a DataFrame, one row per question):
 
-    id (str, unique) · question (str) · gold (list[str], the accepted answers, non-empty)
+    id (str, unique) · question (str) · gold (list[str], the accepted answers; empty in every row of a
+    label-free study, whose source has no answer column)
     family (str) · subgroup (str) · answer_type (str, key into the vocabularies or "")
     task (str, the registry name that prompts and grades it) · context (str, a passage shown before
     the question, or "") · question_base (str, the question as a base model completes it, e.g.
@@ -82,6 +83,11 @@ def load_questions(
     table = table.reset_index(drop=True)
     if table.empty:
         raise TruthmapError(f"{source}: no questions to study")
+    unlabelled = table["gold"].map(len) == 0
+    if unlabelled.any() and not unlabelled.all():  # a study is graded throughout or not at all
+        first = table.loc[unlabelled.idxmax(), "id"]
+        raise TruthmapError(f"{source}: question id '{first}' has no answer while others have one; give every "
+                            f"row an answer, or none (a label-free study)")
     table.attrs["source_rows"] = report
     return table, vocabularies
 

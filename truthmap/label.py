@@ -84,7 +84,7 @@ def find_exact_answer(
     if textmatch.is_refusal(answer, question):  # "… is not known yet" names nothing: no candidate, no extractor
         return None, -1, -1, "refusal"
     found, reason = None, ""
-    if answer_type == "number" or (not answer_type and all(textmatch.canonical_number(g) for g in gold)):
+    if answer_type == "number" or (not answer_type and gold and all(textmatch.canonical_number(g) for g in gold)):
         found, reason = textmatch.first_number(answer, exclude=question), "number"
     elif answer_type in vocabularies:
         vocabulary = vocabularies[answer_type]
@@ -438,7 +438,7 @@ def label_answers(
                 "subgroup": row.subgroup,
                 "prompt": row.prompt,
                 "answer": row.answer,
-                "correct": bool(ok),
+                "correct": bool(ok) if len(row.gold) else None,  # None: no gold answer (a label-free study)
                 "exact_answer": text or "",
                 "exact_answer_valid": text is not None,
                 "exact_answer_reason": reason,

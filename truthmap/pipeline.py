@@ -1,6 +1,10 @@
 """Runs the stages in order over one run folder, skipping those whose inputs have not changed.
 
-    questions ─> generate ─> label ─> extract ─> probe ─> baselines (─> attention) ─> plot ─> report
+    questions ─> generate ─> label ─> extract (─> samples) ─> probe ─> baselines (─> entropy) (─> attention)
+              ─> plot ─> report
+
+``samples`` and ``entropy`` (truthmap/entropy.py) run with ``--also samples``, and always in a study
+without gold answers, where the stages that need correctness labels (``LABELLED_STAGES``) are skipped.
 
 Each ``stage_*`` function reads the run folder and writes its own outputs (runfolder.py names them);
 the model is loaded at most once, and only if a stage that needs it has to run.
@@ -22,8 +26,9 @@ from .config import Config
 from .errors import TruthmapError
 from .probe import read_results
 
-STAGES = ("generate", "label", "extract", "probe", "baselines", "attention", "plot", "report")
-MODEL_STAGES = ("generate", "label", "extract", "baselines", "attention")  # stages that may need the model
+STAGES = ("generate", "label", "extract", "samples", "probe", "baselines", "entropy", "attention", "plot", "report")
+MODEL_STAGES = ("generate", "label", "extract", "samples", "baselines", "attention")  # stages that may need the model
+LABELLED_STAGES = ("probe", "baselines", "attention", "plot", "report")  # need graded answers (correctness)
 RAY_STAGES = ("generate", "label", "extract")  # their model work runs on Ray workers with --ray (distributed.py)
 
 
@@ -127,7 +132,12 @@ def stage_generate(config: Config, run_dir: Path, models: _ModelHolder, force: b
     return _run_stage(run_dir, "generate", settings, inputs, outputs, work, force)
 
 
+LABEL_FREE_NOTE = ("the questions have no gold answers: no answer is graded and no correctness AUC exists; "
+                   "heatmap_entropy shows how well semantic-entropy probes agree with semantic entropy")
+
+
 def stage_label(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
+    from .entropy import has_labels
     from .label import check_labels, label_answers, make_splits
 
     c = config
@@ -142,13 +152,21 @@ def stage_label(config: Config, run_dir: Path, models: _ModelHolder, force: bool
         vocabularies = rf.read_json(run_dir / rf.VOCABULARIES)
         answers = label_answers(questions, generations, vocabularies, models.lm.tokenizer, c.positions,
                                 models.extractor, c.progress)
-        splits = make_splits(answers, c.seeds, c.test_fraction, c.validation_fraction, c.positions, c.population)
+        labelled = has_labels(answers)
+        # a label-free study is split by its groups alone (there are no classes to stratify)
+        splits = make_splits(answers if labelled else answers.assign(correct=True), c.seeds, c.test_fraction,
+                             c.validation_fraction, c.positions, c.population)
         answers["split"] = ""  # "": outside the study's population
         for part, members in splits["seeds"][str(c.seeds[0])].items():
             answers.loc[answers["id"].isin(set(members)), "split"] = part
         rf.write_parquet(run_dir / rf.ANSWERS, answers)
         rf.write_json(run_dir / rf.SPLITS, splits)
-        rf.update_summary(run_dir, **answer_summary(answers), population=population_summary(splits, len(answers)))
+        if not labelled:
+            rf.update_summary(run_dir, n=int(len(answers)), labels="none", no_correctness_auc=LABEL_FREE_NOTE,
+                              population=population_summary(splits, len(answers)))
+            return
+        rf.update_summary(run_dir, **answer_summary(answers), population=population_summary(splits, len(answers)),
+                          labels="gold")
         check_labels(answers, str(run_dir / rf.ANSWERS))
 
     return _run_stage(run_dir, "label", settings, inputs, [run_dir / rf.ANSWERS, run_dir / rf.SPLITS], work, force)
@@ -181,6 +199,63 @@ def stage_extract(config: Config, run_dir: Path, models: _ModelHolder, force: bo
                                                 "read_again": capture.read_again})
 
     return _run_stage(run_dir, "extract", settings, inputs, [store / "index.json"], work, force)
+
+
+def wants_samples(config: Config, run_dir: Path) -> bool:
+    """Sampling runs with ``--also samples``, and always for a study without gold answers."""
+    from .entropy import has_labels
+
+    return "samples" in config.also or not has_labels(rf.read_parquet(run_dir / rf.ANSWERS))
+
+
+def stage_samples(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
+    """N sampled answers per question and their sampling scores (semantic entropy …; entropy.py)."""
+    if not wants_samples(config, run_dir):
+        return False
+    from .entropy import SAMPLING_SCORES, run_sampling
+    from .resample import RESAMPLES
+
+    c = config
+    settings = {"samples": c.samples, "temperature": c.sample_temperature, "judge": c.judge_equivalence,
+                "judge_model": c.extractor_model if c.judge_equivalence else None, "max_new_tokens": c.max_new_tokens}
+    inputs = [run_dir / rf.ANSWERS, run_dir / rf.GENERATIONS]
+
+    def work():
+        judge = (models.extractor or models.lm) if c.judge_equivalence else None
+        info = run_sampling(models.lm, run_dir, c.samples, c.sample_temperature, 0, judge, c.batch_size, c.progress)
+        rf.update_summary(run_dir, sampling=info)
+
+    outputs = [run_dir / RESAMPLES, run_dir / SAMPLING_SCORES]
+    return _run_stage(run_dir, "samples", settings, inputs, outputs, work, force)
+
+
+def stage_entropy(config: Config, run_dir: Path, force: bool = False) -> bool:
+    """Semantic-entropy probes for every cell and their heatmap, when the run has sampling scores."""
+    from . import entropy as se
+
+    if not (run_dir / se.SAMPLING_SCORES).exists():
+        return False
+    c = config
+    column = "semantic_entropy_judged" if c.judge_equivalence else "semantic_entropy"
+    settings = {"C": c.C, "bootstrap": c.bootstrap, "sites": c.sites, "column": column, "positions": c.positions,
+                "min_per_class": c.min_per_class}
+    inputs = [run_dir / rf.ANSWERS, run_dir / rf.SPLITS, run_dir / rf.ACTIVATIONS, run_dir / se.SAMPLING_SCORES]
+
+    def work():
+        from .models import resolve_device
+
+        device = resolve_device(c.device) if c.device_map is None else "cpu"
+        results, scores, details = se.run_entropy_probe(run_dir, c.sites, column, c.C, c.bootstrap, device,
+                                                        c.progress, c.min_per_class)
+        rf.write_csv(run_dir / se.ENTROPY_RESULTS, results)
+        rf.write_parquet(run_dir / se.ENTROPY_SCORES, scores)
+        n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))
+        se.plot_entropy_heatmap(results, c.positions, run_dir, _short_model(c.model), c.dataset, n)
+        rf.update_summary(run_dir, entropy_probe=se.entropy_summary(results, details))
+
+    outputs = [run_dir / se.ENTROPY_RESULTS, run_dir / se.ENTROPY_SCORES] + \
+        [run_dir / f"{se.FIGURE}{suffix}" for suffix in (".png", ".svg")]
+    return _run_stage(run_dir, "entropy", settings, inputs, outputs, work, force)
 
 
 def stage_probe(config: Config, run_dir: Path, force: bool = False) -> bool:
@@ -232,7 +307,10 @@ def stage_baselines(config: Config, run_dir: Path, models: _ModelHolder, force: 
     """Token-probability, entropy, p(True) and family baselines on the probes' test splits (baselines.py)."""
     from . import baselines as bl
 
-    inputs = [run_dir / rf.ANSWERS, run_dir / rf.GENERATIONS, run_dir / rf.SPLITS, run_dir / rf.PROBE_SCORES]
+    from .entropy import SAMPLING_SCORES, with_sampling_scores
+
+    inputs = [run_dir / rf.ANSWERS, run_dir / rf.GENERATIONS, run_dir / rf.SPLITS, run_dir / rf.PROBE_SCORES,
+              run_dir / SAMPLING_SCORES]
     outputs = [run_dir / bl.BASELINE_SCORES, run_dir / bl.BASELINE_RESULTS, run_dir / bl.FAMILY_RESULTS,
                run_dir / bl.FIGURE]
 
@@ -241,6 +319,7 @@ def stage_baselines(config: Config, run_dir: Path, models: _ModelHolder, force: 
         scores = bl.compute_scores(models.lm, answers, rf.read_parquet(run_dir / rf.GENERATIONS), config.progress,
                                    one_pass=config.extract == "onepass")
         rf.update_summary(run_dir, baseline_seconds=scores.attrs.get("seconds"))
+        scores = with_sampling_scores(run_dir, scores)  # semantic entropy … when the run drew samples
         rf.write_parquet(run_dir / bl.BASELINE_SCORES, scores)
         title = f"{_short_model(config.model)} · {config.dataset} · baselines beside the best probe"
         rf.update_summary(run_dir, **bl.finish_baselines(run_dir, scores, config.bootstrap, title))
@@ -421,6 +500,8 @@ def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: b
     local = _ModelHolder(dataclasses.replace(config, ray=None)) if config.ray else models
     try:
         for stage in stages:
+            if stage in LABELLED_STAGES and not _labelled(run_dir):
+                continue  # a label-free study: no correctness to probe, score or draw (summary.json says so)
             if stage in MODEL_STAGES:
                 globals()[f"stage_{stage}"](config, run_dir, models if stage in RAY_STAGES else local, force)
             else:
@@ -428,3 +509,12 @@ def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: b
     finally:
         models.close()
     rf.update_summary(run_dir, wall_seconds=round(time.perf_counter() - started, 2))
+
+
+def _labelled(run_dir: Path) -> bool:
+    """False only for a run whose answers exist and carry no gold labels."""
+    from .entropy import has_labels
+
+    path = run_dir / rf.ANSWERS
+    return not path.exists() or has_labels(rf.read_parquet(path))
+

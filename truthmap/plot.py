@@ -85,16 +85,18 @@ def draw_heatmap(ax, grid: np.ndarray, layers: list[int], positions: list[str], 
 
 
 def plot_heatmap(results: pd.DataFrame, positions: list[str], out_stem: Path, model: str, dataset: str,
-                 n: int, view: str = "heatmap") -> list[Path]:
-    """Write ``<out_stem>.png`` and ``.svg`` of ``view`` (``VIEWS``); ``n`` is the population size."""
+                 n: int, view: str = "heatmap", what: str | None = None, label: str | None = None) -> list[Path]:
+    """Write ``<out_stem>.png`` and ``.svg`` of ``view`` (``VIEWS``); ``n`` is the population size;
+    ``what`` and ``label`` replace the view's title words and colour-bar label (another kind of probe)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = VIEWS[view][0]
-    what = "test AUC" if view == "heatmap" else "test AUC within strata"
-    label = "probe AUC (predicting an error)" if view == "heatmap" else "probe AUC within strata (predicting an error)"
+    what = what or ("test AUC" if view == "heatmap" else "test AUC within strata")
+    label = label or ("probe AUC (predicting an error)" if view == "heatmap"
+                      else "probe AUC within strata (predicting an error)")
     sites = list(dict.fromkeys(results["site"]))
     n_layers = results["layer"].nunique()
     fig, axes = plt.subplots(1, len(sites), squeeze=False,

@@ -224,7 +224,8 @@ def cell_stats(score: np.ndarray, y: np.ndarray, parts: dict[str, np.ndarray], w
                strata: np.ndarray | None = None, probability: bool = True) -> tuple[list[dict], dict]:
     """One cell's evaluation: per seed and for the mean over seeds.
 
-    ``score`` ``[S, N]`` (NaN where an answer has no score), ``y`` ``[N]`` (1 = error), ``parts``
+    ``score`` ``[S, N]`` (NaN where an answer has no score), ``y`` ``[N]`` (1 = error; or ``[S, N]``, a
+    target per seed, as the semantic-entropy probes' high/low entropy), ``parts``
     ``{"train" | "validation" | "test": bool [S, N]}``, ``weights`` the ``[B, N]`` bootstrap of
     :func:`group_bootstrap`, ``strata`` ``[N]`` or None. Returns (per-seed dicts with auc, auc_lo, auc_hi,
     accuracy, n_train, n_val, n_test, val_auc, within_auc, within_val_auc; the cell's dict with
@@ -237,7 +238,7 @@ def cell_stats(score: np.ndarray, y: np.ndarray, parts: dict[str, np.ndarray], w
         for part, key in (("test", "auc"), ("validation", "val_auc")):
             rows_in = parts[part][s] & np.isfinite(score[s])
             row["n_test" if part == "test" else "n_val"] = int(rows_in.sum())
-            values, labels = score[s, rows_in], y[rows_in]
+            values, labels = score[s, rows_in], (y[s] if y.ndim == 2 else y)[rows_in]
             if len(set(labels.tolist())) < 2:
                 row[key] = np.nan
                 row["within_" + key] = np.nan

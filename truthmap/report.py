@@ -41,7 +41,7 @@ MISSING = 65535  # no score: the position does not exist for this answer
 SUMMARY_KEYS = ("model", "model_revision", "dataset", "n", "n_layers", "hidden_size", "accuracy",
                 "valid_exact_answer_rate", "valid_exact_answer_rate_wrong", "invalid_exact_answer_reasons",
                 "families", "top_cells", "best_cell", "best_on_test", "best_within_cell", "population", "controls",
-                "probe_within_family_auc", "stage_seconds", "wall_seconds", "versions")
+                "probe_within_family_auc", "stage_seconds", "wall_seconds", "versions", "entropy_probe", "sampling")
 
 
 def _number(value, digits: int = 4):
@@ -96,6 +96,22 @@ def cell_tables(results: pd.DataFrame, positions: list[str]) -> dict:
             views[str(int(seed))] = _view(rows[rows["seed"] == seed], layers, positions, spread=False)
         sites[site] = {"layers": layers, "views": views}
     return sites
+
+
+def add_entropy_view(run_dir: Path, sites: dict, positions: list[str]) -> None:
+    """The ``"entropy"`` view of every site: the semantic-entropy probes' test AUC for errors (mean over
+    seeds, region chosen on validation), when the run has ``entropy_probe_results.csv``."""
+    from .entropy import ENTROPY_RESULTS
+
+    path = Path(run_dir) / ENTROPY_RESULTS
+    if not path.exists():
+        return
+    table = pd.read_csv(path, dtype={"site": str, "position": str})
+    table = table[table["target"] == "error"]
+    for site, entry in sites.items():
+        rows = table[table["site"] == site]
+        if not rows.empty:
+            entry["views"]["entropy"] = _view(mean_over_seeds(rows), entry["layers"], positions, spread=True)
 
 
 def baselines(results: pd.DataFrame) -> list[dict]:
@@ -184,6 +200,7 @@ def run_data(run_dir: Path) -> dict:
     positions = [str(p) for p in config.get("positions", []) if str(p) in set(probed["position"])]
     positions += [p for p in dict.fromkeys(probed["position"]) if p not in positions]
     sites = cell_tables(results, positions)
+    add_entropy_view(run_dir, sites, positions)
 
     seeds = sorted((s for s in splits["seeds"] if int(s) in set(probed["seed"])), key=int)
     if not seeds:

@@ -6,9 +6,15 @@ and the test tasks), and every seed both runs share, a :class:`~truthmap.detecto
 on T's train split at (site, layer, position) and scored on U's test split — the same test split as
 U's own probes, so the diagonal is the in-task AUC. Writes, into ``--out``:
 
-* ``transfer.csv`` — ``train, test, seed, auc, auc_lo, auc_hi, n_train, n_test`` (bootstrap 95% interval
-  over the test split, each draw resampling answers with their labels);
-* ``transfer_matrix.csv`` — rows: train task, columns: test task, mean AUC over seeds;
+* ``transfer.csv`` — ``train, test, seed, auc, auc_lo, auc_hi, n_train, n_test, probe`` (bootstrap 95%
+  interval over the test split, each draw resampling answers with their labels);
+* ``transfer_matrix.csv`` — rows: train task (with ``[probe]`` when both kinds were trained), columns: test
+  task, mean AUC over seeds;
+
+``--probe`` chooses what the probe learns on the train task: ``correctness`` (wrong vs right answers, the
+default), ``entropy`` (high vs low semantic entropy, no gold label: the train run needs
+``sampling_scores.parquet``, from ``--also samples`` or ``truthmap resample``; the threshold is the best
+split on the train part, as in entropy.py) or ``both``. Every probe is tested on detecting wrong answers.
 * ``transfer.png`` — that matrix as a heatmap.
 """
 
@@ -22,7 +28,8 @@ import pandas as pd
 from . import runfolder as rf
 from .errors import TruthmapError
 
-COLUMNS = ["train", "test", "seed", "auc", "auc_lo", "auc_hi", "n_train", "n_test"]
+COLUMNS = ["train", "test", "seed", "auc", "auc_lo", "auc_hi", "n_train", "n_test", "probe"]
+PROBES = ("correctness", "entropy")
 
 
 def resolve_run(name: str, model: str | None = None) -> Path:
@@ -56,9 +63,23 @@ def check_same_model(runs: list[Path]) -> str:
     return next(iter(models.values()))
 
 
+def entropy_targets(run_dir: Path, ids, train_ids) -> np.ndarray:
+    """1 = high semantic entropy, 0 = low, -1 = no samples, for ``ids`` of a run, the threshold the best
+    split of its ``train_ids`` (entropy.best_split_threshold)."""
+    from .entropy import SAMPLING_SCORES, high_entropy_labels
+
+    path = Path(run_dir) / SAMPLING_SCORES
+    if not path.exists():
+        raise TruthmapError(f"{run_dir}: no {SAMPLING_SCORES} for an entropy-trained probe; run "
+                            f"'truthmap run --also samples --out {run_dir}' or 'truthmap resample --out {run_dir}'")
+    entropy = rf.read_parquet(path).set_index("id")["semantic_entropy"].reindex(list(ids)).to_numpy(dtype=float)
+    labels, _ = high_entropy_labels(entropy, np.isin(ids, list(train_ids))[None, :])
+    return labels[0]
+
+
 def transfer_table(train_runs: list[Path], test_runs: list[Path], site: str, layer: int, position: str,
-                   C: float = 1.0, n_boot: int = 1000) -> pd.DataFrame:
-    """One row per (train task, test task, shared seed); see the module docstring."""
+                   C: float = 1.0, n_boot: int = 1000, probes: tuple[str, ...] = ("correctness",)) -> pd.DataFrame:
+    """One row per (probe kind, train task, test task, shared seed); see the module docstring."""
     from .detector import Detector, cell_data
     from .probe import auc_score, bootstrap_counts
 
@@ -70,8 +91,8 @@ def transfer_table(train_runs: list[Path], test_runs: list[Path], site: str, lay
     data = {r: cell_data(r, site, layer, position) for r in runs}
     splits = {r: rf.read_splits(r / rf.SPLITS)["seeds"] for r in runs}
     rows = []
-    for train_run in train_runs:
-        ids, X, y = data[train_run]
+    for kind, train_run in ((k, r) for k in probes for r in train_runs):
+        ids, X, y_error = data[train_run]
         for test_run in runs:
             seeds = sorted(set(splits[train_run]) & set(splits[test_run]), key=int)
             if not seeds:
@@ -79,23 +100,29 @@ def transfer_table(train_runs: list[Path], test_runs: list[Path], site: str, lay
             test_ids_all, X_test_all, y_test_all = data[test_run]
             for seed in seeds:
                 train = np.isin(ids, splits[train_run][seed]["train"])
+                y = y_error
+                if kind == "entropy":  # no gold label in training: high vs low semantic entropy
+                    y = entropy_targets(train_run, ids, splits[train_run][seed]["train"])
+                    train &= y >= 0
                 test = np.isin(test_ids_all, splits[test_run][seed]["test"])
                 X_test, y_test = X_test_all[test], y_test_all[test]
                 if len(set(y[train].tolist())) < 2 or len(set(y_test.tolist())) < 2:
                     rows.append([names[train_run], names[test_run], int(seed), np.nan, np.nan, np.nan,
-                                 int(train.sum()), int(test.sum())])
+                                 int(train.sum()), int(test.sum()), kind])
                     continue
                 score = Detector(C=C).fit(X[train], y[train]).predict_proba(X_test)[:, 1]
                 auc = float(auc_score(score, y_test))
                 lo, hi = np.nanpercentile(auc_score(score, y_test, bootstrap_counts(len(score), n_boot, int(seed))),
                                           [2.5, 97.5])
                 rows.append([names[train_run], names[test_run], int(seed), auc, float(lo), float(hi),
-                             int(train.sum()), int(test.sum())])
+                             int(train.sum()), int(test.sum()), kind])
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def matrix(table: pd.DataFrame) -> pd.DataFrame:
     """Mean AUC over seeds: rows = train task, columns = test task, in the order they first appear."""
+    if "probe" in table.columns and table["probe"].nunique() > 1:
+        table = table.assign(train=table["train"] + " [" + table["probe"] + "]")
     out = table.groupby(["train", "test"], sort=False)["auc"].mean().unstack("test")
     return out.reindex(index=list(dict.fromkeys(table["train"])), columns=list(dict.fromkeys(table["test"])))
 
@@ -126,19 +153,23 @@ def plot_matrix(grid: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def run_transfer(train: list[str], test: list[str], site: str, layer: int, position: str, out: str | None = None,
-                 model: str | None = None, C: float = 1.0, n_boot: int = 1000) -> tuple[Path, pd.DataFrame]:
+                 model: str | None = None, C: float = 1.0, n_boot: int = 1000,
+                 probe: str = "correctness") -> tuple[Path, pd.DataFrame]:
     """Resolve the runs, compute the table and matrix, write them; return (out folder, matrix)."""
     from contextlib import ExitStack
 
     from .resample import check_cell
 
     check_cell(site, layer, position, "--site/--layer/--position")
+    if probe not in PROBES + ("both",):
+        raise TruthmapError(f"--probe '{probe}': use correctness, entropy or both")
     train_runs = [resolve_run(t, model) for t in train]
     test_runs = [resolve_run(t, model) for t in test]
     with ExitStack() as held:  # each run read under its shared lock, every file checked against its manifest
         for run in dict.fromkeys(train_runs + test_runs):
             held.enter_context(rf.reading(run))
-        table = transfer_table(train_runs, test_runs, site, layer, position, C, n_boot)
+        table = transfer_table(train_runs, test_runs, site, layer, position, C, n_boot,
+                               PROBES if probe == "both" else (probe,))
     out_dir = Path(out) if out else train_runs[0] / "transfer"
     _refuse_foreign_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

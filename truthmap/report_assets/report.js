@@ -280,11 +280,12 @@
     values: false,
   }));
 
-  const MEAN_VIEWS = ["mean", "within"]; // views over every seed; the others are one seed each
+  const MEAN_VIEWS = ["mean", "within", "entropy"]; // views over every seed; the others are one seed each
 
   function viewLabel(run, view) {
     const seeds = run.seeds.length + " seed" + (run.seeds.length === 1 ? "" : "s");
     return view === "mean" ? "mean over " + seeds : view === "within" ? "within strata, mean over " + seeds
+      : view === "entropy" ? "semantic-entropy probes (trained without labels), mean over " + seeds
       : "seed " + view;
   }
 
