@@ -320,7 +320,8 @@ def _held_config(run_dir: Path, quiet: bool, model, trust_remote_code):
 
     values = {k: v for k, v in {"model": model, "trust_remote_code": trust_remote_code}.items() if v is not None}
     config = load_config(None, out=str(run_dir), progress=not quiet, **values)
-    return continue_config(config, run_dir, frozenset(values) | {"out"}, ("generate",))
+    # an analysis runs the run's model in this process, as the samples stage does (never on Ray workers)
+    return continue_config(config, run_dir, frozenset(values) | {"out"}, ("samples",))
 
 
 @cli.command()
@@ -359,14 +360,14 @@ def resample(out, n, temperature, sample_seed, site, layer, position, batch_size
              trust_remote_code, quiet):
     """N sampled answers per question, error types, and probes predicting each type."""
     from . import runfolder as rf
-    from .pipeline import _ModelHolder
+    from .backend import Models
     from .resample import run_resample
 
     run_dir = _run_folder(out)
     with rf.open_run(run_dir), rf.stage("resample"):
         config = _held_config(run_dir, quiet, model, trust_remote_code)
         cell = _cell(run_dir, site, layer, position)
-        models = _ModelHolder(config)
+        models = Models(config)  # in this process, also for a run made with --ray (docs/scaling.md)
         results = run_resample(models.lm, run_dir, n, temperature, sample_seed, cell, models.extractor, config.C,
                                config.bootstrap, batch_size, not quiet)
         from .entropy import refresh_sampling_scores
@@ -397,15 +398,15 @@ def choose(out, site, layer, position, detector_path, seed, model, trust_remote_
     """Answer choice among the resamples: greedy, random, majority vote, probe (accuracy per error type)."""
     from . import runfolder as rf
     from .choice import run_choice
+    from .backend import Models
     from .detector import Detector
-    from .pipeline import _ModelHolder
 
     run_dir = _run_folder(out)
     detector = Detector.load(detector_path) if detector_path else None
     with rf.open_run(run_dir), rf.stage("choice"):
         config = _held_config(run_dir, quiet, model, trust_remote_code)
         cell = None if detector else _cell(run_dir, site, layer, position)
-        table = run_choice(_ModelHolder(config).lm, run_dir, detector, cell, seed, config.C, config.bootstrap)
+        table = run_choice(Models(config).lm, run_dir, detector, cell, seed, config.C, config.bootstrap)
     click.echo(table.pivot(index="error_type", columns="strategy", values="accuracy").round(3).to_string())
     click.echo(f"choice: {run_dir / 'choice.csv'}, {run_dir / 'choice.png'}")
 

@@ -17,7 +17,7 @@ twice, and a driver that dies resumes, when rerun, from the chunks and shards it
 A worker process that dies (killed, preempted node) is restarted by Ray, which reloads the model and
 retries the chunk it held (``max_restarts`` / ``max_task_retries``, ``MAX_RESTARTS`` times); only that
 chunk's work is lost. On the driver, the model is a :class:`RemoteModel`: its tokenizer and config,
-no weights.
+no weights — one of the two implementations of the model backend contract (truthmap/backend.py).
 
 ``TRUTHMAP_RAY_FAILPOINT=<generate|extract>:<k>:<marker file>`` makes the worker that starts chunk
 (or shard) ``k`` of that stage SIGKILL itself, once: it creates the marker file first, and a marker
@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .errors import TruthmapError
 from .models import LoadedModel
@@ -57,12 +58,39 @@ class _ConfigOnly:
 
 
 @dataclass
-class RemoteModel(LoadedModel):
-    """A model held by Ray workers, as the driver sees it: the tokenizer, the layout (``n_layers``,
-    ``hidden_size``), the config; ``blocks`` and ``embeddings`` are None. ``generate_answers`` and
-    ``run_extract`` send their chunks to ``workers``."""
+class RemoteModel:
+    """A model held by Ray workers, as the driver sees it (the backend contract of backend.py): the
+    tokenizer, the layout (``n_layers``, ``hidden_size``), the config in ``model``; no weights. Answers
+    and feature shards are computed by ``workers``."""
 
-    workers: Workers | None = None
+    model: _ConfigOnly
+    tokenizer: object
+    model_id: str
+    source: str
+    gguf_file: str | None
+    revision: str
+    n_layers: int
+    hidden_size: int
+    workers: Workers
+    in_process: ClassVar[bool] = False
+
+    def describe(self) -> str:
+        return f"{self.model_id} ({self.revision}) on {len(self.workers.actors)} Ray worker(s)"
+
+    def auto_batch_size(self, longest: int) -> int:
+        return self.workers.auto_batch_size(longest)
+
+    def answer_chunks(self, jobs: dict, max_new_tokens: int, batch_size: int, bar=None, sample=None,
+                      capture=None):
+        if sample is not None:
+            raise TruthmapError("sampled answers are drawn in one process (one random state): run without --ray")
+        return self.workers.answer_chunks(jobs, max_new_tokens, batch_size, bar)
+
+    def feature_shards(self, jobs: dict, positions: list[str], sites: list[str], batch_size: int, bar=None):
+        return self.workers.extract_shards(jobs, positions, sites, batch_size, bar)
+
+    def close(self) -> None:
+        self.workers.close()
 
 
 class _ModelWorker:
@@ -190,9 +218,10 @@ class Workers:
             ) from None
 
     def close(self) -> None:
-        for actor in self.actors:
+        actors, self.actors = self.actors, []  # a second close has nothing left to stop
+        for actor in actors:
             self.ray.kill(actor)
-        if self.started_ray:
+        if self.started_ray and actors:
             self.ray.shutdown()
 
 
@@ -254,4 +283,4 @@ def start_workers(config) -> RemoteModel:
     return RemoteModel(
         model=_ConfigOnly(facts["config"], facts["generation_config"], facts["dtype"]), tokenizer=facts["tokenizer"],
         model_id=facts["model_id"], source=facts["source"], gguf_file=facts["gguf_file"], revision=facts["revision"],
-        n_layers=facts["n_layers"], hidden_size=facts["hidden_size"], blocks=None, embeddings=None, workers=workers)
+        n_layers=facts["n_layers"], hidden_size=facts["hidden_size"], workers=workers)

@@ -22,6 +22,7 @@ Shards already on disk are kept, so an interrupted extraction continues where it
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,9 @@ from tqdm.auto import tqdm
 
 from .errors import TruthmapError
 from .models import LoadedModel
+
+if TYPE_CHECKING:
+    from .backend import ModelBackend
 from .runfolder import ACTIVATIONS, child, read_json, read_npy, reading, safe_key, trusted, write_json, write_npy
 
 SHARD_SIZE = 256
@@ -92,7 +96,7 @@ def extract_batch(lm: LoadedModel, sequences: list[list[int]], index: np.ndarray
 
 
 def run_extract(
-    lm: LoadedModel,
+    lm: ModelBackend,
     answers: pd.DataFrame,
     generations: pd.DataFrame,
     positions: list[str],
@@ -105,9 +109,10 @@ def run_extract(
 ) -> None:
     """Write the activations store for ``answers`` (see the module docstring).
 
-    ``shard_size``: examples per shard (default ``SHARD_SIZE``). When ``lm`` is a model held by Ray
-    workers (:class:`truthmap.distributed.RemoteModel`), the missing shards are computed there, several
-    at once, by :func:`extract_shard`, the function used here, and written here as they arrive.
+    ``shard_size``: examples per shard (default ``SHARD_SIZE``). ``lm`` is a model backend
+    (truthmap/backend.py): its ``feature_shards`` computes the missing shards — here, or on Ray workers
+    (:class:`truthmap.distributed.RemoteModel`), several at once, with the function used here
+    (:func:`extract_shard`) — and each is written here as it arrives.
     ``capture``: a :class:`truthmap.capture.CaptureReader`; the states it holds are copied from it,
     and only the examples it lacks go through the forward pass.
     """
@@ -142,17 +147,13 @@ def run_extract(
             bar.update(stop - start)
         else:
             todo.append(k)
-    workers = getattr(lm, "workers", None)
-    if capture is not None and workers is None:
+    if capture is not None and lm.in_process:  # the capture's missing examples need the weights here
         lengths = (np.array([len(p) for p in table.prompt_ids]), np.array([len(a) for a in table.answer_ids]))
         finished = ((k, _shard_from_capture(lm, capture, sequences, index, ids, lengths, positions, sites, a, b,
                                             batch_size, bar)) for k, (a, b) in ((k, shards[k]) for k in todo))
-    elif workers is None:
-        finished = ((k, extract_shard(lm, sequences[a:b], index[a:b], ids[a:b], positions, sites, batch_size, bar))
-                    for k, (a, b) in ((k, shards[k]) for k in todo))
-    else:  # (k, shard) in the order the workers finish them
+    else:  # (k, shard) in the order the backend finishes them: here, or on Ray workers
         jobs = {k: (sequences[a:b], index[a:b], ids[a:b]) for k, (a, b) in ((k, shards[k]) for k in todo)}
-        finished = workers.extract_shards(jobs, positions, sites, batch_size, bar)
+        finished = lm.feature_shards(jobs, positions, sites, batch_size, bar)
     for k, store in finished:
         for site in sites:
             write_npy(out / site / f"shard-{k:05d}.npy", store[site])

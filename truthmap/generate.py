@@ -22,6 +22,7 @@ chat template's start and its generation prompt stay whole (``long_prompts="trun
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -29,6 +30,9 @@ from tqdm.auto import tqdm
 
 from .errors import TruthmapError
 from .models import LoadedModel
+
+if TYPE_CHECKING:
+    from .backend import ModelBackend
 
 from .tasks import DEFAULT_BASE_PROMPT, PROTOCOLS, get_task
 from .tasks import DEFAULT_CHAT_PROMPT as DEFAULT_TEMPLATE
@@ -189,7 +193,7 @@ def _generate_batch(lm, batch, max_new_tokens, stop_ids, sample=None, capture=No
 
 
 def generate_answers(
-    lm: LoadedModel,
+    lm: ModelBackend,
     prompt_ids: list[list[int]],
     max_new_tokens: int = 24,
     batch_size: int | None = None,
@@ -207,14 +211,15 @@ def generate_answers(
     run of whole batches of the length order and the batch size is the one the first run chose, so the
     batches, and the greedy answers, are the same whether or not a run was interrupted.
 
-    When ``lm`` is a model held by Ray workers (:class:`truthmap.distributed.RemoteModel`), the chunks
-    are answered there, several at once, by :func:`answer_prompts`, the function used here; they are
-    saved, and the answers returned, in the same order, so the result is the same.
+    ``lm`` is a model backend (truthmap/backend.py): the chunks to answer go to its
+    ``answer_chunks`` — here, batch after batch, or on Ray workers (:class:`truthmap.distributed.RemoteModel`),
+    several at once, with the function used here (:func:`answer_prompts`); they are saved, and the
+    answers returned, in the same order, so the result is the same.
 
     ``capture`` (a :class:`truthmap.capture.ChunkCapture`, with ``chunks``) reads the hidden states and
-    token scores of each answer while it is generated; not with Ray workers or sampled answers.
+    token scores of each answer while it is generated; only with the model in this process, and not for
+    sampled answers.
     """
-    workers = getattr(lm, "workers", None)
     room = prompt_room(lm, max_new_tokens)
     if room is not None:
         prompt_ids = [fit_prompt(p, room) for p in prompt_ids]
@@ -222,20 +227,20 @@ def generate_answers(
     if sample is not None:
         if chunks is not None:
             raise ValueError("sampled answers cannot be resumed from chunks (the random state is not saved)")
-        if workers is not None:
+        if not lm.in_process:
             raise TruthmapError("sampled answers are drawn in one process (one random state): run without --ray")
         torch.manual_seed(sample[1])
     if batch_size is None:
-        longest = max((len(p) for p in prompt_ids), default=1) + max_new_tokens
-        batch_size = workers.auto_batch_size(longest) if workers is not None else auto_batch_size(lm, longest)
+        batch_size = lm.auto_batch_size(max((len(p) for p in prompt_ids), default=1) + max_new_tokens)
     if chunks is not None:
         batch_size = chunks.setting("batch_size", batch_size)
-    if capture is not None and (chunks is None or workers is not None or sample is not None):
+    if capture is not None and (chunks is None or not lm.in_process or sample is not None):
         capture = None  # Ray workers and sampled answers are read by the separate pass
     if capture is not None:
         capture.start(batch_size, max_new_tokens)
     # workers split even an unsaved generation into chunks: whole batches, so the same batches
-    chunk_rows = CHUNK_BATCHES * batch_size if chunks is not None or workers is not None else max(len(order), 1)
+    whole = chunks is None and lm.in_process
+    chunk_rows = max(len(order), 1) if whole else CHUNK_BATCHES * batch_size
     plan = [order[first : first + chunk_rows] for first in range(0, len(order), chunk_rows)]
     results: list = [None] * len(prompt_ids)
     bar = tqdm(total=len(order), desc="generate", unit="q", disable=not progress)
@@ -250,20 +255,9 @@ def generate_answers(
             bar.update(len(rows))
         else:
             todo.append(k)
-
-    def answer_here():
-        size = batch_size  # halved on a CUDA out-of-memory error, and kept halved for the next chunks
-        stop_ids = end_of_turn_ids(lm)
-        for k in todo:
-            answers, size = answer_prompts(lm, [prompt_ids[i] for i in plan[k]], max_new_tokens, size, stop_ids,
-                                           sample, bar, capture)
-            yield k, answers
-
-    if workers is None:
-        finished = answer_here()
-    else:  # (k, answers) in the order the workers finish them
-        finished = workers.answer_chunks({k: [prompt_ids[i] for i in plan[k]] for k in todo}, max_new_tokens,
-                                         batch_size, bar)
+    # (k, answers) in the order the backend finishes them
+    finished = lm.answer_chunks({k: [prompt_ids[i] for i in plan[k]] for k in todo}, max_new_tokens, batch_size,
+                                bar, sample, capture)
     for k, answers in finished:
         for i, answer in zip(plan[k], answers):
             results[i] = answer
@@ -303,7 +297,7 @@ def decode_answer(tokenizer, answer_ids: list[int]) -> str:
 
 
 def run_generate(
-    lm: LoadedModel,
+    lm: ModelBackend,
     questions: pd.DataFrame,
     template: str | None = None,
     max_new_tokens: int = 24,

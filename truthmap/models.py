@@ -14,6 +14,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Iterator
 
 from .errors import TruthmapError
 
@@ -39,9 +40,44 @@ class LoadedModel:
     blocks: object  # the nn.ModuleList of decoder blocks
     embeddings: object  # the input embedding module (residual row 0)
 
+    # the model backend contract (backend.py): the weights are here, so hooks, sampling and capture work
+    in_process: ClassVar[bool] = True
+
     @property
     def device(self):
         return next(self.model.parameters()).device
+
+    def describe(self) -> str:
+        return f"{self.model_id} ({self.revision}) in this process"
+
+    def auto_batch_size(self, longest: int) -> int:
+        from .generate import auto_batch_size
+
+        return auto_batch_size(self, longest)
+
+    def answer_chunks(self, jobs: dict, max_new_tokens: int, batch_size: int, bar=None, sample=None,
+                      capture=None) -> Iterator[tuple[int, list]]:
+        """(k, answers) for each chunk ``k -> prompt ids`` of ``jobs``, in the order of k; a batch size
+        halved on a CUDA out-of-memory error stays halved for the next chunks."""
+        from .generate import answer_prompts, end_of_turn_ids
+
+        stop_ids = end_of_turn_ids(self)
+        for k in sorted(jobs):
+            answers, batch_size = answer_prompts(self, jobs[k], max_new_tokens, batch_size, stop_ids, sample, bar,
+                                                 capture)
+            yield k, answers
+
+    def feature_shards(self, jobs: dict, positions: list[str], sites: list[str], batch_size: int,
+                       bar=None) -> Iterator[tuple[int, dict]]:
+        """(k, site -> float16 features) for each shard ``k -> (sequences, index, ids)``, in the order of k."""
+        from .extract import extract_shard
+
+        for k in sorted(jobs):
+            sequences, index, ids = jobs[k]
+            yield k, extract_shard(self, sequences, index, ids, positions, sites, batch_size, bar)
+
+    def close(self) -> None:
+        """Nothing to stop: the model stays in load_model's cache for the next study of this process."""
 
     def site_modules(self, site: str) -> list:
         """The module whose output is row ``layer`` of ``site``, for layer = 1..n_layers (row 0 only for residual)."""

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from . import runfolder as rf
+from .backend import Models
 from .config import Config
 from .errors import TruthmapError
 from .probe import read_results
@@ -30,47 +31,6 @@ STAGES = ("generate", "label", "extract", "samples", "probe", "baselines", "entr
 MODEL_STAGES = ("generate", "label", "extract", "samples", "baselines", "attention")  # stages that may need the model
 LABELLED_STAGES = ("probe", "baselines", "attention", "plot", "report")  # need graded answers (correctness)
 RAY_STAGES = ("generate", "label", "extract")  # their model work runs on Ray workers with --ray (distributed.py)
-
-
-class _ModelHolder:
-    """Loads the studied model (and the extractor model) on first use."""
-
-    def __init__(self, config: Config):
-        self.config, self._lm, self._extractor = config, None, None
-
-    @property
-    def lm(self):
-        if self._lm is None:
-            from .models import load_model
-
-            c = self.config
-            if c.ray:  # the model lives on Ray workers; here only its tokenizer and config (distributed.py)
-                from .distributed import start_workers
-
-                self._lm = start_workers(c)
-            else:
-                self._lm = load_model(c.model, c.dtype, c.device, c.device_map, c.trust_remote_code)
-        return self._lm
-
-    def close(self) -> None:
-        """Stop the Ray workers, if any were started."""
-        workers = getattr(self._lm, "workers", None)
-        if workers is not None:
-            workers.close()
-
-    @property
-    def extractor(self):
-        name = self.config.extractor_model
-        if name == "none":
-            return None
-        if name is None or name == self.config.model:
-            return self.lm
-        if self._extractor is None:
-            from .models import load_model
-
-            c = self.config
-            self._extractor = load_model(name, c.dtype, c.device, None, c.trust_remote_code)
-        return self._extractor
 
 
 def _run_stage(run_dir: Path, name: str, settings: dict, inputs: list[Path], outputs: list[Path], work,
@@ -88,7 +48,7 @@ def _run_stage(run_dir: Path, name: str, settings: dict, inputs: list[Path], out
     return True
 
 
-def stage_generate(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
+def stage_generate(config: Config, run_dir: Path, models: Models, force: bool = False) -> bool:
     from .data import load_questions
     from .generate import answers_one_line, context_length, run_generate
     from .tasks import answer_length, resolve
@@ -136,7 +96,7 @@ LABEL_FREE_NOTE = ("the questions have no gold answers: no answer is graded and 
                    "heatmap_entropy shows how well semantic-entropy probes agree with semantic entropy")
 
 
-def stage_label(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
+def stage_label(config: Config, run_dir: Path, models: Models, force: bool = False) -> bool:
     from .entropy import has_labels
     from .label import check_labels, label_answers, make_splits
 
@@ -172,7 +132,7 @@ def stage_label(config: Config, run_dir: Path, models: _ModelHolder, force: bool
     return _run_stage(run_dir, "label", settings, inputs, [run_dir / rf.ANSWERS, run_dir / rf.SPLITS], work, force)
 
 
-def stage_extract(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
+def stage_extract(config: Config, run_dir: Path, models: Models, force: bool = False) -> bool:
     from .capture import CaptureReader
     from .extract import run_extract
 
@@ -208,7 +168,7 @@ def wants_samples(config: Config, run_dir: Path) -> bool:
     return "samples" in config.also or not has_labels(rf.read_parquet(run_dir / rf.ANSWERS))
 
 
-def stage_samples(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
+def stage_samples(config: Config, run_dir: Path, models: Models, force: bool = False) -> bool:
     """N sampled answers per question and their sampling scores (semantic entropy …; entropy.py)."""
     if not wants_samples(config, run_dir):
         return False
@@ -303,7 +263,7 @@ def population_summary(splits: dict, n_answers: int) -> dict:
             "groups": splits["groups"]}
 
 
-def stage_baselines(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
+def stage_baselines(config: Config, run_dir: Path, models: Models, force: bool = False) -> bool:
     """Token-probability, entropy, p(True) and family baselines on the probes' test splits (baselines.py)."""
     from . import baselines as bl
 
@@ -334,7 +294,7 @@ def stage_baselines(config: Config, run_dir: Path, models: _ModelHolder, force: 
     return ran
 
 
-def stage_attention(config: Config, run_dir: Path, models: _ModelHolder, force: bool = False) -> bool:
+def stage_attention(config: Config, run_dir: Path, models: Models, force: bool = False) -> bool:
     """With ``--also attention``: the attention heatmap (attention.py); otherwise nothing."""
     if "attention" not in config.also:
         return False
@@ -476,6 +436,8 @@ def continue_config(config: Config, run_dir: Path, given: frozenset, stages: tup
     if "extractor_model" not in given and extractor in ("none", values["model"]):
         values["extractor_model"] = extractor  # no extractor, or the studied model: nothing more is loaded
     for name in TRUST_SETTINGS[1:]:
+        if name == "ray" and not set(stages) & set(RAY_STAGES):
+            continue  # the other stages, and the analyses, run the model in this process
         if name in saved and saved[name] != values[name] and name not in given:
             print(f"truthmap: {run_dir / rf.CONFIG}: this run had {name} = {rf.sanitise(repr(saved[name]), 80)}; "
                   f"not taken from the folder (now {values[name]!r}; give it on the command line or in --config)",
@@ -495,9 +457,9 @@ def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: b
     rf.write_json(run_dir / rf.CONFIG, config.to_dict())
     rf.update_summary(run_dir, versions=versions(), config=config.to_dict())
     started = time.perf_counter()
-    models = _ModelHolder(config)
+    models = Models(config, on_workers=True)  # on Ray workers with --ray (generate, label, extract)
     # with Ray, the other model stages load the model here, in the driver (loaded only if they run)
-    local = _ModelHolder(dataclasses.replace(config, ray=None)) if config.ray else models
+    local = Models(config) if config.ray else models
     try:
         for stage in stages:
             if stage in LABELLED_STAGES and not _labelled(run_dir):
@@ -508,6 +470,7 @@ def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: b
                 globals()[f"stage_{stage}"](config, run_dir, force)
     finally:
         models.close()
+        local.close()
     rf.update_summary(run_dir, wall_seconds=round(time.perf_counter() - started, 2))
 
 

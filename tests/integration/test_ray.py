@@ -5,7 +5,9 @@ The test starts its own one-machine Ray cluster on the loopback address (2 CPUs:
 each loading the default model). One single-process reference run, then one distributed run in which
 the worker that starts generation chunk 1 kills itself once (TRUTHMAP_RAY_FAILPOINT, distributed.py):
 Ray restarts it and retries that chunk. Small chunks and shards give both workers several pieces of
-each stage; the stages after probe do not involve the workers and are left out.
+each stage; the stages after probe do not involve the workers and are left out. Last, the analyses of
+a finished run, ``truthmap resample`` and ``truthmap choose``, on the distributed run: they run the
+model in this process (docs/scaling.md), with Ray stopped.
 """
 
 import json
@@ -97,3 +99,28 @@ def test_same_aucs(runs):
     b = pd.read_csv(distributed / "probe_results.csv")
     assert a.auc.notna().sum() > 0.8 * len(a)
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_resample_and_choose_on_a_ray_run_run_in_this_process(runs, monkeypatch, capsys):
+    import ray
+
+    import truthmap.distributed as distributed
+    from truthmap.cli import app
+
+    _, run, _ = runs
+    assert json.loads((run / "config.json").read_text())["ray"] == "local"
+    assert not ray.is_initialized()  # the cluster of the run is gone
+
+    def no_workers(config):
+        raise AssertionError("an analysis of a finished run started Ray workers")
+
+    monkeypatch.setattr(distributed, "start_workers", no_workers)
+    app(["resample", "--out", str(run), "--n", "2", "--quiet"])
+    app(["choose", "--out", str(run), "--quiet"])
+    resamples = pd.read_parquet(run / "resamples.parquet")
+    assert len(resamples) == 2 * 24 and (resamples.groupby("id").size() == 2).all()
+    assert len(pd.read_parquet(run / "error_types.parquet")) == 24
+    choice = pd.read_csv(run / "choice.csv")
+    assert set(choice.strategy) == {"greedy", "random", "majority", "probe"}
+    assert choice.accuracy.between(0, 1).all()
+    assert "this run had ray" not in capsys.readouterr().err  # no advice to give --ray to an analysis

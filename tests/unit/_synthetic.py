@@ -94,3 +94,22 @@ def tiny_model(layers: int = 2, vocab: int = 40, seed: int = 0):
 def prompts(n: int = 37) -> list[list[int]]:
     """Token-id prompts of varied lengths (1 to 11 tokens), for generation without a model."""
     return [[2 + i] * (1 + (i * 7) % 11) for i in range(n)]
+
+
+def fake_model(**fields):
+    """An in-process model backend (truthmap.models.LoadedModel) without weights, for tests that replace
+    the functions that would run it (``fake_generation``)."""
+    from truthmap.models import LoadedModel
+
+    values = dict(model=None, tokenizer=SimpleNamespace(pad_token_id=0), model_id="fake", source="fake",
+                  gguf_file=None, revision="fake", n_layers=2, hidden_size=4, blocks=None, embeddings=None)
+    return LoadedModel(**{**values, **fields})
+
+
+def fake_remote(workers, **fields):
+    """The model backend of a Ray pool (truthmap.distributed.RemoteModel) whose ``workers`` is a stand-in."""
+    from truthmap.distributed import RemoteModel
+
+    values = dict(model=None, tokenizer=SimpleNamespace(pad_token_id=0), model_id="fake", source="fake",
+                  gguf_file=None, revision="fake", n_layers=2, hidden_size=4)
+    return RemoteModel(**{**values, **fields}, workers=workers)

@@ -6,12 +6,10 @@ tested in tests/integration/test_ray.py."""
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
-
 import numpy as np
 import pandas as pd
 import pytest
-from _synthetic import prompts
+from _synthetic import fake_model, fake_remote, prompts
 
 from truthmap import generate
 from truthmap import runfolder as rf
@@ -24,7 +22,10 @@ class FakeWorkers:
     """Stand-in for distributed.Workers: does the work here, hands results back in reverse order."""
 
     def __init__(self):
-        self.asked = []
+        self.asked, self.closed = [], 0
+
+    def close(self):
+        self.closed += 1
 
     def auto_batch_size(self, longest):
         return 3
@@ -46,13 +47,13 @@ class FakeWorkers:
 
 
 def test_chunks_from_workers_in_any_order_give_the_single_process_answers(tmp_path, fake_generation):
-    plain = generate.generate_answers(SimpleNamespace(), prompts(), 8, batch_size=3, progress=False)
+    plain = generate.generate_answers(fake_model(), prompts(), 8, batch_size=3, progress=False)
     plain_batches = sorted(fake_generation)
     fake_generation.clear()
     workers = FakeWorkers()
     with rf.open_run(tmp_path):
         store = rf.ChunkStore(tmp_path / "generations", "k")
-        spread = generate.generate_answers(SimpleNamespace(workers=workers), prompts(), 8, batch_size=3,
+        spread = generate.generate_answers(fake_remote(workers), prompts(), 8, batch_size=3,
                                            progress=False, chunks=store)
     assert spread == plain and sorted(fake_generation) == plain_batches  # the same batches, the same answers
     assert workers.asked == [0, 1, 2, 3]  # 37 prompts in chunks of 4 batches of 3
@@ -62,21 +63,21 @@ def test_chunks_from_workers_in_any_order_give_the_single_process_answers(tmp_pa
     workers = FakeWorkers()
     with rf.open_run(tmp_path):
         store = rf.ChunkStore(tmp_path / "generations", "k")
-        again = generate.generate_answers(SimpleNamespace(workers=workers), prompts(), 8, batch_size=3,
+        again = generate.generate_answers(fake_remote(workers), prompts(), 8, batch_size=3,
                                           progress=False, chunks=store)
     assert again == plain and workers.asked == [1, 2]
 
 
 def test_without_a_chunk_store_workers_still_get_whole_batches(fake_generation):
-    plain = generate.generate_answers(SimpleNamespace(), prompts(), 8, batch_size=3, progress=False)
+    plain = generate.generate_answers(fake_model(), prompts(), 8, batch_size=3, progress=False)
     workers = FakeWorkers()
-    spread = generate.generate_answers(SimpleNamespace(workers=workers), prompts(), 8, progress=False)
+    spread = generate.generate_answers(fake_remote(workers), prompts(), 8, progress=False)
     assert spread == plain and workers.asked == [0, 1, 2, 3]  # batch size from the workers: 3
 
 
 def test_sampling_is_refused_on_workers(fake_generation):
     with pytest.raises(TruthmapError, match="without --ray"):
-        generate.generate_answers(SimpleNamespace(workers=FakeWorkers()), prompts(), 8, 3, False, sample=(1.0, 0))
+        generate.generate_answers(fake_remote(FakeWorkers()), prompts(), 8, 3, False, sample=(1.0, 0))
 
 
 def test_shards_from_workers_land_in_their_place(tmp_path, monkeypatch):
@@ -85,7 +86,7 @@ def test_shards_from_workers_land_in_their_place(tmp_path, monkeypatch):
     answers = pd.DataFrame({"id": ids, "pos_last_q": 2, "pos_-1": [3 if i % 3 else -1 for i in range(n)]})
     generations = pd.DataFrame({"id": ids[::-1], "prompt_ids": [[5, 6, 7]] * n, "answer_ids": [[8]] * n})
     workers = FakeWorkers()
-    lm = SimpleNamespace(n_layers=2, hidden_size=4, workers=workers)
+    lm = fake_remote(workers, n_layers=2, hidden_size=4)
     with rf.open_run(tmp_path):
         run_extract(lm, answers, generations, positions, ["residual"], tmp_path, shard_size=4, progress=False)
     assert workers.asked == [0, 1, 2]
@@ -124,3 +125,44 @@ def test_missing_ray_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(TruthmapError, match=r"pip install 'truthmap\[ray\]'"):
         import_ray()
+
+
+def test_both_backends_keep_the_contract_and_the_factory_puts_analyses_in_this_process(monkeypatch):
+    import truthmap.distributed as distributed
+    import truthmap.models as models
+    from truthmap.backend import ModelBackend, Models
+
+    here, remote = fake_model(), fake_remote(FakeWorkers())
+    assert isinstance(here, ModelBackend) and isinstance(remote, ModelBackend)
+    assert here.in_process and not remote.in_process
+    started, loaded = [], []
+    monkeypatch.setattr(distributed, "start_workers", lambda config: started.append(config.ray) or remote)
+    monkeypatch.setattr(models, "load_model", lambda *args: loaded.append(args[0]) or here)
+    config = load_config(None, ray="local", extractor_model="none")
+    with Models(config) as analysis:  # resample, choose, baselines …: in this process, even for a --ray run
+        assert analysis.lm is here and analysis.extractor is None
+    with Models(config, on_workers=True) as pool:
+        assert pool.lm is remote and pool.lm is remote  # started once
+    assert started == ["local"] and loaded == [config.model] and remote.workers.closed == 1
+    with Models(load_config(None), on_workers=True) as plain:  # no --ray: in this process
+        assert plain.lm is here
+    assert started == ["local"]
+
+
+def test_closing_the_pool_stops_its_workers_once():
+    class Actors:
+        killed, shut = [], []
+
+        def kill(self, actor):
+            self.killed.append(actor)
+
+        def shutdown(self):
+            self.shut.append(True)
+
+    from truthmap.distributed import Workers
+
+    ray = Actors()
+    remote = fake_remote(Workers(ray, ["a", "b"], started_ray=True))
+    remote.close()
+    remote.close()
+    assert ray.killed == ["a", "b"] and ray.shut == [True]

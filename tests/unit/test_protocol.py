@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _synthetic import fake_model
 
 from truthmap import generate
 from truthmap.cli import app
@@ -220,6 +221,9 @@ class ScriptedModel:
         self.generation_config = SimpleNamespace(eos_token_id=9)
         self.calls = []
 
+    def parameters(self):  # where the model is: the CPU
+        yield torch.zeros(1)
+
     def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id, **kwargs):
         self.calls.append(list(eos_token_id))
         rows = []
@@ -234,8 +238,7 @@ class ScriptedModel:
 
 
 def scripted_lm(script, chat_template):
-    return SimpleNamespace(model=ScriptedModel(script), tokenizer=TinyTokenizer(chat_template),
-                           device=torch.device("cpu"))
+    return fake_model(model=ScriptedModel(script), tokenizer=TinyTokenizer(chat_template))
 
 
 def generations(lm, questions=None, max_new_tokens=10):

@@ -10,7 +10,7 @@ import time
 
 import pandas as pd
 import pytest
-from _synthetic import prompts
+from _synthetic import fake_model, prompts
 
 from truthmap import generate
 from truthmap import runfolder as rf
@@ -210,20 +210,13 @@ def test_chunk_store_keeps_chunks_of_the_same_key_only(tmp_path):
         assert not any(k.startswith("generations/chunk") for k in rf._open.files)
 
 
-class FakeModel:
-    """Enough of a LoadedModel for generate_answers, with _generate_batch replaced."""
-
-    class tokenizer:  # noqa: N801 - stands in for an object
-        pad_token_id = 0
-
-
 def test_chunks_do_not_change_the_batches_or_the_answers(tmp_path, fake_generation):
-    plain = generate.generate_answers(FakeModel, prompts(), 8, batch_size=3, progress=False)
+    plain = generate.generate_answers(fake_model(), prompts(), 8, batch_size=3, progress=False)
     plain_batches = list(fake_generation)
     fake_generation.clear()
     with rf.open_run(tmp_path):
         store = rf.ChunkStore(tmp_path / "generations", "k")
-        chunked = generate.generate_answers(FakeModel, prompts(), 8, batch_size=3, progress=False, chunks=store)
+        chunked = generate.generate_answers(fake_model(), prompts(), 8, batch_size=3, progress=False, chunks=store)
     assert chunked == plain and fake_generation == plain_batches
     assert len(list((tmp_path / "generations").glob("chunk-*.parquet"))) == 4  # 37 rows / (4 batches of 3)
 
@@ -231,7 +224,7 @@ def test_chunks_do_not_change_the_batches_or_the_answers(tmp_path, fake_generati
 def test_a_resumed_generation_redoes_only_unfinished_chunks(tmp_path, fake_generation):
     with rf.open_run(tmp_path):
         store = rf.ChunkStore(tmp_path / "generations", "k")
-        full = generate.generate_answers(FakeModel, prompts(), 8, batch_size=3, progress=False, chunks=store)
+        full = generate.generate_answers(fake_model(), prompts(), 8, batch_size=3, progress=False, chunks=store)
     rf_path = tmp_path / "generations" / "chunk-00002.parquet"
     rf_path.write_bytes(rf_path.read_bytes()[:-5])  # a damaged chunk is recomputed, never read
     fake_generation.clear()
@@ -239,7 +232,7 @@ def test_a_resumed_generation_redoes_only_unfinished_chunks(tmp_path, fake_gener
         assert any("chunk-00002.parquet: truncated" in n for n in notices)
         store = rf.ChunkStore(tmp_path / "generations", "k")
         # a different batch size asked for on resume: the plan's holds, so the answers stay the same
-        again = generate.generate_answers(FakeModel, prompts(), 8, batch_size=5, progress=False, chunks=store)
+        again = generate.generate_answers(fake_model(), prompts(), 8, batch_size=5, progress=False, chunks=store)
     assert again == full
     assert sum(len(b) for b in fake_generation) == 12 and all(len(b) == 3 for b in fake_generation)
 
