@@ -26,8 +26,7 @@ import torch
 from . import runfolder as rf
 from .errors import TruthmapError
 
-ATTENTION = "attention.csv"
-FIGURE = "attention"
+ATTENTION, FIGURE = rf.ATTENTION, rf.ATTENTION_FIGURE  # the names: runfolder.py
 
 
 @contextmanager

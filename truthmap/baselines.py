@@ -38,11 +38,9 @@ import pandas as pd
 import torch
 
 from .errors import TruthmapError
+from .runfolder import BASELINE_RESULTS, BASELINE_SCORES, FAMILY_RESULTS  # the names: runfolder.py
+from .runfolder import BASELINES_FIGURE as FIGURE
 
-BASELINE_SCORES = "baseline_scores.parquet"
-BASELINE_RESULTS = "baseline_results.csv"
-FAMILY_RESULTS = "family_results.csv"
-FIGURE = "baselines.png"
 SITE = "baseline"
 P_TRUE_PROMPT = "Question: {question}\nPossible answer: {answer}\nIs the possible answer:\n(A) True\n(B) False"
 # the reply is begun for the model, so that its next token is the option letter (not "The", "True", …)

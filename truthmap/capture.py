@@ -259,10 +259,10 @@ class CaptureReader:
     """The captured states of a finished generation, looked up by answer id (extract stage)."""
 
     def __init__(self, run_dir: Path, generations: pd.DataFrame):
-        from .runfolder import GENERATION_CHUNKS, read_json, read_parquet, trusted
+        from .runfolder import CHUNK_PLAN, GENERATION_CHUNKS, read_json, read_parquet, trusted
 
         self.folder = Path(run_dir) / GENERATION_CHUNKS
-        plan_path = self.folder / "plan.json"
+        plan_path = self.folder / CHUNK_PLAN
         saved = (read_json(plan_path) if trusted(plan_path) else {}).get("capture")
         self.plan = CapturePlan(tuple(saved["sites"]), saved["head"], saved["tail"]) if saved else None
         self.where: dict[str, tuple[int, int, int]] = {}  # id -> (chunk, row in chunk, answer tokens read)

@@ -28,9 +28,7 @@ import pandas as pd
 from . import runfolder as rf
 from .errors import TruthmapError
 
-CHOICE = "choice.csv"
-CHOICE_ANSWERS = "choice_answers.parquet"
-FIGURE = "choice.png"
+CHOICE, CHOICE_ANSWERS, FIGURE = rf.CHOICE, rf.CHOICE_ANSWERS, rf.CHOICE_FIGURE  # the names: runfolder.py
 STRATEGIES = ("greedy", "random", "majority", "probe")
 
 

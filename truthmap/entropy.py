@@ -48,10 +48,9 @@ import pandas as pd
 from . import runfolder as rf
 from .errors import TruthmapError
 
-SAMPLING_SCORES = "sampling_scores.parquet"
-ENTROPY_RESULTS = "entropy_probe_results.csv"
-ENTROPY_SCORES = "entropy_probe_scores.parquet"
-FIGURE = "heatmap_entropy"
+# the names: runfolder.py
+SAMPLING_SCORES, ENTROPY_RESULTS, ENTROPY_SCORES = rf.SAMPLING_SCORES, rf.ENTROPY_RESULTS, rf.ENTROPY_SCORES
+FIGURE = rf.ENTROPY_FIGURE
 TARGETS = ("error", "high_entropy")
 SCORE_NAMES = ("semantic_entropy", "semantic_entropy_prob", "naive_entropy", "n_clusters", "sample_disagreement")
 JUDGE_PROMPT = ("We are evaluating answers to the question: {question}\nPossible answer 1: {a}\nPossible answer 2: {b}\n"
@@ -284,7 +283,7 @@ def run_entropy_probe(run_dir: Path, sites: list[str], column: str = "semantic_e
     run_dir = Path(run_dir)
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
     splits = rf.read_splits(run_dir / rf.SPLITS)
-    meta = rf.read_json(run_dir / rf.ACTIVATIONS / "index.json")
+    meta = rf.read_activations_index(run_dir)
     ids = meta["ids"]
     scores = rf.read_parquet(run_dir / SAMPLING_SCORES).set_index("id")
     if column not in scores.columns:
@@ -413,7 +412,7 @@ def run_sampling(lm, run_dir: Path, n: int = 5, temperature: float = 1.0, seed: 
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
     questions = questions[questions["id"].isin(set(generations["id"]))]
     vocabularies = rf.read_json(run_dir / rf.VOCABULARIES, default={})
-    positions = rf.read_json(run_dir / rf.ACTIVATIONS / "index.json", default={}).get("positions") or []
+    positions = rf.read_activations_index(run_dir, default={}).get("positions") or []
     prompts = generations.set_index("id").loc[questions["id"], "prompt_ids"].map(list).tolist()
     max_new = answer_length(questions.get("task", ()), max_new_tokens or config.get("max_new_tokens"))
     started = time.perf_counter()

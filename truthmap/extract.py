@@ -34,7 +34,10 @@ from .models import LoadedModel
 
 if TYPE_CHECKING:
     from .backend import ModelBackend
-from .runfolder import ACTIVATIONS, child, read_json, read_npy, reading, safe_key, trusted, write_json, write_npy
+from .runfolder import (ACTIVATIONS, ACTIVATIONS_INDEX, ACTIVATIONS_VALID, child, read_activations_index, read_npy,
+                        reading, trusted, write_json, write_npy)
+
+read_index = read_activations_index  # the name of earlier versions
 
 SHARD_SIZE = 256
 
@@ -139,7 +142,7 @@ def run_extract(
             for site in sites
         },
     }
-    write_npy(out / "valid.npy", index >= 0)
+    write_npy(Path(run_dir) / ACTIVATIONS_VALID, index >= 0)
     bar = tqdm(total=n, desc="extract", unit="q", disable=not progress)
     todo = []
     for k, (start, stop) in enumerate(shards):
@@ -158,7 +161,7 @@ def run_extract(
         for site in sites:
             write_npy(out / site / f"shard-{k:05d}.npy", store[site])
     bar.close()
-    write_json(out / "index.json", meta)
+    write_json(Path(run_dir) / ACTIVATIONS_INDEX, meta)  # last: the store is whole
 
 
 def _shard_from_capture(lm, capture, sequences, index, ids, lengths, positions, sites, start, stop, batch_size,
@@ -217,48 +220,6 @@ def extract_shard(lm: LoadedModel, sequences: list[list[int]], index: np.ndarray
     return store
 
 
-def _index(run_dir: Path) -> dict:
-    return read_index(run_dir)
-
-
-def read_index(run_dir: str | Path) -> dict:
-    """``activations/index.json``, checked: every shard a plain file name inside ``activations/``, every
-    list of the type the store writes (a one-line error for anything else)."""
-    path = Path(run_dir) / ACTIVATIONS / "index.json"
-    meta = read_json(path)
-    try:
-        _check_index(meta)
-    except (TypeError, KeyError, ValueError) as err:
-        raise TruthmapError(f"{path}: not an index of the activations store ({err}); rerun 'truthmap extract'") from None
-    return meta
-
-
-def _check_index(meta) -> None:
-    def texts(value, name):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"'{name}' is not a list of strings")
-
-    if not isinstance(meta, dict):
-        raise TypeError("not an object")
-    texts(meta.get("ids"), "ids")
-    texts(meta.get("positions"), "positions")
-    if not isinstance(meta.get("sites"), dict):
-        raise ValueError("'sites' is not an object")
-    for site, entry in meta["sites"].items():
-        if site not in ("residual", "mlp", "attention") or not isinstance(entry, dict):
-            raise ValueError(f"unknown site {site!r}")
-        layers, shards = entry.get("layers"), entry.get("shards")
-        if not isinstance(layers, list) or not layers or not all(type(v) is int for v in layers):
-            raise ValueError(f"site {site}: 'layers' is not a list of whole numbers")
-        if not isinstance(shards, list):
-            raise ValueError(f"site {site}: 'shards' is not a list")
-        for shard in shards:
-            if not isinstance(shard, dict) or not safe_key(shard.get("file")) or not shard["file"].startswith(site + "/"):
-                raise ValueError(f"site {site}: a shard file is not a file of activations/{site}/")
-            if not all(type(shard.get(k)) is int for k in ("start", "stop")):
-                raise ValueError(f"site {site}: a shard's start or stop is not a whole number")
-
-
 def load_layer(run_dir: str | Path, site: str, layer: int) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """All positions of one layer: (ids, positions, features float16 ``[P, N, d]``, valid bool ``[N, P]``).
 
@@ -266,7 +227,7 @@ def load_layer(run_dir: str | Path, site: str, layer: int) -> tuple[list[str], l
     (:func:`truthmap.runfolder.reading`), unless this process already holds the folder."""
     run_dir = Path(run_dir)
     with reading(run_dir):
-        meta = _index(run_dir)
+        meta = read_activations_index(run_dir)
         if site not in meta["sites"]:
             raise TruthmapError(f"site '{site}': not extracted in {run_dir} (have {sorted(meta['sites'])})")
         layers = meta["sites"][site]["layers"]
@@ -277,7 +238,7 @@ def load_layer(run_dir: str | Path, site: str, layer: int) -> tuple[list[str], l
         for shard in meta["sites"][site]["shards"]:
             path = child(run_dir / ACTIVATIONS, shard["file"], "shard")
             parts.append(read_npy(path, mmap_mode="r")[row])
-        valid = read_npy(run_dir / ACTIVATIONS / "valid.npy")
+        valid = read_npy(run_dir / ACTIVATIONS_VALID)
         try:
             features = np.concatenate(parts, axis=1)
         except ValueError as err:

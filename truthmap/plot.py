@@ -18,10 +18,11 @@ import numpy as np
 import pandas as pd
 
 from .probe import mean_over_seeds
+from .runfolder import HEATMAP, HEATMAP_WITHIN
 
 VMIN, VMAX = 0.5, 1.0
 # (shown, chosen on, its standard error) per heatmap: the test AUC is drawn, the validation AUC chooses
-VIEWS = {"heatmap": ("auc", "val_auc", "val_auc_se"), "heatmap_within": ("within_auc", "within_val_auc", None)}
+VIEWS = {HEATMAP: ("auc", "val_auc", "val_auc_se"), HEATMAP_WITHIN: ("within_auc", "within_val_auc", None)}
 
 
 def auc_grid(results: pd.DataFrame, site: str, positions: list[str], column: str = "auc") -> tuple[list[int], np.ndarray]:

@@ -347,14 +347,13 @@ def run_probe(
     fewer is mostly noise; its bootstrap interval says how much). A probe is fitted and scored only on
     the answers its splits hold (the study's population) at which its position exists.
     """
-    from .runfolder import ANSWERS, SPLITS, read_parquet, read_splits
+    from .runfolder import ANSWERS, SPLITS, read_activations_index, read_parquet, read_splits
 
     run_dir = Path(run_dir)
     answers = read_parquet(run_dir / ANSWERS)
     splits = read_splits(run_dir / SPLITS)
-    from .extract import read_index
 
-    meta = read_index(run_dir)  # checked: a crafted index is a one-line error
+    meta = read_activations_index(run_dir)  # checked: a crafted index is a one-line error
     ids = meta["ids"]
     label_of = dict(zip(answers["id"], ~answers["correct"].astype(bool)))
     y = np.array([label_of[i] for i in ids], dtype=np.int64)  # 1 = error

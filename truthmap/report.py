@@ -34,7 +34,7 @@ from .models import SITES as PROBE_SITES  # any other site in probe_results.csv 
 from .plot import best_region
 from .probe import RESULT_COLUMNS, mean_over_seeds
 
-REPORT = "report.html"
+REPORT = rf.REPORT
 ASSETS = Path(__file__).parent / "report_assets"
 SCORE_SCALE = 65534  # a score s in [0, 1] is stored as round(s * SCORE_SCALE)
 MISSING = 65535  # no score: the position does not exist for this answer
@@ -101,9 +101,7 @@ def cell_tables(results: pd.DataFrame, positions: list[str]) -> dict:
 def add_entropy_view(run_dir: Path, sites: dict, positions: list[str]) -> None:
     """The ``"entropy"`` view of every site: the semantic-entropy probes' test AUC for errors (mean over
     seeds, region chosen on validation), when the run has ``entropy_probe_results.csv``."""
-    from .entropy import ENTROPY_RESULTS
-
-    path = Path(run_dir) / ENTROPY_RESULTS
+    path = Path(run_dir) / rf.ENTROPY_RESULTS
     if not path.exists():
         return
     table = pd.read_csv(path, dtype={"site": str, "position": str})

@@ -42,10 +42,9 @@ import pandas as pd
 from . import runfolder as rf
 from .errors import TruthmapError
 
-RESAMPLES = "resamples.parquet"
-ERROR_TYPES = "error_types.parquet"
-ERROR_TYPE_RESULTS = "error_type_results.csv"
-FIGURE = "error_types.png"
+# the names: runfolder.py
+RESAMPLES, ERROR_TYPES, ERROR_TYPE_RESULTS = rf.RESAMPLES, rf.ERROR_TYPES, rf.ERROR_TYPE_RESULTS
+FIGURE = rf.ERROR_TYPES_FIGURE
 TYPES = ("refuses", "consistently_correct", "consistently_incorrect", "two_competing", "many_answers", "other")
 THRESHOLDS = {"refuses": 0.5, "consistent": 0.8, "competing_each": 0.25, "competing_together": 0.7,
               "many_largest_below": 0.5}
@@ -211,9 +210,8 @@ def run_resample(lm, run_dir: Path, n: int = 10, temperature: float = 1.0, seed:
     generations = rf.read_parquet(run_dir / rf.GENERATIONS)
     questions = questions[questions["id"].isin(set(generations["id"]))]
     vocabularies = rf.read_json(run_dir / rf.VOCABULARIES, default={})
-    from .extract import read_index
 
-    positions = read_index(run_dir)["positions"]
+    positions = rf.read_activations_index(run_dir)["positions"]
     prompts = generations.set_index("id").loc[questions["id"], "prompt_ids"].map(list).tolist()
     from .tasks import answer_length
 

@@ -47,33 +47,69 @@ import pandas as pd
 
 from .errors import TruthmapError
 
-QUESTIONS = "questions.parquet"
-VOCABULARIES = "vocabularies.json"
-GENERATIONS = "generations.parquet"
-GENERATION_CHUNKS = "generations"  # chunk-00000.parquet, … : finished pieces of the generate stage
-ANSWERS = "answers.parquet"
-SPLITS = "splits.json"
-ACTIVATIONS = "activations"
-PROBE_RESULTS = "probe_results.csv"
-PROBE_SCORES = "probe_scores.parquet"
-SUMMARY = "summary.json"
-CONFIG = "config.json"
-STAGES = "stages.json"
-MANIFEST = "manifest.json"
-LOCK = "lock"
+# Every file of a run folder is named here, and written by exactly one stage or command
+# (docs/run-folder.md; pipeline.STAGE_TABLE lists each stage's inputs and outputs).
+QUESTIONS = "questions.parquet"  # generate
+VOCABULARIES = "vocabularies.json"  # generate
+GENERATIONS = "generations.parquet"  # generate
+GENERATION_CHUNKS = "generations"  # generate: chunk-00000.parquet, … : finished pieces of the stage
+CHUNK_PLAN = "plan.json"  # generate: inside GENERATION_CHUNKS, what the chunks were computed from
+ANSWERS = "answers.parquet"  # label
+SPLITS = "splits.json"  # label
+ACTIVATIONS = "activations"  # extract
+ACTIVATIONS_INDEX = f"{ACTIVATIONS}/index.json"  # extract: read with read_activations_index
+ACTIVATIONS_VALID = f"{ACTIVATIONS}/valid.npy"  # extract
+ACTIVATIONS_FINGERPRINT = f"{ACTIVATIONS}/fingerprint"  # extract: the inputs its finished shards came from
+RESAMPLES = "resamples.parquet"  # samples (run --also samples) or the resample command
+SAMPLING_SCORES = "sampling_scores.parquet"  # samples or the resample command
+PROBE_RESULTS = "probe_results.csv"  # probe: the probes' rows only
+PROBE_SCORES = "probe_scores.parquet"  # probe
+BASELINE_SCORES = "baseline_scores.parquet"  # baselines
+BASELINE_RESULTS = "baseline_results.csv"  # baselines: the columns of PROBE_RESULTS, site = baseline
+FAMILY_RESULTS = "family_results.csv"  # baselines
+BASELINES_FIGURE = "baselines.png"  # baselines
+ENTROPY_RESULTS = "entropy_probe_results.csv"  # entropy
+ENTROPY_SCORES = "entropy_probe_scores.parquet"  # entropy
+ENTROPY_FIGURE = "heatmap_entropy"  # entropy: .png and .svg
+ATTENTION = "attention.csv"  # attention
+ATTENTION_FIGURE = "attention"  # attention: .png and .svg
+HEATMAP, HEATMAP_WITHIN = "heatmap", "heatmap_within"  # plot: .png and .svg of each
+HEATMAPS = (HEATMAP, HEATMAP_WITHIN)
+FIGURE_SUFFIXES = (".png", ".svg")
+REPORT = "report.html"  # report
+ERROR_TYPES = "error_types.parquet"  # the resample command
+ERROR_TYPE_RESULTS = "error_type_results.csv"  # the resample command
+ERROR_TYPES_FIGURE = "error_types.png"  # the resample command
+CHOICE = "choice.csv"  # the choose command
+CHOICE_ANSWERS = "choice_answers.parquet"  # the choose command
+CHOICE_FIGURE = "choice.png"  # the choose command
+DETECTORS = "detectors"  # the export command: detectors/<site>-L<layer>-<position>/
+TRANSFER = "transfer"  # the transfer command's default folder, holding TRANSFER_FILES
+TRANSFER_FILES = ("transfer.csv", "transfer_matrix.csv", "transfer.png")
+SUMMARY = "summary.json"  # every stage
+CONFIG = "config.json"  # every command
+STAGES = "stages.json"  # every stage
+MANIFEST = "manifest.json"  # every write
+LOCK = "lock"  # every command
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _RUN_FILES = {SUMMARY, STAGES, CONFIG}  # written by every stage or by none
 _TEMPORARY = re.compile(r"^\..+\.tmp$")  # atomic_path's temporary files: .<name>.<random>.tmp
+
+
+def figures(stem: str) -> list[str]:
+    """The file names of a figure saved as PNG and SVG."""
+    return [stem + suffix for suffix in FIGURE_SUFFIXES]
+
+
 # what truthmap writes at the top of a run folder (docs/run-folder.md): a folder holding anything else and
 # no manifest is not a run folder, and is refused untouched
 OWN_NAMES = frozenset({
     QUESTIONS, VOCABULARIES, GENERATIONS, GENERATION_CHUNKS, ANSWERS, SPLITS, ACTIVATIONS, PROBE_RESULTS,
-    PROBE_SCORES, SUMMARY, CONFIG, STAGES, MANIFEST, LOCK, "heatmap.png", "heatmap.svg",
-    "baseline_scores.parquet", "baseline_results.csv", "family_results.csv", "baselines.png",
-    "attention.csv", "attention.png", "attention.svg", "resamples.parquet", "error_types.parquet",
-    "error_type_results.csv", "error_types.png", "choice.csv", "choice_answers.parquet", "choice.png",
-    "detectors", "transfer", "report.html",
+    PROBE_SCORES, SUMMARY, CONFIG, STAGES, MANIFEST, LOCK, *(f for stem in HEATMAPS for f in figures(stem)),
+    BASELINE_SCORES, BASELINE_RESULTS, FAMILY_RESULTS, BASELINES_FIGURE, ATTENTION, *figures(ATTENTION_FIGURE),
+    RESAMPLES, SAMPLING_SCORES, ENTROPY_RESULTS, ENTROPY_SCORES, *figures(ENTROPY_FIGURE), ERROR_TYPES,
+    ERROR_TYPE_RESULTS, ERROR_TYPES_FIGURE, CHOICE, CHOICE_ANSWERS, CHOICE_FIGURE, DETECTORS, TRANSFER, REPORT,
 })
 _OWN_FOLDERS = (GENERATION_CHUNKS, ACTIVATIONS, *(f"{ACTIVATIONS}/{site}" for site in ("residual", "mlp", "attention")))
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -415,6 +451,46 @@ def read_json(path: Path, default=None):
 
 
 MAX_JSON_BYTES = 1 << 30  # splits.json and index.json list every id: a few MB per million questions
+
+
+def read_activations_index(run_dir: str | Path, default: dict | None = None) -> dict:
+    """``activations/index.json`` (``default`` if it is missing), checked: every shard a plain file name
+    inside ``activations/``, every list of the type the store writes (a one-line error for anything else)."""
+    path = Path(run_dir) / ACTIVATIONS_INDEX
+    if default is not None and not path.exists():
+        return default
+    meta = read_json(path)
+    try:
+        _check_index(meta)
+    except (TypeError, KeyError, ValueError) as err:
+        raise TruthmapError(f"{path}: not an index of the activations store ({err}); rerun 'truthmap extract'") from None
+    return meta
+
+
+def _check_index(meta) -> None:
+    def texts(value, name):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"'{name}' is not a list of strings")
+
+    if not isinstance(meta, dict):
+        raise TypeError("not an object")
+    texts(meta.get("ids"), "ids")
+    texts(meta.get("positions"), "positions")
+    if not isinstance(meta.get("sites"), dict):
+        raise ValueError("'sites' is not an object")
+    for site, entry in meta["sites"].items():
+        if site not in ("residual", "mlp", "attention") or not isinstance(entry, dict):
+            raise ValueError(f"unknown site {site!r}")
+        layers, shards = entry.get("layers"), entry.get("shards")
+        if not isinstance(layers, list) or not layers or not all(type(v) is int for v in layers):
+            raise ValueError(f"site {site}: 'layers' is not a list of whole numbers")
+        if not isinstance(shards, list):
+            raise ValueError(f"site {site}: 'shards' is not a list")
+        for shard in shards:
+            if not isinstance(shard, dict) or not safe_key(shard.get("file")) or not shard["file"].startswith(site + "/"):
+                raise ValueError(f"site {site}: a shard file is not a file of activations/{site}/")
+            if not all(type(shard.get(k)) is int for k in ("start", "stop")):
+                raise ValueError(f"site {site}: a shard's start or stop is not a whole number")
 
 
 def read_splits(path: Path) -> dict:
@@ -972,7 +1048,7 @@ class ChunkStore:
 
     def __init__(self, folder: Path, key: str):
         self.folder = Path(folder)
-        plan_path = self.folder / "plan.json"
+        plan_path = self.folder / CHUNK_PLAN
         try:
             plan = read_json(plan_path) if trusted(plan_path) else None
         except TruthmapError:
@@ -987,7 +1063,7 @@ class ChunkStore:
         """The value of ``name`` fixed by the first run of this plan (``value``, saved, if none was)."""
         if name not in self.plan:
             self.plan[name] = value
-            write_json(self.folder / "plan.json", self.plan)
+            write_json(self.folder / CHUNK_PLAN, self.plan)
         return self.plan[name]
 
     def path(self, k: int) -> Path:

@@ -43,7 +43,7 @@ def resolve_run(name: str, model: str | None = None) -> Path:
             raise TruthmapError(f"'{name}': neither a run folder nor a task with a run at {candidate}; "
                                 f"run 'truthmap run --dataset {name}' first, or give the run folder")
         path = candidate
-    if not (path / rf.ACTIVATIONS / "index.json").exists():
+    if not (path / rf.ACTIVATIONS_INDEX).exists():
         raise TruthmapError(f"{path}: no activations; run 'truthmap extract --out {path}' first")
     return path
 
@@ -170,17 +170,17 @@ def run_transfer(train: list[str], test: list[str], site: str, layer: int, posit
             held.enter_context(rf.reading(run))
         table = transfer_table(train_runs, test_runs, site, layer, position, C, n_boot,
                                PROBES if probe == "both" else (probe,))
-    out_dir = Path(out) if out else train_runs[0] / "transfer"
+    out_dir = Path(out) if out else train_runs[0] / rf.TRANSFER
     _refuse_foreign_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = matrix(table)
-    rf.write_csv(out_dir / "transfer.csv", table)
-    rf.write_csv(out_dir / "transfer_matrix.csv", grid.reset_index().rename(columns={"train": "train \\ test"}))
-    plot_matrix(grid, out_dir / "transfer.png", f"transfer · {site} layer {layer} · {position}")
+    rf.write_csv(out_dir / OUTPUTS[0], table)
+    rf.write_csv(out_dir / OUTPUTS[1], grid.reset_index().rename(columns={"train": "train \\ test"}))
+    plot_matrix(grid, out_dir / OUTPUTS[2], f"transfer · {site} layer {layer} · {position}")
     return out_dir, grid
 
 
-OUTPUTS = ("transfer.csv", "transfer_matrix.csv", "transfer.png")
+OUTPUTS = rf.TRANSFER_FILES
 
 
 def _refuse_foreign_folder(out: Path) -> None:
