@@ -34,8 +34,9 @@ def run(
     force: bool = False,
     **settings,
 ):
-    """Run the whole study and return the AUC table (``probe_results.csv``) as a DataFrame; for a study
-    without gold answers, the semantic-entropy probes' table (``entropy_probe_results.csv``).
+    """Run the whole study and return the AUC table (``probe_results.csv``, then the baselines' rows of
+    ``baseline_results.csv``) as a DataFrame; for a study without gold answers, the semantic-entropy
+    probes' table (``entropy_probe_results.csv``).
 
     Arguments mirror ``truthmap run``; any other field of :class:`truthmap.config.Config` can be
     passed by name (``positions=[...]``, ``max_new_tokens=32``, ``device="cuda"``, …).
@@ -49,11 +50,12 @@ def run(
     cfg = load_config(config, model=model, dataset=dataset, limit=limit, out=out, seeds=seeds, sites=sites,
                       **settings)
     run_dir = run_stages(cfg, force=force)
-    from .entropy import ENTROPY_RESULTS
-    from .probe import read_results
+    from .probe import read_results, read_run_results
+    from .runfolder import ENTROPY_RESULTS, PROBE_RESULTS
 
-    path = run_dir / "probe_results.csv"
-    return read_results(path if path.exists() or not (run_dir / ENTROPY_RESULTS).exists() else run_dir / ENTROPY_RESULTS)
+    if (run_dir / PROBE_RESULTS).exists() or not (run_dir / ENTROPY_RESULTS).exists():
+        return read_run_results(run_dir)  # the probes' rows, then the baselines' (site = baseline)
+    return read_results(run_dir / ENTROPY_RESULTS)
 
 
 __all__ = ["run", "load_features", "Detector", "ModelScorer", "TruthmapError", "__version__"]

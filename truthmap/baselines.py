@@ -5,8 +5,8 @@ Reads ``answers.parquet``, ``generations.parquet``, ``splits.json`` and (for the
 
 * ``baseline_scores.parquet`` — one row per answer: ``id`` and one column per model-based baseline;
 * ``baseline_results.csv`` — the columns of ``probe_results.csv`` with ``site = baseline``,
-  ``layer = -1`` and the baseline's name in ``position``; these rows are also merged into
-  ``probe_results.csv``;
+  ``layer = -1`` and the baseline's name in ``position`` (``probe_results.csv`` holds the probes'
+  rows only; :func:`truthmap.probe.read_run_results` reads both as one table);
 * ``family_results.csv`` — per family and seed: test size, wrong answers, the family's train error
   rate and the best probe cell's AUC within the family;
 * ``baselines.png`` — every baseline's AUC beside the best probe's.
@@ -456,21 +456,6 @@ def within_family_auc(families: pd.DataFrame) -> float:
     return float(per_seed.mean())
 
 
-def merge_into_results(probe_results: pd.DataFrame, baseline_results: pd.DataFrame) -> pd.DataFrame:
-    """``probe_results`` with its baseline rows replaced by ``baseline_results``."""
-    kept = probe_results[probe_results["site"] != SITE]
-    return pd.concat([kept, baseline_results], ignore_index=True)
-
-
-def keep_baseline_rows(run_dir: Path, probe_results: pd.DataFrame) -> pd.DataFrame:
-    """``probe_results`` with the baseline rows already computed for this run (a rerun of the probe
-    stage keeps them; the baselines stage replaces them when its inputs change)."""
-    path = Path(run_dir) / BASELINE_RESULTS
-    from .probe import read_results
-
-    return merge_into_results(probe_results, read_results(path)) if path.exists() else probe_results
-
-
 def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: float, path: Path, title: str) -> None:
     """Horizontal bars: each baseline's mean AUC (bootstrap interval as whiskers) and the best probe's."""
     import matplotlib
@@ -530,10 +515,10 @@ def run_baselines(lm, run_dir: Path, n_boot: int = 1000, title: str = "", progre
 
 
 def finish_baselines(run_dir: Path, scores: pd.DataFrame, n_boot: int = 1000, title: str = "") -> dict:
-    """The model-free part: AUCs on the test splits, rows merged into probe_results.csv, the family
-    table, the figure, and the summary fields."""
+    """The model-free part: AUCs on the test splits (baseline_results.csv), the family table, the
+    figure, and the summary fields. probe_results.csv is read, never written."""
     from . import runfolder as rf
-    from .probe import mean_over_seeds, read_results
+    from .probe import mean_over_seeds, read_run_results
 
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
     generations = rf.read_parquet(run_dir / rf.GENERATIONS)
@@ -541,9 +526,8 @@ def finish_baselines(run_dir: Path, scores: pd.DataFrame, n_boot: int = 1000, ti
     splits = rf.read_json(run_dir / rf.SPLITS)
     results = evaluate(scores, answers, splits, n_boot)
     rf.write_csv(run_dir / BASELINE_RESULTS, results)
-    probe_results = read_results(run_dir / rf.PROBE_RESULTS)  # positions stay text ("-1")
-    merged = merge_into_results(probe_results, results)
-    rf.write_csv(run_dir / rf.PROBE_RESULTS, merged)
+    # the probes beside these baselines (positions stay text: "-1")
+    merged = pd.concat([read_run_results(run_dir, baselines=False), results], ignore_index=True)
     cell = best_probe_cell(merged)
     probe_scores = rf.read_parquet(run_dir / rf.PROBE_SCORES)
     families = family_table(answers, splits, probe_scores, cell)

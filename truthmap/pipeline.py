@@ -4,10 +4,13 @@
               ─> plot ─> report
 
 ``samples`` and ``entropy`` (truthmap/entropy.py) run with ``--also samples``, and always in a study
-without gold answers, where the stages that need correctness labels (``LABELLED_STAGES``) are skipped.
+without gold answers, where the stages that need correctness labels (``labelled`` in the table) are skipped.
 
-Each ``stage_*`` function reads the run folder and writes its own outputs (runfolder.py names them);
-the model is loaded at most once, and only if a stage that needs it has to run.
+``STAGE_TABLE`` says, for every stage, the function that runs it, the run-folder files it reads (its
+fingerprint, with its settings) and the files it writes — each file written by exactly one stage
+(runfolder.py names them) — and whether it needs the model: ``workers`` (on Ray workers with ``--ray``,
+otherwise in this process) or ``here`` (in this process). The model is loaded at most once, and only if
+a stage that needs it has to run.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import dataclasses
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -25,140 +30,147 @@ from . import runfolder as rf
 from .backend import Models
 from .config import Config
 from .errors import TruthmapError
-from .probe import read_results
-
-STAGES = ("generate", "label", "extract", "samples", "probe", "baselines", "entropy", "attention", "plot", "report")
-MODEL_STAGES = ("generate", "label", "extract", "samples", "baselines", "attention")  # stages that may need the model
-LABELLED_STAGES = ("probe", "baselines", "attention", "plot", "report")  # need graded answers (correctness)
-RAY_STAGES = ("generate", "label", "extract")  # their model work runs on Ray workers with --ray (distributed.py)
 
 
-def _run_stage(run_dir: Path, name: str, settings: dict, inputs: list[Path], outputs: list[Path], work,
-               force: bool = False) -> bool:
-    """Run ``work()`` unless the stage is current; record its fingerprint and time. True if it ran."""
-    stamp = rf.fingerprint(settings, inputs)
-    if not force and rf.stage_is_current(run_dir, name, stamp, outputs):
+@dataclass(frozen=True)
+class StageRun:
+    """What a stage's function is given."""
+
+    config: Config
+    run_dir: Path
+    models: Models | None  # None for a stage that needs no model
+    stamp: str  # the stage's fingerprint (settings + inputs)
+    force: bool  # --force: recompute, keeping nothing of an earlier, interrupted run
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table."""
+
+    name: str
+    run: Callable[[StageRun], None]  # writes ``outputs`` (and summary.json fields)
+    inputs: tuple[str, ...]  # run-folder files and folders it reads; with ``settings``, its fingerprint
+    outputs: tuple[str, ...]  # the files it writes; no other stage writes them
+    settings: Callable[[Config], dict]  # the settings its outputs depend on
+    model: str | None = None  # None, "here" (this process) or "workers" (Ray workers with --ray)
+    labelled: bool = False  # needs graded answers: skipped in a study without gold answers
+    when: Callable[[Config, Path], bool] | None = None  # an optional stage runs only when this says so
+    sources: Callable[[Config], list[Path]] | None = None  # files outside the run folder it reads
+
+
+def _fields(*names: str) -> Callable[[Config], dict]:
+    return lambda c: {name: getattr(c, name) for name in names}
+
+
+def run_stage(stage: Stage, config: Config, run_dir: Path, models: Models | None = None, force: bool = False) -> bool:
+    """Run ``stage`` unless it is current; record its fingerprint and time. True if it ran."""
+    inputs = [run_dir / name for name in stage.inputs] + (stage.sources(config) if stage.sources else [])
+    stamp = rf.fingerprint(stage.settings(config), inputs)
+    if not force and rf.stage_is_current(run_dir, stage.name, stamp, [run_dir / name for name in stage.outputs]):
         return False
-    with rf.stage(name, rerun=True):  # until it finishes, the stage's old outputs are not current
+    with rf.stage(stage.name, rerun=True):  # until it finishes, the stage's old outputs are not current
         started = time.perf_counter()
-        work()
+        stage.run(StageRun(config, run_dir, models, stamp, force))
         seconds = time.perf_counter() - started
-        rf.mark_stage_done(run_dir, name, stamp, seconds)
-        rf.update_summary(run_dir, stage_seconds={name: round(seconds, 2)})
+        rf.mark_stage_done(run_dir, stage.name, stamp, seconds)
+        rf.update_summary(run_dir, stage_seconds={stage.name: round(seconds, 2)})
     return True
 
 
-def stage_generate(config: Config, run_dir: Path, models: Models, force: bool = False) -> bool:
+# ---------------------------------------------------------------- the stages
+
+def _dataset_file(c: Config) -> list[Path]:
+    """A local dataset file is an input: editing it makes the answers stale (TASK:PATH and --data-dir too)."""
+    from .tasks import resolve
+
+    _, source = resolve(c.dataset, c.data_dir)
+    return [source.path] if source.kind == "file" else []
+
+
+def _generate(s: StageRun) -> None:
     from .data import load_questions
     from .generate import answers_one_line, context_length, run_generate
-    from .tasks import answer_length, resolve
+    from .tasks import answer_length
 
-    c = config
-    settings = {k: getattr(c, k) for k in ("model", "dataset", "limit", "protocol", "prompt_template",
-                                           "max_new_tokens", "dtype", "question_column", "answer_column",
-                                           "long_prompts", "data_dir", "on_bad_row")}
-    # a local dataset file is an input: editing it makes the answers stale (TASK:PATH and --data-dir too)
-    _, source = resolve(c.dataset, c.data_dir)
-    inputs = [source.path] if source.kind == "file" else []
-    stamp = rf.fingerprint(settings, inputs)
-
-    def work():
-        questions, vocabularies = load_questions(c.dataset, c.limit, 0, c.question_column, c.answer_column,
-                                                 c.data_dir, c.on_bad_row, c.protocol)
-        max_new_tokens = answer_length(questions["task"], c.max_new_tokens, c.protocol)
-        rf.write_parquet(run_dir / rf.QUESTIONS, questions)
-        rf.write_json(run_dir / rf.VOCABULARIES, vocabularies)
-        lm = models.lm
-        # finished chunks of an interrupted generation with the same settings and model are kept
-        if force:  # --force: answer anew, not from saved chunks
-            rf.remove(run_dir / rf.GENERATION_CHUNKS)
-        chunks = rf.ChunkStore(run_dir / rf.GENERATION_CHUNKS, f"{stamp} {lm.revision}")
-        # one pass: the states of every site and the token scores are read while the model answers
-        capture_sites = c.sites if c.extract == "onepass" else None
-        table = run_generate(lm, questions, c.prompt_template, max_new_tokens, c.batch_size, c.progress,
-                             chunks=chunks, long_prompts=c.long_prompts, protocol=c.protocol,
-                             capture_sites=capture_sites)
-        rf.write_parquet(run_dir / rf.GENERATIONS, table)
-        rf.update_summary(run_dir, model=c.model, model_revision=lm.revision, dataset=c.dataset,
-                          tasks=sorted(set(questions["task"])), source_rows=questions.attrs["source_rows"],
-                          n_layers=lm.n_layers, hidden_size=lm.hidden_size,
-                          generation={"protocol": c.protocol, "max_new_tokens": max_new_tokens,
-                                      "answers_end_at_line_break": answers_one_line(lm.tokenizer)},
-                          long_prompts={"mode": c.long_prompts, "context_tokens": context_length(lm),
-                                        "truncated": int((table["prompt_cut"] > 0).sum()),
-                                        "skipped": len(questions) - len(table)})
-
-    outputs = [run_dir / rf.QUESTIONS, run_dir / rf.VOCABULARIES, run_dir / rf.GENERATIONS]
-    return _run_stage(run_dir, "generate", settings, inputs, outputs, work, force)
+    c, run_dir = s.config, s.run_dir
+    questions, vocabularies = load_questions(c.dataset, c.limit, 0, c.question_column, c.answer_column,
+                                             c.data_dir, c.on_bad_row, c.protocol)
+    max_new_tokens = answer_length(questions["task"], c.max_new_tokens, c.protocol)
+    rf.write_parquet(run_dir / rf.QUESTIONS, questions)
+    rf.write_json(run_dir / rf.VOCABULARIES, vocabularies)
+    lm = s.models.lm
+    # finished chunks of an interrupted generation with the same settings and model are kept
+    if s.force:  # --force: answer anew, not from saved chunks
+        rf.remove(run_dir / rf.GENERATION_CHUNKS)
+    chunks = rf.ChunkStore(run_dir / rf.GENERATION_CHUNKS, f"{s.stamp} {lm.revision}")
+    # one pass: the states of every site and the token scores are read while the model answers
+    capture_sites = c.sites if c.extract == "onepass" else None
+    table = run_generate(lm, questions, c.prompt_template, max_new_tokens, c.batch_size, c.progress,
+                         chunks=chunks, long_prompts=c.long_prompts, protocol=c.protocol,
+                         capture_sites=capture_sites)
+    rf.write_parquet(run_dir / rf.GENERATIONS, table)
+    rf.update_summary(run_dir, model=c.model, model_revision=lm.revision, dataset=c.dataset,
+                      tasks=sorted(set(questions["task"])), source_rows=questions.attrs["source_rows"],
+                      n_layers=lm.n_layers, hidden_size=lm.hidden_size,
+                      generation={"protocol": c.protocol, "max_new_tokens": max_new_tokens,
+                                  "answers_end_at_line_break": answers_one_line(lm.tokenizer)},
+                      long_prompts={"mode": c.long_prompts, "context_tokens": context_length(lm),
+                                    "truncated": int((table["prompt_cut"] > 0).sum()),
+                                    "skipped": len(questions) - len(table)})
 
 
 LABEL_FREE_NOTE = ("the questions have no gold answers: no answer is graded and no correctness AUC exists; "
                    "heatmap_entropy shows how well semantic-entropy probes agree with semantic entropy")
 
 
-def stage_label(config: Config, run_dir: Path, models: Models, force: bool = False) -> bool:
+def _label(s: StageRun) -> None:
     from .entropy import has_labels
     from .label import check_labels, label_answers, make_splits
 
-    c = config
-    settings = {"positions": c.positions, "extractor_model": c.extractor_model, "seeds": c.seeds,
-                "test_fraction": c.test_fraction, "validation_fraction": c.validation_fraction,
-                "population": c.population}
-    inputs = [run_dir / rf.QUESTIONS, run_dir / rf.VOCABULARIES, run_dir / rf.GENERATIONS]
-
-    def work():
-        questions = rf.read_parquet(run_dir / rf.QUESTIONS)
-        generations = rf.read_parquet(run_dir / rf.GENERATIONS)
-        vocabularies = rf.read_json(run_dir / rf.VOCABULARIES)
-        answers = label_answers(questions, generations, vocabularies, models.lm.tokenizer, c.positions,
-                                models.extractor, c.progress)
-        labelled = has_labels(answers)
-        # a label-free study is split by its groups alone (there are no classes to stratify)
-        splits = make_splits(answers if labelled else answers.assign(correct=True), c.seeds, c.test_fraction,
-                             c.validation_fraction, c.positions, c.population)
-        answers["split"] = ""  # "": outside the study's population
-        for part, members in splits["seeds"][str(c.seeds[0])].items():
-            answers.loc[answers["id"].isin(set(members)), "split"] = part
-        rf.write_parquet(run_dir / rf.ANSWERS, answers)
-        rf.write_json(run_dir / rf.SPLITS, splits)
-        if not labelled:
-            rf.update_summary(run_dir, n=int(len(answers)), labels="none", no_correctness_auc=LABEL_FREE_NOTE,
-                              population=population_summary(splits, len(answers)))
-            return
-        rf.update_summary(run_dir, **answer_summary(answers), population=population_summary(splits, len(answers)),
-                          labels="gold")
-        check_labels(answers, str(run_dir / rf.ANSWERS))
-
-    return _run_stage(run_dir, "label", settings, inputs, [run_dir / rf.ANSWERS, run_dir / rf.SPLITS], work, force)
+    c, run_dir = s.config, s.run_dir
+    questions = rf.read_parquet(run_dir / rf.QUESTIONS)
+    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
+    vocabularies = rf.read_json(run_dir / rf.VOCABULARIES)
+    answers = label_answers(questions, generations, vocabularies, s.models.lm.tokenizer, c.positions,
+                            s.models.extractor, c.progress)
+    labelled = has_labels(answers)
+    # a label-free study is split by its groups alone (there are no classes to stratify)
+    splits = make_splits(answers if labelled else answers.assign(correct=True), c.seeds, c.test_fraction,
+                         c.validation_fraction, c.positions, c.population)
+    answers["split"] = ""  # "": outside the study's population
+    for part, members in splits["seeds"][str(c.seeds[0])].items():
+        answers.loc[answers["id"].isin(set(members)), "split"] = part
+    rf.write_parquet(run_dir / rf.ANSWERS, answers)
+    rf.write_json(run_dir / rf.SPLITS, splits)
+    if not labelled:
+        rf.update_summary(run_dir, n=int(len(answers)), labels="none", no_correctness_auc=LABEL_FREE_NOTE,
+                          population=population_summary(splits, len(answers)))
+        return
+    rf.update_summary(run_dir, **answer_summary(answers), population=population_summary(splits, len(answers)),
+                      labels="gold")
+    check_labels(answers, str(run_dir / rf.ANSWERS))
 
 
-def stage_extract(config: Config, run_dir: Path, models: Models, force: bool = False) -> bool:
+def _extract(s: StageRun) -> None:
     from .capture import CaptureReader
     from .extract import run_extract
 
-    c = config
-    settings = {"sites": c.sites, "dtype": c.dtype, "extract": c.extract}
-    inputs = [run_dir / rf.ANSWERS, run_dir / rf.GENERATIONS]
+    c, run_dir = s.config, s.run_dir
+    # shards of an interrupted extraction with the same inputs are kept; others are stale
+    marker = run_dir / rf.ACTIVATIONS_FINGERPRINT
     store = run_dir / rf.ACTIVATIONS
-    stamp = rf.fingerprint(settings, inputs)
-
-    def work():
-        # shards of an interrupted extraction with the same inputs are kept; others are stale
-        marker = store / "fingerprint"
-        if force or (store.exists() and (not rf.trusted(marker) or marker.read_text() != stamp)):
-            rf.remove(store)
-        if not rf.trusted(marker):
-            rf.write_text(marker, stamp)
-        answers = rf.read_parquet(run_dir / rf.ANSWERS)
-        generations = rf.read_parquet(run_dir / rf.GENERATIONS)
-        capture = CaptureReader(run_dir, generations) if c.extract == "onepass" else None
-        run_extract(models.lm, answers, generations, c.positions, c.sites, run_dir,
-                    batch_size=c.batch_size or 16, progress=c.progress, capture=capture)
-        if capture is not None:
-            rf.update_summary(run_dir, extract={"mode": c.extract, "captured": len(capture.where),
-                                                "read_again": capture.read_again})
-
-    return _run_stage(run_dir, "extract", settings, inputs, [store / "index.json"], work, force)
+    if s.force or (store.exists() and (not rf.trusted(marker) or marker.read_text() != s.stamp)):
+        rf.remove(store)
+    if not rf.trusted(marker):
+        rf.write_text(marker, s.stamp)
+    answers = rf.read_parquet(run_dir / rf.ANSWERS)
+    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
+    capture = CaptureReader(run_dir, generations) if c.extract == "onepass" else None
+    run_extract(s.models.lm, answers, generations, c.positions, c.sites, run_dir,
+                batch_size=c.batch_size or 16, progress=c.progress, capture=capture)
+    if capture is not None:
+        rf.update_summary(run_dir, extract={"mode": c.extract, "captured": len(capture.where),
+                                            "read_again": capture.read_again})
 
 
 def wants_samples(config: Config, run_dir: Path) -> bool:
@@ -168,75 +180,46 @@ def wants_samples(config: Config, run_dir: Path) -> bool:
     return "samples" in config.also or not has_labels(rf.read_parquet(run_dir / rf.ANSWERS))
 
 
-def stage_samples(config: Config, run_dir: Path, models: Models, force: bool = False) -> bool:
+def _samples(s: StageRun) -> None:
     """N sampled answers per question and their sampling scores (semantic entropy …; entropy.py)."""
-    if not wants_samples(config, run_dir):
-        return False
-    from .entropy import SAMPLING_SCORES, run_sampling
-    from .resample import RESAMPLES
+    from .entropy import run_sampling
 
-    c = config
-    settings = {"samples": c.samples, "temperature": c.sample_temperature, "judge": c.judge_equivalence,
-                "judge_model": c.extractor_model if c.judge_equivalence else None, "max_new_tokens": c.max_new_tokens}
-    inputs = [run_dir / rf.ANSWERS, run_dir / rf.GENERATIONS]
-
-    def work():
-        judge = (models.extractor or models.lm) if c.judge_equivalence else None
-        info = run_sampling(models.lm, run_dir, c.samples, c.sample_temperature, 0, judge, c.batch_size, c.progress)
-        rf.update_summary(run_dir, sampling=info)
-
-    outputs = [run_dir / RESAMPLES, run_dir / SAMPLING_SCORES]
-    return _run_stage(run_dir, "samples", settings, inputs, outputs, work, force)
+    c, models = s.config, s.models
+    judge = (models.extractor or models.lm) if c.judge_equivalence else None
+    info = run_sampling(models.lm, s.run_dir, c.samples, c.sample_temperature, 0, judge, c.batch_size, c.progress)
+    rf.update_summary(s.run_dir, sampling=info)
 
 
-def stage_entropy(config: Config, run_dir: Path, force: bool = False) -> bool:
-    """Semantic-entropy probes for every cell and their heatmap, when the run has sampling scores."""
+def _entropy_column(c: Config) -> str:
+    return "semantic_entropy_judged" if c.judge_equivalence else "semantic_entropy"
+
+
+def _entropy(s: StageRun) -> None:
+    """Semantic-entropy probes for every cell and their heatmap."""
     from . import entropy as se
+    from .models import resolve_device
 
-    if not (run_dir / se.SAMPLING_SCORES).exists():
-        return False
-    c = config
-    column = "semantic_entropy_judged" if c.judge_equivalence else "semantic_entropy"
-    settings = {"C": c.C, "bootstrap": c.bootstrap, "sites": c.sites, "column": column, "positions": c.positions,
-                "min_per_class": c.min_per_class}
-    inputs = [run_dir / rf.ANSWERS, run_dir / rf.SPLITS, run_dir / rf.ACTIVATIONS, run_dir / se.SAMPLING_SCORES]
-
-    def work():
-        from .models import resolve_device
-
-        device = resolve_device(c.device) if c.device_map is None else "cpu"
-        results, scores, details = se.run_entropy_probe(run_dir, c.sites, column, c.C, c.bootstrap, device,
-                                                        c.progress, c.min_per_class)
-        rf.write_csv(run_dir / se.ENTROPY_RESULTS, results)
-        rf.write_parquet(run_dir / se.ENTROPY_SCORES, scores)
-        n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))
-        se.plot_entropy_heatmap(results, c.positions, run_dir, _short_model(c.model), c.dataset, n)
-        rf.update_summary(run_dir, entropy_probe=se.entropy_summary(results, details))
-
-    outputs = [run_dir / se.ENTROPY_RESULTS, run_dir / se.ENTROPY_SCORES] + \
-        [run_dir / f"{se.FIGURE}{suffix}" for suffix in (".png", ".svg")]
-    return _run_stage(run_dir, "entropy", settings, inputs, outputs, work, force)
+    c, run_dir = s.config, s.run_dir
+    device = resolve_device(c.device) if c.device_map is None else "cpu"
+    results, scores, details = se.run_entropy_probe(run_dir, c.sites, _entropy_column(c), c.C, c.bootstrap, device,
+                                                    c.progress, c.min_per_class)
+    rf.write_csv(run_dir / rf.ENTROPY_RESULTS, results)
+    rf.write_parquet(run_dir / rf.ENTROPY_SCORES, scores)
+    n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))
+    se.plot_entropy_heatmap(results, c.positions, run_dir, _short_model(c.model), c.dataset, n)
+    rf.update_summary(run_dir, entropy_probe=se.entropy_summary(results, details))
 
 
-def stage_probe(config: Config, run_dir: Path, force: bool = False) -> bool:
+def _probe(s: StageRun) -> None:
     from .models import resolve_device
     from .probe import mean_over_seeds, run_probe
 
-    c = config
-    settings = {"C": c.C, "bootstrap": c.bootstrap, "sites": c.sites, "min_per_class": c.min_per_class}
-    inputs = [run_dir / rf.ANSWERS, run_dir / rf.SPLITS, run_dir / rf.ACTIVATIONS]
-
-    def work():
-        device = resolve_device(c.device) if c.device_map is None else "cpu"
-        results, scores = run_probe(run_dir, c.sites, c.C, c.bootstrap, device, c.progress, c.min_per_class)
-        from .baselines import keep_baseline_rows
-
-        rf.write_csv(run_dir / rf.PROBE_RESULTS, keep_baseline_rows(run_dir, results))  # probes + baselines
-        rf.write_parquet(run_dir / rf.PROBE_SCORES, scores)
-        rf.update_summary(run_dir, **best_cells(mean_over_seeds(results)))
-
-    outputs = [run_dir / rf.PROBE_RESULTS, run_dir / rf.PROBE_SCORES]
-    return _run_stage(run_dir, "probe", settings, inputs, outputs, work, force)
+    c, run_dir = s.config, s.run_dir
+    device = resolve_device(c.device) if c.device_map is None else "cpu"
+    results, scores = run_probe(run_dir, c.sites, c.C, c.bootstrap, device, c.progress, c.min_per_class)
+    rf.write_csv(run_dir / rf.PROBE_RESULTS, results)  # the probes' rows; the baselines have their own file
+    rf.write_parquet(run_dir / rf.PROBE_SCORES, scores)
+    rf.update_summary(run_dir, **best_cells(mean_over_seeds(results)))
 
 
 def best_cells(means: pd.DataFrame) -> dict:
@@ -263,74 +246,89 @@ def population_summary(splits: dict, n_answers: int) -> dict:
             "groups": splits["groups"]}
 
 
-def stage_baselines(config: Config, run_dir: Path, models: Models, force: bool = False) -> bool:
+def _baselines(s: StageRun) -> None:
     """Token-probability, entropy, p(True) and family baselines on the probes' test splits (baselines.py)."""
     from . import baselines as bl
+    from .entropy import with_sampling_scores
 
-    from .entropy import SAMPLING_SCORES, with_sampling_scores
-
-    inputs = [run_dir / rf.ANSWERS, run_dir / rf.GENERATIONS, run_dir / rf.SPLITS, run_dir / rf.PROBE_SCORES,
-              run_dir / SAMPLING_SCORES]
-    outputs = [run_dir / bl.BASELINE_SCORES, run_dir / bl.BASELINE_RESULTS, run_dir / bl.FAMILY_RESULTS,
-               run_dir / bl.FIGURE]
-
-    def work():
-        answers = rf.read_parquet(run_dir / rf.ANSWERS)
-        scores = bl.compute_scores(models.lm, answers, rf.read_parquet(run_dir / rf.GENERATIONS), config.progress,
-                                   one_pass=config.extract == "onepass")
-        rf.update_summary(run_dir, baseline_seconds=scores.attrs.get("seconds"))
-        scores = with_sampling_scores(run_dir, scores)  # semantic entropy … when the run drew samples
-        rf.write_parquet(run_dir / bl.BASELINE_SCORES, scores)
-        title = f"{_short_model(config.model)} · {config.dataset} · baselines beside the best probe"
-        rf.update_summary(run_dir, **bl.finish_baselines(run_dir, scores, config.bootstrap, title))
-
-    settings = {"bootstrap": config.bootstrap, "extract": config.extract}
-    ran = _run_stage(run_dir, "baselines", settings, inputs, outputs, work, force)
-    results = read_results(run_dir / rf.PROBE_RESULTS)
-    if not ran and not (results["site"] == bl.SITE).any():  # the probe stage rewrote its table since
-        with rf.stage("baselines"):
-            rf.write_csv(run_dir / rf.PROBE_RESULTS,
-                         bl.merge_into_results(results, read_results(run_dir / bl.BASELINE_RESULTS)))
-    return ran
+    config, run_dir = s.config, s.run_dir
+    answers = rf.read_parquet(run_dir / rf.ANSWERS)
+    scores = bl.compute_scores(s.models.lm, answers, rf.read_parquet(run_dir / rf.GENERATIONS), config.progress,
+                               one_pass=config.extract == "onepass")
+    rf.update_summary(run_dir, baseline_seconds=scores.attrs.get("seconds"))
+    scores = with_sampling_scores(run_dir, scores)  # semantic entropy … when the run drew samples
+    rf.write_parquet(run_dir / rf.BASELINE_SCORES, scores)
+    title = f"{_short_model(config.model)} · {config.dataset} · baselines beside the best probe"
+    rf.update_summary(run_dir, **bl.finish_baselines(run_dir, scores, config.bootstrap, title))
 
 
-def stage_attention(config: Config, run_dir: Path, models: Models, force: bool = False) -> bool:
-    """With ``--also attention``: the attention heatmap (attention.py); otherwise nothing."""
-    if "attention" not in config.also:
-        return False
-    from .attention import ATTENTION, FIGURE, run_attention
+def _attention(s: StageRun) -> None:
+    """The attention heatmap (attention.py)."""
+    from .attention import run_attention
 
-    title = f"{_short_model(config.model)} · {config.dataset} · attention of the last generated token"
-    outputs = [run_dir / ATTENTION, run_dir / f"{FIGURE}.png", run_dir / f"{FIGURE}.svg"]
-    return _run_stage(run_dir, "attention", {"positions": config.positions},
-                      [run_dir / rf.ANSWERS, run_dir / rf.GENERATIONS], outputs,
-                      lambda: run_attention(models.lm, run_dir, config.positions, title), force)
+    title = f"{_short_model(s.config.model)} · {s.config.dataset} · attention of the last generated token"
+    run_attention(s.models.lm, s.run_dir, s.config.positions, title)
 
 
-def stage_plot(config: Config, run_dir: Path, force: bool = False) -> bool:
+def _plot(s: StageRun) -> None:
     from .plot import VIEWS, plot_heatmap
+    from .probe import read_run_results
 
-    inputs = [run_dir / rf.PROBE_RESULTS, run_dir / rf.ANSWERS]
-
-    def work():
-        results = read_results(run_dir / rf.PROBE_RESULTS)
-        results = results[results["site"] != "baseline"]  # baselines have their own figure (baselines.png)
-        n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))  # the population
-        for view in VIEWS:
-            plot_heatmap(results, config.positions, run_dir / view, _short_model(config.model), config.dataset,
-                         n, view)
-
-    outputs = [run_dir / f"{view}{suffix}" for view in VIEWS for suffix in (".png", ".svg")]
-    return _run_stage(run_dir, "plot", {"positions": config.positions}, inputs, outputs, work, force)
+    config, run_dir = s.config, s.run_dir
+    results = read_run_results(run_dir, baselines=False)  # baselines have their own figure (baselines.png)
+    n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))  # the population
+    for view in VIEWS:
+        plot_heatmap(results, config.positions, run_dir / view, _short_model(config.model), config.dataset, n, view)
 
 
-def stage_report(config: Config, run_dir: Path, force: bool = False) -> bool:
-    from .report import REPORT, write_report
+def _report(s: StageRun) -> None:
+    from .report import write_report
 
+    write_report([s.run_dir], s.run_dir / rf.REPORT)
+
+
+STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("generate", _generate, inputs=(), outputs=(rf.QUESTIONS, rf.VOCABULARIES, rf.GENERATIONS),
+          settings=_fields("model", "dataset", "limit", "protocol", "prompt_template", "max_new_tokens", "dtype",
+                           "question_column", "answer_column", "long_prompts", "data_dir", "on_bad_row"),
+          model="workers", sources=_dataset_file),
+    Stage("label", _label, inputs=(rf.QUESTIONS, rf.VOCABULARIES, rf.GENERATIONS), outputs=(rf.ANSWERS, rf.SPLITS),
+          settings=_fields("positions", "extractor_model", "seeds", "test_fraction", "validation_fraction",
+                           "population"),
+          model="workers"),
+    Stage("extract", _extract, inputs=(rf.ANSWERS, rf.GENERATIONS), outputs=(rf.ACTIVATIONS_INDEX,),
+          settings=_fields("sites", "dtype", "extract"), model="workers"),
+    Stage("samples", _samples, inputs=(rf.ANSWERS, rf.GENERATIONS), outputs=(rf.RESAMPLES, rf.SAMPLING_SCORES),
+          settings=lambda c: {"samples": c.samples, "temperature": c.sample_temperature, "judge": c.judge_equivalence,
+                              "judge_model": c.extractor_model if c.judge_equivalence else None,
+                              "max_new_tokens": c.max_new_tokens},
+          model="here", when=wants_samples),
+    Stage("probe", _probe, inputs=(rf.ANSWERS, rf.SPLITS, rf.ACTIVATIONS), outputs=(rf.PROBE_RESULTS, rf.PROBE_SCORES),
+          settings=_fields("C", "bootstrap", "sites", "min_per_class"), labelled=True),
+    Stage("baselines", _baselines,
+          inputs=(rf.ANSWERS, rf.GENERATIONS, rf.SPLITS, rf.PROBE_RESULTS, rf.PROBE_SCORES, rf.SAMPLING_SCORES),
+          outputs=(rf.BASELINE_SCORES, rf.BASELINE_RESULTS, rf.FAMILY_RESULTS, rf.BASELINES_FIGURE),
+          settings=_fields("bootstrap", "extract"), model="here", labelled=True),
+    Stage("entropy", _entropy, inputs=(rf.ANSWERS, rf.SPLITS, rf.ACTIVATIONS, rf.SAMPLING_SCORES),
+          outputs=(rf.ENTROPY_RESULTS, rf.ENTROPY_SCORES, *rf.figures(rf.ENTROPY_FIGURE)),
+          settings=lambda c: {"C": c.C, "bootstrap": c.bootstrap, "sites": c.sites, "column": _entropy_column(c),
+                              "positions": c.positions, "min_per_class": c.min_per_class},
+          when=lambda c, run_dir: (run_dir / rf.SAMPLING_SCORES).exists()),
+    Stage("attention", _attention, inputs=(rf.ANSWERS, rf.GENERATIONS),
+          outputs=(rf.ATTENTION, *rf.figures(rf.ATTENTION_FIGURE)), settings=_fields("positions"), model="here",
+          labelled=True, when=lambda c, run_dir: "attention" in c.also),
+    Stage("plot", _plot, inputs=(rf.PROBE_RESULTS, rf.ANSWERS),
+          outputs=tuple(name for view in rf.HEATMAPS for name in rf.figures(view)), settings=_fields("positions"),
+          labelled=True),
     # summary.json is not an input: every stage rewrites it, so the report would never be current
-    inputs = [run_dir / rf.ANSWERS, run_dir / rf.SPLITS, run_dir / rf.PROBE_RESULTS, run_dir / rf.PROBE_SCORES]
-    return _run_stage(run_dir, "report", {}, inputs, [run_dir / REPORT],
-                      lambda: write_report([run_dir], run_dir / REPORT), force)
+    Stage("report", _report,
+          inputs=(rf.ANSWERS, rf.SPLITS, rf.PROBE_RESULTS, rf.PROBE_SCORES, rf.BASELINE_RESULTS, rf.ENTROPY_RESULTS),
+          outputs=(rf.REPORT,), settings=lambda c: {}, labelled=True),
+)}
+STAGES = tuple(STAGE_TABLE)
+MODEL_STAGES = tuple(name for name, stage in STAGE_TABLE.items() if stage.model)  # stages that may need the model
+LABELLED_STAGES = tuple(name for name, stage in STAGE_TABLE.items() if stage.labelled)  # need graded answers
+RAY_STAGES = tuple(name for name, stage in STAGE_TABLE.items() if stage.model == "workers")  # on Ray with --ray
 
 
 def _short_model(model: str) -> str:
@@ -457,20 +455,20 @@ def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: b
     rf.write_json(run_dir / rf.CONFIG, config.to_dict())
     rf.update_summary(run_dir, versions=versions(), config=config.to_dict())
     started = time.perf_counter()
-    models = Models(config, on_workers=True)  # on Ray workers with --ray (generate, label, extract)
+    workers = Models(config, on_workers=True)  # on Ray workers with --ray (generate, label, extract)
     # with Ray, the other model stages load the model here, in the driver (loaded only if they run)
-    local = Models(config) if config.ray else models
+    here = Models(config) if config.ray else workers
     try:
-        for stage in stages:
-            if stage in LABELLED_STAGES and not _labelled(run_dir):
+        for name in stages:
+            stage = STAGE_TABLE[name]
+            if stage.labelled and not _labelled(run_dir):
                 continue  # a label-free study: no correctness to probe, score or draw (summary.json says so)
-            if stage in MODEL_STAGES:
-                globals()[f"stage_{stage}"](config, run_dir, models if stage in RAY_STAGES else local, force)
-            else:
-                globals()[f"stage_{stage}"](config, run_dir, force)
+            if stage.when is not None and not stage.when(config, run_dir):
+                continue  # an optional stage that was not asked for
+            run_stage(stage, config, run_dir, {"workers": workers, "here": here}.get(stage.model), force)
     finally:
-        models.close()
-        local.close()
+        workers.close()
+        here.close()
     rf.update_summary(run_dir, wall_seconds=round(time.perf_counter() - started, 2))
 
 

@@ -441,3 +441,18 @@ def read_results(path) -> pd.DataFrame:
     from .runfolder import read_csv
 
     return read_csv(path, dtype={"site": str, "position": str})  # a missing or damaged file: one line
+
+
+def read_run_results(run_dir, baselines: bool = True) -> pd.DataFrame:
+    """The probes' rows of a run (``probe_results.csv``) and, with ``baselines``, the baselines' rows
+    after them (``baseline_results.csv``, when the baselines stage has run): one table, for readers that
+    compare probes with baselines. Each file has one writer; this is where they meet."""
+    from .baselines import SITE
+    from .runfolder import BASELINE_RESULTS, PROBE_RESULTS
+
+    run_dir = Path(run_dir)
+    probes = read_results(run_dir / PROBE_RESULTS)
+    probes = probes[probes["site"] != SITE]  # a run of an older truthmap had the baselines' rows merged in
+    if not baselines or not (run_dir / BASELINE_RESULTS).exists():
+        return probes.reset_index(drop=True)
+    return pd.concat([probes, read_results(run_dir / BASELINE_RESULTS)], ignore_index=True)

@@ -1,7 +1,8 @@
 """Stage 6 — the report: one self-contained HTML page to look into every cell of one or several runs.
 
-Reads, from each run folder, ``probe_results.csv``, ``probe_scores.parquet``, ``answers.parquet``,
-``splits.json``, ``summary.json`` and ``config.json``; writes one HTML file (``report.html`` beside the
+Reads, from each run folder, ``probe_results.csv`` and ``baseline_results.csv`` (one table:
+:func:`truthmap.probe.read_run_results`), ``entropy_probe_results.csv``, ``probe_scores.parquet``,
+``answers.parquet``, ``splits.json``, ``summary.json`` and ``config.json``; writes one HTML file (``report.html`` beside the
 heatmap when ``truthmap run`` makes it). The page's script and style are the project's own
 (``report_assets/``), inlined; it loads nothing and works offline.
 
@@ -30,9 +31,9 @@ import pandas as pd
 
 from . import runfolder as rf
 from .errors import TruthmapError
-from .models import SITES as PROBE_SITES  # any other site in probe_results.csv is a baseline
+from .models import SITES as PROBE_SITES  # any other site of the results is a baseline
 from .plot import best_region
-from .probe import RESULT_COLUMNS, mean_over_seeds
+from .probe import RESULT_COLUMNS, mean_over_seeds, read_run_results
 
 REPORT = rf.REPORT
 ASSETS = Path(__file__).parent / "report_assets"
@@ -180,7 +181,7 @@ def run_data(run_dir: Path) -> dict:
     if not (run_dir / rf.PROBE_RESULTS).exists():
         raise TruthmapError(f"{run_dir / rf.PROBE_RESULTS}: missing; is {run_dir} a run folder whose probe "
                             "stage has finished? (truthmap run, or truthmap probe --out RUN)")
-    results = rf.read_csv(run_dir / rf.PROBE_RESULTS, dtype={"site": str, "position": str})  # verified
+    results = read_run_results(run_dir)  # the probes' rows, then the baselines' (verified)
     problem = ", ".join(sorted(set(RESULT_COLUMNS[:10]) - set(results.columns)))  # the rest: optional
     problem = problem and f"no column {problem}"
     if problem:

@@ -7,7 +7,7 @@ import torch
 
 from _synthetic import make_run, tiny_model
 from truthmap.probe import auc_score
-from truthmap.baselines import (SITE, evaluate, family_table, group_rates, merge_into_results, summarise_tokens,
+from truthmap.baselines import (SITE, evaluate, family_table, group_rates, summarise_tokens,
                                 token_statistics, within_family_auc)
 
 
@@ -67,12 +67,18 @@ def test_evaluate_same_positive_class_and_paired_bootstrap(tmp_path):
     assert np.isnan(by.loc["logprob_mean", "accuracy"]) and not np.isnan(by.loc["p_true_answer", "accuracy"])
 
 
-def test_merge_replaces_old_baseline_rows():
-    probes = pd.DataFrame({"site": ["residual", SITE], "layer": [1, -1], "position": ["-1", "old"], "seed": [0, 0],
-                           "auc": [0.8, 0.1]})
-    new = pd.DataFrame({"site": [SITE], "layer": [-1], "position": ["new"], "seed": [0], "auc": [0.6]})
-    merged = merge_into_results(probes, new)
-    assert merged.position.tolist() == ["-1", "new"]
+def test_readers_get_probes_and_baselines_from_their_own_files(tmp_path):
+    from truthmap.probe import read_run_results
+
+    # probe_results.csv as an older truthmap left it, with baseline rows merged in; baseline_results.csv
+    pd.DataFrame({"site": ["residual", SITE], "layer": [1, -1], "position": ["-1", "old"], "seed": [0, 0],
+                  "auc": [0.8, 0.1]}).to_csv(tmp_path / "probe_results.csv", index=False)
+    assert read_run_results(tmp_path).position.tolist() == ["-1"]  # no baselines stage yet
+    pd.DataFrame({"site": [SITE], "layer": [-1], "position": ["new"], "seed": [0], "auc": [0.6]}
+                 ).to_csv(tmp_path / "baseline_results.csv", index=False)
+    both = read_run_results(tmp_path)
+    assert both.position.tolist() == ["-1", "new"] and both.auc.tolist() == [0.8, 0.6]
+    assert read_run_results(tmp_path, baselines=False).position.tolist() == ["-1"]
 
 
 def test_family_table_and_within_family_auc(tmp_path):
@@ -105,8 +111,10 @@ def test_finish_keeps_numeric_looking_positions_as_text(tmp_path):
     scores = pd.DataFrame({"id": answers.id, "logprob_mean": (~answers.correct).astype(float)})
     fields = finish_baselines(run, scores, n_boot=20)
     assert fields["probe_within_family_auc"] == 1.0 and fields["baselines"]["logprob_mean"] == 1.0
-    merged = pd.read_csv(run / "probe_results.csv", dtype={"position": str})
-    assert set(merged.site) == {"residual", SITE} and (run / "baselines.png").is_file()
+    assert set(pd.read_csv(run / "probe_results.csv").site) == {"residual"}  # the probe stage's file, untouched
+    written = pd.read_csv(run / "baseline_results.csv", dtype={"position": str})
+    assert set(written.site) == {SITE} and "logprob_mean" in set(written.position)
+    assert (run / "baselines.png").is_file()
 
 
 def test_surface_control_catches_a_study_confounded_by_answer_length():

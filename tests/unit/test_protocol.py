@@ -171,13 +171,10 @@ def test_the_cli_flag_reaches_the_generate_stage(tmp_path, monkeypatch):
     assert seen["protocol"] == "reference"
 
 
-def test_the_protocol_is_part_of_the_generate_fingerprint(tmp_path, monkeypatch):
+def test_the_protocol_is_part_of_the_generate_fingerprint():
     from truthmap import pipeline
 
-    stamps = []
-    monkeypatch.setattr(pipeline, "_run_stage", lambda run_dir, name, settings, *rest, **kw: stamps.append(settings))
-    for protocol in ("brief", "reference"):
-        pipeline.stage_generate(Config(protocol=protocol), tmp_path, None)
+    stamps = [pipeline.STAGE_TABLE["generate"].settings(Config(protocol=protocol)) for protocol in ("brief", "reference")]
     assert stamps[0]["protocol"] == "brief" and stamps[1]["protocol"] == "reference"
     assert {k: v for k, v in stamps[0].items() if k != "protocol"} == \
         {k: v for k, v in stamps[1].items() if k != "protocol"}

@@ -198,7 +198,7 @@ def test_baseline_rows_are_listed_beside_not_in_the_map(run_dir, tmp_path):
     results = pd.read_csv(run_dir / "probe_results.csv")
     extra = pd.DataFrame([["baseline", 0, "logits_mean", seed, 0.61 + seed / 100, 0.55, 0.67, 0.6, 20, 20]
                           for seed in (0, 1)], columns=results.columns[:10])
-    pd.concat([results, extra]).to_csv(run_dir / "probe_results.csv", index=False)
+    extra.to_csv(run_dir / "baseline_results.csv", index=False)  # the baselines stage's own file
     seal(run_dir)
     run = page_data(write_report([run_dir], tmp_path / "r.html"))["runs"][0]
     assert list(run["sites"]) == ["residual"]

@@ -1,0 +1,91 @@
+"""The stage table (pipeline.STAGE_TABLE): one writer per run-folder file, and fingerprints that cover
+every file a stage reads. Model-free: the stages after extract run on a synthetic run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from _synthetic import POSITIONS, make_run, seal
+
+from truthmap import pipeline
+from truthmap import runfolder as rf
+from truthmap.config import Config
+
+
+def test_every_run_folder_file_has_one_writing_stage_and_is_read_after_it():
+    writer = {}
+    for name, stage in pipeline.STAGE_TABLE.items():
+        assert stage.name == name
+        for output in stage.outputs:
+            assert output not in writer, f"{output}: written by {writer.get(output)} and {name}"
+            assert output.split("/")[0] in rf.OWN_NAMES  # named in runfolder.py
+            writer[output] = name
+    assert not {rf.SUMMARY, rf.CONFIG, rf.STAGES, rf.MANIFEST} & set(writer)  # every stage's, or none's
+    assert writer[rf.PROBE_RESULTS] == "probe" and writer[rf.BASELINE_RESULTS] == "baselines"
+    order = list(pipeline.STAGES)
+    for name, stage in pipeline.STAGE_TABLE.items():
+        for read in stage.inputs:
+            makers = [w for out, w in writer.items() if out == read or out.startswith(read + "/")]
+            assert makers and all(order.index(m) < order.index(name) for m in makers), (name, read)
+    assert pipeline.RAY_STAGES == ("generate", "label", "extract")
+    assert set(pipeline.MODEL_STAGES) == {"generate", "label", "extract", "samples", "baselines", "attention"}
+
+
+@pytest.fixture
+def run(tmp_path):
+    folder = make_run(tmp_path / "run", n=120)
+    answers = pd.read_parquet(folder / rf.ANSWERS)
+    answers.assign(split="train").to_parquet(folder / rf.ANSWERS, index=False)  # every answer in the population
+    baseline_rows(0.6).to_csv(folder / rf.BASELINE_RESULTS, index=False)  # there to be read by mistake
+    return seal(folder)
+
+
+def baseline_rows(auc: float) -> pd.DataFrame:
+    return pd.DataFrame([{"site": "baseline", "layer": -1, "position": "logprob_mean", "seed": s, "auc": auc,
+                          "auc_lo": auc - 0.1, "auc_hi": auc + 0.1, "accuracy": None, "n_train": 0, "n_test": 42}
+                         for s in (0, 1)])
+
+
+def config_of(run: Path) -> Config:
+    return Config(out=str(run), positions=POSITIONS, seeds=[0, 1], bootstrap=20, min_per_class=2, device="cpu",
+                  progress=False, model="tiny-model", dataset="toy")
+
+
+def test_the_probe_plot_and_report_stages_read_only_what_their_fingerprints_cover(run, monkeypatch):
+    reads = []
+    verify = rf.verify
+    monkeypatch.setattr(rf, "verify", lambda path: reads.append(Path(path)) or verify(path))
+    config = config_of(run)
+    with rf.open_run(run):
+        for name in ("probe", "plot", "report"):
+            stage = pipeline.STAGE_TABLE[name]
+            reads.clear()
+            assert pipeline.run_stage(stage, config, run)
+            read = {p.relative_to(run).as_posix() for p in reads}
+            covered = {r for r in read if any(r == i or r.startswith(i + "/") for i in stage.inputs)}
+            # summary.json and config.json: titles and names, rewritten by every stage (never an input);
+            # stages.json: the bookkeeping of run_stage
+            assert read - covered <= {rf.SUMMARY, rf.CONFIG, rf.STAGES}, (name, read - covered)
+            assert read & set(stage.inputs), name
+    results = pd.read_csv(run / rf.PROBE_RESULTS)
+    assert set(results.site) == {"residual"}  # the probes' rows only
+
+
+def test_baseline_rows_make_the_report_stale_but_never_touch_the_probe_stage(run):
+    config = config_of(run)
+    with rf.open_run(run):
+        for name in ("probe", "report"):
+            pipeline.run_stage(pipeline.STAGE_TABLE[name], config, run)
+        before = (run / rf.PROBE_RESULTS).read_bytes()
+        with rf.stage("baselines"):
+            rf.write_csv(run / rf.BASELINE_RESULTS, baseline_rows(0.7))
+        assert not pipeline.run_stage(pipeline.STAGE_TABLE["probe"], config, run)  # it never read them
+        assert pipeline.run_stage(pipeline.STAGE_TABLE["report"], config, run)  # it shows them
+    assert (run / rf.PROBE_RESULTS).read_bytes() == before
+    from truthmap.probe import read_run_results
+
+    both = read_run_results(run)
+    assert both.site.tolist()[-2:] == ["baseline", "baseline"] and (both.site == "residual").sum() == len(
+        pd.read_csv(run / rf.PROBE_RESULTS))
