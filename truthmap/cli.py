@@ -163,9 +163,9 @@ def _report(run_dir: Path) -> None:
                           f"test AUC for errors {_number(cell.get('auc') if key == 'best_cell' else cell.get('error_auc'))}, "
                           f"for high semantic entropy "
                           f"{_number(cell.get('high_entropy_auc') if key == 'best_cell' else cell.get('auc'))}")
-    for figure in ("heatmap", "heatmap_within", "heatmap_entropy", "baselines", "attention"):
-        if (run_dir / f"{figure}.png").exists():
-            console.print(f"{figure}: {text(run_dir / f'{figure}.png')}")
+    for stem in (*rf.HEATMAPS, rf.ENTROPY_FIGURE, Path(rf.BASELINES_FIGURE).stem, rf.ATTENTION_FIGURE):
+        if (run_dir / f"{stem}.png").exists():
+            console.print(f"{stem}: {text(run_dir / f'{stem}.png')}")
 
 
 @click.group()
@@ -338,11 +338,12 @@ def _held_config(run_dir: Path, quiet: bool, model, trust_remote_code):
                                       "low semantic entropy (no gold label; needs the run's samples), or both.")
 def transfer(train, test, site, layer, position, model, to, bootstrap, probe):
     """Train a probe on one task, test it on others: a task × task AUC matrix (CSV + heatmap)."""
+    from . import runfolder as rf
     from .transfer import run_transfer
 
     out, grid = run_transfer(list(train), list(test), site, layer, position, to, model, n_boot=bootstrap, probe=probe)
     click.echo(grid.round(3).to_string())
-    click.echo(f"transfer: {out / 'transfer.csv'}, {out / 'transfer_matrix.csv'}, {out / 'transfer.png'}")
+    click.echo("transfer: " + ", ".join(str(out / name) for name in rf.TRANSFER_FILES))
 
 
 @cli.command()
@@ -375,8 +376,8 @@ def resample(out, n, temperature, sample_seed, site, layer, position, batch_size
         refresh_sampling_scores(models.lm, run_dir, (models.extractor or models.lm) if judge_equivalence else None)
     table = results.groupby("error_type", sort=False)[["auc", "n_train_positive", "n_test_positive"]].mean()
     click.echo(table.round(3).to_string())
-    click.echo(f"resample: {run_dir / 'error_types.parquet'}, {run_dir / 'error_type_results.csv'}, "
-               f"{run_dir / 'error_types.png'}, {run_dir / 'sampling_scores.parquet'}")
+    click.echo("resample: " + ", ".join(str(run_dir / name) for name in (rf.ERROR_TYPES, rf.ERROR_TYPE_RESULTS,
+                                                                           rf.ERROR_TYPES_FIGURE, rf.SAMPLING_SCORES)))
     from .pipeline import run_stages
 
     # the samples' semantic entropy as baselines, and the semantic-entropy probes
@@ -408,7 +409,7 @@ def choose(out, site, layer, position, detector_path, seed, model, trust_remote_
         cell = None if detector else _cell(run_dir, site, layer, position)
         table = run_choice(Models(config).lm, run_dir, detector, cell, seed, config.C, config.bootstrap)
     click.echo(table.pivot(index="error_type", columns="strategy", values="accuracy").round(3).to_string())
-    click.echo(f"choice: {run_dir / 'choice.csv'}, {run_dir / 'choice.png'}")
+    click.echo(f"choice: {run_dir / rf.CHOICE}, {run_dir / rf.CHOICE_FIGURE}")
 
 
 @cli.command()
