@@ -24,10 +24,13 @@ def run_copy(small_study, tmp_path_factory):
     return out
 
 
-def test_baselines_are_rows_of_the_results_and_a_figure(small_study):
-    out, _ = small_study
+def test_baselines_are_rows_of_their_own_results_and_a_figure(small_study):
+    out, table = small_study
     results = pd.read_csv(out / "probe_results.csv")
-    baselines = results[results.site == "baseline"]
+    assert "baseline" not in set(results.site)  # the probe stage's file: the probes' rows only
+    baselines = pd.read_csv(out / "baseline_results.csv")
+    assert list(baselines.columns) == list(results.columns)
+    assert (table.site == "baseline").sum() == len(baselines)  # truthmap.run() returns both
     names = set(baselines.position)
     for name in ("logprob_mean", "logprob_min", "logprob_max", "logprob_last", "entropy_mean", "logprob_mean_exact",
                  "entropy_mean_exact", "p_true_exact", "p_true_answer", "family_rate", "subgroup_rate"):
