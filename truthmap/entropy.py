@@ -371,12 +371,10 @@ def entropy_summary(results: pd.DataFrame, details: dict) -> dict:
                 summary[f"{other}_auc"] = None if pd.isna(row["auc"].iloc[0]) else round(float(row["auc"].iloc[0]), 4)
         return summary
 
-    if "error" in means:
-        out["best_cell"] = with_other(choose_cell(means["error"]), "high_entropy")
-        out["best_cell"]["target"] = "error"
-    if "high_entropy" in means:
-        out["best_cell_label_free"] = with_other(choose_cell(means["high_entropy"]), "error")
-        out["best_cell_label_free"]["target"] = "high_entropy"
+    for key, target, other in (("best_cell", "error", "high_entropy"), ("best_cell_label_free", "high_entropy", "error")):
+        cell = with_other(choose_cell(means[target]), other) if target in means else None
+        if cell is not None:  # None: no cell has a validation AUC (a part lacked one of the classes)
+            out[key] = {**cell, "target": target}
     return out
 
 

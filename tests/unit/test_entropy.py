@@ -152,6 +152,10 @@ def test_entropy_probes_recover_a_planted_direction_without_gold_labels(tmp_path
     pd.testing.assert_frame_equal(scores.reset_index(drop=True), scores_unlabelled.reset_index(drop=True))
     summary = se.entropy_summary(unlabelled, details_unlabelled)
     assert summary["best_cell"] is None and summary["best_cell_label_free"]["layer"] == 1
+    assert summary["best_cell_label_free"]["target"] == "high_entropy"
+    # a study too small for any validation AUC of agreement: no label-free cell, and no crash
+    summary = se.entropy_summary(results.assign(val_auc=results["val_auc"].where(results["target"] == "error")), details)
+    assert summary["best_cell_label_free"] is None and summary["best_cell"]["target"] == "error"
 
 
 def test_entropy_probe_refuses_a_study_whose_samples_all_agree(tmp_path):
