@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .errors import TruthmapError
 from .extract import load_layer
 from .label import MIN_PER_CLASS
-from .runfolder import ACTIVATIONS, read_json
+
 
 RESULT_COLUMNS = ["site", "layer", "position", "seed", "auc", "auc_lo", "auc_hi", "accuracy", "n_train", "n_test",
                   "val_auc", "n_val", "within_auc", "within_val_auc", "mean_auc_lo", "mean_auc_hi", "val_auc_se"]
