@@ -1,11 +1,11 @@
-"""Unit tests for truthmap.facts: the built-in factual questions and their vocabularies (no model)."""
+"""Unit tests for truthmap.tasks.facts_data: the built-in factual questions and their vocabularies (no model)."""
 
 import collections
 import re
 
 import pytest
 
-from truthmap.facts import FAMILIES, build_facts
+from truthmap.tasks.facts_data import FAMILIES, build_facts
 
 
 @pytest.fixture(scope="module")
