@@ -144,7 +144,7 @@ def plot_attention(table: pd.DataFrame, positions: list[str], out_stem: Path, ti
     return paths
 
 
-def run_attention(lm, run_dir: Path, positions: list[str], title: str = "", batch_size: int = 8) -> pd.DataFrame:
+def run_attention(lm, run_dir: Path, *, positions: list[str], title: str = "", batch_size: int = 8) -> pd.DataFrame:
     run_dir = Path(run_dir)
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
     generations = rf.read_parquet(run_dir / rf.GENERATIONS)

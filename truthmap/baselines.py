@@ -518,20 +518,7 @@ def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: floa
     plt.close(fig)
 
 
-def run_baselines(lm, run_dir: Path, n_boot: int = 1000, title: str = "", progress: bool = False) -> dict:
-    """Compute, evaluate, merge, plot; return the summary fields (mean AUC per baseline, family control)."""
-    from . import runfolder as rf
-
-    run_dir = Path(run_dir)
-    answers = rf.read_parquet(run_dir / rf.ANSWERS)
-    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
-    splits = rf.read_json(run_dir / rf.SPLITS)
-    scores = compute_scores(lm, answers, generations, progress)
-    rf.write_parquet(run_dir / BASELINE_SCORES, scores)
-    return finish_baselines(run_dir, scores, n_boot, title)
-
-
-def finish_baselines(run_dir: Path, scores: pd.DataFrame, n_boot: int = 1000, title: str = "") -> dict:
+def finish_baselines(run_dir: Path, scores: pd.DataFrame, *, n_boot: int = 1000, title: str = "") -> dict:
     """The model-free part: AUCs on the test splits, rows merged into probe_results.csv, the family
     table, the figure, and the summary fields."""
     from . import runfolder as rf

@@ -52,7 +52,7 @@ def probe_pick(scores: np.ndarray) -> int:
     return int(np.argmin(np.where(np.isfinite(scores), scores, 1.0)))
 
 
-def resample_features(lm, run_dir: Path, resamples: pd.DataFrame, site: str, layer: int, position: str,
+def resample_features(lm, run_dir: Path, resamples: pd.DataFrame, *, site: str, layer: int, position: str,
                       batch_size: int = 16) -> np.ndarray:
     """Features ``[n_resamples, d]`` of each resample at (site, layer, position); NaN rows where it does
     not exist. Reads prompt ids from ``generations.parquet``."""
@@ -140,7 +140,7 @@ def plot_choice(table: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_choice(lm, run_dir: Path, detector=None, cell: dict | None = None, seed: int | str | None = None,
+def run_choice(lm, run_dir: Path, *, detector=None, cell: dict | None = None, seed: int | str | None = None,
                C: float = 1.0, n_boot: int = 1000) -> pd.DataFrame:
     """Score every test question's resamples and compare the strategies; returns the accuracy table.
 
@@ -166,7 +166,8 @@ def run_choice(lm, run_dir: Path, detector=None, cell: dict | None = None, seed:
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
     test_ids = splits[seed]["test"]
     resamples = resamples[resamples["id"].isin(set(test_ids))].reset_index(drop=True)
-    features = resample_features(lm, run_dir, resamples, cell["site"], int(cell["layer"]), cell["position"])
+    features = resample_features(lm, run_dir, resamples, site=cell["site"], layer=int(cell["layer"]),
+                                 position=cell["position"])
     scores = np.full(len(resamples), np.nan)
     valid = np.isfinite(features).all(1)
     if valid.any():

@@ -339,7 +339,8 @@ def transfer(train, test, site, layer, position, model, to, bootstrap, probe):
     """Train a probe on one task, test it on others: a task × task AUC matrix (CSV + heatmap)."""
     from .transfer import run_transfer
 
-    out, grid = run_transfer(list(train), list(test), site, layer, position, to, model, n_boot=bootstrap, probe=probe)
+    out, grid = run_transfer(list(train), list(test), site=site, layer=layer, position=position, out=to, model=model,
+                             n_boot=bootstrap, probe=probe)
     click.echo(grid.round(3).to_string())
     click.echo(f"transfer: {out / 'transfer.csv'}, {out / 'transfer_matrix.csv'}, {out / 'transfer.png'}")
 
@@ -367,8 +368,9 @@ def resample(out, n, temperature, sample_seed, site, layer, position, batch_size
         config = _held_config(run_dir, quiet, model, trust_remote_code)
         cell = _cell(run_dir, site, layer, position)
         models = _ModelHolder(config)
-        results = run_resample(models.lm, run_dir, n, temperature, sample_seed, cell, models.extractor, config.C,
-                               config.bootstrap, batch_size, not quiet)
+        results = run_resample(models.lm, run_dir, n=n, temperature=temperature, seed=sample_seed, cell=cell,
+                               extractor=models.extractor, C=config.C, n_boot=config.bootstrap,
+                               batch_size=batch_size, progress=not quiet)
         from .entropy import refresh_sampling_scores
 
         refresh_sampling_scores(models.lm, run_dir, (models.extractor or models.lm) if judge_equivalence else None)
@@ -405,7 +407,8 @@ def choose(out, site, layer, position, detector_path, seed, model, trust_remote_
     with rf.open_run(run_dir), rf.stage("choice"):
         config = _held_config(run_dir, quiet, model, trust_remote_code)
         cell = None if detector else _cell(run_dir, site, layer, position)
-        table = run_choice(_ModelHolder(config).lm, run_dir, detector, cell, seed, config.C, config.bootstrap)
+        table = run_choice(_ModelHolder(config).lm, run_dir, detector=detector, cell=cell, seed=seed, C=config.C,
+                           n_boot=config.bootstrap)
     click.echo(table.pivot(index="error_type", columns="strategy", values="accuracy").round(3).to_string())
     click.echo(f"choice: {run_dir / 'choice.csv'}, {run_dir / 'choice.png'}")
 
@@ -424,7 +427,8 @@ def export(out, site, layer, position, seed, to):
     run_dir = _run_folder(out)
     with rf.reading(run_dir):  # under the shared lock, every file read checked against the manifest
         cell = _cell(run_dir, site, layer, position)
-        folder = export_detector(run_dir, cell["site"], int(cell["layer"]), cell["position"], to, seed)
+        folder = export_detector(run_dir, site=cell["site"], layer=int(cell["layer"]), position=cell["position"],
+                                 out=to, seed=seed)
     card = Detector.load(folder).card
     click.echo(f"detector: {folder} (test AUC {_number(card['test_auc'], '.4f')} on {card['test_size']} "
                f"answers, trained on {card['train_size']})")

@@ -492,7 +492,7 @@ def prompt_frame(run_dir: Path) -> tuple[str | None, str | None]:
     return frames.pop() if len(frames) == 1 else (None, None)
 
 
-def export_detector(run_dir: str | Path, site: str, layer: int, position: str, out: str | Path | None = None,
+def export_detector(run_dir: str | Path, *, site: str, layer: int, position: str, out: str | Path | None = None,
                     seed: int | str = 0, C: float = 1.0) -> Path:
     """Fit a Detector on the run's train split (``seed``), measure it on the test split, and save it.
 

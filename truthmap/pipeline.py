@@ -151,7 +151,7 @@ def stage_label(config: Config, run_dir: Path, models: _ModelHolder, force: bool
         generations = rf.read_parquet(run_dir / rf.GENERATIONS)
         vocabularies = rf.read_json(run_dir / rf.VOCABULARIES)
         answers = label_answers(questions, generations, vocabularies, models.lm.tokenizer, c.positions,
-                                models.extractor, c.progress)
+                                extractor=models.extractor, progress=c.progress)
         labelled = has_labels(answers)
         # a label-free study is split by its groups alone (there are no classes to stratify)
         splits = make_splits(answers if labelled else answers.assign(correct=True), c.seeds, c.test_fraction,
@@ -222,7 +222,8 @@ def stage_samples(config: Config, run_dir: Path, models: _ModelHolder, force: bo
 
     def work():
         judge = (models.extractor or models.lm) if c.judge_equivalence else None
-        info = run_sampling(models.lm, run_dir, c.samples, c.sample_temperature, 0, judge, c.batch_size, c.progress)
+        info = run_sampling(models.lm, run_dir, n=c.samples, temperature=c.sample_temperature, seed=0, judge_lm=judge,
+                            batch_size=c.batch_size, progress=c.progress)
         rf.update_summary(run_dir, sampling=info)
 
     outputs = [run_dir / RESAMPLES, run_dir / SAMPLING_SCORES]
@@ -245,12 +246,13 @@ def stage_entropy(config: Config, run_dir: Path, force: bool = False) -> bool:
         from .models import resolve_device
 
         device = resolve_device(c.device) if c.device_map is None else "cpu"
-        results, scores, details = se.run_entropy_probe(run_dir, c.sites, column, c.C, c.bootstrap, device,
-                                                        c.progress, c.min_per_class)
+        results, scores, details = se.run_entropy_probe(run_dir, c.sites, column=column, C=c.C, n_boot=c.bootstrap,
+                                                        device=device, progress=c.progress,
+                                                        min_per_class=c.min_per_class)
         rf.write_csv(run_dir / se.ENTROPY_RESULTS, results)
         rf.write_parquet(run_dir / se.ENTROPY_SCORES, scores)
         n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))
-        se.plot_entropy_heatmap(results, c.positions, run_dir, _short_model(c.model), c.dataset, n)
+        se.plot_entropy_heatmap(results, c.positions, run_dir, model=_short_model(c.model), dataset=c.dataset, n=n)
         rf.update_summary(run_dir, entropy_probe=se.entropy_summary(results, details))
 
     outputs = [run_dir / se.ENTROPY_RESULTS, run_dir / se.ENTROPY_SCORES] + \
@@ -268,7 +270,8 @@ def stage_probe(config: Config, run_dir: Path, force: bool = False) -> bool:
 
     def work():
         device = resolve_device(c.device) if c.device_map is None else "cpu"
-        results, scores = run_probe(run_dir, c.sites, c.C, c.bootstrap, device, c.progress, c.min_per_class)
+        results, scores = run_probe(run_dir, c.sites, C=c.C, n_boot=c.bootstrap, device=device, progress=c.progress,
+                                    min_per_class=c.min_per_class)
         from .baselines import keep_baseline_rows
 
         rf.write_csv(run_dir / rf.PROBE_RESULTS, keep_baseline_rows(run_dir, results))  # probes + baselines
@@ -322,7 +325,7 @@ def stage_baselines(config: Config, run_dir: Path, models: _ModelHolder, force: 
         scores = with_sampling_scores(run_dir, scores)  # semantic entropy … when the run drew samples
         rf.write_parquet(run_dir / bl.BASELINE_SCORES, scores)
         title = f"{_short_model(config.model)} · {config.dataset} · baselines beside the best probe"
-        rf.update_summary(run_dir, **bl.finish_baselines(run_dir, scores, config.bootstrap, title))
+        rf.update_summary(run_dir, **bl.finish_baselines(run_dir, scores, n_boot=config.bootstrap, title=title))
 
     settings = {"bootstrap": config.bootstrap, "extract": config.extract}
     ran = _run_stage(run_dir, "baselines", settings, inputs, outputs, work, force)
@@ -344,7 +347,7 @@ def stage_attention(config: Config, run_dir: Path, models: _ModelHolder, force: 
     outputs = [run_dir / ATTENTION, run_dir / f"{FIGURE}.png", run_dir / f"{FIGURE}.svg"]
     return _run_stage(run_dir, "attention", {"positions": config.positions},
                       [run_dir / rf.ANSWERS, run_dir / rf.GENERATIONS], outputs,
-                      lambda: run_attention(models.lm, run_dir, config.positions, title), force)
+                      lambda: run_attention(models.lm, run_dir, positions=config.positions, title=title), force)
 
 
 def stage_plot(config: Config, run_dir: Path, force: bool = False) -> bool:
@@ -357,8 +360,8 @@ def stage_plot(config: Config, run_dir: Path, force: bool = False) -> bool:
         results = results[results["site"] != "baseline"]  # baselines have their own figure (baselines.png)
         n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))  # the population
         for view in VIEWS:
-            plot_heatmap(results, config.positions, run_dir / view, _short_model(config.model), config.dataset,
-                         n, view)
+            plot_heatmap(results, config.positions, run_dir / view, model=_short_model(config.model),
+                         dataset=config.dataset, n=n, view=view)
 
     outputs = [run_dir / f"{view}{suffix}" for view in VIEWS for suffix in (".png", ".svg")]
     return _run_stage(run_dir, "plot", {"positions": config.positions}, inputs, outputs, work, force)

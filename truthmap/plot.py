@@ -84,7 +84,7 @@ def draw_heatmap(ax, grid: np.ndarray, layers: list[int], positions: list[str], 
     return image
 
 
-def plot_heatmap(results: pd.DataFrame, positions: list[str], out_stem: Path, model: str, dataset: str,
+def plot_heatmap(results: pd.DataFrame, positions: list[str], out_stem: Path, *, model: str, dataset: str,
                  n: int, view: str = "heatmap", what: str | None = None, label: str | None = None) -> list[Path]:
     """Write ``<out_stem>.png`` and ``.svg`` of ``view`` (``VIEWS``); ``n`` is the population size;
     ``what`` and ``label`` replace the view's title words and colour-bar label (another kind of probe)."""

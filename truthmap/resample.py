@@ -49,11 +49,10 @@ FIGURE = "error_types.png"
 TYPES = ("refuses", "consistently_correct", "consistently_incorrect", "two_competing", "many_answers", "other")
 THRESHOLDS = {"refuses": 0.5, "consistent": 0.8, "competing_each": 0.25, "competing_together": 0.7,
               "many_largest_below": 0.5}
-CORRECT_CLUSTER = "<correct>"
 REFERENCE_TOP_K = 50  # the reference study sampled with transformers' default top_k
 
 
-def sample_answers(lm, prompt_ids: list[list[int]], n: int, temperature: float = 1.0, seed: int = 0,
+def sample_answers(lm, prompt_ids: list[list[int]], *, n: int, temperature: float = 1.0, seed: int = 0,
                    max_new_tokens: int = 24, batch_size: int | None = None, progress: bool = True,
                    top_k: int = 0):
     """``n`` sampled (answer_ids, stopped) per prompt: a list per prompt, in the order given.
@@ -78,7 +77,7 @@ def cluster_key(exact_answer: str, valid: bool) -> str:
 
 
 def label_resamples(lm, questions: pd.DataFrame, generations: pd.DataFrame, drawn: list, vocabularies: dict,
-                    positions: list[str], extractor=None, progress: bool = False) -> pd.DataFrame:
+                    positions: list[str], *, extractor=None, progress: bool = False) -> pd.DataFrame:
     """Grade and locate the exact answer of every sample with the label stage's rules (whole answer)."""
     from .generate import decode_answer
     from .label import label_answers
@@ -93,7 +92,8 @@ def label_resamples(lm, questions: pd.DataFrame, generations: pd.DataFrame, draw
             rows_g.append({"id": key, "prompt": row.prompt, "prompt_ids": list(row.prompt_ids), "answer_ids": ids,
                            "answer": decode_answer(lm.tokenizer, ids), "stopped": stopped})
     q_table, g_table = pd.DataFrame(rows_q), pd.DataFrame(rows_g)
-    labelled = label_answers(q_table, g_table, vocabularies, lm.tokenizer, positions, extractor, progress)
+    labelled = label_answers(q_table, g_table, vocabularies, lm.tokenizer, positions, extractor=extractor,
+                             progress=progress)
     labelled = labelled.merge(g_table[["id", "answer_ids", "stopped"]], on="id")
     out = pd.DataFrame({"id": labelled["id"].str.rsplit("#", n=1).str[0],
                         "sample": labelled["id"].str.rsplit("#", n=1).str[1].astype(int)})
@@ -140,7 +140,7 @@ def error_types(resamples: pd.DataFrame, thresholds: dict = THRESHOLDS) -> pd.Da
     return pd.DataFrame(rows)
 
 
-def type_probes(run_dir: Path, types: pd.DataFrame, site: str, layer: int, position: str, C: float = 1.0,
+def type_probes(run_dir: Path, types: pd.DataFrame, *, site: str, layer: int, position: str, C: float = 1.0,
                 n_boot: int = 1000) -> pd.DataFrame:
     """One-vs-rest AUC of a probe on the greedy answer's features for each error type and seed."""
     from .detector import Detector
@@ -199,7 +199,7 @@ def plot_error_types(types: pd.DataFrame, results: pd.DataFrame, path: Path, tit
     plt.close(fig)
 
 
-def run_resample(lm, run_dir: Path, n: int = 10, temperature: float = 1.0, seed: int = 0,
+def run_resample(lm, run_dir: Path, *, n: int = 10, temperature: float = 1.0, seed: int = 0,
                  cell: dict | None = None, extractor=None, C: float = 1.0, n_boot: int = 1000,
                  batch_size: int | None = None, progress: bool = True, max_new_tokens: int | None = None) -> pd.DataFrame:
     """Draw, label, type, probe, plot (see the module docstring); return error_type_results.
@@ -222,13 +222,16 @@ def run_resample(lm, run_dir: Path, n: int = 10, temperature: float = 1.0, seed:
     saved = saved if isinstance(saved, int) and not isinstance(saved, bool) and saved > 0 else None
     max_new = answer_length(questions.get("task", ()), max_new_tokens or saved, protocol)
     top_k = REFERENCE_TOP_K if protocol == "reference" else 0
-    drawn = sample_answers(lm, prompts, n, temperature, seed, max_new, batch_size, progress, top_k)
-    resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, extractor, progress)
+    drawn = sample_answers(lm, prompts, n=n, temperature=temperature, seed=seed, max_new_tokens=max_new,
+                           batch_size=batch_size, progress=progress, top_k=top_k)
+    resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, extractor=extractor,
+                                progress=progress)
     rf.write_parquet(run_dir / RESAMPLES, resamples)
     types = error_types(resamples)
     rf.write_parquet(run_dir / ERROR_TYPES, types)
     cell = cell or default_cell(run_dir)
-    results = type_probes(run_dir, types, cell["site"], int(cell["layer"]), cell["position"], C, n_boot)
+    results = type_probes(run_dir, types, site=cell["site"], layer=int(cell["layer"]), position=cell["position"],
+                          C=C, n_boot=n_boot)
     rf.write_csv(run_dir / ERROR_TYPE_RESULTS, results)
     plot_error_types(types, results, run_dir / FIGURE,
                      f"error types over {n} samples (T={temperature}) · probe at {cell['site']} "

@@ -77,7 +77,7 @@ def entropy_targets(run_dir: Path, ids, train_ids) -> np.ndarray:
     return labels[0]
 
 
-def transfer_table(train_runs: list[Path], test_runs: list[Path], site: str, layer: int, position: str,
+def transfer_table(train_runs: list[Path], test_runs: list[Path], *, site: str, layer: int, position: str,
                    C: float = 1.0, n_boot: int = 1000, probes: tuple[str, ...] = ("correctness",)) -> pd.DataFrame:
     """One row per (probe kind, train task, test task, shared seed); see the module docstring."""
     from .detector import Detector, cell_data
@@ -152,7 +152,7 @@ def plot_matrix(grid: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_transfer(train: list[str], test: list[str], site: str, layer: int, position: str, out: str | None = None,
+def run_transfer(train: list[str], test: list[str], *, site: str, layer: int, position: str, out: str | None = None,
                  model: str | None = None, C: float = 1.0, n_boot: int = 1000,
                  probe: str = "correctness") -> tuple[Path, pd.DataFrame]:
     """Resolve the runs, compute the table and matrix, write them; return (out folder, matrix)."""
@@ -168,8 +168,8 @@ def run_transfer(train: list[str], test: list[str], site: str, layer: int, posit
     with ExitStack() as held:  # each run read under its shared lock, every file checked against its manifest
         for run in dict.fromkeys(train_runs + test_runs):
             held.enter_context(rf.reading(run))
-        table = transfer_table(train_runs, test_runs, site, layer, position, C, n_boot,
-                               PROBES if probe == "both" else (probe,))
+        table = transfer_table(train_runs, test_runs, site=site, layer=layer, position=position, C=C, n_boot=n_boot,
+                               probes=PROBES if probe == "both" else (probe,))
     out_dir = Path(out) if out else train_runs[0] / "transfer"
     _refuse_foreign_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

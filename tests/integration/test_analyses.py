@@ -101,9 +101,9 @@ def test_sampling_is_seeded(default_model, run_copy):
     from truthmap.resample import sample_answers
 
     prompts = pd.read_parquet(run_copy / "generations.parquet").prompt_ids.head(3).map(list).tolist()
-    first = sample_answers(default_model, prompts, 2, 1.0, seed=7, max_new_tokens=8, progress=False)
-    again = sample_answers(default_model, prompts, 2, 1.0, seed=7, max_new_tokens=8, progress=False)
-    other = sample_answers(default_model, prompts, 2, 1.0, seed=8, max_new_tokens=8, progress=False)
+    first = sample_answers(default_model, prompts, n=2, temperature=1.0, seed=7, max_new_tokens=8, progress=False)
+    again = sample_answers(default_model, prompts, n=2, temperature=1.0, seed=7, max_new_tokens=8, progress=False)
+    other = sample_answers(default_model, prompts, n=2, temperature=1.0, seed=8, max_new_tokens=8, progress=False)
     assert first == again and first != other
 
 

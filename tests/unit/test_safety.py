@@ -509,7 +509,7 @@ def test_export_into_a_folder_of_someone_elses_files_is_refused(tmp_path):
     (mine / "card.json").write_text("my card collection")
     (mine / "photo.png").write_bytes(b"png")
     with pytest.raises(TruthmapError, match="did not write"):
-        export_detector(tmp_path / "run", "residual", 1, "-1", mine)
+        export_detector(tmp_path / "run", site="residual", layer=1, position="-1", out=mine)
     assert (mine / "card.json").read_text() == "my card collection"
 
 
