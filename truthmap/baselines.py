@@ -475,13 +475,8 @@ def keep_baseline_rows(run_dir: Path, probe_results: pd.DataFrame) -> pd.DataFra
 
 def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: float, path: Path, title: str) -> None:
     """Horizontal bars: each baseline's mean AUC (bootstrap interval as whiskers) and the best probe's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from .figures import new_figure, save
     from .probe import mean_over_seeds
-    from .runfolder import atomic_path
 
     means = mean_over_seeds(results[results["site"] == SITE]).sort_values("auc", na_position="first")
     labels, values, lows, highs, colours = [], [], [], [], []
@@ -505,7 +500,7 @@ def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: floa
         colours.append("#08519c")
     values = np.array(values, dtype=float)
     err = np.array([values - np.array(lows, float), np.array(highs, float) - values])
-    fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.28 * len(labels)))
+    fig, ax = new_figure(figsize=(6.5, 0.9 + 0.28 * len(labels)))
     ax.barh(range(len(labels)), np.nan_to_num(values - 0.5), left=0.5, color=colours,
             xerr=np.nan_to_num(np.abs(err)), ecolor="#333333", capsize=2)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
@@ -513,9 +508,7 @@ def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: floa
     ax.set_xlim(min(0.3, np.nanmin(values) - 0.05) if len(values) else 0.3, 1.0)
     ax.set_xlabel("AUC predicting an error (mean over seeds, 95% bootstrap interval)")
     ax.set_title(title, fontsize=9)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)
 
 
 def finish_baselines(run_dir: Path, scores: pd.DataFrame, *, n_boot: int = 1000, title: str = "") -> dict:

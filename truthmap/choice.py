@@ -114,13 +114,10 @@ def accuracy_table(chosen: pd.DataFrame, types: pd.DataFrame | None, n_boot: int
 
 
 def plot_choice(table: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import new_figure, save
 
     groups = list(dict.fromkeys(table["error_type"]))
-    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(groups), 3.2))
+    fig, ax = new_figure(figsize=(1.5 + 1.3 * len(groups), 3.2))
     width = 0.8 / len(STRATEGIES)
     colours = {"greedy": "#7f7f7f", "random": "#c7c7c7", "majority": "#ff7f0e", "probe": "#08519c"}
     for k, strategy in enumerate(STRATEGIES):
@@ -135,9 +132,7 @@ def plot_choice(table: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_ylabel("accuracy of the chosen answer")
     ax.legend(fontsize=7, ncol=4, loc="upper left")
     ax.set_title(title, fontsize=9)
-    with rf.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)
 
 
 def run_choice(lm, run_dir: Path, *, detector=None, cell: dict | None = None, seed: int | str | None = None,

@@ -172,14 +172,11 @@ def type_probes(run_dir: Path, types: pd.DataFrame, *, site: str, layer: int, po
 
 
 def plot_error_types(types: pd.DataFrame, results: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import new_figure, save
 
     counts = types["error_type"].value_counts().reindex(TYPES, fill_value=0)
     means = results.groupby("error_type")[["auc", "auc_lo", "auc_hi"]].mean().reindex(TYPES)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    fig, (left, right) = new_figure(1, 2, figsize=(10, 3.2))
     left.barh(range(len(TYPES)), counts.to_numpy(), color="#9ecae1")
     left.set_yticks(range(len(TYPES)), TYPES, fontsize=8)
     left.invert_yaxis()
@@ -194,9 +191,7 @@ def plot_error_types(types: pd.DataFrame, results: pd.DataFrame, path: Path, tit
     right.set_xlim(0.2, 1.0)
     right.set_xlabel("one-vs-rest probe AUC (greedy answer's features; none: too few)")
     fig.suptitle(title, fontsize=9)
-    with rf.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)
 
 
 def run_resample(lm, run_dir: Path, *, n: int = 10, temperature: float = 1.0, seed: int = 0,

@@ -128,28 +128,17 @@ def matrix(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_matrix(grid: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import colormaps
+    from .figures import draw_grid, new_figure, save
 
     values = grid.to_numpy(dtype=float)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.1 * values.shape[1], 1.4 + 0.7 * values.shape[0]))
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=colormaps["Blues"].with_extremes(bad="#dddddd"),
-                      vmin=0.5, vmax=1.0, aspect="auto")
+    fig, ax = new_figure(figsize=(1.8 + 1.1 * values.shape[1], 1.4 + 0.7 * values.shape[0]))
+    image = draw_grid(ax, values, cmap="Blues", vmin=0.5, vmax=1.0, columns=grid.columns, column_rotation=30,
+                      rows=grid.index, xlabel="test task", ylabel="train task", title=title)
     for (r, c), v in np.ndenumerate(values):
         if np.isfinite(v):
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=9, color="white" if v > 0.8 else "black")
-    ax.set_xticks(range(values.shape[1]), grid.columns, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(values.shape[0]), grid.index, fontsize=8)
-    ax.set_xlabel("test task")
-    ax.set_ylabel("train task")
-    ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="AUC predicting an error")
-    with rf.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)
 
 
 def run_transfer(train: list[str], test: list[str], *, site: str, layer: int, position: str, out: str | None = None,
