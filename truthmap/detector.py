@@ -522,11 +522,11 @@ def _refuse_foreign_folder(out: Path) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise TruthmapError(f"{out}: not a folder; give another --to")
+        raise TruthmapError(f"{out}: not a folder; give another --out")
     foreign = [p.name for p in out.iterdir() if p.name not in (WEIGHTS, CARD) and not p.name.endswith(".tmp")]
     if foreign or os.path.islink(out / WEIGHTS) or os.path.islink(out / CARD):
         raise TruthmapError(f"{out}: holds files truthmap did not write ({', '.join(sorted(foreign)[:3]) or 'links'}); "
-                            f"nothing touched; give another --to")
+                            f"nothing touched; give another --out")
 
 
 def _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary, site, layer, position, seed, out):

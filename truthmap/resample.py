@@ -1,6 +1,6 @@
 """Resampling and error types: what kind of error is the model about to make?
 
-``truthmap resample --n 10`` draws N answers per question at temperature 1 (seedable; all questions ×
+``truthmap resample RUN --n 10`` draws N answers per question at temperature 1 (seedable; all questions ×
 N in one batched, length-sorted generation) from the whole vocabulary, or, in a run of the reference
 protocol, from the ``REFERENCE_TOP_K`` = 50 likeliest tokens as the reference study did. It grades
 each and locates its exact answer with the label stage's own rules, over the whole answer. Each

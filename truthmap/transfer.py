@@ -71,7 +71,7 @@ def entropy_targets(run_dir: Path, ids, train_ids) -> np.ndarray:
     path = Path(run_dir) / SAMPLING_SCORES
     if not path.exists():
         raise TruthmapError(f"{run_dir}: no {SAMPLING_SCORES} for an entropy-trained probe; run "
-                            f"'truthmap run --also samples --out {run_dir}' or 'truthmap resample --out {run_dir}'")
+                            f"'truthmap run --also samples --out {run_dir}' or 'truthmap resample {run_dir}'")
     entropy = rf.read_parquet(path).set_index("id")["semantic_entropy"].reindex(list(ids)).to_numpy(dtype=float)
     labels, _ = high_entropy_labels(entropy, np.isin(ids, list(train_ids))[None, :])
     return labels[0]
@@ -179,8 +179,8 @@ def _refuse_foreign_folder(out: Path) -> None:
     if os.path.islink(out) or any(os.path.islink(out / name) for name in OUTPUTS):
         raise TruthmapError(f"{out}: a symbolic link; truthmap writes through none")
     if out.exists() and not out.is_dir():
-        raise TruthmapError(f"{out}: not a folder; give another --to")
+        raise TruthmapError(f"{out}: not a folder; give another --out")
     foreign = [p.name for p in out.iterdir() if p.name not in OUTPUTS and not p.name.endswith(".tmp")] if out.exists() else []
     if foreign:
         raise TruthmapError(f"{out}: holds files truthmap did not write ({', '.join(sorted(foreign)[:3])}); "
-                            f"nothing touched; give another --to")
+                            f"nothing touched; give another --out")

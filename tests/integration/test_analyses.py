@@ -48,7 +48,7 @@ def test_baselines_are_rows_of_the_results_and_a_figure(small_study):
 def test_transfer_diagonal_is_the_in_task_probe(small_study, tmp_path):
     out, table = small_study
     app(["transfer", "--train", str(out), "--test", str(out), "--layer", "15", "--position", "exact_answer_last",
-         "--to", str(tmp_path / "t"), "--bootstrap", "50"])
+         "--out", str(tmp_path / "t"), "--bootstrap", "50"])
     transfer = pd.read_csv(tmp_path / "t" / "transfer.csv")
     probe = table[(table.site == "residual") & (table.layer == 15) & (table.position == "exact_answer_last")]
     for seed in (0, 1):
@@ -57,7 +57,7 @@ def test_transfer_diagonal_is_the_in_task_probe(small_study, tmp_path):
 
 
 def test_exported_detector_reloads_in_a_fresh_process_and_scores_like_the_probe(run_copy, default_model, tmp_path):
-    app(["export", "--out", str(run_copy), "--layer", "20", "--position", "-1", "--to", str(tmp_path / "det")])
+    app(["export", str(run_copy), "--layer", "20", "--position", "-1", "--out", str(tmp_path / "det")])
     card = json.loads((tmp_path / "det" / "card.json").read_text())
     assert card["model"] == truthmap.Detector.load(tmp_path / "det").card["model"] == "embedded:smollm2-135m-instruct"
     assert card["model_revision"].startswith("sha256:") and 0 <= card["test_auc"] <= 1
@@ -79,8 +79,8 @@ def test_exported_detector_reloads_in_a_fresh_process_and_scores_like_the_probe(
     rows = [ids.index(i) for i in stopped.id]
     assert np.abs(p - detector.predict_proba(X[rows])[:, 1]).max() < 0.02  # float16 storage of X
     # an exact-answer position: given the exact answer, the detector finds its tokens as the label stage did
-    app(["export", "--out", str(run_copy), "--layer", "15", "--position", "exact_answer_last",
-         "--to", str(tmp_path / "det15")])
+    app(["export", str(run_copy), "--layer", "15", "--position", "exact_answer_last",
+         "--out", str(tmp_path / "det15")])
     exact = truthmap.Detector.load(tmp_path / "det15")
     once = answers[answers.exact_answer_valid & answers.id.map(generations.stopped)]
     once = once[[a.count(x) == 1 for a, x in zip(once.answer, once.exact_answer)]].head(3)
