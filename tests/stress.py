@@ -482,8 +482,8 @@ def hostile_folders(n_trials: int, work: Path, rng: random.Random) -> dict:
             watched = _snapshot([sandbox / "outside", *planted])
             commands = rng.sample([
                 ["plot", "--out", str(target), "--quiet"], ["probe", "--out", str(target), "--quiet"],
-                ["export", "--out", str(target)], ["report", str(target), "--out", str(sandbox / "r.html")],
-                ["transfer", "--train", str(target), "--layer", "1", "--position", "-1", "--to", str(sandbox / "t")],
+                ["export", str(target)], ["report", str(target), "--out", str(sandbox / "r.html")],
+                ["transfer", "--train", str(target), "--layer", "1", "--position", "-1", "--out", str(sandbox / "t")],
                 ["generate", "--out", str(target), "--limit", "2", "--quiet"] if kind in ("foreign", "config") else
                 ["plot", "--out", str(target), "--quiet"]], 2)
             outcome = None

@@ -114,36 +114,20 @@ def attention_table(lm, answers: pd.DataFrame, generations: pd.DataFrame, positi
 
 def plot_attention(table: pd.DataFrame, positions: list[str], out_stem: Path, title: str) -> list[Path]:
     """Layers down (0..L, 0 empty), positions across, mean attention weight in purples."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import colormaps
+    from .figures import draw_grid, new_figure, png_and_svg, save
 
     layers = list(range(0, int(table["layer"].max()) + 1))
     grid = table.pivot(index="layer", columns="position", values="attention").reindex(index=layers, columns=positions)
     values = grid.to_numpy(dtype=float)
-    fig, ax = plt.subplots(figsize=(1.6 + 0.42 * len(positions), 1.8 + 0.2 * len(layers)))
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=colormaps["Purples"].with_extremes(bad="#dddddd"),
-                      vmin=0.0, vmax=max(float(np.nanmax(values)), 1e-6), aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(positions)), positions, rotation=60, ha="right", fontsize=8)
-    step = max(1, len(layers) // 16)
-    ax.set_yticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)], fontsize=8)
-    ax.set_xlabel("token position (attended to)")
-    ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=9)
+    fig, ax = new_figure(figsize=(1.6 + 0.42 * len(positions), 1.8 + 0.2 * len(layers)))
+    image = draw_grid(ax, values, cmap="Purples", vmin=0.0, vmax=max(float(np.nanmax(values)), 1e-6),
+                      columns=positions, layers=layers, xlabel="token position (attended to)", ylabel="layer",
+                      title=title)
     fig.colorbar(image, ax=ax, label="attention from the last generated token (mean over heads)")
-    paths = []
-    for suffix in (".png", ".svg"):
-        path = Path(str(out_stem) + suffix)
-        with rf.atomic_path(path) as tmp:
-            fig.savefig(tmp, format=suffix[1:], dpi=150, bbox_inches="tight")
-        paths.append(path)
-    plt.close(fig)
-    return paths
+    return save(fig, *png_and_svg(out_stem))
 
 
-def run_attention(lm, run_dir: Path, positions: list[str], title: str = "", batch_size: int = 8) -> pd.DataFrame:
+def run_attention(lm, run_dir: Path, *, positions: list[str], title: str = "", batch_size: int = 8) -> pd.DataFrame:
     run_dir = Path(run_dir)
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
     generations = rf.read_parquet(run_dir / rf.GENERATIONS)

@@ -74,9 +74,9 @@ def vocabularies_for(tasks) -> dict:
     """The candidate vocabularies the label stage would have: the built-in facts' when facts is audited."""
     if "facts" not in set(tasks):
         return {}
-    from .facts import build_facts
+    from .tasks import get_task
 
-    _, vocabularies = build_facts(seed=0)
+    _, vocabularies = get_task("facts").builtin()
     return {name: textmatch.Vocabulary(list(words)) for name, words in vocabularies.items()}
 
 

@@ -458,13 +458,8 @@ def within_family_auc(families: pd.DataFrame) -> float:
 
 def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: float, path: Path, title: str) -> None:
     """Horizontal bars: each baseline's mean AUC (bootstrap interval as whiskers) and the best probe's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from .figures import new_figure, save
     from .probe import mean_over_seeds
-    from .runfolder import atomic_path
 
     means = mean_over_seeds(results[results["site"] == SITE]).sort_values("auc", na_position="first")
     labels, values, lows, highs, colours = [], [], [], [], []
@@ -488,7 +483,7 @@ def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: floa
         colours.append("#08519c")
     values = np.array(values, dtype=float)
     err = np.array([values - np.array(lows, float), np.array(highs, float) - values])
-    fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.28 * len(labels)))
+    fig, ax = new_figure(figsize=(6.5, 0.9 + 0.28 * len(labels)))
     ax.barh(range(len(labels)), np.nan_to_num(values - 0.5), left=0.5, color=colours,
             xerr=np.nan_to_num(np.abs(err)), ecolor="#333333", capsize=2)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
@@ -496,25 +491,10 @@ def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: floa
     ax.set_xlim(min(0.3, np.nanmin(values) - 0.05) if len(values) else 0.3, 1.0)
     ax.set_xlabel("AUC predicting an error (mean over seeds, 95% bootstrap interval)")
     ax.set_title(title, fontsize=9)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)
 
 
-def run_baselines(lm, run_dir: Path, n_boot: int = 1000, title: str = "", progress: bool = False) -> dict:
-    """Compute, evaluate, merge, plot; return the summary fields (mean AUC per baseline, family control)."""
-    from . import runfolder as rf
-
-    run_dir = Path(run_dir)
-    answers = rf.read_parquet(run_dir / rf.ANSWERS)
-    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
-    splits = rf.read_json(run_dir / rf.SPLITS)
-    scores = compute_scores(lm, answers, generations, progress)
-    rf.write_parquet(run_dir / BASELINE_SCORES, scores)
-    return finish_baselines(run_dir, scores, n_boot, title)
-
-
-def finish_baselines(run_dir: Path, scores: pd.DataFrame, n_boot: int = 1000, title: str = "") -> dict:
+def finish_baselines(run_dir: Path, scores: pd.DataFrame, *, n_boot: int = 1000, title: str = "") -> dict:
     """The model-free part: AUCs on the test splits (baseline_results.csv), the family table, the
     figure, and the summary fields. probe_results.csv is read, never written."""
     from . import runfolder as rf

@@ -50,7 +50,7 @@ def probe_pick(scores: np.ndarray) -> int:
     return int(np.argmin(np.where(np.isfinite(scores), scores, 1.0)))
 
 
-def resample_features(lm, run_dir: Path, resamples: pd.DataFrame, site: str, layer: int, position: str,
+def resample_features(lm, run_dir: Path, resamples: pd.DataFrame, *, site: str, layer: int, position: str,
                       batch_size: int = 16) -> np.ndarray:
     """Features ``[n_resamples, d]`` of each resample at (site, layer, position); NaN rows where it does
     not exist. Reads prompt ids from ``generations.parquet``."""
@@ -112,13 +112,10 @@ def accuracy_table(chosen: pd.DataFrame, types: pd.DataFrame | None, n_boot: int
 
 
 def plot_choice(table: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import new_figure, save
 
     groups = list(dict.fromkeys(table["error_type"]))
-    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(groups), 3.2))
+    fig, ax = new_figure(figsize=(1.5 + 1.3 * len(groups), 3.2))
     width = 0.8 / len(STRATEGIES)
     colours = {"greedy": "#7f7f7f", "random": "#c7c7c7", "majority": "#ff7f0e", "probe": "#08519c"}
     for k, strategy in enumerate(STRATEGIES):
@@ -133,12 +130,10 @@ def plot_choice(table: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_ylabel("accuracy of the chosen answer")
     ax.legend(fontsize=7, ncol=4, loc="upper left")
     ax.set_title(title, fontsize=9)
-    with rf.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)
 
 
-def run_choice(lm, run_dir: Path, detector=None, cell: dict | None = None, seed: int | str | None = None,
+def run_choice(lm, run_dir: Path, *, detector=None, cell: dict | None = None, seed: int | str | None = None,
                C: float = 1.0, n_boot: int = 1000) -> pd.DataFrame:
     """Score every test question's resamples and compare the strategies; returns the accuracy table.
 
@@ -164,7 +159,8 @@ def run_choice(lm, run_dir: Path, detector=None, cell: dict | None = None, seed:
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
     test_ids = splits[seed]["test"]
     resamples = resamples[resamples["id"].isin(set(test_ids))].reset_index(drop=True)
-    features = resample_features(lm, run_dir, resamples, cell["site"], int(cell["layer"]), cell["position"])
+    features = resample_features(lm, run_dir, resamples, site=cell["site"], layer=int(cell["layer"]),
+                                 position=cell["position"])
     scores = np.full(len(resamples), np.nan)
     valid = np.isfinite(features).all(1)
     if valid.any():

@@ -1,6 +1,14 @@
 """The ``truthmap`` command: ``run`` does the whole study; ``generate | label | extract | probe | plot``
 run one stage each on a run folder; ``report`` writes the HTML page of one or several run folders.
-Every command prints one clear line on bad input (exit status 2)."""
+Every command prints one clear line on bad input (exit status 2).
+
+One way to name things: a run a command reads is an argument (``truthmap report RUN …``, ``export RUN``,
+``resample RUN``, ``choose RUN``; ``transfer`` reads its runs as ``--train`` / ``--test``), and where a
+command writes is ``--out`` (the run folder of ``run`` and the stage commands, the page of ``report``,
+the detector folder of ``export``, the folder of ``transfer``, the scored CSV of ``score``). ``resample``
+and ``choose`` add their files to the run they read. truthmap 0.1's spellings (``export --out RUN --to
+DIR``, ``resample --out RUN``, ``choose --out RUN``, ``transfer --to DIR``) still work for one release,
+with a warning."""
 
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ import click
 from .errors import TruthmapError
 
 MULTI_VALUE = ("--seeds", "--site", "--positions", "--also", "--train", "--test")
+ONE_CELL = ("export", "resample", "choose", "transfer")  # their --site names one cell: one value
 
 
 def _common(f):
@@ -288,6 +297,32 @@ def _run_folder(out: str) -> Path:
     return run_dir
 
 
+def _deprecated(old: str, new: str) -> None:
+    """Say on stderr that a spelling of truthmap 0.1 still works but goes in the next release."""
+    click.echo(f"truthmap: warning: '{old}' is deprecated and goes in the next release; use '{new}'", err=True)
+
+
+def _the_run(command: str, run: str | None, old_out: str | None) -> str:
+    """The run a command reads: its argument, or (deprecated, truthmap 0.1) its ``--out``."""
+    if run is not None and old_out is not None and Path(run) != Path(old_out):
+        raise TruthmapError(f"{command}: give the run once, as its argument ({run}); --out {old_out} names another")
+    if run is None and old_out is None:
+        raise TruthmapError(f"{command}: name the run folder to read: truthmap {command} RUN")
+    if run is None:
+        _deprecated(f"truthmap {command} --out RUN", f"truthmap {command} RUN")
+    return run if run is not None else old_out
+
+
+def _new_out(command: str, out: str | None, old_to: str | None) -> str | None:
+    """Where a command writes: ``--out``, or (deprecated, truthmap 0.1) ``--to``."""
+    if old_to is None:
+        return out
+    if out is not None:
+        raise TruthmapError(f"{command}: give --out once (--to is its old name)")
+    _deprecated(f"truthmap {command} --to DIR", f"truthmap {command} --out DIR")
+    return old_to
+
+
 def _refuse_foreign_file(path: Path, starts: tuple[str, ...]) -> None:
     """Refuse to overwrite ``path`` unless it is missing or begins as truthmap's own output does."""
     if os.path.islink(path):
@@ -331,23 +366,27 @@ def _held_config(run_dir: Path, quiet: bool, model, trust_remote_code):
 @click.option("--layer", type=int, required=True)
 @click.option("--position", required=True)
 @click.option("--model", help="The model whose runs a task name refers to (default: the embedded default).")
-@click.option("--to", "to", help="Folder for the outputs (default: <first train run>/transfer).")
+@click.option("--out", help="Folder for the outputs (default: <first train run>/transfer).")
+@click.option("--to", "to", hidden=True, help="Deprecated: --out.")
 @click.option("--bootstrap", type=int, default=1000, show_default=True)
 @click.option("--probe", type=click.Choice(["correctness", "entropy", "both"]), default="correctness",
               show_default=True, help="What the probe learns on the train task: wrong vs right answers, or high vs "
                                       "low semantic entropy (no gold label; needs the run's samples), or both.")
-def transfer(train, test, site, layer, position, model, to, bootstrap, probe):
+def transfer(train, test, site, layer, position, model, out, to, bootstrap, probe):
     """Train a probe on one task, test it on others: a task × task AUC matrix (CSV + heatmap)."""
     from . import runfolder as rf
     from .transfer import run_transfer
 
-    out, grid = run_transfer(list(train), list(test), site, layer, position, to, model, n_boot=bootstrap, probe=probe)
+    out = _new_out("transfer", out, to)
+    out, grid = run_transfer(list(train), list(test), site=site, layer=layer, position=position, out=out, model=model,
+                             n_boot=bootstrap, probe=probe)
     click.echo(grid.round(3).to_string())
     click.echo("transfer: " + ", ".join(str(out / name) for name in rf.TRANSFER_FILES))
 
 
 @cli.command()
-@click.option("--out", required=True, help="Run folder of a finished 'truthmap run'.")
+@click.argument("run", required=False, type=click.Path(file_okay=False))
+@click.option("--out", "old_out", hidden=True, help="Deprecated: the run, as the argument.")
 @click.option("--n", "n", type=int, default=10, show_default=True, help="Sampled answers per question.")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--sample-seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
@@ -357,20 +396,22 @@ def transfer(train, test, site, layer, position, model, to, bootstrap, probe):
               help="Also cluster the samples by a model judging equivalence (sampling_scores.parquet).")
 @_model_options
 @click.option("--quiet", is_flag=True)
-def resample(out, n, temperature, sample_seed, site, layer, position, batch_size, judge_equivalence, model,
+def resample(run, old_out, n, temperature, sample_seed, site, layer, position, batch_size, judge_equivalence, model,
              trust_remote_code, quiet):
-    """N sampled answers per question, error types, and probes predicting each type."""
+    """N sampled answers per question, error types, and probes predicting each type, added to RUN (a
+    finished 'truthmap run')."""
     from . import runfolder as rf
     from .backend import Models
     from .resample import run_resample
 
-    run_dir = _run_folder(out)
+    run_dir = _run_folder(_the_run("resample", run, old_out))
     with rf.open_run(run_dir), rf.stage("resample"):
         config = _held_config(run_dir, quiet, model, trust_remote_code)
         cell = _cell(run_dir, site, layer, position)
         models = Models(config)  # in this process, also for a run made with --ray (docs/scaling.md)
-        results = run_resample(models.lm, run_dir, n, temperature, sample_seed, cell, models.extractor, config.C,
-                               config.bootstrap, batch_size, not quiet)
+        results = run_resample(models.lm, run_dir, n=n, temperature=temperature, seed=sample_seed, cell=cell,
+                               extractor=models.extractor, C=config.C, n_boot=config.bootstrap,
+                               batch_size=batch_size, progress=not quiet)
         from .entropy import refresh_sampling_scores
 
         refresh_sampling_scores(models.lm, run_dir, (models.extractor or models.lm) if judge_equivalence else None)
@@ -389,44 +430,53 @@ def resample(out, n, temperature, sample_seed, site, layer, position, batch_size
 
 
 @cli.command()
-@click.option("--out", required=True, help="Run folder where 'truthmap resample' has run.")
+@click.argument("run", required=False, type=click.Path(file_okay=False))
+@click.option("--out", "old_out", hidden=True, help="Deprecated: the run, as the argument.")
 @_cell_options
 @click.option("--detector", "detector_path", help="A folder from 'truthmap export' (default: fit at the cell).")
 @click.option("--seed", type=int, help="Split whose test questions are chosen for (default: the first).")
 @_model_options
 @click.option("--quiet", is_flag=True)
-def choose(out, site, layer, position, detector_path, seed, model, trust_remote_code, quiet):
-    """Answer choice among the resamples: greedy, random, majority vote, probe (accuracy per error type)."""
+def choose(run, old_out, site, layer, position, detector_path, seed, model, trust_remote_code, quiet):
+    """Answer choice among the resamples of RUN (where 'truthmap resample' has run): greedy, random, majority
+    vote, probe (accuracy per error type), added to RUN."""
     from . import runfolder as rf
     from .choice import run_choice
     from .backend import Models
     from .detector import Detector
 
-    run_dir = _run_folder(out)
+    run_dir = _run_folder(_the_run("choose", run, old_out))
     detector = Detector.load(detector_path) if detector_path else None
     with rf.open_run(run_dir), rf.stage("choice"):
         config = _held_config(run_dir, quiet, model, trust_remote_code)
         cell = None if detector else _cell(run_dir, site, layer, position)
-        table = run_choice(Models(config).lm, run_dir, detector, cell, seed, config.C, config.bootstrap)
+        table = run_choice(Models(config).lm, run_dir, detector=detector, cell=cell, seed=seed, C=config.C,
+                           n_boot=config.bootstrap)
     click.echo(table.pivot(index="error_type", columns="strategy", values="accuracy").round(3).to_string())
     click.echo(f"choice: {run_dir / rf.CHOICE}, {run_dir / rf.CHOICE_FIGURE}")
 
 
 @cli.command()
-@click.option("--out", required=True, help="Run folder of a finished 'truthmap run'.")
+@click.argument("run", required=False, type=click.Path(file_okay=False))
 @_cell_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Split to train on (and test on).")
-@click.option("--to", "to", help="Detector folder (default: <run>/detectors/<site>-L<layer>-<position>).")
-def export(out, site, layer, position, seed, to):
-    """Save a reusable detector (safetensors weights + a JSON card) for one (layer, position)."""
+@click.option("--out", help="Detector folder (default: <run>/detectors/<site>-L<layer>-<position>).")
+@click.option("--to", "to", hidden=True, help="Deprecated: --out.")
+def export(run, site, layer, position, seed, out, to):
+    """Save a reusable detector (safetensors weights + a JSON card) for one (layer, position) of RUN, a
+    finished 'truthmap run'."""
     from .detector import Detector, export_detector
 
     from . import runfolder as rf
 
-    run_dir = _run_folder(out)
+    if run is None:  # truthmap 0.1: --out named the run and --to the detector folder
+        run, out = _the_run("export", None, out), None
+    out = _new_out("export", out, to)
+    run_dir = _run_folder(run)
     with rf.reading(run_dir):  # under the shared lock, every file read checked against the manifest
         cell = _cell(run_dir, site, layer, position)
-        folder = export_detector(run_dir, cell["site"], int(cell["layer"]), cell["position"], to, seed)
+        folder = export_detector(run_dir, site=cell["site"], layer=int(cell["layer"]), position=cell["position"],
+                                 out=out, seed=seed)
     card = Detector.load(folder).card
     click.echo(f"detector: {folder} (test AUC {_number(card['test_auc'], '.4f')} on {card['test_size']} "
                f"answers, trained on {card['train_size']})")
@@ -446,18 +496,21 @@ def _detector(path, model, force, dtype, device):
 @click.option("--question", "questions", multiple=True, help="A question (repeat, paired with --answer).")
 @click.option("--answer", "answers", multiple=True, help="The answer to score (one per --question).")
 @click.option("--file", "pairs_file", type=click.Path(dir_okay=False, exists=True),
-              help="CSV with columns question, answer; writes <file>.scored.csv with p_error.")
+              help="CSV with columns question, answer; writes the pairs with p_error to --out.")
+@click.option("--out", type=click.Path(dir_okay=False), help="The scored CSV (default: <file>.scored.csv).")
 @click.option("--model", help="Model to run (default: the detector's own).")
 @click.option("--force", is_flag=True, help="Run even if the model differs from the detector's.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--device")
-def score(detector_path, questions, answers, pairs_file, model, force, dtype, device):
+def score(detector_path, questions, answers, pairs_file, out, model, force, dtype, device):
     """P(error) of given question–answer pairs under an exported detector.
 
     Each answer is also compared with the model's own greedy answer (columns own_answer, model_answer,
     answer_logprob): the detector was trained on the model's own answers, so it warns about any other."""
     import pandas as pd
 
+    if out and not pairs_file:
+        raise TruthmapError("--out is where the scores of --file go; give --file pairs.csv")
     if pairs_file:
         table = _read_pairs(Path(pairs_file))
         missing = {"question", "answer"} - set(table.columns)
@@ -473,7 +526,7 @@ def score(detector_path, questions, answers, pairs_file, model, force, dtype, de
     own = detector.own_answers(table["question"].tolist(), table["answer"].tolist())
     table = pd.concat([table, pd.DataFrame(own, index=table.index)], axis=1)
     if pairs_file:
-        target = Path(pairs_file).with_suffix(".scored.csv")
+        target = Path(out) if out else Path(pairs_file).with_suffix(".scored.csv")
         table.to_csv(target, index=False)
         click.echo(f"scored: {target}")
     for row in table.itertuples():
@@ -522,10 +575,13 @@ def ask(question, detector_path, model, force, dtype, device):
 
 
 def expand_multi_value(argv: list[str]) -> list[str]:
-    """Let list options take several values after one flag: '--seeds 0 1 2' -> '--seeds 0 --seeds 1 --seeds 2'."""
+    """Let list options take several values after one flag: '--seeds 0 1 2' -> '--seeds 0 --seeds 1 --seeds 2'.
+
+    In a command on one probe cell, ``--site`` takes one value (``export --site mlp RUN``: RUN is the run)."""
+    multi = [o for o in MULTI_VALUE if not (o == "--site" and argv and argv[0] in ONE_CELL)]
     out, current = [], None
     for arg in argv:
-        if arg in MULTI_VALUE:
+        if arg in multi:
             current = arg
             continue
         if current and not arg.startswith("--") and not (current != "--positions" and arg.startswith("-")):

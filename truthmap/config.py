@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import TruthmapError
-from .generate import DEFAULT_TEMPLATE, LONG_PROMPTS
 from .label import DEFAULT_POSITIONS, MIN_PER_CLASS, POPULATIONS, check_positions
 from .models import DEFAULT_MODEL, SITES
 from .tasks import check_protocol
 
+LONG_PROMPTS = ("truncate", "skip")  # --long-prompts: what generate does with a prompt longer than the model's context
 ALSO = ("attention", "samples")  # optional passes of `truthmap run`
 EXTRACT_MODES = ("onepass", "separate")  # read states while generating (capture.py), or in a pass of their own
 

@@ -492,7 +492,7 @@ def prompt_frame(run_dir: Path) -> tuple[str | None, str | None]:
     return frames.pop() if len(frames) == 1 else (None, None)
 
 
-def export_detector(run_dir: str | Path, site: str, layer: int, position: str, out: str | Path | None = None,
+def export_detector(run_dir: str | Path, *, site: str, layer: int, position: str, out: str | Path | None = None,
                     seed: int | str = 0, C: float = 1.0) -> Path:
     """Fit a Detector on the run's train split (``seed``), measure it on the test split, and save it.
 
@@ -522,11 +522,11 @@ def _refuse_foreign_folder(out: Path) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise TruthmapError(f"{out}: not a folder; give another --to")
+        raise TruthmapError(f"{out}: not a folder; give another --out")
     foreign = [p.name for p in out.iterdir() if p.name not in (WEIGHTS, CARD) and not p.name.endswith(".tmp")]
     if foreign or os.path.islink(out / WEIGHTS) or os.path.islink(out / CARD):
         raise TruthmapError(f"{out}: holds files truthmap did not write ({', '.join(sorted(foreign)[:3]) or 'links'}); "
-                            f"nothing touched; give another --to")
+                            f"nothing touched; give another --out")
 
 
 def _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary, site, layer, position, seed, out):

@@ -266,7 +266,7 @@ def high_entropy_labels(entropy: np.ndarray, train: np.ndarray) -> tuple[np.ndar
     return labels, thresholds
 
 
-def run_entropy_probe(run_dir: Path, sites: list[str], column: str = "semantic_entropy", C: float = 1.0,
+def run_entropy_probe(run_dir: Path, sites: list[str], *, column: str = "semantic_entropy", C: float = 1.0,
                       n_boot: int = 1000, device: str = "cpu", progress: bool = True,
                       min_per_class: int = 2) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Fit and evaluate every semantic-entropy probe; return (results, test scores, details).
@@ -378,7 +378,7 @@ def entropy_summary(results: pd.DataFrame, details: dict) -> dict:
     return out
 
 
-def plot_entropy_heatmap(results: pd.DataFrame, positions: list[str], run_dir: Path, model: str, dataset: str,
+def plot_entropy_heatmap(results: pd.DataFrame, positions: list[str], run_dir: Path, *, model: str, dataset: str,
                          n: int) -> list[Path]:
     """``heatmap_entropy.png``/``.svg``: the entropy probes' test AUC for errors (or, in a label-free
     study, for high semantic entropy), box on the validation choice, as the correctness heatmap."""
@@ -391,10 +391,11 @@ def plot_entropy_heatmap(results: pd.DataFrame, positions: list[str], run_dir: P
     else:
         what = "entropy probes, test AUC for high SE (no gold answers)"
         label = "agreement with semantic entropy (AUC for high SE)"
-    return plot_heatmap(rows, positions, Path(run_dir) / FIGURE, model, dataset, n, "heatmap", what=what, label=label)
+    return plot_heatmap(rows, positions, Path(run_dir) / FIGURE, model=model, dataset=dataset, n=n, what=what,
+                        label=label)
 
 
-def run_sampling(lm, run_dir: Path, n: int = 5, temperature: float = 1.0, seed: int = 0, judge_lm=None,
+def run_sampling(lm, run_dir: Path, *, n: int = 5, temperature: float = 1.0, seed: int = 0, judge_lm=None,
                  batch_size: int | None = None, progress: bool = True, max_new_tokens: int | None = None) -> dict:
     """Draw ``n`` samples per question, keep their token log-probabilities, write ``resamples.parquet``
     and ``sampling_scores.parquet``; return the cost figures for summary.json (``sampling``)."""
@@ -414,10 +415,11 @@ def run_sampling(lm, run_dir: Path, n: int = 5, temperature: float = 1.0, seed: 
     prompts = generations.set_index("id").loc[questions["id"], "prompt_ids"].map(list).tolist()
     max_new = answer_length(questions.get("task", ()), max_new_tokens or config.get("max_new_tokens"))
     started = time.perf_counter()
-    drawn = sample_answers(lm, prompts, n, temperature, seed, max_new, batch_size, progress)
+    drawn = sample_answers(lm, prompts, n=n, temperature=temperature, seed=seed, max_new_tokens=max_new,
+                           batch_size=batch_size, progress=progress)
     sampled = time.perf_counter()
     # the samples' exact answers come from the rules alone: the extractor model is not asked
-    resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, None, False)
+    resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, progress=False)
     resamples["token_logprobs"] = token_logprobs(lm, generations, resamples)
     rf.write_parquet(run_dir / RESAMPLES, resamples)
     scored = time.perf_counter()

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .config import LONG_PROMPTS
 from .errors import TruthmapError
 from .models import LoadedModel
 
@@ -38,7 +39,6 @@ from .tasks import DEFAULT_BASE_PROMPT, PROTOCOLS, get_task
 from .tasks import DEFAULT_CHAT_PROMPT as DEFAULT_TEMPLATE
 
 CHUNK_BATCHES = 4  # batches per saved chunk: what a killed run can lose
-LONG_PROMPTS = ("truncate", "skip")
 
 
 def build_prompt(

@@ -387,6 +387,7 @@ def label_answers(
     vocabularies: dict[str, list[str]],
     tokenizer,
     positions: list[str],
+    *,
     extractor=None,
     progress: bool = True,
 ) -> pd.DataFrame:

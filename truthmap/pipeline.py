@@ -132,7 +132,7 @@ def _label(s: StageRun) -> None:
     generations = rf.read_parquet(run_dir / rf.GENERATIONS)
     vocabularies = rf.read_json(run_dir / rf.VOCABULARIES)
     answers = label_answers(questions, generations, vocabularies, s.models.lm.tokenizer, c.positions,
-                            s.models.extractor, c.progress)
+                            extractor=s.models.extractor, progress=c.progress)
     labelled = has_labels(answers)
     # a label-free study is split by its groups alone (there are no classes to stratify)
     splits = make_splits(answers if labelled else answers.assign(correct=True), c.seeds, c.test_fraction,
@@ -186,7 +186,8 @@ def _samples(s: StageRun) -> None:
 
     c, models = s.config, s.models
     judge = (models.extractor or models.lm) if c.judge_equivalence else None
-    info = run_sampling(models.lm, s.run_dir, c.samples, c.sample_temperature, 0, judge, c.batch_size, c.progress)
+    info = run_sampling(models.lm, s.run_dir, n=c.samples, temperature=c.sample_temperature, seed=0,
+                            judge_lm=judge, batch_size=c.batch_size, progress=c.progress)
     rf.update_summary(s.run_dir, sampling=info)
 
 
@@ -201,12 +202,12 @@ def _entropy(s: StageRun) -> None:
 
     c, run_dir = s.config, s.run_dir
     device = resolve_device(c.device) if c.device_map is None else "cpu"
-    results, scores, details = se.run_entropy_probe(run_dir, c.sites, _entropy_column(c), c.C, c.bootstrap, device,
-                                                    c.progress, c.min_per_class)
+    results, scores, details = se.run_entropy_probe(run_dir, c.sites, column=_entropy_column(c), C=c.C, n_boot=c.bootstrap,
+                                                    device=device, progress=c.progress, min_per_class=c.min_per_class)
     rf.write_csv(run_dir / rf.ENTROPY_RESULTS, results)
     rf.write_parquet(run_dir / rf.ENTROPY_SCORES, scores)
     n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))
-    se.plot_entropy_heatmap(results, c.positions, run_dir, _short_model(c.model), c.dataset, n)
+    se.plot_entropy_heatmap(results, c.positions, run_dir, model=_short_model(c.model), dataset=c.dataset, n=n)
     rf.update_summary(run_dir, entropy_probe=se.entropy_summary(results, details))
 
 
@@ -216,7 +217,8 @@ def _probe(s: StageRun) -> None:
 
     c, run_dir = s.config, s.run_dir
     device = resolve_device(c.device) if c.device_map is None else "cpu"
-    results, scores = run_probe(run_dir, c.sites, c.C, c.bootstrap, device, c.progress, c.min_per_class)
+    results, scores = run_probe(run_dir, c.sites, C=c.C, n_boot=c.bootstrap, device=device, progress=c.progress,
+                                min_per_class=c.min_per_class)
     rf.write_csv(run_dir / rf.PROBE_RESULTS, results)  # the probes' rows; the baselines have their own file
     rf.write_parquet(run_dir / rf.PROBE_SCORES, scores)
     rf.update_summary(run_dir, **best_cells(mean_over_seeds(results)))
@@ -259,7 +261,7 @@ def _baselines(s: StageRun) -> None:
     scores = with_sampling_scores(run_dir, scores)  # semantic entropy … when the run drew samples
     rf.write_parquet(run_dir / rf.BASELINE_SCORES, scores)
     title = f"{_short_model(config.model)} · {config.dataset} · baselines beside the best probe"
-    rf.update_summary(run_dir, **bl.finish_baselines(run_dir, scores, config.bootstrap, title))
+    rf.update_summary(run_dir, **bl.finish_baselines(run_dir, scores, n_boot=config.bootstrap, title=title))
 
 
 def _attention(s: StageRun) -> None:
@@ -267,7 +269,7 @@ def _attention(s: StageRun) -> None:
     from .attention import run_attention
 
     title = f"{_short_model(s.config.model)} · {s.config.dataset} · attention of the last generated token"
-    run_attention(s.models.lm, s.run_dir, s.config.positions, title)
+    run_attention(s.models.lm, s.run_dir, positions=s.config.positions, title=title)
 
 
 def _plot(s: StageRun) -> None:
@@ -278,7 +280,8 @@ def _plot(s: StageRun) -> None:
     results = read_run_results(run_dir, baselines=False)  # baselines have their own figure (baselines.png)
     n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))  # the population
     for view in VIEWS:
-        plot_heatmap(results, config.positions, run_dir / view, _short_model(config.model), config.dataset, n, view)
+        plot_heatmap(results, config.positions, run_dir / view, model=_short_model(config.model),
+                     dataset=config.dataset, n=n, view=view)
 
 
 def _report(s: StageRun) -> None:

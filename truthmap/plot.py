@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .figures import draw_grid, new_figure, png_and_svg, save
 from .probe import mean_over_seeds
 from .runfolder import HEATMAP, HEATMAP_WITHIN
 
@@ -67,17 +68,9 @@ def site_region(results: pd.DataFrame, site: str, positions: list[str], view: st
 def draw_heatmap(ax, grid: np.ndarray, layers: list[int], positions: list[str], title: str, region=None):
     """Draw one panel on ``ax`` with ``region`` outlined; returns the image (for a colour bar)."""
     import matplotlib.patches as patches
-    from matplotlib import colormaps
 
-    cmap = colormaps["Blues"].with_extremes(bad="#dddddd")  # grey: cells with no AUC
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=VMIN, vmax=VMAX, aspect="auto",
-                      interpolation="nearest")
-    ax.set_xticks(range(len(positions)), positions, rotation=60, ha="right", fontsize=8)
-    step = max(1, len(layers) // 16)
-    ax.set_yticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)], fontsize=8)
-    ax.set_xlabel("token position")
-    ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=9)
+    image = draw_grid(ax, grid, cmap="Blues", vmin=VMIN, vmax=VMAX, columns=positions, layers=layers,
+                      xlabel="token position", ylabel="layer", title=title)
     if region:
         r0, c0, r1, c1 = region
         ax.add_patch(patches.Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0 + 1, r1 - r0 + 1, fill=False,
@@ -85,35 +78,21 @@ def draw_heatmap(ax, grid: np.ndarray, layers: list[int], positions: list[str], 
     return image
 
 
-def plot_heatmap(results: pd.DataFrame, positions: list[str], out_stem: Path, model: str, dataset: str,
+def plot_heatmap(results: pd.DataFrame, positions: list[str], out_stem: Path, *, model: str, dataset: str,
                  n: int, view: str = "heatmap", what: str | None = None, label: str | None = None) -> list[Path]:
     """Write ``<out_stem>.png`` and ``.svg`` of ``view`` (``VIEWS``); ``n`` is the population size;
     ``what`` and ``label`` replace the view's title words and colour-bar label (another kind of probe)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = VIEWS[view][0]
     what = what or ("test AUC" if view == "heatmap" else "test AUC within strata")
     label = label or ("probe AUC (predicting an error)" if view == "heatmap"
                       else "probe AUC within strata (predicting an error)")
     sites = list(dict.fromkeys(results["site"]))
     n_layers = results["layer"].nunique()
-    fig, axes = plt.subplots(1, len(sites), squeeze=False,
-                             figsize=(1.6 + 0.42 * len(positions) * len(sites), 2.0 + 0.2 * n_layers))
+    fig, axes = new_figure(1, len(sites), squeeze=False,
+                           figsize=(1.6 + 0.42 * len(positions) * len(sites), 2.0 + 0.2 * n_layers))
     for ax, site in zip(axes[0], sites):
         layers, grid = auc_grid(results, site, positions, shown)
         title = f"{model}\n{dataset} · {site} · {what}, mean over seeds · n={n} answers\nbox: best region on validation"
         image = draw_heatmap(ax, grid, layers, positions, title, site_region(results, site, positions, view))
     fig.colorbar(image, ax=axes[0].tolist(), label=label, fraction=0.05, pad=0.02)
-    paths = []
-    for suffix in (".png", ".svg"):
-        path = Path(str(out_stem) + suffix)
-        from .runfolder import atomic_path
-
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=suffix[1:], dpi=150, bbox_inches="tight")
-        paths.append(path)
-    plt.close(fig)
-    return paths
+    return save(fig, *png_and_svg(out_stem))

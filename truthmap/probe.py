@@ -335,6 +335,7 @@ def bootstrap_for(answers: pd.DataFrame, ids: list[str], n_boot: int) -> np.ndar
 def run_probe(
     run_dir: Path,
     sites: list[str],
+    *,
     C: float = 1.0,
     n_boot: int = 1000,
     device: str = "cpu",

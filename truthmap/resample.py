@@ -1,6 +1,6 @@
 """Resampling and error types: what kind of error is the model about to make?
 
-``truthmap resample --n 10`` draws N answers per question at temperature 1 (seedable; all questions ×
+``truthmap resample RUN --n 10`` draws N answers per question at temperature 1 (seedable; all questions ×
 N in one batched, length-sorted generation) from the whole vocabulary, or, in a run of the reference
 protocol, from the ``REFERENCE_TOP_K`` = 50 likeliest tokens as the reference study did. It grades
 each and locates its exact answer with the label stage's own rules, over the whole answer. Each
@@ -48,11 +48,10 @@ FIGURE = rf.ERROR_TYPES_FIGURE
 TYPES = ("refuses", "consistently_correct", "consistently_incorrect", "two_competing", "many_answers", "other")
 THRESHOLDS = {"refuses": 0.5, "consistent": 0.8, "competing_each": 0.25, "competing_together": 0.7,
               "many_largest_below": 0.5}
-CORRECT_CLUSTER = "<correct>"
 REFERENCE_TOP_K = 50  # the reference study sampled with transformers' default top_k
 
 
-def sample_answers(lm, prompt_ids: list[list[int]], n: int, temperature: float = 1.0, seed: int = 0,
+def sample_answers(lm, prompt_ids: list[list[int]], *, n: int, temperature: float = 1.0, seed: int = 0,
                    max_new_tokens: int = 24, batch_size: int | None = None, progress: bool = True,
                    top_k: int = 0):
     """``n`` sampled (answer_ids, stopped) per prompt: a list per prompt, in the order given.
@@ -77,7 +76,7 @@ def cluster_key(exact_answer: str, valid: bool) -> str:
 
 
 def label_resamples(lm, questions: pd.DataFrame, generations: pd.DataFrame, drawn: list, vocabularies: dict,
-                    positions: list[str], extractor=None, progress: bool = False) -> pd.DataFrame:
+                    positions: list[str], *, extractor=None, progress: bool = False) -> pd.DataFrame:
     """Grade and locate the exact answer of every sample with the label stage's rules (whole answer)."""
     from .generate import decode_answer
     from .label import label_answers
@@ -92,7 +91,8 @@ def label_resamples(lm, questions: pd.DataFrame, generations: pd.DataFrame, draw
             rows_g.append({"id": key, "prompt": row.prompt, "prompt_ids": list(row.prompt_ids), "answer_ids": ids,
                            "answer": decode_answer(lm.tokenizer, ids), "stopped": stopped})
     q_table, g_table = pd.DataFrame(rows_q), pd.DataFrame(rows_g)
-    labelled = label_answers(q_table, g_table, vocabularies, lm.tokenizer, positions, extractor, progress)
+    labelled = label_answers(q_table, g_table, vocabularies, lm.tokenizer, positions, extractor=extractor,
+                             progress=progress)
     labelled = labelled.merge(g_table[["id", "answer_ids", "stopped"]], on="id")
     out = pd.DataFrame({"id": labelled["id"].str.rsplit("#", n=1).str[0],
                         "sample": labelled["id"].str.rsplit("#", n=1).str[1].astype(int)})
@@ -139,7 +139,7 @@ def error_types(resamples: pd.DataFrame, thresholds: dict = THRESHOLDS) -> pd.Da
     return pd.DataFrame(rows)
 
 
-def type_probes(run_dir: Path, types: pd.DataFrame, site: str, layer: int, position: str, C: float = 1.0,
+def type_probes(run_dir: Path, types: pd.DataFrame, *, site: str, layer: int, position: str, C: float = 1.0,
                 n_boot: int = 1000) -> pd.DataFrame:
     """One-vs-rest AUC of a probe on the greedy answer's features for each error type and seed."""
     from .detector import Detector
@@ -171,14 +171,11 @@ def type_probes(run_dir: Path, types: pd.DataFrame, site: str, layer: int, posit
 
 
 def plot_error_types(types: pd.DataFrame, results: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import new_figure, save
 
     counts = types["error_type"].value_counts().reindex(TYPES, fill_value=0)
     means = results.groupby("error_type")[["auc", "auc_lo", "auc_hi"]].mean().reindex(TYPES)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.2))
+    fig, (left, right) = new_figure(1, 2, figsize=(10, 3.2))
     left.barh(range(len(TYPES)), counts.to_numpy(), color="#9ecae1")
     left.set_yticks(range(len(TYPES)), TYPES, fontsize=8)
     left.invert_yaxis()
@@ -193,12 +190,10 @@ def plot_error_types(types: pd.DataFrame, results: pd.DataFrame, path: Path, tit
     right.set_xlim(0.2, 1.0)
     right.set_xlabel("one-vs-rest probe AUC (greedy answer's features; none: too few)")
     fig.suptitle(title, fontsize=9)
-    with rf.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)
 
 
-def run_resample(lm, run_dir: Path, n: int = 10, temperature: float = 1.0, seed: int = 0,
+def run_resample(lm, run_dir: Path, *, n: int = 10, temperature: float = 1.0, seed: int = 0,
                  cell: dict | None = None, extractor=None, C: float = 1.0, n_boot: int = 1000,
                  batch_size: int | None = None, progress: bool = True, max_new_tokens: int | None = None) -> pd.DataFrame:
     """Draw, label, type, probe, plot (see the module docstring); return error_type_results.
@@ -220,13 +215,16 @@ def run_resample(lm, run_dir: Path, n: int = 10, temperature: float = 1.0, seed:
     saved = saved if isinstance(saved, int) and not isinstance(saved, bool) and saved > 0 else None
     max_new = answer_length(questions.get("task", ()), max_new_tokens or saved, protocol)
     top_k = REFERENCE_TOP_K if protocol == "reference" else 0
-    drawn = sample_answers(lm, prompts, n, temperature, seed, max_new, batch_size, progress, top_k)
-    resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, extractor, progress)
+    drawn = sample_answers(lm, prompts, n=n, temperature=temperature, seed=seed, max_new_tokens=max_new,
+                           batch_size=batch_size, progress=progress, top_k=top_k)
+    resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, extractor=extractor,
+                                progress=progress)
     rf.write_parquet(run_dir / RESAMPLES, resamples)
     types = error_types(resamples)
     rf.write_parquet(run_dir / ERROR_TYPES, types)
     cell = cell or default_cell(run_dir)
-    results = type_probes(run_dir, types, cell["site"], int(cell["layer"]), cell["position"], C, n_boot)
+    results = type_probes(run_dir, types, site=cell["site"], layer=int(cell["layer"]), position=cell["position"],
+                          C=C, n_boot=n_boot)
     rf.write_csv(run_dir / ERROR_TYPE_RESULTS, results)
     plot_error_types(types, results, run_dir / FIGURE,
                      f"error types over {n} samples (T={temperature}) · probe at {cell['site']} "

@@ -2,9 +2,13 @@
 
 Text is split into words, each kept with its character span in the original text, so that a match on
 normalised words maps back to the exact characters of the answer (the exact-answer span). Normalisation:
-Unicode compatibility form with accents removed, case folded, punctuation dropped, the articles
-"a", "an", "the" dropped; numbers are one word each and compare as numbers ("9.0" = "9",
-"1,000" = "1000"), so "9" never matches inside "19".
+Unicode compatibility form with accents removed (a combining accent is part of its letter's word), case
+folded, punctuation dropped, the articles "a", "an", "the" dropped; numbers are one word each and
+compare as numbers ("9.0" = "9", "1,000" = "1000"), so "9" never matches inside "19".
+
+This is the one normalisation of the package: grading, the built-in facts (an alias in its own
+question, names that are the same, everyday words) and the tasks' de-duplication of gold answers all
+use ``normalize``, ``unique``, ``contains`` and the word search below.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from dataclasses import dataclass
 ARTICLES = frozenset({"a", "an", "the"})
 # a number (with thousands separators or a decimal part) or a run of letters/digits
 _SIGN = r"(?:(?<!\w)[-−])?"  # a minus sign only where it cannot be a hyphen ("2-3" is two numbers)
-_WORD = re.compile(_SIGN + r"\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d|,\d)|" + _SIGN + r"\d+(?:\.\d+)?|[^\W_]+")
+# a combining mark (the macron below "H̱olon", which has no precomposed letter) belongs to its letter's word
+_MARK = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
+_WORD = re.compile(_SIGN + r"\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d|,\d)|" + _SIGN + r"\d+(?:\.\d+)?|"
+                   rf"[^\W_](?:[^\W_]|[{_MARK}])*")
 _NUMBER = re.compile(r"[-−]?[\d,]*\d(?:\.\d+)?")
 
 
@@ -41,7 +48,8 @@ def canonical_number(token: str) -> str | None:
     return "0" if digits == "0" else sign + digits
 
 
-def _fold(text: str) -> str:
+def fold(text: str) -> str:
+    """Unicode compatibility form, accents removed, case folded: "São Tomé" -> "sao tome"."""
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
@@ -52,7 +60,7 @@ def words(text: str, drop_articles: bool = True) -> list[Word]:
     for m in _WORD.finditer(text):
         raw = m.group(0)
         number = canonical_number(raw) if raw[-1].isdigit() else None
-        norm = number if number is not None else _fold(raw)
+        norm = number if number is not None else fold(raw)
         if drop_articles and norm in ARTICLES:
             continue
         out.append(Word(norm, m.start(), m.end()))
@@ -75,6 +83,23 @@ def phrase_spans(answer_words: list[Word], phrase: str) -> list[tuple[int, int]]
         for i in range(len(answer_words) - n + 1)
         if all(answer_words[i + k].norm == target[k] for k in range(n))
     ]
+
+
+def unique(texts) -> list[str]:
+    """Non-empty texts in order, one per normalised form ("Bogotá", "bogota" and "Bogota." are one); a text
+    with no words (only punctuation) is compared as it is written."""
+    seen, out = set(), []
+    for text in texts:
+        key = normalize(text) or text
+        if text and key not in seen:
+            seen.add(key)
+            out.append(text)
+    return out
+
+
+def contains(text: str, phrase: str) -> bool:
+    """Whether ``phrase`` occurs in ``text`` as whole normalised words (the test grading applies to answers)."""
+    return bool(phrase_spans(words(text), phrase))
 
 
 def find_phrase(answer_words: list[Word], phrase: str) -> tuple[int, int] | None:

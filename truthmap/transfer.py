@@ -71,13 +71,13 @@ def entropy_targets(run_dir: Path, ids, train_ids) -> np.ndarray:
     path = Path(run_dir) / SAMPLING_SCORES
     if not path.exists():
         raise TruthmapError(f"{run_dir}: no {SAMPLING_SCORES} for an entropy-trained probe; run "
-                            f"'truthmap run --also samples --out {run_dir}' or 'truthmap resample --out {run_dir}'")
+                            f"'truthmap run --also samples --out {run_dir}' or 'truthmap resample {run_dir}'")
     entropy = rf.read_parquet(path).set_index("id")["semantic_entropy"].reindex(list(ids)).to_numpy(dtype=float)
     labels, _ = high_entropy_labels(entropy, np.isin(ids, list(train_ids))[None, :])
     return labels[0]
 
 
-def transfer_table(train_runs: list[Path], test_runs: list[Path], site: str, layer: int, position: str,
+def transfer_table(train_runs: list[Path], test_runs: list[Path], *, site: str, layer: int, position: str,
                    C: float = 1.0, n_boot: int = 1000, probes: tuple[str, ...] = ("correctness",)) -> pd.DataFrame:
     """One row per (probe kind, train task, test task, shared seed); see the module docstring."""
     from .detector import Detector, cell_data
@@ -128,31 +128,20 @@ def matrix(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_matrix(grid: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import colormaps
+    from .figures import draw_grid, new_figure, save
 
     values = grid.to_numpy(dtype=float)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.1 * values.shape[1], 1.4 + 0.7 * values.shape[0]))
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=colormaps["Blues"].with_extremes(bad="#dddddd"),
-                      vmin=0.5, vmax=1.0, aspect="auto")
+    fig, ax = new_figure(figsize=(1.8 + 1.1 * values.shape[1], 1.4 + 0.7 * values.shape[0]))
+    image = draw_grid(ax, values, cmap="Blues", vmin=0.5, vmax=1.0, columns=grid.columns, column_rotation=30,
+                      rows=grid.index, xlabel="test task", ylabel="train task", title=title)
     for (r, c), v in np.ndenumerate(values):
         if np.isfinite(v):
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=9, color="white" if v > 0.8 else "black")
-    ax.set_xticks(range(values.shape[1]), grid.columns, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(values.shape[0]), grid.index, fontsize=8)
-    ax.set_xlabel("test task")
-    ax.set_ylabel("train task")
-    ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="AUC predicting an error")
-    with rf.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path)
 
 
-def run_transfer(train: list[str], test: list[str], site: str, layer: int, position: str, out: str | None = None,
+def run_transfer(train: list[str], test: list[str], *, site: str, layer: int, position: str, out: str | None = None,
                  model: str | None = None, C: float = 1.0, n_boot: int = 1000,
                  probe: str = "correctness") -> tuple[Path, pd.DataFrame]:
     """Resolve the runs, compute the table and matrix, write them; return (out folder, matrix)."""
@@ -168,8 +157,8 @@ def run_transfer(train: list[str], test: list[str], site: str, layer: int, posit
     with ExitStack() as held:  # each run read under its shared lock, every file checked against its manifest
         for run in dict.fromkeys(train_runs + test_runs):
             held.enter_context(rf.reading(run))
-        table = transfer_table(train_runs, test_runs, site, layer, position, C, n_boot,
-                               PROBES if probe == "both" else (probe,))
+        table = transfer_table(train_runs, test_runs, site=site, layer=layer, position=position, C=C, n_boot=n_boot,
+                               probes=PROBES if probe == "both" else (probe,))
     out_dir = Path(out) if out else train_runs[0] / rf.TRANSFER
     _refuse_foreign_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,8 +179,8 @@ def _refuse_foreign_folder(out: Path) -> None:
     if os.path.islink(out) or any(os.path.islink(out / name) for name in OUTPUTS):
         raise TruthmapError(f"{out}: a symbolic link; truthmap writes through none")
     if out.exists() and not out.is_dir():
-        raise TruthmapError(f"{out}: not a folder; give another --to")
+        raise TruthmapError(f"{out}: not a folder; give another --out")
     foreign = [p.name for p in out.iterdir() if p.name not in OUTPUTS and not p.name.endswith(".tmp")] if out.exists() else []
     if foreign:
         raise TruthmapError(f"{out}: holds files truthmap did not write ({', '.join(sorted(foreign)[:3])}); "
-                            f"nothing touched; give another --to")
+                            f"nothing touched; give another --out")

@@ -51,7 +51,7 @@ def test_baselines_are_rows_of_their_own_results_and_a_figure(small_study):
 def test_transfer_diagonal_is_the_in_task_probe(small_study, tmp_path):
     out, table = small_study
     app(["transfer", "--train", str(out), "--test", str(out), "--layer", "15", "--position", "exact_answer_last",
-         "--to", str(tmp_path / "t"), "--bootstrap", "50"])
+         "--out", str(tmp_path / "t"), "--bootstrap", "50"])
     transfer = pd.read_csv(tmp_path / "t" / "transfer.csv")
     probe = table[(table.site == "residual") & (table.layer == 15) & (table.position == "exact_answer_last")]
     for seed in (0, 1):
@@ -60,7 +60,7 @@ def test_transfer_diagonal_is_the_in_task_probe(small_study, tmp_path):
 
 
 def test_exported_detector_reloads_in_a_fresh_process_and_scores_like_the_probe(run_copy, default_model, tmp_path):
-    app(["export", "--out", str(run_copy), "--layer", "20", "--position", "-1", "--to", str(tmp_path / "det")])
+    app(["export", str(run_copy), "--layer", "20", "--position", "-1", "--out", str(tmp_path / "det")])
     card = json.loads((tmp_path / "det" / "card.json").read_text())
     assert card["model"] == truthmap.Detector.load(tmp_path / "det").card["model"] == "embedded:smollm2-135m-instruct"
     assert card["model_revision"].startswith("sha256:") and 0 <= card["test_auc"] <= 1
@@ -82,8 +82,8 @@ def test_exported_detector_reloads_in_a_fresh_process_and_scores_like_the_probe(
     rows = [ids.index(i) for i in stopped.id]
     assert np.abs(p - detector.predict_proba(X[rows])[:, 1]).max() < 0.02  # float16 storage of X
     # an exact-answer position: given the exact answer, the detector finds its tokens as the label stage did
-    app(["export", "--out", str(run_copy), "--layer", "15", "--position", "exact_answer_last",
-         "--to", str(tmp_path / "det15")])
+    app(["export", str(run_copy), "--layer", "15", "--position", "exact_answer_last",
+         "--out", str(tmp_path / "det15")])
     exact = truthmap.Detector.load(tmp_path / "det15")
     once = answers[answers.exact_answer_valid & answers.id.map(generations.stopped)]
     once = once[[a.count(x) == 1 for a, x in zip(once.answer, once.exact_answer)]].head(3)
@@ -104,9 +104,9 @@ def test_sampling_is_seeded(default_model, run_copy):
     from truthmap.resample import sample_answers
 
     prompts = pd.read_parquet(run_copy / "generations.parquet").prompt_ids.head(3).map(list).tolist()
-    first = sample_answers(default_model, prompts, 2, 1.0, seed=7, max_new_tokens=8, progress=False)
-    again = sample_answers(default_model, prompts, 2, 1.0, seed=7, max_new_tokens=8, progress=False)
-    other = sample_answers(default_model, prompts, 2, 1.0, seed=8, max_new_tokens=8, progress=False)
+    first = sample_answers(default_model, prompts, n=2, temperature=1.0, seed=7, max_new_tokens=8, progress=False)
+    again = sample_answers(default_model, prompts, n=2, temperature=1.0, seed=7, max_new_tokens=8, progress=False)
+    other = sample_answers(default_model, prompts, n=2, temperature=1.0, seed=8, max_new_tokens=8, progress=False)
     assert first == again and first != other
 
 

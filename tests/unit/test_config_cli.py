@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from truthmap.cli import app, expand_multi_value
@@ -50,3 +52,107 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "missing column 'question'" in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- one way to name a run on the command line
+
+def _cli(argv, capsys):
+    """(exit status, stdout, stderr lines) of the CLI."""
+    try:
+        app(argv)
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err.strip().splitlines()
+
+
+def test_every_command_reads_its_run_as_an_argument_and_writes_to_out():
+    from truthmap.cli import cli
+
+    def names(command, kind):
+        return {p.name for p in cli.commands[command].params if isinstance(p, kind) and not getattr(p, "hidden", False)}
+
+    import click
+
+    for command in ("export", "resample", "choose"):
+        assert names(command, click.Argument) == {"run"}, command
+    assert names("report", click.Argument) == {"runs"}
+    for command in ("run", "generate", "label", "extract", "probe", "plot", "report", "export", "transfer", "score"):
+        assert "out" in names(command, click.Option), command
+    for command in ("resample", "choose"):  # they add their files to the run they read: no second place
+        assert "out" not in names(command, click.Option) and "old_out" not in names(command, click.Option)
+    assert "to" not in names("export", click.Option) | names("transfer", click.Option)  # old spelling, hidden
+
+
+def test_export_reads_the_run_argument_and_writes_out_old_spelling_warns(tmp_path, capsys):
+    from _synthetic import make_run
+
+    run = make_run(tmp_path / "run")
+    status, out, err = _cli(["export", str(run), "--layer", "1", "--position", "-1", "--out", str(tmp_path / "new")],
+                            capsys)
+    assert status == 0 and (tmp_path / "new" / "card.json").is_file() and not err
+    # truthmap 0.1: --out named the run and --to the detector folder; it still works, and says the new spelling
+    status, out, err = _cli(["export", "--out", str(run), "--layer", "1", "--position", "-1",
+                             "--to", str(tmp_path / "old")], capsys)
+    assert status == 0 and (tmp_path / "old" / "card.json").is_file()
+    assert [line for line in err if "deprecated" in line] == [
+        "truthmap: warning: 'truthmap export --out RUN' is deprecated and goes in the next release; "
+        "use 'truthmap export RUN'",
+        "truthmap: warning: 'truthmap export --to DIR' is deprecated and goes in the next release; "
+        "use 'truthmap export --out DIR'"]
+    # the old form without --to: the detector goes to its default folder inside the run
+    status, _, err = _cli(["export", "--out", str(run), "--site", "residual", "--layer", "1", "--position", "-1"],
+                          capsys)
+    assert status == 0 and (run / "detectors" / "residual-L1--1" / "card.json").is_file() and len(err) == 1
+    status, _, err = _cli(["export", str(run), "--out", str(tmp_path / "a"), "--to", str(tmp_path / "b")], capsys)
+    assert status == 2 and err[-1] == "error: export: give --out once (--to is its old name)"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("command", ["resample", "choose"])
+def test_resample_and_choose_read_the_run_argument_old_out_warns(tmp_path, capsys, command):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    status, _, err = _cli([command, str(mine)], capsys)
+    assert status == 2 and str(mine) in err[-1] and "not a run folder" in err[-1] and len(err) == 1
+    status, _, err = _cli([command, "--out", str(mine)], capsys)  # truthmap 0.1's spelling: the same run
+    assert status == 2 and str(mine) in err[-1] and "not a run folder" in err[-1]
+    assert err[0] == (f"truthmap: warning: 'truthmap {command} --out RUN' is deprecated and goes in the next "
+                      f"release; use 'truthmap {command} RUN'")
+    status, _, err = _cli([command], capsys)
+    assert status == 2 and err == [f"error: {command}: name the run folder to read: truthmap {command} RUN"]
+    status, _, err = _cli([command, str(mine), "--out", str(tmp_path / "other")], capsys)
+    assert status == 2 and "give the run once" in err[-1]
+
+
+def test_transfer_writes_to_out_and_old_to_warns(tmp_path, capsys, monkeypatch):
+    import pandas as pd
+
+    import truthmap.transfer
+
+    seen = []
+
+    def fake_run_transfer(train, test, **kwargs):
+        seen.append(kwargs["out"])
+        return Path(kwargs["out"]), pd.DataFrame({"b": [0.7]}, index=["a"])
+
+    monkeypatch.setattr(truthmap.transfer, "run_transfer", fake_run_transfer)
+    base = ["transfer", "--train", "runs/a", "--test", "runs/b", "--layer", "1", "--position", "-1"]
+    status, _, err = _cli(base + ["--out", str(tmp_path / "t")], capsys)
+    assert status == 0 and not err
+    status, _, err = _cli(base + ["--to", str(tmp_path / "t")], capsys)
+    assert status == 0 and err == ["truthmap: warning: 'truthmap transfer --to DIR' is deprecated and goes in the "
+                                   "next release; use 'truthmap transfer --out DIR'"]
+    assert seen == [str(tmp_path / "t")] * 2
+
+
+def test_a_one_cell_command_takes_one_site_so_the_run_after_it_stays_the_run():
+    assert expand_multi_value(["export", "--site", "mlp", "runs/a"]) == ["export", "--site", "mlp", "runs/a"]
+    assert expand_multi_value(["run", "--site", "mlp", "residual"]) == ["run", "--site", "mlp", "--site", "residual"]
+
+
+def test_score_out_needs_a_file(capsys):
+    status, _, err = _cli(["score", "--detector", "d", "--question", "q", "--answer", "a", "--out", "x.csv"], capsys)
+    assert status == 2 and err == ["error: --out is where the scores of --file go; give --file pairs.csv"]

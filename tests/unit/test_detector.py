@@ -57,7 +57,7 @@ def test_load_of_a_wrong_folder_says_what_is_missing(tmp_path):
 
 def test_export_reloads_in_a_fresh_process_with_the_same_auc(tmp_path):
     run = make_run(tmp_path / "run")
-    folder = export_detector(run, "residual", 1, "-1", tmp_path / "det")
+    folder = export_detector(run, site="residual", layer=1, position="-1", out=tmp_path / "det")
     card = json.loads((folder / "card.json").read_text())
     for key in ("model", "model_revision", "site", "layer", "position", "task", "train_size", "test_auc",
                 "threshold"):
@@ -82,7 +82,7 @@ def test_prompt_frame_recovers_the_text_around_the_question(tmp_path):
 
 def test_another_model_is_refused_unless_forced(tmp_path):
     run = make_run(tmp_path / "run")
-    detector = Detector.load(export_detector(run, "residual", 1, "-1", tmp_path / "det"))
+    detector = Detector.load(export_detector(run, site="residual", layer=1, position="-1", out=tmp_path / "det"))
     with pytest.raises(TruthmapError, match="trained on model 'tiny-model', not 'other/model'"):
         detector.score("q?", "a", model="other/model")
 

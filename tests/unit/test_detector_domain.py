@@ -11,7 +11,7 @@ def test_the_card_names_its_domain_and_the_runs_protocol(tmp_path):
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "protocol": "reference"}))
     seal(run)  # as truthmap would have listed the file it wrote
-    card = json.loads((export_detector(run, "residual", 1, "-1", tmp_path / "det") / "card.json").read_text())
+    card = json.loads((export_detector(run, site="residual", layer=1, position="-1", out=tmp_path / "det") / "card.json").read_text())
     domain = card["domain"]
     assert domain["protocol"] == "reference" and "reference" in domain["answers"]
     assert "tiny-model itself" in domain["answers"] and "8 new tokens" in domain["answers"]
@@ -21,5 +21,5 @@ def test_the_card_names_its_domain_and_the_runs_protocol(tmp_path):
 
 def test_a_run_without_a_protocol_is_brief(tmp_path):
     run = make_run(tmp_path / "run")
-    card = json.loads((export_detector(run, "residual", 1, "-1", tmp_path / "det") / "card.json").read_text())
+    card = json.loads((export_detector(run, site="residual", layer=1, position="-1", out=tmp_path / "det") / "card.json").read_text())
     assert card["domain"]["protocol"] == "brief"

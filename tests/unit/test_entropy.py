@@ -175,13 +175,13 @@ def test_transfer_trains_either_kind_of_probe(tmp_path):
     a = make_run(tmp_path / "a", dataset="alpha", seed=0, n=160)
     b = make_run(tmp_path / "b", dataset="beta", seed=1, n=160)
     _plant_entropy(a, noise=0.1)
-    table = transfer_table([a], [b], "residual", 1, "-1", n_boot=20, probes=("correctness", "entropy"))
+    table = transfer_table([a], [b], site="residual", layer=1, position="-1", n_boot=20, probes=("correctness", "entropy"))
     assert set(table["probe"]) == {"correctness", "entropy"}
     grid = matrix(table)
     assert list(grid.index) == ["alpha [correctness]", "alpha [entropy]"]
     assert grid.loc["alpha [entropy]", "beta"] > 0.8  # learned without labels, tested on errors elsewhere
     with pytest.raises(TruthmapError, match="sampling_scores.parquet"):
-        transfer_table([b], [a], "residual", 1, "-1", n_boot=20, probes=("entropy",))
+        transfer_table([b], [a], site="residual", layer=1, position="-1", n_boot=20, probes=("entropy",))
 
 
 def test_sampling_scores_are_baseline_rows_on_the_probes_test_answers(tmp_path):

@@ -37,7 +37,7 @@ def test_type_probes_find_a_type_carried_by_the_features(tmp_path):
     # the questions answered wrongly are "consistently incorrect": the features carry that signal
     types = pd.DataFrame({"id": answers.id, "error_type": np.where(answers.correct, "consistently_correct",
                                                                    "consistently_incorrect")})
-    results = type_probes(run, types, "residual", 1, "-1", n_boot=50)
+    results = type_probes(run, types, site="residual", layer=1, position="-1", n_boot=50)
     assert set(results.error_type) == set(TYPES)
     wrong = results[results.error_type == "consistently_incorrect"]
     assert (wrong.auc > 0.85).all()

@@ -70,8 +70,7 @@ def test_out_at_a_folder_that_is_not_a_run_folder_is_refused_untouched(tmp_path,
     for command in ("extract", "generate", "plot", "run"):
         err = exit_line([command, "--out", str(folder), "--quiet"], capsys)
         assert "not a run folder" in err and "nothing touched" in err
-    for command in (["export", "--out", str(folder)], ["resample", "--out", str(folder)],
-                    ["choose", "--out", str(folder)]):
+    for command in (["export", str(folder)], ["resample", str(folder)], ["choose", str(folder)]):
         assert "not a run folder" in exit_line(command, capsys)
     assert snapshot(tmp_path) == before
 
@@ -501,7 +500,7 @@ def test_export_refuses_a_crafted_best_cell_and_writes_nothing_outside(tmp_path,
     with rf.open_run(run):
         rf.update_summary(run, best_cell={"site": "residual", "layer": 1, "position": "../../../../escape"})
     before = snapshot(tmp_path)
-    assert "not a position name" in exit_line(["export", "--out", str(run)], capsys)
+    assert "not a position name" in exit_line(["export", str(run)], capsys)
     assert snapshot(tmp_path) == before
 
 
@@ -513,7 +512,7 @@ def test_export_into_a_folder_of_someone_elses_files_is_refused(tmp_path):
     (mine / "card.json").write_text("my card collection")
     (mine / "photo.png").write_bytes(b"png")
     with pytest.raises(TruthmapError, match="did not write"):
-        export_detector(tmp_path / "run", "residual", 1, "-1", mine)
+        export_detector(tmp_path / "run", site="residual", layer=1, position="-1", out=mine)
     assert (mine / "card.json").read_text() == "my card collection"
 
 

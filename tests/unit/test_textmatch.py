@@ -1,10 +1,33 @@
-from truthmap.textmatch import Vocabulary, canonical_number, first_match, first_number, normalize, words
+from truthmap.textmatch import (Vocabulary, canonical_number, contains, first_match, first_number, fold, normalize,
+                                unique, words)
 
 
 def test_normalize_case_punctuation_articles_accents_whitespace():
     assert normalize("  The  Côte d'Ivoire!! ") == "cote d ivoire"
     assert normalize("A Paris.") == "paris"
     assert normalize("São   Tomé") == normalize("sao tome")
+
+
+def test_a_combining_mark_belongs_to_its_letters_word():
+    holon = "H\u0331olon"  # H with a combining macron below: no precomposed letter exists
+    assert [(w.norm, w.start, w.end) for w in words(f"{holon} is big")] == [("holon", 0, 6), ("is", 7, 9), ("big", 10, 13)]
+    assert first_match(f"It is {holon}.", ["Holon"])[1:] == (6, 12)
+    assert fold("São Tomé") == "sao tome" and fold("Straße") == "strasse"
+
+
+def test_unique_keeps_one_text_per_normalised_form_in_order():
+    assert unique(["Bogotá", "Bogota", "bogota.", "The Bard", "bard", "", "Bards", "Bogotá"]) == [
+        "Bogotá", "The Bard", "Bards"]
+    assert unique(["9", "9.0", "09", "19"]) == ["9", "19"]
+    assert unique(["?", "!", "?"]) == ["?", "!"]  # no words: compared as written
+
+
+def test_contains_is_the_whole_word_search_of_grading():
+    assert contains("What is the capital of Côte d'Ivoire?", "cote d’ivoire")
+    assert contains("In which country is the city of Panamá?", "Panama")
+    assert not contains("Which country is Parisian food from?", "Paris")
+    assert not contains("What is 19 plus 1?", "9")
+    assert not contains("anything", "the")  # no words to find
 
 
 def test_numbers_compare_as_numbers():

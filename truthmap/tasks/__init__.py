@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import TruthmapError
+from ..textmatch import canonical_number, normalize, unique
 
 DEFAULT_CHAT_PROMPT = "{question} Answer briefly."
 DEFAULT_BASE_PROMPT = "Q: {question}\nA:"
@@ -278,7 +279,7 @@ def gold(record: dict, dotted: str, hint: str = "") -> list[str]:
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int, float)) for v in value):
         raise BadRow(dotted, f"expected text or a list of texts, got {type(value).__name__}")
-    answers = unique([str(v).strip() for v in value])
+    answers = unique([str(v).strip() for v in value])  # one per normalised form, as grading compares them
     if not answers:
         raise BadRow(dotted, "empty gold answer")
     return answers
@@ -286,8 +287,6 @@ def gold(record: dict, dotted: str, hint: str = "") -> list[str]:
 
 def number(record: dict, dotted: str) -> list[str]:
     """A numeric gold answer ("9", "[9.0]", 9.0, "1,000") as canonical number strings ("9", "1000")."""
-    from ..textmatch import canonical_number
-
     raw = get(record, dotted)
     value = _as_list(raw)
     values = value if isinstance(value, (list, tuple)) else [value]
@@ -305,25 +304,15 @@ def number(record: dict, dotted: str) -> list[str]:
 
 
 def label(record: dict, dotted: str, labels: dict) -> str:
-    """A class label, mapped through ``labels`` (accepted spelling -> label); BadRow for any other."""
+    """A class label, mapped through ``labels`` (accepted spelling, normalised, -> label); BadRow for any other."""
     value = get(record, dotted)
-    key = value.strip().lower() if isinstance(value, str) else value
+    key = normalize(value) if isinstance(value, str) else value
     if isinstance(key, float) and key.is_integer():
         key = int(key)
     if key not in labels:
         names = sorted({str(k) for k in labels})
         raise BadRow(dotted, f"unknown label {value!r}; expected one of {', '.join(names)}")
     return labels[key]
-
-
-def unique(values: list[str]) -> list[str]:
-    """Non-empty values in order, without repeats (compared as they are written)."""
-    seen, out = set(), []
-    for v in values:
-        if v and v not in seen:
-            seen.add(v)
-            out.append(v)
-    return out
 
 
 # the task modules register themselves on import; their order is the order `truthmap tasks` lists

@@ -1,15 +1,15 @@
-"""facts — the built-in offline question set (truthmap/facts.py), the default task."""
+"""facts — the built-in offline question set, the default task (its tables and generation: facts_data.py)."""
 
 from . import Task, register
 
 
 def _build():
-    from ..facts import build_facts
+    from .facts_data import build_facts
 
     return build_facts(seed=0)
 
 
-# id prefix -> the kind of entity the question is about (ids are "<prefix>-<code>[-…]", truthmap/facts.py)
+# id prefix -> the kind of entity the question is about (ids are "<prefix>-<code>[-…]", facts_data.py)
 ENTITY_OF_PREFIX = {"capital": "country", "city": "country", "continent": "country", "language": "country",
                     "currency": "country", "state_capital": "state", "symbol": "element", "element": "element",
                     "atomic_number": "element"}

@@ -11,6 +11,7 @@ says decides.
 """
 
 from . import BadRow, Task, gold, register, text
+from ..textmatch import normalize
 
 
 def _paragraph_sentences(record: dict) -> dict[str, list[str]]:
@@ -51,7 +52,7 @@ def _convert(record: dict, with_context: bool, protocol: str = "brief") -> dict:
         "family": str(record.get("type") or "hotpotqa"),
         "subgroup": str(record.get("level") or ""),
     }
-    yes_no = {"yes": "no", "no": "yes"}.get(row["gold"][0].lower())
+    yes_no = {"yes": "no", "no": "yes"}.get(normalize(row["gold"][0]))
     if yes_no:  # a comparison asked as yes/no: "No, …" names the other answer (graded as a choice)
         row["wrong_answers"] = [yes_no]
     if with_context and protocol == "reference":

