@@ -251,7 +251,9 @@ def peak_rss_run(n: int) -> float:
         "truthmap.run(limit=%d, out=tempfile.mkdtemp() + '/run', progress=False)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     ) % (str(ROOT), n)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:  # say why the child failed instead of a bare exit status
+        raise SystemExit(f"peak-RSS child failed:\n{out.stderr[-3000:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -282,7 +284,9 @@ def peak_rss_child(n: int) -> float:
         "run_probe(run, ['residual'], n_boot=200, progress=False)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     ) % (str(ROOT), n)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:  # say why the child failed instead of a bare exit status
+        raise SystemExit(f"peak-RSS child failed:\n{out.stderr[-3000:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 

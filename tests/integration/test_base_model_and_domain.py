@@ -74,7 +74,7 @@ def test_score_says_when_an_answer_is_not_the_models_own(default_model, tmp_path
     # the mean log-probability of the own answer, recomputed here from one forward pass
     from truthmap.detector import answer_token_ids
 
-    prompt, answer = detector.prompt_ids(default_model, PERU), answer_token_ids(default_model, own)
+    prompt, answer = scorer.prompt_ids(default_model, PERU), answer_token_ids(default_model, own)
     with torch.inference_mode():
         logits = default_model.model(input_ids=torch.tensor([prompt + answer])).logits[0].float()
     logp = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1].gather(1, torch.tensor(answer)[:, None])

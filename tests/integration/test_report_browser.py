@@ -10,14 +10,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from truthmap import runfolder as rf
 from truthmap.probe import mean_over_seeds
 from truthmap.report import write_report
 
 pytestmark = pytest.mark.model
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-RUN_FILES = ("answers.parquet", "splits.json", "probe_results.csv", "probe_scores.parquet", "summary.json",
-             "config.json")
 HOSTILE = ["<script>alert('script')</script>", "<img src=x onerror=alert('img')>", "javascript:alert('url')",
            "</script><script>alert('close')</script>", "<img src=\"http://127.0.0.1:9/beacon.png\">",
            "<a href=\"javascript:alert('link')\">click</a>"]
@@ -86,11 +85,20 @@ def number_after(label: str, text: str) -> float:
 
 
 def copy_run(source: Path, target: Path) -> Path:
-    """The files the report reads (not the activations)."""
-    target.mkdir(parents=True)
-    for name in RUN_FILES:
-        shutil.copy(source / name, target / name)
+    """A copy of the run folder, manifest included (the report reads only files its manifest vouches for)."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("lock"))
     return target
+
+
+def rewrite(run: Path, stage: str, name: str, frame_or_obj) -> None:
+    """Replace one file of ``run`` the way its stage writes it, so the manifest vouches for the new content."""
+    with rf.open_run(run), rf.stage(stage):
+        if name.endswith(".csv"):
+            rf.write_csv(run / name, frame_or_obj)
+        elif name.endswith(".parquet"):
+            rf.write_parquet(run / name, frame_or_obj)
+        else:
+            rf.write_json(run / name, frame_or_obj)
 
 
 def best_cell(out: Path) -> tuple[int, str]:
@@ -168,9 +176,9 @@ def test_the_map_is_reachable_and_usable_by_keyboard(study, open_report):
 def test_two_runs_side_by_side_and_their_difference(study, open_report, tmp_path):
     out, results = study
     other = copy_run(out, tmp_path / "weaker")
-    shifted = results.copy()
+    shifted = results[results.site != "baseline"].copy()
     shifted[["auc", "auc_lo", "auc_hi"]] -= 0.1
-    shifted.to_csv(other / "probe_results.csv", index=False)
+    rewrite(other, "probe", "probe_results.csv", shifted)
     page_path = write_report([out, other], tmp_path / "two.html")
     o = open_report(page_path)
     o.page.locator("#tab-compare").click()
@@ -207,11 +215,11 @@ def test_hostile_text_shows_literally_and_runs_nothing(study, open_report, tmp_p
     answers["exact_answer_valid"] = True
     answers["gold"] = [[HOSTILE[(i + 3) % len(HOSTILE)], "4"] for i in k]
     answers["family"] = [HOSTILE[i % 3] for i in k]
-    answers.to_parquet(hostile / "answers.parquet", index=False)
+    rewrite(hostile, "label", "answers.parquet", answers)
     summary = json.loads((hostile / "summary.json").read_text())
     summary.update(model=HOSTILE[0], dataset=HOSTILE[1], model_revision=HOSTILE[4])
     summary["families"] = {name: {"n": 1, "accuracy": 0.5, "valid_exact_answer_rate": 1.0} for name in HOSTILE}
-    (hostile / "summary.json").write_text(json.dumps(summary))
+    rewrite(hostile, "label", "summary.json", summary)
     page_path = write_report([hostile], hostile / "report.html")
 
     o = open_report(page_path)
