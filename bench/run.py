@@ -243,6 +243,14 @@ def whole_run_rows(rows, n: int) -> None:
                  f"mean {diff.mean():.4f} over {diff.notna().sum()} cells and seeds"))
 
 
+def _child_peak_rss(code: str) -> float:
+    """Run ``code`` in a fresh Python process; the peak RSS (MiB) it prints last."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:  # say why the child failed instead of a bare exit status
+        raise SystemExit(f"peak-RSS child failed:\n{out.stderr[-3000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def peak_rss_run(n: int) -> float:
     """Peak RSS (MiB) of a fresh process running a whole default ``truthmap run`` of ``n`` questions."""
     code = (
@@ -251,10 +259,7 @@ def peak_rss_run(n: int) -> float:
         "truthmap.run(limit=%d, out=tempfile.mkdtemp() + '/run', progress=False)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     ) % (str(ROOT), n)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if out.returncode:  # say why the child failed instead of a bare exit status
-        raise SystemExit(f"peak-RSS child failed:\n{out.stderr[-3000:]}")
-    return float(out.stdout.strip().splitlines()[-1])
+    return _child_peak_rss(code)
 
 
 def load_line() -> str:
@@ -284,10 +289,7 @@ def peak_rss_child(n: int) -> float:
         "run_probe(run, ['residual'], n_boot=200, progress=False)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     ) % (str(ROOT), n)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if out.returncode:  # say why the child failed instead of a bare exit status
-        raise SystemExit(f"peak-RSS child failed:\n{out.stderr[-3000:]}")
-    return float(out.stdout.strip().splitlines()[-1])
+    return _child_peak_rss(code)
 
 
 class _Rows(list):
