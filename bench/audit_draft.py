@@ -4,7 +4,7 @@
 
 Reads each run folder's questions.parquet, vocabularies.json and generations.parquet, grades each answer
 by its task's rule (the label stage's ``correct``); writes one row per answer with the columns
-of ``truthmap.audit`` and an empty ``exact_answer``, which a reader fills in after reading the answer
+of ``truthmap.analyses.audit`` and an empty ``exact_answer``, which a reader fills in after reading the answer
 (the span as it appears in the answer, or ``none``). The locator's own span is deliberately not written:
 the hand span must not be copied from what it audits. For alias-graded tasks the extractor model (the
 embedded default) is asked for every answer where the rules find no candidate or a refusal, and its raw
@@ -21,9 +21,9 @@ from pathlib import Path
 import pandas as pd
 
 from truthmap import runfolder as rf
-from truthmap.audit import COLUMNS
+from truthmap.analyses.audit import COLUMNS
 from truthmap import textmatch
-from truthmap.label import GRADING_RULES, extractor_replies
+from truthmap.stages.label import GRADING_RULES, extractor_replies
 from truthmap.tasks import get_task
 
 

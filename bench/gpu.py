@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from truthmap.extract import extract_batch  # noqa: E402
+from truthmap.stages.extract import extract_batch  # noqa: E402
 from truthmap.models import LoadedModel  # noqa: E402
-from truthmap.probe import BatchedLogisticRegression, auc_score  # noqa: E402
+from truthmap.stages.probe import BatchedLogisticRegression, auc_score  # noqa: E402
 
 
 def cuda_time(fn, repeat=1):
@@ -123,8 +123,8 @@ def bench_onepass(lm: LoadedModel, n: int, batch: int, max_new_tokens: int = 24)
     every answer token, and the token scores; written to disk per chunk) beside the same generation alone."""
     import tempfile
 
-    from truthmap.capture import ChunkCapture
-    from truthmap.generate import generate_answers
+    from truthmap.stages.capture import ChunkCapture
+    from truthmap.stages.generate import generate_answers
     from truthmap.runfolder import ChunkStore
 
     rng = np.random.default_rng(1)

@@ -28,7 +28,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind Ray to the loopbac
 from truthmap.config import Config  # noqa: E402
 from truthmap.data import load_questions  # noqa: E402
 from truthmap.distributed import import_ray, start_workers  # noqa: E402
-from truthmap.generate import encode_prompt, generate_answers, task_prompts  # noqa: E402
+from truthmap.stages.generate import encode_prompt, generate_answers, task_prompts  # noqa: E402
 
 
 def timed_generation(n_workers: int, questions, batch_size: int, max_new_tokens: int) -> dict:

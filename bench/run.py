@@ -38,11 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from truthmap.data import load_questions  # noqa: E402
-from truthmap.extract import run_extract  # noqa: E402
-from truthmap.generate import build_prompt, encode_prompt, generate_answers  # noqa: E402
-from truthmap.label import DEFAULT_POSITIONS  # noqa: E402
+from truthmap.stages.extract import run_extract  # noqa: E402
+from truthmap.stages.generate import build_prompt, encode_prompt, generate_answers  # noqa: E402
+from truthmap.stages.label import DEFAULT_POSITIONS  # noqa: E402
 from truthmap.models import load_model  # noqa: E402
-from truthmap.probe import BatchedLogisticRegression, auc_score  # noqa: E402
+from truthmap.stages.probe import BatchedLogisticRegression, auc_score  # noqa: E402
 
 
 def synthetic_study(lm, n: int, seed: int = 0):
@@ -164,8 +164,8 @@ def bench_one_pass_parts(lm, n: int) -> dict:
     the two p(True) variants a pass each (before) and in one pass with the question's prefix shared
     (after), on the same ``n`` questions: wall and CPU seconds of this process (CPU seconds are less
     sensitive to other work on a shared machine)."""
-    from truthmap.baselines import p_true, p_true_variants
-    from truthmap.capture import ChunkCapture
+    from truthmap.stages.baselines import p_true, p_true_variants
+    from truthmap.stages.capture import ChunkCapture
     from truthmap.runfolder import ChunkStore
 
     questions, _ = load_questions("facts", limit=n, seed=3)
@@ -275,9 +275,9 @@ def peak_rss_child(n: int) -> float:
         "from pathlib import Path\n"
         "from bench.run import synthetic_study\n"
         "from truthmap.models import load_model\n"
-        "from truthmap.extract import run_extract\n"
-        "from truthmap.label import DEFAULT_POSITIONS, make_splits\n"
-        "from truthmap.probe import run_probe\n"
+        "from truthmap.stages.extract import run_extract\n"
+        "from truthmap.stages.label import DEFAULT_POSITIONS, make_splits\n"
+        "from truthmap.stages.probe import run_probe\n"
         "from truthmap import runfolder as rf\n"
         "lm = load_model()\n"
         "answers, generations = synthetic_study(lm, %d)\n"

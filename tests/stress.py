@@ -452,7 +452,7 @@ def hostile_folders(n_trials: int, work: Path, rng: random.Random) -> dict:
     0), tracebacks (must be 0), and code run from a folder (must be 0)."""
     from truthmap import runfolder as rf
     from truthmap.cli import app
-    from truthmap.detector import Detector
+    from truthmap.analyses.detector import Detector
     from truthmap.errors import TruthmapError
 
     tally = {"trials": 0, "refused": 0, "ran": 0, "touched": [], "tracebacks": [], "code_ran": 0,

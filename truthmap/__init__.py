@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .detector import Detector, ModelScorer
+from .analyses.detector import Detector, ModelScorer
 from .errors import TruthmapError
 
 
@@ -17,7 +17,7 @@ def __getattr__(name):
     # load_features needs torch; importing it lazily keeps `import truthmap.runfolder` and the CLI's
     # error messages fast
     if name == "load_features":
-        from .extract import load_features
+        from .stages.extract import load_features
 
         return load_features
     raise AttributeError(f"module 'truthmap' has no attribute '{name}'")
@@ -50,7 +50,7 @@ def run(
     cfg = load_config(config, model=model, dataset=dataset, limit=limit, out=out, seeds=seeds, sites=sites,
                       **settings)
     run_dir = run_stages(cfg, force=force)
-    from .probe import read_results, read_run_results
+    from .stages.probe import read_results, read_run_results
     from .runfolder import ENTROPY_RESULTS, PROBE_RESULTS
 
     if (run_dir / PROBE_RESULTS).exists() or not (run_dir / ENTROPY_RESULTS).exists():

@@ -234,7 +234,7 @@ def report(runs, out, open_):
     from contextlib import ExitStack
 
     from . import runfolder as rf
-    from .report import write_report
+    from .stages.report import write_report
 
     for run in runs:
         if not Path(run).is_dir():
@@ -276,13 +276,13 @@ def _cell_options(f):
 
 
 def _cell(run_dir: Path, site: str, layer: int | None, position: str | None) -> dict:
-    from .resample import default_cell
+    from .analyses.resample import default_cell
 
     if layer is None and position is None:
         return default_cell(run_dir)
     if layer is None or position is None:
         raise TruthmapError("give both --layer and --position (or neither, for the run's best cell)")
-    from .resample import check_cell
+    from .analyses.resample import check_cell
 
     return check_cell(site, layer, position, "--site/--layer/--position")
 
@@ -375,7 +375,7 @@ def _held_config(run_dir: Path, quiet: bool, model, trust_remote_code):
 def transfer(train, test, site, layer, position, model, out, to, bootstrap, probe):
     """Train a probe on one task, test it on others: a task × task AUC matrix (CSV + heatmap)."""
     from . import runfolder as rf
-    from .transfer import run_transfer
+    from .analyses.transfer import run_transfer
 
     out = _new_out("transfer", out, to)
     out, grid = run_transfer(list(train), list(test), site=site, layer=layer, position=position, out=out, model=model,
@@ -402,7 +402,7 @@ def resample(run, old_out, n, temperature, sample_seed, site, layer, position, b
     finished 'truthmap run')."""
     from . import runfolder as rf
     from .backend import Models
-    from .resample import run_resample
+    from .analyses.resample import run_resample
 
     run_dir = _run_folder(_the_run("resample", run, old_out))
     with rf.open_run(run_dir), rf.stage("resample"):
@@ -412,7 +412,7 @@ def resample(run, old_out, n, temperature, sample_seed, site, layer, position, b
         results = run_resample(models.lm, run_dir, n=n, temperature=temperature, seed=sample_seed, cell=cell,
                                extractor=models.extractor, C=config.C, n_boot=config.bootstrap,
                                batch_size=batch_size, progress=not quiet)
-        from .entropy import refresh_sampling_scores
+        from .analyses.entropy import refresh_sampling_scores
 
         refresh_sampling_scores(models.lm, run_dir, (models.extractor or models.lm) if judge_equivalence else None)
     table = results.groupby("error_type", sort=False)[["auc", "n_train_positive", "n_test_positive"]].mean()
@@ -441,9 +441,9 @@ def choose(run, old_out, site, layer, position, detector_path, seed, model, trus
     """Answer choice among the resamples of RUN (where 'truthmap resample' has run): greedy, random, majority
     vote, probe (accuracy per error type), added to RUN."""
     from . import runfolder as rf
-    from .choice import run_choice
+    from .analyses.choice import run_choice
     from .backend import Models
-    from .detector import Detector
+    from .analyses.detector import Detector
 
     run_dir = _run_folder(_the_run("choose", run, old_out))
     detector = Detector.load(detector_path) if detector_path else None
@@ -465,7 +465,7 @@ def choose(run, old_out, site, layer, position, detector_path, seed, model, trus
 def export(run, site, layer, position, seed, out, to):
     """Save a reusable detector (safetensors weights + a JSON card) for one (layer, position) of RUN, a
     finished 'truthmap run'."""
-    from .detector import Detector, export_detector
+    from .analyses.detector import Detector, export_detector
 
     from . import runfolder as rf
 
@@ -484,7 +484,7 @@ def export(run, site, layer, position, seed, out, to):
 
 def _detector(path, model, force, dtype, device):
     """The exported detector bound to its model (loaded now, so a wrong model fails before any work)."""
-    from .detector import Detector, ModelScorer
+    from .analyses.detector import Detector, ModelScorer
 
     scorer = ModelScorer(Detector.load(path), model, force, dtype or "auto", device or "auto")
     scorer.lm

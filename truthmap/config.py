@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import TruthmapError
-from .label import DEFAULT_POSITIONS, MIN_PER_CLASS, POPULATIONS, check_positions
+from .stages.label import DEFAULT_POSITIONS, MIN_PER_CLASS, POPULATIONS, check_positions
 from .models import DEFAULT_MODEL, SITES
 from .tasks import check_protocol
 
 LONG_PROMPTS = ("truncate", "skip")  # --long-prompts: what generate does with a prompt longer than the model's context
 ALSO = ("attention", "samples")  # optional passes of `truthmap run`
-EXTRACT_MODES = ("onepass", "separate")  # read states while generating (capture.py), or in a pass of their own
+EXTRACT_MODES = ("onepass", "separate")  # read states while generating (stages/capture.py), or in a pass of their own
 
 
 @dataclass

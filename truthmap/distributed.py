@@ -5,7 +5,7 @@ the process that runs the pipeline — starts one Ray actor per GPU (``ray_gpus_
 for a model larger than one GPU) or per ``ray_cpus_per_worker`` CPUs. Each actor loads the model once
 and then answers chunks of questions (generate, and the label stage's extractor) and computes shards of
 features (extract), one at a time, with the very functions the single-process path uses
-(:func:`truthmap.generate.answer_prompts`, :func:`truthmap.extract.extract_shard`).
+(:func:`truthmap.stages.generate.answer_prompts`, :func:`truthmap.stages.extract.extract_shard`).
 
 The driver keeps everything else: it tokenizes the prompts, plans the chunks and shards exactly as a
 single-process run does (so the batches, the greedy answers and the features are the same), receives
@@ -125,13 +125,13 @@ class _ModelWorker:
                 "dtype": lm.model.dtype}
 
     def auto_batch_size(self, longest: int) -> int:
-        from .generate import auto_batch_size
+        from .stages.generate import auto_batch_size
 
         return auto_batch_size(self._model(), longest)
 
     def answer(self, k: int, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int):
         """Chunk ``k``: (answer ids, stopped) of each prompt."""
-        from .generate import answer_prompts, end_of_turn_ids
+        from .stages.generate import answer_prompts, end_of_turn_ids
 
         _failpoint("generate", k)
         lm = self._model()
@@ -140,7 +140,7 @@ class _ModelWorker:
 
     def extract(self, k: int, sequences, index, ids, positions, sites, batch_size):
         """Shard ``k``: site -> float16 ``[R, P, n, d]``."""
-        from .extract import extract_shard
+        from .stages.extract import extract_shard
 
         _failpoint("extract", k)
         return extract_shard(self._model(), sequences, index, ids, positions, sites, batch_size)

@@ -51,7 +51,7 @@ class LoadedModel:
         return f"{self.model_id} ({self.revision}) in this process"
 
     def auto_batch_size(self, longest: int) -> int:
-        from .generate import auto_batch_size
+        from .stages.generate import auto_batch_size
 
         return auto_batch_size(self, longest)
 
@@ -59,7 +59,7 @@ class LoadedModel:
                       capture=None) -> Iterator[tuple[int, list]]:
         """(k, answers) for each chunk ``k -> prompt ids`` of ``jobs``, in the order of k; a batch size
         halved on a CUDA out-of-memory error stays halved for the next chunks."""
-        from .generate import answer_prompts, end_of_turn_ids
+        from .stages.generate import answer_prompts, end_of_turn_ids
 
         stop_ids = end_of_turn_ids(self)
         for k in sorted(jobs):
@@ -70,7 +70,7 @@ class LoadedModel:
     def feature_shards(self, jobs: dict, positions: list[str], sites: list[str], batch_size: int,
                        bar=None) -> Iterator[tuple[int, dict]]:
         """(k, site -> float16 features) for each shard ``k -> (sequences, index, ids)``, in the order of k."""
-        from .extract import extract_shard
+        from .stages.extract import extract_shard
 
         for k in sorted(jobs):
             sequences, index, ids = jobs[k]

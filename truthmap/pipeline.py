@@ -3,7 +3,7 @@
     questions ─> generate ─> label ─> extract (─> samples) ─> probe ─> baselines (─> entropy) (─> attention)
               ─> plot ─> report
 
-``samples`` and ``entropy`` (truthmap/entropy.py) run with ``--also samples``, and always in a study
+``samples`` and ``entropy`` (truthmap/analyses/entropy.py) run with ``--also samples``, and always in a study
 without gold answers, where the stages that need correctness labels (``labelled`` in the table) are skipped.
 
 ``STAGE_TABLE`` says, for every stage, the function that runs it, the run-folder files it reads (its
@@ -89,7 +89,7 @@ def _dataset_file(c: Config) -> list[Path]:
 
 def _generate(s: StageRun) -> None:
     from .data import load_questions
-    from .generate import answers_one_line, context_length, run_generate
+    from .stages.generate import answers_one_line, context_length, run_generate
     from .tasks import answer_length
 
     c, run_dir = s.config, s.run_dir
@@ -124,8 +124,8 @@ LABEL_FREE_NOTE = ("the questions have no gold answers: no answer is graded and 
 
 
 def _label(s: StageRun) -> None:
-    from .entropy import has_labels
-    from .label import check_labels, label_answers, make_splits
+    from .analyses.entropy import has_labels
+    from .stages.label import check_labels, label_answers, make_splits
 
     c, run_dir = s.config, s.run_dir
     questions = rf.read_parquet(run_dir / rf.QUESTIONS)
@@ -152,8 +152,8 @@ def _label(s: StageRun) -> None:
 
 
 def _extract(s: StageRun) -> None:
-    from .capture import CaptureReader
-    from .extract import run_extract
+    from .stages.capture import CaptureReader
+    from .stages.extract import run_extract
 
     c, run_dir = s.config, s.run_dir
     # shards of an interrupted extraction with the same inputs are kept; others are stale
@@ -175,14 +175,14 @@ def _extract(s: StageRun) -> None:
 
 def wants_samples(config: Config, run_dir: Path) -> bool:
     """Sampling runs with ``--also samples``, and always for a study without gold answers."""
-    from .entropy import has_labels
+    from .analyses.entropy import has_labels
 
     return "samples" in config.also or not has_labels(rf.read_parquet(run_dir / rf.ANSWERS))
 
 
 def _samples(s: StageRun) -> None:
-    """N sampled answers per question and their sampling scores (semantic entropy …; entropy.py)."""
-    from .entropy import run_sampling
+    """N sampled answers per question and their sampling scores (semantic entropy …; analyses/entropy.py)."""
+    from .analyses.entropy import run_sampling
 
     c, models = s.config, s.models
     judge = (models.extractor or models.lm) if c.judge_equivalence else None
@@ -197,7 +197,7 @@ def _entropy_column(c: Config) -> str:
 
 def _entropy(s: StageRun) -> None:
     """Semantic-entropy probes for every cell and their heatmap."""
-    from . import entropy as se
+    from .analyses import entropy as se
     from .models import resolve_device
 
     c, run_dir = s.config, s.run_dir
@@ -213,7 +213,7 @@ def _entropy(s: StageRun) -> None:
 
 def _probe(s: StageRun) -> None:
     from .models import resolve_device
-    from .probe import mean_over_seeds, run_probe
+    from .stages.probe import mean_over_seeds, run_probe
 
     c, run_dir = s.config, s.run_dir
     device = resolve_device(c.device) if c.device_map is None else "cpu"
@@ -226,7 +226,7 @@ def _probe(s: StageRun) -> None:
 
 def best_cells(means: pd.DataFrame) -> dict:
     """summary.json's choices among probe cells: every "best" is chosen on validation AUCs."""
-    from .probe import cell_summary, choose_cell
+    from .stages.probe import cell_summary, choose_cell
 
     top = means.sort_values("val_auc", ascending=False).head(5)
     return {
@@ -249,9 +249,9 @@ def population_summary(splits: dict, n_answers: int) -> dict:
 
 
 def _baselines(s: StageRun) -> None:
-    """Token-probability, entropy, p(True) and family baselines on the probes' test splits (baselines.py)."""
-    from . import baselines as bl
-    from .entropy import with_sampling_scores
+    """Token-probability, entropy, p(True) and family baselines on the probes' test splits (stages/baselines.py)."""
+    from .stages import baselines as bl
+    from .analyses.entropy import with_sampling_scores
 
     config, run_dir = s.config, s.run_dir
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
@@ -265,16 +265,16 @@ def _baselines(s: StageRun) -> None:
 
 
 def _attention(s: StageRun) -> None:
-    """The attention heatmap (attention.py)."""
-    from .attention import run_attention
+    """The attention heatmap (analyses/attention.py)."""
+    from .analyses.attention import run_attention
 
     title = f"{_short_model(s.config.model)} · {s.config.dataset} · attention of the last generated token"
     run_attention(s.models.lm, s.run_dir, positions=s.config.positions, title=title)
 
 
 def _plot(s: StageRun) -> None:
-    from .plot import VIEWS, plot_heatmap
-    from .probe import read_run_results
+    from .stages.plot import VIEWS, plot_heatmap
+    from .stages.probe import read_run_results
 
     config, run_dir = s.config, s.run_dir
     results = read_run_results(run_dir, baselines=False)  # baselines have their own figure (baselines.png)
@@ -285,7 +285,7 @@ def _plot(s: StageRun) -> None:
 
 
 def _report(s: StageRun) -> None:
-    from .report import write_report
+    from .stages.report import write_report
 
     write_report([s.run_dir], s.run_dir / rf.REPORT)
 
@@ -477,7 +477,7 @@ def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: b
 
 def _labelled(run_dir: Path) -> bool:
     """False only for a run whose answers exist and carry no gold labels."""
-    from .entropy import has_labels
+    from .analyses.entropy import has_labels
 
     path = run_dir / rf.ANSWERS
     return not path.exists() or has_labels(rf.read_parquet(path))

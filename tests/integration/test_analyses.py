@@ -64,7 +64,7 @@ def test_exported_detector_reloads_in_a_fresh_process_and_scores_like_the_probe(
     card = json.loads((tmp_path / "det" / "card.json").read_text())
     assert card["model"] == truthmap.Detector.load(tmp_path / "det").card["model"] == "embedded:smollm2-135m-instruct"
     assert card["model_revision"].startswith("sha256:") and 0 <= card["test_auc"] <= 1
-    code = ("import truthmap; from truthmap.detector import check_card_auc; "
+    code = ("import truthmap; from truthmap.analyses.detector import check_card_auc; "
             f"print(*check_card_auc(truthmap.Detector.load({str(tmp_path / 'det')!r}), {str(run_copy)!r}))")
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert float(printed[0]) == float(printed[1]) == card["test_auc"]
@@ -101,7 +101,7 @@ def test_exported_detector_reloads_in_a_fresh_process_and_scores_like_the_probe(
 
 
 def test_sampling_is_seeded(default_model, run_copy):
-    from truthmap.resample import sample_answers
+    from truthmap.analyses.resample import sample_answers
 
     prompts = pd.read_parquet(run_copy / "generations.parquet").prompt_ids.head(3).map(list).tolist()
     first = sample_answers(default_model, prompts, n=2, temperature=1.0, seed=7, max_new_tokens=8, progress=False)
@@ -112,8 +112,8 @@ def test_sampling_is_seeded(default_model, run_copy):
 
 def test_resample_error_types_and_answer_choice(default_model, run_copy):
     from truthmap import runfolder as rf
-    from truthmap.choice import run_choice
-    from truthmap.resample import TYPES, run_resample
+    from truthmap.analyses.choice import run_choice
+    from truthmap.analyses.resample import TYPES, run_resample
 
     cell = {"site": "residual", "layer": 20, "position": "-1"}
     with rf.open_run(run_copy):

@@ -9,7 +9,7 @@ import torch
 from truthmap import Detector, ModelScorer
 from truthmap.cli import app
 from truthmap.data import load_questions
-from truthmap.generate import build_prompt, end_of_turn_ids, generate_answers, run_generate
+from truthmap.stages.generate import build_prompt, end_of_turn_ids, generate_answers, run_generate
 from truthmap.models import DEFAULT_MODEL
 
 pytestmark = pytest.mark.model
@@ -26,7 +26,7 @@ def base_model(default_model, monkeypatch):
 
 
 def test_a_base_model_stops_at_its_first_line_break_and_is_graded_on_that_line(base_model):
-    from truthmap.label import label_answers
+    from truthmap.stages.label import label_answers
 
     questions, vocabularies = load_questions("facts", limit=4)
     table = run_generate(base_model, questions, max_new_tokens=40, progress=False, protocol="reference")
@@ -41,7 +41,7 @@ def test_a_base_model_stops_at_its_first_line_break_and_is_graded_on_that_line(b
         assert answer == tok.decode(list(ids)[:-1], skip_special_tokens=True)  # the line, without its break
     # without the line break as a stop, this model goes on past the line (the made-up next "Q: …")
     eos_only = [t for t in end_of_turn_ids(base_model) if t in (tok.eos_token_id, base_model.model.generation_config.eos_token_id)]
-    from truthmap.generate import answer_prompts
+    from truthmap.stages.generate import answer_prompts
 
     longer, _ = answer_prompts(base_model, table.prompt_ids.map(list).tolist(), 40, 4, eos_only)
     assert any("\n" in tok.decode(ids).strip() for ids, _ in longer)
@@ -72,7 +72,7 @@ def test_score_says_when_an_answer_is_not_the_models_own(default_model, tmp_path
     assert checked[0]["model_answer"] == checked[1]["model_answer"] == own
     assert checked[1]["answer_logprob"] > checked[0]["answer_logprob"]
     # the mean log-probability of the own answer, recomputed here from one forward pass
-    from truthmap.detector import answer_token_ids
+    from truthmap.analyses.detector import answer_token_ids
 
     prompt, answer = scorer.prompt_ids(default_model, PERU), answer_token_ids(default_model, own)
     with torch.inference_mode():

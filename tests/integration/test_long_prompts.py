@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from truthmap import generate
+from truthmap.stages import generate
 from truthmap.errors import TruthmapError
 
 pytestmark = pytest.mark.model

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 
 from truthmap import runfolder as rf
-from truthmap.baselines import p_true, p_true_variants, token_statistics
-from truthmap.capture import BatchCapture, CaptureReader, bytes_per_slot
+from truthmap.stages.baselines import p_true, p_true_variants, token_statistics
+from truthmap.stages.capture import BatchCapture, CaptureReader, bytes_per_slot
 from truthmap.data import load_questions
-from truthmap.extract import extract_shard, site_rows
-from truthmap.generate import run_generate
+from truthmap.stages.extract import extract_shard, site_rows
+from truthmap.stages.generate import run_generate
 
 pytestmark = pytest.mark.model
 
@@ -106,8 +106,8 @@ def test_the_bound_holds_long_answers_and_the_rest_is_read_again(default_model, 
         original(self, *args, **kwargs)
         held.append(sum(t.numel() * t.element_size() for t in self.states.values()))
 
-    monkeypatch.setattr("truthmap.capture.BatchCapture.__init__", spy)
-    monkeypatch.setattr("truthmap.capture.CAPTURE_BYTES", budget)
+    monkeypatch.setattr("truthmap.stages.capture.BatchCapture.__init__", spy)
+    monkeypatch.setattr("truthmap.stages.capture.CAPTURE_BYTES", budget)
     generations = generate(lm, tmp_path, 8, 8, ["residual"], max_new_tokens=40)
     assert held and max(held) <= budget  # every batch held its states within the bound
     n_answer = np.array([len(a) for a in generations.answer_ids])

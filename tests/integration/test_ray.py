@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import truthmap.extract
+import truthmap.stages.extract
 from truthmap.config import load_config
 from truthmap.pipeline import run_stages
 
@@ -46,7 +46,7 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(truthmap.extract, "SHARD_SIZE", SHARD_SIZE)
+            patch.setattr(truthmap.stages.extract, "SHARD_SIZE", SHARD_SIZE)
             run_stages(load_config(None, out=str(root / "single"), **STUDY), STAGES)
             ray.init(num_cpus=2, address="local", include_dashboard=False, log_to_driver=False,
                      _node_ip_address="127.0.0.1")

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from truthmap import runfolder as rf
-from truthmap.probe import mean_over_seeds
-from truthmap.report import write_report
+from truthmap.stages.probe import mean_over_seeds
+from truthmap.stages.report import write_report
 
 pytestmark = pytest.mark.model
 CHROMIUM = Path("/usr/bin/chromium")

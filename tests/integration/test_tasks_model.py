@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from truthmap.data import load_questions
-from truthmap.generate import run_generate
-from truthmap.label import DEFAULT_POSITIONS, label_answers
+from truthmap.stages.generate import run_generate
+from truthmap.stages.label import DEFAULT_POSITIONS, label_answers
 from truthmap.textmatch import canonical_number, normalize
 
 pytestmark = pytest.mark.model

@@ -2,7 +2,7 @@
 
 import pytest
 
-from truthmap import generate
+from truthmap.stages import generate
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import pandas as pd
 import torch
 
 from _synthetic import tiny_model
-from truthmap.attention import attention_batch, attention_table
+from truthmap.analyses.attention import attention_batch, attention_table
 
 
 def test_hooks_read_the_last_tokens_attention_row_averaged_over_heads():

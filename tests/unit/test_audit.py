@@ -6,11 +6,11 @@ No model is loaded: rows whose route is the extractor replay the extractor's rep
 import pandas as pd
 import pytest
 
-from truthmap import audit
+from truthmap.analyses import audit
 from truthmap.errors import TruthmapError
 
 # The published figure: docs/exact-answer-audit.md, "precision on wrong answers" (after tightening).
-# Regenerate with `python -m truthmap.audit` and update both places together.
+# Regenerate with `python -m truthmap.analyses.audit` and update both places together.
 PUBLISHED_WRONG_PRECISION = 0.748
 TOLERANCE = 0.05
 

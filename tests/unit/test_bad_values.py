@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from truthmap import extract
+from truthmap.stages import extract
 from truthmap.errors import TruthmapError
 
 FAKE = SimpleNamespace(n_layers=2, hidden_size=4, model=SimpleNamespace(dtype=torch.float16))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from _synthetic import make_run, tiny_model
-from truthmap.probe import auc_score
-from truthmap.baselines import (SITE, evaluate, family_table, group_rates, summarise_tokens,
+from truthmap.stages.probe import auc_score
+from truthmap.stages.baselines import (SITE, evaluate, family_table, group_rates, summarise_tokens,
                                 token_statistics, within_family_auc)
 
 
@@ -68,7 +68,7 @@ def test_evaluate_same_positive_class_and_paired_bootstrap(tmp_path):
 
 
 def test_readers_get_probes_and_baselines_from_their_own_files(tmp_path):
-    from truthmap.probe import read_run_results
+    from truthmap.stages.probe import read_run_results
 
     # probe_results.csv as an older truthmap left it, with baseline rows merged in; baseline_results.csv
     pd.DataFrame({"site": ["residual", SITE], "layer": [1, -1], "position": ["-1", "old"], "seed": [0, 0],
@@ -94,7 +94,7 @@ def test_family_table_and_within_family_auc(tmp_path):
 
 
 def test_finish_keeps_numeric_looking_positions_as_text(tmp_path):
-    from truthmap.baselines import finish_baselines
+    from truthmap.stages.baselines import finish_baselines
 
     run = make_run(tmp_path / "run")
     answers = pd.read_parquet(run / "answers.parquet")
@@ -120,7 +120,7 @@ def test_finish_keeps_numeric_looking_positions_as_text(tmp_path):
 def test_surface_control_catches_a_study_confounded_by_answer_length():
     """Wrong answers are the long ones that ran to the token limit: the surface control alone finds them,
     and ``controls`` flags exact-answer columns that do no better."""
-    from truthmap.baselines import controls, surface_scores
+    from truthmap.stages.baselines import controls, surface_scores
 
     rng = np.random.default_rng(0)
     n = 400

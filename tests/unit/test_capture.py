@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from truthmap.capture import TAIL, CapturePlan, capture_plan
+from truthmap.stages.capture import TAIL, CapturePlan, capture_plan
 
 
 @pytest.mark.parametrize("head,tail", [(24, 0), (4, 8), (1, 3)])

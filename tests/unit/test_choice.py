@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 
-from truthmap.choice import accuracy_table, choose, majority_pick, probe_pick
+from truthmap.analyses.choice import accuracy_table, choose, majority_pick, probe_pick
 
 
 def test_majority_reads_clusters_only_and_can_pick_a_wrong_answer():

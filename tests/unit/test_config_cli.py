@@ -130,7 +130,7 @@ def test_resample_and_choose_read_the_run_argument_old_out_warns(tmp_path, capsy
 def test_transfer_writes_to_out_and_old_to_warns(tmp_path, capsys, monkeypatch):
     import pandas as pd
 
-    import truthmap.transfer
+    import truthmap.analyses.transfer
 
     seen = []
 
@@ -138,7 +138,7 @@ def test_transfer_writes_to_out_and_old_to_warns(tmp_path, capsys, monkeypatch):
         seen.append(kwargs["out"])
         return Path(kwargs["out"]), pd.DataFrame({"b": [0.7]}, index=["a"])
 
-    monkeypatch.setattr(truthmap.transfer, "run_transfer", fake_run_transfer)
+    monkeypatch.setattr(truthmap.analyses.transfer, "run_transfer", fake_run_transfer)
     base = ["transfer", "--train", "runs/a", "--test", "runs/b", "--layer", "1", "--position", "-1"]
     status, _, err = _cli(base + ["--out", str(tmp_path / "t")], capsys)
     assert status == 0 and not err

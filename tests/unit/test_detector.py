@@ -10,7 +10,7 @@ from sklearn.preprocessing import StandardScaler
 
 from _synthetic import make_run
 from truthmap import Detector, TruthmapError
-from truthmap.detector import check_card_auc, export_detector, prompt_frame
+from truthmap.analyses.detector import check_card_auc, export_detector, prompt_frame
 
 
 def data(n=300, d=12, seed=0):
@@ -67,7 +67,7 @@ def test_export_reloads_in_a_fresh_process_with_the_same_auc(tmp_path):
     without_position = {f"toy-{i}" for i in range(5)}  # 5 answers have no position -1
     validation = len(set(splits["validation"]) - without_position)  # chooses cells; neither trains nor tests
     assert card["train_size"] + card["test_size"] == 115 - validation
-    code = ("import truthmap; from truthmap.detector import check_card_auc; "
+    code = ("import truthmap; from truthmap.analyses.detector import check_card_auc; "
             f"print(*check_card_auc(truthmap.Detector.load({str(folder)!r}), {str(run)!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert float(out[0]) == float(out[1]) == card["test_auc"]

@@ -3,7 +3,7 @@
 import json
 
 from _synthetic import make_run, seal
-from truthmap.detector import export_detector
+from truthmap.analyses.detector import export_detector
 
 
 def test_the_card_names_its_domain_and_the_runs_protocol(tmp_path):

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from _synthetic import fake_model, fake_remote, prompts
 
-from truthmap import generate
+from truthmap.stages import generate
 from truthmap import runfolder as rf
 from truthmap.config import load_config
 from truthmap.errors import TruthmapError
-from truthmap.extract import run_extract
+from truthmap.stages.extract import run_extract
 
 
 class FakeWorkers:

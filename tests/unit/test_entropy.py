@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from truthmap import entropy as se
+from truthmap.analyses import entropy as se
 from _synthetic import make_run
 
 
@@ -170,7 +170,7 @@ def test_entropy_probe_refuses_a_study_whose_samples_all_agree(tmp_path):
 
 def test_transfer_trains_either_kind_of_probe(tmp_path):
     from truthmap.errors import TruthmapError
-    from truthmap.transfer import matrix, transfer_table
+    from truthmap.analyses.transfer import matrix, transfer_table
 
     a = make_run(tmp_path / "a", dataset="alpha", seed=0, n=160)
     b = make_run(tmp_path / "b", dataset="beta", seed=1, n=160)
@@ -187,7 +187,7 @@ def test_transfer_trains_either_kind_of_probe(tmp_path):
 def test_sampling_scores_are_baseline_rows_on_the_probes_test_answers(tmp_path):
     import json
 
-    from truthmap.baselines import SITE, evaluate
+    from truthmap.stages.baselines import SITE, evaluate
 
     run = make_run(tmp_path / "run", n=120)
     _plant_entropy(run, noise=0.2)
@@ -220,8 +220,8 @@ def test_a_question_only_file_is_a_label_free_study_and_a_partly_answered_one_is
 def test_the_report_has_an_entropy_view_of_the_entropy_probes_error_aucs(tmp_path):
     from test_report import make_run as make_report_run
 
-    from truthmap.probe import mean_over_seeds
-    from truthmap.report import run_data
+    from truthmap.stages.probe import mean_over_seeds
+    from truthmap.stages.report import run_data
 
     run = tmp_path / "run"
     make_report_run(run)

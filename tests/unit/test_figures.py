@@ -10,7 +10,7 @@ from matplotlib.colors import to_rgba
 
 from truthmap import runfolder as rf
 from truthmap.figures import MISSING, draw_grid, new_figure, png_and_svg, save
-from truthmap.plot import plot_heatmap
+from truthmap.stages.plot import plot_heatmap
 
 
 def test_missing_cells_are_grey_and_rows_are_layer_numbers():

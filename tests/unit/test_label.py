@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from truthmap.label import (
+from truthmap.stages.label import (
     DEFAULT_POSITIONS,
     char_span_to_tokens,
     check_labels,

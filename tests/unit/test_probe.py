@@ -5,7 +5,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from truthmap.probe import BatchedLogisticRegression, auc_score, bootstrap_counts
+from truthmap.stages.probe import BatchedLogisticRegression, auc_score, bootstrap_counts
 
 
 def synthetic(n=400, d=24, cells=3, seed=0):
@@ -71,7 +71,7 @@ def test_weighted_auc_equals_auc_of_resampled_rows():
 
 def test_split_sizes_name_the_short_class_and_honour_min_per_class():
     from truthmap.errors import TruthmapError
-    from truthmap.probe import check_split_sizes
+    from truthmap.stages.probe import check_split_sizes
 
     labels = np.array([1] * 34 + [0] * 8)  # 8 right answers: 4 in train, 2 in validation, 2 in test
     ids = [f"q{i}" for i in range(42)]
@@ -101,7 +101,7 @@ def test_the_best_cell_is_chosen_on_validation_not_on_test():
     the validation choice is 7, and its reported AUC is its test AUC."""
     import pandas as pd
 
-    from truthmap.probe import choose_cell, mean_over_seeds
+    from truthmap.stages.probe import choose_cell, mean_over_seeds
 
     rows = []
     for seed in (0, 1):
@@ -116,7 +116,7 @@ def test_the_best_cell_is_chosen_on_validation_not_on_test():
 
 
 def test_within_strata_auc_of_a_score_that_only_encodes_the_stratum_is_one_half():
-    from truthmap.probe import within_auc
+    from truthmap.stages.probe import within_auc
 
     rng = np.random.default_rng(0)
     strata = rng.integers(0, 6, 600)
@@ -133,7 +133,7 @@ def test_within_strata_auc_of_a_score_that_only_encodes_the_stratum_is_one_half(
 
 
 def test_group_bootstrap_moves_whole_groups_and_the_mean_interval_is_of_the_mean():
-    from truthmap.probe import cell_stats, group_bootstrap
+    from truthmap.stages.probe import cell_stats, group_bootstrap
 
     groups = np.repeat(np.arange(50), 4)
     weights = group_bootstrap(groups, 200, seed=0)

@@ -8,12 +8,12 @@ import pytest
 import torch
 from _synthetic import fake_model
 
-from truthmap import generate
+from truthmap.stages import generate
 from truthmap.cli import app
 from truthmap.config import Config, load_config
 from truthmap.data import load_questions
 from truthmap.errors import TruthmapError
-from truthmap.generate import decode_answer, end_of_turn_ids, run_generate, task_prompts
+from truthmap.stages.generate import decode_answer, end_of_turn_ids, run_generate, task_prompts
 from truthmap.tasks import REGISTRY, answer_length
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -276,14 +276,14 @@ def test_an_answer_cut_by_the_length_limit_is_not_stopped():
 
 
 def test_graded_on_the_first_line(monkeypatch):
-    from truthmap.label import label_answers
+    from truthmap.stages.label import label_answers
 
     # right on the first line, a wrong made-up follow-up after it: graded right
     lm = scripted_lm([1, 5, 7, 8], chat_template=None)
     questions = load_questions("facts", limit=1)[0].assign(gold=[["Paris"]], answer_type="free_text", family="x")
     table = generations(lm, questions)
     assert decode_answer(lm.tokenizer, [1, 5, 7, 8]) == " Paris"
-    monkeypatch.setattr("truthmap.label.token_char_spans", lambda tok, ids, text: [(0, 6), (6, 6)])
+    monkeypatch.setattr("truthmap.stages.label.token_char_spans", lambda tok, ids, text: [(0, 6), (6, 6)])
     labelled = label_answers(questions, table, {}, lm.tokenizer, ["-1"], extractor=None, progress=False)
     assert labelled.correct.tolist() == [True] and labelled.answer.tolist() == [" Paris"]
     # the same ids from a chat model are graded on the whole text: Rome is named too

@@ -114,7 +114,7 @@ def test_any_saved_config_is_continued_clearly_and_never_widens_trust(value, raw
 @given(value=VALUES, raw=st.binary(max_size=64), how=st.integers(0, 4))
 def test_any_summary_is_read_clearly(value, raw, how):
     from truthmap.cli import _report
-    from truthmap.resample import default_cell
+    from truthmap.analyses.resample import default_cell
 
     if isinstance(value, dict) and how > 1 and "best_cell" not in value:
         value = {**value, "best_cell": value}
@@ -129,7 +129,7 @@ def test_any_summary_is_read_clearly(value, raw, how):
 @FUZZ
 @given(value=VALUES, raw=st.binary(max_size=64), how=st.integers(0, 4))
 def test_any_splits_are_read_clearly(value, raw, how):
-    from truthmap.detector import split_ids
+    from truthmap.analyses.detector import split_ids
 
     if how > 1:
         value = {"seeds": {"0": value}} if not isinstance(value, dict) else value
@@ -143,7 +143,7 @@ def test_any_splits_are_read_clearly(value, raw, how):
 @FUZZ
 @given(value=VALUES, raw=st.binary(max_size=64), how=st.integers(0, 4), shard=SCALARS)
 def test_any_activation_index_is_read_clearly_and_never_leaves_the_folder(value, raw, how, shard):
-    from truthmap.extract import load_features
+    from truthmap.stages.extract import load_features
 
     index = json.loads((_base() / "activations" / "index.json").read_text())
     if how == 4:  # a well-formed index whose shard file is any value
@@ -164,7 +164,7 @@ def test_any_activation_index_is_read_clearly_and_never_leaves_the_folder(value,
 def test_any_detector_card_loads_clearly(value, raw, how):
     from safetensors.numpy import save_file
 
-    from truthmap.detector import Detector
+    from truthmap.analyses.detector import Detector
 
     folder = Path(tempfile.mkdtemp(prefix="fuzz-card-"))
     try:

@@ -12,9 +12,9 @@ import pytest
 from _synthetic import seal
 
 from truthmap.cli import app
-from truthmap.plot import best_region
-from truthmap.probe import auc_score, mean_over_seeds
-from truthmap.report import MISSING, SCORE_SCALE, embed_json, write_report
+from truthmap.stages.plot import best_region
+from truthmap.stages.probe import auc_score, mean_over_seeds
+from truthmap.stages.report import MISSING, SCORE_SCALE, embed_json, write_report
 
 POSITIONS = ["last_q", "exact_answer_last", "-1"]
 HOSTILE = ["<script>window.__pwned = 1</script>", "<img src=x onerror=\"window.__pwned = 2\">",
@@ -235,7 +235,7 @@ def test_a_folder_without_probe_results_is_a_clear_error(tmp_path, capsys):
 
 
 def test_a_1000_question_run_fits_in_5_mb(tmp_path):
-    from truthmap.label import DEFAULT_POSITIONS
+    from truthmap.stages.label import DEFAULT_POSITIONS
 
     run_dir = make_run(tmp_path / "big", n=1000, layers=range(31), positions=DEFAULT_POSITIONS, seeds=(0, 1, 2),
                        test_fraction=0.3)

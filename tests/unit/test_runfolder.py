@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from _synthetic import fake_model, prompts
 
-from truthmap import generate
+from truthmap.stages import generate
 from truthmap import runfolder as rf
 from truthmap.cli import app
 from truthmap.errors import TruthmapError

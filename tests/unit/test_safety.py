@@ -353,7 +353,7 @@ GOOD_CARD = {"model": "m", "site": "residual", "layer": 3, "position": "-1", "th
                  "intercept": np.zeros(1)}, "'scale' is not"),
 ])
 def test_a_crafted_detector_is_one_line(tmp_path, capsys, card, tensors, message):
-    from truthmap.detector import Detector
+    from truthmap.analyses.detector import Detector
 
     folder = _detector_folder(tmp_path / "det", card, tensors)
     with pytest.raises(TruthmapError, match=message):
@@ -440,7 +440,7 @@ def _store(run: Path) -> None:
 
 
 def test_load_features_checks_the_manifest(tmp_path):
-    from truthmap.extract import load_features
+    from truthmap.stages.extract import load_features
 
     run = tmp_path / "run"
     make_run(run)
@@ -454,7 +454,7 @@ def test_load_features_checks_the_manifest(tmp_path):
 
 
 def test_a_shard_name_in_the_index_cannot_leave_the_folder(tmp_path):
-    from truthmap.extract import load_features
+    from truthmap.stages.extract import load_features
 
     run = tmp_path / "run"
     make_run(run)
@@ -505,7 +505,7 @@ def test_export_refuses_a_crafted_best_cell_and_writes_nothing_outside(tmp_path,
 
 
 def test_export_into_a_folder_of_someone_elses_files_is_refused(tmp_path):
-    from truthmap.detector import export_detector
+    from truthmap.analyses.detector import export_detector
 
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from truthmap.data import load_questions
-from truthmap.label import grade_choice, grade_number, judge, label_answers, stated_number
+from truthmap.stages.label import grade_choice, grade_number, judge, label_answers, stated_number
 from truthmap.tasks import get_task
 from truthmap.tasks.nli import SYNONYMS
 from truthmap.textmatch import Vocabulary
@@ -23,7 +23,7 @@ MIKE = "Mike made 69 dollars mowing lawns. He spent 24 dollars on blades. How ma
 
 def grade(task, answer, gold, wrong=(), question=""):
     """(correct, exact answer text, reason) under ``task``'s rule."""
-    from truthmap.label import GRADING_RULES
+    from truthmap.stages.label import GRADING_RULES
 
     rule, _ = GRADING_RULES[get_task(task).grading]
     correct, (text, start, end, reason) = rule(answer, question, list(gold), list(wrong), "", {})

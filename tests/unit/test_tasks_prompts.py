@@ -6,7 +6,7 @@ import pytest
 
 from truthmap.data import load_questions
 from truthmap.errors import TruthmapError
-from truthmap.generate import build_prompt, task_prompts
+from truthmap.stages.generate import build_prompt, task_prompts
 from truthmap.tasks import answer_length
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

@@ -4,7 +4,7 @@ import pytest
 
 from _synthetic import make_run
 from truthmap import TruthmapError
-from truthmap.transfer import matrix, resolve_run, run_transfer, transfer_table
+from truthmap.analyses.transfer import matrix, resolve_run, run_transfer, transfer_table
 
 
 def test_matrix_diagonal_is_in_task_and_reversed_task_transfers_below_chance(tmp_path):
@@ -21,8 +21,8 @@ def test_matrix_diagonal_is_in_task_and_reversed_task_transfers_below_chance(tmp
 
 
 def test_in_task_cell_matches_the_detector_on_the_same_split(tmp_path):
-    from truthmap.detector import fit_cell
-    from truthmap.probe import auc_score
+    from truthmap.analyses.detector import fit_cell
+    from truthmap.stages.probe import auc_score
 
     a = make_run(tmp_path / "a", dataset="alpha")
     table = transfer_table([a], [], site="residual", layer=1, position="-1", n_boot=50)

@@ -5,7 +5,7 @@ and whichever of answers, answer, gold the source has). An answer cell is one te
 accepted aliases (a list, or a JSON list in a CSV cell). Optional columns: id, family.
 
 A source with no answer column at all (and no --answer-column) is a label-free study: its questions
-have no gold answer, and ``truthmap run`` studies them with semantic-entropy probes (truthmap/entropy.py).
+have no gold answer, and ``truthmap run`` studies them with semantic-entropy probes (truthmap/analyses/entropy.py).
 """
 
 from . import LoadOptions, Task, gold, register, text

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .figures import draw_grid, new_figure, png_and_svg, save
+from ..figures import draw_grid, new_figure, png_and_svg, save
 from .probe import mean_over_seeds
-from .runfolder import HEATMAP, HEATMAP_WITHIN
+from ..runfolder import HEATMAP, HEATMAP_WITHIN
 
 VMIN, VMAX = 0.5, 1.0
 # (shown, chosen on, its standard error) per heatmap: the test AUC is drawn, the validation AUC chooses

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import runfolder as rf
-from .errors import TruthmapError
+from .. import runfolder as rf
+from ..errors import TruthmapError
 
 ATTENTION, FIGURE = rf.ATTENTION, rf.ATTENTION_FIGURE  # the names: runfolder.py
 
@@ -114,7 +114,7 @@ def attention_table(lm, answers: pd.DataFrame, generations: pd.DataFrame, positi
 
 def plot_attention(table: pd.DataFrame, positions: list[str], out_stem: Path, title: str) -> list[Path]:
     """Layers down (0..L, 0 empty), positions across, mean attention weight in purples."""
-    from .figures import draw_grid, new_figure, png_and_svg, save
+    from ..figures import draw_grid, new_figure, png_and_svg, save
 
     layers = list(range(0, int(table["layer"].max()) + 1))
     grid = table.pivot(index="layer", columns="position", values="attention").reindex(index=layers, columns=positions)

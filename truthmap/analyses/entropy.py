@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import runfolder as rf
-from .errors import TruthmapError
+from .. import runfolder as rf
+from ..errors import TruthmapError
 
 # the names: runfolder.py
 SAMPLING_SCORES, ENTROPY_RESULTS, ENTROPY_SCORES = rf.SAMPLING_SCORES, rf.ENTROPY_RESULTS, rf.ENTROPY_SCORES
@@ -93,7 +93,7 @@ def meaning_key(answer: str, exact_answer: str, valid: bool, reason: str = "") -
     """The meaning cluster of an answer by text: its normalised exact answer when the rules found one,
     else its whole normalised answer (an exact answer the extractor model gave is not used, so the
     greedy answer and the samples are keyed alike)."""
-    from .textmatch import normalize
+    from ..textmatch import normalize
 
     if valid and reason != "extractor" and exact_answer:
         return normalize(exact_answer)
@@ -109,7 +109,7 @@ def judge_clusters(items: list[tuple[str, list[str]]], judge) -> tuple[list[list
     and returning, for each, whether a entails b. Returns (cluster number of every answer, per question;
     judge calls per question). Answers with the same normalised text share a cluster without a call.
     Comparisons of all questions are sent to the judge together, one round per comparison step."""
-    from .textmatch import normalize
+    from ..textmatch import normalize
 
     state = []
     for question, answers in items:
@@ -171,7 +171,7 @@ class ModelJudge:
         return text + "\n" + JUDGE_REPLY
 
     def __call__(self, pairs: list[tuple[str, str, str]]) -> list[bool]:
-        from .baselines import option_b_probability
+        from ..stages.baselines import option_b_probability
 
         self.calls += len(pairs)
         no = option_b_probability(self.lm, [self.prompt(*p) for p in pairs], self.batch_size)
@@ -219,7 +219,7 @@ def token_logprobs(lm, generations: pd.DataFrame, resamples: pd.DataFrame) -> li
     """Each sample's token log-probabilities under the model (special tokens such as end-of-turn left
     out), read by one teacher-forced pass over prompt + sample: at temperature 1 with no top-k/top-p these
     are the probabilities the samples were drawn with."""
-    from .baselines import token_statistics
+    from ..stages.baselines import token_statistics
 
     prompt_of = generations.set_index("id")["prompt_ids"]
     prompts = [list(prompt_of[i]) for i in resamples["id"]]
@@ -276,8 +276,8 @@ def run_entropy_probe(run_dir: Path, sites: list[str], *, column: str = "semanti
     import torch
     from tqdm.auto import tqdm
 
-    from .extract import load_layer
-    from .probe import RESULT_COLUMNS, BatchedLogisticRegression, bootstrap_for, cell_stats, result_rows, \
+    from ..stages.extract import load_layer
+    from ..stages.probe import RESULT_COLUMNS, BatchedLogisticRegression, bootstrap_for, cell_stats, result_rows, \
         split_masks, strata_of
 
     run_dir = Path(run_dir)
@@ -353,7 +353,7 @@ def entropy_summary(results: pd.DataFrame, details: dict) -> dict:
     """summary.json's ``entropy_probe``: the cell chosen as the correctness heatmap chooses (validation
     AUC for errors), and the cell chosen without labels (validation agreement with semantic entropy),
     each with its test AUCs for both targets."""
-    from .probe import cell_summary, choose_cell, mean_over_seeds
+    from ..stages.probe import cell_summary, choose_cell, mean_over_seeds
 
     means = {t: mean_over_seeds(results[results["target"] == t]) for t in TARGETS
              if (results["target"] == t).any()}
@@ -382,7 +382,7 @@ def plot_entropy_heatmap(results: pd.DataFrame, positions: list[str], run_dir: P
                          n: int) -> list[Path]:
     """``heatmap_entropy.png``/``.svg``: the entropy probes' test AUC for errors (or, in a label-free
     study, for high semantic entropy), box on the validation choice, as the correctness heatmap."""
-    from .plot import plot_heatmap
+    from ..stages.plot import plot_heatmap
 
     target = "error" if (results["target"] == "error").any() else "high_entropy"
     rows = results[results["target"] == target]
@@ -402,7 +402,7 @@ def run_sampling(lm, run_dir: Path, *, n: int = 5, temperature: float = 1.0, see
     import time
 
     from .resample import RESAMPLES, label_resamples, sample_answers
-    from .tasks import answer_length
+    from ..tasks import answer_length
 
     run_dir = Path(run_dir)
     config = rf.read_json(run_dir / rf.CONFIG, default={})

@@ -29,12 +29,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .errors import TruthmapError
-from .models import LoadedModel
+from ..errors import TruthmapError
+from ..models import LoadedModel
 
 if TYPE_CHECKING:
-    from .backend import ModelBackend
-from .runfolder import (ACTIVATIONS, ACTIVATIONS_INDEX, ACTIVATIONS_VALID, child, read_activations_index, read_npy,
+    from ..backend import ModelBackend
+from ..runfolder import (ACTIVATIONS, ACTIVATIONS_INDEX, ACTIVATIONS_VALID, child, read_activations_index, read_npy,
                         reading, trusted, write_json, write_npy)
 
 read_index = read_activations_index  # the name of earlier versions
@@ -116,7 +116,7 @@ def run_extract(
     (truthmap/backend.py): its ``feature_shards`` computes the missing shards — here, or on Ray workers
     (:class:`truthmap.distributed.RemoteModel`), several at once, with the function used here
     (:func:`extract_shard`) — and each is written here as it arrives.
-    ``capture``: a :class:`truthmap.capture.CaptureReader`; the states it holds are copied from it,
+    ``capture``: a :class:`truthmap.stages.capture.CaptureReader`; the states it holds are copied from it,
     and only the examples it lacks go through the forward pass.
     """
     out = Path(run_dir) / ACTIVATIONS

@@ -6,7 +6,7 @@ Reads ``answers.parquet``, ``generations.parquet``, ``splits.json`` and (for the
 * ``baseline_scores.parquet`` — one row per answer: ``id`` and one column per model-based baseline;
 * ``baseline_results.csv`` — the columns of ``probe_results.csv`` with ``site = baseline``,
   ``layer = -1`` and the baseline's name in ``position`` (``probe_results.csv`` holds the probes'
-  rows only; :func:`truthmap.probe.read_run_results` reads both as one table);
+  rows only; :func:`truthmap.stages.probe.read_run_results` reads both as one table);
 * ``family_results.csv`` — per family and seed: test size, wrong answers, the family's train error
   rate and the best probe cell's AUC within the family;
 * ``baselines.png`` — every baseline's AUC beside the best probe's.
@@ -37,9 +37,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import TruthmapError
-from .runfolder import BASELINE_RESULTS, BASELINE_SCORES, FAMILY_RESULTS  # the names: runfolder.py
-from .runfolder import BASELINES_FIGURE as FIGURE
+from ..errors import TruthmapError
+from ..runfolder import BASELINE_RESULTS, BASELINE_SCORES, FAMILY_RESULTS  # the names: runfolder.py
+from ..runfolder import BASELINES_FIGURE as FIGURE
 
 SITE = "baseline"
 P_TRUE_PROMPT = "Question: {question}\nPossible answer: {answer}\nIs the possible answer:\n(A) True\n(B) False"
@@ -458,7 +458,7 @@ def within_family_auc(families: pd.DataFrame) -> float:
 
 def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: float, path: Path, title: str) -> None:
     """Horizontal bars: each baseline's mean AUC (bootstrap interval as whiskers) and the best probe's."""
-    from .figures import new_figure, save
+    from ..figures import new_figure, save
     from .probe import mean_over_seeds
 
     means = mean_over_seeds(results[results["site"] == SITE]).sort_values("auc", na_position="first")
@@ -497,7 +497,7 @@ def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: floa
 def finish_baselines(run_dir: Path, scores: pd.DataFrame, *, n_boot: int = 1000, title: str = "") -> dict:
     """The model-free part: AUCs on the test splits (baseline_results.csv), the family table, the
     figure, and the summary fields. probe_results.csv is read, never written."""
-    from . import runfolder as rf
+    from .. import runfolder as rf
     from .probe import mean_over_seeds, read_run_results
 
     answers = rf.read_parquet(run_dir / rf.ANSWERS)

@@ -1,7 +1,7 @@
 """Stage 6 — the report: one self-contained HTML page to look into every cell of one or several runs.
 
 Reads, from each run folder, ``probe_results.csv`` and ``baseline_results.csv`` (one table:
-:func:`truthmap.probe.read_run_results`), ``entropy_probe_results.csv``, ``probe_scores.parquet``,
+:func:`truthmap.stages.probe.read_run_results`), ``entropy_probe_results.csv``, ``probe_scores.parquet``,
 ``answers.parquet``, ``splits.json``, ``summary.json`` and ``config.json``; writes one HTML file (``report.html`` beside the
 heatmap when ``truthmap run`` makes it). The page's script and style are the project's own
 (``report_assets/``), inlined; it loads nothing and works offline.
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import runfolder as rf
-from .errors import TruthmapError
-from .models import SITES as PROBE_SITES  # any other site of the results is a baseline
+from .. import runfolder as rf
+from ..errors import TruthmapError
+from ..models import SITES as PROBE_SITES  # any other site of the results is a baseline
 from .plot import best_region
 from .probe import RESULT_COLUMNS, mean_over_seeds, read_run_results
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import runfolder as rf
-from .errors import TruthmapError
+from .. import runfolder as rf
+from ..errors import TruthmapError
 
 CHOICE, CHOICE_ANSWERS, FIGURE = rf.CHOICE, rf.CHOICE_ANSWERS, rf.CHOICE_FIGURE  # the names: runfolder.py
 STRATEGIES = ("greedy", "random", "majority", "probe")
@@ -54,7 +54,7 @@ def resample_features(lm, run_dir: Path, resamples: pd.DataFrame, *, site: str, 
                       batch_size: int = 16) -> np.ndarray:
     """Features ``[n_resamples, d]`` of each resample at (site, layer, position); NaN rows where it does
     not exist. Reads prompt ids from ``generations.parquet``."""
-    from .extract import extract_batch, site_rows
+    from ..stages.extract import extract_batch, site_rows
 
     generations = rf.read_parquet(Path(run_dir) / rf.GENERATIONS).set_index("id")
     column = f"pos_{position}"
@@ -95,7 +95,7 @@ def choose(answers: pd.DataFrame, resamples: pd.DataFrame, probe_scores: np.ndar
 
 def accuracy_table(chosen: pd.DataFrame, types: pd.DataFrame | None, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Accuracy of each strategy overall and per error type, bootstrap 95% interval over questions."""
-    from .probe import bootstrap_counts
+    from ..stages.probe import bootstrap_counts
 
     kind = types.set_index("id")["error_type"] if types is not None else pd.Series(dtype=object)
     chosen = chosen.assign(error_type=chosen["id"].map(kind).fillna("unknown"))
@@ -112,7 +112,7 @@ def accuracy_table(chosen: pd.DataFrame, types: pd.DataFrame | None, n_boot: int
 
 
 def plot_choice(table: pd.DataFrame, path: Path, title: str) -> None:
-    from .figures import new_figure, save
+    from ..figures import new_figure, save
 
     groups = list(dict.fromkeys(table["error_type"]))
     fig, ax = new_figure(figsize=(1.5 + 1.3 * len(groups), 3.2))

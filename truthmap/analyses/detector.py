@@ -2,8 +2,8 @@
 
 :class:`Detector` follows scikit-learn's estimator contract: ``Detector(C=1.0).fit(X, y)`` standardises
 ``X`` with the train rows' mean and deviation and fits an L2 logistic regression (the same problem as a
-probe of probe.py, solved by its :class:`~truthmap.probe.BatchedLogisticRegression`); ``predict_proba(X)``
-returns ``[n, 2]`` = (P(right), P(error)), ``classes_ = [0, 1]``, 1 = the answer is wrong.
+probe of stages/probe.py, solved by its :class:`~truthmap.stages.probe.BatchedLogisticRegression`);
+``predict_proba(X)`` returns ``[n, 2]`` = (P(right), P(error)), ``classes_ = [0, 1]``, 1 = the answer is wrong.
 
 ``truthmap export`` (:func:`export_detector`) fits one on a run's train split at one (site, layer,
 position) and writes a folder:
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import TruthmapError
+from ..errors import TruthmapError
 
 WEIGHTS = "detector.safetensors"
 CARD = "card.json"
@@ -63,7 +63,7 @@ class Detector(*_estimator_bases()):
     def fit(self, X, y) -> "Detector":
         import torch
 
-        from .probe import BatchedLogisticRegression
+        from ..stages.probe import BatchedLogisticRegression
 
         X, y = np.asarray(X, dtype=np.float32), np.asarray(y).astype(np.int64)
         if X.ndim != 2 or len(X) != len(y):
@@ -102,7 +102,7 @@ class Detector(*_estimator_bases()):
     def save(self, folder: str | Path) -> Path:
         from safetensors.numpy import save_file
 
-        from .runfolder import atomic_path, write_json
+        from ..runfolder import atomic_path, write_json
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ class Detector(*_estimator_bases()):
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        from .runfolder import parse_json
+        from ..runfolder import parse_json
 
         folder = Path(folder)
         for name in (WEIGHTS, CARD):
@@ -210,7 +210,7 @@ class ModelScorer:
     @property
     def lm(self):
         """The card's model, loaded once."""
-        from .models import LoadedModel, load_model
+        from ..models import LoadedModel, load_model
 
         if self._lm is not None:
             return self._lm
@@ -235,7 +235,7 @@ class ModelScorer:
 
 
     def prompt_ids(self, lm, question: str) -> list[int]:
-        from .generate import encode_prompt
+        from ..stages.generate import encode_prompt
 
         card = self.card or {}
         if card.get("prompt_prefix") is None:
@@ -268,9 +268,9 @@ class ModelScorer:
         given answer's tokens under the model, its end-of-turn token included (a text the model would not
         write scores lower than its own answer).
         """
-        from .baselines import token_statistics
-        from .generate import decode_answer, generate_answers
-        from .textmatch import normalize
+        from ..stages.baselines import token_statistics
+        from ..stages.generate import decode_answer, generate_answers
+        from ..textmatch import normalize
 
         questions, answers = _as_list(question), _as_list(answer)
         if len(questions) != len(answers):
@@ -288,7 +288,7 @@ class ModelScorer:
 
     def ask(self, question, max_new_tokens: int | None = None) -> list[dict]:
         """Generate the greedy answer to each question and score it: [{question, answer, p_error, flagged}]."""
-        from .generate import decode_answer, generate_answers
+        from ..stages.generate import decode_answer, generate_answers
 
         questions = _as_list(question)
         lm = self.lm
@@ -301,7 +301,7 @@ class ModelScorer:
                  "flagged": bool(s >= self.threshold)} for q, ids, s in zip(questions, answer_ids, p)]
 
     def _score_ids(self, lm, questions, answer_ids, exact_answers=None) -> np.ndarray:
-        from .extract import extract_batch, site_rows
+        from ..stages.extract import extract_batch, site_rows
 
         card = self.card
         prompt_ids = [self.prompt_ids(lm, q) for q in questions]
@@ -339,7 +339,7 @@ def _check_weights(path: Path, tensors: dict) -> None:
 def _check_card(path: Path, card) -> None:
     """The fields a detector uses, of the types 'truthmap export' writes."""
     from .resample import check_cell
-    from .runfolder import sanitise
+    from ..runfolder import sanitise
 
     if not isinstance(card, dict):
         raise TruthmapError(f"{path}: holds {type(card).__name__}, not a card (an object)")
@@ -360,7 +360,7 @@ def _check_card(path: Path, card) -> None:
         raise TruthmapError(f"{path}: field 'model' is missing; export the detector again")
     if card.get("prompt_prefix") is not None and not isinstance(card.get("prompt_suffix"), str):
         raise TruthmapError(f"{path}: field 'prompt_suffix' is missing; export the detector again")
-    from .models import SITES
+    from ..models import SITES
 
     if "site" in card and card["site"] not in SITES:
         raise TruthmapError(f"{path}: field 'site' is {sanitise(repr(card['site']), 60)}, not one of {', '.join(SITES)}")
@@ -375,7 +375,7 @@ def _as_list(value) -> list:
 def end_of_turn_id(lm) -> int | None:
     """The token the chat template puts after an assistant message (the one a finished answer ends with);
     for a model without a chat template, the line break that ends its one-line answer."""
-    from .generate import answers_one_line, encode_prompt, end_of_turn_ids
+    from ..stages.generate import answers_one_line, encode_prompt, end_of_turn_ids
 
     stops = end_of_turn_ids(lm)
     tok = lm.tokenizer
@@ -407,9 +407,9 @@ def locate_positions(lm, questions: list[str], prompt_ids: list[list[int]], answ
     the label stage's rules (given ``exact_answers`` are used as they are, when they occur in the answer)."""
     import pandas as pd
 
-    from . import textmatch
-    from .generate import decode_answer
-    from .label import EXACT_POSITIONS, label_answers, position_indices
+    from .. import textmatch
+    from ..stages.generate import decode_answer
+    from ..stages.label import EXACT_POSITIONS, label_answers, position_indices
 
     n = len(questions)
     texts = [decode_answer(lm.tokenizer, ids) for ids in answer_ids]
@@ -435,7 +435,7 @@ def locate_positions(lm, questions: list[str], prompt_ids: list[list[int]], answ
 
 
 def _indices_from_span(lm, prompt_ids, answer_ids, text, span, positions) -> list[int]:
-    from .label import char_span_to_tokens, position_indices, token_char_spans
+    from ..stages.label import char_span_to_tokens, position_indices, token_char_spans
 
     tokens = None
     if span is not None:
@@ -447,8 +447,8 @@ def _indices_from_span(lm, prompt_ids, answer_ids, text, span, positions) -> lis
 
 def cell_data(run_dir: Path, site: str, layer: int, position: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(ids, features ``[n, d]``, y ``[n]`` with 1 = error) of one cell of a run, valid examples only."""
-    from .extract import load_features
-    from .runfolder import ANSWERS, read_parquet
+    from ..stages.extract import load_features
+    from ..runfolder import ANSWERS, read_parquet
 
     ids, X = load_features(run_dir, site, layer, position)
     answers = read_parquet(Path(run_dir) / ANSWERS).set_index("id")
@@ -457,7 +457,7 @@ def cell_data(run_dir: Path, site: str, layer: int, position: str) -> tuple[list
 
 
 def split_ids(run_dir: Path, seed: int | str) -> tuple[set, set]:
-    from .runfolder import SPLITS, read_splits
+    from ..runfolder import SPLITS, read_splits
 
     splits = read_splits(Path(run_dir) / SPLITS)["seeds"]
     if str(seed) not in splits:
@@ -480,7 +480,7 @@ def fit_cell(run_dir: Path, site: str, layer: int, position: str, seed: int | st
 
 def prompt_frame(run_dir: Path) -> tuple[str | None, str | None]:
     """(prefix, suffix) such that every prompt of the run is prefix + question + suffix, or (None, None)."""
-    from .runfolder import ANSWERS, read_parquet
+    from ..runfolder import ANSWERS, read_parquet
 
     answers = read_parquet(Path(run_dir) / ANSWERS)
     frames = set()
@@ -498,7 +498,7 @@ def export_detector(run_dir: str | Path, *, site: str, layer: int, position: str
 
     ``out`` (default ``<run>/detectors/<site>-L<layer>-<position>``) must be new, empty or a detector."""
     from .resample import check_cell
-    from .runfolder import CONFIG, SUMMARY, child, read_json_object, reading
+    from ..runfolder import CONFIG, SUMMARY, child, read_json_object, reading
 
     run_dir = Path(run_dir)
     cell = check_cell(site, layer, position)  # the values name the default folder: nothing else may
@@ -530,16 +530,16 @@ def _refuse_foreign_folder(out: Path) -> None:
 
 
 def _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary, site, layer, position, seed, out):
-    from . import __version__
-    from .probe import auc_score
+    from .. import __version__
+    from ..stages.probe import auc_score
 
     auc = float(auc_score(detector.predict_proba(X_test)[:, 1], y_test)) if len(set(y_test.tolist())) == 2 else None
     prefix, suffix = prompt_frame(run_dir)
     protocol = config.get("protocol", "brief")
     max_new_tokens = config.get("max_new_tokens")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:  # the task's own answer length, as the generate stage chose it
-        from .runfolder import QUESTIONS, read_parquet
-        from .tasks import answer_length
+        from ..runfolder import QUESTIONS, read_parquet
+        from ..tasks import answer_length
 
         max_new_tokens = answer_length(read_parquet(run_dir / QUESTIONS)["task"], None, protocol)
     task = summary.get("dataset", config.get("dataset"))
@@ -574,7 +574,7 @@ def domain(model: str, task: str, protocol: str, max_new_tokens: int) -> dict:
 def check_card_auc(detector: Detector, run_dir: str | Path) -> tuple[float, float]:
     """(test AUC recomputed from the stored features of ``run_dir``, the run the detector was exported
     from; AUC on the card): equal for an intact detector."""
-    from .probe import auc_score
+    from ..stages.probe import auc_score
 
     card = detector.card
     run_dir = Path(run_dir)

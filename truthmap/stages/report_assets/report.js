@@ -1,4 +1,4 @@
-// truthmap report: draws the page from the JSON in #truthmap-data (written by truthmap/report.py).
+// truthmap report: draws the page from the JSON in #truthmap-data (written by truthmap/stages/report.py).
 // Every string that comes from a dataset or a model is inserted as text (text nodes, textContent,
 // attribute values) and never as markup: this file does not use innerHTML, outerHTML,
 // insertAdjacentHTML, document.write, eval or URLs built from data.

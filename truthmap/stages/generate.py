@@ -28,15 +28,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import LONG_PROMPTS
-from .errors import TruthmapError
-from .models import LoadedModel
+from ..config import LONG_PROMPTS
+from ..errors import TruthmapError
+from ..models import LoadedModel
 
 if TYPE_CHECKING:
-    from .backend import ModelBackend
+    from ..backend import ModelBackend
 
-from .tasks import DEFAULT_BASE_PROMPT, PROTOCOLS, get_task
-from .tasks import DEFAULT_CHAT_PROMPT as DEFAULT_TEMPLATE
+from ..tasks import DEFAULT_BASE_PROMPT, PROTOCOLS, get_task
+from ..tasks import DEFAULT_CHAT_PROMPT as DEFAULT_TEMPLATE
 
 CHUNK_BATCHES = 4  # batches per saved chunk: what a killed run can lose
 
@@ -216,7 +216,7 @@ def generate_answers(
     several at once, with the function used here (:func:`answer_prompts`); they are saved, and the
     answers returned, in the same order, so the result is the same.
 
-    ``capture`` (a :class:`truthmap.capture.ChunkCapture`, with ``chunks``) reads the hidden states and
+    ``capture`` (a :class:`truthmap.stages.capture.ChunkCapture`, with ``chunks``) reads the hidden states and
     token scores of each answer while it is generated; only with the model in this process, and not for
     sampled answers.
     """

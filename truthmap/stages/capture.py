@@ -229,7 +229,7 @@ class ChunkCapture:
 
     def finish_chunk(self, k: int, frame: pd.DataFrame) -> pd.DataFrame:
         """Write chunk ``k``'s states; ``frame`` (its rows in order) with its capture columns added."""
-        from .runfolder import write_npy
+        from ..runfolder import write_npy
 
         parts, self.pending = self.pending, []
         if self.plan is None or sum(len(p["captured"]) for p in parts) != len(frame):
@@ -259,7 +259,7 @@ class CaptureReader:
     """The captured states of a finished generation, looked up by answer id (extract stage)."""
 
     def __init__(self, run_dir: Path, generations: pd.DataFrame):
-        from .runfolder import CHUNK_PLAN, GENERATION_CHUNKS, read_json, read_parquet, trusted
+        from ..runfolder import CHUNK_PLAN, GENERATION_CHUNKS, read_json, read_parquet, trusted
 
         self.folder = Path(run_dir) / GENERATION_CHUNKS
         plan_path = self.folder / CHUNK_PLAN

@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import runfolder as rf
-from .errors import TruthmapError
+from .. import runfolder as rf
+from ..errors import TruthmapError
 
 # the names: runfolder.py
 RESAMPLES, ERROR_TYPES, ERROR_TYPE_RESULTS = rf.RESAMPLES, rf.ERROR_TYPES, rf.ERROR_TYPE_RESULTS
@@ -57,7 +57,7 @@ def sample_answers(lm, prompt_ids: list[list[int]], *, n: int, temperature: floa
     """``n`` sampled (answer_ids, stopped) per prompt: a list per prompt, in the order given.
 
     ``top_k``: draw from the ``top_k`` likeliest tokens only (0: from the whole vocabulary)."""
-    from .generate import generate_answers
+    from ..stages.generate import generate_answers
 
     if n < 1:
         raise TruthmapError(f"--n {n}: draw at least one answer per question")
@@ -70,7 +70,7 @@ def sample_answers(lm, prompt_ids: list[list[int]], *, n: int, temperature: floa
 
 def cluster_key(exact_answer: str, valid: bool) -> str:
     """The cluster of an answer: its normalised exact answer ("" when it has none)."""
-    from .textmatch import normalize
+    from ..textmatch import normalize
 
     return normalize(exact_answer) if valid else ""
 
@@ -78,8 +78,8 @@ def cluster_key(exact_answer: str, valid: bool) -> str:
 def label_resamples(lm, questions: pd.DataFrame, generations: pd.DataFrame, drawn: list, vocabularies: dict,
                     positions: list[str], *, extractor=None, progress: bool = False) -> pd.DataFrame:
     """Grade and locate the exact answer of every sample with the label stage's rules (whole answer)."""
-    from .generate import decode_answer
-    from .label import label_answers
+    from ..stages.generate import decode_answer
+    from ..stages.label import label_answers
 
     n = len(drawn[0]) if drawn else 0
     base = questions.merge(generations[["id", "prompt", "prompt_ids"]], on="id", validate="one_to_one")
@@ -143,8 +143,8 @@ def type_probes(run_dir: Path, types: pd.DataFrame, *, site: str, layer: int, po
                 n_boot: int = 1000) -> pd.DataFrame:
     """One-vs-rest AUC of a probe on the greedy answer's features for each error type and seed."""
     from .detector import Detector
-    from .extract import load_features
-    from .probe import auc_score, bootstrap_counts
+    from ..stages.extract import load_features
+    from ..stages.probe import auc_score, bootstrap_counts
 
     ids, X = load_features(run_dir, site, layer, position)
     kind = types.set_index("id").reindex(ids)["error_type"].to_numpy()
@@ -171,7 +171,7 @@ def type_probes(run_dir: Path, types: pd.DataFrame, *, site: str, layer: int, po
 
 
 def plot_error_types(types: pd.DataFrame, results: pd.DataFrame, path: Path, title: str) -> None:
-    from .figures import new_figure, save
+    from ..figures import new_figure, save
 
     counts = types["error_type"].value_counts().reindex(TYPES, fill_value=0)
     means = results.groupby("error_type")[["auc", "auc_lo", "auc_hi"]].mean().reindex(TYPES)
@@ -208,7 +208,7 @@ def run_resample(lm, run_dir: Path, *, n: int = 10, temperature: float = 1.0, se
 
     positions = rf.read_activations_index(run_dir)["positions"]
     prompts = generations.set_index("id").loc[questions["id"], "prompt_ids"].map(list).tolist()
-    from .tasks import answer_length
+    from ..tasks import answer_length
 
     protocol = config.get("protocol", "brief")
     saved = config.get("max_new_tokens")
@@ -250,8 +250,8 @@ def default_cell(run_dir: Path) -> dict:
 def check_cell(site, layer, position, source="the cell") -> dict:
     """A probe cell {site, layer, position} whose values can name files: a known site, a whole layer
     number, a position of check_positions; a one-line error (naming ``source``) otherwise."""
-    from .label import check_positions
-    from .models import SITES
+    from ..stages.label import check_positions
+    from ..models import SITES
 
     if site not in SITES:
         raise TruthmapError(f"{source}: site {rf.sanitise(repr(site), 60)} is not one of {', '.join(SITES)}")

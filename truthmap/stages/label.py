@@ -29,8 +29,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from . import textmatch
-from .errors import TruthmapError
+from .. import textmatch
+from ..errors import TruthmapError
 
 NAMED_POSITIONS = (
     "last_q",
@@ -395,7 +395,7 @@ def label_answers(
 
     ``extractor`` is a LoadedModel asked for the exact answer where the rules find none (None: skip).
     """
-    from .tasks import get_task
+    from ..tasks import get_task
 
     table = questions.merge(generations, on="id", how="inner", validate="one_to_one")
     if "task" not in table.columns:  # a questions table from before tasks: graded as the generic task
@@ -481,7 +481,7 @@ def population(answers: pd.DataFrame, positions: list[str]) -> pd.Series:
 def split_groups(answers: pd.DataFrame) -> np.ndarray:
     """A group number per answer: answers whose questions normalise to the same text, or that share the
     group key their task declares (facts: the entity asked about), get the same number."""
-    from .tasks import REGISTRY
+    from ..tasks import REGISTRY
 
     parent = list(range(len(answers)))
 

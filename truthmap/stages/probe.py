@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .errors import TruthmapError
+from ..errors import TruthmapError
 from .extract import load_layer
 from .label import MIN_PER_CLASS
 
@@ -348,7 +348,7 @@ def run_probe(
     fewer is mostly noise; its bootstrap interval says how much). A probe is fitted and scored only on
     the answers its splits hold (the study's population) at which its position exists.
     """
-    from .runfolder import ANSWERS, SPLITS, read_activations_index, read_parquet, read_splits
+    from ..runfolder import ANSWERS, SPLITS, read_activations_index, read_parquet, read_splits
 
     run_dir = Path(run_dir)
     answers = read_parquet(run_dir / ANSWERS)
@@ -439,7 +439,7 @@ def cell_summary(cell: dict | None) -> dict | None:
 
 def read_results(path) -> pd.DataFrame:
     """``probe_results.csv`` as written: positions stay text ("-1" is a position name, not a number)."""
-    from .runfolder import read_csv
+    from ..runfolder import read_csv
 
     return read_csv(path, dtype={"site": str, "position": str})  # a missing or damaged file: one line
 
@@ -449,7 +449,7 @@ def read_run_results(run_dir, baselines: bool = True) -> pd.DataFrame:
     after them (``baseline_results.csv``, when the baselines stage has run): one table, for readers that
     compare probes with baselines. Each file has one writer; this is where they meet."""
     from .baselines import SITE
-    from .runfolder import BASELINE_RESULTS, PROBE_RESULTS
+    from ..runfolder import BASELINE_RESULTS, PROBE_RESULTS
 
     run_dir = Path(run_dir)
     probes = read_results(run_dir / PROBE_RESULTS)

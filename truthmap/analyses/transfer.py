@@ -2,7 +2,7 @@
 
 ``truthmap transfer --train A --test B [C …] --layer L --position P`` takes run folders (or task names,
 whose run folder for ``--model`` must exist). For every train task T and every task U (the train tasks
-and the test tasks), and every seed both runs share, a :class:`~truthmap.detector.Detector` is fitted
+and the test tasks), and every seed both runs share, a :class:`~truthmap.analyses.detector.Detector` is fitted
 on T's train split at (site, layer, position) and scored on U's test split — the same test split as
 U's own probes, so the diagonal is the in-task AUC. Writes, into ``--out``:
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import runfolder as rf
-from .errors import TruthmapError
+from .. import runfolder as rf
+from ..errors import TruthmapError
 
 COLUMNS = ["train", "test", "seed", "auc", "auc_lo", "auc_hi", "n_train", "n_test", "probe"]
 PROBES = ("correctness", "entropy")
@@ -34,7 +34,7 @@ PROBES = ("correctness", "entropy")
 
 def resolve_run(name: str, model: str | None = None) -> Path:
     """A run folder given as a path, or the default run folder of task ``name`` for ``model``."""
-    from .config import Config
+    from ..config import Config
 
     path = Path(name)
     if not (path / rf.ANSWERS).exists():
@@ -81,7 +81,7 @@ def transfer_table(train_runs: list[Path], test_runs: list[Path], *, site: str, 
                    C: float = 1.0, n_boot: int = 1000, probes: tuple[str, ...] = ("correctness",)) -> pd.DataFrame:
     """One row per (probe kind, train task, test task, shared seed); see the module docstring."""
     from .detector import Detector, cell_data
-    from .probe import auc_score, bootstrap_counts
+    from ..stages.probe import auc_score, bootstrap_counts
 
     runs = list(dict.fromkeys(list(train_runs) + list(test_runs)))
     check_same_model(runs)
@@ -128,7 +128,7 @@ def matrix(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_matrix(grid: pd.DataFrame, path: Path, title: str) -> None:
-    from .figures import draw_grid, new_figure, save
+    from ..figures import draw_grid, new_figure, save
 
     values = grid.to_numpy(dtype=float)
     fig, ax = new_figure(figsize=(1.8 + 1.1 * values.shape[1], 1.4 + 0.7 * values.shape[0]))

@@ -2,10 +2,10 @@
 
 Reads a hand-checked CSV (``tests/fixtures/exact_answer_audit.csv``: one answer of the default model per
 row, with the exact answer span a reader wrote down after reading the answer, or ``none`` when the answer
-states no answer), runs the locator of ``truthmap.label`` on every row again, and prints precision and
-recall per route and per class (right / wrong). Writes nothing.
+states no answer), runs the locator of ``truthmap.stages.label`` on every row again, and prints precision
+and recall per route and per class (right / wrong). Writes nothing.
 
-    python -m truthmap.audit [CSV]
+    python -m truthmap.analyses.audit [CSV]
 
 Columns of the CSV: ``task``, ``id``, ``question``, ``gold`` and ``wrong_answers`` (JSON lists),
 ``answer_type``, ``answer``, ``correct`` (the grader's label when the row was made), ``extractor_reply``
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import textmatch
-from .errors import TruthmapError
+from .. import textmatch
+from ..errors import TruthmapError
 
-DEFAULT_AUDIT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "exact_answer_audit.csv"
+DEFAULT_AUDIT = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "exact_answer_audit.csv"
 NONE = "none"  # the hand span of an answer that states no answer
 COLUMNS = ["task", "id", "question", "gold", "wrong_answers", "answer_type", "answer", "correct",
            "extractor_reply", "exact_answer", "note"]
@@ -74,7 +74,7 @@ def vocabularies_for(tasks) -> dict:
     """The candidate vocabularies the label stage would have: the built-in facts' when facts is audited."""
     if "facts" not in set(tasks):
         return {}
-    from .tasks import get_task
+    from ..tasks import get_task
 
     _, vocabularies = get_task("facts").builtin()
     return {name: textmatch.Vocabulary(list(words)) for name, words in vocabularies.items()}
@@ -83,8 +83,8 @@ def vocabularies_for(tasks) -> dict:
 def locate(row, vocabularies: dict) -> tuple[str | None, str, bool]:
     """(located span or None, route or reason, graded correct) for one audit row, as the label stage
     finds it; the extractor's recorded reply stands in for the extractor model."""
-    from .label import GRADING_RULES, place_extracted, extractor_phrase
-    from .tasks import get_task
+    from ..stages.label import GRADING_RULES, place_extracted, extractor_phrase
+    from ..tasks import get_task
 
     grade, extractable = GRADING_RULES[get_task(row.task).grading]
     correct, (text, _, _, reason) = grade(row.answer, row.question, list(row.gold), list(row.wrong_answers),
