@@ -10,7 +10,8 @@ records. Each figure times our code and a baseline on the same inputs, one after
 3. a scikit-learn ``LogisticRegression`` per cell / our batched probes (all cells × 3 seeds, N = 2000)
 4. batch-1 generation / our batched generation
 5. a whole ``truthmap run`` on built-in questions / generation alone, with and without the p(True)
-   baselines, for the two-pass run (``--extract separate``, before) and the one-pass run (after), and
+   baselines, for the run as it was (``--extract separate --p-true both``, before) and the default run
+   (one pass, p(True) of the exact answer; after), with both p(True) variants added to the latter, and
    p(True) seconds / generation seconds of each; generation with capture / without; max |ΔAUC|
 6. peak RSS of extract + probe at 4× the examples / at 1×; of a whole run at 4× the questions / at 1×
 
@@ -23,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -206,33 +206,53 @@ def one_pass_rows(rows, lm, n: int) -> None:
                  f"CPU {ac:.1f} s, wall {aw:.1f} s; max |difference| {r['p_true_max_diff']:.1e}"))
 
 
-def bench_whole_run(n: int, extract: str = "onepass") -> dict:
-    """A whole ``truthmap run`` of ``n`` built-in questions: wall seconds, stage seconds, p(True) seconds,
-    and its AUC table (to compare the two extraction paths)."""
-    import truthmap
+def bench_whole_run(n: int, extract: str = "onepass", p_true: str = "exact", also_both: bool = False) -> dict:
+    """A whole ``truthmap run`` of ``n`` built-in questions in a fresh process: stage seconds, p(True)
+    seconds, the process's peak RSS and the AUC table (to compare the two extraction paths).
+    ``also_both``: afterwards the baselines stage again with both p(True) variants, for the seconds they
+    would have taken in the same run."""
+    from truthmap.cli import app
+
+    def p_true_seconds(summary):
+        return (summary.get("baseline_seconds") or {}).get("p_true", float("nan"))
 
     with tempfile.TemporaryDirectory() as tmp:
-        t_run, results = timed(lambda: truthmap.run(limit=n, out=str(Path(tmp) / "run"), progress=False,
-                                                    extract=extract))
-        summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
-    p_true_s = (summary.get("baseline_seconds") or {}).get("p_true", float("nan"))
-    return {"n": n, "run_s": t_run, "stages": summary["stage_seconds"], "p_true_s": p_true_s, "results": results,
-            "extract": summary.get("extract")}
+        run = Path(tmp) / "run"
+        rss = peak_rss_run(n, run, extract=extract, p_true=p_true)
+        summary = json.loads((run / "summary.json").read_text())
+        results = pd.concat([pd.read_csv(run / name) for name in ("probe_results.csv", "baseline_results.csv")])
+        both_s = None
+        if also_both:
+            app(["baselines", "--out", str(run), "--p-true", "both", "--quiet"])
+            both_s = p_true_seconds(json.loads((run / "summary.json").read_text()))
+    return {"n": n, "stages": summary["stage_seconds"], "p_true_s": p_true_seconds(summary), "rss": rss,
+            "p_true_both_s": both_s, "results": results, "extract": summary.get("extract")}
 
 
-def whole_run_rows(rows, n: int) -> None:
-    """Today's two-pass run (``--extract separate``) and the one-pass run, one after the other: each
-    over the generation alone (the two-pass run's generate stage, which reads nothing extra)."""
-    before, after = bench_whole_run(n, "separate"), bench_whole_run(n, "onepass")
+def whole_run_rows(rows, n: int) -> dict:
+    """The run as it was (``--extract separate --p-true both``: passes of their own, both p(True)
+    variants) and as it is by default (one pass, p(True) of the exact answer), one after the other, each
+    over the generation alone (the first run's generate stage, which reads nothing extra) and over its
+    own generate stage (the load of a shared machine can change between the two runs); the default
+    run's baselines again with both p(True) variants, for what they add."""
+    before = bench_whole_run(n, "separate", "both")
+    after = bench_whole_run(n, "onepass", "exact", also_both=True)
     generate = before["stages"]["generate"]
     detail = lambda r: f"{r['n']} questions: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["stages"].items())
-    for name, r in (("two-pass (before)", before), ("one pass (after)", after)):
+    for name, r in (("two-pass, both p(True) (before)", before), ("one pass, default (after)", after)):
         total = sum(r["stages"].values())
-        rows.append((f"{name}: whole run / generation alone", total / generate, "≤ 1.6", detail(r)))
+        own = r["stages"]["generate"]
+        rows.append((f"{name}: whole run / generation alone", total / generate, "≤ 1.6",
+                     f"over its own generate stage {total / own:.3g}; " + detail(r)))
         rows.append((f"{name}: whole run without p(True) / generation alone", (total - r["p_true_s"]) / generate,
-                     "≤ 1.3", f"p(True) {r['p_true_s']:.1f} s"))
+                     "≤ 1.3", f"over its own generate stage {(total - r['p_true_s']) / own:.3g}; "
+                              f"p(True) {r['p_true_s']:.1f} s"))
         rows.append((f"{name}: p(True) seconds / generation seconds", r["p_true_s"] / generate, "",
-                     "both variants" + (" in one pass, question prefix shared" if r is after else ", a pass each")))
+                     "both variants, a pass each" if r is before else "the exact answer's, shared beginnings"))
+    total = sum(after["stages"].values()) - after["p_true_s"] + after["p_true_both_s"]
+    rows.append(("one pass with --p-true both: whole run / generation alone", total / generate, "≤ 1.6",
+                 f"over its own generate stage {total / after['stages']['generate']:.3g}; both variants in one "
+                 f"pass, shared beginnings: p(True) {after['p_true_both_s']:.1f} s"))
     rows.append(("one pass: generation with capture / generation alone", after["stages"]["generate"] / generate,
                  "≤ 1.1", f"{after['stages']['generate']:.1f} s vs {generate:.1f} s; read again by extract: "
                           f"{(after['extract'] or {}).get('read_again')} of {n}"))
@@ -241,6 +261,7 @@ def whole_run_rows(rows, n: int) -> None:
     diff = (both["auc_before"] - both["auc_after"]).abs()
     rows.append(("max |AUC one pass − AUC two-pass| over all cells", float(diff.max()), "≤ 0.005",
                  f"mean {diff.mean():.4f} over {diff.notna().sum()} cells and seeds"))
+    return after
 
 
 def _child_peak_rss(code: str) -> float:
@@ -251,14 +272,15 @@ def _child_peak_rss(code: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def peak_rss_run(n: int) -> float:
-    """Peak RSS (MiB) of a fresh process running a whole default ``truthmap run`` of ``n`` questions."""
+def peak_rss_run(n: int, out: Path | None = None, **settings) -> float:
+    """Peak RSS (MiB) of a fresh process running a whole ``truthmap run`` of ``n`` questions (default
+    settings but ``settings``) into ``out`` (a temporary folder if None)."""
     code = (
         "import sys, resource, tempfile; sys.path.insert(0, %r)\n"
         "import truthmap\n"
-        "truthmap.run(limit=%d, out=tempfile.mkdtemp() + '/run', progress=False)\n"
+        "truthmap.run(limit=%d, out=%r or tempfile.mkdtemp() + '/run', progress=False, **%r)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
-    ) % (str(ROOT), n)
+    ) % (str(ROOT), n, str(out) if out else "", settings)
     return _child_peak_rss(code)
 
 
@@ -311,15 +333,16 @@ def main():
     parser.add_argument("--run-n", type=int, default=1000, help="questions for the whole-run figure")
     parser.add_argument("--run-from", help="take the whole-run figure from this finished run folder instead")
     parser.add_argument("--rss-n", type=int, nargs=2, default=[1000, 4000], metavar=("SMALL", "BIG"))
-    parser.add_argument("--rss-run-n", type=int, nargs=2, default=[250, 1000], metavar=("SMALL", "BIG"),
-                        help="questions of the two whole runs whose peak RSS is compared")
+    parser.add_argument("--rss-run-n", type=int, nargs=2, metavar=("SMALL", "BIG"),
+                        help="questions of the two whole runs whose peak RSS is compared (default: a quarter of "
+                             "--run-n, and the default whole run of --run-n itself)")
     parser.add_argument("--only-runs", action="store_true", help="only the one-pass, whole-run and RSS figures")
     parser.add_argument("--parts-n", type=int, default=128, help="questions for the one-pass parts figure")
     parser.add_argument("--only-parts", action="store_true", help="only the one-pass parts figure")
     args = parser.parse_args()
     if args.quick:
         args.extract_n, args.probe_n, args.generate_n, args.run_n, args.rss_n = 64, 500, 32, 100, [250, 1000]
-        args.rss_run_n, args.parts_n = [25, 100], 32
+        args.parts_n = 32
     lm = load_model()
     print(f"truthmap benchmark — {time.strftime('%Y-%m-%d')} — {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
@@ -355,6 +378,7 @@ def component_rows(rows, lm, args) -> None:
 
 def run_rows(rows, lm, args) -> None:
     one_pass_rows(rows, lm, args.parts_n)
+    after = None
     if args.run_from:
         summary = json.loads((Path(args.run_from) / "summary.json").read_text())
         wr = {"n": summary["n"], "stages": summary["stage_seconds"]}
@@ -363,14 +387,15 @@ def run_rows(rows, lm, args) -> None:
                      f"{wr['n']} questions: " + ", ".join(f"{k} {v:.0f} s" for k, v in wr["stages"].items())))
     else:
         print(f"whole runs: {load_line()}", flush=True)
-        whole_run_rows(rows, args.run_n)
+        after = whole_run_rows(rows, args.run_n)
         print(f"after the whole runs: {load_line()}", flush=True)
     small, big = args.rss_n
     rss_small, rss_big = peak_rss_child(small), peak_rss_child(big)
     rows.append((f"peak RSS at {big} / at {small} examples (extract + probe)", rss_big / rss_small,
                  "≤ 1.3", f"{rss_big:.0f} MiB vs {rss_small:.0f} MiB"))
-    small, big = args.rss_run_n
-    rss_small, rss_big = peak_rss_run(small), peak_rss_run(big)
+    small, big = args.rss_run_n or (max(args.run_n // 4, 1), args.run_n)
+    rss_big = after["rss"] if after and big == args.run_n else peak_rss_run(big)  # the default run's own
+    rss_small = peak_rss_run(small)
     rows.append((f"peak RSS of a whole run at {big} / at {small} questions", rss_big / rss_small,
                  "≤ 1.3", f"{rss_big:.0f} MiB vs {rss_small:.0f} MiB"))
     print(f"end: {load_line()}", flush=True)

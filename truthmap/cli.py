@@ -77,6 +77,9 @@ def _common(f):
         click.option("--judge-equivalence", is_flag=True, default=None,
                      help="Also cluster the samples by meaning with a model judging two answers equivalent "
                           "(--extractor-model, or the studied model): 2 forward passes per comparison."),
+        click.option("--p-true", "p_true", type=click.Choice(["exact", "both", "none"]),
+                     help="p(True) baselines: exact (default; the model asked whether its exact answer is true), "
+                          "both (also its whole answer, as the reference study; about twice the cost), none."),
         click.option("--extract", type=click.Choice(["onepass", "separate"]),
                      help="onepass (default): hidden states and token scores read while the model answers; "
                           "separate: a forward pass of their own after labelling."),

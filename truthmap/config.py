@@ -14,6 +14,7 @@ from .tasks import check_protocol
 
 LONG_PROMPTS = ("truncate", "skip")  # --long-prompts: what generate does with a prompt longer than the model's context
 ALSO = ("attention", "samples")  # optional passes of `truthmap run`
+P_TRUE_CHOICES = ("exact", "both", "none")  # the p(True) baselines asked (their columns: stages/baselines.py)
 EXTRACT_MODES = ("onepass", "separate")  # read states while generating (stages/capture.py), or in a pass of their own
 
 
@@ -53,6 +54,7 @@ class Config:
     sample_temperature: float = 1.0
     judge_equivalence: bool = False  # also cluster samples by a model judging equivalence (--extractor-model or the studied one)
     extract: str = "onepass"  # onepass: states and token scores read while generating; separate: passes of their own
+    p_true: str = "exact"  # p(True) baselines: exact (of the exact answer), both (and of the whole answer), none
     # Ray (truthmap/distributed.py, docs/scaling.md): generation and extraction on workers of a Ray cluster
     ray: str | None = None  # None: one process; "local": a new one-machine cluster; "auto" or "ray://HOST:10001"
     ray_workers: int | None = None  # at most this many workers (each loads the model); None: as many as fit
@@ -82,6 +84,8 @@ class Config:
             raise TruthmapError(f"population '{self.population}': use one of {', '.join(POPULATIONS)}")
         if self.extract not in EXTRACT_MODES:
             raise TruthmapError(f"extract '{self.extract}': use one of {', '.join(EXTRACT_MODES)}")
+        if self.p_true not in P_TRUE_CHOICES:
+            raise TruthmapError(f"p_true '{self.p_true}': use one of {', '.join(P_TRUE_CHOICES)}")
         if self.on_bad_row not in ("error", "skip"):
             raise TruthmapError(f"on_bad_row '{self.on_bad_row}': use error or skip")
         if self.min_per_class < 2:

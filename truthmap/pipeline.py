@@ -256,7 +256,7 @@ def _baselines(s: StageRun) -> None:
     config, run_dir = s.config, s.run_dir
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
     scores = bl.compute_scores(s.models.lm, answers, rf.read_parquet(run_dir / rf.GENERATIONS), config.progress,
-                               one_pass=config.extract == "onepass")
+                               one_pass=config.extract == "onepass", p_true_of=config.p_true)
     rf.update_summary(run_dir, baseline_seconds=scores.attrs.get("seconds"))
     scores = with_sampling_scores(run_dir, scores)  # semantic entropy … when the run drew samples
     rf.write_parquet(run_dir / rf.BASELINE_SCORES, scores)
@@ -311,7 +311,7 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("baselines", _baselines,
           inputs=(rf.ANSWERS, rf.GENERATIONS, rf.SPLITS, rf.PROBE_RESULTS, rf.PROBE_SCORES, rf.SAMPLING_SCORES),
           outputs=(rf.BASELINE_SCORES, rf.BASELINE_RESULTS, rf.FAMILY_RESULTS, rf.BASELINES_FIGURE),
-          settings=_fields("bootstrap", "extract"), model="here", labelled=True),
+          settings=_fields("bootstrap", "extract", "p_true"), model="here", labelled=True),
     Stage("entropy", _entropy, inputs=(rf.ANSWERS, rf.SPLITS, rf.ACTIVATIONS, rf.SAMPLING_SCORES),
           outputs=(rf.ENTROPY_RESULTS, rf.ENTROPY_SCORES, *rf.figures(rf.ENTROPY_FIGURE)),
           settings=lambda c: {"C": c.C, "bootstrap": c.bootstrap, "sites": c.sites, "column": _entropy_column(c),

@@ -33,8 +33,9 @@ def test_baselines_are_rows_of_their_own_results_and_a_figure(small_study):
     assert (table.site == "baseline").sum() == len(baselines)  # truthmap.run() returns both
     names = set(baselines.position)
     for name in ("logprob_mean", "logprob_min", "logprob_max", "logprob_last", "entropy_mean", "logprob_mean_exact",
-                 "entropy_mean_exact", "p_true_exact", "p_true_answer", "family_rate", "subgroup_rate"):
+                 "entropy_mean_exact", "p_true_exact", "family_rate", "subgroup_rate"):
         assert name in names, name
+    assert "p_true_answer" not in names  # the whole answer's p(True) is asked only with --p-true both
     assert set(baselines.seed) == {0, 1} and baselines.auc.between(0, 1).all()
     # same test split as the probes: each baseline is measured on the seed's test answers
     probe_n = results[(results.site == "residual") & (results.position == "last_q")].groupby("seed").n_test.max()
@@ -46,6 +47,23 @@ def test_baselines_are_rows_of_their_own_results_and_a_figure(small_study):
     assert {"family", "seed", "n_test", "train_error_rate", "probe_auc"} <= set(families.columns)
     summary = json.loads((out / "summary.json").read_text())
     assert "family_rate" in summary["baselines"] and "probe_within_family_auc" in summary
+
+
+def test_p_true_setting_chooses_the_variants_and_reruns_the_baselines(run_copy):
+    """--p-true both adds the whole answer's p(True) (as the reference study asks it), with the exact
+    answer's scores unchanged; none asks neither; the setting is part of the stage's fingerprint."""
+    def scores():
+        return pd.read_parquet(run_copy / "baseline_scores.parquet").set_index("id")
+
+    before = scores()
+    app(["baselines", "--out", str(run_copy), "--p-true", "both", "--quiet"])
+    both = scores()
+    assert {"p_true_exact", "p_true_answer"} <= set(both.columns)
+    np.testing.assert_allclose(both.p_true_exact, before.p_true_exact.reindex(both.index), atol=1e-5)
+    assert both.p_true_answer.notna().mean() > 0.9 and not np.allclose(both.p_true_answer, both.p_true_exact)
+    assert "p_true_answer" in set(pd.read_csv(run_copy / "baseline_results.csv").position)
+    app(["baselines", "--out", str(run_copy), "--p-true", "none", "--quiet"])
+    assert not {"p_true_exact", "p_true_answer"} & set(scores().columns)
 
 
 def test_transfer_diagonal_is_the_in_task_probe(small_study, tmp_path):

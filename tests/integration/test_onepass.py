@@ -133,3 +133,8 @@ def test_both_p_true_variants_in_one_pass_equal_a_pass_each(default_model):
     np.testing.assert_allclose(together[0], p_true(default_model, questions, exact), atol=1e-5, equal_nan=True)
     np.testing.assert_allclose(together[1], p_true(default_model, questions, whole), atol=1e-5, equal_nan=True)
     assert np.isnan(together[0, 2]) and np.isnan(together[1, 3]) and not np.isnan(together[:, :2]).any()
+    # one question alone (nothing shared with another question), and batches of uneven suffix lengths
+    alone = p_true_variants(default_model, questions[:1], [exact[:1], whole[:1]])
+    np.testing.assert_allclose(alone[:, 0], together[:, 0], atol=1e-5)
+    wide = p_true_variants(default_model, questions, [exact, whole], batch_size=4)
+    np.testing.assert_allclose(wide, together, atol=1e-5, equal_nan=True)

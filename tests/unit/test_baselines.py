@@ -149,3 +149,12 @@ def test_surface_control_catches_a_study_confounded_by_answer_length():
     assert found["best_exact_answer_cell"]["position"] == "exact_answer_last" and found["best_other_cell"]["position"] == "-1"
     table.loc[table.position == "surface", "auc"] = 0.6
     assert controls(table)["exact_answer_confounded"] is False
+
+
+def test_p_true_choices_of_config_and_baselines_agree():
+    """Every --p-true value the configuration accepts names the score columns the baselines add."""
+    from truthmap.stages.baselines import P_TRUE_CHOICES as COLUMNS
+    from truthmap.config import P_TRUE_CHOICES, Config
+
+    assert set(P_TRUE_CHOICES) == set(COLUMNS) and Config().p_true == "exact"
+    assert COLUMNS["both"] == ("p_true_exact", "p_true_answer") and COLUMNS["none"] == ()

@@ -33,6 +33,7 @@ def test_yaml_unknown_setting_is_named(tmp_path):
     ("sites", ["mlps"], "site 'mlps'"),
     ("positions", ["exact_middle"], "position 'exact_middle'"),
     ("prompt_template", "Answer briefly.", "must contain"),
+    ("p_true", "whole", "p_true 'whole': use one of exact, both, none"),
 ])
 def test_bad_settings_are_refused(field, value, message):
     with pytest.raises(TruthmapError, match=message):

@@ -18,10 +18,10 @@ as the positive class, as the probes do. The baselines:
   answer's tokens (special tokens such as end-of-turn left out); ``entropy_mean`` — the mean entropy
   (nats) of the next-token distribution at those tokens; each also ``*_exact``: over the exact-answer
   tokens only (missing where the answer has no valid exact answer);
-* ``p_true_exact``, ``p_true_answer`` — the model is asked whether the proposed answer (the exact
-  answer, or the whole answer) is true (``P_TRUE_PROMPT``, its reply begun with ``P_TRUE_REPLY`` so
-  that the next token is the option letter); score = P(B) / (P(A) + P(B)), the probability it gives
-  to "(B) False";
+* ``p_true_exact`` (and ``p_true_answer`` with ``--p-true both``) — the model is asked whether the
+  proposed answer (the exact answer, or the whole answer) is true (``P_TRUE_PROMPT``, its reply begun
+  with ``P_TRUE_REPLY`` so that the next token is the option letter); score = P(B) / (P(A) + P(B)),
+  the probability it gives to "(B) False";
 * ``family_rate`` (and ``subgroup_rate`` where the questions have subgroups) — the error rate of the
   question's family on the seed's train split: a probe no better than this only recognises kinds of
   question.
@@ -45,6 +45,8 @@ SITE = "baseline"
 P_TRUE_PROMPT = "Question: {question}\nPossible answer: {answer}\nIs the possible answer:\n(A) True\n(B) False"
 # the reply is begun for the model, so that its next token is the option letter (not "The", "True", …)
 P_TRUE_REPLY = "The possible answer is: ("
+# which p(True) variants a run asks (--p-true): the score columns each choice adds
+P_TRUE_CHOICES = {"exact": ("p_true_exact",), "both": ("p_true_exact", "p_true_answer"), "none": ()}
 LOGIT_BUDGET = 1 << 26  # floats of logits held at once ([batch, tokens, vocab])
 
 
@@ -181,37 +183,76 @@ def _cache_argument(lm) -> str:
     return "cache" if "cache" in inspect.signature(lm.model.base_model.forward).parameters else "past_key_values"
 
 
-@torch.inference_mode()
-def _last_hidden_shared(lm, groups: list[list[list[int]]]) -> torch.Tensor:
-    """The last position's final hidden state of every prompt of ``groups`` but each group's last (which
-    only marks how far the group's prompts agree): each group's shared beginning runs once, and its KV
-    cache serves all its prompts. None where the model's cache cannot be shared."""
-    pad = lm.tokenizer.pad_token_id
-    device = lm.device
-    cut = [_common_prefix(g) for g in groups]
-    if min(cut) == 0 or max(cut) == 0:  # a group with nothing to share
-        return None
-    prefix_ids, prefix_mask = _right_pad([g[0][:c] for g, c in zip(groups, cut)], pad)
+def _select_rows(lm, cache, rows: torch.Tensor):
+    """A new cache holding the batch rows ``rows`` of ``cache`` (a plain dynamic cache), in that order."""
     from transformers.cache_utils import DynamicCache
 
+    chosen = DynamicCache(config=lm.model.config)
+    for index, layer in enumerate(cache.layers):
+        chosen.update(layer.keys[rows], layer.values[rows], index)
+    return chosen
+
+
+@torch.inference_mode()
+def _shared_head(lm, head: list[int]):
+    """The KV cache of ``head``, the beginning every p(True) prompt of a run shares (the chat template's
+    system turn, "Question: "), computed once; None where the model's cache cannot be shared."""
+    from transformers.cache_utils import DynamicCache
+
+    if not head:
+        return None
     cache = DynamicCache(config=lm.model.config)
-    lm.model.base_model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
-                        position_ids=torch.arange(prefix_ids.shape[1])[None].expand_as(prefix_ids).to(device),
+    lm.model.base_model(input_ids=torch.tensor([head], device=lm.device), **{_cache_argument(lm): cache},
+                        use_cache=True)
+    return cache if _plain_cache(cache) else None
+
+
+@torch.inference_mode()
+def _last_hidden_shared(lm, groups: list[list[list[int]]], head_cache=None, chunk: int = 16) -> torch.Tensor:
+    """The last position's final hidden state of every prompt of ``groups`` but each group's last (which
+    only marks how far the group's prompts agree), in three shared levels: ``head_cache`` (what every
+    prompt begins with, computed once per run; its length is the head), then each group's own shared
+    beginning (its question) once, then the prompts' own ends in chunks of ``chunk`` rows of similar
+    length (little padding). None where the model's cache cannot be shared."""
+    pad = lm.tokenizer.pad_token_id
+    device = lm.device
+    head = head_cache.get_seq_length() if head_cache is not None else 0
+    cut = [_common_prefix(g) for g in groups]
+    if min(cut) <= head:  # a group with nothing of its own to share
+        return None
+    middle_ids, middle_mask = _right_pad([g[0][head:c] for g, c in zip(groups, cut)], pad)
+    n = len(groups)
+    if head_cache is not None:
+        cache = _select_rows(lm, head_cache, torch.zeros(n, dtype=torch.long, device=device))
+    else:
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=lm.model.config)
+    middle_mask = torch.cat([torch.ones((n, head), dtype=torch.long), middle_mask], dim=1)
+    lm.model.base_model(input_ids=middle_ids.to(device), attention_mask=middle_mask.to(device),
+                        position_ids=(head + torch.arange(middle_ids.shape[1]))[None].expand_as(middle_ids).to(device),
                         **{_cache_argument(lm): cache}, use_cache=True)
     if not _plain_cache(cache):
         return None
     owner = [g for g, group in enumerate(groups) for _ in group[:-1]]
     suffixes = [prompt[cut[g]:] for g, group in enumerate(groups) for prompt in group[:-1]]
-    cache.reorder_cache(torch.tensor(owner, device=device))
-    suffix_ids, suffix_mask = _right_pad(suffixes, pad)
-    start = torch.tensor([cut[g] for g in owner])[:, None]
-    hidden = lm.model.base_model(
-        input_ids=suffix_ids.to(device),
-        attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=1).to(device),
-        position_ids=(start + torch.arange(suffix_ids.shape[1])[None]).to(device),
-        **{_cache_argument(lm): cache}, use_cache=True,
-    ).last_hidden_state
-    return hidden[torch.arange(len(suffixes)), torch.tensor([len(s) - 1 for s in suffixes])]
+    order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
+    hidden = [None] * len(suffixes)
+    for start in range(0, len(order), chunk):
+        rows = order[start : start + chunk]
+        owners = torch.tensor([owner[i] for i in rows])
+        suffix_ids, suffix_mask = _right_pad([suffixes[i] for i in rows], pad)
+        positions = owners.new_tensor([cut[owner[i]] for i in rows])[:, None] + torch.arange(suffix_ids.shape[1])[None]
+        out = lm.model.base_model(
+            input_ids=suffix_ids.to(device),
+            attention_mask=torch.cat([middle_mask[owners], suffix_mask], dim=1).to(device),
+            position_ids=positions.to(device),
+            **{_cache_argument(lm): _select_rows(lm, cache, owners.to(device))}, use_cache=True,
+        ).last_hidden_state
+        last = out[torch.arange(len(rows)), torch.tensor([len(suffixes[i]) - 1 for i in rows])]
+        for i, state in zip(rows, last):
+            hidden[i] = state
+    return torch.stack(hidden)
 
 
 @torch.inference_mode()
@@ -227,9 +268,11 @@ def p_true_variants(lm, questions: list[str], variants: list[list[str | None]], 
                     share_prefix: bool = True) -> np.ndarray:
     """:func:`p_true` of several proposed answers per question (``variants[v][i]``), float ``[V, N]``.
 
-    All proposals of a question go in one batched pass: their shared beginning (the question) runs once
-    and its KV cache serves each proposal (``share_prefix``, where the model's cache allows it), and only
-    each prompt's last position goes through the LM head.
+    All proposals of a question go in one batched pass, and what prompts share is computed once and its
+    KV cache serves them (``share_prefix``, where the model's cache allows it): the beginning of every
+    prompt (the chat template's system turn, "Question: ") once per call, each question once for all its
+    proposals; the proposals' own ends run in chunks of similar length. Only each prompt's last position
+    goes through the LM head.
     """
     from .generate import encode_prompt
 
@@ -246,16 +289,21 @@ def p_true_variants(lm, questions: list[str], variants: list[list[str | None]], 
             probe[i] = encode_prompt(lm.tokenizer, p_true_prompt(lm.tokenizer, question, "?"))
     keys_of = {i: [(v, i) for v in range(len(variants)) if (v, i) in prompts] for i in range(len(questions))}
     todo = sorted((i for i in keys_of if keys_of[i]), key=lambda i: max(len(prompts[key]) for key in keys_of[i]))
-    head = lm.model.get_output_embeddings()
+    head_cache = None
+    if share_prefix and todo:  # what every prompt begins with, short of where any question's own text starts
+        own = min(_common_prefix([prompts[key] for key in keys_of[i]] + [probe[i]]) for i in todo)
+        firsts = [probe[i] for i in todo]
+        head_cache = _shared_head(lm, firsts[0][: min(_common_prefix(firsts), own - 1)])
+    lm_head = lm.model.get_output_embeddings()
     for start in range(0, len(todo), batch_size):
         keys = [key for i in todo[start : start + batch_size] for key in keys_of[i]]
         last = None
         if share_prefix:
             groups = [[prompts[key] for key in keys_of[i]] + [probe[i]] for i in todo[start : start + batch_size]]
-            last = _last_hidden_shared(lm, groups)
+            last = _last_hidden_shared(lm, groups, head_cache, chunk=batch_size)
         if last is None:  # a cache that cannot be shared (sliding windows, linear attention …)
             last = _last_hidden(lm, [prompts[key] for key in keys])
-        probs = torch.softmax(head(last).float(), dim=-1)  # the LM head on the last position only
+        probs = torch.softmax(lm_head(last).float(), dim=-1)  # the LM head on the last position only
         mass_a, mass_b = probs[:, a_ids].sum(-1), probs[:, b_ids].sum(-1)
         score = (mass_b / (mass_a + mass_b).clamp(min=1e-30)).cpu().numpy()
         for (v, i), value in zip(keys, score):
@@ -266,13 +314,16 @@ def p_true_variants(lm, questions: list[str], variants: list[list[str | None]], 
 # ---------------------------------------------------------------------- all model-based scores
 
 def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progress: bool = False,
-                   one_pass: bool = True) -> pd.DataFrame:
+                   one_pass: bool = True, p_true_of: str = "exact") -> pd.DataFrame:
     """The model-based baseline scores of every answer (one row per answer, ``id`` first).
 
     ``one_pass``: the token scores read while generating (``generations.parquet``'s ``token_prob`` and
     ``token_entropy``, capture.py) are used where present, and only the other answers go through the
-    token-statistics pass; both p(True) variants share one pass. Otherwise (``--extract separate``)
-    the token statistics and each p(True) variant have a pass of their own. ``scores.attrs["seconds"]``
+    token-statistics pass; the p(True) variants share one pass. Otherwise (``--extract separate``)
+    the token statistics and each p(True) variant have a pass of their own. ``p_true_of`` (one of
+    ``P_TRUE_CHOICES``): which p(True) variants are asked — ``exact`` (the default: the exact answer;
+    the whole-answer variant costs about as much again and has scored below chance on the built-in
+    task), ``both`` (also the whole answer, as the reference study), ``none``. ``scores.attrs["seconds"]``
     says how long each part took.
     """
     import time
@@ -302,11 +353,15 @@ def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progres
     questions = table["question"].tolist()
     exact = [e if v else None for e, v in zip(table.exact_answer, table.exact_answer_valid)]
     whole = [a if a.strip() else None for a in table.answer]
+    variants = {"p_true_exact": exact, "p_true_answer": whole}
+    asked = {name: variants[name] for name in P_TRUE_CHOICES[p_true_of]}
     started = time.perf_counter()
-    if one_pass:
-        scores["p_true_exact"], scores["p_true_answer"] = p_true_variants(lm, questions, [exact, whole])
+    if asked and one_pass:
+        for name, values in zip(asked, p_true_variants(lm, questions, list(asked.values()))):
+            scores[name] = values
     else:
-        scores["p_true_exact"], scores["p_true_answer"] = p_true(lm, questions, exact), p_true(lm, questions, whole)
+        for name, proposed in asked.items():
+            scores[name] = p_true(lm, questions, proposed)
     seconds["p_true"] = time.perf_counter() - started
     scores.attrs["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     return scores

@@ -378,15 +378,26 @@ def run_probe(
                 per_seed, cell = cell_stats(score, y, parts, weights, strata)
                 results.extend(result_rows(site, layer, position, seeds, per_seed, cell))
                 for s, seed in enumerate(seeds):
-                    test = parts["test"][s] & valid[:, p]
-                    scores.append(pd.DataFrame({"site": site, "layer": layer, "position": position,
-                                                "seed": int(seed), "id": np.asarray(ids)[test],
-                                                "score": prob[p, s, test]}))
+                    test = np.flatnonzero(parts["test"][s] & valid[:, p])
+                    scores.append(((site, layer, position, int(seed)), test, prob[p, s, test]))
             bar.update(1)
     bar.close()
     table = pd.DataFrame(results, columns=RESULT_COLUMNS)
-    score_table = pd.concat(scores, ignore_index=True) if scores else pd.DataFrame(columns=SCORE_COLUMNS)
-    return table, score_table
+    return table, _score_table(scores, np.asarray(ids))
+
+
+def _score_table(scores: list, ids: np.ndarray) -> pd.DataFrame:
+    """``probe_scores.parquet``'s table from (cell key, test rows, scores) triples, built once (a frame
+    per cell and seed costs more than the probes of a small study)."""
+    if not scores:
+        return pd.DataFrame(columns=SCORE_COLUMNS)
+    sizes = [len(rows) for _, rows, _ in scores]
+    keys = list(zip(*(key for key, _, _ in scores)))
+    columns = {name: np.repeat(np.asarray(values, dtype=object if name in ("site", "position") else None), sizes)
+               for name, values in zip(("site", "layer", "position", "seed"), keys)}
+    columns["id"] = ids[np.concatenate([rows for _, rows, _ in scores])]
+    columns["score"] = np.concatenate([values for _, _, values in scores])
+    return pd.DataFrame(columns)
 
 
 def mean_over_seeds(results: pd.DataFrame) -> pd.DataFrame:
