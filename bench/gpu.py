@@ -154,7 +154,7 @@ def bench_probes(n=10000, d=4096, layers=33, positions=15, sklearn_cells=3) -> N
     y = ((latent[:, 0] + torch.randn(n, device="cuda", generator=gen)) > 0.4).long()
     train = torch.zeros(1, n, dtype=torch.bool, device="cuda")
     train[0, torch.randperm(n, device="cuda", generator=gen)[: int(0.7 * n)]] = True
-    total, aucs, kept = 0.0, [], None
+    total, kept = 0.0, None
     for layer in range(layers):
         X = (latent @ torch.randn(positions, 16, d, device="cuda", generator=gen)
              + 3 * torch.randn(positions, n, d, device="cuda", generator=gen) + 20)
@@ -162,7 +162,7 @@ def bench_probes(n=10000, d=4096, layers=33, positions=15, sklearn_cells=3) -> N
         total += seconds
         if layer == layers // 2:
             kept = (X[:sklearn_cells].cpu().numpy(), model.predict_proba(X[:sklearn_cells]).cpu().numpy())
-        del X
+        X = None  # the layer's features leave the GPU before the next layer's are made
     print(f"  truthmap probes: {layers * positions} cells, N={n}, d={d}: {total:.1f} s   goal ≤ 10 s")
     X_np, p = kept
     y_np, tr = y.cpu().numpy(), train[0].cpu().numpy()

@@ -41,8 +41,6 @@ def run(
     Arguments mirror ``truthmap run``; any other field of :class:`truthmap.config.Config` can be
     passed by name (``positions=[...]``, ``max_new_tokens=32``, ``device="cuda"``, …).
     """
-    import pandas as pd
-
     from .config import load_config
     from .pipeline import run_stages
 

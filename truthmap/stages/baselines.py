@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from ..errors import TruthmapError
-from ..runfolder import BASELINE_RESULTS, BASELINE_SCORES, FAMILY_RESULTS  # the names: runfolder.py
+from ..runfolder import BASELINE_RESULTS, FAMILY_RESULTS  # the names: runfolder.py
 from ..runfolder import BASELINES_FIGURE as FIGURE
 
 SITE = "baseline"

@@ -27,7 +27,6 @@ source. Adding a task touches one place: a new module here, imported at the bott
 from __future__ import annotations
 
 import ast
-import json
 import math
 import os
 from dataclasses import dataclass, field
