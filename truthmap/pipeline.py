@@ -105,9 +105,9 @@ def _generate(s: StageRun) -> None:
     chunks = rf.ChunkStore(run_dir / rf.GENERATION_CHUNKS, f"{s.stamp} {lm.revision}")
     # one pass: the states of every site and the token scores are read while the model answers
     capture_sites = c.sites if c.extract == "onepass" else None
-    table = run_generate(lm, questions, c.prompt_template, max_new_tokens, c.batch_size, c.progress,
-                         chunks=chunks, long_prompts=c.long_prompts, protocol=c.protocol,
-                         capture_sites=capture_sites)
+    table = run_generate(lm, questions, template=c.prompt_template, max_new_tokens=max_new_tokens,
+                         batch_size=c.batch_size, progress=c.progress, chunks=chunks,
+                         long_prompts=c.long_prompts, protocol=c.protocol, capture_sites=capture_sites)
     rf.write_parquet(run_dir / rf.GENERATIONS, table)
     rf.update_summary(run_dir, model=c.model, model_revision=lm.revision, dataset=c.dataset,
                       tasks=sorted(set(questions["task"])), source_rows=questions.attrs["source_rows"],

@@ -3,6 +3,8 @@ every file a stage reads. Model-free: the stages after extract run on a syntheti
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from pathlib import Path
 
 import pandas as pd
@@ -89,3 +91,16 @@ def test_baseline_rows_make_the_report_stale_but_never_touch_the_probe_stage(run
     both = read_run_results(run)
     assert both.site.tolist()[-2:] == ["baseline", "baseline"] and (both.site == "residual").sum() == len(
         pd.read_csv(run / rf.PROBE_RESULTS))
+
+
+@pytest.mark.parametrize("entry,data", [
+    ("generate.run_generate", ["lm", "questions"]),
+    ("extract.run_extract", ["lm", "answers", "generations", "positions", "sites", "run_dir"]),
+    ("probe.run_probe", ["run_dir", "sites"]),
+    ("resample.run_resample", ["lm", "run_dir"]),
+])
+def test_stage_entry_points_take_every_setting_by_keyword(entry, data):
+    module, name = entry.split(".")
+    function = getattr(importlib.import_module(f"truthmap.{module}"), name)
+    parameters = inspect.signature(function).parameters.values()
+    assert [p.name for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY] == data
