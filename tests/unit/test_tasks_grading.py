@@ -223,6 +223,22 @@ def test_the_built_in_facts_are_graded_with_their_vocabularies():
     assert graded.correct.tolist() == [False, True], row.question
 
 
+def test_a_country_abbreviated_with_dots_is_graded_like_its_plain_form():
+    table, vocabularies = load_questions("facts")
+    rows = table[table.id.isin(["city-US-new_york_city", "city-GB-london"])].sort_values("id")
+    assert rows.id.tolist() == ["city-GB-london", "city-US-new_york_city"]
+    answers = ["London is in the U.S.A.", "New York City is in the U.S.A."]
+    tok = WordTokenizer()
+    graded = label_answers(
+        rows.assign(id=["a", "b"]),
+        pd.DataFrame({"id": ["a", "b"], "prompt": ["p", "p"], "prompt_ids": [[1], [1]],
+                      "answer_ids": [tok(a)["input_ids"] for a in answers], "answer": answers, "stopped": [True, True]}),
+        vocabularies, tok, ["last_q"],
+    )
+    assert graded.correct.tolist() == [False, True]
+    assert graded.exact_answer.tolist() == ["U.S.A", "U.S.A"]  # the whole abbreviation, to its last letter
+
+
 # --- the label stage dispatches to each row's task ----------------------------------------------------------
 
 
