@@ -304,11 +304,14 @@ def peak_rss_child(n: int) -> float:
         "lm = load_model()\n"
         "answers, generations = synthetic_study(lm, %d)\n"
         "answers['correct'] = [i %% 3 == 0 for i in range(len(answers))]\n"
+        # the columns of a labelled study that splitting and probing read: each answer its own group
+        "answers['question'], answers['family'] = answers['id'], 'synthetic'\n"
         "run = Path(tempfile.mkdtemp())\n"
-        "rf.write_parquet(run / rf.ANSWERS, answers)\n"
-        "rf.write_json(run / rf.SPLITS, make_splits(answers, [0, 1, 2]))\n"
-        "run_extract(lm, answers, generations, DEFAULT_POSITIONS, ['residual'], run, progress=False)\n"
-        "run_probe(run, ['residual'], n_boot=200, progress=False)\n"
+        "with rf.open_run(run):\n"  # the run folder's files are written and read through its manifest
+        "    rf.write_parquet(run / rf.ANSWERS, answers)\n"
+        "    rf.write_json(run / rf.SPLITS, make_splits(answers, [0, 1, 2]))\n"
+        "    run_extract(lm, answers, generations, DEFAULT_POSITIONS, ['residual'], run, progress=False)\n"
+        "    run_probe(run, ['residual'], n_boot=200, progress=False, min_per_class=2)\n"  # any n: memory only
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     ) % (str(ROOT), n)
     return _child_peak_rss(code)

@@ -547,18 +547,15 @@ def _read_pairs(path: Path):
     """The question–answer CSV of ``score --file``: UTF-8, at most data.MAX_FILE_BYTES; one-line errors."""
     import pandas as pd
 
-    from .data import MAX_FILE_BYTES
+    from .data import MAX_FILE_BYTES, _plain_errors
 
     if path.stat().st_size > MAX_FILE_BYTES:
         raise TruthmapError(f"{path}: more than the {MAX_FILE_BYTES // 2**20} MiB a question file may hold; split it")
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise TruthmapError(f"{path}: not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
-    except pd.errors.EmptyDataError:
-        raise TruthmapError(f"{path}: the file is empty") from None
-    except (ValueError, pd.errors.ParserError, OSError) as err:
-        raise TruthmapError(f"{path}: could not be read as CSV ({str(err).splitlines()[0]})") from None
+
+    def whole_table(p):  # one table, its read errors made one line as for a question file
+        yield pd.read_csv(p, dtype=str, keep_default_na=False, encoding="utf-8")
+
+    return next(_plain_errors(path, whole_table))
 
 
 @cli.command()

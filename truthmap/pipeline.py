@@ -105,9 +105,9 @@ def _generate(s: StageRun) -> None:
     chunks = rf.ChunkStore(run_dir / rf.GENERATION_CHUNKS, f"{s.stamp} {lm.revision}")
     # one pass: the states of every site and the token scores are read while the model answers
     capture_sites = c.sites if c.extract == "onepass" else None
-    table = run_generate(lm, questions, c.prompt_template, max_new_tokens, c.batch_size, c.progress,
-                         chunks=chunks, long_prompts=c.long_prompts, protocol=c.protocol,
-                         capture_sites=capture_sites)
+    table = run_generate(lm, questions, template=c.prompt_template, max_new_tokens=max_new_tokens,
+                         batch_size=c.batch_size, progress=c.progress, chunks=chunks,
+                         long_prompts=c.long_prompts, protocol=c.protocol, capture_sites=capture_sites)
     rf.write_parquet(run_dir / rf.GENERATIONS, table)
     rf.update_summary(run_dir, model=c.model, model_revision=lm.revision, dataset=c.dataset,
                       tasks=sorted(set(questions["task"])), source_rows=questions.attrs["source_rows"],
@@ -301,10 +301,11 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
           model="workers"),
     Stage("extract", _extract, inputs=(rf.ANSWERS, rf.GENERATIONS), outputs=(rf.ACTIVATIONS_INDEX,),
           settings=_fields("sites", "dtype", "extract"), model="workers"),
-    Stage("samples", _samples, inputs=(rf.ANSWERS, rf.GENERATIONS), outputs=(rf.RESAMPLES, rf.SAMPLING_SCORES),
+    Stage("samples", _samples, inputs=(rf.QUESTIONS, rf.VOCABULARIES, rf.ANSWERS, rf.GENERATIONS, rf.ACTIVATIONS_INDEX),
+          outputs=(rf.RESAMPLES, rf.SAMPLING_SCORES),
           settings=lambda c: {"samples": c.samples, "temperature": c.sample_temperature, "judge": c.judge_equivalence,
                               "judge_model": c.extractor_model if c.judge_equivalence else None,
-                              "max_new_tokens": c.max_new_tokens},
+                              "max_new_tokens": c.max_new_tokens, "model": c.model, "dtype": c.dtype},
           model="here", when=wants_samples),
     Stage("probe", _probe, inputs=(rf.ANSWERS, rf.SPLITS, rf.ACTIVATIONS), outputs=(rf.PROBE_RESULTS, rf.PROBE_SCORES),
           settings=_fields("C", "bootstrap", "sites", "min_per_class"), labelled=True),

@@ -982,9 +982,9 @@ def fingerprint(settings: dict, inputs: list[Path]) -> str:
     return h.hexdigest()
 
 
-def stage_is_current(run_dir: Path, stage: str, print_: str, outputs: list[Path]) -> bool:
+def stage_is_current(run_dir: Path, stage: str, fingerprint: str, outputs: list[Path]) -> bool:
     done = _stages_json(run_dir)
-    return done.get(stage, {}).get("fingerprint") == print_ and all(trusted(p) for p in outputs)
+    return done.get(stage, {}).get("fingerprint") == fingerprint and all(trusted(p) for p in outputs)
 
 
 def forget_stage(run_dir: Path, stage: str) -> None:
@@ -996,10 +996,10 @@ def forget_stage(run_dir: Path, stage: str) -> None:
         write_json(path, done)
 
 
-def mark_stage_done(run_dir: Path, stage: str, print_: str, seconds: float) -> None:
+def mark_stage_done(run_dir: Path, stage: str, fingerprint: str, seconds: float) -> None:
     path = Path(run_dir) / STAGES
     done = _stages_json(run_dir)
-    entry = {"fingerprint": print_, "seconds": round(seconds, 3)}
+    entry = {"fingerprint": fingerprint, "seconds": round(seconds, 3)}
     if _open is not None and stage in _open.stage_fields:
         entry["summary"] = _open.stage_fields[stage]  # to rebuild summary.json should it be lost
     done[stage] = entry

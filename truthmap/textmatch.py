@@ -3,8 +3,9 @@
 Text is split into words, each kept with its character span in the original text, so that a match on
 normalised words maps back to the exact characters of the answer (the exact-answer span). Normalisation:
 Unicode compatibility form with accents removed (a combining accent is part of its letter's word), case
-folded, punctuation dropped, the articles "a", "an", "the" dropped; numbers are one word each and
-compare as numbers ("9.0" = "9", "1,000" = "1000"), so "9" never matches inside "19".
+folded, punctuation dropped, an abbreviation with dots one word ("U.S.A." = "USA"), the articles "a",
+"an", "the" dropped; numbers are one word each and compare as numbers ("9.0" = "9", "1,000" = "1000"),
+so "9" never matches inside "19".
 
 This is the one normalisation of the package: grading, the built-in facts (an alias in its own
 question, names that are the same, everyday words) and the tasks' de-duplication of gold answers all
@@ -22,8 +23,11 @@ ARTICLES = frozenset({"a", "an", "the"})
 _SIGN = r"(?:(?<!\w)[-−])?"  # a minus sign only where it cannot be a hyphen ("2-3" is two numbers)
 # a combining mark (the macron below "H̱olon", which has no precomposed letter) belongs to its letter's word
 _MARK = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
-_WORD = re.compile(_SIGN + r"\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d|,\d)|" + _SIGN + r"\d+(?:\.\d+)?|"
-                   rf"[^\W_](?:[^\W_]|[{_MARK}])*")
+# an abbreviation with dots ("U.S.A.", "D.C.", "a.m."): single letters joined by dots, one word without them
+# (its span ends at its last letter, as a word's does: the final dot may end the sentence)
+_ABBREVIATION = rf"(?<![^\W_])[^\W\d_][{_MARK}]*(?:\.[^\W\d_][{_MARK}]*)+(?![^\W_]|[{_MARK}])"
+_WORD = re.compile(_ABBREVIATION + "|" + _SIGN + r"\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d|,\d)|"
+                   + _SIGN + r"\d+(?:\.\d+)?|" rf"[^\W_](?:[^\W_]|[{_MARK}])*")
 _NUMBER = re.compile(r"[-−]?[\d,]*\d(?:\.\d+)?")
 
 
@@ -60,8 +64,8 @@ def words(text: str, drop_articles: bool = True) -> list[Word]:
     for m in _WORD.finditer(text):
         raw = m.group(0)
         number = canonical_number(raw) if raw[-1].isdigit() else None
-        norm = number if number is not None else fold(raw)
-        if drop_articles and norm in ARTICLES:
+        norm = number if number is not None else fold(raw.replace(".", ""))
+        if drop_articles and norm in ARTICLES and "." not in raw:  # "a.n." is no article
             continue
         out.append(Word(norm, m.start(), m.end()))
     return out

@@ -157,3 +157,22 @@ def test_a_one_cell_command_takes_one_site_so_the_run_after_it_stays_the_run():
 def test_score_out_needs_a_file(capsys):
     status, _, err = _cli(["score", "--detector", "d", "--question", "q", "--answer", "a", "--out", "x.csv"], capsys)
     assert status == 2 and err == ["error: --out is where the scores of --file go; give --file pairs.csv"]
+
+
+@pytest.mark.parametrize("content,where", [
+    (b"question,answer\nWho?,Ann\nWhere?,Rome,Italy\n", "line 3"),  # a row with a field too many
+    (b"question,answer\nWho?,Ren\xe9\n", "not UTF-8"),
+    (b"", "empty"),
+])
+def test_a_bad_pairs_file_is_one_line_naming_the_file_and_where(tmp_path, capsys, monkeypatch, content, where):
+    import truthmap.data as data
+
+    read = []
+    plain_errors = data._plain_errors
+    monkeypatch.setattr(data, "_plain_errors", lambda path, reader: read.append(path) or plain_errors(path, reader))
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_bytes(content)
+    status, out, err = _cli(["score", "--detector", str(tmp_path / "no-detector"), "--file", str(pairs)], capsys)
+    assert status == 2 and len(err) == 1 and "Traceback" not in out
+    assert err[0].startswith(f"error: {pairs}: ") and where in err[0]
+    assert read == [pairs]  # read as every question file is, by data.py

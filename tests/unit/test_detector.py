@@ -105,3 +105,25 @@ def test_detector_is_a_scikit_learn_estimator_inside_a_pipeline():
     assert cross_val_score(Detector(), X, y, cv=3, scoring="roc_auc").min() > 0.9
     pipe.set_params(detector__C=0.01)
     assert pipe.get_params()["detector__C"] == 0.01
+
+
+def test_the_scorer_gets_its_model_from_the_backend_factory(tmp_path, monkeypatch):
+    from _synthetic import fake_model
+
+    from truthmap import ModelScorer
+    from truthmap.backend import Models
+
+    run = make_run(tmp_path / "run")
+    detector = Detector.load(export_detector(run, site="residual", layer=1, position="-1", out=tmp_path / "det"))
+    card = detector.card
+    asked = []
+    lm = fake_model(model_id=card["model"], revision=card.get("model_revision") or "fake")
+
+    def factory_lm(models):
+        asked.append((models.config.model, models.config.dtype, models.config.device))
+        return lm
+
+    monkeypatch.setattr(Models, "lm", property(factory_lm))
+    scorer = ModelScorer(detector, dtype="float32", device="cpu")
+    assert scorer.lm is lm and scorer.lm is lm  # loaded once
+    assert asked == [(card["model"], "float32", "cpu")]

@@ -3,6 +3,9 @@ every file a stage reads. Model-free: the stages after extract run on a syntheti
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
 from pathlib import Path
 
 import pandas as pd
@@ -89,3 +92,72 @@ def test_baseline_rows_make_the_report_stale_but_never_touch_the_probe_stage(run
     both = read_run_results(run)
     assert both.site.tolist()[-2:] == ["baseline", "baseline"] and (both.site == "residual").sum() == len(
         pd.read_csv(run / rf.PROBE_RESULTS))
+
+
+@pytest.mark.parametrize("entry,data", [
+    ("stages.generate.run_generate", ["lm", "questions"]),
+    ("stages.extract.run_extract", ["lm", "answers", "generations", "positions", "sites", "run_dir"]),
+    ("stages.probe.run_probe", ["run_dir", "sites"]),
+    ("analyses.resample.run_resample", ["lm", "run_dir"]),
+])
+def test_stage_entry_points_take_every_setting_by_keyword(entry, data):
+    module, name = entry.rsplit(".", 1)
+    function = getattr(importlib.import_module(f"truthmap.{module}"), name)
+    parameters = inspect.signature(function).parameters.values()
+    assert [p.name for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY] == data
+
+
+@pytest.fixture
+def sampling_run(tmp_path, monkeypatch):
+    """A run folder the samples stage can run on, with the model's part of sampling replaced: what it
+    is asked to draw is recorded."""
+    from truthmap.analyses import entropy, resample
+
+    folder = make_run(tmp_path / "run", n=12)
+    answers = pd.read_parquet(folder / rf.ANSWERS)
+    answers[["id", "question", "gold"]].to_parquet(folder / rf.QUESTIONS, index=False)
+    (folder / rf.VOCABULARIES).write_text('{"colours": ["red"]}')
+    drawn = []
+
+    def sample_answers(lm, prompt_ids, *, n, temperature, max_new_tokens, **_):
+        drawn.append({"n": n, "temperature": temperature, "max_new_tokens": max_new_tokens})
+        return [[([7], True)] * n for _ in prompt_ids]
+
+    def label_resamples(lm, questions, generations, samples, vocabularies, positions, **_):
+        ids = [i for i, row in zip(questions["id"], samples) for _ in row]
+        return pd.DataFrame({"id": ids, "sample": [k for row in samples for k in range(len(row))], "answer": "x"})
+
+    monkeypatch.setattr(resample, "sample_answers", sample_answers)
+    monkeypatch.setattr(resample, "label_resamples", label_resamples)
+    monkeypatch.setattr(entropy, "token_logprobs", lambda lm, generations, table: [[-0.5]] * len(table))
+    monkeypatch.setattr(entropy, "sampling_scores",
+                        lambda table, answers, judge: pd.DataFrame({"id": answers["id"], "semantic_entropy": 0.0}))
+    return seal(folder), drawn
+
+
+def test_the_samples_stage_reruns_when_a_setting_or_input_it_reads_changes(sampling_run, monkeypatch):
+    from types import SimpleNamespace
+
+    run, drawn = sampling_run
+    stage = pipeline.STAGE_TABLE["samples"]
+    models = SimpleNamespace(lm=object(), extractor=None)
+    reads = []
+    verify = rf.verify
+    monkeypatch.setattr(rf, "verify", lambda path: reads.append(Path(path)) or verify(path))
+    config = dataclasses.replace(config_of(run), also=["samples"])
+    with rf.open_run(run):
+        assert pipeline.run_stage(stage, config, run, models)
+        read = {p.relative_to(run).as_posix() for p in reads}
+        covered = {r for r in read if any(r == i or r.startswith(i + "/") for i in stage.inputs)}
+        assert read - covered <= {rf.SUMMARY, rf.CONFIG, rf.STAGES}, read - covered
+        assert not pipeline.run_stage(stage, config, run, models)  # nothing changed: skipped
+        more = dataclasses.replace(config, samples=config.samples + 3)
+        assert pipeline.run_stage(stage, more, run, models)
+        assert not pipeline.run_stage(stage, more, run, models)
+        hotter = dataclasses.replace(more, sample_temperature=0.7)
+        assert pipeline.run_stage(stage, hotter, run, models)
+        with rf.stage("generate"):  # the grading vocabularies change (a new task version, say)
+            rf.write_json(run / rf.VOCABULARIES, {"colours": ["red", "blue"]})
+        assert pipeline.run_stage(stage, hotter, run, models)
+        assert not pipeline.run_stage(stage, hotter, run, models)
+    assert [(d["n"], d["temperature"]) for d in drawn] == [(5, 1.0), (8, 1.0), (8, 0.7), (8, 0.7)]

@@ -254,3 +254,18 @@ def test_a_damaged_auc_table_is_a_clear_error(run_dir, capsys):
         app(["report", str(run_dir), "--out", str(run_dir.parent / "r.html")])
     err = capsys.readouterr().err
     assert "probe_results.csv: unreadable" in err and "Traceback" not in err
+
+
+def test_the_entropy_view_is_read_through_the_manifest(run_dir, tmp_path):
+    from truthmap.errors import TruthmapError
+
+    probes = pd.read_csv(run_dir / "probe_results.csv", dtype={"site": str, "position": str})
+    entropy = probes.assign(target="error", auc=0.61)
+    entropy.to_csv(run_dir / "entropy_probe_results.csv", index=False)
+    seal(run_dir)
+    views = page_data(write_report([run_dir], tmp_path / "r.html"))["runs"][0]["sites"]["residual"]["views"]
+    assert "entropy" in views  # written by truthmap: shown
+    entropy.assign(auc=0.99).to_csv(run_dir / "entropy_probe_results.csv", index=False)  # changed afterwards
+    with pytest.raises(TruthmapError, match="entropy_probe_results.csv: damaged"):
+        write_report([run_dir], tmp_path / "tampered.html")
+    assert not (tmp_path / "tampered.html").exists()

@@ -124,6 +124,17 @@ def test_a_stage_being_rerun_is_not_current_from_its_first_write_until_it_finish
         assert rf.read_json(tmp_path / rf.STAGES)["label"]["summary"] == {"accuracy": 0.75}
 
 
+def test_a_stage_is_current_only_for_the_fingerprint_it_was_marked_done_with(tmp_path):
+    make_run(tmp_path)
+    with rf.open_run(tmp_path):
+        with rf.stage("label", rerun=True):
+            rf.mark_stage_done(tmp_path, "label", fingerprint="settings-and-inputs-A", seconds=3.0)
+        assert rf.read_json(tmp_path / rf.STAGES)["label"]["fingerprint"] == "settings-and-inputs-A"
+        assert rf.stage_is_current(tmp_path, "label", fingerprint="settings-and-inputs-A", outputs=[])
+        assert not rf.stage_is_current(tmp_path, "label", fingerprint="settings-and-inputs-B", outputs=[])
+        assert not rf.stage_is_current(tmp_path, "probe", fingerprint="settings-and-inputs-A", outputs=[])
+
+
 SCRIPT = textwrap.dedent("""
     import sys, pandas as pd
     from pathlib import Path

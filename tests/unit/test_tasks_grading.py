@@ -223,6 +223,39 @@ def test_the_built_in_facts_are_graded_with_their_vocabularies():
     assert graded.correct.tolist() == [False, True], row.question
 
 
+def test_krona_alone_is_swedens_currency_and_krone_alone_neither_norways_nor_denmarks():
+    table, vocabularies = load_questions("facts")
+    by_id = table.set_index("id")
+    asked = [("currency-SE", "The currency of Sweden is the krona."), ("currency-SE", "It is the krone."),
+             ("currency-NO", "The krona."), ("currency-NO", "The krone."), ("currency-NO", "The Norwegian krone."),
+             ("currency-DK", "The krona.")]
+    rows = by_id.loc[[qid for qid, _ in asked]].reset_index().assign(id=[f"a{k}" for k in range(len(asked))])
+    answers = [answer for _, answer in asked]
+    tok = WordTokenizer()
+    graded = label_answers(
+        rows, pd.DataFrame({"id": rows.id, "prompt": "p", "prompt_ids": [[1]] * len(asked),
+                            "answer_ids": [tok(a)["input_ids"] for a in answers], "answer": answers, "stopped": True}),
+        vocabularies, tok, ["last_q"],
+    )
+    assert graded.correct.tolist() == [True, False, False, False, True, False]
+
+
+def test_a_country_abbreviated_with_dots_is_graded_like_its_plain_form():
+    table, vocabularies = load_questions("facts")
+    rows = table[table.id.isin(["city-US-new_york_city", "city-GB-london"])].sort_values("id")
+    assert rows.id.tolist() == ["city-GB-london", "city-US-new_york_city"]
+    answers = ["London is in the U.S.A.", "New York City is in the U.S.A."]
+    tok = WordTokenizer()
+    graded = label_answers(
+        rows.assign(id=["a", "b"]),
+        pd.DataFrame({"id": ["a", "b"], "prompt": ["p", "p"], "prompt_ids": [[1], [1]],
+                      "answer_ids": [tok(a)["input_ids"] for a in answers], "answer": answers, "stopped": [True, True]}),
+        vocabularies, tok, ["last_q"],
+    )
+    assert graded.correct.tolist() == [False, True]
+    assert graded.exact_answer.tolist() == ["U.S.A", "U.S.A"]  # the whole abbreviation, to its last letter
+
+
 # --- the label stage dispatches to each row's task ----------------------------------------------------------
 
 

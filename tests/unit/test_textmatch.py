@@ -95,3 +95,14 @@ def test_stated_answer_takes_the_phrase_after_the_verb():
     assert stated_answer("The currency is the LWL (Luxère) which is old")[0] == "LWL"
     assert stated_answer("To compute it we multiply 65 by 36, which gives us ") is None  # no verb phrase
     assert stated_answer("It is one of the many small towns along the long river of the north") is None  # too long
+
+
+def test_an_abbreviation_with_dots_keeps_its_letters():
+    assert normalize("U.S.A.") == normalize("USA") == normalize("usa") == "usa"  # its "A" is no article
+    assert normalize("the U.S.A.") == "usa" and normalize("U.K.") == normalize("UK")
+    assert normalize("a cat") == normalize("A cat") == "cat"  # the article still goes
+    assert normalize("U.S.") == "us" != normalize("U.S.A.")
+    assert normalize("It starts at 9.30 a.m.") == "it starts at 9.3 am"
+    assert normalize("x.yz") == "x yz"  # not single letters: two words
+    assert first_match("It is in the U.S.A. now", ["USA"])[1:] == (13, 18)  # to its last letter
+    assert contains("Which city is in the U.S.A.?", "USA") and not contains("a cat", "a")

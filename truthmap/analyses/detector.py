@@ -209,8 +209,10 @@ class ModelScorer:
 
     @property
     def lm(self):
-        """The card's model, loaded once."""
-        from ..models import LoadedModel, load_model
+        """The card's model, loaded once (through the backend factory, as every command loads its model)."""
+        from ..backend import Models
+        from ..config import Config
+        from ..models import LoadedModel
 
         if self._lm is not None:
             return self._lm
@@ -222,7 +224,7 @@ class ModelScorer:
             if name != card.get("model") and not force:
                 raise TruthmapError(f"this detector was trained on model '{card.get('model')}', not '{name}'; "
                                     f"its features mean nothing for another model (force=True / --force to try)")
-            lm = load_model(name, self.dtype, self.device)
+            lm = Models(Config(model=name, dtype=self.dtype, device=self.device)).lm
         if not force:
             if lm.model_id != card.get("model"):
                 raise TruthmapError(f"this detector was trained on model '{card.get('model')}', not "

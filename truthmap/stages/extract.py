@@ -105,6 +105,7 @@ def run_extract(
     positions: list[str],
     sites: list[str],
     run_dir: Path,
+    *,
     batch_size: int = 16,
     shard_size: int | None = None,
     progress: bool = True,

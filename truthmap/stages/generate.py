@@ -299,6 +299,7 @@ def decode_answer(tokenizer, answer_ids: list[int]) -> str:
 def run_generate(
     lm: ModelBackend,
     questions: pd.DataFrame,
+    *,
     template: str | None = None,
     max_new_tokens: int = 24,
     batch_size: int | None = None,

@@ -105,7 +105,7 @@ def add_entropy_view(run_dir: Path, sites: dict, positions: list[str]) -> None:
     path = Path(run_dir) / rf.ENTROPY_RESULTS
     if not path.exists():
         return
-    table = pd.read_csv(path, dtype={"site": str, "position": str})
+    table = rf.read_csv(path, dtype={"site": str, "position": str})  # verified against the manifest
     table = table[table["target"] == "error"]
     for site, entry in sites.items():
         rows = table[table["site"] == site]

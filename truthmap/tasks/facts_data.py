@@ -213,6 +213,9 @@ CURRENCY_ALIASES = {
     "XAF": ["CFA franc", "CFA"],
     "KRW": ["Korean won"],
     "BAM": ["convertible mark"],
+    # the unit word alone, shared only by these two (accents folded): the word names either one
+    "SEK": ["krona"],
+    "ISK": ["króna"],
 }
 
 # Element names with a second common spelling.
