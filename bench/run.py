@@ -275,6 +275,8 @@ def _child_peak_rss(code: str) -> float:
 def peak_rss_run(n: int, out: Path | None = None, **settings) -> float:
     """Peak RSS (MiB) of a fresh process running a whole ``truthmap run`` of ``n`` questions (default
     settings but ``settings``) into ``out`` (a temporary folder if None)."""
+    if n < 400:  # a small study (--quick) holds too few wrong answers per part for the default minimum
+        settings = {"min_per_class": 2, **settings}
     code = (
         "import sys, resource, tempfile; sys.path.insert(0, %r)\n"
         "import truthmap\n"
