@@ -19,3 +19,12 @@ def fake_generation(monkeypatch):
     monkeypatch.setattr(generate, "prompt_room", lambda lm, n: 50)
     monkeypatch.setattr(generate, "end_of_turn_ids", lambda lm: [1])
     return batches
+
+
+@pytest.fixture(scope="session")
+def facts_questions():
+    """(questions, vocabularies) of the built-in facts task, built once (about 3 s a build); tests read
+    them and must not change them in place."""
+    from truthmap.data import load_questions
+
+    return load_questions("facts")

@@ -207,8 +207,8 @@ def test_a_gold_alias_inside_a_longer_candidate_does_not_count():
     assert judge("Guinea-Bissau", ["Guinea"])[0] is True  # without a vocabulary there is nothing to tell them apart
 
 
-def test_the_built_in_facts_are_graded_with_their_vocabularies():
-    table, vocabularies = load_questions("facts")
+def test_the_built_in_facts_are_graded_with_their_vocabularies(facts_questions):
+    table, vocabularies = facts_questions
     congo = table[table.gold.apply(lambda g: "Republic of the Congo" in list(g))]
     assert len(congo), "the facts set asks about the Republic of the Congo"
     row = congo.iloc[0]
@@ -223,8 +223,8 @@ def test_the_built_in_facts_are_graded_with_their_vocabularies():
     assert graded.correct.tolist() == [False, True], row.question
 
 
-def test_krona_alone_is_swedens_currency_and_krone_alone_neither_norways_nor_denmarks():
-    table, vocabularies = load_questions("facts")
+def test_krona_alone_is_swedens_currency_and_krone_alone_neither_norways_nor_denmarks(facts_questions):
+    table, vocabularies = facts_questions
     by_id = table.set_index("id")
     asked = [("currency-SE", "The currency of Sweden is the krona."), ("currency-SE", "It is the krone."),
              ("currency-NO", "The krona."), ("currency-NO", "The krone."), ("currency-NO", "The Norwegian krone."),
@@ -240,8 +240,8 @@ def test_krona_alone_is_swedens_currency_and_krone_alone_neither_norways_nor_den
     assert graded.correct.tolist() == [True, False, False, False, True, False]
 
 
-def test_a_country_abbreviated_with_dots_is_graded_like_its_plain_form():
-    table, vocabularies = load_questions("facts")
+def test_a_country_abbreviated_with_dots_is_graded_like_its_plain_form(facts_questions):
+    table, vocabularies = facts_questions
     rows = table[table.id.isin(["city-US-new_york_city", "city-GB-london"])].sort_values("id")
     assert rows.id.tolist() == ["city-GB-london", "city-US-new_york_city"]
     answers = ["London is in the U.S.A.", "New York City is in the U.S.A."]
