@@ -9,7 +9,7 @@ import torch
 from truthmap import Detector, ModelScorer
 from truthmap.cli import app
 from truthmap.data import load_questions
-from truthmap.stages.generate import build_prompt, end_of_turn_ids, generate_answers, run_generate
+from truthmap.stages.generate import build_prompt, end_of_turn_ids, run_generate
 from truthmap.models import DEFAULT_MODEL
 
 pytestmark = pytest.mark.model

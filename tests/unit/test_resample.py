@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from _synthetic import make_run
-from truthmap.analyses.resample import TYPES, cluster_key, error_type, error_types, type_probes
+from truthmap.analyses.resample import TYPES, cluster_key, error_type, type_probes
 
 
 @pytest.mark.parametrize("correct, clusters, expected", [

@@ -32,7 +32,6 @@ log-probability under the model; ``truthmap score`` prints it and warns. The car
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
