@@ -69,6 +69,15 @@ def test_weighted_auc_equals_auc_of_resampled_rows():
     assert (counts.sum(1) == 60).all()
 
 
+def test_weighted_auc_with_ties_equals_auc_of_resampled_rows():
+    rng = np.random.default_rng(3)
+    scores, labels = rng.integers(0, 4, size=60).astype(float), rng.integers(0, 2, size=60)  # many ties
+    counts = bootstrap_counts(60, 5, seed=1)
+    for row, weights in zip(auc_score(scores, labels, counts), counts):
+        index = np.repeat(np.arange(60), weights)
+        assert row == pytest.approx(roc_auc_score(labels[index], scores[index]))
+
+
 def test_split_sizes_name_the_short_class_and_honour_min_per_class():
     from truthmap.errors import TruthmapError
     from truthmap.stages.probe import check_split_sizes

@@ -7,7 +7,7 @@ and its interval, validation AUC, the AUC within strata, and the interval of the
 
 The positive class is *error* (the answer is wrong). Each probe is scikit-learn's
 ``LogisticRegression(C=1.0)`` on features standardised with the train split's mean and deviation; we
-solve the same problem for many cells at once with a batched L-BFGS in torch (see
+solve the same problem for many cells at once with a batched, preconditioned L-BFGS in torch (see
 :class:`BatchedLogisticRegression`), so the AUCs agree with scikit-learn's to well within 0.01.
 
 Every probe is fitted on its seed's train part and scored on its validation and test parts. The heatmap
@@ -44,11 +44,17 @@ class BatchedLogisticRegression:
     ``fit(X, y, train)`` with ``X`` float ``[C, N, d]`` (C cells), ``y`` ``[N]`` (1 = error) and
     ``train`` bool ``[C, S, N]`` (S splits, e.g. seeds) fits C×S problems: for each, features are
     standardised on its own train rows and ``0.5·|w|² + C·Σ logloss`` is minimised over w and an
-    unpenalised intercept, the objective of scikit-learn's ``LogisticRegression(C=C)``. Learned state:
-    ``coef_`` ``[C, S, d]`` and ``intercept_`` ``[C, S]`` in raw-feature units (standardisation folded in).
+    unpenalised intercept, the objective of scikit-learn's ``LogisticRegression(C=C)``, to the same
+    stopping rule (every gradient entry below ``tol``). Learned state: ``coef_`` ``[C, S, d]`` and
+    ``intercept_`` ``[C, S]`` in raw-feature units (standardisation folded in).
 
     The solver is L-BFGS run per problem in lock-step over the batch, with a backtracking line search
-    per problem; the feature matrix is read once per iteration for all S splits.
+    per problem; the feature matrix is read once per evaluation for all S splits. Hidden states are
+    strongly correlated, which makes the plain problem ill-conditioned (hundreds of iterations); the
+    solver therefore works in whitened coordinates ``w = L⁻ᵀu`` with ``L Lᵀ = R/4 + λI`` (R: the
+    correlation of the cell's standardised features over the rows that are in some split's train part,
+    λ: the penalty) — features only, no labels. This changes the path to the optimum, not the optimum
+    (the problem is strictly convex), and cuts the iterations about sixfold.
     """
 
     def __init__(self, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, history: int = 10):
@@ -66,38 +72,46 @@ class BatchedLogisticRegression:
         var = torch.bmm(train, X * X) / count[..., None] - mean * mean
         scale = 1.0 / var.clamp(min=0).sqrt().where(var > 1e-12, torch.ones_like(var))
         penalty = 1.0 / (self.C * count)  # mean-loss form: loss/n + |w|²/(2Cn)
-        # per-cell state, compacted to the cells still iterating: X, train, count, penalty, mean, scale
-        state = [X, train, count, penalty, mean, scale]
+        root = self._whitening(X, train, penalty)  # [C, d, d]: L⁻¹, lower triangular
+        # per-cell state, compacted to the cells still iterating: X, train, count, penalty, mean, scale, root
+        state = [X, train, count, penalty, mean, scale, root]
+
+        def weights(u, inverse):
+            """w = L⁻ᵀu for each problem, as rows: ``u`` ``[c, S, d]`` times ``inverse`` (L⁻¹) ``[c, d, d]``."""
+            return torch.bmm(u, inverse)
 
         def objective(theta, st):
-            """Objective (float64) and gradient for the problems of state ``st``; theta ``[c, S, d+1]``."""
-            Xc, tr, cnt, pen, mu, sc = st
-            w, b = theta[..., :d], theta[..., d]
+            """Objective (float64), gradient in (u, b) and the largest gradient entry in (w, b) for the
+            problems of state ``st``; theta ``[c, S, d+1]``."""
+            Xc, tr, cnt, pen, mu, sc, inverse = st
+            w, b = weights(theta[..., :d], inverse), theta[..., d]
             v = w * sc  # weights on raw features
             logits = torch.bmm(v, Xc.transpose(1, 2)) + (b - (v * mu).sum(-1))[..., None]  # [c, S, N]
             loss = (torch.nn.functional.softplus(logits) - y * logits) * tr
             # float64 sums: the line search compares values closer than float32's resolution
             f = loss.double().sum(-1) / cnt.double() + 0.5 * pen.double() * (w.double() ** 2).sum(-1)
             r = (torch.sigmoid(logits) - y) * tr / cnt[..., None]  # d loss / d logit
-            grad_v = torch.bmm(r, Xc) - mu * r.sum(-1, keepdim=True)
-            grad = torch.cat([grad_v * sc + pen[..., None] * w, r.sum(-1, keepdim=True)], -1)
-            return f, grad
+            grad_w = (torch.bmm(r, Xc) - mu * r.sum(-1, keepdim=True)) * sc + pen[..., None] * w
+            grad_b = r.sum(-1, keepdim=True)
+            grad_u = torch.bmm(grad_w, inverse.transpose(1, 2))  # L⁻¹ times the gradient in w
+            largest = torch.maximum(grad_w.abs().amax(-1), grad_b[..., 0].abs())
+            return f, torch.cat([grad_u, grad_b], -1), largest
 
         theta_out = torch.zeros((n_cells, train.shape[1], d + 1), dtype=X.dtype, device=X.device)
         cells = torch.arange(n_cells, device=X.device)  # original index of each active cell
         theta = theta_out.clone()
-        f, g = objective(theta, state)
+        f, g, largest = objective(theta, state)
         history = []  # (s, y, rho) of the active cells, oldest first
         self.n_iter_ = self.n_evals_ = 0
         for it in range(self.max_iter):
             # a cell leaves the batch once all its problems meet the tolerance (scikit-learn's gtol)
-            running = (g.abs().amax(-1) >= self.tol).any(-1)
+            running = (largest >= self.tol).any(-1)
             if not running.all():
                 theta_out[cells[~running]] = theta[~running]
                 keep = torch.nonzero(running).flatten()
                 if len(keep) == 0:
                     break
-                cells, theta, f, g = cells[keep], theta[keep], f[keep], g[keep]
+                cells, theta, f, g, largest = cells[keep], theta[keep], f[keep], g[keep], largest[keep]
                 state = [t[keep] for t in state]
                 history = [(s[keep], yk[keep], rho[keep]) for s, yk, rho in history]
             direction = -self._two_loop(g, history)
@@ -105,8 +119,8 @@ class BatchedLogisticRegression:
             bad = slope >= 0  # not a descent direction (after a poor curvature pair): use the gradient
             direction = torch.where(bad[..., None], -g, direction)
             slope = torch.where(bad, -(g * g).sum(-1), slope)
-            step = torch.ones_like(slope) if history else torch.clamp(1.0 / g.norm(dim=-1), max=1.0)
-            f_new, g_new = objective(theta + step[..., None] * direction, state)
+            step = torch.ones_like(slope)  # whitened: the unit step is the natural first try
+            f_new, g_new, largest_new = objective(theta + step[..., None] * direction, state)
             self.n_evals_ += 1
             for _ in range(30):  # backtrack, re-evaluating only the cells where Armijo fails
                 fail = f_new > f + 1e-4 * (step * slope).double()
@@ -114,24 +128,41 @@ class BatchedLogisticRegression:
                 if len(retry) == 0:
                     break
                 step[retry] = torch.where(fail[retry], step[retry] * 0.5, step[retry])
-                f_new[retry], g_new[retry] = objective(
+                f_new[retry], g_new[retry], largest_new[retry] = objective(
                     theta[retry] + step[retry, :, None] * direction[retry], [t[retry] for t in state]
                 )
                 self.n_evals_ += 1
             s = step[..., None] * direction
             yk = g_new - g
             sy = (s * yk).sum(-1)
-            theta, f, g = theta + s, f_new, g_new
+            theta, f, g, largest = theta + s, f_new, g_new, largest_new
             history.append((s, yk, torch.where(sy > 1e-10, 1.0 / sy.clamp(min=1e-10), torch.zeros_like(sy))))
             if len(history) > self.history:
                 history.pop(0)
             self.n_iter_ = it + 1
         else:
             theta_out[cells] = theta
-        w, b = theta_out[..., :d], theta_out[..., d]
+        w, b = weights(theta_out[..., :d], root), theta_out[..., d]
         self.coef_ = w * scale
         self.intercept_ = b - (self.coef_ * (mean + shift)).sum(-1)
         return self
+
+    @staticmethod
+    def _whitening(X: torch.Tensor, train: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+        """Per cell, the inverse of the Cholesky factor L of ``R/4 + λI``: R the correlation of the
+        features over the rows in some split's train part, λ the mean penalty of the cell's problems.
+        ``[C, d, d]``."""
+        rows = train.amax(1)  # [C, N]
+        count = rows.sum(-1).clamp(min=1)[:, None, None]
+        mean = torch.bmm(rows[:, None], X) / count  # [C, 1, d]
+        gram = torch.bmm((X * rows[..., None]).transpose(1, 2), X) / count - mean.transpose(1, 2) * mean
+        std = gram.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))
+        corr = gram / std[:, :, None] / std[:, None, :]
+        eye = torch.eye(X.shape[-1], dtype=torch.float64, device=X.device)
+        a = 0.25 * corr.double() + penalty.double().mean(1)[:, None, None] * eye
+        lower = torch.linalg.cholesky(0.5 * (a + a.transpose(1, 2)))
+        return torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False).to(X.dtype)
 
     @staticmethod
     def _two_loop(g, history):
@@ -169,8 +200,9 @@ def auc_score(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray | No
     s, pos = scores[order], positive[order].astype(bool)
     w = np.ones((1, len(s))) if weights is None else np.asarray(weights, dtype=np.float64)[:, order]
     starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
-    w_pos = np.add.reduceat(w * pos, starts, axis=1)
-    w_neg = np.add.reduceat(w * ~pos, starts, axis=1)
+    w_pos, w_neg = w * pos, w * ~pos
+    if len(starts) < len(s):  # ties: each group of equal scores counts as one
+        w_pos, w_neg = np.add.reduceat(w_pos, starts, axis=1), np.add.reduceat(w_neg, starts, axis=1)
     neg_below = np.cumsum(w_neg, axis=1) - w_neg
     total = w_pos.sum(1) * w_neg.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
