@@ -138,3 +138,28 @@ def test_both_p_true_variants_in_one_pass_equal_a_pass_each(default_model):
     np.testing.assert_allclose(alone[:, 0], together[:, 0], atol=1e-5)
     wide = p_true_variants(default_model, questions, [exact, whole], batch_size=4)
     np.testing.assert_allclose(wide, together, atol=1e-5, equal_nan=True)
+
+
+def test_a_batch_computes_what_its_prompts_share_once(default_model):
+    """Generation runs the beginning a batch's prompts share (the chat template's system turn …) once and
+    lets its KV cache serve every row: the same greedy answers as one prompt at a time, with fewer prompt
+    tokens through the model."""
+    from truthmap.stages.generate import build_prompt, common_prefix, encode_prompt, end_of_turn_ids, answer_prompts
+
+    lm = default_model
+    questions = ["What is the capital of Peru?", "Who painted the Mona Lisa?", "What is the largest ocean?",
+                 "In which year did the Berlin Wall fall?", "What is the chemical symbol of gold?"]
+    prompts = [encode_prompt(lm.tokenizer, build_prompt(lm.tokenizer, q)) for q in questions]
+    head = common_prefix(prompts)
+    assert head >= 10  # the chat template's system turn, at least
+    seen = []
+    hook = lm.embeddings.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
+    try:
+        together, _ = answer_prompts(lm, prompts, 12, 5, end_of_turn_ids(lm))
+        prefill = [shape for shape in seen if shape[1] > 1]
+        alone = [answer_prompts(lm, [p], 12, 1, end_of_turn_ids(lm))[0][0] for p in prompts]
+    finally:
+        hook.remove()
+    assert together == alone
+    # the batch's prefill: the head once, then the rows' own ends (left-padded to the longest)
+    assert prefill[0] == (1, head) and prefill[1] == (5, max(len(p) for p in prompts) - head)

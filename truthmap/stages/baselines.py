@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 from ..errors import TruthmapError
+from .generate import cache_argument, common_prefix, plain_cache, select_rows, shared_head
 from ..runfolder import BASELINE_RESULTS, FAMILY_RESULTS  # the names: runfolder.py
 from ..runfolder import BASELINES_FIGURE as FIGURE
 
@@ -160,53 +161,6 @@ def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
-def _common_prefix(rows: list[list[int]]) -> int:
-    """Tokens all ``rows`` begin with, leaving each at least one token of its own."""
-    n = min(len(r) for r in rows) - 1
-    for k in range(n):
-        if any(r[k] != rows[0][k] for r in rows[1:]):
-            return k
-    return max(n, 0)
-
-
-def _plain_cache(cache) -> bool:
-    """A cache whose rows can be repeated for several continuations (every layer a plain dynamic layer)."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def _cache_argument(lm) -> str:
-    """The name the model's forward gives its KV cache (``past_key_values``, or ``cache`` in newer transformers)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(lm.model.base_model.forward).parameters else "past_key_values"
-
-
-def _select_rows(lm, cache, rows: torch.Tensor):
-    """A new cache holding the batch rows ``rows`` of ``cache`` (a plain dynamic cache), in that order."""
-    from transformers.cache_utils import DynamicCache
-
-    chosen = DynamicCache(config=lm.model.config)
-    for index, layer in enumerate(cache.layers):
-        chosen.update(layer.keys[rows], layer.values[rows], index)
-    return chosen
-
-
-@torch.inference_mode()
-def _shared_head(lm, head: list[int]):
-    """The KV cache of ``head``, the beginning every p(True) prompt of a run shares (the chat template's
-    system turn, "Question: "), computed once; None where the model's cache cannot be shared."""
-    from transformers.cache_utils import DynamicCache
-
-    if not head:
-        return None
-    cache = DynamicCache(config=lm.model.config)
-    lm.model.base_model(input_ids=torch.tensor([head], device=lm.device), **{_cache_argument(lm): cache},
-                        use_cache=True)
-    return cache if _plain_cache(cache) else None
-
-
 @torch.inference_mode()
 def _last_hidden_shared(lm, groups: list[list[list[int]]], head_cache=None, chunk: int = 16) -> torch.Tensor:
     """The last position's final hidden state of every prompt of ``groups`` but each group's last (which
@@ -217,13 +171,13 @@ def _last_hidden_shared(lm, groups: list[list[list[int]]], head_cache=None, chun
     pad = lm.tokenizer.pad_token_id
     device = lm.device
     head = head_cache.get_seq_length() if head_cache is not None else 0
-    cut = [_common_prefix(g) for g in groups]
+    cut = [common_prefix(g) for g in groups]
     if min(cut) <= head:  # a group with nothing of its own to share
         return None
     middle_ids, middle_mask = _right_pad([g[0][head:c] for g, c in zip(groups, cut)], pad)
     n = len(groups)
     if head_cache is not None:
-        cache = _select_rows(lm, head_cache, torch.zeros(n, dtype=torch.long, device=device))
+        cache = select_rows(lm, head_cache, torch.zeros(n, dtype=torch.long, device=device))
     else:
         from transformers.cache_utils import DynamicCache
 
@@ -231,8 +185,8 @@ def _last_hidden_shared(lm, groups: list[list[list[int]]], head_cache=None, chun
     middle_mask = torch.cat([torch.ones((n, head), dtype=torch.long), middle_mask], dim=1)
     lm.model.base_model(input_ids=middle_ids.to(device), attention_mask=middle_mask.to(device),
                         position_ids=(head + torch.arange(middle_ids.shape[1]))[None].expand_as(middle_ids).to(device),
-                        **{_cache_argument(lm): cache}, use_cache=True)
-    if not _plain_cache(cache):
+                        **{cache_argument(lm): cache}, use_cache=True)
+    if not plain_cache(cache):
         return None
     owner = [g for g, group in enumerate(groups) for _ in group[:-1]]
     suffixes = [prompt[cut[g]:] for g, group in enumerate(groups) for prompt in group[:-1]]
@@ -247,7 +201,7 @@ def _last_hidden_shared(lm, groups: list[list[list[int]]], head_cache=None, chun
             input_ids=suffix_ids.to(device),
             attention_mask=torch.cat([middle_mask[owners], suffix_mask], dim=1).to(device),
             position_ids=positions.to(device),
-            **{_cache_argument(lm): _select_rows(lm, cache, owners.to(device))}, use_cache=True,
+            **{cache_argument(lm): select_rows(lm, cache, owners.to(device))}, use_cache=True,
         ).last_hidden_state
         last = out[torch.arange(len(rows)), torch.tensor([len(suffixes[i]) - 1 for i in rows])]
         for i, state in zip(rows, last):
@@ -291,9 +245,9 @@ def p_true_variants(lm, questions: list[str], variants: list[list[str | None]], 
     todo = sorted((i for i in keys_of if keys_of[i]), key=lambda i: max(len(prompts[key]) for key in keys_of[i]))
     head_cache = None
     if share_prefix and todo:  # what every prompt begins with, short of where any question's own text starts
-        own = min(_common_prefix([prompts[key] for key in keys_of[i]] + [probe[i]]) for i in todo)
+        own = min(common_prefix([prompts[key] for key in keys_of[i]] + [probe[i]]) for i in todo)
         firsts = [probe[i] for i in todo]
-        head_cache = _shared_head(lm, firsts[0][: min(_common_prefix(firsts), own - 1)])
+        head_cache = shared_head(lm, firsts[0][: min(common_prefix(firsts), own - 1)])
     lm_head = lm.model.get_output_embeddings()
     for start in range(0, len(todo), batch_size):
         keys = [key for i in todo[start : start + batch_size] for key in keys_of[i]]

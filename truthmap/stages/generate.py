@@ -155,6 +155,57 @@ def prompt_room(lm: LoadedModel, max_new_tokens: int) -> int | None:
     return context - max_new_tokens
 
 
+# ------------------------------------------------------------ a beginning prompts share, computed once
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """Tokens all ``rows`` begin with, leaving each at least one token of its own."""
+    n = min(len(r) for r in rows) - 1
+    for k in range(n):
+        if any(r[k] != rows[0][k] for r in rows[1:]):
+            return k
+    return max(n, 0)
+
+
+def plain_cache(cache) -> bool:
+    """A cache whose rows can be repeated for several continuations (every layer a plain dynamic layer)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def cache_argument(lm) -> str:
+    """The name the model's forward gives its KV cache (``past_key_values``, or ``cache`` in newer transformers)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(lm.model.base_model.forward).parameters else "past_key_values"
+
+
+def select_rows(lm, cache, rows: torch.Tensor):
+    """A new cache holding the batch rows ``rows`` of ``cache`` (a plain dynamic cache), in that order."""
+    from transformers.cache_utils import DynamicCache
+
+    chosen = DynamicCache(config=lm.model.config)
+    for index, layer in enumerate(cache.layers):
+        chosen.update(layer.keys[rows], layer.values[rows], index)
+    return chosen
+
+
+@torch.inference_mode()
+def shared_head(lm, head: list[int]):
+    """The KV cache of ``head``, a beginning several prompts share (the chat template's system turn, an
+    instruction …), computed once; None where the model's cache cannot be shared (sliding windows,
+    linear attention …) or the model is not a transformers model."""
+    from transformers import PreTrainedModel
+    from transformers.cache_utils import DynamicCache
+
+    if not head or not isinstance(lm.model, PreTrainedModel):
+        return None
+    cache = DynamicCache(config=lm.model.config)
+    lm.model.base_model(input_ids=torch.tensor([head], device=lm.device), **{cache_argument(lm): cache},
+                        use_cache=True)
+    return cache if plain_cache(cache) else None
+
+
 def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -167,8 +218,15 @@ def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
 
 @torch.inference_mode()
 def _generate_batch(lm, batch, max_new_tokens, stop_ids, sample=None, capture=None):
-    input_ids, mask = _left_pad(batch, lm.tokenizer.pad_token_id)
     device = lm.device
+    # what every prompt of the batch begins with (the chat template's system turn, an instruction …) runs
+    # once and its KV cache serves every row; each prompt's own end is left-padded after it
+    head = common_prefix(batch) if len(batch) > 1 else 0
+    cache = shared_head(lm, batch[0][:head]) if head else None
+    head = head if cache is not None else 0
+    own_ids, own_mask = _left_pad([ids[head:] for ids in batch], lm.tokenizer.pad_token_id)
+    input_ids = torch.cat([torch.tensor([batch[0][:head]], dtype=torch.long).expand(len(batch), head), own_ids], 1)
+    mask = torch.cat([torch.ones((len(batch), head), dtype=torch.long), own_mask], 1)
     kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     if sample is not None:  # (temperature, torch seed[, top_k]) for resampling; top_k 0: the whole vocabulary
         kwargs = dict(do_sample=True, temperature=sample[0], top_p=1.0, top_k=sample[2] if len(sample) > 2 else 0)
@@ -179,6 +237,8 @@ def _generate_batch(lm, batch, max_new_tokens, stop_ids, sample=None, capture=No
         hooks = None  # no room for the step past the answer: this batch is read by the extract stage
     if hooks is not None:
         kwargs.update(hooks.generate_kwargs(input_ids.shape[1], stop_ids))
+    if cache is not None:  # the head's cache, one copy per row (generate extends it)
+        kwargs[cache_argument(lm)] = select_rows(lm, cache, torch.zeros(len(batch), dtype=torch.long, device=device))
     with hooks if hooks is not None else contextlib.nullcontext():
         out = lm.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                 pad_token_id=lm.tokenizer.pad_token_id, **kwargs)
