@@ -177,10 +177,13 @@ def load_model(
     otherwise the whole model goes to ``device``. The last model loaded is kept, so several studies
     in one process (tests, notebooks) load it once.
     """
-    key = (model_id, dtype, device, device_map, trust_remote_code, attn_implementation)
+    asked = (model_id, dtype, device, device_map, trust_remote_code, attn_implementation)
+    # "auto" is kept as what it means here, so that asking for it and for its meaning load the model once
+    where = resolve_device(device)
+    key = (model_id, str(_torch_dtype(dtype, where)), where, device_map, trust_remote_code, attn_implementation)
     if key not in _LOADED:
         _LOADED.clear()  # keep one model in memory at most
-        _LOADED[key] = _load(*key)
+        _LOADED[key] = _load(*asked)
     return _LOADED[key]
 
 

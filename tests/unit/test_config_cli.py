@@ -92,6 +92,24 @@ def test_an_unknown_model_fails_first_and_offline_asks_no_network(tmp_path, caps
     assert len(looked_up) <= 1
 
 
+def test_auto_and_what_it_means_here_load_the_model_once(monkeypatch):
+    """A study run with the default settings ("auto") and a caller that names the dtype and device they
+    mean on this machine share one load; another dtype loads again, and one model at most is kept."""
+    import truthmap.models as models
+
+    loads = []
+    monkeypatch.setattr(models, "_LOADED", {})
+    monkeypatch.setattr(models, "_load", lambda *asked: loads.append(asked) or object())
+    where = models.resolve_device("auto")
+    meaning = str(models._torch_dtype("auto", where)).removeprefix("torch.")
+    first = models.load_model("some/model", "auto", "auto")
+    assert models.load_model("some/model", meaning, where) is first and len(loads) == 1
+    assert loads[0][1:3] == ("auto", "auto")  # the load itself is asked what the caller asked
+    other = "float16" if meaning != "float16" else "float32"
+    assert models.load_model("some/model", other, where) is not first and len(loads) == 2
+    assert models.load_model("some/model") is not first and len(loads) == 3 and len(models._LOADED) == 1
+
+
 # ---------------------------------------------------------------- one way to name a run on the command line
 
 def _cli(argv, capsys):
