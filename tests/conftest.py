@@ -11,6 +11,29 @@ def default_model():
 
 
 @pytest.fixture(scope="session")
+def model_folder(default_model, tmp_path_factory):
+    """The default model saved as a Hugging Face folder: the same float32 weights (dequantised), tokenizer,
+    chat template and generation config, so the same answers; a process loads it in about a second, where
+    reading and dequantising the GGUF file takes about 30 s. For the tests that start processes or Ray
+    workers to test something other than loading (kills and resumes, workers); a run of it records the
+    revision "local"."""
+    import copy
+
+    from safetensors.torch import save_model
+
+    folder = tmp_path_factory.mktemp("model") / "smollm2-135m-instruct"
+    folder.mkdir()
+    config = copy.deepcopy(default_model.model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights saved are the dequantised ones
+    config.save_pretrained(folder)
+    default_model.model.generation_config.save_pretrained(folder)
+    default_model.tokenizer.save_pretrained(folder)
+    save_model(default_model.model, str(folder / "model.safetensors"))  # the tied embedding once
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     """The embedded default model's tokenizer alone: unit tests of grading and positions load no weights."""
     from truthmap.models import load_tokenizer

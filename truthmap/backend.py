@@ -84,6 +84,14 @@ class Models:
                 self._lm = load_model(c.model, c.dtype, c.device, c.device_map, c.trust_remote_code)
         return self._lm
 
+    def check(self) -> None:
+        """Fail now, in one line, if the studied model cannot be found, before a stage's other work (the
+        model itself is loaded on first use). A model on Ray workers is found by the workers."""
+        if self._lm is None and not (self.on_workers and self.config.ray):
+            from .models import check_model
+
+            check_model(self.config.model, self.config.trust_remote_code)
+
     @property
     def extractor(self) -> ModelBackend | None:
         """None with ``extractor_model = "none"``; the studied model when it is the extractor."""

@@ -177,11 +177,42 @@ def load_model(
     otherwise the whole model goes to ``device``. The last model loaded is kept, so several studies
     in one process (tests, notebooks) load it once.
     """
-    key = (model_id, dtype, device, device_map, trust_remote_code, attn_implementation)
+    asked = (model_id, dtype, device, device_map, trust_remote_code, attn_implementation)
+    # "auto" is kept as what it means here, so that asking for it and for its meaning load the model once
+    where = resolve_device(device)
+    key = (model_id, str(_torch_dtype(dtype, where)), where, device_map, trust_remote_code, attn_implementation)
     if key not in _LOADED:
         _LOADED.clear()  # keep one model in memory at most
-        _LOADED[key] = _load(*key)
+        _LOADED[key] = _load(*asked)
     return _LOADED[key]
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE=1, read now: the hub library reads it once, on import, which may come before it is set."""
+    return os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def _load_error(model_id: str, err: Exception) -> TruthmapError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return TruthmapError(
+        f"model '{model_id}': could not be loaded ({first_line})"
+        + (" — HF_HUB_OFFLINE=1 is set, so only local folders and cached models load" if _offline() else "")
+    )
+
+
+def check_model(model_id: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> None:
+    """Raise the one-line error of :func:`load_model` now, cheaply, for a model that cannot be found, so
+    that it comes before a command's other work: the embedded default, a GGUF file and a local folder
+    are checked by :func:`resolve_model`; a hub id by reading its config alone (from the cache when offline)."""
+    source, gguf_file = resolve_model(model_id)
+    if gguf_file or Path(source).exists():
+        return  # there (a hub repository's GGUF file is fetched, and so checked, by the load itself)
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=_offline())
+    except (OSError, ValueError, KeyError) as err:
+        raise _load_error(model_id, err) from None
 
 
 def load_tokenizer(model_id: str = DEFAULT_MODEL, trust_remote_code: bool = False):
@@ -191,7 +222,7 @@ def load_tokenizer(model_id: str = DEFAULT_MODEL, trust_remote_code: bool = Fals
     source, gguf_file = resolve_model(model_id)
     kwargs = {"trust_remote_code": trust_remote_code, **({"gguf_file": gguf_file} if gguf_file else {})}
     try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
+        return AutoTokenizer.from_pretrained(source, local_files_only=_offline(), **kwargs)
     except (OSError, ValueError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TruthmapError(f"model '{model_id}': its tokenizer could not be loaded ({first_line})") from None
@@ -204,7 +235,7 @@ def _load(model_id, dtype, device, device_map, trust_remote_code, attn_implement
 
     source, gguf_file = resolve_model(model_id)
     device = resolve_device(device)
-    kwargs = {"trust_remote_code": trust_remote_code}
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": _offline()}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     hf_logging.set_verbosity_error()
@@ -218,12 +249,7 @@ def _load(model_id, dtype, device, device_map, trust_remote_code, attn_implement
             **kwargs,
         )
     except (OSError, ValueError, KeyError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TruthmapError(
-            f"model '{model_id}': could not be loaded ({first_line})"
-            + (" — HF_HUB_OFFLINE=1 is set, so only local folders and cached models load" if offline else "")
-        ) from None
+        raise _load_error(model_id, err) from None
     if device_map is None:
         model.to(device)
     model.eval()

@@ -93,6 +93,7 @@ def _generate(s: StageRun) -> None:
     from .tasks import answer_length
 
     c, run_dir = s.config, s.run_dir
+    s.models.check()  # an unknown model fails before the questions are read (a hub dataset may be large)
     questions, vocabularies = load_questions(c.dataset, c.limit, 0, c.question_column, c.answer_column,
                                              c.data_dir, c.on_bad_row, c.protocol)
     max_new_tokens = answer_length(questions["task"], c.max_new_tokens, c.protocol)

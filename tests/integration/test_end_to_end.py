@@ -59,6 +59,7 @@ def test_run_folder_contract(study):
                 "stage_seconds", "versions", "families"):
         assert key in summary, key
     assert summary["n"] == 80 and len(summary["top_cells"]) == 5
+    assert summary["model_revision"].startswith("sha256:")  # the embedded GGUF file's
     best, means = summary["best_cell"], mean_over_seeds(pd.read_csv(out / "probe_results.csv",
                                                                                   dtype={"position": str}))
     probes = means[means.site == "residual"]

@@ -84,9 +84,10 @@ def test_features_and_token_scores_read_while_generating_equal_a_separate_pass(d
 
 
 def test_features_of_a_float16_model(tmp_path):
-    from truthmap.models import load_model
+    from truthmap.models import DEFAULT_MODEL, _load
 
-    lm = load_model(dtype="float16", device="cpu")
+    # loaded past load_model's cache, which keeps one model: the float32 model stays for the tests after this
+    lm = _load(DEFAULT_MODEL, "float16", "cpu", None, False, None)
     generations = generate(lm, tmp_path, 8, 8, ["residual"], max_new_tokens=12)
     store, missing, separate = one_pass_and_separate(lm, generations, tmp_path, every_position(generations),
                                                      ["residual"])

@@ -2,7 +2,8 @@
 worker is killed in the middle of it.
 
 The test starts its own one-machine Ray cluster on the loopback address (2 CPUs: 2 workers of 1 CPU,
-each loading the default model). One single-process reference run, then one distributed run in which
+each loading the default model, saved as a folder: tests/conftest.py ``model_folder``, a second a load
+instead of the GGUF file's half minute). One single-process reference run, then one distributed run in which
 the worker that starts generation chunk 1 kills itself once (TRUTHMAP_RAY_FAILPOINT, distributed.py):
 Ray restarts it and retries that chunk. Small chunks and shards give both workers several pieces of
 each stage; the stages after probe do not involve the workers and are left out. Last, the analyses of
@@ -24,7 +25,7 @@ from truthmap.pipeline import run_stages
 pytestmark = pytest.mark.model
 # a tiny study: 24 questions, batch size 2 -> 3 generation chunks of 8; 3 feature shards of 8
 STUDY = dict(limit=24, seeds=[0], test_fraction=0.3, validation_fraction=0.3, bootstrap=50, batch_size=2, max_new_tokens=12,
-             dtype="float32", device="cpu", progress=False,  # the model the default_model fixture may have loaded
+             dtype="float32", device="cpu", progress=False,  # the workers' dtype and device, also in this process
              min_per_class=2)  # a tiny study still gets AUCs to compare
 STAGES = ("generate", "label", "extract", "probe")
 SHARD_SIZE = 8
@@ -32,7 +33,7 @@ SCORE_TOL = 0.05  # probe probabilities of the two runs (features within float16
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, model_folder):
     """(single-process run folder, distributed run folder, kill marker file)."""
     # Ray binds its node to the loopback address only when it is not set up for a real cluster
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -48,12 +49,13 @@ def runs(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(truthmap.stages.extract, "SHARD_SIZE", SHARD_SIZE)
-            run_stages(load_config(None, out=str(root / "single"), **STUDY), STAGES)
+            run_stages(load_config(None, out=str(root / "single"), model=str(model_folder), **STUDY), STAGES)
             ray.init(num_cpus=2, address="local", include_dashboard=False, log_to_driver=False,
                      _node_ip_address="127.0.0.1")
             try:
                 patch.setenv("TRUTHMAP_RAY_FAILPOINT", f"generate:1:{marker}")
-                run_stages(load_config(None, out=str(root / "ray"), ray="local", **STUDY), STAGES)
+                run_stages(load_config(None, out=str(root / "ray"), ray="local", model=str(model_folder), **STUDY),
+                           STAGES)
             finally:
                 ray.shutdown()
     finally:
@@ -114,7 +116,7 @@ def test_same_aucs(runs):
         assert same.mean() >= 0.9, (column, same.mean())
 
 
-def test_resample_and_choose_on_a_ray_run_run_in_this_process(runs, monkeypatch, capsys):
+def test_resample_and_choose_on_a_ray_run_run_in_this_process(runs, model_folder, monkeypatch, capsys):
     import ray
 
     import truthmap.distributed as distributed
@@ -128,8 +130,8 @@ def test_resample_and_choose_on_a_ray_run_run_in_this_process(runs, monkeypatch,
         raise AssertionError("an analysis of a finished run started Ray workers")
 
     monkeypatch.setattr(distributed, "start_workers", no_workers)
-    app(["resample", "--out", str(run), "--n", "2", "--quiet"])
-    app(["choose", "--out", str(run), "--quiet"])
+    app(["resample", "--out", str(run), "--n", "2", "--model", str(model_folder), "--quiet"])
+    app(["choose", "--out", str(run), "--model", str(model_folder), "--quiet"])
     resamples = pd.read_parquet(run / "resamples.parquet")
     assert len(resamples) == 2 * 24 and (resamples.groupby("id").size() == 2).all()
     assert len(pd.read_parquet(run / "error_types.parquet")) == 24

@@ -55,6 +55,61 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.startswith("error: ") and "missing column 'question'" in err and len(err.splitlines()) == 1
 
 
+def test_an_unknown_model_fails_first_and_offline_asks_no_network(tmp_path, capsys, monkeypatch):
+    """The unknown model is the error, before any question is read or any weight loaded; with
+    HF_HUB_OFFLINE=1 set after the hub library was imported (as in a notebook), its files are not asked
+    of the network (the library reads the variable once, on import, and would otherwise retry for a minute)."""
+    import socket
+
+    import huggingface_hub.constants  # noqa: F401  (read before the variable is set)
+
+    import truthmap.models
+
+    def forbidden(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(what)
+        return fail
+
+    looked_up = []  # recorded: the hub library takes a failed look-up for a network down, retries, and goes on
+
+    def lookup(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "no network in this test")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    monkeypatch.setattr("truthmap.data.load_questions", forbidden("the questions were read before the model was found"))
+    monkeypatch.setattr(truthmap.models, "_load", forbidden("the model was loaded before it was found"))
+    with pytest.raises(SystemExit) as exit_:
+        app(["generate", "--model", "no-such-org/no-such-model", "--limit", "3", "--out", str(tmp_path / "run"), "--quiet"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model 'no-such-org/no-such-model': could not be loaded") and len(err.splitlines()) == 1
+    assert "HF_HUB_OFFLINE=1 is set" in err
+    assert not (tmp_path / "run" / "questions.parquet").exists()
+    # the model's files are not asked for (that is a look-up per retry, and a line on stderr each); the
+    # hub library may still ask once for a registry it puts in its user-agent header
+    assert len(looked_up) <= 1
+
+
+def test_auto_and_what_it_means_here_load_the_model_once(monkeypatch):
+    """A study run with the default settings ("auto") and a caller that names the dtype and device they
+    mean on this machine share one load; another dtype loads again, and one model at most is kept."""
+    import truthmap.models as models
+
+    loads = []
+    monkeypatch.setattr(models, "_LOADED", {})
+    monkeypatch.setattr(models, "_load", lambda *asked: loads.append(asked) or object())
+    where = models.resolve_device("auto")
+    meaning = str(models._torch_dtype("auto", where)).removeprefix("torch.")
+    first = models.load_model("some/model", "auto", "auto")
+    assert models.load_model("some/model", meaning, where) is first and len(loads) == 1
+    assert loads[0][1:3] == ("auto", "auto")  # the load itself is asked what the caller asked
+    other = "float16" if meaning != "float16" else "float32"
+    assert models.load_model("some/model", other, where) is not first and len(loads) == 2
+    assert models.load_model("some/model") is not first and len(loads) == 3 and len(models._LOADED) == 1
+
+
 # ---------------------------------------------------------------- one way to name a run on the command line
 
 def _cli(argv, capsys):
