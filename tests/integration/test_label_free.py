@@ -1,5 +1,6 @@
 """Model-backed: a dataset with a question column only is studied end to end with semantic-entropy
-probes (20 questions, 3 samples each), and the run folder says that no correctness AUC exists."""
+probes (20 questions, 3 samples each, answers of 12 tokens at most), and the run folder says that no
+correctness AUC exists."""
 
 import json
 
@@ -23,7 +24,7 @@ def test_a_question_only_dataset_runs_end_to_end_with_entropy_probes(tmp_path):
     out = tmp_path / "run"
     app(["run", "--dataset", str(source), "--out", str(out), "--samples", "3", "--sample-temperature", "0.7",
          "--seeds", "0", "--positions", *POSITIONS, "--min-per-class", "2", "--extractor-model", "none",
-         "--bootstrap", "50", "--quiet"])
+         "--bootstrap", "50", "--max-new-tokens", "12", "--quiet"])
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["labels"] == "none" and "no correctness AUC" in summary["no_correctness_auc"]
@@ -36,7 +37,7 @@ def test_a_question_only_dataset_runs_end_to_end_with_entropy_probes(tmp_path):
     resamples = pd.read_parquet(out / "resamples.parquet")
     assert (resamples.groupby("id").size() == 3).all() and set(resamples["id"]) == set(answers["id"])
     for ids, logprobs in zip(resamples["answer_ids"], resamples["token_logprobs"]):
-        assert 0 < len(logprobs) <= len(ids) and np.all(np.asarray(logprobs) <= 0)
+        assert 0 < len(logprobs) <= len(ids) <= 12 and np.all(np.asarray(logprobs) <= 0)  # the run's length too
     assert summary["sampling"]["generated_samples"] == 60 and summary["sampling"]["judge_calls"] == 0
 
     scores = pd.read_parquet(out / "sampling_scores.parquet")
