@@ -10,6 +10,7 @@ to 1e-4 (float32).
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from truthmap import runfolder as rf
 from truthmap.stages.baselines import p_true, p_true_variants, token_statistics
@@ -83,11 +84,13 @@ def test_features_and_token_scores_read_while_generating_equal_a_separate_pass(d
         np.testing.assert_allclose(entropy, entropy_ref, atol=1e-4, rtol=0)
 
 
-def test_features_of_a_float16_model(tmp_path):
-    from truthmap.models import DEFAULT_MODEL, _load
+def test_features_of_a_float16_model(tmp_path, model_folder):
+    from truthmap.models import _load
 
-    # loaded past load_model's cache, which keeps one model: the float32 model stays for the tests after this
-    lm = _load(DEFAULT_MODEL, "float16", "cpu", None, False, None)
+    # the default model's weights as float16, from its folder (a second; the GGUF file takes half a minute),
+    # past load_model's cache, which keeps one model: the float32 model stays for the tests after this
+    lm = _load(str(model_folder), "float16", "cpu", None, False, None)
+    assert lm.model.dtype == torch.float16
     generations = generate(lm, tmp_path, 8, 8, ["residual"], max_new_tokens=12)
     store, missing, separate = one_pass_and_separate(lm, generations, tmp_path, every_position(generations),
                                                      ["residual"])
