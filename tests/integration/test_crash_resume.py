@@ -28,9 +28,10 @@ import yaml
 pytestmark = pytest.mark.model
 
 # small: 40 built-in questions, 2 generation chunks (4 batches of 8, then 1 batch), one split; the
-# parts of so small a study hold a few right answers, so 2 of each class are enough
+# parts of so small a study hold a few right answers, so 2 of each class are enough. The baselines
+# stage runs (between probe and plot) without asking the model p(True), which nothing here compares.
 SETTINGS = {"limit": 40, "seeds": [0], "test_fraction": 0.3, "validation_fraction": 0.2, "min_per_class": 2,
-            "bootstrap": 50, "max_new_tokens": 16,
+            "bootstrap": 50, "max_new_tokens": 16, "p_true": "none",
             "batch_size": 8}
 # where each stage is killed: (event, file) — the three events of a write are each exercised
 KILL_AT = {
