@@ -288,3 +288,32 @@ def test_graded_on_the_first_line(monkeypatch):
     assert labelled.correct.tolist() == [True] and labelled.answer.tolist() == [" Paris"]
     # the same ids from a chat model are graded on the whole text: Rome is named too
     assert decode_answer(TinyTokenizer("{{ messages }}"), [1, 5, 7, 8]) == " Paris\nQ: Rome"
+
+
+def _sized_model(device: str):
+    """What auto_batch_size reads of a model: 30 layers, 3 KV heads of 64, a 49152-token vocabulary."""
+    config = SimpleNamespace(num_key_value_heads=3, num_attention_heads=9, head_dim=64, hidden_size=576,
+                             vocab_size=49152)
+    config.get_text_config = lambda: config
+    return SimpleNamespace(device=torch.device(device), n_layers=30,
+                           model=SimpleNamespace(config=config, dtype=torch.float32))
+
+
+def test_cpu_batch_size_is_the_cap_when_memory_allows_and_shrinks_when_it_does_not(monkeypatch):
+    lm = _sized_model("cpu")
+    per_sequence = generate._bytes_per_sequence(lm, 100)
+    assert per_sequence > 100 * 2 * 30 * 3 * 64 * 4  # at least the KV cache of 100 tokens
+    pages = {"SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(generate.os, "sysconf", lambda name: pages[name])
+    pages["SC_AVPHYS_PAGES"] = (1 << 35) // 4096  # 32 GiB available
+    assert generate.auto_batch_size(lm, 100) == generate.CPU_BATCH
+    pages["SC_AVPHYS_PAGES"] = 10 * per_sequence * 4 // 4096  # a quarter of it holds ten sequences
+    assert generate.auto_batch_size(lm, 100) in (9, 10)
+    pages["SC_AVPHYS_PAGES"] = 0
+    assert generate.auto_batch_size(lm, 100) == 1
+
+    def missing(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(generate.os, "sysconf", missing)  # no such counters: the cap
+    assert generate.auto_batch_size(lm, 100) == generate.CPU_BATCH

@@ -22,6 +22,7 @@ chat template's start and its generation prompt stay whole (``long_prompts="trun
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -111,18 +112,35 @@ def line_break_ids(tokenizer) -> list[int]:
     return cached
 
 
+CPU_BATCH = 64  # the CPU's first batch size, when memory allows: see auto_batch_size
+
+
 def auto_batch_size(lm: LoadedModel, longest: int) -> int:
-    """A first batch size: 16 on the CPU; on a GPU, what the KV cache of ``longest`` tokens leaves room for."""
-    if lm.device.type != "cuda":
-        return 16
-    free, _ = torch.cuda.mem_get_info(lm.device)
+    """A first batch size: what the KV cache of ``longest`` tokens leaves room for in half the GPU's free
+    memory (at most 256), or on the CPU in a quarter of the available memory (at most ``CPU_BATCH``: each
+    decoding step reads every weight once for the whole batch, so on 2 CPU cores the default model
+    answers 192 questions 1.75× as fast at batch 64 as at 16 (96: 1.95×), with the
+    same answers)."""
+    if lm.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(lm.device)
+        return int(max(1, min(256, 0.5 * free // _bytes_per_sequence(lm, longest))))
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # a system without these counters
+        return CPU_BATCH
+    if getattr(lm.model, "config", None) is None:  # not a transformers model (a scripted test model)
+        return CPU_BATCH
+    return int(max(1, min(CPU_BATCH, 0.25 * available // _bytes_per_sequence(lm, longest))))
+
+
+def _bytes_per_sequence(lm: LoadedModel, longest: int) -> int:
+    """Memory one sequence of ``longest`` tokens needs while generating: its KV cache plus a generous
+    allowance for activations and logits of the same size."""
     config = lm.model.config.get_text_config()
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     bytes_per_token = 2 * lm.n_layers * heads * head_dim * lm.model.dtype.itemsize
-    # the cache plus a generous allowance for activations and logits of the same size
-    per_sequence = longest * (3 * bytes_per_token + 4 * config.vocab_size // max(longest, 1))
-    return int(max(1, min(256, 0.5 * free // max(per_sequence, 1))))
+    return max(1, longest * (3 * bytes_per_token + 4 * config.vocab_size // max(longest, 1)))
 
 
 def context_length(lm: LoadedModel) -> int | None:
