@@ -78,6 +78,21 @@ def test_weighted_auc_with_ties_equals_auc_of_resampled_rows():
         assert row == pytest.approx(roc_auc_score(labels[index], scores[index]))
 
 
+@pytest.mark.parametrize("kind", ["counts", "fractions", "large counts"])
+def test_weighted_auc_with_a_few_ties_among_distinct_scores_equals_scikit_learn(kind):
+    rng = np.random.default_rng(4)
+    scores = rng.normal(size=300).round(1)  # distinct mostly, ties in groups of 2..6, adjacent groups too
+    scores[:40] = np.repeat(rng.normal(size=10), 4)
+    labels = rng.integers(0, 2, size=300)
+    weights = {"counts": bootstrap_counts(300, 20, seed=2),  # float32 inside
+               "fractions": rng.uniform(0, 3, size=(20, 300)),  # float64 inside
+               "large counts": bootstrap_counts(300, 20, seed=2) * 1000}[kind]  # beyond float32: float64
+    assert (scores[1:] == scores[:-1]).sum() < 150
+    for row, w in zip(auc_score(scores, labels, weights), weights):
+        assert row == pytest.approx(roc_auc_score(labels, scores, sample_weight=w), abs=1e-12)
+    assert auc_score(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
 def test_split_sizes_name_the_short_class_and_honour_min_per_class():
     from truthmap.errors import TruthmapError
     from truthmap.stages.probe import check_split_sizes

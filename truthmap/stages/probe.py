@@ -194,19 +194,34 @@ class BatchedLogisticRegression:
 def auc_score(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """ROC AUC (ties count one half); with ``weights`` ``[B, n]`` one AUC per row of weights.
 
-    Used with bootstrap counts as weights, so B resamples cost one sort.
+    Used with bootstrap counts as weights, so B resamples cost one sort. Counts (whole numbers) are
+    summed in float32 where exact, the pairs in float64: the AUCs are those of float64 throughout.
     """
     order = np.argsort(scores, kind="stable")
     s, pos = scores[order], positive[order].astype(bool)
-    w = np.ones((1, len(s))) if weights is None else np.asarray(weights, dtype=np.float64)[:, order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
+    w = np.ones((1, len(s))) if weights is None else np.asarray(weights)[:, order]
+    # whole counts m at most: every partial sum and product below is a multiple of one half under m²n,
+    # exact in float32 while that is under 2²³ (half the memory traffic of float64)
+    whole = w.dtype.kind in "iu" or (w.dtype.kind == "f" and bool(np.all(w == np.round(w))))
+    most = float(w.max()) if w.size else 0.0
+    w = w.astype(np.float32 if whole and most * most * len(s) < 1 << 23 else np.float64, copy=False)
     w_pos, w_neg = w * pos, w * ~pos
-    if len(starts) < len(s):  # ties: each group of equal scores counts as one
-        w_pos, w_neg = np.add.reduceat(w_pos, starts, axis=1), np.add.reduceat(w_neg, starts, axis=1)
-    neg_below = np.cumsum(w_neg, axis=1) - w_neg
-    total = w_pos.sum(1) * w_neg.sum(1)
+    # each positive against the negatives sorted before it, and half of itself: every pair once
+    neg_below = np.cumsum(w_neg, axis=1, dtype=w.dtype) - w_neg
+    pairs = (w_pos * (neg_below + 0.5 * w_neg)).sum(1, dtype=np.float64)
+    same = s[1:] == s[:-1]
+    if same.any():  # tied scores: their pairs were counted in sort order; each counts one half
+        tied = np.flatnonzero(np.r_[same, False] | np.r_[False, same])  # the members of groups of ties
+        starts = np.flatnonzero(np.r_[True, s[tied][1:] != s[tied][:-1]])
+        t_pos, t_neg = w_pos[:, tied].astype(np.float64), w_neg[:, tied].astype(np.float64)
+        below = np.cumsum(t_neg, axis=1) - t_neg
+        below -= np.repeat(below[:, starts], np.diff(np.r_[starts, len(tied)]), axis=1)  # within the group
+        counted = (t_pos * (below + 0.5 * t_neg)).sum(1)
+        half = 0.5 * (np.add.reduceat(t_pos, starts, axis=1) * np.add.reduceat(t_neg, starts, axis=1)).sum(1)
+        pairs += half - counted
+    total = w_pos.sum(1, dtype=np.float64) * w_neg.sum(1, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (w_pos * (neg_below + 0.5 * w_neg)).sum(1) / total
+        auc = pairs / total
     return auc if weights is not None else auc[0]
 
 
@@ -222,10 +237,10 @@ def group_bootstrap(groups: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarra
     together in the resampling as in the splits."""
     groups = np.asarray(groups)
     if len(groups) == 0:
-        return np.zeros((n_boot, 0))
+        return np.zeros((n_boot, 0), dtype=np.int32)
     n_groups = int(groups.max()) + 1
     counts = bootstrap_counts(n_groups, n_boot, seed)
-    return counts[:, groups].astype(np.float64)
+    return counts[:, groups].astype(np.int32)  # whole counts: auc_score sums them in float32
 
 
 def within_auc(scores: np.ndarray, positive: np.ndarray, strata: np.ndarray) -> float:
