@@ -62,10 +62,11 @@ class BatchedLogisticRegression:
 
     def fit(self, X: torch.Tensor, y: torch.Tensor, train: torch.Tensor) -> "BatchedLogisticRegression":
         shift = X.float().mean(1, keepdim=True)  # centring first keeps the variance exact in float32
-        X = X.float() - shift
+        used = train.reshape(-1, train.shape[-1]).any(0)  # rows in no problem's train part weigh nothing
+        X = X.float()[:, used] - shift
         n_cells, n, d = X.shape
-        y = y.float().to(X.device)
-        train = train.float()
+        y = y.float().to(X.device)[used]
+        train = train[..., used].float()
         count = train.sum(-1).clamp(min=1)  # [C, S]
         # train-split mean and deviation per problem: [C, S, d]
         mean = torch.bmm(train, X) / count[..., None]
@@ -73,8 +74,10 @@ class BatchedLogisticRegression:
         scale = 1.0 / var.clamp(min=0).sqrt().where(var > 1e-12, torch.ones_like(var))
         penalty = 1.0 / (self.C * count)  # mean-loss form: loss/n + |w|²/(2Cn)
         root = self._whitening(X, train, penalty)  # [C, d, d]: L⁻¹, lower triangular
-        # per-cell state, compacted to the cells still iterating: X, train, count, penalty, mean, scale, root
-        state = [X, train, count, penalty, mean, scale, root]
+        # per-cell state, compacted to the cells still iterating: X, train, count, penalty, mean, scale, root.
+        # X is held as [C, d, N] (rows contiguous per feature): both products with it read it faster so
+        state = [X.transpose(1, 2).contiguous(), train, count, penalty, mean, scale, root]
+        del X
 
         def weights(u, inverse):
             """w = L⁻ᵀu for each problem, as rows: ``u`` ``[c, S, d]`` times ``inverse`` (L⁻¹) ``[c, d, d]``."""
@@ -83,22 +86,22 @@ class BatchedLogisticRegression:
         def objective(theta, st):
             """Objective (float64), gradient in (u, b) and the largest gradient entry in (w, b) for the
             problems of state ``st``; theta ``[c, S, d+1]``."""
-            Xc, tr, cnt, pen, mu, sc, inverse = st
+            Xt, tr, cnt, pen, mu, sc, inverse = st
             w, b = weights(theta[..., :d], inverse), theta[..., d]
             v = w * sc  # weights on raw features
-            logits = torch.bmm(v, Xc.transpose(1, 2)) + (b - (v * mu).sum(-1))[..., None]  # [c, S, N]
+            logits = torch.bmm(v, Xt) + (b - (v * mu).sum(-1))[..., None]  # [c, S, N]
             loss = (torch.nn.functional.softplus(logits) - y * logits) * tr
             # float64 sums: the line search compares values closer than float32's resolution
             f = loss.double().sum(-1) / cnt.double() + 0.5 * pen.double() * (w.double() ** 2).sum(-1)
             r = (torch.sigmoid(logits) - y) * tr / cnt[..., None]  # d loss / d logit
-            grad_w = (torch.bmm(r, Xc) - mu * r.sum(-1, keepdim=True)) * sc + pen[..., None] * w
+            grad_w = (torch.bmm(r, Xt.transpose(1, 2)) - mu * r.sum(-1, keepdim=True)) * sc + pen[..., None] * w
             grad_b = r.sum(-1, keepdim=True)
             grad_u = torch.bmm(grad_w, inverse.transpose(1, 2))  # L⁻¹ times the gradient in w
             largest = torch.maximum(grad_w.abs().amax(-1), grad_b[..., 0].abs())
             return f, torch.cat([grad_u, grad_b], -1), largest
 
-        theta_out = torch.zeros((n_cells, train.shape[1], d + 1), dtype=X.dtype, device=X.device)
-        cells = torch.arange(n_cells, device=X.device)  # original index of each active cell
+        theta_out = torch.zeros((n_cells, train.shape[1], d + 1), dtype=root.dtype, device=root.device)
+        cells = torch.arange(n_cells, device=root.device)  # original index of each active cell
         theta = theta_out.clone()
         f, g, largest = objective(theta, state)
         history = []  # (s, y, rho) of the active cells, oldest first
