@@ -42,3 +42,38 @@ def test_type_probes_find_a_type_carried_by_the_features(tmp_path):
     wrong = results[results.error_type == "consistently_incorrect"]
     assert (wrong.auc > 0.85).all()
     assert results[results.error_type == "refuses"].auc.isna().all()  # no positives: no AUC
+
+
+def test_answers_drawn_again_are_cut_as_the_runs_answers_were():
+    from truthmap.analyses.resample import run_answer_length
+    from truthmap.errors import TruthmapError
+
+    facts = pd.DataFrame({"task": ["facts", "facts"]})
+    assert run_answer_length({"protocol": "reference"}, facts) == 100  # the protocol's, not the default's
+    assert run_answer_length({"protocol": "brief"}, facts) == run_answer_length({}, facts) == 24
+    assert run_answer_length({"protocol": "reference", "max_new_tokens": 8}, facts) == 8  # the run's setting
+    assert run_answer_length({"max_new_tokens": 8}, facts, max_new_tokens=12) == 12  # asked for
+    assert run_answer_length({"protocol": "reference", "max_new_tokens": "9"}, facts) == 100  # not a length
+    with pytest.raises(TruthmapError, match="protocol"):
+        run_answer_length({"protocol": "evil"}, facts)
+
+
+def test_sampling_for_semantic_entropy_uses_the_runs_protocol(tmp_path, monkeypatch):
+    import json
+
+    from truthmap.analyses import entropy, resample
+
+    run = make_run(tmp_path / "run")
+    pd.DataFrame({"id": pd.read_parquet(run / "generations.parquet")["id"], "task": "facts",
+                  "question": "q?"}).to_parquet(run / "questions.parquet", index=False)
+    (run / "config.json").write_text(json.dumps({"model": "tiny-model", "protocol": "reference"}))
+    asked = {}
+
+    def draw(lm, prompts, **kwargs):
+        asked.update(kwargs)
+        raise KeyboardInterrupt  # stop here: only the arguments matter
+
+    monkeypatch.setattr(resample, "sample_answers", draw)
+    with pytest.raises(KeyboardInterrupt):
+        entropy.run_sampling(None, run, n=2, progress=False)
+    assert asked["max_new_tokens"] == 100

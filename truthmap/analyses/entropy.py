@@ -401,8 +401,7 @@ def run_sampling(lm, run_dir: Path, *, n: int = 5, temperature: float = 1.0, see
     and ``sampling_scores.parquet``; return the cost figures for summary.json (``sampling``)."""
     import time
 
-    from .resample import RESAMPLES, label_resamples, sample_answers
-    from ..tasks import answer_length
+    from .resample import RESAMPLES, label_resamples, run_answer_length, sample_answers
 
     run_dir = Path(run_dir)
     config = rf.read_json(run_dir / rf.CONFIG, default={})
@@ -413,7 +412,7 @@ def run_sampling(lm, run_dir: Path, *, n: int = 5, temperature: float = 1.0, see
     vocabularies = rf.read_json(run_dir / rf.VOCABULARIES, default={})
     positions = rf.read_activations_index(run_dir, default={}).get("positions") or []
     prompts = generations.set_index("id").loc[questions["id"], "prompt_ids"].map(list).tolist()
-    max_new = answer_length(questions.get("task", ()), max_new_tokens or config.get("max_new_tokens"))
+    max_new = run_answer_length(config, questions, max_new_tokens)
     started = time.perf_counter()
     drawn = sample_answers(lm, prompts, n=n, temperature=temperature, seed=seed, max_new_tokens=max_new,
                            batch_size=batch_size, progress=progress)

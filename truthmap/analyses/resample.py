@@ -193,6 +193,17 @@ def plot_error_types(types: pd.DataFrame, results: pd.DataFrame, path: Path, tit
     save(fig, path)
 
 
+def run_answer_length(config: dict, questions: pd.DataFrame, max_new_tokens: int | None = None) -> int:
+    """The length limit of answers drawn again for a run: ``max_new_tokens``, else the run's own (its
+    config.json's setting, or its tasks' length under its protocol), so samples are cut as its answers were."""
+    from ..tasks import answer_length
+
+    saved = config.get("max_new_tokens")
+    saved = saved if isinstance(saved, int) and not isinstance(saved, bool) and saved > 0 else None
+    protocol = config.get("protocol", "brief")
+    return answer_length(questions.get("task", ()), max_new_tokens or saved, str(protocol))
+
+
 def run_resample(lm, run_dir: Path, *, n: int = 10, temperature: float = 1.0, seed: int = 0,
                  cell: dict | None = None, extractor=None, C: float = 1.0, n_boot: int = 1000,
                  batch_size: int | None = None, progress: bool = True, max_new_tokens: int | None = None) -> pd.DataFrame:
@@ -208,12 +219,8 @@ def run_resample(lm, run_dir: Path, *, n: int = 10, temperature: float = 1.0, se
 
     positions = rf.read_activations_index(run_dir)["positions"]
     prompts = generations.set_index("id").loc[questions["id"], "prompt_ids"].map(list).tolist()
-    from ..tasks import answer_length
-
     protocol = config.get("protocol", "brief")
-    saved = config.get("max_new_tokens")
-    saved = saved if isinstance(saved, int) and not isinstance(saved, bool) and saved > 0 else None
-    max_new = answer_length(questions.get("task", ()), max_new_tokens or saved, protocol)
+    max_new = run_answer_length(config, questions, max_new_tokens)
     top_k = REFERENCE_TOP_K if protocol == "reference" else 0
     drawn = sample_answers(lm, prompts, n=n, temperature=temperature, seed=seed, max_new_tokens=max_new,
                            batch_size=batch_size, progress=progress, top_k=top_k)
