@@ -119,7 +119,7 @@ def auto_batch_size(lm: LoadedModel, longest: int) -> int:
     """A first batch size: what the KV cache of ``longest`` tokens leaves room for in half the GPU's free
     memory (at most 256), or on the CPU in a quarter of the available memory (at most ``CPU_BATCH``: each
     decoding step reads every weight once for the whole batch, so on 2 CPU cores the default model
-    answers 192 questions 1.75× as fast at batch 64 as at 16 (96: 1.95×), with the
+    answers 192 questions 1.75× as fast at batch 64 as at 16 (96: 1.9×), with the
     same answers)."""
     if lm.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(lm.device)
