@@ -130,12 +130,14 @@ def test_resample_and_choose_on_a_ray_run_run_in_this_process(runs, model_folder
         raise AssertionError("an analysis of a finished run started Ray workers")
 
     monkeypatch.setattr(distributed, "start_workers", no_workers)
-    app(["resample", "--out", str(run), "--n", "2", "--model", str(model_folder), "--quiet"])
-    app(["choose", "--out", str(run), "--model", str(model_folder), "--quiet"])
+    app(["resample", str(run), "--n", "2", "--model", str(model_folder), "--quiet"])
+    app(["choose", str(run), "--model", str(model_folder), "--quiet"])
     resamples = pd.read_parquet(run / "resamples.parquet")
     assert len(resamples) == 2 * 24 and (resamples.groupby("id").size() == 2).all()
     assert len(pd.read_parquet(run / "error_types.parquet")) == 24
     choice = pd.read_csv(run / "choice.csv")
     assert set(choice.strategy) == {"greedy", "random", "majority", "probe"}
     assert choice.accuracy.between(0, 1).all()
-    assert "this run had ray" not in capsys.readouterr().err  # no advice to give --ray to an analysis
+    err = capsys.readouterr().err
+    assert "this run had ray" not in err  # no advice to give --ray to an analysis
+    assert "deprecated" not in err  # the run named as the commands' argument
