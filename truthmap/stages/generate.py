@@ -124,11 +124,11 @@ def auto_batch_size(lm: LoadedModel, longest: int) -> int:
     if lm.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(lm.device)
         return int(max(1, min(256, 0.5 * free // _bytes_per_sequence(lm, longest))))
+    if getattr(lm.model, "config", None) is None:  # not a transformers model (a scripted test model)
+        return CPU_BATCH
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # a system without these counters
-        return CPU_BATCH
-    if getattr(lm.model, "config", None) is None:  # not a transformers model (a scripted test model)
         return CPU_BATCH
     return int(max(1, min(CPU_BATCH, 0.25 * available // _bytes_per_sequence(lm, longest))))
 
