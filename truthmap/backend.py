@@ -45,8 +45,8 @@ class ModelBackend(Protocol):
     def answer_chunks(self, jobs: dict, max_new_tokens: int, batch_size: int, bar=None, sample=None,
                       capture=None) -> Iterator[tuple[int, list]]:
         """(k, [(answer ids, stopped), …]) for each chunk ``k -> prompt ids`` of ``jobs``, in any order;
-        each chunk in consecutive batches of ``batch_size``. ``sample`` and ``capture`` need
-        ``in_process``."""
+        each chunk in consecutive batches of ``batch_size``. ``sample`` (k -> the chunk's
+        :class:`truthmap.stages.generate.Draws`) and ``capture`` need ``in_process``."""
 
     def feature_shards(self, jobs: dict, positions: list[str], sites: list[str], batch_size: int,
                        bar=None) -> Iterator[tuple[int, dict]]:

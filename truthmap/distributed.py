@@ -83,7 +83,7 @@ class RemoteModel:
     def answer_chunks(self, jobs: dict, max_new_tokens: int, batch_size: int, bar=None, sample=None,
                       capture=None):
         if sample is not None:
-            raise TruthmapError("sampled answers are drawn in one process (one random state): run without --ray")
+            raise TruthmapError("sampled answers are drawn in this process: run without --ray")
         return self.workers.answer_chunks(jobs, max_new_tokens, batch_size, bar)
 
     def feature_shards(self, jobs: dict, positions: list[str], sites: list[str], batch_size: int, bar=None):

@@ -63,8 +63,8 @@ class LoadedModel:
 
         stop_ids = end_of_turn_ids(self)
         for k in sorted(jobs):
-            answers, batch_size = answer_prompts(self, jobs[k], max_new_tokens, batch_size, stop_ids, sample, bar,
-                                                 capture)
+            answers, batch_size = answer_prompts(self, jobs[k], max_new_tokens, batch_size, stop_ids,
+                                                 sample[k] if sample else None, bar, capture)
             yield k, answers
 
     def feature_shards(self, jobs: dict, positions: list[str], sites: list[str], batch_size: int,

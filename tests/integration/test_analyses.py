@@ -126,6 +126,14 @@ def test_sampling_is_seeded(default_model, run_copy):
     again = sample_answers(default_model, prompts, n=2, temperature=1.0, seed=7, max_new_tokens=8, progress=False)
     other = sample_answers(default_model, prompts, n=2, temperature=1.0, seed=8, max_new_tokens=8, progress=False)
     assert first == again and first != other
+    # each prompt draws from its own stream: the batch size and the other prompts change nothing
+    one_by_one = sample_answers(default_model, prompts, n=2, temperature=1.0, seed=7, max_new_tokens=8,
+                                batch_size=1, progress=False)
+    reversed_ = sample_answers(default_model, prompts[::-1], n=2, temperature=1.0, seed=7, max_new_tokens=8,
+                               batch_size=4, progress=False)
+    assert one_by_one == first and reversed_[::-1] == first
+    assert sample_answers(default_model, prompts[1:2], n=2, temperature=1.0, seed=7, max_new_tokens=8,
+                          progress=False) == first[1:2]
 
 
 def test_resample_error_types_and_answer_choice(default_model, run_copy):

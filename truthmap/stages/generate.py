@@ -224,6 +224,63 @@ def shared_head(lm, head: list[int]):
     return cache if plain_cache(cache) else None
 
 
+class Draws:
+    """How sampled answers are drawn: at ``temperature``, from the ``top_k`` likeliest tokens (0: the whole
+    vocabulary), each prompt from a random stream of its own (``seeds``, one per prompt).
+
+    A prompt's seed comes from the run's seed, a digest of the prompt's tokens and how many times the same
+    prompt came before it in the list (the n samples of a question are n different streams). Its tokens are
+    drawn by the Gumbel-max trick — the likeliest token after adding independent Gumbel noise to the
+    tempered logits, which is a draw from their softmax — with the noise read from its own stream, so an
+    answer does not depend on the batch size, on which prompts share its batch or on free memory. (The
+    logits of a row can still differ in their last bits between batchings; a draw can only change where two
+    noisy scores tie to within that.)
+    """
+
+    def __init__(self, temperature: float, top_k: int, seeds: list[int]):
+        self.temperature, self.top_k, self.seeds = float(temperature), int(top_k), list(seeds)
+
+    @classmethod
+    def of(cls, prompt_ids: list[list[int]], temperature: float, seed: int, top_k: int = 0) -> "Draws":
+        import hashlib
+
+        import numpy as np
+
+        seen: dict[bytes, int] = {}
+        seeds = []
+        for ids in prompt_ids:
+            digest = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).digest()
+            repeat = seen[digest] = seen.get(digest, -1) + 1
+            entropy = [int(seed), int.from_bytes(digest[:16], "little"), repeat]
+            seeds.append(int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]))
+        return cls(temperature, top_k, seeds)
+
+    def rows(self, rows) -> "Draws":
+        """The draws of the prompts at positions ``rows``, in that order."""
+        return Draws(self.temperature, self.top_k, [self.seeds[i] for i in rows])
+
+    def processor(self, device):
+        """A logits processor for a greedy ``generate`` of these prompts (one batch): it adds each row's
+        Gumbel noise to the tempered (top-k) logits, so the greedy step picks a drawn token."""
+        from transformers import LogitsProcessor
+
+        generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+        temperature, top_k = self.temperature, self.top_k
+
+        class _Draw(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                scores = scores.float() / temperature
+                if 0 < top_k < scores.shape[-1]:  # as transformers' top-k: ties with the k-th stay in
+                    kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+                    scores = scores.masked_fill(scores < kth, float("-inf"))
+                uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
+                                       for g in generators])
+                # Gumbel(0, 1) noise; a uniform of exactly 0 gives -inf (that token is never picked)
+                return scores - torch.log(-torch.log(uniform))
+
+        return _Draw()
+
+
 def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -246,8 +303,10 @@ def _generate_batch(lm, batch, max_new_tokens, stop_ids, sample=None, capture=No
     input_ids = torch.cat([torch.tensor([batch[0][:head]], dtype=torch.long).expand(len(batch), head), own_ids], 1)
     mask = torch.cat([torch.ones((len(batch), head), dtype=torch.long), own_mask], 1)
     kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if sample is not None:  # (temperature, torch seed[, top_k]) for resampling; top_k 0: the whole vocabulary
-        kwargs = dict(do_sample=True, temperature=sample[0], top_p=1.0, top_k=sample[2] if len(sample) > 2 else 0)
+    if sample is not None:  # drawn: each row from its own random stream (Draws), picked by the greedy step
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([sample.processor(device)])
     kwargs.update(max_new_tokens=max_new_tokens, eos_token_id=stop_ids)
     # with a capture (capture.py), hooks read the states and token scores as the model answers
     hooks = capture.batch(len(batch), max_new_tokens, stop_ids) if capture is not None else None
@@ -281,7 +340,9 @@ def generate_answers(
     capture=None,
 ) -> list[tuple[list[int], bool]]:
     """Answer ids and stopped-flag for each prompt, in the order given: greedy, or drawn when ``sample``
-    is (temperature, seed) or (temperature, seed, top_k).
+    is (temperature, seed) or (temperature, seed, top_k) — see :class:`Draws`: a prompt's draws depend on
+    the seed, the prompt and how many times the same prompt came before it in the list, not on the batch
+    size, the batches or the other prompts.
 
     Prompts too long for the context are cut in the middle (see :func:`fit_prompt`). With ``chunks``
     (a :class:`truthmap.runfolder.ChunkStore`) every ``CHUNK_BATCHES`` batches are saved as they finish
@@ -304,10 +365,10 @@ def generate_answers(
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     if sample is not None:
         if chunks is not None:
-            raise ValueError("sampled answers cannot be resumed from chunks (the random state is not saved)")
+            raise ValueError("sampled answers are not saved in chunks")
         if not lm.in_process:
-            raise TruthmapError("sampled answers are drawn in one process (one random state): run without --ray")
-        torch.manual_seed(sample[1])
+            raise TruthmapError("sampled answers are drawn in this process: run without --ray")
+        sample = Draws.of(prompt_ids, *sample)
     if batch_size is None:
         batch_size = lm.auto_batch_size(max((len(p) for p in prompt_ids), default=1) + max_new_tokens)
     if chunks is not None:
@@ -335,7 +396,7 @@ def generate_answers(
             todo.append(k)
     # (k, answers) in the order the backend finishes them
     finished = lm.answer_chunks({k: [prompt_ids[i] for i in plan[k]] for k in todo}, max_new_tokens, batch_size,
-                                bar, sample, capture)
+                                bar, sample and {k: sample.rows(plan[k]) for k in todo}, capture)
     for k, answers in finished:
         for i, answer in zip(plan[k], answers):
             results[i] = answer
@@ -355,7 +416,8 @@ def answer_prompts(lm: LoadedModel, prompt_ids: list[list[int]], max_new_tokens:
     while start < len(prompt_ids):
         batch = prompt_ids[start : start + batch_size]
         try:
-            results += _generate_batch(lm, batch, max_new_tokens, stop_ids, sample, capture)
+            draws = sample.rows(range(start, start + len(batch))) if sample is not None else None
+            results += _generate_batch(lm, batch, max_new_tokens, stop_ids, draws, capture)
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise
