@@ -143,6 +143,9 @@ def test_both_p_true_variants_in_one_pass_equal_a_pass_each(default_model):
     np.testing.assert_allclose(alone[:, 0], together[:, 0], atol=1e-5)
     wide = p_true_variants(default_model, questions, [exact, whole], batch_size=4)
     np.testing.assert_allclose(wide, together, atol=1e-5, equal_nan=True)
+    # one variant (the default): each prompt's end runs after the shared head in one pass
+    single = p_true_variants(default_model, questions, [whole], batch_size=3)
+    np.testing.assert_allclose(single[0], together[1], atol=1e-5, equal_nan=True)
 
 
 def test_a_batch_computes_what_its_prompts_share_once(default_model):
