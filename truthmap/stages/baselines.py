@@ -246,7 +246,8 @@ def p_true_variants(lm, questions: list[str], variants: list[list[str | None]], 
     All proposals of a question go in one batched pass, and what prompts share is computed once and its
     KV cache serves them (``share_prefix``, where the model's cache allows it): the beginning of every
     prompt (the chat template's system turn, "Question: ") once per call, each question once for all its
-    proposals; the proposals' own ends run in chunks of similar length. Only each prompt's last position
+    proposals (with one variant, the default, there is nothing to share per question and each prompt's
+    end after the head runs in one pass); the proposals' own ends run in chunks of similar length. Only each prompt's last position
     goes through the LM head.
     """
     from .generate import encode_prompt
