@@ -52,6 +52,34 @@ def test_learns_the_positive_class_direction():
     assert p[y == 1].mean() > p[y == 0].mean() + 0.2
 
 
+def one_token_cell(n=200, d=24, seed=0):
+    """Features of a position where most answers have the same token (layer 0: the token's embedding):
+    134 train rows of one vector, 6 of another that differs by 1e-5 to 0.1 per feature, and 60 rows of a
+    third that are in no train part. Their correlation in float32 is not positive definite."""
+    rng = np.random.default_rng(seed)
+    first = 0.05 * rng.normal(size=d)
+    second = first + np.logspace(-5, -1, d) * rng.choice([-1, 1], size=d)
+    third = 0.05 * rng.normal(size=d)
+    X = np.concatenate([np.tile(first, (134, 1)), np.tile(second, (6, 1)), np.tile(third, (n - 140, 1))])
+    y = np.r_[np.zeros(130), np.ones(4), np.ones(6), rng.integers(0, 2, n - 140)].astype(int)
+    return X.astype(np.float32), y
+
+
+def test_a_position_where_most_answers_have_one_token_is_still_fitted():
+    degenerate, y = one_token_cell(d=96)
+    plain, _ = synthetic(n=200, d=96, cells=1)
+    X = np.concatenate([plain, degenerate[None]])
+    train = np.zeros((2, 1, 200), bool)
+    train[:, :, :140] = True
+    model = BatchedLogisticRegression().fit(torch.tensor(X), torch.tensor(y), torch.tensor(train))
+    assert torch.isfinite(model.coef_).all() and model.n_iter_ < model.max_iter
+    p = model.predict_proba(torch.tensor(X)).numpy()[1, 0]
+    assert p[134:140].min() > p[:134].max()  # the second token's answers are the wrong ones
+    # the fallback for the degenerate cell leaves the other cell's probe as it is alone
+    alone = BatchedLogisticRegression().fit(torch.tensor(plain), torch.tensor(y), torch.tensor(train[:1]))
+    torch.testing.assert_close(model.coef_[0], alone.coef_[0], rtol=1e-4, atol=1e-6)
+
+
 def test_auc_score_matches_scikit_learn_with_ties():
     rng = np.random.default_rng(1)
     scores = rng.integers(0, 5, size=200).astype(float)  # many ties

@@ -156,15 +156,37 @@ class BatchedLogisticRegression:
         features over the rows in some split's train part, λ the mean penalty of the cell's problems.
         ``[C, d, d]``."""
         rows = train.amax(1)  # [C, N]
-        count = rows.sum(-1).clamp(min=1)[:, None, None]
-        mean = torch.bmm(rows[:, None], X) / count  # [C, 1, d]
-        gram = torch.bmm((X * rows[..., None]).transpose(1, 2), X) / count - mean.transpose(1, 2) * mean
-        std = gram.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
-        std = torch.where(std > 1e-6, std, torch.ones_like(std))
-        corr = gram / std[:, :, None] / std[:, None, :]
         eye = torch.eye(X.shape[-1], dtype=torch.float64, device=X.device)
-        a = 0.25 * corr.double() + penalty.double().mean(1)[:, None, None] * eye
-        lower = torch.linalg.cholesky(0.5 * (a + a.transpose(1, 2)))
+        ridge = penalty.double().mean(1)[:, None, None] * eye
+
+        def matrix(X, rows):  # R/4 + λI of each cell
+            count = rows.sum(-1).clamp(min=1)[:, None, None]
+            mean = torch.bmm(rows[:, None], X) / count  # [C, 1, d]
+            gram = torch.bmm((X * rows[..., None]).transpose(1, 2), X) / count - mean.transpose(1, 2) * mean
+            std = gram.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
+            std = torch.where(std > 1e-6, std, torch.ones_like(std))
+            corr = (gram / std[:, :, None] / std[:, None, :]).double()
+            return 0.5 * (0.25 * (corr + corr.transpose(1, 2)))
+
+        a = matrix(X, rows) + ridge
+        lower, info = torch.linalg.cholesky_ex(a)
+        bad = torch.nonzero(info).flatten()
+        if len(bad):
+            # float32 rounding can leave R/4 + λI indefinite (features that barely vary, such as the embedding
+            # of a token most answers share at a position, have their tiny spread divided out): those cells'
+            # R again in float64, then a larger ridge if still needed. The whitening only preconditions the
+            # solver; the optimum does not depend on it.
+            a[bad] = matrix(X[bad].double(), rows[bad].double()) + ridge[bad]
+            extra = 1e-6
+            for _ in range(12):
+                lower[bad], info = torch.linalg.cholesky_ex(a[bad])
+                bad = bad[info > 0]
+                if not len(bad):
+                    break
+                a[bad] += extra * eye
+                extra *= 10
+            else:
+                raise TruthmapError("probe: the features of a position cannot be whitened (are they finite?)")
         return torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False).to(X.dtype)
 
     @staticmethod
