@@ -159,16 +159,16 @@ class BatchedLogisticRegression:
         eye = torch.eye(X.shape[-1], dtype=torch.float64, device=X.device)
         ridge = penalty.double().mean(1)[:, None, None] * eye
 
-        def matrix(X, rows):  # R/4 + λI of each cell
+        def matrix(X, rows, ridge):  # R/4 + λI of each cell
             count = rows.sum(-1).clamp(min=1)[:, None, None]
             mean = torch.bmm(rows[:, None], X) / count  # [C, 1, d]
             gram = torch.bmm((X * rows[..., None]).transpose(1, 2), X) / count - mean.transpose(1, 2) * mean
             std = gram.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
             std = torch.where(std > 1e-6, std, torch.ones_like(std))
-            corr = (gram / std[:, :, None] / std[:, None, :]).double()
-            return 0.5 * (0.25 * (corr + corr.transpose(1, 2)))
+            a = 0.25 * (gram / std[:, :, None] / std[:, None, :]).double() + ridge
+            return 0.5 * (a + a.transpose(1, 2))
 
-        a = matrix(X, rows) + ridge
+        a = matrix(X, rows, ridge)
         lower, info = torch.linalg.cholesky_ex(a)
         bad = torch.nonzero(info).flatten()
         if len(bad):
@@ -176,7 +176,7 @@ class BatchedLogisticRegression:
             # of a token most answers share at a position, have their tiny spread divided out): those cells'
             # R again in float64, then a larger ridge if still needed. The whitening only preconditions the
             # solver; the optimum does not depend on it.
-            a[bad] = matrix(X[bad].double(), rows[bad].double()) + ridge[bad]
+            a[bad] = matrix(X[bad].double(), rows[bad].double(), ridge[bad])
             extra = 1e-6
             for _ in range(12):
                 lower[bad], info = torch.linalg.cholesky_ex(a[bad])
