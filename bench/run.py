@@ -176,10 +176,11 @@ def bench_one_pass_parts(lm, n: int) -> dict:
         result = fn()
         return time.perf_counter() - wall, time.process_time() - cpu, result
 
-    plain = both_clocks(lambda: generate_answers(lm, prompts, 24, 16, progress=False))
+    # the batch size a run would choose (None: auto_batch_size), so the figure is of the default run
+    plain = both_clocks(lambda: generate_answers(lm, prompts, 24, None, progress=False))
     with tempfile.TemporaryDirectory() as tmp:
         chunks = ChunkStore(Path(tmp) / "generations", "bench")
-        captured = both_clocks(lambda: generate_answers(lm, prompts, 24, 16, progress=False, chunks=chunks,
+        captured = both_clocks(lambda: generate_answers(lm, prompts, 24, None, progress=False, chunks=chunks,
                                                         capture=ChunkCapture(lm, chunks, ["residual"])))
     answers = [lm.tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in plain[2]]
     exact = [a.strip().rstrip(".").split(" ")[-1] or None for a in answers]  # a short span of each answer
