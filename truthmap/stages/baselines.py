@@ -168,30 +168,32 @@ def _last_hidden_shared(lm, groups: list[list[list[int]]], head_cache=None, chun
     prompt begins with, computed once per run; its length is the head), then each group's own shared
     beginning (its question) once, then the prompts' own ends in chunks of ``chunk`` rows of similar
     length (little padding). Where every group has one prompt (one p(True) variant), the middle level
-    shares nothing, and the prompts' ends after the head run in one pass instead. None where the model's
-    cache cannot be shared."""
+    would share nothing and is left out: the prompts' ends follow the head. None where the model's cache
+    cannot be shared."""
     pad = lm.tokenizer.pad_token_id
     device = lm.device
     head = head_cache.get_seq_length() if head_cache is not None else 0
-    if head_cache is not None and all(len(g) == 2 for g in groups):
-        return _last_hidden_after(lm, [g[0] for g in groups], head_cache)  # one prompt each: nothing to share
-    cut = [common_prefix(g) for g in groups]
-    if min(cut) <= head:  # a group with nothing of its own to share
-        return None
-    middle_ids, middle_mask = _right_pad([g[0][head:c] for g, c in zip(groups, cut)], pad)
     n = len(groups)
     if head_cache is not None:
         cache = select_rows(lm, head_cache, torch.zeros(n, dtype=torch.long, device=device))
+    middle_mask = torch.ones((n, head), dtype=torch.long)
+    if head_cache is not None and all(len(g) == 2 for g in groups):  # one prompt each: no middle level
+        cut = [head] * n
     else:
-        from transformers.cache_utils import DynamicCache
+        cut = [common_prefix(g) for g in groups]
+        if min(cut) <= head:  # a group with nothing of its own to share
+            return None
+        middle_ids, own_mask = _right_pad([g[0][head:c] for g, c in zip(groups, cut)], pad)
+        if head_cache is None:
+            from transformers.cache_utils import DynamicCache
 
-        cache = DynamicCache(config=lm.model.config)
-    middle_mask = torch.cat([torch.ones((n, head), dtype=torch.long), middle_mask], dim=1)
-    lm.model.base_model(input_ids=middle_ids.to(device), attention_mask=middle_mask.to(device),
-                        position_ids=(head + torch.arange(middle_ids.shape[1]))[None].expand_as(middle_ids).to(device),
-                        **{cache_argument(lm): cache}, use_cache=True)
-    if not plain_cache(cache):
-        return None
+            cache = DynamicCache(config=lm.model.config)
+        middle_mask = torch.cat([middle_mask, own_mask], dim=1)
+        lm.model.base_model(input_ids=middle_ids.to(device), attention_mask=middle_mask.to(device),
+                            position_ids=(head + torch.arange(middle_ids.shape[1]))[None].expand_as(middle_ids).to(device),
+                            **{cache_argument(lm): cache}, use_cache=True)
+        if not plain_cache(cache):
+            return None
     owner = [g for g, group in enumerate(groups) for _ in group[:-1]]
     suffixes = [prompt[cut[g]:] for g, group in enumerate(groups) for prompt in group[:-1]]
     order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
@@ -211,23 +213,6 @@ def _last_hidden_shared(lm, groups: list[list[list[int]]], head_cache=None, chun
         for i, state in zip(rows, last):
             hidden[i] = state
     return torch.stack(hidden)
-
-
-@torch.inference_mode()
-def _last_hidden_after(lm, prompts: list[list[int]], head_cache) -> torch.Tensor | None:
-    """The last position's final hidden state of each prompt, all of which begin with the head of
-    ``head_cache``: their ends in one right-padded pass after it. None where the cache cannot be shared."""
-    head = head_cache.get_seq_length()
-    ids, mask = _right_pad([p[head:] for p in prompts], lm.tokenizer.pad_token_id)
-    n = len(prompts)
-    cache = select_rows(lm, head_cache, torch.zeros(n, dtype=torch.long, device=lm.device))
-    out = lm.model.base_model(input_ids=ids.to(lm.device),
-                              attention_mask=torch.cat([torch.ones((n, head), dtype=torch.long), mask], 1).to(lm.device),
-                              position_ids=(head + torch.arange(ids.shape[1]))[None].expand_as(ids).to(lm.device),
-                              **{cache_argument(lm): cache}, use_cache=True)
-    if not plain_cache(cache):
-        return None
-    return out.last_hidden_state[torch.arange(n), torch.tensor([len(p) - head - 1 for p in prompts])]
 
 
 @torch.inference_mode()

@@ -396,7 +396,7 @@ def generate_answers(
             todo.append(k)
     # (k, answers) in the order the backend finishes them
     finished = lm.answer_chunks({k: [prompt_ids[i] for i in plan[k]] for k in todo}, max_new_tokens, batch_size,
-                                bar, sample and {k: sample.rows(plan[k]) for k in todo}, capture)
+                                bar, None if sample is None else {k: sample.rows(plan[k]) for k in todo}, capture)
     for k, answers in finished:
         for i, answer in zip(plan[k], answers):
             results[i] = answer
