@@ -87,7 +87,17 @@ def test_auc_score_matches_scikit_learn_with_ties():
     assert auc_score(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
 
 
-def test_weighted_auc_equals_auc_of_resampled_rows():
+@pytest.fixture(params=["pair product", "sorted sums"])
+def weighted_auc_path(request, monkeypatch):
+    """Both ways auc_score sums weighted pairs: one matrix product (small sets) and cumulative sums."""
+    import truthmap.stages.probe as probe
+
+    if request.param == "sorted sums":
+        monkeypatch.setattr(probe, "PAIR_LIMIT", 0)
+    return request.param
+
+
+def test_weighted_auc_equals_auc_of_resampled_rows(weighted_auc_path):
     rng = np.random.default_rng(2)
     scores, labels = rng.normal(size=60), rng.integers(0, 2, size=60)
     counts = bootstrap_counts(60, 5, seed=0)
@@ -97,7 +107,7 @@ def test_weighted_auc_equals_auc_of_resampled_rows():
     assert (counts.sum(1) == 60).all()
 
 
-def test_weighted_auc_with_ties_equals_auc_of_resampled_rows():
+def test_weighted_auc_with_ties_equals_auc_of_resampled_rows(weighted_auc_path):
     rng = np.random.default_rng(3)
     scores, labels = rng.integers(0, 4, size=60).astype(float), rng.integers(0, 2, size=60)  # many ties
     counts = bootstrap_counts(60, 5, seed=1)
@@ -107,7 +117,7 @@ def test_weighted_auc_with_ties_equals_auc_of_resampled_rows():
 
 
 @pytest.mark.parametrize("kind", ["counts", "fractions", "large counts"])
-def test_weighted_auc_with_a_few_ties_among_distinct_scores_equals_scikit_learn(kind):
+def test_weighted_auc_with_a_few_ties_among_distinct_scores_equals_scikit_learn(kind, weighted_auc_path):
     rng = np.random.default_rng(4)
     scores = rng.normal(size=300).round(1)  # distinct mostly, ties in groups of 2..6, adjacent groups too
     scores[:40] = np.repeat(rng.normal(size=10), 4)
