@@ -14,6 +14,7 @@ use ``normalize``, ``unique``, ``contains`` and the word search below.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ def canonical_number(token: str) -> str | None:
     return "0" if digits == "0" else sign + digits
 
 
+@functools.lru_cache(maxsize=1 << 16)  # called per word: most words of answers and vocabularies repeat
 def fold(text: str) -> str:
     """Unicode compatibility form, accents removed, case folded: "São Tomé" -> "sao tome"."""
     decomposed = unicodedata.normalize("NFKD", text)
