@@ -20,14 +20,15 @@ def synthetic(n=400, d=24, cells=3, seed=0):
     return X, y
 
 
-def test_matches_scikit_learn_per_cell_and_seed():
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_matches_scikit_learn_per_cell_and_seed(low_rank):
     X, y = synthetic()
     n_seeds = 2
     train = np.zeros((X.shape[0], n_seeds, X.shape[1]), bool)
     for s in range(n_seeds):
         train[:, s, np.random.default_rng(s).permutation(X.shape[1])[:280]] = True
     train[1, :, :50] = False  # a cell with invalid rows: they are in no split
-    model = BatchedLogisticRegression(C=1.0).fit(torch.tensor(X), torch.tensor(y), torch.tensor(train))
+    model = BatchedLogisticRegression(C=1.0, low_rank=low_rank).fit(torch.tensor(X), torch.tensor(y), torch.tensor(train))
     proba = model.predict_proba(torch.tensor(X)).numpy()
     for c in range(X.shape[0]):
         for s in range(n_seeds):
@@ -50,6 +51,29 @@ def test_learns_the_positive_class_direction():
     model = BatchedLogisticRegression().fit(torch.tensor(X), torch.tensor(y), torch.tensor(train))
     p = model.predict_proba(torch.tensor(X)).numpy()[0, 0]
     assert p[y == 1].mean() > p[y == 0].mean() + 0.2
+
+
+def test_fewer_answers_than_half_the_dimensions_whiten_by_a_low_rank_update(monkeypatch):
+    """40 answers, 300 features: the whitening is λ^-½·I plus a rank-40 update (no 300 × 300 matrix is
+    factorised); the probe is the one the Cholesky whitening reaches, and scikit-learn's."""
+    X, y = synthetic(n=40, d=300, cells=2, seed=5)
+    train = np.zeros((2, 2, 40), bool)
+    train[:, 0, :30], train[:, 1, 10:] = True, True
+    args = torch.tensor(X), torch.tensor(y), torch.tensor(train)
+    cholesky = BatchedLogisticRegression(low_rank=False).fit(*args)
+    monkeypatch.setattr(BatchedLogisticRegression, "_whitening",
+                        staticmethod(lambda *_: pytest.fail("the automatic choice factorised a d × d matrix")))
+    auto = BatchedLogisticRegression().fit(*args)
+    assert auto.n_iter_ < auto.max_iter and cholesky.n_iter_ < cholesky.max_iter
+    p_auto, p_chol = auto.predict_proba(args[0]).numpy(), cholesky.predict_proba(args[0]).numpy()
+    assert np.abs(p_auto - p_chol).max() < 0.02
+    for c in range(2):
+        for s in range(2):
+            rows = train[c, s]
+            scaler = StandardScaler().fit(X[c][rows])
+            reference = LogisticRegression(C=1.0, max_iter=5000, tol=1e-10).fit(scaler.transform(X[c][rows]), y[rows])
+            ref = reference.predict_proba(scaler.transform(X[c]))[:, 1]
+            assert np.abs(p_auto[c, s] - ref).max() < 0.02
 
 
 def one_token_cell(n=200, d=24, seed=0):

@@ -58,8 +58,10 @@ class BatchedLogisticRegression:
     (the problem is strictly convex), and cuts the iterations about sixfold.
     """
 
-    def __init__(self, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, history: int = 10):
+    def __init__(self, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, history: int = 10,
+                 low_rank: bool | None = None):
         self.C, self.max_iter, self.tol, self.history = C, max_iter, tol, history
+        self.low_rank = low_rank  # the whitening as a low-rank update (None: with fewer rows than d / 2)
 
     def fit(self, X: torch.Tensor, y: torch.Tensor, train: torch.Tensor) -> "BatchedLogisticRegression":
         # the features are copied twice, into X and into one work buffer of the same size that serves in
@@ -80,21 +82,34 @@ class BatchedLogisticRegression:
         var = torch.bmm(train, work) / count[..., None] - mean * mean
         scale = 1.0 / var.clamp(min=0).sqrt().where(var > 1e-12, torch.ones_like(var))
         penalty = 1.0 / (self.C * count)  # mean-loss form: loss/n + |w|²/(2Cn)
-        root = self._whitening(X, train, penalty, work)  # [C, d, d]: L⁻¹, lower triangular
-        # per-cell state, compacted to the cells still iterating: X, train, count, penalty, mean, scale, L⁻¹.
-        # X is held as [C, d, N] (rows contiguous per feature): both products with it read it faster so
-        state = [work.view(n_cells, d, n).copy_(X.transpose(1, 2)), train, count, penalty, mean, scale, root]
+        low_rank = 2 * n < d if self.low_rank is None else self.low_rank
+        if low_rank:  # (a, Q, D): M = a·I + Q diag(D) Qᵀ, symmetric, M² = (R/4 + λI)⁻¹
+            whitening = self._whitening_low_rank(X, train, penalty, work)
+        else:  # (L⁻¹,): [C, d, d], lower triangular
+            whitening = (self._whitening(X, train, penalty, work),)
+        # per-cell state, compacted to the cells still iterating: X, train, count, penalty, mean, scale and
+        # the whitening. X is held as [C, d, N] (rows contiguous per feature): both products with it read it
+        # faster so. The large tensors (X, L⁻¹ or Q) are compacted in place, the others copied
+        state = [work.view(n_cells, d, n).copy_(X.transpose(1, 2)), train, count, penalty, mean, scale, *whitening]
+        in_place = {0, 7 if low_rank else 6}
         del X
 
-        def weights(u, inverse):
-            """w = L⁻ᵀu for each problem, as rows: ``u`` ``[c, S, d]`` times ``inverse`` (L⁻¹) ``[c, d, d]``."""
-            return torch.bmm(u, inverse)
+        def update(x, a, Q, D):  # x M, rows of x [c, S, d]: a·x + ((x Q) ⊙ D) Qᵀ
+            return a * x + torch.bmm(torch.bmm(x, Q) * D, Q.transpose(1, 2))
+
+        def weights(u, whitening):
+            """w of the whitened coordinates ``u`` ``[c, S, d]``: L⁻ᵀu, or Mu."""
+            return update(u, *whitening) if low_rank else torch.bmm(u, whitening[0])
+
+        def whitened(grad_w, whitening):
+            """A gradient in w as a gradient in the whitened coordinates: L⁻¹ grad, or M grad."""
+            return update(grad_w, *whitening) if low_rank else torch.bmm(grad_w, whitening[0].transpose(1, 2))
 
         def margins(theta, st):
             """Logits ``[c, S, N]`` and weights w of ``theta`` ``[c, S, d+1]``: linear in theta, so the logits
             of theta + step·direction are those of theta plus step times those of the direction."""
-            Xt, _, _, _, mu, sc, inverse = st
-            w = weights(theta[..., :d], inverse)
+            Xt, mu, sc = st[0], st[4], st[5]
+            w = weights(theta[..., :d], st[6:])
             v = w * sc  # weights on raw features
             return torch.bmm(v, Xt) + (theta[..., d] - (v * mu).sum(-1))[..., None], w
 
@@ -107,17 +122,17 @@ class BatchedLogisticRegression:
 
         def gradient(logits, w, st):
             """Gradient in (u, b) and the largest gradient entry in (w, b) of each problem."""
-            Xt, tr, cnt, pen, mu, sc, inverse = st
+            Xt, tr, cnt, pen, mu, sc = st[:6]
             r = (torch.sigmoid(logits) - y) * tr / cnt[..., None]  # d loss / d logit
             grad_w = (torch.bmm(r, Xt.transpose(1, 2)) - mu * r.sum(-1, keepdim=True)) * sc + pen[..., None] * w
             grad_b = r.sum(-1, keepdim=True)
-            grad_u = torch.bmm(grad_w, inverse.transpose(1, 2))  # L⁻¹ times the gradient in w
+            grad_u = whitened(grad_w, st[6:])
             largest = torch.maximum(grad_w.abs().amax(-1), grad_b[..., 0].abs())
             return torch.cat([grad_u, grad_b], -1), largest
 
-        theta_out = torch.zeros((n_cells, train.shape[1], d + 1), dtype=root.dtype, device=root.device)
-        w_out = torch.zeros((n_cells, train.shape[1], d), dtype=root.dtype, device=root.device)
-        cells = torch.arange(n_cells, device=root.device)  # original index of each active cell
+        theta_out = torch.zeros((n_cells, train.shape[1], d + 1), dtype=mean.dtype, device=mean.device)
+        w_out = torch.zeros((n_cells, train.shape[1], d), dtype=mean.dtype, device=mean.device)
+        cells = torch.arange(n_cells, device=mean.device)  # original index of each active cell
         theta = theta_out.clone()
         logits, w = margins(theta, state)
         f = value(logits, w, state)
@@ -133,8 +148,7 @@ class BatchedLogisticRegression:
                 if len(keep) == 0:
                     break
                 cells, theta, f, g, largest, logits, w = (t[keep] for t in (cells, theta, f, g, largest, logits, w))
-                # the two large tensors (features, L⁻¹) are compacted in place, the others copied
-                state = [_compact(t, keep) if k in (0, 6) else t[keep] for k, t in enumerate(state)]
+                state = [_compact(t, keep) if k in in_place else t[keep] for k, t in enumerate(state)]
                 history = [(s[keep], yk[keep], rho[keep]) for s, yk, rho in history]
             direction = -self._two_loop(g, history)
             slope = (direction * g).sum(-1)
@@ -181,13 +195,7 @@ class BatchedLogisticRegression:
         ridge = penalty.double().mean(1)[:, None, None] * eye
 
         def matrix(X, rows, ridge, work=None):  # R/4 + λI of each cell
-            count = rows.sum(-1).clamp(min=1)[:, None, None]
-            mean = torch.bmm(rows[:, None], X) / count  # [C, 1, d]
-            z = torch.sub(X, mean, out=work) if work is not None else X - mean
-            z *= rows[..., None]
-            std = torch.linalg.vector_norm(z, dim=1, keepdim=True) / count.sqrt()
-            std = torch.where(std > 1e-6, std, torch.ones_like(std))
-            z *= 0.5 / (std * count.sqrt())  # standardised and scaled: zᵀz is R/4
+            z = BatchedLogisticRegression._quarter_root(X, rows, work)
             a = torch.bmm(z.transpose(1, 2), z).double() + ridge
             return 0.5 * (a + a.transpose(1, 2))
 
@@ -211,6 +219,40 @@ class BatchedLogisticRegression:
             else:
                 raise TruthmapError("probe: the features of a position cannot be whitened (are they finite?)")
         return torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False).to(X.dtype)
+
+    @staticmethod
+    def _quarter_root(X: torch.Tensor, rows: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+        """``z`` ``[C, N, d]`` with ``zᵀz = R/4``: the features of the rows ``rows`` ``[C, N]`` standardised
+        and scaled, other rows zero (in ``work`` if given)."""
+        count = rows.sum(-1).clamp(min=1)[:, None, None]
+        mean = torch.bmm(rows[:, None], X) / count  # [C, 1, d]
+        z = torch.sub(X, mean, out=work) if work is not None else X - mean
+        z *= rows[..., None]
+        std = torch.linalg.vector_norm(z, dim=1, keepdim=True) / count.sqrt()
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))
+        z *= 0.5 / (std * count.sqrt())
+        return z
+
+    @staticmethod
+    def _whitening_low_rank(X: torch.Tensor, train: torch.Tensor, penalty: torch.Tensor,
+                            work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whitening of a cell with N rows, fewer than its d features: ``R/4 + λI = λI + zᵀz`` is λI
+        plus a matrix of rank N at most, so with ``z zᵀ = V diag(s) Vᵀ`` (N × N) and ``Q = zᵀ V diag(s)^-½``
+        (orthonormal columns), its inverse square root is ``M = λ^-½ I + Q diag((λ + s)^-½ − λ^-½) Qᵀ``.
+        Applying M costs O(d·N) instead of O(d²), and no d × d matrix is factorised. Returns (a [C, 1, 1],
+        Q [C, d, N], D [C, 1, N]) with M = a·I + Q diag(D) Qᵀ; directions of z zᵀ with no spread (s near 0)
+        are left out (D = 0)."""
+        z = BatchedLogisticRegression._quarter_root(X, train.amax(1), work).double()
+        gram = torch.bmm(z, z.transpose(1, 2))  # [C, N, N]
+        if not torch.isfinite(gram).all():
+            raise TruthmapError("probe: the features of a position cannot be whitened (are they finite?)")
+        s, V = torch.linalg.eigh(gram)
+        spread = s > 1e-9 * s.amax(-1, keepdim=True).clamp(min=1e-30)
+        Q = torch.bmm(z.transpose(1, 2), V) / s.clamp(min=1e-30).sqrt()[:, None, :]
+        lam = penalty.double().mean(1)[:, None]  # [C, 1]
+        D = torch.where(spread, (lam + s).rsqrt() - lam.rsqrt(), torch.zeros_like(s))
+        Q = torch.where(spread[:, None, :], Q, torch.zeros_like(Q))
+        return lam.rsqrt()[..., None].to(X.dtype), Q.to(X.dtype), D[:, None, :].to(X.dtype)
 
     @staticmethod
     def _two_loop(g, history):
