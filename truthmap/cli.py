@@ -610,6 +610,27 @@ def app(argv: list[str] | None = None) -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
+    except Exception:  # a bug: its traceback, then what to do with it
+        import traceback
+
+        traceback.print_exc()
+        click.echo(f"error: {internal_error_line()}", err=True)
+        sys.exit(1)
+
+
+def internal_error_line() -> str:
+    """The line under an unexpected exception's traceback: a bug, where to report it, with which versions."""
+    import platform
+
+    from . import __version__
+
+    versions = [f"truthmap {__version__}", f"python {platform.python_version()}"]
+    for name in ("torch", "transformers"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions.append(f"{name} {getattr(module, '__version__', '?')}")
+    return (f"an internal error of truthmap, not a problem with your input ({', '.join(versions)}); please report it "
+            f"with the traceback above. What earlier stages finished stays in the run folder")
 
 
 if __name__ == "__main__":

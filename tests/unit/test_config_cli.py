@@ -55,6 +55,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.startswith("error: ") and "missing column 'question'" in err and len(err.splitlines()) == 1
 
 
+def test_an_internal_error_keeps_its_traceback_and_says_it_is_a_bug(monkeypatch, capsys):
+    import truthmap.cli as cli_module
+
+    def broken(**_):
+        raise ZeroDivisionError("a bug inside truthmap")
+
+    monkeypatch.setattr(cli_module.cli, "main", broken)
+    with pytest.raises(SystemExit) as exit_:
+        app(["run", "--quiet"])
+    assert exit_.value.code == 1  # not 2: the input was not at fault
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("Traceback") and "ZeroDivisionError: a bug inside truthmap" in err
+    assert err[-1].startswith("error: an internal error of truthmap, not a problem with your input (truthmap ")
+    assert "please report it" in err[-1]
+
+
 def test_an_unknown_model_fails_first_and_offline_asks_no_network(tmp_path, capsys, monkeypatch):
     """The unknown model is the error, before any question is read or any weight loaded; with
     HF_HUB_OFFLINE=1 set after the hub library was imported (as in a notebook), its files are not asked
