@@ -517,10 +517,21 @@ def run_probe(
     Every part of every split must hold at least ``min_per_class`` right and wrong answers (an AUC from
     fewer is mostly noise; its bootstrap interval says how much). A probe is fitted and scored only on
     the answers its splits hold (the study's population) at which its position exists.
+
+    The folder is read under one shared lock (:func:`truthmap.runfolder.reading`), so each file is checked
+    against the manifest once, not once per layer.
     """
+    from ..runfolder import reading
+
+    with reading(Path(run_dir)):
+        return _run_probe(Path(run_dir), sites, C=C, n_boot=n_boot, device=device, progress=progress,
+                          min_per_class=min_per_class)
+
+
+def _run_probe(run_dir: Path, sites: list[str], *, C: float, n_boot: int, device: str, progress: bool,
+               min_per_class: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     from ..runfolder import ANSWERS, SPLITS, read_activations_index, read_parquet, read_splits
 
-    run_dir = Path(run_dir)
     answers = read_parquet(run_dir / ANSWERS)
     splits = read_splits(run_dir / SPLITS)
 
