@@ -33,6 +33,7 @@ from .extract import load_layer
 from .label import MIN_PER_CLASS
 
 
+NOT_WHITENED = "probe: the features of a position cannot be whitened (are they finite?)"
 RESULT_COLUMNS = ["site", "layer", "position", "seed", "auc", "auc_lo", "auc_hi", "accuracy", "n_train", "n_test",
                   "val_auc", "n_val", "within_auc", "within_val_auc", "mean_auc_lo", "mean_auc_hi", "val_auc_se"]
 SCORE_COLUMNS = ["site", "layer", "position", "seed", "id", "score"]
@@ -54,8 +55,10 @@ class BatchedLogisticRegression:
     for the gradient at the step taken. Hidden states are strongly correlated, which makes the plain
     problem ill-conditioned (hundreds of iterations); the solver therefore works in whitened coordinates
     ``w = L⁻ᵀu`` with ``L Lᵀ = R/4 + λI`` (R: the correlation of the cell's standardised features over the
-    rows that are in some split's train part, λ: the penalty) — features only, no labels. This changes the path to the optimum, not the optimum
-    (the problem is strictly convex), and cuts the iterations about sixfold.
+    rows that are in some split's train part, λ: the penalty) — features only, no labels. With fewer rows
+    than half the features, ``w = Mu`` with ``M² = (R/4 + λI)⁻¹`` in a low-rank form instead
+    (:meth:`_whitening_low_rank`). This changes the path to the optimum, not the optimum (the problem is
+    strictly convex), and cuts the iterations about sixfold.
     """
 
     def __init__(self, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, history: int = 10,
@@ -217,7 +220,7 @@ class BatchedLogisticRegression:
                 a[bad] += extra * eye
                 extra *= 10
             else:
-                raise TruthmapError("probe: the features of a position cannot be whitened (are they finite?)")
+                raise TruthmapError(NOT_WHITENED)
         return torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False).to(X.dtype)
 
     @staticmethod
@@ -245,7 +248,7 @@ class BatchedLogisticRegression:
         z = BatchedLogisticRegression._quarter_root(X, train.amax(1), work).double()
         gram = torch.bmm(z, z.transpose(1, 2))  # [C, N, N]
         if not torch.isfinite(gram).all():
-            raise TruthmapError("probe: the features of a position cannot be whitened (are they finite?)")
+            raise TruthmapError(NOT_WHITENED)
         s, V = torch.linalg.eigh(gram)
         spread = s > 1e-9 * s.amax(-1, keepdim=True).clamp(min=1e-30)
         Q = torch.bmm(z.transpose(1, 2), V) / s.clamp(min=1e-30).sqrt()[:, None, :]
@@ -292,13 +295,12 @@ def auc_score(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray | No
     if weights is not None and int(positive.sum()) * int((~positive).sum()) <= PAIR_LIMIT:
         return _auc_of_pairs(np.asarray(scores), positive, np.asarray(weights))
     order = np.argsort(scores, kind="stable")
-    s, pos = scores[order], positive[order].astype(bool)
+    s, pos = scores[order], positive[order]
     w = np.ones((1, len(s))) if weights is None else np.asarray(weights)[:, order]
     # whole counts m at most: every partial sum and product below is a multiple of one half under m²n,
     # exact in float32 while that is under 2²³ (half the memory traffic of float64)
-    whole = w.dtype.kind in "iu" or (w.dtype.kind == "f" and bool(np.all(w == np.round(w))))
-    most = float(w.max()) if w.size else 0.0
-    w = w.astype(np.float32 if whole and most * most * len(s) < 1 << 23 else np.float64, copy=False)
+    most = _largest_whole_count(w)
+    w = w.astype(np.float32 if most * most * len(s) < 1 << 23 else np.float64, copy=False)
     w_pos, w_neg = w * pos, w * ~pos
     # each positive against the negatives sorted before it, and half of itself: every pair once
     neg_below = np.cumsum(w_neg, axis=1, dtype=w.dtype) - w_neg
@@ -327,6 +329,12 @@ def _compact(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return t[: len(keep)]
 
 
+def _largest_whole_count(weights: np.ndarray) -> float:
+    """The largest of ``weights`` if they are all whole numbers (counts), else infinity."""
+    whole = weights.dtype.kind in "iu" or (weights.dtype.kind == "f" and bool(np.all(weights == np.round(weights))))
+    return (float(weights.max()) if weights.size else 0.0) if whole else float("inf")
+
+
 PAIR_LIMIT = 1 << 20  # below ~2000 scores the product of every pair is faster than sorting each replicate
 
 
@@ -336,9 +344,7 @@ def _auc_of_pairs(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray)
     float32 in any order of summation; anything else is summed in float64."""
     s_pos, s_neg = scores[positive], scores[~positive]
     w_pos, w_neg = weights[:, positive], weights[:, ~positive]
-    whole = weights.dtype.kind in "iu" or (weights.dtype.kind == "f" and bool(np.all(weights == np.round(weights))))
-    most = float(weights.max()) if weights.size else 0.0
-    dtype = np.float32 if whole and 2 * most * len(s_pos) < 1 << 23 else np.float64
+    dtype = np.float32 if 2 * _largest_whole_count(weights) * len(s_pos) < 1 << 23 else np.float64
     beats = (s_pos[:, None] > s_neg[None, :]).astype(dtype)
     beats += 0.5 * (s_pos[:, None] == s_neg[None, :])
     w_pos, w_neg = w_pos.astype(dtype, copy=False), w_neg.astype(dtype, copy=False)
