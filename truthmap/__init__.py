@@ -41,12 +41,12 @@ def run(
     Arguments mirror ``truthmap run``; any other field of :class:`truthmap.config.Config` can be
     passed by name (``positions=[...]``, ``max_new_tokens=32``, ``device="cuda"``, …).
     """
-    from .config import load_config
+    from .config import settings_from
     from .pipeline import run_stages
 
     sites = [site] if isinstance(site, str) else site
-    cfg = load_config(config, model=model, dataset=dataset, limit=limit, out=out, seeds=seeds, sites=sites,
-                      **settings)
+    cfg = settings_from(config, dict(model=model, dataset=dataset, limit=limit, out=out, seeds=seeds, sites=sites,
+                                     **settings), "truthmap.run()")
     run_dir = run_stages(cfg, force=force)
     from .stages.probe import read_results, read_run_results
     from .runfolder import ENTROPY_RESULTS, PROBE_RESULTS

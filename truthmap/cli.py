@@ -93,13 +93,13 @@ def _config(config_file, quiet, **values):
     """(Config, the settings given) from the command line and ``--config FILE``. Nothing is read from the
     run folder here: a stage command continues the folder's other settings only once it holds the folder
     (pipeline.continue_config); None in place of the settings when --config FILE says everything."""
-    from .config import load_config
+    from .config import settings_from
 
     values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
     values = {k: v for k, v in values.items() if v not in (None, [])}
     given = frozenset(values) if config_file is None else None
     values["progress"] = not quiet
-    return load_config(config_file, **values), given
+    return settings_from(config_file, values, "the command line"), given
 
 
 def _number(value, spec: str = ".3f") -> str:
@@ -353,11 +353,11 @@ def _model_options(f):
 def _held_config(run_dir: Path, quiet: bool, model, trust_remote_code):
     """The Config of a command on a held run folder: the model and trust from the command line only,
     the rest continued from the run (checked: a model other than the run's is refused)."""
-    from .config import load_config
+    from .config import settings_from
     from .pipeline import continue_config
 
     values = {k: v for k, v in {"model": model, "trust_remote_code": trust_remote_code}.items() if v is not None}
-    config = load_config(None, out=str(run_dir), progress=not quiet, **values)
+    config = settings_from(None, {"out": str(run_dir), "progress": not quiet, **values}, "the command line")
     # an analysis runs the run's model in this process, as the samples stage does (never on Ray workers)
     return continue_config(config, run_dir, frozenset(values) | {"out"}, ("samples",))
 

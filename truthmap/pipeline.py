@@ -15,7 +15,6 @@ a stage that needs it has to run.
 
 from __future__ import annotations
 
-import dataclasses
 import platform
 import sys
 import time
@@ -28,7 +27,7 @@ import pandas as pd
 
 from . import runfolder as rf
 from .backend import Models
-from .config import Config
+from .config import OUTSIDE, SETTINGS, Config, make_config
 from .errors import TruthmapError
 
 
@@ -399,7 +398,8 @@ def run_stages(config: Config, stages: tuple[str, ...] = STAGES, force: bool = F
 
 # settings that decide what code runs and where: only ever from the command line or --config FILE
 TRUST_SETTINGS = ("model", "trust_remote_code", "ray", "device_map", "extractor_model")
-_NOT_CONTINUED = TRUST_SETTINGS + ("out", "progress")
+# settings naming what a stage reads from outside the run folder (the schema's ``outside``): never continued
+_NOT_CONTINUED = tuple(dict.fromkeys(TRUST_SETTINGS + OUTSIDE + ("progress",)))
 
 
 def saved_config(run_dir: Path) -> dict:
@@ -418,23 +418,32 @@ def saved_config(run_dir: Path) -> dict:
 def continue_config(config: Config, run_dir: Path, given: frozenset, stages: tuple[str, ...]) -> Config:
     """``config`` with the settings the user did not give taken from the run's saved config.json.
 
-    Read values never widen trust: the settings of TRUST_SETTINGS are never taken from the folder; one
-    that differs is said on stderr, and a model other than the run's is refused unless given (a stage
-    that needs no model only names the run's model in its titles).
+    Saved settings never choose what is read or run: those naming something outside the folder (the
+    model, the dataset, its data folder, the extractor, a Ray cluster) and those of TRUST_SETTINGS are
+    never taken from the folder. A model or dataset other than the run's is refused unless given where a
+    stage would read it (a stage that does not only names the run's model and dataset in its titles); a
+    trust setting that differs is said on stderr. The continued values are checked by the schema: a bad
+    one is a one-line error naming config.json and the setting.
     """
     saved = saved_config(run_dir)
     if not saved:
         return config
-    fields = {f.name for f in dataclasses.fields(Config)}
     values = config.to_dict()
-    values.update({k: v for k, v in saved.items() if k in fields and k not in given and k not in _NOT_CONTINUED})
-    needs_model = bool(set(stages) & set(MODEL_STAGES))
-    saved_model = saved.get("model")
-    if isinstance(saved_model, str) and saved_model != config.model and "model" not in given:
-        if needs_model:
-            raise TruthmapError(f"{run_dir}: this run studied model '{rf.sanitise(saved_model)}'; give --model "
-                                f"'{rf.sanitise(saved_model)}' to continue it (a model is never taken from a run folder)")
-        values["model"] = saved_model  # only named in titles: no stage here loads a model
+    continued = {k: v for k, v in saved.items() if k in SETTINGS and k not in given and k not in _NOT_CONTINUED}
+    values.update(continued)
+    reads = {"model": bool(set(stages) & set(MODEL_STAGES)), "dataset": "generate" in stages,
+             "data_dir": "generate" in stages and "dataset" not in given}  # a dataset given anew: its folder too
+    for name, needed in reads.items():
+        was = saved.get(name)
+        if name in given or not isinstance(was, str) or was == values[name]:
+            continue  # (a saved value of another type is the schema's to refuse, below, if it were continued)
+        if needed:
+            flag = "--" + name.replace("_", "-")
+            raise TruthmapError(f"{run_dir}: this run had {name} {rf.sanitise(repr(was), 200)}; give {flag} "
+                                f"{rf.sanitise(str(was), 200)} to continue it (a {name.replace('_', ' ')} is never "
+                                f"taken from a run folder)")
+        if name != "data_dir":
+            values[name] = was  # only named in titles: no stage here reads it
     extractor = saved.get("extractor_model")
     if "extractor_model" not in given and extractor in ("none", values["model"]):
         values["extractor_model"] = extractor  # no extractor, or the studied model: nothing more is loaded
@@ -445,12 +454,13 @@ def continue_config(config: Config, run_dir: Path, given: frozenset, stages: tup
             print(f"truthmap: {run_dir / rf.CONFIG}: this run had {name} = {rf.sanitise(repr(saved[name]), 80)}; "
                   f"not taken from the folder (now {values[name]!r}; give it on the command line or in --config)",
                   file=sys.stderr)
+    source = str(run_dir / rf.CONFIG)
     try:
-        return Config(**values).validate()
-    except (TypeError, ValueError) as err:
-        raise TruthmapError(f"{run_dir / rf.CONFIG}: {rf.sanitise(err)}; give the settings on the command line") from None
+        return make_config(values, source, {name: "the command line" for name in given})
     except TruthmapError as err:
-        raise TruthmapError(f"{run_dir / rf.CONFIG}: {err}") from None
+        if str(err).startswith(source):
+            raise TruthmapError(f"{err}; give the setting on the command line or rerun the run") from None
+        raise
 
 
 def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: bool) -> None:

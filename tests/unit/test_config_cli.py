@@ -30,10 +30,10 @@ def test_yaml_unknown_setting_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("sites", ["mlps"], "site 'mlps'"),
-    ("positions", ["exact_middle"], "position 'exact_middle'"),
+    ("sites", ["mlps"], "sites: item 1: 'mlps' is not a choice; use one of residual, mlp, attention"),
+    ("positions", ["exact_middle"], "positions: item 1: 'exact_middle' is not a position"),
     ("prompt_template", "Answer briefly.", "must contain"),
-    ("p_true", "whole", "p_true 'whole': use one of exact, both, none"),
+    ("p_true", "whole", "p_true: 'whole' is not a choice; use one of exact, both, none"),
 ])
 def test_bad_settings_are_refused(field, value, message):
     with pytest.raises(TruthmapError, match=message):

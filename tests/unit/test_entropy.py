@@ -244,7 +244,7 @@ def test_sampling_settings_are_checked():
     from truthmap.errors import TruthmapError
 
     assert Config(also=["samples"], samples=5).validate().samples == 5
-    with pytest.raises(TruthmapError, match="samples 1: draw at least 2"):
+    with pytest.raises(TruthmapError, match="samples: 1 is out of range; use a whole number from 2 to"):
         Config(samples=1).validate()
-    with pytest.raises(TruthmapError, match="sample_temperature 0"):
+    with pytest.raises(TruthmapError, match="sample_temperature: 0 is out of range; use a finite number, above 0"):
         Config(sample_temperature=0).validate()

@@ -3,7 +3,6 @@ every file a stage reads. Model-free: the stages after extract run on a syntheti
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 from pathlib import Path
@@ -144,17 +143,17 @@ def test_the_samples_stage_reruns_when_a_setting_or_input_it_reads_changes(sampl
     reads = []
     verify = rf.verify
     monkeypatch.setattr(rf, "verify", lambda path: reads.append(Path(path)) or verify(path))
-    config = dataclasses.replace(config_of(run), also=["samples"])
+    config = config_of(run).replace(also=["samples"])
     with rf.open_run(run):
         assert pipeline.run_stage(stage, config, run, models)
         read = {p.relative_to(run).as_posix() for p in reads}
         covered = {r for r in read if any(r == i or r.startswith(i + "/") for i in stage.inputs)}
         assert read - covered <= {rf.SUMMARY, rf.CONFIG, rf.STAGES}, read - covered
         assert not pipeline.run_stage(stage, config, run, models)  # nothing changed: skipped
-        more = dataclasses.replace(config, samples=config.samples + 3)
+        more = config.replace(samples=config.samples + 3)
         assert pipeline.run_stage(stage, more, run, models)
         assert not pipeline.run_stage(stage, more, run, models)
-        hotter = dataclasses.replace(more, sample_temperature=0.7)
+        hotter = more.replace(sample_temperature=0.7)
         assert pipeline.run_stage(stage, hotter, run, models)
         with rf.stage("generate"):  # the grading vocabularies change (a new task version, say)
             rf.write_json(run / rf.VOCABULARIES, {"colours": ["red", "blue"]})

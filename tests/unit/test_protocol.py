@@ -153,7 +153,7 @@ def test_answer_length_of_each_protocol():
 
 def test_the_protocol_is_a_setting_with_a_clear_error():
     assert Config().protocol == "brief" and load_config(None, protocol="reference").protocol == "reference"
-    with pytest.raises(TruthmapError, match="protocol 'bare': use one of brief, reference"):
+    with pytest.raises(TruthmapError, match="protocol: 'bare' is not a choice; use one of brief, reference"):
         load_config(None, protocol="bare")
     with pytest.raises(TruthmapError, match="protocol 'bare'"):
         load_questions("facts", protocol="bare")

@@ -1,0 +1,188 @@
+"""The typed settings schema (truthmap/config.py): every source — the command line, ``--config`` YAML, a
+run's saved config.json, the Python API, an attribute set on a Config — goes through it; a bad value is
+one line naming the source and the setting, and is never saved; saved settings never choose what is read.
+"""
+
+import json
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from truthmap import runfolder as rf
+from truthmap.cli import app
+from truthmap.config import SETTINGS, Config, declaration, load_config, make_config, settings_from
+from truthmap.errors import TruthmapError
+from truthmap.pipeline import continue_config
+
+
+def exit_line(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        app(argv)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(lines) and lines[-1].startswith("error: ")
+    return lines[-1]
+
+
+@pytest.mark.parametrize("text", ['"false"', "'no'", '"0"', "off_"])
+def test_a_quoted_false_is_an_error_never_true(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"trust_remote_code: {text}\nmodel: ./evil\n")
+    with pytest.raises(TruthmapError) as err:
+        load_config(path)
+    value = text.strip("'\"")
+    assert str(err.value) == f"{path}: trust_remote_code: {value!r} is a string; use true or false"
+
+
+@pytest.mark.parametrize("text,says", [
+    ("C: .inf", "C: inf is not a finite number"),
+    ("test_fraction: 1.0e+400", "test_fraction: inf is not a finite number"),
+    ("sample_temperature: .nan", "sample_temperature: nan is not a finite number"),
+    ("limit: 2.5", "limit: 2.5 is not a whole number"),
+    ("positions: [-1]", "positions: item 1: -1 is a number; use a position name"),
+    ("seeds: 3", "seeds: 3 is a number; use a list, each a whole number"),
+    ("out: [a, b]", "out: ['a', 'b'] is a list; use text"),
+    ("site: [mlp]", "unknown setting 'site'; did you mean sites?"),
+    ("prompt_template: '{question.x}'", "prompt_template: '{question.x}' names {question.x}; use only {question}"),
+])
+def test_yaml_values_of_the_wrong_kind_are_named(tmp_path, text, says):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(TruthmapError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: {says}")
+
+
+def test_each_source_is_named_with_the_setting(tmp_path, capsys):
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("bootstrap: -5\n")
+    with pytest.raises(TruthmapError, match=rf"^{yaml}: bootstrap: -5 is out of range; use a whole number from 10"):
+        load_config(yaml)
+    # the command line names the flag, and a value given there wins over the file's
+    line = exit_line(["run", "--bootstrap", "-5", "--out", str(tmp_path / "r1"), "--quiet"], capsys)
+    assert line.startswith("error: the command line: --bootstrap: -5 is out of range")
+    assert settings_from(yaml, {"bootstrap": 200}, "the command line").bootstrap == 200
+    yaml.write_text("limit: 40\n")
+    line = exit_line(["run", "--config", str(yaml), "--positions", "-²", "--out", str(tmp_path / "r2"), "--quiet"],
+                     capsys)
+    assert line == ("error: the command line: --positions: item 1: '-²' is not a position; use a position name "
+                    "(last_q, first_answer, second_answer, exact_answer_before_first, exact_answer_first, "
+                    "exact_answer_last, exact_answer_after_last, -1, -2, …)")
+    # nothing was made or saved for either refused command
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+    import truthmap
+
+    with pytest.raises(TruthmapError, match=r"^truthmap.run\(\): unknown setting 'quiet'; did you mean "
+                                            r"progress=False .*\(the settings: model, dataset, "):
+        truthmap.run(quiet=True)
+    with pytest.raises(TruthmapError, match=r"^Config\(\): unknown setting 'limt'; did you mean limit\?"):
+        Config(limt=4)
+    config = Config()
+    with pytest.raises(TruthmapError, match=r"^Config: seeds: item 2: '1' is a string; use a whole number"):
+        config.seeds = [0, "1"]
+    assert config.seeds == [0, 1, 2]  # an assignment that fails changes nothing
+
+
+@pytest.mark.parametrize("name,value,says", [
+    ("positions", [1], "positions: item 1: 1 is a number; use a position name"),
+    ("bootstrap", -5, "bootstrap: -5 is out of range"),
+    ("C", "x", "C: 'x' is a string; use a finite number, above 0"),
+    ("limit", "5", "limit: '5' is a string; use a whole number"),
+    ("samples", True, "samples: True is a boolean; use a whole number from 2 to 1000"),
+    ("sites", "mlp", "sites: 'mlp' is a string; use a list, each one of residual, mlp, attention"),
+])
+def test_a_bad_saved_setting_is_one_line_naming_config_json(tmp_path, name, value, says):
+    run = tmp_path / "run"
+    with rf.open_run(run):
+        saved = {**Config().to_dict(), name: value}
+        rf.write_json(run / rf.CONFIG, saved)
+        with pytest.raises(TruthmapError) as err:
+            continue_config(Config(out=str(run)), run, frozenset({"out"}), ("probe",))
+    assert str(err.value).startswith(f"{run / rf.CONFIG}: {says}")
+    assert str(err.value).endswith("; give the setting on the command line or rerun the run")
+    # given on the command line, the saved value is not used, and the folder's file is not the error
+    with rf.open_run(run):
+        good = Config().to_dict()[name]
+        config = continue_config(Config(out=str(run), **{name: good}), run, frozenset({"out", name}), ("probe",))
+    assert getattr(config, name) == good
+
+
+def test_saved_settings_never_choose_what_is_read(tmp_path, capsys):
+    """A sealed config.json naming a dataset file outside the folder: generate does not read it; a stage
+    that reads no dataset keeps the run's name for its titles."""
+    outside = tmp_path / "elsewhere.csv"
+    outside.write_text("question,answer\nWho?,Ann\n")
+    run = tmp_path / "run"
+    with rf.open_run(run):
+        rf.write_json(run / rf.CONFIG, {**Config().to_dict(), "dataset": str(outside), "data_dir": str(tmp_path)})
+        with pytest.raises(TruthmapError, match=r"this run had dataset .*elsewhere.csv'; give --dataset "):
+            continue_config(Config(out=str(run)), run, frozenset({"out"}), ("generate", "label"))
+        config = continue_config(Config(out=str(run)), run, frozenset({"out"}), ("probe", "plot"))
+        assert config.dataset == str(outside) and config.data_dir is None  # titles only; no folder continued
+        given = continue_config(Config(out=str(run), dataset="facts"), run, frozenset({"out", "dataset"}),
+                                ("generate",))
+        assert given.dataset == "facts"
+    # through the CLI: refused before anything is read
+    line = exit_line(["generate", "--out", str(run), "--quiet"], capsys)
+    assert "give --dataset" in line and "never taken from a run folder" in line
+    assert not (run / rf.QUESTIONS).exists()
+
+
+def test_every_setting_is_declared_with_help_and_stages():
+    from truthmap.pipeline import STAGE_TABLE
+
+    for name in SETTINGS:
+        info = declaration(name)
+        assert info["help"].strip() and info["help"].endswith("."), name
+        assert info["stages"] == "all" or set(info["stages"]) <= set(STAGE_TABLE), name
+    # every setting a stage's fingerprint depends on is declared as used by that stage (its --help shows it)
+    for stage in STAGE_TABLE.values():
+        for name in set(stage.settings(Config())) & set(SETTINGS):
+            stages = declaration(name)["stages"]
+            assert stages == "all" or stage.name in stages, (stage.name, name)
+
+
+# ---------------------------------------------------------------- property: wrong values are refused, never saved
+
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.text(max_size=12)
+                       | st.floats(allow_nan=True, allow_infinity=True),
+                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=2),
+                       max_leaves=6)
+
+
+def _fits(name: str, value) -> bool:
+    """Whether ``value`` has the type the declaration asks (the range and choices aside)."""
+    info = declaration(name)
+    if value is None:
+        return info["optional"]
+    items = value if info["multiple"] else [value]
+    if info["multiple"] and not isinstance(value, list):
+        return False
+    kinds = {"bool": lambda v: isinstance(v, bool), "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+             "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+             "str": lambda v: isinstance(v, str), "choice": lambda v: v in info["choices"]}
+    return all(kinds[info["kind"]](v) for v in items)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(SETTINGS), value=JSONISH)
+def test_wrong_values_are_refused_and_what_is_accepted_reads_back(name, value):
+    try:
+        config = make_config({name: value}, "c.yaml")
+    except TruthmapError as err:
+        line = str(err)
+        assert line.startswith(f"c.yaml: {name}: ") and "\n" not in line
+        return
+    assert _fits(name, value), (name, value)  # a value of the wrong type (a string for a bool, …) never passes
+    saved = json.loads(json.dumps(config.to_dict(), allow_nan=False))  # what a run writes into config.json
+    assert Config(**saved) == config  # and reads back as the same valid settings
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=st.sampled_from([n for n in SETTINGS if declaration(n)["kind"] == "bool"]),
+       text=st.text(max_size=8))
+def test_no_string_is_ever_a_boolean(name, text):
+    with pytest.raises(TruthmapError, match=f"{name}: .* is a string; use true or false"):
+        make_config({name: text}, "c.yaml")
