@@ -18,6 +18,8 @@ whether or not the run was made with ``--ray`` (docs/scaling.md).
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -81,7 +83,8 @@ class Models:
             else:
                 from .models import load_model
 
-                self._lm = load_model(c.model, c.dtype, c.device, c.device_map, c.trust_remote_code)
+                with _quiet(not c.progress):
+                    self._lm = load_model(c.model, c.dtype, c.device, c.device_map, c.trust_remote_code)
         return self._lm
 
     def check(self) -> None:
@@ -104,7 +107,8 @@ class Models:
             from .models import load_model
 
             c = self.config
-            self._extractor = load_model(name, c.dtype, c.device, None, c.trust_remote_code)
+            with _quiet(not c.progress):
+                self._extractor = load_model(name, c.dtype, c.device, None, c.trust_remote_code)
         return self._extractor
 
     def close(self) -> None:
@@ -116,3 +120,14 @@ class Models:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _quiet(quiet: bool):
+    """With ``quiet`` (--quiet), the libraries' loading bars (GGUF conversion, weights) are not shown: they
+    write to stderr, which is held for the block. A failure still raises, and says why."""
+    if not quiet:
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield

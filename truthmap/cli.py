@@ -175,6 +175,9 @@ def _report(run_dir: Path) -> None:
                           f"test AUC for errors {_number(cell.get('auc') if key == 'best_cell' else cell.get('error_auc'))}, "
                           f"for high semantic entropy "
                           f"{_number(cell.get('high_entropy_auc') if key == 'best_cell' else cell.get('auc'))}")
+    skipped = summary.get("skipped")
+    for name, reason in (skipped.items() if isinstance(skipped, dict) else ()):
+        console.print(f"{text(name)} skipped: {escape(rf.sanitise(reason, 1000))}")
     for stem in (*rf.HEATMAPS, rf.ENTROPY_FIGURE, Path(rf.BASELINES_FIGURE).stem, rf.ATTENTION_FIGURE):
         if (run_dir / f"{stem}.png").exists():
             console.print(f"{stem}: {text(run_dir / f'{stem}.png')}")
@@ -195,6 +198,10 @@ def run(config_file, force, quiet, **values):
     config, given = _config(config_file, quiet, **values)
     run_dir = run_stages(config, force=force, given=given)
     _report(run_dir)
+    from .runfolder import REPORT
+
+    if (run_dir / REPORT).exists():  # a label-free study has no report page
+        click.echo(f"report: {run_dir / REPORT}")
 
 
 def _stage_command(name: str, doc: str):

@@ -9,6 +9,13 @@ class TruthmapError(Exception):
     """
 
 
+class CannotRun(TruthmapError):
+    """An optional analysis that cannot run on this data (too few answers of a kind, a model without
+    attention weights …). The message says why and what would make it run. ``truthmap run`` skips the
+    analysis with that line (summary.json ``skipped``) and finishes the rest; asked for by name, it is an error.
+    """
+
+
 def where(path=None, row=None, field=None) -> str:
     """Format the 'file, row, field' prefix of an error message."""
     parts = []

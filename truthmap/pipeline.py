@@ -6,6 +6,11 @@
 ``samples`` and ``entropy`` (truthmap/analyses/entropy.py) run with ``--also samples``, and always in a study
 without gold answers, where the stages that need correctness labels (``labelled`` in the table) are skipped.
 
+An optional analysis (``optional`` in the table: the entropy probe, attention) that cannot run on this
+data raises :class:`~truthmap.errors.CannotRun`; a run of several stages then skips it with one line on
+stderr, records why in summary.json ``skipped`` ({stage: reason}; the entry goes when the stage next
+runs), removes its outputs of an earlier run, and goes on. Asked for alone (``truthmap entropy``) it is an error.
+
 ``STAGE_TABLE`` says, for every stage, the function that runs it, the run-folder files it reads (its
 fingerprint, with its settings) and the files it writes — each file written by exactly one stage
 (runfolder.py names them) — and whether it needs the model: ``workers`` (on Ray workers with ``--ray``,
@@ -28,7 +33,7 @@ import pandas as pd
 from . import runfolder as rf
 from .backend import Models
 from .config import OUTSIDE, SETTINGS, Config, make_config
-from .errors import TruthmapError
+from .errors import CannotRun, TruthmapError
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class Stage:
     labelled: bool = False  # needs graded answers: skipped in a study without gold answers
     when: Callable[[Config, Path], bool] | None = None  # an optional stage runs only when this says so
     sources: Callable[[Config], list[Path]] | None = None  # files outside the run folder it reads
+    optional: bool = False  # an analysis the rest does not need: skipped (CannotRun) in a labelled study
 
 
 def _fields(*names: str) -> Callable[[Config], dict]:
@@ -317,10 +323,10 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
           outputs=(rf.ENTROPY_RESULTS, rf.ENTROPY_SCORES, *rf.figures(rf.ENTROPY_FIGURE)),
           settings=lambda c: {"C": c.C, "bootstrap": c.bootstrap, "sites": c.sites, "column": _entropy_column(c),
                               "positions": c.positions, "min_per_class": c.min_per_class},
-          when=lambda c, run_dir: (run_dir / rf.SAMPLING_SCORES).exists()),
+          when=lambda c, run_dir: (run_dir / rf.SAMPLING_SCORES).exists(), optional=True),
     Stage("attention", _attention, inputs=(rf.ANSWERS, rf.GENERATIONS),
           outputs=(rf.ATTENTION, *rf.figures(rf.ATTENTION_FIGURE)), settings=_fields("positions"), model="here",
-          labelled=True, when=lambda c, run_dir: "attention" in c.also),
+          labelled=True, when=lambda c, run_dir: "attention" in c.also, optional=True),
     Stage("plot", _plot, inputs=(rf.PROBE_RESULTS, rf.ANSWERS),
           outputs=tuple(name for view in rf.HEATMAPS for name in rf.figures(view)), settings=_fields("positions"),
           labelled=True),
@@ -480,11 +486,50 @@ def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: b
                 continue  # a label-free study: no correctness to probe, score or draw (summary.json says so)
             if stage.when is not None and not stage.when(config, run_dir):
                 continue  # an optional stage that was not asked for
-            run_stage(stage, config, run_dir, {"workers": workers, "here": here}.get(stage.model), force)
+            try:
+                run_stage(stage, config, run_dir, {"workers": workers, "here": here}.get(stage.model), force)
+            except CannotRun as err:
+                # a label-free study has nothing but the entropy probe: there it is the study, not an extra
+                if not (stage.optional and len(stages) > 1 and _labelled(run_dir)):
+                    raise
+                skip_stage(stage, run_dir, str(err))
+            else:
+                note_skipped(run_dir, name, None)
     finally:
         workers.close()
         here.close()
     rf.update_summary(run_dir, wall_seconds=round(time.perf_counter() - started, 2))
+
+
+def skip_stage(stage: Stage, run_dir: Path, reason: str) -> None:
+    """Leave out an optional analysis that cannot run on this data: say why (stderr and summary.json
+    ``skipped``) and remove its outputs of an earlier run, which no longer describe this one."""
+    print(f"truthmap: {stage.name} skipped: {rf.sanitise(reason, 1000)}", file=sys.stderr)
+    for name in stage.outputs:
+        if rf.trusted(run_dir / name):
+            rf.remove(run_dir / name)
+    done = rf.read_json(run_dir / rf.STAGES, default={}) if rf.trusted(run_dir / rf.STAGES) else {}
+    entry = done.get(stage.name) if isinstance(done, dict) else None
+    stale = entry.get("summary") if isinstance(entry, dict) else None  # its summary fields of that earlier run
+    rf.forget_stage(run_dir, stage.name)
+    note_skipped(run_dir, stage.name, reason, drop=tuple(stale) if isinstance(stale, dict) else ())
+
+
+def note_skipped(run_dir: Path, name: str, reason: str | None, drop: tuple[str, ...] = ()) -> None:
+    """Set (or, with None, clear) summary.json ``skipped[name]``; remove the summary fields ``drop``."""
+    path = run_dir / rf.SUMMARY
+    summary = rf.read_json_object(path, default={}) if rf.trusted(path) else {}
+    skipped = summary.get("skipped") if isinstance(summary.get("skipped"), dict) else {}
+    if reason is None and name not in skipped:
+        return
+    if reason is None:
+        del skipped[name]
+    else:
+        skipped[name] = reason
+    summary["skipped"] = skipped
+    for key in drop:
+        summary.pop(key, None)
+    rf.write_json(path, summary)
 
 
 def _labelled(run_dir: Path) -> bool:

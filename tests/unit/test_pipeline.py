@@ -160,3 +160,58 @@ def test_the_samples_stage_reruns_when_a_setting_or_input_it_reads_changes(sampl
         assert pipeline.run_stage(stage, hotter, run, models)
         assert not pipeline.run_stage(stage, hotter, run, models)
     assert [(d["n"], d["temperature"]) for d in drawn] == [(5, 1.0), (8, 1.0), (8, 0.7), (8, 0.7)]
+
+
+def test_an_optional_analysis_that_cannot_run_is_skipped_with_its_reason_and_the_run_finishes(run, capsys):
+    import numpy as np
+
+    from truthmap.errors import CannotRun
+
+    ids = pd.read_parquet(run / rf.ANSWERS)["id"]
+    few_low = np.where(np.arange(len(ids)) < 3, 0.0, 1.0)  # 3 low-entropy answers in all: too few to train on
+    pd.DataFrame({"id": ids, "semantic_entropy": few_low}).to_parquet(run / rf.SAMPLING_SCORES, index=False)
+    seal(run)
+    config = dataclasses.replace(config_of(run), min_per_class=5)
+    stages = ("probe", "entropy", "plot", "report")
+    pipeline.run_stages(config, stages=stages)
+    line = [k for k in capsys.readouterr().err.splitlines() if "entropy skipped" in k]
+    assert len(line) == 1 and "low-entropy" in line[0] and "--samples" in line[0]
+    summary = rf.read_json(run / rf.SUMMARY)
+    assert "low-entropy answers" in summary["skipped"]["entropy"]
+    assert (run / rf.REPORT).exists() and (run / "heatmap.png").exists()  # the stages after it ran
+    assert not (run / rf.ENTROPY_RESULTS).exists()
+    with pytest.raises(CannotRun):  # asked for by name, it is an error
+        pipeline.run_stages(config, stages=("entropy",))
+
+    balanced = np.where(np.arange(len(ids)) % 2 == 0, 0.0, 1.0)  # with enough of each it runs, and is no longer "skipped"
+    with rf.open_run(run):
+        with rf.stage("samples"):
+            rf.write_parquet(run / rf.SAMPLING_SCORES, pd.DataFrame({"id": ids, "semantic_entropy": balanced}))
+    pipeline.run_stages(config, stages=stages)
+    summary = rf.read_json(run / rf.SUMMARY)
+    assert "entropy" not in summary["skipped"] and "entropy_probe" in summary
+    assert (run / rf.ENTROPY_RESULTS).exists()
+
+    with rf.open_run(run):  # too few again: the earlier run's results and summary fields go with the skip
+        with rf.stage("samples"):
+            rf.write_parquet(run / rf.SAMPLING_SCORES, pd.DataFrame({"id": ids, "semantic_entropy": few_low}))
+    pipeline.run_stages(config, stages=stages)
+    summary = rf.read_json(run / rf.SUMMARY)
+    assert "entropy" in summary["skipped"] and "entropy_probe" not in summary
+    assert not (run / rf.ENTROPY_RESULTS).exists() and not (run / "heatmap_entropy.png").exists()
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_quiet_hides_the_libraries_loading_bars(progress, monkeypatch, capsys):
+    import sys
+
+    from truthmap import models
+    from truthmap.backend import Models
+
+    def load_model(*args):
+        print("Converting and de-quantizing GGUF tensors...: 100%", file=sys.stderr)
+        return "the model"
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    assert Models(Config(progress=progress, device="cpu")).lm == "the model"
+    assert ("GGUF" in capsys.readouterr().err) == progress

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from .. import runfolder as rf
-from ..errors import TruthmapError
+from ..errors import CannotRun
 
 ATTENTION, FIGURE = rf.ATTENTION, rf.ATTENTION_FIGURE  # the names: runfolder.py
 
@@ -40,7 +40,7 @@ def eager_attention(lm):
         else:
             model.config._attn_implementation = "eager"
     except (ValueError, ImportError, AttributeError) as err:
-        raise TruthmapError(f"model '{lm.model_id}': cannot switch to eager attention ({err}); "
+        raise CannotRun(f"model '{lm.model_id}': cannot switch to eager attention ({err}); "
                             f"drop --also attention") from None
     try:
         yield
@@ -87,7 +87,7 @@ def attention_batch(lm, sequences: list[list[int]], index: np.ndarray) -> np.nda
         for h in handles:
             h.remove()
     if missing:
-        raise TruthmapError(f"model '{lm.model_id}': its attention modules return no weights even in eager "
+        raise CannotRun(f"model '{lm.model_id}': its attention modules return no weights even in eager "
                             f"mode; drop --also attention")
     return out.numpy()
 

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from .. import runfolder as rf
-from ..errors import TruthmapError
+from ..errors import CannotRun, TruthmapError
 
 # the names: runfolder.py
 SAMPLING_SCORES, ENTROPY_RESULTS, ENTROPY_SCORES = rf.SAMPLING_SCORES, rf.ENTROPY_RESULTS, rf.ENTROPY_SCORES
@@ -295,7 +295,7 @@ def run_entropy_probe(run_dir: Path, sites: list[str], *, column: str = "semanti
         n_high = int((high[s][parts["train"][s]] == 1).sum())
         n_low = int((high[s][parts["train"][s]] == 0).sum())
         if min(n_high, n_low) < min_per_class:
-            raise TruthmapError(
+            raise CannotRun(
                 f"{run_dir / SAMPLING_SCORES}, seed {seed}: the train part holds {n_high} high- and {n_low} "
                 f"low-entropy answers (need at least {min_per_class} of each); draw more samples per question "
                 f"(--samples) or study more questions")
