@@ -171,7 +171,7 @@ def test_an_optional_analysis_that_cannot_run_is_skipped_with_its_reason_and_the
     few_low = np.where(np.arange(len(ids)) < 3, 0.0, 1.0)  # 3 low-entropy answers in all: too few to train on
     pd.DataFrame({"id": ids, "semantic_entropy": few_low}).to_parquet(run / rf.SAMPLING_SCORES, index=False)
     seal(run)
-    config = dataclasses.replace(config_of(run), min_per_class=5)
+    config = config_of(run).replace(min_per_class=5)
     stages = ("probe", "entropy", "plot", "report")
     pipeline.run_stages(config, stages=stages)
     line = [k for k in capsys.readouterr().err.splitlines() if "entropy skipped" in k]
