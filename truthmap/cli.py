@@ -20,76 +20,56 @@ import click
 
 from .errors import TruthmapError
 
-MULTI_VALUE = ("--seeds", "--site", "--positions", "--also", "--train", "--test")
 ONE_CELL = ("export", "resample", "choose", "transfer")  # their --site names one cell: one value
 
 
-def _common(f):
-    options = [
-        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of settings."),
-        click.option("--model", help="Hub id, local folder, .gguf file, or the embedded default."),
-        click.option("--dataset", help="A task (see `truthmap tasks`), TASK:SPLIT, TASK:PATH, a CSV/JSONL/Parquet path, "
-                                       "or a hub dataset id. Default: facts (built in)."),
-        click.option("--data-dir", help="Folder holding task files by their reference names (default $TRUTHMAP_DATA_DIR or ./data)."),
-        click.option("--on-bad-row", type=click.Choice(["error", "skip"]),
-                     help="A source row that cannot become a question: stop with its file and row (default) or skip it."),
-        click.option("--limit", type=int, help="Study a deterministic sample of N questions."),
-        click.option("--out", help="Run folder (default runs/<model>-<dataset>)."),
-        click.option("--seeds", type=int, multiple=True, help="Split/probe seeds, e.g. --seeds 0 1 2."),
-        click.option("--site", "sites", multiple=True, help="residual (default), mlp, attention."),
-        click.option("--positions", multiple=True, help="Token positions (columns), in order."),
-        click.option("--protocol", type=click.Choice(["brief", "reference"]),
-                     help="Generation settings: brief (default; '… Answer briefly.', 24 new tokens) or reference "
-                          "(the reference study's: the question alone, 100 new tokens, math 200; docs/tasks.md)."),
-        click.option("--max-new-tokens", type=int),
-        click.option("--long-prompts", type=click.Choice(["truncate", "skip"]),
-                     help="A prompt longer than the model's context: cut its middle (default) or skip the question."),
-        click.option("--batch-size", type=int),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"])),
-        click.option("--device", help="auto, cpu, cuda, cuda:N."),
-        click.option("--device-map", help="e.g. auto: spread a large model over several GPUs."),
-        click.option("--ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
-                     help="Generate and extract on Ray workers: a new local cluster (no ADDRESS), 'auto', "
-                          "or ray://HOST:10001. Needs pip install 'truthmap[ray]'. See docs/scaling.md."),
-        click.option("--ray-workers", type=int, help="At most N Ray workers (default: one per GPU, or per CPU)."),
-        click.option("--ray-gpus-per-worker", type=int, help="GPUs per Ray worker: k > 1 spreads the model over k GPUs."),
-        click.option("--trust-remote-code/--no-trust-remote-code", default=None,
-                     help="Run the model repo's own code (default: no; never taken from a run folder)."),
-        click.option("--extractor-model", help="Model asked for exact answers the rules miss ('none' to skip)."),
-        click.option("--question-column"),
-        click.option("--answer-column"),
-        click.option("--bootstrap", type=int, help="Bootstrap resamples for AUC intervals."),
-        click.option("--population", type=click.Choice(["common", "each"]),
-                     help="common (default): every column trained and tested on the same answers, those at which "
-                          "every position exists; each: every column on the answers where its position exists."),
-        click.option("--test-fraction", type=float, help="Share of each split tested (default 0.3)."),
-        click.option("--validation-fraction", type=float,
-                     help="Share of each split that chooses the best cell and region (default 0.2)."),
-        click.option("--min-per-class", type=int,
-                     help="Fewest right and wrong answers a train or test split may hold (default 10; at least 2)."),
-        click.option("--force", is_flag=True, help="Rerun the stage(s) even if their inputs are unchanged."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
-        click.option("--also", multiple=True, help="Extra views: attention (a heatmap of attention weights); "
-                                                   "samples (semantic entropy and semantic-entropy probes)."),
-        click.option("--samples", type=int, help="Sampled answers per question for --also samples, and for a "
-                                                 "study without gold answers (default 5)."),
-        click.option("--sample-temperature", type=float, help="Temperature of those samples (default 1.0)."),
-        click.option("--judge-equivalence", is_flag=True, default=None,
-                     help="Also cluster the samples by meaning with a model judging two answers equivalent "
-                          "(--extractor-model, or the studied model): 2 forward passes per comparison."),
-        click.option("--p-true", "p_true", type=click.Choice(["exact", "both", "none"]),
-                     help="p(True) baselines: exact (default; the model asked whether its exact answer is true), "
-                          "both (also its whole answer, as the reference study; about twice the cost), none."),
-        click.option("--extract", type=click.Choice(["onepass", "separate"]),
-                     help="onepass (default): hidden states and token scores read while the model answers; "
-                          "separate: a forward pass of their own after labelling."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+def _option(name: str, **changes):
+    """The click option of setting ``name``, generated from its declaration in config.py (flag, aliases,
+    type, choices, help); ``changes`` overrides a part for one command. Its default is None: a setting
+    not given is left to ``--config FILE``, the run's config.json or the schema's default."""
+    from .config import declaration
+
+    info = {**declaration(name), **changes}
+    flag, kind = info["flag"], info["kind"]
+    if kind == "bool":
+        decls = [f"{flag}/--no-{flag[2:]}", *info["aliases"], name]  # an alias " /--quiet" is an off switch
+        return click.option(*decls, default=None, help=info["help"])
+    types = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
+    kwargs = dict(type=click.Choice(info["choices"]) if kind == "choice" else types[kind], default=None,
+                  help=info["help"], multiple=info["multiple"], metavar=info["metavar"])
+    if info["flag_value"] is not None:  # a flag that may come without its value (--ray: a local cluster)
+        kwargs.update(is_flag=False, flag_value=info["flag_value"])
+    return click.option(flag, *info["aliases"], name, **kwargs)
 
 
-def _config(config_file, quiet, **values):
+def _settings(stage: str | None):
+    """The options of a command: ``--config``, ``--force`` and the settings of ``stage`` (None: all of
+    them, for ``run``), each generated from its declaration."""
+    from .config import SETTINGS, declaration
+
+    names = [n for n in SETTINGS if stage is None or declaration(n)["stages"] == "all"
+             or stage in declaration(n)["stages"]]
+
+    def decorate(f):
+        options = [click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                                help="YAML file of settings (keys: the setting names, e.g. sites, progress)."),
+                   *[_option(name) for name in names],
+                   click.option("--force", is_flag=True, help="Rerun the stage(s) even if their inputs are unchanged.")]
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+def _multi_value() -> tuple[str, ...]:
+    """The flags that take several values after one flag: those of the list settings, and transfer's."""
+    from .config import SETTINGS, declaration
+
+    flags = [f for n in SETTINGS if declaration(n)["multiple"] for f in (declaration(n)["flag"], *declaration(n)["aliases"])]
+    return (*flags, "--train", "--test")
+
+
+def _config(config_file, **values):
     """(Config, the settings given) from the command line and ``--config FILE``. Nothing is read from the
     run folder here: a stage command continues the folder's other settings only once it holds the folder
     (pipeline.continue_config); None in place of the settings when --config FILE says everything."""
@@ -98,7 +78,6 @@ def _config(config_file, quiet, **values):
     values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
     values = {k: v for k, v in values.items() if v not in (None, [])}
     given = frozenset(values) if config_file is None else None
-    values["progress"] = not quiet
     return settings_from(config_file, values, "the command line"), given
 
 
@@ -189,13 +168,16 @@ def cli():
     """truthmap — where does a language model know that its own answer is wrong?"""
 
 
-@cli.command()
-@_common
-def run(config_file, force, quiet, **values):
-    """Run the whole study: generate, label, extract, probe, plot."""
+RUN_STAGES_HELP = ("generate, label, extract, probe, baselines, plot and report; with --also samples (or a study "
+                   "without gold answers) also samples and entropy, with --also attention the attention view")
+
+
+@cli.command(help=f"Run the whole study: {RUN_STAGES_HELP}. Every setting can be given here (or in --config).")
+@_settings(None)
+def run(config_file, force, **values):
     from .pipeline import run_stages
 
-    config, given = _config(config_file, quiet, **values)
+    config, given = _config(config_file, **values)
     run_dir = run_stages(config, force=force, given=given)
     _report(run_dir)
     from .runfolder import REPORT
@@ -205,19 +187,20 @@ def run(config_file, force, quiet, **values):
 
 
 def _stage_command(name: str, doc: str):
-    @_common
-    def command(config_file, force, quiet, **values):
+    @_settings(name)
+    def command(config_file, force, **values):
         from .pipeline import run_stages
 
         if name in ("attention", "samples"):  # asking for the stage by name asks for the view
-            values["also"] = tuple(dict.fromkeys(tuple(values.get("also") or ()) + (name,)))
-        config, given = _config(config_file, quiet, **values)
+            values["also"] = [name]
+        config, given = _config(config_file, **values)
         run_dir = run_stages(config, stages=(name,), force=force, given=given)
         click.echo(f"{name}: done ({run_dir})")
         if name in ("probe", "plot", "entropy"):
             _report(run_dir)
 
-    command.__doc__ = doc
+    command.__doc__ = (f"{doc}\n\nThe settings shown are those of this stage; the run's others are continued "
+                       f"from its config.json (`truthmap run --help` lists every setting).")
     cli.command(name=name)(command)
 
 
@@ -348,23 +331,23 @@ def _refuse_foreign_file(path: Path, starts: tuple[str, ...]) -> None:
 
 
 def _model_options(f):
-    options = [
-        click.option("--model", help="The run's model (default: the embedded default); never taken from the folder."),
-        click.option("--trust-remote-code/--no-trust-remote-code", default=None, help="Run the model repo's own code."),
-    ]
+    """--model, --trust-remote-code/--no-trust-remote-code and --progress/--quiet of a command on a held run."""
+    options = [_option("model", help="The run's model (default: the embedded default); never taken from the folder."),
+               _option("trust_remote_code"), _option("progress")]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _held_config(run_dir: Path, quiet: bool, model, trust_remote_code):
+def _held_config(run_dir: Path, progress, model, trust_remote_code):
     """The Config of a command on a held run folder: the model and trust from the command line only,
     the rest continued from the run (checked: a model other than the run's is refused)."""
     from .config import settings_from
     from .pipeline import continue_config
 
-    values = {k: v for k, v in {"model": model, "trust_remote_code": trust_remote_code}.items() if v is not None}
-    config = settings_from(None, {"out": str(run_dir), "progress": not quiet, **values}, "the command line")
+    given = {"model": model, "trust_remote_code": trust_remote_code, "progress": progress}
+    values = {k: v for k, v in given.items() if v is not None}
+    config = settings_from(None, {"out": str(run_dir), **values}, "the command line")
     # an analysis runs the run's model in this process, as the samples stage does (never on Ray workers)
     return continue_config(config, run_dir, frozenset(values) | {"out"}, ("samples",))
 
@@ -405,9 +388,8 @@ def transfer(train, test, site, layer, position, model, out, to, bootstrap, prob
 @click.option("--judge-equivalence", is_flag=True,
               help="Also cluster the samples by a model judging equivalence (sampling_scores.parquet).")
 @_model_options
-@click.option("--quiet", is_flag=True)
 def resample(run, old_out, n, temperature, sample_seed, site, layer, position, batch_size, judge_equivalence, model,
-             trust_remote_code, quiet):
+             trust_remote_code, progress):
     """N sampled answers per question, error types, and probes predicting each type, added to RUN (a
     finished 'truthmap run')."""
     from . import runfolder as rf
@@ -416,12 +398,12 @@ def resample(run, old_out, n, temperature, sample_seed, site, layer, position, b
 
     run_dir = _run_folder(_the_run("resample", run, old_out))
     with rf.open_run(run_dir), rf.stage("resample"):
-        config = _held_config(run_dir, quiet, model, trust_remote_code)
+        config = _held_config(run_dir, progress, model, trust_remote_code)
         cell = _cell(run_dir, site, layer, position)
         models = Models(config)  # in this process, also for a run made with --ray (docs/scaling.md)
         results = run_resample(models.lm, run_dir, n=n, temperature=temperature, seed=sample_seed, cell=cell,
                                extractor=models.extractor, C=config.C, n_boot=config.bootstrap,
-                               batch_size=batch_size, progress=not quiet)
+                               batch_size=batch_size, progress=config.progress)
         from .analyses.entropy import refresh_sampling_scores
 
         refresh_sampling_scores(models.lm, run_dir, (models.extractor or models.lm) if judge_equivalence else None)
@@ -446,8 +428,7 @@ def resample(run, old_out, n, temperature, sample_seed, site, layer, position, b
 @click.option("--detector", "detector_path", help="A folder from 'truthmap export' (default: fit at the cell).")
 @click.option("--seed", type=int, help="Split whose test questions are chosen for (default: the first).")
 @_model_options
-@click.option("--quiet", is_flag=True)
-def choose(run, old_out, site, layer, position, detector_path, seed, model, trust_remote_code, quiet):
+def choose(run, old_out, site, layer, position, detector_path, seed, model, trust_remote_code, progress):
     """Answer choice among the resamples of RUN (where 'truthmap resample' has run): greedy, random, majority
     vote, probe (accuracy per error type), added to RUN."""
     from . import runfolder as rf
@@ -458,7 +439,7 @@ def choose(run, old_out, site, layer, position, detector_path, seed, model, trus
     run_dir = _run_folder(_the_run("choose", run, old_out))
     detector = Detector.load(detector_path) if detector_path else None
     with rf.open_run(run_dir), rf.stage("choice"):
-        config = _held_config(run_dir, quiet, model, trust_remote_code)
+        config = _held_config(run_dir, progress, model, trust_remote_code)
         cell = None if detector else _cell(run_dir, site, layer, position)
         table = run_choice(Models(config).lm, run_dir, detector=detector, cell=cell, seed=seed, C=config.C,
                            n_boot=config.bootstrap)
@@ -585,7 +566,7 @@ def expand_multi_value(argv: list[str]) -> list[str]:
     """Let list options take several values after one flag: '--seeds 0 1 2' -> '--seeds 0 --seeds 1 --seeds 2'.
 
     In a command on one probe cell, ``--site`` takes one value (``export --site mlp RUN``: RUN is the run)."""
-    multi = [o for o in MULTI_VALUE if not (o == "--site" and argv and argv[0] in ONE_CELL)]
+    multi = [o for o in _multi_value() if not (o == "--site" and argv and argv[0] in ONE_CELL)]
     out, current = [], None
     for arg in argv:
         if arg in multi:

@@ -56,7 +56,8 @@ def setting(default: Any = None, help: str = "", *, stages: tuple[str, ...] | st
 
     ``help``: one sentence for ``--help`` and the docs; ``stages``: the stage commands whose ``--help``
     shows it (ALL: every one; RUN: only ``run``, which shows every setting); ``flag``: the CLI flag when
-    it is not ``--name-with-dashes``; ``aliases``: older flags that still work; ``outside``: it names a
+    it is not ``--name-with-dashes``; ``aliases``: other flags that still work (of a boolean, written as
+    click does: ``" /--quiet"`` is another way to say ``--no-progress``); ``outside``: it names a
     file, folder or model outside the run folder, so it is never continued from a saved config.json;
     ``flag_value``: the value of the flag given without one (``--ray`` alone: ``local``).
     """
@@ -118,17 +119,20 @@ class Config(BaseModel):
 
     # what is studied (these name things outside the run folder: never taken from a saved config.json)
     model: Text = setting(DEFAULT_MODEL, "Hub id, local folder, .gguf file, or the embedded default "
-                          "(default embedded:smollm2-135m-instruct).", stages=ALL, outside=True)
+                          "(default embedded:smollm2-135m-instruct).", stages=ALL, outside=True, metavar="MODEL")
     dataset: Text = setting("facts", "A task (see `truthmap tasks`), TASK:SPLIT, TASK:PATH, a CSV/JSONL/Parquet path, "
-                            "or a hub dataset id (default facts, built in).", stages=ALL, outside=True)
+                            "or a hub dataset id (default facts, built in).", stages=ALL, outside=True,
+                            metavar="DATASET")
     data_dir: Text | None = setting(None, "Folder holding task files by their reference names (default "
-                                    "$TRUTHMAP_DATA_DIR or ./data).", stages=("generate",), outside=True)
+                                    "$TRUTHMAP_DATA_DIR or ./data).", stages=("generate",), outside=True,
+                                    metavar="DIR")
     on_bad_row: Literal["error", "skip"] = setting("error", "A source row that cannot become a question: stop with "
                                                    "its file and row (error, default) or skip it (counted in "
                                                    "summary.json).", stages=("generate",))
     limit: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = setting(
         None, "Study a deterministic sample of N questions.", stages=("generate",), metavar="N")
-    out: Text | None = setting(None, "Run folder (default runs/<model>-<dataset>).", stages=ALL, outside=True)
+    out: Text | None = setting(None, "Run folder (default runs/<model>-<dataset>).", stages=ALL, outside=True,
+                               metavar="DIR")
     question_column: Text = setting("question", "Column of the questions (matched ignoring case).",
                                     stages=("generate",))
     answer_column: Text | None = setting(None, "Column of the gold answers (default: answers, answer or gold, "
@@ -166,7 +170,7 @@ class Config(BaseModel):
                                         stages=("label", "entropy", "attention", "plot"),
                                         default_factory=lambda: list(DEFAULT_POSITIONS))
     seeds: list[Seed] = setting(None, "Split and probe seeds, e.g. --seeds 0 1 2 (default 0 1 2).",
-                                stages=("label", "probe"), default_factory=lambda: [0, 1, 2])
+                                stages=("label",), default_factory=lambda: [0, 1, 2])
     test_fraction: Annotated[float, Field(ge=0.05, le=0.95)] = setting(
         0.3, "Share of each split scored for the heatmap (default 0.3).", stages=("label",))
     validation_fraction: Annotated[float, Field(ge=0.05, le=0.9)] = setting(
@@ -183,7 +187,8 @@ class Config(BaseModel):
     min_per_class: Annotated[int, Field(ge=2, le=100_000)] = setting(
         MIN_PER_CLASS, f"Fewest right and fewest wrong answers each part of a split (train, validation, test) may "
         f"hold (default {MIN_PER_CLASS}; at least 2).", stages=("label", "probe", "entropy"))
-    progress: bool = setting(True, "Progress bars (--quiet: none).", stages=ALL)
+    progress: bool = setting(True, "Progress bars (default); --quiet or --no-progress: none.", stages=ALL,
+                             aliases=(" /--quiet",))
     # optional views
     also: list[Literal[ALSO]] = setting(None, "Extra views: attention (a heatmap of attention weights); samples "
                                         "(semantic entropy and semantic-entropy probes).", default_factory=list)

@@ -186,3 +186,93 @@ def test_wrong_values_are_refused_and_what_is_accepted_reads_back(name, value):
 def test_no_string_is_ever_a_boolean(name, text):
     with pytest.raises(TruthmapError, match=f"{name}: .* is a string; use true or false"):
         make_config({name: text}, "c.yaml")
+
+
+# ---------------------------------------------------------------- the CLI is generated from the declarations
+
+def _options(command: str) -> dict:
+    """{param name: click option} of a command, --help left out."""
+    import click
+
+    from truthmap.cli import cli
+
+    return {p.name: p for p in cli.commands[command].params if isinstance(p, click.Option) and p.name != "help"}
+
+
+def test_every_setting_has_a_flag_of_its_name_and_run_takes_them_all():
+    options = _options("run")
+    assert set(options) == set(SETTINGS) | {"config_file", "force"}
+    for name in SETTINGS:
+        flags = options[name].opts
+        assert flags[0] == "--" + name.replace("_", "-"), (name, flags)  # C: --C, sites: --sites
+    assert "--site" in options["sites"].opts and "--quiet" in options["progress"].secondary_opts
+
+
+@pytest.mark.parametrize("stage", ["generate", "label", "extract", "samples", "probe", "baselines", "entropy",
+                                   "attention", "plot"])
+def test_a_stage_command_takes_and_shows_its_own_settings_only(stage, capsys):
+    from truthmap.cli import cli
+
+    mine = {n for n in SETTINGS if declaration(n)["stages"] == "all" or stage in declaration(n)["stages"]}
+    assert set(_options(stage)) == mine | {"config_file", "force"}
+    assert {"model", "dataset", "out", "progress"} <= mine  # the run folder's name and --quiet, everywhere
+    helped = cli.commands[stage].get_help(cli.make_context(stage, [], resilient_parsing=True))
+    others = [n for n in SETTINGS if n not in mine]
+    assert others and not [n for n in others if declaration(n)["flag"] + " " in helped]
+
+
+def test_run_help_names_every_stage_a_run_does():
+    from truthmap.cli import cli
+    from truthmap.pipeline import STAGES
+
+    text = cli.commands["run"].help
+    assert [s for s in STAGES if s not in text] == []
+
+
+def _a_value(name: str):
+    """(command-line words, the value the Config should hold) for setting ``name``, not its default."""
+    info, default = declaration(name), Config().to_dict()[name]
+    flag = info["flag"]
+    if info["kind"] == "bool":
+        return ([flag] if not default else [f"--no-{flag[2:]}"]), not default
+    if info["kind"] == "choice":
+        choice = [c for c in info["choices"] if c not in (default if info["multiple"] else [default])][0]
+        return [flag, choice], [choice] if info["multiple"] else choice
+    special = {"positions": (["-3", "last_q"], ["-3", "last_q"]), "prompt_template": (["Q: {question}"], "Q: {question}"),
+               "seeds": (["4", "5"], [4, 5]), "device": (["cpu"], "cpu"), "ray": (["auto"], "auto"),
+               "validation_fraction": (["0.25"], 0.25), "test_fraction": (["0.25"], 0.25)}
+    if name in special:
+        words, value = special[name]
+        return [flag, *words], value
+    if info["kind"] == "int":
+        return [flag, "12"], 12
+    if info["kind"] == "float":
+        return [flag, "0.5"], 0.5
+    return [flag, "some-text"], "some-text"
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_each_flag_reaches_its_setting_with_its_type(name, monkeypatch, tmp_path):
+    import truthmap.pipeline
+
+    seen = {}
+    monkeypatch.setattr(truthmap.pipeline, "run_stages",
+                        lambda config, **kw: seen.update(config=config, given=kw["given"]) or tmp_path)
+    monkeypatch.setattr("truthmap.cli._report", lambda run_dir: None)
+    words, value = _a_value(name)
+    app(["run", *words])
+    assert getattr(seen["config"], name) == value and seen["given"] == {name}
+
+
+def test_old_spellings_still_work(monkeypatch, tmp_path):
+    import truthmap.pipeline
+
+    seen = []
+    monkeypatch.setattr(truthmap.pipeline, "run_stages", lambda config, **kw: seen.append(config) or tmp_path)
+    monkeypatch.setattr("truthmap.cli._report", lambda run_dir: None)
+    app(["probe", "--quiet", "--site", "mlp", "attention", "--C", "0.25"])
+    assert (seen[-1].progress, seen[-1].sites, seen[-1].C) == (False, ["mlp", "attention"], 0.25)
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("progress: false\nray_cpus_per_worker: 2\nprompt_template: 'Q: {question}'\n")
+    app(["generate", "--config", str(yaml)])  # a YAML setting is not overridden by a flag not given
+    assert (seen[-1].progress, seen[-1].ray_cpus_per_worker, seen[-1].prompt_template) == (False, 2, "Q: {question}")
