@@ -61,6 +61,25 @@ def _settings(stage: str | None):
     return decorate
 
 
+class StageCommand(click.Command):
+    """A stage command: a setting of another stage is refused with what uses it, not only 'no such option'."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.NoSuchOption as err:
+            from .config import SETTINGS, declaration
+
+            users = {flag: declaration(n)["stages"] for n in SETTINGS
+                     for flag in (declaration(n)["flag"], *declaration(n)["aliases"])}
+            if err.option_name not in users:
+                raise
+            stages = users[err.option_name]
+            used = f"a setting of {', '.join(stages)}" if stages else "a setting of 'truthmap run' only"
+            raise click.UsageError(f"{info_name} does not use {err.option_name} ({used}); 'truthmap {info_name} "
+                                   f"--help' lists its settings", ctx=err.ctx) from None
+
+
 def _multi_value() -> tuple[str, ...]:
     """The flags that take several values after one flag: those of the list settings, and transfer's."""
     from .config import SETTINGS, declaration
@@ -201,7 +220,7 @@ def _stage_command(name: str, doc: str):
 
     command.__doc__ = (f"{doc}\n\nThe settings shown are those of this stage; the run's others are continued "
                        f"from its config.json (`truthmap run --help` lists every setting).")
-    cli.command(name=name)(command)
+    cli.command(name=name, cls=StageCommand)(command)
 
 
 for _name, _doc in [

@@ -276,3 +276,11 @@ def test_old_spellings_still_work(monkeypatch, tmp_path):
     yaml.write_text("progress: false\nray_cpus_per_worker: 2\nprompt_template: 'Q: {question}'\n")
     app(["generate", "--config", str(yaml)])  # a YAML setting is not overridden by a flag not given
     assert (seen[-1].progress, seen[-1].ray_cpus_per_worker, seen[-1].prompt_template) == (False, 2, "Q: {question}")
+
+
+def test_a_setting_of_another_stage_says_which_stage_uses_it(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        app(["probe", "--limit", "5"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "Error: probe does not use --limit (a setting of generate); 'truthmap probe --help' lists its settings"
