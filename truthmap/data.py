@@ -149,9 +149,16 @@ def convert_records(task, records, first_row: int, source: str, options, on_bad_
     """
     rows, seen, used = [], {}, 0
     bad, examples, left_out = Counter(), [], Counter()
+    matched = {}  # the source's column names -> the names the task asks for (see match_columns)
     i = -1
     for i, record in enumerate(records):
         row_number = i + first_row
+        if task.name == "generic" and isinstance(record, dict):
+            names = tuple(record)
+            if names not in matched:
+                matched[names] = match_columns(names, options, source)
+            if matched[names]:
+                record = {matched[names].get(k, k): v for k, v in record.items()}
         try:
             if isinstance(record, _TooLong):
                 raise tasks.BadRow(None, f"a line of more than {MAX_LINE_BYTES} bytes, longer than any question")
@@ -199,6 +206,34 @@ def convert_records(task, records, first_row: int, source: str, options, on_bad_
     if left_out:
         report["left_out"] = dict(left_out.most_common())
     return rows, report
+
+
+def match_columns(columns: tuple, options, source: str) -> dict[str, str]:
+    """{column of the source: the name it stands for} for the columns of a table of questions (the generic
+    task) that match ignoring case: ``question,Answer`` is read as question and answer. A name matched by
+    two columns (``Answer`` and ``answer``) is refused in one line; an exact name needs no renaming.
+
+    The names asked for: ``question_column``, ``answer_column`` (default: answers, answer, gold), id, family."""
+    from .tasks.generic import ANSWER_COLUMNS
+
+    wanted = [options.question_column, *([options.answer_column] if options.answer_column else ANSWER_COLUMNS),
+              "id", "family"]
+    by_fold = {}
+    for column in columns:
+        if isinstance(column, str):
+            by_fold.setdefault(column.casefold(), []).append(column)
+    renamed = {}
+    for name in wanted:
+        if "." in name:  # a nested field (a.b) is named exactly
+            continue
+        found = by_fold.get(name.casefold(), [])
+        if len(found) > 1:
+            flag = "--answer-column" if name != options.question_column else "--question-column"
+            raise TruthmapError(f"{source}: columns {', '.join(repr(c) for c in found)} all match '{name}' "
+                                f"(names are matched ignoring case); rename all but one, or name another with {flag}")
+        if found and found[0] != name and name not in columns:
+            renamed[found[0]] = name
+    return renamed
 
 
 def _check_row_text(row: dict) -> None:

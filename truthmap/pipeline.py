@@ -93,14 +93,12 @@ def _dataset_file(c: Config) -> list[Path]:
 
 
 def _generate(s: StageRun) -> None:
-    from .data import load_questions
     from .stages.generate import answers_one_line, context_length, run_generate
     from .tasks import answer_length
 
     c, run_dir = s.config, s.run_dir
     s.models.check()  # an unknown model fails before the questions are read (a hub dataset may be large)
-    questions, vocabularies = load_questions(c.dataset, c.limit, 0, c.question_column, c.answer_column,
-                                             c.data_dir, c.on_bad_row, c.protocol)
+    questions, vocabularies = _PRELOADED.pop(_question_settings(c), None) or _checked_questions(c)
     max_new_tokens = answer_length(questions["task"], c.max_new_tokens, c.protocol)
     rf.write_parquet(run_dir / rf.QUESTIONS, questions)
     rf.write_json(run_dir / rf.VOCABULARIES, vocabularies)
@@ -123,6 +121,35 @@ def _generate(s: StageRun) -> None:
                       long_prompts={"mode": c.long_prompts, "context_tokens": context_length(lm),
                                     "truncated": int((table["prompt_cut"] > 0).sum()),
                                     "skipped": len(questions) - len(table)})
+
+
+def _question_settings(c: Config) -> tuple:
+    """The settings that decide the questions and their checks (the key of what preflight read)."""
+    return tuple(getattr(c, name) for name in ("dataset", "limit", "question_column", "answer_column", "data_dir",
+                                               "on_bad_row", "protocol", "test_fraction", "validation_fraction",
+                                               "min_per_class", "samples"))
+
+
+def _checked_questions(c: Config) -> tuple[pd.DataFrame, dict]:
+    """(questions, vocabularies) of the study, its modes announced and its size checked (preflight.py)."""
+    from .data import load_questions
+    from .preflight import check_questions
+
+    questions, vocabularies = load_questions(c.dataset, c.limit, 0, c.question_column, c.answer_column,
+                                             c.data_dir, c.on_bad_row, c.protocol)
+    check_questions(questions, c)
+    return questions, vocabularies
+
+
+# the questions read and checked before a new run folder was made, used once by generate (same settings)
+_PRELOADED: dict[tuple, tuple[pd.DataFrame, dict]] = {}
+
+
+def preflight(config: Config) -> None:
+    """Before a new run folder is made: the model is found, the questions read, modes announced and the
+    size checked — a refused input leaves no folder behind."""
+    Models(config, on_workers=True).check()
+    _PRELOADED[_question_settings(config)] = _checked_questions(config)
 
 
 LABEL_FREE_NOTE = ("the questions have no gold answers: no answer is graded and no correctness AUC exists; "
@@ -148,6 +175,10 @@ def _label(s: StageRun) -> None:
         answers.loc[answers["id"].isin(set(members)), "split"] = part
     rf.write_parquet(run_dir / rf.ANSWERS, answers)
     rf.write_json(run_dir / rf.SPLITS, splits)
+    if labelled:
+        from .preflight import check_population
+
+        check_population(splits, len(answers))  # said before the extraction and the probes
     if not labelled:
         rf.update_summary(run_dir, n=int(len(answers)), labels="none", no_correctness_auc=LABEL_FREE_NOTE,
                           population=population_summary(splits, len(answers)))
@@ -393,12 +424,18 @@ def run_stages(config: Config, stages: tuple[str, ...] = STAGES, force: bool = F
     TRUST_SETTINGS (see :func:`continue_config`). None: ``config`` is used as it is.
     """
     run_dir = config.run_dir()
-    with rf.open_run(run_dir) as notices:  # one writer; damaged files are found, named and recomputed
-        for notice in notices:
-            print(f"truthmap: {rf.sanitise(notice, 1000)}", file=sys.stderr)
-        if given is not None:
-            config = continue_config(config, run_dir, given, stages)
-        _run_stages(config, run_dir, stages, force)
+    try:
+        rf.check_run_folder(run_dir)  # a folder that is not a run folder is the first thing said
+        if "generate" in stages and not any((run_dir / name).exists() for name in (rf.MANIFEST, rf.CONFIG)):
+            preflight(config)  # a new run: what can be refused is refused before the folder is made
+        with rf.open_run(run_dir) as notices:  # one writer; damaged files are found, named and recomputed
+            for notice in notices:
+                print(f"truthmap: {rf.sanitise(notice, 1000)}", file=sys.stderr)
+            if given is not None:
+                config = continue_config(config, run_dir, given, stages)
+            _run_stages(config, run_dir, stages, force)
+    finally:
+        _PRELOADED.clear()
     return run_dir
 
 
