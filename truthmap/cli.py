@@ -228,6 +228,8 @@ for _name, _doc in [
     ("label", "Stage 2: grade answers, locate exact answers and positions (answers.parquet, splits.json)."),
     ("extract", "Stage 3: hidden states at the positions, every layer (activations/)."),
     ("probe", "Stage 4: a probe per (site, layer, position, seed) (probe_results.csv)."),
+    ("wholemap", "Stage 4a: the whole map as one probe, and the cells that beat a label-permutation null "
+                 "(wholemap_results.csv, cell_null.csv)."),
     ("samples", "Stage 3b: N sampled answers per question and their semantic entropy (sampling_scores.parquet)."),
     ("entropy", "Stage 4d: semantic-entropy probes for every cell (heatmap_entropy.png)."),
     ("baselines", "Stage 4b: logit, entropy, p(True) and family baselines beside the probes (baselines.png)."),

@@ -164,7 +164,7 @@ class Config(BaseModel):
                                               "labelling.", stages=("generate", "extract", "baselines"))
     # what is read and how it is split
     sites: list[Site] = setting(None, "Where states are read: residual (default), mlp, attention.",
-                                stages=("extract", "probe", "entropy"), flag="--sites", aliases=("--site",),
+                                stages=("extract", "probe", "wholemap", "entropy"), flag="--sites", aliases=("--site",),
                                 default_factory=lambda: ["residual"])
     positions: list[Position] = setting(None, "Token positions (the heatmap's columns), in order.",
                                         stages=("label", "entropy", "attention", "plot"),
@@ -181,9 +181,14 @@ class Config(BaseModel):
                                                "the answers where its position exists.", stages=("label",))
     # the probes
     C: Annotated[float, Field(gt=0, le=1e12)] = setting(
-        1.0, "Inverse L2 strength of each probe, as scikit-learn's C (default 1.0).", stages=("probe", "entropy"))
+        1.0, "Inverse L2 strength of each probe, as scikit-learn's C (default 1.0).",
+        stages=("probe", "wholemap", "entropy"))
     bootstrap: Annotated[int, Field(ge=10, le=100_000)] = setting(
-        1000, "Bootstrap resamples for AUC intervals (default 1000).", stages=("probe", "baselines", "entropy"))
+        1000, "Bootstrap resamples for AUC intervals (default 1000).",
+        stages=("probe", "wholemap", "baselines", "entropy"))
+    permutations: Annotated[int, Field(ge=0, le=100_000)] = setting(
+        199, "Label permutations of the per-cell null, corrected over cells by the max statistic (default 199: "
+        "smallest p 0.005; 0: no null).", stages=("wholemap",))
     min_per_class: Annotated[int, Field(ge=2, le=100_000)] = setting(
         MIN_PER_CLASS, f"Fewest right and fewest wrong answers each part of a split (train, validation, test) may "
         f"hold (default {MIN_PER_CLASS}; at least 2).", stages=("label", "probe", "entropy"))

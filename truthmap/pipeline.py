@@ -1,6 +1,6 @@
 """Runs the stages in order over one run folder, skipping those whose inputs have not changed.
 
-    questions ─> generate ─> label ─> extract (─> samples) ─> probe ─> baselines (─> entropy) (─> attention)
+    questions ─> generate ─> label ─> extract (─> samples) ─> probe ─> wholemap ─> baselines (─> entropy) (─> attention)
               ─> plot ─> report
 
 ``samples`` and ``entropy`` (truthmap/analyses/entropy.py) run with ``--also samples``, and always in a study
@@ -261,6 +261,22 @@ def _probe(s: StageRun) -> None:
     rf.update_summary(run_dir, **best_cells(mean_over_seeds(results)))
 
 
+def _wholemap(s: StageRun) -> None:
+    """The whole map as one probe and the per-cell permutation null (analyses/wholemap.py)."""
+    from .analyses.wholemap import run_wholemap
+    from .models import resolve_device
+
+    c, run_dir = s.config, s.run_dir
+    device = resolve_device(c.device) if c.device_map is None else "cpu"
+    results, scores, null, summary = run_wholemap(run_dir, c.sites, C=c.C, n_boot=c.bootstrap,
+                                                  n_permutations=c.permutations, device=device, progress=c.progress)
+    rf.write_csv(run_dir / rf.WHOLEMAP_RESULTS, results)
+    rf.write_parquet(run_dir / rf.WHOLEMAP_SCORES, scores)
+    if null is not None:
+        rf.write_csv(run_dir / rf.CELL_NULL, null)
+    rf.update_summary(run_dir, **summary)
+
+
 def best_cells(means: pd.DataFrame) -> dict:
     """summary.json's choices among probe cells: every "best" is chosen on validation AUCs."""
     from .stages.probe import cell_summary, choose_cell
@@ -310,15 +326,17 @@ def _attention(s: StageRun) -> None:
 
 
 def _plot(s: StageRun) -> None:
+    from .analyses.wholemap import cells_below_null
     from .stages.plot import VIEWS, plot_heatmap
     from .stages.probe import read_run_results
 
     config, run_dir = s.config, s.run_dir
     results = read_run_results(run_dir, baselines=False)  # baselines have their own figure (baselines.png)
     n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))  # the population
+    hatched = cells_below_null(run_dir)  # None without the per-cell null (--permutations 0)
     for view in VIEWS:
         plot_heatmap(results, config.positions, run_dir / view, model=_short_model(config.model),
-                     dataset=config.dataset, n=n, view=view)
+                     dataset=config.dataset, n=n, view=view, hatched=hatched if view == "heatmap" else None)
 
 
 def _report(s: StageRun) -> None:
@@ -346,6 +364,9 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
           model="here", when=wants_samples),
     Stage("probe", _probe, inputs=(rf.ANSWERS, rf.SPLITS, rf.ACTIVATIONS), outputs=(rf.PROBE_RESULTS, rf.PROBE_SCORES),
           settings=_fields("C", "bootstrap", "sites", "min_per_class"), labelled=True),
+    Stage("wholemap", _wholemap, inputs=(rf.ANSWERS, rf.SPLITS, rf.ACTIVATIONS, rf.PROBE_RESULTS, rf.PROBE_SCORES),
+          outputs=(rf.WHOLEMAP_RESULTS, rf.WHOLEMAP_SCORES, rf.CELL_NULL),
+          settings=_fields("C", "bootstrap", "sites", "permutations"), labelled=True),
     Stage("baselines", _baselines,
           inputs=(rf.ANSWERS, rf.GENERATIONS, rf.SPLITS, rf.PROBE_RESULTS, rf.PROBE_SCORES, rf.SAMPLING_SCORES),
           outputs=(rf.BASELINE_SCORES, rf.BASELINE_RESULTS, rf.FAMILY_RESULTS, rf.BASELINES_FIGURE),
@@ -358,12 +379,13 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("attention", _attention, inputs=(rf.ANSWERS, rf.GENERATIONS),
           outputs=(rf.ATTENTION, *rf.figures(rf.ATTENTION_FIGURE)), settings=_fields("positions"), model="here",
           labelled=True, when=lambda c, run_dir: "attention" in c.also, optional=True),
-    Stage("plot", _plot, inputs=(rf.PROBE_RESULTS, rf.ANSWERS),
+    Stage("plot", _plot, inputs=(rf.PROBE_RESULTS, rf.ANSWERS, rf.CELL_NULL),
           outputs=tuple(name for view in rf.HEATMAPS for name in rf.figures(view)), settings=_fields("positions"),
           labelled=True),
     # summary.json is not an input: every stage rewrites it, so the report would never be current
     Stage("report", _report,
-          inputs=(rf.ANSWERS, rf.SPLITS, rf.PROBE_RESULTS, rf.PROBE_SCORES, rf.BASELINE_RESULTS, rf.ENTROPY_RESULTS),
+          inputs=(rf.ANSWERS, rf.SPLITS, rf.PROBE_RESULTS, rf.PROBE_SCORES, rf.BASELINE_RESULTS, rf.ENTROPY_RESULTS,
+                  rf.WHOLEMAP_RESULTS),
           outputs=(rf.REPORT,), settings=lambda c: {}, labelled=True),
 )}
 STAGES = tuple(STAGE_TABLE)

@@ -30,7 +30,8 @@ def test_baselines_are_rows_of_their_own_results_and_a_figure(small_study):
     assert "baseline" not in set(results.site)  # the probe stage's file: the probes' rows only
     baselines = pd.read_csv(out / "baseline_results.csv")
     assert list(baselines.columns) == list(results.columns)
-    assert (table.site == "baseline").sum() == len(baselines)  # truthmap.run() returns both
+    whole_map = pd.read_csv(out / "wholemap_results.csv")  # the whole map as one probe: a row of the table
+    assert (table.site == "baseline").sum() == len(baselines) + len(whole_map)  # truthmap.run() returns them
     names = set(baselines.position)
     for name in ("logprob_mean", "logprob_min", "logprob_max", "logprob_last", "entropy_mean", "logprob_mean_exact",
                  "entropy_mean_exact", "p_true_exact", "family_rate", "subgroup_rate"):

@@ -81,7 +81,11 @@ def test_run_folder_contract(study):
     assert (baselines[baselines.position == "logprob_mean"].set_index("seed").n_test
             == results.groupby("seed").n_test.first()).all()
     assert (out / "heatmap_within.png").is_file()
-    assert set(summary["stage_seconds"]) == {"generate", "label", "extract", "probe", "baselines", "plot", "report"}
+    assert set(summary["stage_seconds"]) == {"generate", "label", "extract", "probe", "wholemap", "baselines", "plot",
+                                             "report"}
+    # the whole map as one probe beside the best cell, and every cell under the permutation null
+    assert summary["whole_map"]["paired"]["n_test"] > 0 and summary["whole_map"]["against"] == summary["best_cell"]
+    assert summary["cell_null"]["cells"] == len(means) == len(pd.read_csv(out / "cell_null.csv"))
     splits = json.loads((out / "splits.json").read_text())
     assert set(splits["seeds"]) == {"0", "1"}
     assert set(answers.id[answers.split == "test"]) == set(splits["seeds"]["0"]["test"])

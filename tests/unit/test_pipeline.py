@@ -61,7 +61,7 @@ def test_the_probe_plot_and_report_stages_read_only_what_their_fingerprints_cove
     monkeypatch.setattr(rf, "verify", lambda path: reads.append(Path(path)) or verify(path))
     config = config_of(run)
     with rf.open_run(run):
-        for name in ("probe", "plot", "report"):
+        for name in ("probe", "wholemap", "plot", "report"):
             stage = pipeline.STAGE_TABLE[name]
             reads.clear()
             assert pipeline.run_stage(stage, config, run)

@@ -65,12 +65,18 @@ def site_region(results: pd.DataFrame, site: str, positions: list[str], view: st
     return best_region(grid, margin)
 
 
-def draw_heatmap(ax, grid: np.ndarray, layers: list[int], positions: list[str], title: str, region=None):
-    """Draw one panel on ``ax`` with ``region`` outlined; returns the image (for a colour bar)."""
+def draw_heatmap(ax, grid: np.ndarray, layers: list[int], positions: list[str], title: str, region=None,
+                 hatched=()):
+    """Draw one panel on ``ax`` with ``region`` outlined and the cells ``hatched`` ((layer, position)
+    pairs) hatched; returns the image (for a colour bar)."""
     import matplotlib.patches as patches
 
     image = draw_grid(ax, grid, cmap="Blues", vmin=VMIN, vmax=VMAX, columns=positions, layers=layers,
                       xlabel="token position", ylabel="layer", title=title)
+    for layer, position in hatched:
+        if layer in layers and position in positions:
+            ax.add_patch(patches.Rectangle((positions.index(position) - 0.5, layers.index(layer) - 0.5), 1, 1,
+                                           fill=False, hatch="///", edgecolor="#888888", linewidth=0))
     if region:
         r0, c0, r1, c1 = region
         ax.add_patch(patches.Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0 + 1, r1 - r0 + 1, fill=False,
@@ -79,9 +85,12 @@ def draw_heatmap(ax, grid: np.ndarray, layers: list[int], positions: list[str], 
 
 
 def plot_heatmap(results: pd.DataFrame, positions: list[str], out_stem: Path, *, model: str, dataset: str,
-                 n: int, view: str = "heatmap", what: str | None = None, label: str | None = None) -> list[Path]:
+                 n: int, view: str = "heatmap", what: str | None = None, label: str | None = None,
+                 hatched: set | None = None) -> list[Path]:
     """Write ``<out_stem>.png`` and ``.svg`` of ``view`` (``VIEWS``); ``n`` is the population size;
-    ``what`` and ``label`` replace the view's title words and colour-bar label (another kind of probe)."""
+    ``what`` and ``label`` replace the view's title words and colour-bar label (another kind of probe);
+    ``hatched``: (site, layer, position) of cells drawn hatched, those that do not beat the per-cell
+    permutation null (analyses/wholemap.py), or None."""
     shown = VIEWS[view][0]
     what = what or ("test AUC" if view == "heatmap" else "test AUC within strata")
     label = label or ("probe AUC (predicting an error)" if view == "heatmap"
@@ -93,6 +102,10 @@ def plot_heatmap(results: pd.DataFrame, positions: list[str], out_stem: Path, *,
     for ax, site in zip(axes[0], sites):
         layers, grid = auc_grid(results, site, positions, shown)
         title = f"{model}\n{dataset} · {site} · {what}, mean over seeds · n={n} answers\nbox: best region on validation"
-        image = draw_heatmap(ax, grid, layers, positions, title, site_region(results, site, positions, view))
+        cells = [(layer, position) for s, layer, position in (hatched or ()) if s == site]
+        if hatched is not None:
+            title += " · hatched: not above the permutation null"
+        image = draw_heatmap(ax, grid, [int(v) for v in layers], positions, title,
+                             site_region(results, site, positions, view), cells)
     fig.colorbar(image, ax=axes[0].tolist(), label=label, fraction=0.05, pad=0.02)
     return save(fig, *png_and_svg(out_stem))

@@ -644,14 +644,14 @@ def read_results(path) -> pd.DataFrame:
 
 def read_run_results(run_dir, baselines: bool = True) -> pd.DataFrame:
     """The probes' rows of a run (``probe_results.csv``) and, with ``baselines``, the baselines' rows
-    after them (``baseline_results.csv``, when the baselines stage has run): one table, for readers that
+    after them (``baseline_results.csv`` and ``wholemap_results.csv``, when their stages have run): one table, for readers that
     compare probes with baselines. Each file has one writer; this is where they meet."""
     from .baselines import SITE
-    from ..runfolder import BASELINE_RESULTS, PROBE_RESULTS
+    from ..runfolder import BASELINE_RESULTS, PROBE_RESULTS, WHOLEMAP_RESULTS
 
     run_dir = Path(run_dir)
     probes = read_results(run_dir / PROBE_RESULTS)
     probes = probes[probes["site"] != SITE]  # a run of an older truthmap had the baselines' rows merged in
-    if not baselines or not (run_dir / BASELINE_RESULTS).exists():
-        return probes.reset_index(drop=True)
-    return pd.concat([probes, read_results(run_dir / BASELINE_RESULTS)], ignore_index=True)
+    extra = [read_results(run_dir / name) for name in (BASELINE_RESULTS, WHOLEMAP_RESULTS)
+             if baselines and (run_dir / name).exists()]  # the whole-map probe is a row of the baselines table
+    return pd.concat([probes, *extra], ignore_index=True) if extra else probes.reset_index(drop=True)

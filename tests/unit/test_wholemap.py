@@ -1,0 +1,163 @@
+"""The whole-map probe (stacking) and the per-cell permutation null (analyses/wholemap.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from truthmap.analyses import wholemap as wm
+from truthmap.stages.probe import run_probe
+
+from _synthetic import make_run, seal
+
+
+def _parts(n: int, seeds: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random train (0.5) / validation (0.2) / test (0.3) parts; one test part shared by the seeds."""
+    rng = np.random.default_rng(seed)
+    test = np.zeros(n, bool)
+    test[rng.permutation(n)[: int(0.3 * n)]] = True
+    parts = {name: np.zeros((seeds, n), bool) for name in ("train", "validation", "test")}
+    for s in range(seeds):
+        rest = rng.permutation(np.flatnonzero(~test))
+        parts["validation"][s, rest[: int(0.2 * n)]] = True
+        parts["train"][s, rest[int(0.2 * n):]] = True
+        parts["test"][s] = test
+    return parts
+
+
+def test_ridge_cells_match_scikit_learn_and_leave_one_out():
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    n, d = 80, 6
+    X = rng.normal(size=(2, n, d)).astype(np.float32)
+    y = (rng.random(n) < 0.5).astype(np.int64)
+    train = np.zeros(n, bool)
+    train[:50] = True
+    evaluate = np.arange(50, n)
+    scores, operator, rows = wm.ridge_cells(torch.as_tensor(X), y, np.stack([train, train]), evaluate, alpha=4.0)
+    scaler = StandardScaler().fit(X[1][train])
+    fitted = Ridge(alpha=4.0).fit(scaler.transform(X[1][train]), y[train]).predict(scaler.transform(X[1]))
+    np.testing.assert_allclose(scores[1, evaluate], fitted[evaluate], atol=1e-4)
+    # the operator maps the train labels to the same scores, up to the constant mean label
+    np.testing.assert_allclose(operator[1].numpy() @ y[rows] + y[train].mean(), fitted[evaluate], atol=1e-4)
+    # a train row's score is the fit without it (standardisation kept)
+    keep = train.copy()
+    keep[7] = False
+    without = Ridge(alpha=4.0).fit(scaler.transform(X[1][keep]), y[keep]).predict(scaler.transform(X[1][7:8]))[0]
+    assert scores[1, 7] == pytest.approx(without, abs=1e-4)
+    assert abs(scores[1, 7] - fitted[7]) > 1e-3  # and not the in-sample fit
+
+
+def test_permutations_stay_within_blocks():
+    y = np.array([1, 1, 0, 0, 1, 0, 0, 0])
+    blocks = np.array([0, 0, 0, 0, 1, 1, -1, -1])
+    out = wm.permutations(y, blocks, 50)
+    assert (out[:, :4].sum(1) == 2).all() and (out[:, 4:6].sum(1) == 1).all()
+    assert (out[:, 6:] == 0).all()  # a negative block keeps its labels
+    assert len({tuple(row) for row in out[:, :4]}) > 1
+
+
+def _write_run(folder, signal: np.ndarray, n: int = 400, d: int = 6, seed: int = 0):
+    """A synthetic run folder whose cell (layer l, position p) carries ``signal[l, p]`` times the label
+    in feature 0 (independent noise in every cell), with the probe stage's files."""
+    layers = signal.shape[0]
+    make_run(folder, n=n, d=d, layers=layers, seed=seed)
+    answers = pd.read_parquet(folder / "answers.parquet")
+    error = (~answers["correct"]).to_numpy()
+    rng = np.random.default_rng(seed + 7)
+    X = rng.normal(size=(layers, 2, n, d)).astype(np.float32)
+    X[..., 0] += signal[..., None] * np.where(error, 1.0, -1.0)
+    X[:, 1, :5] = 0
+    np.save(folder / "activations" / "residual" / "shard-00000.npy", X.astype(np.float16))
+    seal(folder)
+    results, scores = run_probe(folder, ["residual"], n_boot=300, progress=False)
+    results.to_csv(folder / "probe_results.csv", index=False)
+    scores.to_parquet(folder / "probe_scores.parquet", index=False)
+    return seal(folder)
+
+
+def test_signal_spread_over_many_weak_cells_is_found_by_the_whole_map(tmp_path):
+    signal = np.full((8, 2), 0.25)  # 16 cells, each weak
+    folder = _write_run(tmp_path / "spread", signal)
+    results, scores, _, summary = wm.run_wholemap(folder, ["residual"], n_boot=300, n_permutations=0, progress=False)
+    whole = summary["whole_map"]
+    assert whole["against"] is not None
+    paired = whole["paired"]
+    assert paired["shown"] and paired["low"] > 0 and paired["diff"] > 0.05
+    assert whole["auc"] > whole["against"]["auc"]
+    assert set(results["site"]) == {wm.SITE} and len(results) == 2
+    assert set(scores.columns) == set(wm.SCORE_COLUMNS)
+
+
+def test_signal_in_one_cell_is_not_beaten_by_the_whole_map(tmp_path):
+    signal = np.zeros((8, 2))
+    signal[3, 1] = 1.0  # one strong cell, fifteen of noise
+    folder = _write_run(tmp_path / "one", signal)
+    _, _, _, summary = wm.run_wholemap(folder, ["residual"], n_boot=300, n_permutations=0, progress=False)
+    whole = summary["whole_map"]
+    assert (whole["against"]["layer"], whole["against"]["position"]) == (3, "-1")
+    assert not whole["paired"]["shown"] and whole["paired"]["diff"] < 0.03
+
+
+def _trial(rng, n=160, cells=10, d=4, planted: float = 0.0, B=99):
+    y = (rng.random(n) < 0.4).astype(np.int64)
+    X = rng.normal(size=(cells, n, d)).astype(np.float32)
+    X[0, :, 0] += planted * np.where(y == 1, 1.0, -1.0)
+    parts = _parts(n, seed=int(rng.integers(1 << 30)))
+    evaluate = np.flatnonzero(parts["test"].any(0))
+    permuted = wm.permutations(y, parts["test"][0].astype(int), B, seed=int(rng.integers(1 << 30)))
+    _, observed, null = wm.layer_pass(torch.as_tensor(X), np.ones((n, cells), bool), y, parts, evaluate, permuted, 4.0)
+    keys = [("residual", 0, str(c)) for c in range(cells)]
+    return wm.null_table(keys, observed.mean(0), null.mean(0), B)
+
+
+def test_noise_flags_no_cell_at_the_stated_rate():
+    rng = np.random.default_rng(5)
+    trials = 40
+    flagged = sum(int(_trial(rng)[1]["cells_beating_null"] > 0) for _ in range(trials))
+    # family-wise 5%: 2 of 40 expected, 6 or more has probability 0.05 (uncorrected per-cell p: ~16)
+    assert flagged <= 5
+
+
+def test_a_planted_cell_is_flagged_and_the_noise_beside_it_is_not():
+    table, summary = _trial(np.random.default_rng(3), planted=1.0)
+    assert table.loc[0, "beats_null"] and table.loc[0, "p"] == pytest.approx(1 / 100)
+    assert not table.loc[1:, "beats_null"].any()
+    assert summary["beats_null"][0]["position"] == "0" and summary["p_resolution"] == 0.01
+
+
+def test_stage_writes_the_null_of_every_cell(tmp_path):
+    signal = np.zeros((4, 2))
+    signal[2, 0] = 1.2
+    folder = _write_run(tmp_path / "null", signal, n=240)
+    _, _, table, summary = wm.run_wholemap(folder, ["residual"], n_boot=200, n_permutations=49, progress=False)
+    assert len(table) == 8 and list(table.columns) == wm.NULL_COLUMNS
+    flagged = table[table["beats_null"]]
+    assert [(r.layer, r.position) for r in flagged.itertuples()] == [(2, "last_q")]
+    assert summary["cell_null"]["cells_beating_null"] == 1 and summary["cell_null"]["permutations"] == 49
+    json.dumps(summary)  # summary.json-ready
+
+
+def test_the_heatmap_hatches_exactly_the_cells_below_the_null(tmp_path):
+    from truthmap import runfolder as rf
+    from truthmap.figures import new_figure
+    from truthmap.stages.plot import draw_heatmap
+
+    folder = make_run(tmp_path / "run")
+    assert wm.cells_below_null(folder) is None  # no null computed: nothing hatched
+    pd.DataFrame({"site": "residual", "layer": [0, 1, 1], "position": ["last_q", "-1", "last_q"], "ridge_auc": 0.6,
+                  "p": [0.5, 0.01, 0.2], "beats_null": [False, True, False]}).to_csv(folder / rf.CELL_NULL, index=False)
+    seal(folder)
+    below = wm.cells_below_null(folder)
+    assert below == {("residual", 0, "last_q"), ("residual", 1, "last_q")}
+    _, ax = new_figure()
+    draw_heatmap(ax, np.full((3, 2), 0.7), [0, 1, 2], ["last_q", "-1"], "t",
+                 hatched=[(layer, position) for _, layer, position in below])
+    hatched = sorted((p.get_x() + 0.5, p.get_y() + 0.5) for p in ax.patches if p.get_hatch())
+    assert hatched == [(0.0, 0.0), (0.0, 1.0)]  # (column of last_q, rows of layers 0 and 1)

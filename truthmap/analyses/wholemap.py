@@ -1,0 +1,372 @@
+"""The whole map as one probe, and which cells beat chance.
+
+Reads ``activations/``, ``answers.parquet``, ``splits.json``, ``probe_results.csv`` and
+``probe_scores.parquet``; writes
+
+* ``wholemap_results.csv`` — the columns of ``probe_results.csv``, ``site = baseline``, ``layer = -1``,
+  ``position = whole_map``: the whole-map probe per seed (a row of the baselines table);
+* ``wholemap_scores.parquet`` — ``seed, id, score``: its P(error) for each test answer;
+* ``cell_null.csv`` — per (site, layer, position): ``ridge_auc`` (mean test AUC over seeds of the
+  ridge probe below), ``p`` (its p-value under the permutation null, corrected for every cell by the max
+  statistic) and ``beats_null`` (p ≤ 0.05).
+
+**One cheap probe per cell for both analyses.** A ridge (least-squares) probe per cell and seed, on the
+features standardised with the train rows' mean and deviation, penalty ``α = 4 / C``: the heatmap's
+logistic probe in the quadratic approximation of its loss at zero logits (``C·logloss(f) ≈ (C/8)·(4(y−½)
+− f)² + const``). Its fit is linear in the labels: with ``K = (ZᵀZ + αI)⁻¹Zᵀ`` (Z the standardised train
+rows) every score is a fixed matrix times the labels. Hence
+
+* **out-of-fold train scores for free** — each train row's leave-one-out score is
+  ``y − (y − ŷ) / (1 − h)``, h its leverage (the diagonal of the hat matrix, plus 1/n for the intercept);
+* **a permutation null for the price of a matrix product** — under permuted labels only y changes, so
+  the test scores of B permutations are ``Z_test K · Y_perm``, one product per cell, no refitting.
+
+**The whole-map probe (stacking).** Level one: every cell's ridge probe (465 cells at the default model
+and positions) — leave-one-out scores on train rows, full-train scores on validation and test rows.
+Level two: an L2 logistic regression over the cells' standardised scores, fitted on the train rows'
+out-of-fold scores, its C chosen on the validation part's AUC (grid ``STACK_CS``), scored on the test
+part. Why this rather than one model over all the features (465 × 576 dimensions): each level-one
+model sees one cell, as the heatmap's probes do, so the combiner asks only how much the cells add to
+each other, with 465 inputs instead of 268 000; and its cost is one ridge fit per cell. Its paired
+difference against the heatmap's best cell (chosen on validation) is read on the run's shared cluster
+bootstrap: per replicate, the mean over seeds of each side's test AUC, then their difference.
+
+**The permutation null.** Labels are permuted within blocks of (stratum = family and subgroup) × (in the
+first seed's test part or not): each family keeps its error rate and the test part its class counts, so a
+cell that only tells which kind of question was asked does not beat the null. The statistic of a cell is
+its ridge probe's mean test AUC over seeds; the null distribution is the largest statistic over all
+cells in each permutation, so ``p = (1 + #{b: max_b ≥ observed}) / (1 + B)`` is corrected for the number
+of cells exactly (family-wise). With B = 199 (``--permutations``) the smallest p is 0.005. Related
+questions (groups) are not kept together by the permutation: see docs/run-folder.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import TruthmapError
+
+SITE = "baseline"  # a row of the baselines table (stages/baselines.py's SITE)
+POSITION = "whole_map"
+STACK_CS = tuple(float(c) for c in np.logspace(-3, 1, 9))  # the combiner's C, chosen on validation
+NULL_LEVEL = 0.05  # a cell beats the null when its corrected p is at most this
+NULL_COLUMNS = ["site", "layer", "position", "ridge_auc", "p", "beats_null"]
+SCORE_COLUMNS = ["seed", "id", "score"]
+
+
+# ---------------------------------------------------------------------- the ridge probe of every cell
+
+def ridge_cells(X: torch.Tensor, y: np.ndarray, train: np.ndarray, evaluate: np.ndarray, alpha: float
+                ) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """Ridge probes of P cells that share their rows, for one split.
+
+    ``X`` float ``[P, N, d]``, ``y`` ``[N]`` (1 = error), ``train`` bool ``[P, N]`` (the train rows of each
+    cell: the split's train part where the position exists), ``evaluate`` int ``[n]`` (rows whose map
+    from train labels is returned). Returns (``scores`` float64 ``[P, N]``: leave-one-out scores on each
+    cell's train rows, full-train scores elsewhere; ``operator`` float32 ``[P, n, T]`` and ``rows`` int
+    ``[T]``, the rows in some cell's train part: the ``evaluate`` rows' scores as a linear map of the
+    labels of ``rows`` (zero where a row is not in the cell's train part), so that
+    ``operator @ y_permuted[rows]`` are their scores under permuted labels, up to a constant per cell).
+
+    Products in float32; the penalised Gram matrix is inverted in float64."""
+    device = X.device
+    rows = np.flatnonzero(train.any(0))
+    mask = torch.as_tensor(train[:, rows], dtype=torch.float32, device=device)  # [P, T]
+    count = mask.sum(1).clamp(min=1)  # [P]
+    Xtr = X[:, torch.as_tensor(rows, device=device)].float()
+    mean = torch.bmm(mask[:, None], Xtr) / count[:, None, None]  # [P, 1, d]
+    Ztr = Xtr - mean
+    Ztr *= mask[..., None]
+    sd = torch.linalg.vector_norm(Ztr, dim=1, keepdim=True) / count.sqrt()[:, None, None]
+    sd = torch.where(sd > 1e-6, sd, torch.ones_like(sd))
+    Ztr /= sd
+    d = X.shape[-1]
+    gram = torch.bmm(Ztr.transpose(1, 2), Ztr).double() + alpha * torch.eye(d, dtype=torch.float64, device=device)
+    lower, info = torch.linalg.cholesky_ex(gram)
+    if bool(info.any()):
+        raise TruthmapError("whole map: a cell's ridge system is not positive definite (are the features finite?)")
+    K = torch.bmm(torch.cholesky_inverse(lower).float(), Ztr.transpose(1, 2))  # [P, d, T]: w = K y
+    yt = torch.as_tensor(y[rows], dtype=torch.float32, device=device)[None] * mask
+    mean_y = yt.sum(1) / count  # [P]
+    w = torch.bmm(K, ((yt - mean_y[:, None]) * mask)[..., None])  # [P, d, 1]
+    scores = (torch.bmm((X.float() - mean) / sd, w)[..., 0] + mean_y[:, None]).double()  # [P, N] full-train
+    leverage = (Ztr * K.transpose(1, 2)).sum(-1).double() + 1.0 / count[:, None].double()  # [P, T]
+    fitted = scores[:, torch.as_tensor(rows, device=device)]
+    ytd = yt.double()
+    loo = ytd - (ytd - fitted) / (1.0 - leverage).clamp(min=1e-6)
+    scores[:, torch.as_tensor(rows, device=device)] = torch.where(mask > 0, loo, fitted)
+    Zev = (X[:, torch.as_tensor(evaluate, device=device)].float() - mean) / sd
+    return scores.cpu().numpy(), torch.bmm(Zev, K), rows
+
+
+def auc_rows(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of ``scores`` ``[..., n]`` against ``positive`` bool (same shape or
+    broadcastable), ties counted one half; NaN for a row without both classes."""
+    from scipy.stats import rankdata
+
+    positive = np.broadcast_to(positive, scores.shape)
+    ranks = rankdata(scores, axis=-1)
+    n_pos = positive.sum(-1)
+    n_neg = positive.shape[-1] - n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((ranks * positive).sum(-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def permutations(y: np.ndarray, blocks: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``[n, N]`` copies of ``y``, each permuted within the blocks (an int per row; rows of a negative
+    block keep their label)."""
+    rng = np.random.default_rng(seed)
+    out = np.tile(y, (n, 1))
+    for block in np.unique(blocks[blocks >= 0]):
+        rows = np.flatnonzero(blocks == block)
+        if len(rows) > 1:
+            out[:, rows] = y[rows][rng.permuted(np.tile(np.arange(len(rows)), (n, 1)), axis=1)]
+    return out
+
+
+# ---------------------------------------------------------------------- the combiner
+
+def stack(cell_scores: np.ndarray, y: np.ndarray, parts: dict[str, np.ndarray], Cs=STACK_CS
+          ) -> tuple[np.ndarray, list[float], np.ndarray]:
+    """The level-two model of each seed.
+
+    ``cell_scores`` ``[S, N, F]`` (F cells; NaN where a cell has no score), ``y`` ``[N]``, ``parts``
+    ``{"train" | "validation" | "test": bool [S, N]}``. Per seed: missing scores filled with the train
+    rows' mean, features standardised on the train rows, ``LogisticRegression(C)`` fitted on the train
+    rows for each C of ``Cs``, the C with the best validation AUC kept (the smaller on a tie). Returns
+    (P(error) ``[S, N]`` of every row under the kept model, the kept C per seed, the validation AUC per
+    seed)."""
+    from sklearn.linear_model import LogisticRegression
+
+    n_seeds, n, _ = cell_scores.shape
+    out = np.full((n_seeds, n), np.nan)
+    chosen, val_aucs = [], np.full(n_seeds, np.nan)
+    for s in range(n_seeds):
+        F = cell_scores[s].copy()
+        train, val = parts["train"][s], parts["validation"][s]
+        fill = np.nanmean(np.where(train[:, None], F, np.nan), axis=0)
+        fill = np.where(np.isfinite(fill), fill, 0.0)
+        F = np.where(np.isfinite(F), F, fill[None])
+        mean, sd = F[train].mean(0), F[train].std(0)
+        F = (F - mean) / np.where(sd > 1e-12, sd, 1.0)
+        best = None
+        for C in Cs:
+            model = LogisticRegression(C=C, max_iter=5000).fit(F[train], y[train])
+            prob = model.predict_proba(F)[:, 1]
+            val_auc = float(auc_rows(prob[val], y[val].astype(bool)))
+            if best is None or val_auc > best[0] + 1e-12:
+                best = (val_auc, C, prob)
+        val_aucs[s], out[s] = best[0], best[2]
+        chosen.append(best[1])
+    return out, chosen, val_aucs
+
+
+# ---------------------------------------------------------------------- paired comparison
+
+def paired_difference(a: np.ndarray, b: np.ndarray, y: np.ndarray, test: np.ndarray, weights: np.ndarray) -> dict:
+    """Paired difference of two scorers' mean test AUC over seeds, on the same bootstrap replicates.
+
+    ``a``, ``b`` ``[S, N]`` scores (NaN: none), ``y`` ``[N]``, ``test`` bool ``[S, N]``, ``weights``
+    ``[B, N]`` (the run's cluster bootstrap). Each seed is read on its test rows where both sides have a
+    score. Returns ``{"auc_a", "auc_b", "diff", "low", "high", "p", "shown", "n_test"}``: ``p`` the
+    share of replicates with a difference ≤ 0 (one-sided), ``shown`` when ``low > 0``."""
+    from ..stages.probe import auc_score
+
+    point, reps, n_test = [], [], 0
+    for s in range(a.shape[0]):
+        rows = test[s] & np.isfinite(a[s]) & np.isfinite(b[s])
+        labels = y[rows].astype(bool)
+        if labels.all() or not labels.any():
+            continue
+        n_test = max(n_test, int(rows.sum()))
+        pa, pb = auc_score(a[s, rows], labels), auc_score(b[s, rows], labels)
+        ra, rb = auc_score(a[s, rows], labels, weights[:, rows]), auc_score(b[s, rows], labels, weights[:, rows])
+        point.append((float(pa), float(pb)))
+        reps.append(np.asarray(ra) - np.asarray(rb))
+    if not point:
+        return {"auc_a": None, "auc_b": None, "diff": None, "low": None, "high": None, "p": None,
+                "shown": False, "n_test": 0}
+    diff = np.nanmean(np.stack(reps), axis=0)
+    diff = diff[np.isfinite(diff)]
+    low, high = np.percentile(diff, [2.5, 97.5])
+    auc_a, auc_b = np.mean([p[0] for p in point]), np.mean([p[1] for p in point])
+    return {"auc_a": round(float(auc_a), 4), "auc_b": round(float(auc_b), 4), "diff": round(float(auc_a - auc_b), 4),
+            "low": round(float(low), 4), "high": round(float(high), 4), "p": round(float((diff <= 0).mean()), 4),
+            "shown": bool(low > 0), "n_test": n_test}
+
+
+# ---------------------------------------------------------------------- the stage
+
+def layer_pass(X: torch.Tensor, valid: np.ndarray, y: np.ndarray, parts: dict[str, np.ndarray], evaluate: np.ndarray,
+               permuted: np.ndarray | None, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ridge probes of P cells (one layer) for every seed.
+
+    ``X`` ``[P, N, d]``, ``valid`` bool ``[N, P]``, ``y`` ``[N]``, ``parts`` ``{part: bool [S, N]}``,
+    ``evaluate`` the rows of every seed's test part, ``permuted`` ``[B, N]`` labels or None. Returns
+    (scores ``[S, P, N]``: leave-one-out on train rows, NaN where the position is missing; the observed
+    test AUC ``[S, P]``; the test AUC under each permutation ``[S, P, B]``)."""
+    n_seeds, n_positions = parts["train"].shape[0], X.shape[0]
+    n_perm = 0 if permuted is None else len(permuted)
+    scores_out = np.full((n_seeds, n_positions, len(y)), np.nan)
+    observed = np.full((n_seeds, n_positions), np.nan)
+    null = np.full((n_seeds, n_positions, n_perm), np.nan)
+    for s in range(n_seeds):
+        train = parts["train"][s][None] & valid.T  # [P, N]
+        scores, operator, rows = ridge_cells(X, y, train, evaluate, alpha=alpha)
+        scores_out[s] = np.where(valid.T, scores, np.nan)
+        if n_perm:
+            Y = torch.as_tensor(permuted[:, rows].T, dtype=torch.float32, device=operator.device)
+            null_scores = torch.matmul(operator, Y).cpu().numpy()  # [P, n_eval, B]
+        for p in range(n_positions):
+            tested = parts["test"][s] & valid[:, p]
+            observed[s, p] = auc_rows(scores[p, tested], y[tested].astype(bool))
+            if n_perm:
+                keep = tested[evaluate]
+                null[s, p] = auc_rows(null_scores[p, keep].T, permuted[:, evaluate[keep]].astype(bool))
+    return scores_out, observed, null
+
+
+def run_wholemap(run_dir: Path, sites: list[str], *, C: float = 1.0, n_boot: int = 1000, n_permutations: int = 199,
+                 device: str = "cpu", progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, dict]:
+    """The whole-map probe and the permutation null of every cell; returns (``wholemap_results.csv``'s
+    table, ``wholemap_scores.parquet``'s, ``cell_null.csv``'s or None without permutations, the
+    summary.json fields ``whole_map`` and ``cell_null``). The folder is read under one shared lock."""
+    from ..runfolder import reading
+
+    with reading(Path(run_dir)):
+        return _run_wholemap(Path(run_dir), sites, C=C, n_boot=n_boot, n_permutations=n_permutations,
+                             device=device, progress=progress)
+
+
+def _run_wholemap(run_dir: Path, sites: list[str], *, C: float, n_boot: int, n_permutations: int, device: str,
+                  progress: bool) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, dict]:
+    from tqdm.auto import tqdm
+
+    from ..runfolder import ANSWERS, SPLITS, read_activations_index, read_parquet, read_splits
+    from ..stages.extract import load_layer
+    from ..stages.probe import RESULT_COLUMNS, bootstrap_for, cell_stats, result_rows, split_masks, strata_of
+
+    answers = read_parquet(run_dir / ANSWERS)
+    splits = read_splits(run_dir / SPLITS)
+    meta = read_activations_index(run_dir)
+    ids = meta["ids"]
+    label_of = dict(zip(answers["id"], ~answers["correct"].astype(bool)))
+    y = np.array([label_of[i] for i in ids], dtype=np.int64)  # 1 = error
+    seeds, parts = split_masks(splits, ids)
+    weights = bootstrap_for(answers, ids, n_boot)
+    strata = strata_of(answers, ids)
+    in_study = parts["train"].any(0) | parts["validation"].any(0) | parts["test"].any(0)
+    evaluate = np.flatnonzero(parts["test"].any(0))  # every seed's test rows (one part, once the seeds share it)
+    blocks = np.where(in_study, strata * 2 + parts["test"][0], -1)  # rows outside the study keep their label
+    permuted = permutations(y, blocks, n_permutations) if n_permutations else None
+    n_seeds = len(seeds)
+    keys, columns, observed, null = [], [], [], []
+    total = sum(len(meta["sites"][site]["layers"]) for site in sites)
+    bar = tqdm(total=total, desc="whole map", unit="layer", disable=not progress)
+    for site in sites:
+        for layer in meta["sites"][site]["layers"]:
+            _, positions, features, valid = load_layer(run_dir, site, layer)
+            X = torch.as_tensor(np.asarray(features), device=device)  # [P, N, d] float16
+            layer_scores, layer_obs, layer_null = layer_pass(X, valid, y, parts, evaluate, permuted, alpha=4.0 / C)
+            for p, position in enumerate(positions):
+                keys.append((site, int(layer), position))
+                columns.append(layer_scores[:, p])
+                observed.append(_seed_mean(layer_obs[:, p]))
+                null.append(_seed_mean(layer_null[:, p]))
+            bar.update(1)
+    bar.close()
+    if not keys:
+        raise TruthmapError(f"{run_dir}: no probe cells to combine (sites {sites})")
+
+    stacked, chosen_C, val_aucs = stack(np.stack(columns, axis=-1), y, parts)
+    per_seed, cell = cell_stats(stacked, y, parts, weights, strata)
+    for row in per_seed:
+        row["n_train"] = int(row["n_train"])
+    results = pd.DataFrame(result_rows(SITE, -1, POSITION, seeds, per_seed, cell), columns=RESULT_COLUMNS)
+    tested = [np.flatnonzero(parts["test"][s] & np.isfinite(stacked[s])) for s in range(n_seeds)]
+    scores = pd.DataFrame({"seed": np.concatenate([np.full(len(t), int(seeds[s])) for s, t in enumerate(tested)]),
+                           "id": np.asarray(ids, dtype=object)[np.concatenate(tested)],
+                           "score": np.concatenate([stacked[s, t] for s, t in enumerate(tested)])},
+                          columns=SCORE_COLUMNS)
+    summary = {"whole_map": _against_best_cell(run_dir, stacked, y, parts, weights, ids, seeds, results,
+                                                chosen_C, val_aucs, len(keys))}
+    table = None
+    if permuted is not None:
+        table, summary["cell_null"] = null_table(keys, np.asarray(observed), np.stack(null), n_permutations)
+    return results, scores, table, summary
+
+
+def _seed_mean(values: np.ndarray) -> np.ndarray:
+    """Mean over the first axis (seeds), NaN where no seed has a value."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=0)
+
+
+def null_table(keys: list[tuple], observed: np.ndarray, null: np.ndarray, n_permutations: int,
+               level: float = NULL_LEVEL) -> tuple[pd.DataFrame, dict]:
+    """``cell_null.csv``'s table and summary.json's ``cell_null`` from each cell's observed statistic
+    ``[F]`` and its statistic under each permutation ``[F, B]``: the max over cells per permutation is
+    the null of every cell (family-wise correction)."""
+    largest = np.nanmax(np.where(np.isfinite(null), null, -np.inf), axis=0)  # [B]
+    p = (1 + (largest[None, :] >= observed[:, None]).sum(1)) / (1 + n_permutations)
+    p = np.where(np.isfinite(observed), p, np.nan)
+    table = pd.DataFrame({"site": [k[0] for k in keys], "layer": [k[1] for k in keys],
+                          "position": [k[2] for k in keys], "ridge_auc": observed, "p": p,
+                          "beats_null": np.isfinite(p) & (p <= level)}, columns=NULL_COLUMNS)
+    beat = table[table["beats_null"]]
+    summary = {"permutations": int(n_permutations), "p_resolution": round(1 / (1 + n_permutations), 4),
+               "level": level, "cells": int(len(table)), "cells_beating_null": int(len(beat)),
+               "null_max_auc_95": round(float(np.percentile(largest, 95)), 4),
+               "beats_null": [{"site": r.site, "layer": int(r.layer), "position": r.position,
+                               "ridge_auc": round(float(r.ridge_auc), 4), "p": round(float(r.p), 4)}
+                              for r in beat.itertuples()]}
+    return table, summary
+
+
+def cells_below_null(run_dir: Path) -> set[tuple[str, int, str]] | None:
+    """(site, layer, position) of every cell of ``cell_null.csv`` that does not beat the null (the cells a
+    heatmap hatches); None when the run has no such file."""
+    from ..runfolder import CELL_NULL, read_csv
+
+    path = Path(run_dir) / CELL_NULL
+    if not path.exists():
+        return None
+    table = read_csv(path, dtype={"site": str, "position": str})
+    return {(r.site, int(r.layer), r.position) for r in table.itertuples() if not bool(r.beats_null)}
+
+
+def _against_best_cell(run_dir: Path, stacked: np.ndarray, y: np.ndarray, parts: dict, weights: np.ndarray,
+                       ids: list[str], seeds: list, results: pd.DataFrame, chosen_C: list[float],
+                       val_aucs: np.ndarray, n_cells: int) -> dict:
+    """summary.json's ``whole_map``: its test AUC and the paired difference against the heatmap's cell
+    chosen on validation (``probe_results.csv``, its test scores from ``probe_scores.parquet``)."""
+    from ..runfolder import PROBE_RESULTS, PROBE_SCORES, read_parquet
+    from ..stages.probe import cell_summary, choose_cell, mean_over_seeds, read_results
+
+    mean = mean_over_seeds(results).iloc[0]
+    out = {"method": "stacking: a ridge probe per cell (leave-one-out scores on train), an L2 logistic "
+                     "regression over the cells' scores fitted on train, its C chosen on validation",
+           "cells": int(n_cells), "C": chosen_C, "val_auc": round(float(np.nanmean(val_aucs)), 4),
+           **{k: None if pd.isna(mean[k]) else round(float(mean[k]), 4) for k in ("auc", "auc_lo", "auc_hi", "auc_std")},
+           "against": None, "paired": None}
+    best = choose_cell(mean_over_seeds(read_results(run_dir / PROBE_RESULTS)))
+    if best is None:
+        return out
+    table = read_parquet(run_dir / PROBE_SCORES)
+    table = table[(table["site"] == best["site"]) & (table["layer"] == best["layer"])
+                  & (table["position"].astype(str) == str(best["position"]))]
+    row_of = {i: k for k, i in enumerate(ids)}
+    cell_scores = np.full_like(stacked, np.nan)
+    for s, seed in enumerate(seeds):
+        rows = table[table["seed"] == int(seed)]
+        cell_scores[s, [row_of[i] for i in rows["id"]]] = rows["score"].to_numpy(dtype=float)
+    paired = paired_difference(stacked, cell_scores, y, parts["test"], weights)
+    out["against"], out["paired"] = cell_summary(best), paired
+    return out
