@@ -187,7 +187,7 @@ def cli():
     """truthmap — where does a language model know that its own answer is wrong?"""
 
 
-RUN_STAGES_HELP = ("generate, label, extract, probe, baselines, plot and report; with --also samples (or a study "
+RUN_STAGES_HELP = ("generate, label, extract, probe, wholemap, baselines, plot and report; with --also samples (or a study "
                    "without gold answers) also samples and entropy, with --also attention the attention view")
 
 

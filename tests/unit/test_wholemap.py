@@ -156,8 +156,11 @@ def test_the_heatmap_hatches_exactly_the_cells_below_the_null(tmp_path):
     seal(folder)
     below = wm.cells_below_null(folder)
     assert below == {("residual", 0, "last_q"), ("residual", 1, "last_q")}
-    _, ax = new_figure()
+    fig, ax = new_figure()
     draw_heatmap(ax, np.full((3, 2), 0.7), [0, 1, 2], ["last_q", "-1"], "t",
                  hatched=[(layer, position) for _, layer, position in below])
     hatched = sorted((p.get_x() + 0.5, p.get_y() + 0.5) for p in ax.patches if p.get_hatch())
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
     assert hatched == [(0.0, 0.0), (0.0, 1.0)]  # (column of last_q, rows of layers 0 and 1)
