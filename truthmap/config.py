@@ -407,6 +407,8 @@ def explain(err: ValidationError, source: str, origins: dict | None = None) -> s
             text = f"{shown} is not a choice; use {use}"
         elif kind in ("int_from_float", "int_type") and isinstance(value, float):
             text = f"{shown} is not a whole number; use {use}"
+        elif name == "positions" and isinstance(value, int):
+            text = f"{shown} is a number; a position is a name: write it quoted, '{value}'"
         else:
             text = f"{shown} is {_what(value)}; use {use}"
     elif kind == "finite_number":
@@ -473,3 +475,46 @@ def check_setting(name: str, value, source: str):
     """``value`` checked as setting ``name`` (for a setting read elsewhere, e.g. a detector card's model);
     a one-line TruthmapError naming the setting and ``source``."""
     return getattr(make_config({name: value}, source), name)
+
+
+def settings_table() -> str:
+    """docs/settings.md: every setting's YAML key and Python keyword, flag, values, default, stage commands
+    and help, from the declarations above (tests/unit/test_docs_match_cli.py checks the file is this)."""
+    def cell(text) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
+
+    lines = [
+        "# Settings",
+        "",
+        "<!-- generated from the declarations in truthmap/config.py: python -c \"from truthmap.config import "
+        "settings_table; print(settings_table(), end='')\" > docs/settings.md -->",
+        "",
+        "Every setting has one name: the key in a `--config FILE` YAML file, the keyword of `truthmap.run()` and "
+        "`truthmap.config.Config()`, and — with `-` for `_` — the flag of `truthmap run` (`progress: false` in "
+        "YAML is `--quiet` or `--no-progress`; `sites` is `--sites`, also spelled `--site`; `C` is `--C`, "
+        "scikit-learn's name, capital kept). A stage command (`truthmap generate`, `label`, …) takes the "
+        "settings of its stage, listed below and by its `--help`; the run's other settings are continued from "
+        "its `config.json`, except those marked *outside*, which name what is read or run and come only from "
+        "the command line or `--config`.",
+        "",
+        "Values are checked strictly, whatever their source: a YAML `\"false\"` (quoted) is a string, not a "
+        "boolean, and is refused; numbers must be finite and in range; a bad value is one line naming the "
+        "source and the setting.",
+        "",
+        "| setting | flag | value | default | stage commands | what it does |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in SETTINGS:
+        info = declaration(name)
+        flags = ", ".join(f"`{f.strip(' /')}`" for f in (info["flag"], *info["aliases"]))
+        if info["kind"] == "bool":
+            flags = f"`{info['flag']}` / `--no-{info['flag'][2:]}`" + "".join(
+                f", `{a.strip(' /')}`" for a in info["aliases"])
+        default = info["default"]
+        default = "—" if default is None else ", ".join(map(str, default)) if isinstance(default, list) else default
+        default = str(default).lower() if isinstance(info["default"], bool) else default
+        stages = "every one" if info["stages"] == ALL else ", ".join(info["stages"]) or "run only"
+        outside = " *(outside)*" if info["outside"] else ""
+        lines.append(f"| `{name}`{outside} | {flags} | {cell(_expected(name))} | {cell(default) or '—'} | "
+                     f"{stages} | {cell(info['help'])} |")
+    return "\n".join(lines) + "\n"

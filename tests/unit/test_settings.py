@@ -41,7 +41,7 @@ def test_a_quoted_false_is_an_error_never_true(tmp_path, text):
     ("test_fraction: 1.0e+400", "test_fraction: inf is not a finite number"),
     ("sample_temperature: .nan", "sample_temperature: nan is not a finite number"),
     ("limit: 2.5", "limit: 2.5 is not a whole number"),
-    ("positions: [-1]", "positions: item 1: -1 is a number; use a position name"),
+    ("positions: [-1]", "positions: item 1: -1 is a number; a position is a name: write it quoted, '-1'"),
     ("seeds: 3", "seeds: 3 is a number; use a list, each a whole number"),
     ("out: [a, b]", "out: ['a', 'b'] is a list; use text"),
     ("site: [mlp]", "unknown setting 'site'; did you mean sites?"),
@@ -86,7 +86,7 @@ def test_each_source_is_named_with_the_setting(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name,value,says", [
-    ("positions", [1], "positions: item 1: 1 is a number; use a position name"),
+    ("positions", [1], "positions: item 1: 1 is a number; a position is a name: write it quoted, '1'"),
     ("bootstrap", -5, "bootstrap: -5 is out of range"),
     ("C", "x", "C: 'x' is a string; use a finite number, above 0"),
     ("limit", "5", "limit: '5' is a string; use a whole number"),
@@ -284,3 +284,13 @@ def test_a_setting_of_another_stage_says_which_stage_uses_it(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "Error: probe does not use --limit (a setting of generate); 'truthmap probe --help' lists its settings"
+
+
+def test_a_position_of_non_ascii_digits_is_one_line_everywhere(capsys):
+    """"-²".isdigit() is true in Python; a cell named by it is refused, not a ValueError from int()."""
+    from truthmap.analyses.resample import check_cell
+
+    with pytest.raises(TruthmapError, match="position '-²' is not a position name"):
+        check_cell("residual", 3, "-²", "the cell")
+    with pytest.raises(TruthmapError, match="positions: item 1: '-٣' is not a position"):
+        Config(positions=["-٣"])  # an Arabic-Indic three

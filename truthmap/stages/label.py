@@ -48,7 +48,7 @@ MIN_PER_CLASS = 10
 
 def check_positions(positions: list[str]) -> list[str]:
     for p in positions:
-        if p not in NAMED_POSITIONS and not (p.startswith("-") and p[1:].isdigit() and int(p) < 0):
+        if p not in NAMED_POSITIONS and not (p.startswith("-") and p[1:].isascii() and p[1:].isdigit() and int(p) < 0):
             raise TruthmapError(f"position '{p}': use one of {', '.join(NAMED_POSITIONS)} or -1, -2, … (from the end)")
     if len(set(positions)) != len(positions):
         raise TruthmapError(f"positions {positions}: each position may appear once")
