@@ -8,6 +8,8 @@ adding a setting is adding one line here::
 
     exact_answer: Literal["blind", "gold"] = setting("blind", "How the exact answer is found: ...", stages=("label",))
 
+and regenerating docs/settings.md (``settings_table``; tests/unit/test_docs_match_cli.py says how).
+
 Values are checked strictly: a string is never a boolean or a number, numbers are finite and in range,
 positions are ASCII names, choices are checked. A value that fails is a one-line TruthmapError naming
 the setting and where it came from (``c.yaml: trust_remote_code: 'false' is a string; use true or

@@ -80,6 +80,9 @@ def test_the_readme_shows_a_yaml_config():
     assert list(_yaml_blocks(_text(ROOT / "README.md"))), "README.md shows no YAML config to check"
 
 
+REGENERATE = ("python -c \"from truthmap.config import settings_table; print(settings_table(), end='')\" "
+              "> docs/settings.md")
+
+
 def test_docs_settings_md_is_the_table_of_the_declarations():
-    """Regenerate with: python -c "from truthmap.config import settings_table; print(settings_table(), end='')" > docs/settings.md"""
-    assert _text(ROOT / "docs" / "settings.md") == settings_table()
+    assert _text(ROOT / "docs" / "settings.md") == settings_table(), f"a setting changed: regenerate with {REGENERATE}"
