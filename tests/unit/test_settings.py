@@ -294,3 +294,33 @@ def test_a_position_of_non_ascii_digits_is_one_line_everywhere(capsys):
         check_cell("residual", 3, "-²", "the cell")
     with pytest.raises(TruthmapError, match="positions: item 1: '-٣' is not a position"):
         Config(positions=["-٣"])  # an Arabic-Indic three
+
+
+@pytest.mark.parametrize("field,raw,says", [
+    ("C", '"x"', "C: 'x' is a string; use a finite number, above 0"),
+    ("C", "1e400", "C: inf is not a finite number"),
+    ("model", "5", "model: 5 is a number; use text"),
+    ("max_new_tokens", "true", "max_new_tokens: True is a boolean; use a whole number"),
+    ("layer", "1e400", "layer inf is not a layer number"),
+    ("position", '"-\u00b2"', "position '-²' is not a position name"),
+])
+def test_a_detector_cards_settings_go_through_the_schema(tmp_path, field, raw, says):
+    """The card's model, C and max_new_tokens are checked as the settings they are; its cell by check_cell
+    (JSON's 1e400 is an infinity, which int() cannot take)."""
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    from truthmap.analyses.detector import Detector
+
+    folder = tmp_path / "det"
+    folder.mkdir()
+    save_file({"mean": np.zeros(3, np.float32), "scale": np.ones(3, np.float32), "coef": np.ones(3, np.float32),
+               "intercept": np.zeros(1)}, str(folder / "detector.safetensors"))
+    card = {"model": "m", "site": "residual", "layer": 3, "position": "-1", "threshold": 0.5, "C": 1.0}
+    text = json.dumps(card).replace(json.dumps(field) + ": " + json.dumps(card.get(field)), f'"{field}": {raw}')
+    if field not in card:
+        text = text[:-1] + f', "{field}": {raw}}}'
+    (folder / "card.json").write_text(text)
+    with pytest.raises(TruthmapError) as err:
+        Detector.load(folder)
+    assert says in str(err.value) and str(folder) in str(err.value)

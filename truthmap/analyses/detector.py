@@ -346,12 +346,15 @@ def _check_card(path: Path, card) -> None:
         raise TruthmapError(f"{path}: holds {type(card).__name__}, not a card (an object)")
     text = (str,)
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    rules = {"model": lambda v: isinstance(v, text), "C": lambda v: number(v) and v > 0,
-             "threshold": lambda v: number(v) and 0 <= v <= 1,
+    from ..config import check_setting
+
+    for name in ("model", "C", "max_new_tokens"):  # the card's settings: checked by the settings' own schema
+        if name in card:
+            check_setting(name, card[name], f"{path}")
+    rules = {"threshold": lambda v: number(v) and 0 <= v <= 1,
              "prompt_prefix": lambda v: v is None or isinstance(v, text),
              "prompt_suffix": lambda v: v is None or isinstance(v, text),
              "model_revision": lambda v: v is None or isinstance(v, text),
-             "max_new_tokens": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 100_000),
              "test_ids": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
              "test_auc": lambda v: v is None or number(v)}
     for name, ok in rules.items():

@@ -262,7 +262,8 @@ def check_cell(site, layer, position, source="the cell") -> dict:
 
     if site not in SITES:
         raise TruthmapError(f"{source}: site {rf.sanitise(repr(site), 60)} is not one of {', '.join(SITES)}")
-    if isinstance(layer, bool) or not isinstance(layer, (int, float)) or layer != int(layer) or not 0 <= layer < 100_000:
+    if (isinstance(layer, bool) or not isinstance(layer, (int, float)) or not 0 <= layer < 100_000
+            or layer != int(layer)):  # the range first: int() of an infinity (JSON 1e400) raises
         raise TruthmapError(f"{source}: layer {rf.sanitise(repr(layer), 60)} is not a layer number")
     if not isinstance(position, str):
         raise TruthmapError(f"{source}: position {rf.sanitise(repr(position), 60)} is not a position name")
