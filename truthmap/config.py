@@ -293,7 +293,7 @@ class Config(BaseModel):
 
 
 SETTINGS = tuple(Config.model_fields)  # every setting's name, in declaration order
-OUTSIDE = tuple(n for n, f in Config.model_fields.items() if f.json_schema_extra["outside"])  # never continued
+OUTSIDE = tuple(n for n, f in Config.model_fields.items() if (f.json_schema_extra or {}).get("outside"))  # never continued
 # names that are not settings, and what to write instead (a hint in the error)
 RENAMED = {"quiet": "progress=False (--quiet on the command line)", "site": "sites", "position": "positions",
            "seed": "seeds"}
@@ -303,7 +303,9 @@ def declaration(name: str) -> dict:
     """What the schema says of setting ``name``: help, stages, flag, aliases, outside, metavar, flag_value,
     default (None where it is computed), kind (bool, int, float, str, choice), choices, multiple, optional."""
     field = Config.model_fields[name]
-    info = dict(field.json_schema_extra)
+    # a field declared without setting(): shown by `run` only (tests/unit/test_settings.py asks for its help)
+    info = {"stages": RUN, "flag": None, "aliases": (), "outside": False, "metavar": None, "flag_value": None,
+            **(field.json_schema_extra or {})}
     info["help"] = field.description or ""
     info["default"] = field.get_default(call_default_factory=True)
     info["flag"] = info["flag"] or "--" + name.replace("_", "-")
