@@ -162,6 +162,18 @@ def _report(run_dir: Path) -> None:
         console.print("best baselines (mean AUC): " + ", ".join(f"{text(k)} {_number(v)}" for k, v in best)
                       + (f"; family alone {_number(baselines['family_rate'])}" if "family_rate" in baselines else "")
                       + (f"; best probe within families {_number(within)}" if within is not None else ""))
+    whole = summary.get("whole_map")
+    paired = whole.get("paired") if isinstance(whole, dict) else None
+    if isinstance(paired, dict) and paired.get("diff") is not None:
+        console.print(f"whole map as one probe: test AUC {_number(paired.get('auc_a'))} against the best cell's "
+                      f"{_number(paired.get('auc_b'))}, difference {_number(paired.get('diff'), '+.3f')} "
+                      f"({_number(paired.get('low'), '+.3f')} … {_number(paired.get('high'), '+.3f')}, paired): "
+                      f"{'shown' if paired.get('shown') is True else 'not shown'}")
+    null = summary.get("cell_null")
+    if isinstance(null, dict):
+        console.print(f"cells above the label-permutation null (max over cells, {text(null.get('permutations'))} "
+                      f"permutations, p ≤ {text(null.get('level'))}): {text(null.get('cells_beating_null'))} of "
+                      f"{text(null.get('cells'))}")
     if summary.get("labels") == "none":
         console.print(f"no gold answers: {text(summary.get('no_correctness_auc'))}")
     entropy = summary.get("entropy_probe") or {}
@@ -215,7 +227,7 @@ def _stage_command(name: str, doc: str):
         config, given = _config(config_file, **values)
         run_dir = run_stages(config, stages=(name,), force=force, given=given)
         click.echo(f"{name}: done ({run_dir})")
-        if name in ("probe", "plot", "entropy"):
+        if name in ("probe", "wholemap", "plot", "entropy"):
             _report(run_dir)
 
     command.__doc__ = (f"{doc}\n\nThe settings shown are those of this stage; the run's others are continued "

@@ -112,7 +112,7 @@ def _trial(rng, n=160, cells=10, d=4, planted: float = 0.0, B=99):
     parts = _parts(n, seed=int(rng.integers(1 << 30)))
     evaluate = np.flatnonzero(parts["test"].any(0))
     permuted = wm.permutations(y, parts["test"][0].astype(int), B, seed=int(rng.integers(1 << 30)))
-    _, observed, null = wm.layer_pass(torch.as_tensor(X), np.ones((n, cells), bool), y, parts, evaluate, permuted, 4.0)
+    _, observed, null, _ = wm.layer_pass(torch.as_tensor(X), np.ones((n, cells), bool), y, parts, evaluate, permuted, 4.0)
     keys = [("residual", 0, str(c)) for c in range(cells)]
     return wm.null_table(keys, observed.mean(0), null.mean(0), B)
 
@@ -164,3 +164,61 @@ def test_the_heatmap_hatches_exactly_the_cells_below_the_null(tmp_path):
 
     plt.close(fig)
     assert hatched == [(0.0, 0.0), (0.0, 1.0)]  # (column of last_q, rows of layers 0 and 1)
+
+
+def test_graders_side_by_side_refit_the_probes_on_each_graders_labels(tmp_path):
+    from sklearn.metrics import cohen_kappa_score
+
+    folder = make_run(tmp_path / "graders", n=240)  # errors (correct = False) live in cell (1, "-1")
+    answers = pd.read_parquet(folder / "answers.parquet")
+    X = np.load(folder / "activations" / "residual" / "shard-00000.npy").astype(np.float32)
+    answers["correct_alias"] = answers["correct"]
+    # a strict grader whose labels another cell, (2, "last_q"), carries
+    answers["correct_strict"] = X[2, 0, :, 1] < 0
+    lenient = answers["correct"].astype(object)
+    lenient[:3] = None  # not every answer graded: compared where graded, never probed
+    answers["correct_lenient"] = lenient
+    answers.to_parquet(folder / "answers.parquet", index=False)
+    X[2, 0, :, 1] *= 3.0  # a clear signal for the strict labels
+    np.save(folder / "activations" / "residual" / "shard-00000.npy", X.astype(np.float16))
+    seal(folder)
+    results, scores = run_probe(folder, ["residual"], n_boot=100, progress=False)
+    results.to_csv(folder / "probe_results.csv", index=False)
+    scores.to_parquet(folder / "probe_scores.parquet", index=False)
+    seal(folder)
+    _, _, _, summary = wm.run_wholemap(folder, ["residual"], n_boot=100, n_permutations=0, progress=False)
+    graders = summary["graders"]
+    assert graders["columns"] == ["correct_alias", "correct_strict", "correct_lenient"]
+    assert graders["ungraded"] == {"correct_lenient": 3}
+    pair = next(p for p in graders["agreement"] if (p["a"], p["b"]) == ("correct_alias", "correct_strict"))
+    alias, strict = answers["correct_alias"], answers["correct_strict"]
+    assert pair["a_right_b_wrong"] == int((alias & ~strict).sum()) and pair["flips"] == int((alias != strict).sum())
+    assert pair["kappa"] == pytest.approx(cohen_kappa_score(alias, strict), abs=1e-4)
+    lenient_pair = next(p for p in graders["agreement"] if p["b"] == "correct_lenient" and p["a"] == "correct_alias")
+    assert lenient_pair["n"] == 237 and lenient_pair["flips"] == 0 and lenient_pair["kappa"] == 1.0
+    probes = {p["grader"]: p for p in graders["probes"]}
+    assert set(probes) == {"correct_alias", "correct_strict"}
+    assert (probes["correct_alias"]["layer"], probes["correct_alias"]["position"]) == (1, "-1")
+    assert (probes["correct_strict"]["layer"], probes["correct_strict"]["position"]) == (2, "last_q")
+    assert probes["correct_strict"]["auc"] > 0.8 and probes["correct_strict"]["auc_of_correct_cell"] < 0.65
+    assert probes["correct_strict"]["correct_cell"] == {"site": "residual", "layer": 1, "position": "-1"}
+    json.dumps(summary)
+
+
+def test_the_stage_command_writes_the_files_and_prints_both_lines(tmp_path):
+    from click.testing import CliRunner
+
+    from truthmap.cli import cli
+
+    signal = np.zeros((3, 2))
+    signal[1, 1] = 1.5
+    folder = _write_run(tmp_path / "cli", signal, n=200)
+    result = CliRunner().invoke(cli, ["wholemap", "--out", str(folder), "--model", "tiny-model", "--quiet",
+                                      "--permutations", "19", "--bootstrap", "100"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())  # the terminal's width wraps lines
+    assert "whole map as one probe: test AUC" in output
+    assert "cells above the label-permutation null (max over cells, 19 permutations, p ≤ 0.05): 1 of 6" in output
+    for name in ("wholemap_results.csv", "wholemap_scores.parquet", "cell_null.csv"):
+        assert (folder / name).is_file()
+    assert set(json.loads((folder / "manifest.json").read_text())["files"]) >= {"cell_null.csv", "wholemap_results.csv"}

@@ -56,6 +56,7 @@ STACK_CS = tuple(float(c) for c in np.logspace(-3, 1, 9))  # the combiner's C, c
 NULL_LEVEL = 0.05  # a cell beats the null when its corrected p is at most this
 NULL_COLUMNS = ["site", "layer", "position", "ridge_auc", "p", "beats_null"]
 SCORE_COLUMNS = ["seed", "id", "score"]
+GRADER_COLUMNS = ("correct_alias", "correct_strict", "correct_lenient")  # answers.parquet, true = right
 
 
 # ---------------------------------------------------------------------- the ridge probe of every cell
@@ -64,10 +65,11 @@ def ridge_cells(X: torch.Tensor, y: np.ndarray, train: np.ndarray, evaluate: np.
                 ) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
     """Ridge probes of P cells that share their rows, for one split.
 
-    ``X`` float ``[P, N, d]``, ``y`` ``[N]`` (1 = error), ``train`` bool ``[P, N]`` (the train rows of each
-    cell: the split's train part where the position exists), ``evaluate`` int ``[n]`` (rows whose map
-    from train labels is returned). Returns (``scores`` float64 ``[P, N]``: leave-one-out scores on each
-    cell's train rows, full-train scores elsewhere; ``operator`` float32 ``[P, n, T]`` and ``rows`` int
+    ``X`` float ``[P, N, d]``, ``y`` ``[N]`` (1 = error; or ``[G, N]``, G labellings of the same answers,
+    each fitted), ``train`` bool ``[P, N]`` (the train rows of each cell: the split's train part where the
+    position exists), ``evaluate`` int ``[n]`` (rows whose map from train labels is returned). Returns
+    (``scores`` float64 ``[P, N]`` (``[G, P, N]``): leave-one-out scores on each cell's train rows,
+    full-train scores elsewhere; ``operator`` float32 ``[P, n, T]`` and ``rows`` int
     ``[T]``, the rows in some cell's train part: the ``evaluate`` rows' scores as a linear map of the
     labels of ``rows`` (zero where a row is not in the cell's train part), so that
     ``operator @ y_permuted[rows]`` are their scores under permuted labels, up to a constant per cell).
@@ -90,17 +92,24 @@ def ridge_cells(X: torch.Tensor, y: np.ndarray, train: np.ndarray, evaluate: np.
     if bool(info.any()):
         raise TruthmapError("whole map: a cell's ridge system is not positive definite (are the features finite?)")
     K = torch.bmm(torch.cholesky_inverse(lower).float(), Ztr.transpose(1, 2))  # [P, d, T]: w = K y
-    yt = torch.as_tensor(y[rows], dtype=torch.float32, device=device)[None] * mask
-    mean_y = yt.sum(1) / count  # [P]
-    w = torch.bmm(K, ((yt - mean_y[:, None]) * mask)[..., None])  # [P, d, 1]
-    scores = (torch.bmm((X.float() - mean) / sd, w)[..., 0] + mean_y[:, None]).double()  # [P, N] full-train
+    labels = np.atleast_2d(y)  # [G, N]: one fit per row of labels, all from the same K
+    rows_t = torch.as_tensor(rows, device=device)
+    Zall = (X.float() - mean) / sd  # [P, N, d]
     leverage = (Ztr * K.transpose(1, 2)).sum(-1).double() + 1.0 / count[:, None].double()  # [P, T]
-    fitted = scores[:, torch.as_tensor(rows, device=device)]
-    ytd = yt.double()
-    loo = ytd - (ytd - fitted) / (1.0 - leverage).clamp(min=1e-6)
-    scores[:, torch.as_tensor(rows, device=device)] = torch.where(mask > 0, loo, fitted)
-    Zev = (X[:, torch.as_tensor(evaluate, device=device)].float() - mean) / sd
-    return scores.cpu().numpy(), torch.bmm(Zev, K), rows
+    out = []
+    for label in labels:
+        yt = torch.as_tensor(label[rows], dtype=torch.float32, device=device)[None] * mask
+        mean_y = yt.sum(1) / count  # [P]
+        w = torch.bmm(K, ((yt - mean_y[:, None]) * mask)[..., None])  # [P, d, 1]
+        scores = (torch.bmm(Zall, w)[..., 0] + mean_y[:, None]).double()  # [P, N] full-train
+        fitted = scores[:, rows_t]
+        ytd = yt.double()
+        loo = ytd - (ytd - fitted) / (1.0 - leverage).clamp(min=1e-6)
+        scores[:, rows_t] = torch.where(mask > 0, loo, fitted)
+        out.append(scores.cpu().numpy())
+    scores = np.stack(out) if np.ndim(y) == 2 else out[0]
+    Zev = Zall[:, torch.as_tensor(evaluate, device=device)]
+    return scores, torch.bmm(Zev, K), rows
 
 
 def auc_rows(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
@@ -202,21 +211,29 @@ def paired_difference(a: np.ndarray, b: np.ndarray, y: np.ndarray, test: np.ndar
 # ---------------------------------------------------------------------- the stage
 
 def layer_pass(X: torch.Tensor, valid: np.ndarray, y: np.ndarray, parts: dict[str, np.ndarray], evaluate: np.ndarray,
-               permuted: np.ndarray | None, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               permuted: np.ndarray | None, alpha: float, graders: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """The ridge probes of P cells (one layer) for every seed.
 
     ``X`` ``[P, N, d]``, ``valid`` bool ``[N, P]``, ``y`` ``[N]``, ``parts`` ``{part: bool [S, N]}``,
-    ``evaluate`` the rows of every seed's test part, ``permuted`` ``[B, N]`` labels or None. Returns
-    (scores ``[S, P, N]``: leave-one-out on train rows, NaN where the position is missing; the observed
-    test AUC ``[S, P]``; the test AUC under each permutation ``[S, P, B]``)."""
+    ``evaluate`` the rows of every seed's test part, ``permuted`` ``[B, N]`` labels or None, ``graders``
+    ``[G, N]`` other labellings of the answers (1 = wrong by that grader) or None. Returns (scores
+    ``[S, P, N]``: leave-one-out on train rows, NaN where the position is missing; the observed test AUC
+    ``[S, P]``; the test AUC under each permutation ``[S, P, B]``; the probes refitted on each grader's
+    labels, scores ``[G, S, P, N]`` float32, or None)."""
     n_seeds, n_positions = parts["train"].shape[0], X.shape[0]
     n_perm = 0 if permuted is None else len(permuted)
     scores_out = np.full((n_seeds, n_positions, len(y)), np.nan)
     observed = np.full((n_seeds, n_positions), np.nan)
     null = np.full((n_seeds, n_positions, n_perm), np.nan)
+    graded = None if graders is None else np.full((len(graders), n_seeds, n_positions, len(y)), np.nan, np.float32)
     for s in range(n_seeds):
         train = parts["train"][s][None] & valid.T  # [P, N]
-        scores, operator, rows = ridge_cells(X, y, train, evaluate, alpha=alpha)
+        labels = y if graders is None else np.vstack([y[None], graders])
+        scores, operator, rows = ridge_cells(X, labels, train, evaluate, alpha=alpha)
+        if graders is not None:
+            graded[:, s] = np.where(valid.T[None], scores[1:], np.nan)
+            scores = scores[0]
         scores_out[s] = np.where(valid.T, scores, np.nan)
         if n_perm:
             Y = torch.as_tensor(permuted[:, rows].T, dtype=torch.float32, device=operator.device)
@@ -227,7 +244,7 @@ def layer_pass(X: torch.Tensor, valid: np.ndarray, y: np.ndarray, parts: dict[st
             if n_perm:
                 keep = tested[evaluate]
                 null[s, p] = auc_rows(null_scores[p, keep].T, permuted[:, evaluate[keep]].astype(bool))
-    return scores_out, observed, null
+    return scores_out, observed, null, graded
 
 
 def run_wholemap(run_dir: Path, sites: list[str], *, C: float = 1.0, n_boot: int = 1000, n_permutations: int = 199,
@@ -263,18 +280,22 @@ def _run_wholemap(run_dir: Path, sites: list[str], *, C: float, n_boot: int, n_p
     evaluate = np.flatnonzero(parts["test"].any(0))  # every seed's test rows (one part, once the seeds share it)
     blocks = np.where(in_study, strata * 2 + parts["test"][0], -1)  # rows outside the study keep their label
     permuted = permutations(y, blocks, n_permutations) if n_permutations else None
+    graders, grader_errors, unlabelled = grader_labels(answers, ids, in_study)
     n_seeds = len(seeds)
-    keys, columns, observed, null = [], [], [], []
+    keys, columns, observed, null, graded = [], [], [], [], []
     total = sum(len(meta["sites"][site]["layers"]) for site in sites)
     bar = tqdm(total=total, desc="whole map", unit="layer", disable=not progress)
     for site in sites:
         for layer in meta["sites"][site]["layers"]:
             _, positions, features, valid = load_layer(run_dir, site, layer)
             X = torch.as_tensor(np.asarray(features), device=device)  # [P, N, d] float16
-            layer_scores, layer_obs, layer_null = layer_pass(X, valid, y, parts, evaluate, permuted, alpha=4.0 / C)
+            layer_scores, layer_obs, layer_null, layer_graded = layer_pass(
+                X, valid, y, parts, evaluate, permuted, alpha=4.0 / C, graders=grader_errors)
             for p, position in enumerate(positions):
                 keys.append((site, int(layer), position))
                 columns.append(layer_scores[:, p])
+                if layer_graded is not None:
+                    graded.append(layer_graded[:, :, p])  # [G, S, N]
                 observed.append(_seed_mean(layer_obs[:, p]))
                 null.append(_seed_mean(layer_null[:, p]))
             bar.update(1)
@@ -297,7 +318,96 @@ def _run_wholemap(run_dir: Path, sites: list[str], *, C: float, n_boot: int, n_p
     table = None
     if permuted is not None:
         table, summary["cell_null"] = null_table(keys, np.asarray(observed), np.stack(null), n_permutations)
+    if len(graders) + len(unlabelled) >= 2:
+        summary["graders"] = grader_summary(answers, ids, in_study, graders, unlabelled, keys, columns, y,
+                                            np.stack(graded, axis=2) if graded else None, grader_errors, parts,
+                                            weights, strata)
     return results, scores, table, summary
+
+
+# ---------------------------------------------------------------------- grader sensitivity
+
+def grader_labels(answers: pd.DataFrame, ids: list[str], in_study: np.ndarray
+                  ) -> tuple[list[str], np.ndarray | None, list[str]]:
+    """The graders of ``answers.parquet`` (its ``GRADER_COLUMNS``, true = right) whose label every
+    answer of the study has: (their columns, their errors ``[G, N]`` (1 = wrong) or None, the columns
+    that leave some answer of the study ungraded — compared for agreement where graded, never probed)."""
+    present = [c for c in GRADER_COLUMNS if c in answers.columns]
+    table = answers.set_index("id").reindex(ids)
+    complete, partial = [], []
+    for column in present:
+        labelled = table[column].notna().to_numpy()
+        (complete if labelled[in_study].all() else partial).append(column)
+    if not complete:
+        return [], None, partial
+    errors = np.stack([(~table[c].fillna(True).astype(bool)).to_numpy().astype(np.int64) for c in complete])
+    return complete, errors, partial
+
+
+def grader_summary(answers: pd.DataFrame, ids: list[str], in_study: np.ndarray, graders: list[str],
+                   unlabelled: list[str], keys: list[tuple], columns: list[np.ndarray], y: np.ndarray,
+                   graded: np.ndarray | None, errors: np.ndarray | None, parts: dict, weights: np.ndarray,
+                   strata: np.ndarray) -> dict:
+    """summary.json's ``graders``: each grader's accuracy, every pair's agreement (counts, Cohen's kappa,
+    the answers whose label flips), and per grader the cell chosen on validation by ridge probes refitted
+    on its labels, with its test AUC (interval of the mean over seeds), and the AUC under its labels of
+    the cell the run's own labels (``correct``) choose. ``graded`` ``[G, S, F, N]``: the refitted probes'
+    scores of the F cells ``keys``; ``columns``: the F cells' ``[S, N]`` scores under ``correct``."""
+    from sklearn.metrics import cohen_kappa_score
+
+    from ..stages.probe import cell_stats
+
+    table = answers.set_index("id").reindex(ids)[[*graders, *unlabelled]][in_study]
+    right = {c: table[c] for c in table.columns}
+    agreement = []
+    names = [*graders, *unlabelled]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = right[a].notna() & right[b].notna()
+            ra, rb = right[a][both].astype(bool), right[b][both].astype(bool)
+            flips = list(ra.index[ra != rb])
+            agreement.append({"a": a, "b": b, "n": int(both.sum()), "both_right": int((ra & rb).sum()),
+                              "both_wrong": int((~ra & ~rb).sum()), "a_right_b_wrong": int((ra & ~rb).sum()),
+                              "a_wrong_b_right": int((~ra & rb).sum()), "flips": len(flips),
+                              "kappa": _round(cohen_kappa_score(ra, rb)) if len(set(ra) | set(rb)) > 1 else None,
+                              "flipped_ids": flips[:10]})
+    out = {"columns": names, "answers": int(in_study.sum()),
+           "accuracy": {c: _round(right[c].dropna().astype(bool).mean()) for c in names},
+           "ungraded": {c: int(right[c].isna().sum()) for c in unlabelled},
+           "agreement": agreement, "probes": []}
+    if graded is None:
+        return out
+    main = _choose(np.stack(columns, axis=1), y, parts)  # the cell the run's own labels choose (ridge probes)
+    for g, grader in enumerate(graders):
+        chosen = _choose(graded[g], errors[g], parts)
+        per_seed, cell = cell_stats(graded[g][:, chosen].astype(np.float64), errors[g], parts, weights, strata,
+                                    probability=False)
+        main_rows, _ = cell_stats(graded[g][:, main].astype(np.float64), errors[g], parts, weights, strata,
+                                  probability=False)
+        site, layer, position = keys[chosen]
+        out["probes"].append({
+            "grader": grader, "site": site, "layer": layer, "position": position,
+            "val_auc": _round(np.nanmean([r["val_auc"] for r in per_seed])),
+            "auc": _round(np.nanmean([r["auc"] for r in per_seed])),
+            "auc_lo": _round(cell["mean_auc_lo"]), "auc_hi": _round(cell["mean_auc_hi"]),
+            "auc_of_correct_cell": _round(np.nanmean([r["auc"] for r in main_rows])),
+            "correct_cell": {"site": keys[main][0], "layer": keys[main][1], "position": keys[main][2]}})
+    return out
+
+
+def _choose(scores: np.ndarray, y: np.ndarray, parts: dict) -> int:
+    """Index of the cell with the highest mean validation AUC over seeds; ``scores`` ``[S, F, N]``."""
+    aucs = np.full(scores.shape[:2], np.nan)
+    for s in range(scores.shape[0]):
+        for f in range(scores.shape[1]):
+            rows = parts["validation"][s] & np.isfinite(scores[s, f])
+            aucs[s, f] = auc_rows(scores[s, f, rows].astype(np.float64), y[rows].astype(bool))
+    return int(np.nanargmax(_seed_mean(aucs)))
+
+
+def _round(value) -> float | None:
+    value = float(value)
+    return None if not np.isfinite(value) else round(value, 4)
 
 
 def _seed_mean(values: np.ndarray) -> np.ndarray:
