@@ -279,6 +279,42 @@ def report(runs, out, open_):
 
 
 @cli.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["pdf", "svg", "png"]),
+              help="pdf, svg or png (default: from --out's suffix, else pdf).")
+@click.option("--width", type=click.FloatRange(1, 40), default=7.0, show_default=True, help="Width in inches.")
+@click.option("--height", type=click.FloatRange(1, 40), default=4.2, show_default=True, help="Height in inches.")
+@click.option("--font-size", type=click.FloatRange(4, 30), default=8.0, show_default=True, help="Font size in points.")
+@click.option("--out", help="The file to write (default: <run folder's name>-figure.<format>, here).")
+@click.option("--overwrite", is_flag=True, help="Replace the file at --out if it exists (never done without).")
+def figure(run, fmt, width, height, font_size, out, overwrite):
+    """A figure for a paper: the heatmap (readable position names, the chosen region, the cells that do not
+    beat the controls hatched) beside the baselines and controls with their intervals."""
+    from . import runfolder as rf
+    from .stages.plot import FIGURE_FORMATS, paper_figure
+
+    run_dir = Path(run)
+    if not run_dir.is_dir():
+        raise TruthmapError(f"{run}: no such run folder")
+    suffix = Path(out).suffix.lower().lstrip(".") if out else ""
+    if out and suffix not in FIGURE_FORMATS:
+        raise TruthmapError(f"{out}: the figure's file must end in .pdf, .svg or .png")
+    if fmt and suffix and fmt != suffix:
+        raise TruthmapError(f"{out}: its suffix says {suffix}, --format says {fmt}; give one of them")
+    fmt = fmt or suffix or "pdf"
+    path = Path(out) if out else Path(f"{run_dir.resolve().name}-figure.{fmt}")
+    if os.path.islink(path):
+        raise TruthmapError(f"{path}: a symbolic link; truthmap writes no file through one")
+    if path.exists() and not overwrite:
+        raise TruthmapError(f"{path}: exists; not overwritten (give --overwrite to replace it, or another --out)")
+    if path.exists() and not path.is_file():
+        raise TruthmapError(f"{path}: not a file; give another --out")
+    with rf.reading(run_dir):  # the run's files checked against its manifest, under its shared lock
+        written = paper_figure(run_dir, path, width=width, height=height, font_size=font_size)
+    click.echo(f"figure: {written}")
+
+
+@cli.command()
 def tasks():
     """List the tasks --dataset accepts (--dataset TASK, TASK:SPLIT or TASK:PATH), one line each."""
     from .tasks import REGISTRY

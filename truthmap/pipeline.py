@@ -327,16 +327,18 @@ def _attention(s: StageRun) -> None:
 
 def _plot(s: StageRun) -> None:
     from .analyses.wholemap import cells_below_null
-    from .stages.plot import VIEWS, plot_heatmap
+    from .stages.plot import VIEWS, left_out_note, plot_heatmap
     from .stages.probe import read_run_results
 
     config, run_dir = s.config, s.run_dir
-    results = read_run_results(run_dir, baselines=False)  # baselines have their own figure (baselines.png)
+    results = read_run_results(run_dir)  # the probes' rows, and the controls among the baselines' (the hatching)
     n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))  # the population
     hatched = cells_below_null(run_dir)  # None without the per-cell null (--permutations 0)
+    left_out = left_out_note(rf.read_splits(run_dir / rf.SPLITS).get("left_out") or {})  # who else, and why
     for view in VIEWS:
         plot_heatmap(results, config.positions, run_dir / view, model=_short_model(config.model),
-                     dataset=config.dataset, n=n, view=view, hatched=hatched if view == "heatmap" else None)
+                     dataset=config.dataset, n=n, view=view, left_out=left_out,
+                     hatched=hatched if view == "heatmap" else None)
 
 
 def _report(s: StageRun) -> None:
@@ -379,7 +381,7 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("attention", _attention, inputs=(rf.ANSWERS, rf.GENERATIONS),
           outputs=(rf.ATTENTION, *rf.figures(rf.ATTENTION_FIGURE)), settings=_fields("positions"), model="here",
           labelled=True, when=lambda c, run_dir: "attention" in c.also, optional=True),
-    Stage("plot", _plot, inputs=(rf.PROBE_RESULTS, rf.ANSWERS, rf.CELL_NULL),
+    Stage("plot", _plot, inputs=(rf.PROBE_RESULTS, rf.BASELINE_RESULTS, rf.ANSWERS, rf.SPLITS, rf.CELL_NULL),
           outputs=tuple(name for view in rf.HEATMAPS for name in rf.figures(view)), settings=_fields("positions"),
           labelled=True),
     # summary.json is not an input: every stage rewrites it, so the report would never be current

@@ -473,39 +473,27 @@ def within_family_auc(families: pd.DataFrame) -> float:
 
 
 def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: float, path: Path, title: str) -> None:
-    """Horizontal bars: each baseline's mean AUC (bootstrap interval as whiskers) and the best probe's."""
-    from ..figures import new_figure, save
+    """Horizontal bars: each baseline's mean AUC (bootstrap interval as whiskers) and the best probe's,
+    coloured by kind (probe, control, baseline) with a legend; a baseline without an AUC on this data (the
+    family rate of a one-family file) is named in the title, not drawn as an empty bar."""
+    from ..figures import draw_auc_bars, new_figure, save
+    from .plot import CONTROLS, control_level
     from .probe import mean_over_seeds
 
     means = mean_over_seeds(results[results["site"] == SITE]).sort_values("auc", na_position="first")
-    labels, values, lows, highs, colours = [], [], [], [], []
-    for row in means.itertuples():
-        labels.append(row.position)
-        values.append(row.auc)
-        lows.append(row.auc_lo)
-        highs.append(row.auc_hi)
-        colours.append("#ff7f0e" if row.position.endswith("_rate") else "#7f7f7f")
+    missing = means.loc[means["auc"].isna(), "position"].tolist()
+    bars = [{"label": row.position, "auc": row.auc, "low": row.auc_lo, "high": row.auc_hi,
+             "kind": "control" if row.position in CONTROLS else "baseline"} for row in means.dropna(subset=["auc"]).itertuples()]
     if np.isfinite(within_family):
-        labels.append("probe within family")
-        values.append(within_family)
-        lows.append(np.nan)
-        highs.append(np.nan)
-        colours.append("#6baed6")
+        bars.append({"label": "probe within family", "auc": within_family, "kind": "probe within family"})
     if cell is not None:
-        labels.append(f"probe {cell['site']} L{cell['layer']} {cell['position']}")
-        values.append(cell["auc"])
-        lows.append(cell["auc_lo"])
-        highs.append(cell["auc_hi"])
-        colours.append("#08519c")
-    values = np.array(values, dtype=float)
-    err = np.array([values - np.array(lows, float), np.array(highs, float) - values])
-    fig, ax = new_figure(figsize=(6.5, 0.9 + 0.28 * len(labels)))
-    ax.barh(range(len(labels)), np.nan_to_num(values - 0.5), left=0.5, color=colours,
-            xerr=np.nan_to_num(np.abs(err)), ecolor="#333333", capsize=2)
-    ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax.axvline(0.5, color="black", linewidth=0.8)
-    ax.set_xlim(min(0.3, np.nanmin(values) - 0.05) if len(values) else 0.3, 1.0)
-    ax.set_xlabel("AUC predicting an error (mean over seeds, 95% bootstrap interval)")
+        bars.append({"label": f"probe {cell['site']} L{cell['layer']} {cell['position']}", "auc": cell["auc"],
+                     "low": cell["auc_lo"], "high": cell["auc_hi"], "kind": "probe"})
+    fig, ax = new_figure(figsize=(6.5, 1.3 + 0.28 * len(bars)))
+    draw_auc_bars(ax, bars, level=control_level(results),
+                  xlabel="AUC predicting an error (mean over seeds, 95% bootstrap interval)")
+    if missing:
+        title += "\nno AUC on this data (not drawn): " + ", ".join(missing)
     ax.set_title(title, fontsize=9)
     save(fig, path)
 
