@@ -328,10 +328,12 @@ def _attention(s: StageRun) -> None:
 def _plot(s: StageRun) -> None:
     from .analyses.wholemap import cells_below_null
     from .stages.plot import VIEWS, left_out_note, plot_heatmap
-    from .stages.probe import read_run_results
+    from .stages.probe import read_results, read_run_results
 
     config, run_dir = s.config, s.run_dir
-    results = read_run_results(run_dir)  # the probes' rows, and the controls among the baselines' (the hatching)
+    results = read_run_results(run_dir, baselines=False)
+    if (run_dir / rf.BASELINE_RESULTS).exists():  # the controls among the baselines' rows set the hatching
+        results = pd.concat([results, read_results(run_dir / rf.BASELINE_RESULTS)], ignore_index=True)
     n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))  # the population
     hatched = cells_below_null(run_dir)  # None without the per-cell null (--permutations 0)
     left_out = left_out_note(rf.read_splits(run_dir / rf.SPLITS).get("left_out") or {})  # who else, and why
