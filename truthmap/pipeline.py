@@ -158,7 +158,8 @@ LABEL_FREE_NOTE = ("the questions have no gold answers: no answer is graded and 
 
 def _label(s: StageRun) -> None:
     from .analyses.entropy import has_labels
-    from .stages.label import check_labels, label_answers, make_splits
+    from .splits import make_splits
+    from .stages.label import check_labels, label_answers, population
 
     c, run_dir = s.config, s.run_dir
     questions = rf.read_parquet(run_dir / rf.QUESTIONS)
@@ -168,8 +169,9 @@ def _label(s: StageRun) -> None:
                             extractor=s.models.extractor, progress=c.progress)
     labelled = has_labels(answers)
     # a label-free study is split by its groups alone (there are no classes to stratify)
+    left_out = population(answers, c.positions) if c.population == "common" else None
     splits = make_splits(answers if labelled else answers.assign(correct=True), c.seeds, c.test_fraction,
-                         c.validation_fraction, c.positions, c.population)
+                         c.validation_fraction, left_out, c.population)
     answers["split"] = ""  # "": outside the study's population
     for part, members in splits["seeds"][str(c.seeds[0])].items():
         answers.loc[answers["id"].isin(set(members)), "split"] = part

@@ -41,11 +41,14 @@ def make_run(folder: Path, n: int = 120, d: int = 8, layers: int = 3, seed: int 
                   "stopped": np.arange(n) % 3 > 0}).to_parquet(folder / "generations.parquet", index=False)
     splits = {"test_fraction": 0.35, "validation_fraction": 0.25, "population": "common", "n": n, "left_out": {},
               "groups": {"n": n, "largest": 1}, "seeds": {}}
+    n_test, n_val = int(0.35 * n), int(0.25 * n)
+    test = np.random.default_rng(100).permutation(n)[:n_test]  # one test part, as truthmap/splits.py draws
+    rest = np.setdiff1d(np.arange(n), test)
     for s in (0, 1):
-        perm = np.random.default_rng(100 + s).permutation(n)
-        part = np.empty(n, dtype=object)
-        part[perm] = ["test"] * int(0.35 * n) + ["validation"] * int(0.25 * n) + ["train"] * (n - int(0.35 * n) - int(0.25 * n))
+        part = np.full(n, "test", dtype=object)
+        part[np.random.default_rng(100 + s).permutation(rest)] = ["validation"] * n_val + ["train"] * (len(rest) - n_val)
         splits["seeds"][str(s)] = {name: [i for i, p in zip(ids, part) if p == name] for name in ("train", "validation", "test")}
+    splits["test"] = splits["seeds"]["0"]["test"]
     (folder / "splits.json").write_text(json.dumps(splits))
     (folder / "config.json").write_text(json.dumps({"model": model, "dataset": dataset, "max_new_tokens": 8}))
     (folder / "summary.json").write_text(json.dumps({"model_revision": "rev1", "dataset": dataset,

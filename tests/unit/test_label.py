@@ -8,12 +8,9 @@ from truthmap.stages.label import (
     find_exact_answer,
     judge,
     label_answers,
-    make_splits,
-    population,
     position_indices,
     token_char_spans,
 )
-from truthmap import textmatch
 from truthmap.errors import TruthmapError
 from truthmap.textmatch import Vocabulary
 
@@ -126,72 +123,6 @@ def test_label_answers_table(tokenizer):
     assert tokenizer.decode(full[row.pos_exact_answer_first : row.pos_exact_answer_last + 1]).strip() == "Douala"
     assert full[row["pos_-1"]] == tokenizer.eos_token_id and row.pos_last_q == len(prompt) - 1
     assert answers.iloc[2].pos_exact_answer_first == -1
-
-
-def _answers(n=300, questions=None, task="generic"):
-    return pd.DataFrame({"id": [str(i) for i in range(n)], "correct": [i % 4 == 0 for i in range(n)],
-                         "question": questions or [f"question number {i}?" for i in range(n)], "task": task})
-
-
-def test_splits_stratified_deterministic_disjoint_in_three_parts():
-    answers = _answers()
-    splits = make_splits(answers, [0, 1], 0.3, 0.2)
-    assert splits == make_splits(answers, [0, 1], 0.3, 0.2)
-    s0, s1 = splits["seeds"]["0"], splits["seeds"]["1"]
-    parts = [set(s0[p]) for p in ("train", "validation", "test")]
-    assert sum(map(len, parts)) == 300 and len(set.union(*parts)) == 300
-    for part, fraction in (("train", 0.5), ("validation", 0.2), ("test", 0.3)):
-        right = sum(int(i) % 4 == 0 for i in s0[part])
-        assert abs(right - fraction * 75) <= 1 and abs(len(s0[part]) - fraction * 300) <= 2
-    assert s0["test"] != s1["test"]
-
-
-def test_duplicate_questions_never_straddle_two_parts():
-    questions = [f"Which option, {i % 90}?" if i % 3 else f"which  OPTION {i % 90}" for i in range(300)]
-    answers = _answers(questions=questions)
-    splits = make_splits(answers, [0, 1, 2], 0.3, 0.2)
-    key = {i: textmatch.normalize(q) for i, q in zip(answers.id, questions)}
-    assert len(set(key.values())) == 90  # 300 rows, 90 questions
-    for split in splits["seeds"].values():
-        part_of = {}
-        for part, members in split.items():
-            for i in members:
-                assert part_of.setdefault(key[i], part) == part
-    assert splits["groups"] == {"n": 90, "largest": 4}
-
-
-def test_facts_questions_about_one_entity_share_a_part():
-    from truthmap.tasks.facts import entity
-
-    assert entity("city-FR-lyon", "") == entity("capital-FR", "") == entity("currency-FR", "") == "country:FR"
-    assert entity("symbol-Sc", "") == entity("element-Sc", "") == entity("atomic_number-Sc", "") == "element:Sc"
-    assert entity("state_capital-CA", "") != entity("capital-CA", "") and entity("mul-3x4", "") == ""
-    n = 40
-    answers = pd.DataFrame({"id": [f"capital-C{k}" for k in range(n)] + [f"currency-C{k}" for k in range(n)]
-                            + [f"city-C{k}-town" for k in range(n)], "task": "facts"})
-    answers["question"] = [f"q {i}" for i in answers.id]
-    answers["correct"] = [k % 3 == 0 for k in range(len(answers))]
-    splits = make_splits(answers, [0, 1], 0.3, 0.2)
-    for split in splits["seeds"].values():
-        part_of = {}
-        for part, members in split.items():
-            for i in members:
-                assert part_of.setdefault(entity(i, ""), part) == part
-    assert splits["groups"] == {"n": n, "largest": 3}
-
-
-def test_common_population_leaves_out_answers_without_every_position():
-    answers = _answers(8).assign(exact_answer_valid=[True] * 6 + [False, False],
-                                 exact_answer_reason=["gold_alias"] * 6 + ["no_candidate_in_answer"] * 2,
-                                 pos_last_q=5, pos_exact_answer_first=[7] * 6 + [-1, -1],
-                                 pos_second_answer=[7, -1, 7, 7, 7, 7, -1, 7])
-    reasons = population(answers, ["last_q", "second_answer", "exact_answer_first"])
-    assert reasons.tolist() == ["", "no_position:second_answer"] + [""] * 4 + [
-        "no_exact_answer:no_candidate_in_answer"] * 2
-    assert population(answers, ["last_q"]).eq("").all()  # no exact position asked: nobody is left out
-    splits = make_splits(answers, [0], 0.3, 0.2, ["last_q", "second_answer", "exact_answer_first"])
-    assert splits["n"] == 5 and set(splits["left_out"]) == {"1", "6", "7"}
-    assert make_splits(answers, [0], 0.3, 0.2, ["last_q", "second_answer"], "each")["n"] == 8
 
 
 def test_all_right_or_all_wrong_is_refused():

@@ -172,6 +172,11 @@ def test_split_sizes_name_the_short_class_and_honour_min_per_class():
         check_split_sizes(np.r_[labels[:-1], 1], splits, ids, min_per_class=2)
     with pytest.raises(TruthmapError, match=r"no validation part .* rerun the label stage"):
         check_split_sizes(labels, {"seeds": {"0": {"train": ids[:30], "test": ids[30:]}}}, ids)
+    # a test part per seed (an older design): the seeds' test answers were another seed's validation answers
+    other = {"train": splits["seeds"]["0"]["train"], "validation": ids[26:32] + ids[38:40],
+             "test": ids[20:26] + ids[32:34] + ids[40:]}
+    with pytest.raises(TruthmapError, match=r"the seeds' test parts differ .* rerun the label stage"):
+        check_split_sizes(labels, {"seeds": {**splits["seeds"], "1": other}}, ids, min_per_class=2)
 
 
 def test_min_per_class_below_two_is_refused():

@@ -1,8 +1,8 @@
 """Stage 2 — grade each answer, locate its exact answer, and index the token positions.
 
 Reads the questions table, ``vocabularies.json`` and ``generations.parquet``; writes
-``answers.parquet`` (one row per question, columns in docs/run-folder.md) and ``splits.json``
-(train/test ids per seed, stratified by correctness).
+``answers.parquet`` (one row per question, columns in docs/run-folder.md); :func:`population` says who
+is outside the study's population (the split design itself: truthmap/splits.py).
 
 Each row is graded by the rule its task names (``GRADING_RULES``; tasks in truthmap/tasks/):
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pandas as pd
 
 from .. import textmatch
@@ -457,7 +456,6 @@ def label_answers(
 
 
 POPULATIONS = ("common", "each")
-SPLIT_PARTS = ("train", "validation", "test")
 
 
 def population(answers: pd.DataFrame, positions: list[str]) -> pd.Series:
@@ -476,88 +474,6 @@ def population(answers: pd.DataFrame, positions: list[str]) -> pd.Series:
             missing = (answers[column] < 0) & (reasons == "")
             reasons[missing] = f"no_position:{p}"
     return reasons
-
-
-def split_groups(answers: pd.DataFrame) -> np.ndarray:
-    """A group number per answer: answers whose questions normalise to the same text, or that share the
-    group key their task declares (facts: the entity asked about), get the same number."""
-    from ..tasks import REGISTRY
-
-    parent = list(range(len(answers)))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first_of = {}
-    tasks = answers["task"] if "task" in answers.columns else pd.Series("generic", index=answers.index)
-    for k, (answer_id, question, task) in enumerate(zip(answers["id"], answers["question"], tasks)):
-        keys = [("question", textmatch.normalize(str(question)) or str(question))]
-        declared = getattr(REGISTRY.get(task), "group", None)
-        if declared is not None:
-            key = declared(str(answer_id), str(question))
-            if key:
-                keys.append(("task", key))
-        for key in keys:
-            if key in first_of:
-                parent[find(k)] = find(first_of[key])
-            else:
-                first_of[key] = k
-    roots = [find(k) for k in range(len(answers))]
-    return pd.factorize(pd.Series(roots))[0]
-
-
-def _assign_groups(wrong: np.ndarray, right: np.ndarray, fractions: np.ndarray, rng) -> np.ndarray:
-    """Part (0, 1, 2) of each group, stratified by correctness: groups go, largest first (ties in a
-    random order), to the part whose share of the group's classes is furthest below its target."""
-    counts = np.stack([wrong, right], axis=1).astype(float)  # [G, 2]
-    target = fractions[:, None] * counts.sum(0)[None, :]  # [parts, 2]
-    have = np.zeros_like(target)
-    order = rng.permutation(len(counts))
-    order = order[np.argsort(-counts[order].sum(1), kind="stable")]
-    part = np.zeros(len(counts), dtype=np.int64)
-    for g in order:
-        shortfall = ((target - have) / np.maximum(target, 1.0) * counts[g][None, :]).sum(1)
-        shortfall[fractions == 0] = -np.inf
-        part[g] = int(np.argmax(shortfall))
-        have[part[g]] += counts[g]
-    return part
-
-
-def make_splits(answers: pd.DataFrame, seeds: list[int], test_fraction: float = 0.3,
-                validation_fraction: float = 0.2, positions: list[str] | None = None,
-                population_rule: str = "common") -> dict:
-    """Train / validation / test ids per seed over the study's population, grouped and stratified.
-
-    The population is every answer with ``population_rule="common"`` minus those :func:`population`
-    leaves out (recorded under ``left_out``), or every answer with ``"each"``. Related answers
-    (:func:`split_groups`) always share a part; within that, parts hold each class in proportion.
-    """
-    reasons = population(answers, positions or []) if population_rule == "common" else \
-        pd.Series("", index=answers.index, dtype=object)
-    kept = answers[reasons == ""]
-    ids = kept["id"].to_numpy()
-    groups = split_groups(kept)
-    wrong = ~kept["correct"].astype(bool).to_numpy()
-    n_groups = int(groups.max()) + 1 if len(groups) else 0
-    group_wrong = np.bincount(groups, weights=wrong, minlength=n_groups)
-    group_right = np.bincount(groups, weights=~wrong, minlength=n_groups)
-    fractions = np.array([1.0 - test_fraction - validation_fraction, validation_fraction, test_fraction])
-    sizes = np.bincount(groups, minlength=n_groups) if len(groups) else np.zeros(0, int)
-    splits = {
-        "test_fraction": test_fraction, "validation_fraction": validation_fraction,
-        "population": population_rule, "n": len(ids),
-        "left_out": {str(i): r for i, r in zip(answers["id"], reasons) if r},
-        "groups": {"n": n_groups, "largest": int(sizes.max()) if len(sizes) else 0},
-        "seeds": {},
-    }
-    for seed in seeds:
-        part_of_group = _assign_groups(group_wrong, group_right, fractions, np.random.default_rng(seed))
-        part = part_of_group[groups]
-        splits["seeds"][str(seed)] = {name: ids[part == k].tolist() for k, name in enumerate(SPLIT_PARTS)}
-    return splits
 
 
 def check_labels(answers: pd.DataFrame, source: str) -> None:

@@ -10,12 +10,15 @@ The positive class is *error* (the answer is wrong). Each probe is scikit-learn'
 solve the same problem for many cells at once with a batched, preconditioned L-BFGS in torch (see
 :class:`BatchedLogisticRegression`), so the AUCs agree with scikit-learn's to well within 0.01.
 
-Every probe is fitted on its seed's train part and scored on its validation and test parts. The heatmap
-shows test AUCs; the best cell and its region are chosen on validation AUCs alone (:func:`choose_cell`,
-:func:`best_region`), so the AUC reported for the choice is free of it. Intervals come from one cluster
-bootstrap shared by every cell and seed (:func:`group_bootstrap`): a replicate re-weights whole groups of
-related questions; a seed's interval reads the weights of its test answers, and the interval of the mean
-over seeds averages the seeds' AUCs within each replicate.
+Every probe is fitted on its seed's train part and scored on its validation part and on the one test
+part, the same in every seed and never seen by any (truthmap/splits.py). The heatmap shows test AUCs; the
+best cell and its region are chosen on validation AUCs alone (:func:`choose_cell`, :func:`best_region`),
+so the AUC reported for the choice is free of it. Intervals come from one cluster bootstrap shared by
+every cell and seed (:func:`group_bootstrap`): a replicate re-weights whole groups of related questions;
+a seed's interval reads the weights of the test answers, and the interval of the mean over seeds
+averages the seeds' AUCs within each replicate. The probes are not refitted in a replicate, so an
+interval covers the sampling of the test answers; ``seed_sd`` (the seeds' spread of test AUCs on the
+same answers) covers what training on another train part changes.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from .label import MIN_PER_CLASS
 
 NOT_WHITENED = "probe: the features of a position cannot be whitened (are they finite?)"
 RESULT_COLUMNS = ["site", "layer", "position", "seed", "auc", "auc_lo", "auc_hi", "accuracy", "n_train", "n_test",
-                  "val_auc", "n_val", "within_auc", "within_val_auc", "mean_auc_lo", "mean_auc_hi", "val_auc_se"]
+                  "val_auc", "n_val", "within_auc", "within_val_auc", "mean_auc_lo", "mean_auc_hi", "val_auc_se",
+                  "seed_sd"]
 SCORE_COLUMNS = ["site", "layer", "position", "seed", "id", "score"]
 
 
@@ -429,8 +433,12 @@ def cell_stats(score: np.ndarray, y: np.ndarray, parts: dict[str, np.ndarray], w
     mean_lo, mean_hi = _interval(_nanmean(reps["test"]))
     val_means = _nanmean(reps["validation"])
     finite = val_means[np.isfinite(val_means)]
+    seed_aucs = np.array([row.get("auc", np.nan) for row in rows], dtype=float)
+    seed_aucs = seed_aucs[np.isfinite(seed_aucs)]
     return rows, {"mean_auc_lo": mean_lo, "mean_auc_hi": mean_hi,
-                  "val_auc_se": float(np.std(finite)) if len(finite) > 1 else np.nan}
+                  "val_auc_se": float(np.std(finite)) if len(finite) > 1 else np.nan,
+                  # what training on another train part changes (the test part is the same in every seed)
+                  "seed_sd": float(np.std(seed_aucs, ddof=1)) if len(seed_aucs) > 1 else np.nan}
 
 
 def _nanmean(replicates: np.ndarray) -> np.ndarray:
@@ -459,14 +467,21 @@ def result_rows(site: str, layer: int, position: str, seeds: list, per_seed: lis
 
 
 def check_split_sizes(labels: np.ndarray, splits: dict, ids: list[str], min_per_class: int = MIN_PER_CLASS) -> None:
+    """Refuse splits of an older design (no validation part, or a test part per seed) and parts with fewer
+    than ``min_per_class`` right or wrong answers (the one test part is counted once)."""
     position = {i: k for k, i in enumerate(ids)}
+    tests = set()
     for seed, split in splits["seeds"].items():
         missing = [part for part in ("train", "validation", "test") if part not in split]
         if missing:
             raise TruthmapError(f"splits.json, seed {seed}: no {missing[0]} part (made by an older truthmap); "
-                                f"rerun the label stage (truthmap label)")
-    for seed, split in splits["seeds"].items():
-        for part in ("train", "validation", "test"):
+                                f"rerun the label stage (truthmap label --force)")
+        tests.add(frozenset(split["test"]))
+    if len(tests) > 1:
+        raise TruthmapError("splits.json: the seeds' test parts differ (made by an older truthmap, which drew a test "
+                            "part per seed); rerun the label stage (truthmap label --force)")
+    for s, (seed, split) in enumerate(splits["seeds"].items()):
+        for part in ("train", "validation", "test")[: 3 if s == 0 else 2]:
             y = labels[[position[i] for i in split[part]]]
             for value, name in ((1, "wrong"), (0, "right")):
                 count = int((y == value).sum())
@@ -500,8 +515,8 @@ def strata_of(answers: pd.DataFrame, ids: list[str]) -> np.ndarray:
 
 
 def bootstrap_for(answers: pd.DataFrame, ids: list[str], n_boot: int) -> np.ndarray:
-    """The run's shared cluster bootstrap over ``ids`` (groups of label.split_groups)."""
-    from .label import split_groups
+    """The run's shared cluster bootstrap over ``ids`` (groups of splits.split_groups)."""
+    from ..splits import split_groups
 
     # groups numbered over the whole answers table, so the probes and the baselines share every replicate
     group_of = dict(zip(answers["id"], split_groups(answers.reset_index(drop=True))))
@@ -625,7 +640,7 @@ def cell_summary(cell: dict | None) -> dict | None:
     if cell is None:
         return None
     keys = ("site", "layer", "position", "val_auc", "val_auc_se", "auc", "auc_std", "auc_lo", "auc_hi",
-            "within_val_auc", "within_auc", "n_val", "n_test")
+            "within_val_auc", "within_auc", "n_val", "n_test")  # auc_std: the seeds' spread (training only)
     out = {}
     for key in keys:
         value = cell.get(key)

@@ -66,7 +66,7 @@ class Task:
     max_new_tokens: int = 24
     builtin: Callable[[], tuple[list[dict], dict]] | None = None  # builds (rows, vocabularies) itself
     # (id, question) -> the key of questions that must share a split part ("" = none): questions about one
-    # entity; questions whose texts normalise alike always share a part (label.split_groups)
+    # entity; questions whose texts normalise alike always share a part (splits.split_groups)
     group: Callable[[str, str], str] | None = None
     # the reference study's phrasing (--protocol reference)
     reference_chat_prompt: str = "{question}"
