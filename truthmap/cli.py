@@ -581,19 +581,27 @@ def score(detector_path, questions, answers, pairs_file, out, model, force, dtyp
             raise TruthmapError("give --question and --answer in pairs (or --file pairs.csv)")
         table = pd.DataFrame({"question": questions, "answer": answers})
     detector = _detector(detector_path, model, force, dtype, device)
-    table["p_error"] = detector.score(table["question"].tolist(), table["answer"].tolist())
-    table["flagged"] = table["p_error"] >= detector.threshold
+    optional = {name: _optional_column(table, name, pairs_file) for name in ("exact_answer", "gold", "answer_type")}
+    if optional["gold"] is not None:
+        optional["gold"] = [_gold_cell(g) for g in optional["gold"]]
+    scored = detector.score_table(table["question"].tolist(), table["answer"].tolist(), **optional)
+    table = pd.concat([table, scored.drop(columns=["question"] + [c for c in optional if c in table.columns
+                                                                   and c in scored.columns]).set_index(table.index)],
+                      axis=1)
     own = detector.own_answers(table["question"].tolist(), table["answer"].tolist())
     table = pd.concat([table, pd.DataFrame(own, index=table.index)], axis=1)
     if pairs_file:
         target = Path(out) if out else Path(pairs_file).with_suffix(".scored.csv")
         table.to_csv(target, index=False)
         click.echo(f"scored: {target}")
-    for row in table.itertuples():
-        click.echo(f"P(error) {_number(row.p_error)}{'  FLAGGED' if row.flagged else ''}  "
-                   f"{_shown(row.question)} -> {_shown(row.answer)}"
-                   f"  [{'the model' if row.own_answer else 'NOT the model'}'s own answer; "
-                   f"mean log-prob {_number(row.answer_logprob, '.2f')}]")
+    for row in table.to_dict("records"):
+        click.echo(f"{_verdict(row, detector, short=True)}  {_shown(row['question'])} -> {_shown(row['answer'])}"
+                   f"  [{'the model' if row['own_answer'] else 'NOT the model'}'s own answer; "
+                   f"mean log-prob {_number(row['answer_logprob'], '.2f')}]")
+    unscored = int(table["p_error"].isna().sum())
+    if unscored:
+        click.echo(f"warning: {unscored} of {len(table)} answers not scored (P(error) not computed; flagged left "
+                   f"empty, status 'not scored', the reason in column 'reason')", err=True)
     for row in table[~table["own_answer"]].itertuples():
         click.echo(f"warning: {_shown(row.question)!r}: the answer is not the model's own (it answers "
                    f"{_shown(row.model_answer)!r}); the detector was trained on the model's own answers, so this "
@@ -626,9 +634,42 @@ def ask(question, detector_path, model, force, dtype, device):
     """Answer a question with the detector's model and flag the answer if it is likely wrong."""
     detector = _detector(detector_path, model, force, dtype, device)
     result = detector.ask(question)[0]
-    verdict = "likely WRONG" if result["flagged"] else "likely right"
-    click.echo(f"{_shown(result['answer'], 2000)}\nP(error) {_number(result['p_error'])}: {verdict} "
-               f"(threshold {detector.threshold})")
+    click.echo(f"{_shown(result['answer'], 2000)}\n{_verdict(result, detector)}")
+
+
+def _verdict(row: dict, scorer, short: bool = False) -> str:
+    """What the detector says of one scored answer, in words: never "likely right" for an answer it
+    could not score; then what the fallback cell says, where the card has one."""
+    def said(p, flagged, threshold):
+        if short:
+            return f"P(error) {_number(p)}{'  FLAGGED' if flagged else ''}"
+        return f"P(error) {_number(p)}: {'likely WRONG' if flagged else 'likely right'} (threshold {threshold:.3g})"
+
+    if row.get("status") != "not scored":
+        return said(row["p_error"], row["flagged"], scorer.threshold)
+    card = scorer.card
+    line = f"P(error) NOT COMPUTED at {card['position']}: {row['reason']}"
+    fallback = scorer.fallback
+    p = row.get("fallback_p_error")
+    if fallback is not None and p is not None and p == p:
+        auc = fallback.card.get("test_auc")
+        line += (f"; at position {fallback.card['position']} instead (a separate detector, test AUC "
+                 f"{_number(auc, '.3f')}): {said(p, row['fallback_flagged'], fallback.threshold)}")
+    else:
+        line += "; no verdict"
+    return line
+
+
+def _optional_column(table, name: str, path):
+    """The values of an optional column of ``score --file`` (None when absent); a blank cell is unknown."""
+    if path is None or name not in table.columns:
+        return None
+    return [None if not str(v).strip() else str(v) for v in table[name]] if name != "gold" else list(table[name])
+
+
+def _gold_cell(value) -> list[str]:
+    """A ``gold`` cell of ``score --file``: aliases separated by '|' (blank: none)."""
+    return [g.strip() for g in str(value or "").split("|") if g.strip()]
 
 
 def expand_multi_value(argv: list[str]) -> list[str]:

@@ -127,3 +127,23 @@ def test_the_scorer_gets_its_model_from_the_backend_factory(tmp_path, monkeypatc
     scorer = ModelScorer(detector, dtype="float32", device="cpu")
     assert scorer.lm is lm and scorer.lm is lm  # loaded once
     assert asked == [(card["model"], "float32", "cpu")]
+
+
+def test_an_unscored_answer_is_never_called_likely_right():
+    """ask/score's verdict line: an answer whose position does not exist says so and why, and shows the
+    fallback cell's P(error) under its own name; a scored answer keeps its usual words."""
+    from types import SimpleNamespace
+
+    from truthmap.cli import _verdict
+
+    fallback = SimpleNamespace(card={"position": "-1", "test_auc": 0.71}, threshold=0.4)
+    scorer = SimpleNamespace(card={"position": "exact_answer_last"}, threshold=0.5, fallback=fallback)
+    row = {"p_error": float("nan"), "flagged": None, "status": "not scored",
+           "reason": "no exact answer found in the answer (route no_candidate_in_answer)",
+           "fallback_p_error": 0.45, "fallback_flagged": True}
+    line = _verdict(row, scorer)
+    assert "likely right" not in line.split(";")[0] and "NOT COMPUTED" in line and "no exact answer found" in line
+    assert "position -1 instead" in line and "likely WRONG" in line and "0.71" in line
+    assert "no verdict" in _verdict({**row, "fallback_p_error": None}, SimpleNamespace(**{**vars(scorer), "fallback": None}))
+    scored = {"p_error": 0.2, "flagged": False, "status": "not flagged"}
+    assert "likely right" in _verdict(scored, scorer)

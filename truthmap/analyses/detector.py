@@ -12,7 +12,15 @@ position) and writes a folder:
   features), ``intercept [1]``;
 * ``card.json`` — model id and revision, site, layer, position, task, train/test sizes, test AUC,
   threshold, the prompt's text around the question, the test ids the AUC was measured on, and the
-  ``domain``: the answers the detector was trained on and what lies outside them (see below).
+  ``domain``: the answers the detector was trained on and what lies outside them (see below), and the
+  ``locator``: every rule the label stage used to find the run's exact answers (:func:`locator_rules`),
+  so that a new answer is located as the study located its own;
+* ``fallback.safetensors`` — for an ``exact_answer_*`` detector, a second detector at the same layer on a
+  position every answer has (``-1``, else ``last_q``), described by the card's ``fallback``.
+
+**No silent scores.** Where the detector's position does not exist for an answer (no exact answer is
+found), P(error) is NaN, ``flagged`` is missing (never False) and ``reason`` says why
+(:meth:`ModelScorer.score_table`); the fallback detector's P(error) is given beside it, named as such.
 
 ``Detector.load(path)`` reads it back (no pickle). A Detector is a scikit-learn estimator
 (``BaseEstimator``, ``ClassifierMixin``): ``clone``, ``get_params``, pipelines and ``score(X, y)`` work as
@@ -32,6 +40,7 @@ log-probability under the model; ``truthmap score`` prints it and warns. The car
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +48,9 @@ import numpy as np
 from ..errors import TruthmapError
 
 WEIGHTS = "detector.safetensors"
+FALLBACK_WEIGHTS = "fallback.safetensors"  # the fallback cell's detector (card field "fallback")
 CARD = "card.json"
+FALLBACK_POSITIONS = ("-1", "last_q")  # cells every answer has, in order of preference
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -99,18 +110,28 @@ class Detector(*_estimator_bases()):
     # ------------------------------------------------------------------ saving and loading
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.numpy import save_file
-
-        from ..runfolder import atomic_path, write_json
+        from ..runfolder import write_json
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        self._save_weights(folder / WEIGHTS)
+        card = {**(self.card or {}), "C": self.C, "threshold": self.threshold}
+        fallback = getattr(self, "fallback_", None)
+        if fallback is not None:
+            fallback._save_weights(folder / FALLBACK_WEIGHTS)
+            card["fallback"] = {**(fallback.card or {}), "C": fallback.C, "threshold": fallback.threshold}
+        write_json(folder / CARD, card)
+        return folder
+
+    def _save_weights(self, path: Path) -> None:
+        from safetensors.numpy import save_file
+
+        from ..runfolder import atomic_path
+
         tensors = {"mean": self.mean_, "scale": self.scale_, "coef": self.coef_,
                    "intercept": np.array([self.intercept_], dtype=np.float64)}
-        with atomic_path(folder / WEIGHTS) as tmp:
+        with atomic_path(path) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-        write_json(folder / CARD, {**(self.card or {}), "C": self.C, "threshold": self.threshold})
-        return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> "Detector":
@@ -125,11 +146,15 @@ class Detector(*_estimator_bases()):
         for name in (WEIGHTS, CARD):
             if not (folder / name).is_file():
                 raise TruthmapError(f"{folder}: no {name}; is this a folder written by 'truthmap export'?")
-        try:
-            tensors = load_file(str(folder / WEIGHTS))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise TruthmapError(f"{folder / WEIGHTS}: unreadable ({str(err).splitlines()[0] if str(err) else 'empty'}); "
-                                f"export it again") from None
+
+        def weights(path):
+            try:
+                return load_file(str(path))
+            except (SafetensorError, OSError, ValueError) as err:
+                raise TruthmapError(f"{path}: unreadable ({str(err).splitlines()[0] if str(err) else 'empty'}); "
+                                    f"export it again") from None
+
+        tensors = weights(folder / WEIGHTS)
         if (folder / CARD).stat().st_size > MAX_CARD_BYTES:
             raise TruthmapError(f"{folder / CARD}: more than {MAX_CARD_BYTES} bytes; not a card of 'truthmap export'")
         try:
@@ -138,6 +163,22 @@ class Detector(*_estimator_bases()):
             raise TruthmapError(f"{folder / CARD}: {err}; export it again") from None
         _check_weights(folder / WEIGHTS, tensors)
         _check_card(folder / CARD, card)
+        detector = cls._from_tensors(card, tensors)
+        detector.fallback_ = None
+        if isinstance(card.get("fallback"), dict):
+            if not (folder / FALLBACK_WEIGHTS).is_file():
+                raise TruthmapError(f"{folder}: the card names a fallback cell but {FALLBACK_WEIGHTS} is missing; "
+                                    f"export it again")
+            fallback_tensors = weights(folder / FALLBACK_WEIGHTS)
+            _check_weights(folder / FALLBACK_WEIGHTS, fallback_tensors)
+            _check_card(folder / CARD, {"model": card["model"], **card["fallback"]})
+            if fallback_tensors["coef"].shape != tensors["coef"].shape:
+                raise TruthmapError(f"{folder / FALLBACK_WEIGHTS}: not of the main detector's width; export it again")
+            detector.fallback_ = cls._from_tensors(card["fallback"], fallback_tensors)
+        return detector
+
+    @classmethod
+    def _from_tensors(cls, card: dict, tensors: dict) -> "Detector":
         detector = cls(C=card.get("C", 1.0), threshold=card.get("threshold", DEFAULT_THRESHOLD), card=card)
         detector.mean_, detector.scale_, detector.coef_ = tensors["mean"], tensors["scale"], tensors["coef"]
         detector.intercept_ = float(tensors["intercept"][0])
@@ -244,20 +285,48 @@ class ModelScorer:
                                 "so it cannot build the prompt of a new question")
         return encode_prompt(lm.tokenizer, card["prompt_prefix"] + question.strip() + card["prompt_suffix"])
 
-    def score(self, question, answer, exact_answer=None) -> np.ndarray:
-        """P(error) of each (question, answer) pair (str or lists); NaN where the position does not exist
-        (e.g. no exact answer could be located for an ``exact_answer_*`` position).
+    def score(self, question, answer, exact_answer=None, gold=None, answer_type=None) -> np.ndarray:
+        """P(error) of each (question, answer) pair (str or lists); NaN where it cannot be computed, with a
+        warning that says how many and why (:meth:`score_table` gives the reason of each answer).
 
         ``exact_answer``: the span of each answer that states it, where known; otherwise it is found by
-        the same rules as the label stage, falling back on asking the model. An answer the model did not
+        the rules the study's label stage used (the card's ``locator``). An answer the model did not
         write is outside what the detector learned from: :meth:`own_answers` tells which these are.
+        """
+        table = self.score_table(question, answer, exact_answer=exact_answer, gold=gold, answer_type=answer_type)
+        missing = table[table["p_error"].isna()]
+        if len(missing):
+            import warnings
+
+            reasons = missing["reason"].value_counts()
+            warnings.warn(f"{len(missing)} of {len(table)} answers not scored (P(error) NaN): "
+                          + "; ".join(f"{n}× {r}" for r, n in reasons.items()), UserWarning, stacklevel=2)
+        return table["p_error"].to_numpy(dtype=float)
+
+    def score_table(self, question, answer, exact_answer=None, gold=None, answer_type=None):
+        """One row per (question, answer): what the detector says and why (a pandas DataFrame).
+
+        Columns: ``p_error`` (NaN: not scored), ``flagged`` (True / False, or <NA> when not scored:
+        never False for an answer the detector could not score), ``status`` ("flagged", "not flagged",
+        "not scored"), ``reason`` (why not, e.g. "no exact answer found in the answer"; "" when
+        scored), ``exact_answer`` and ``exact_answer_route`` (the span found and the rule that found it),
+        ``answer_type`` and ``answer_type_from`` (how the question's answer type was known), and, where
+        the card has a fallback cell that exists for every answer (:func:`export_detector`),
+        ``fallback_position``, ``fallback_p_error`` and ``fallback_flagged``: that cell's P(error) of
+        the same answer, a separate detector with its own test AUC on the card.
+
+        ``gold``: the gold answers of each question, used only when the study located right answers at
+        their gold alias (the card's ``locator.exact_answer`` is "gold"), to reproduce its spans; a
+        detector in use has no gold and locates every answer label-blind.
         """
         questions, answers = _as_list(question), _as_list(answer)
         if len(questions) != len(answers):
             raise TruthmapError(f"score: {len(questions)} questions but {len(answers)} answers")
         lm = self.lm
         answer_ids = [answer_token_ids(lm, a) for a in answers]
-        return self._score_ids(lm, questions, answer_ids, _as_list(exact_answer) if exact_answer else None)
+        return self._score_ids(lm, questions, answer_ids, _per_answer(exact_answer, len(questions)),
+                               _per_answer(gold, len(questions), nested=True),
+                               _per_answer(answer_type, len(questions)))
 
     def own_answers(self, question, answer, max_new_tokens: int | None = None) -> list[dict]:
         """For each (question, answer): is the answer the model's own? ``[{model_answer, own_answer,
@@ -288,7 +357,10 @@ class ModelScorer:
                 for own, text, (prob, _) in zip(greedy, answers, stats)]
 
     def ask(self, question, max_new_tokens: int | None = None) -> list[dict]:
-        """Generate the greedy answer to each question and score it: [{question, answer, p_error, flagged}]."""
+        """Generate the greedy answer to each question and score it: one dict per question with the
+        columns of :meth:`score_table` (``flagged`` None where the answer could not be scored)."""
+        import pandas as pd
+
         from ..stages.generate import decode_answer, generate_answers
 
         questions = _as_list(question)
@@ -297,25 +369,117 @@ class ModelScorer:
         generated = generate_answers(lm, prompts, max_new_tokens or self.card.get("max_new_tokens") or 24,
                                      progress=False)
         answer_ids = [ids for ids, _ in generated]
-        p = self._score_ids(lm, questions, answer_ids)
-        return [{"question": q, "answer": decode_answer(lm.tokenizer, ids), "p_error": float(s),
-                 "flagged": bool(s >= self.threshold)} for q, ids, s in zip(questions, answer_ids, p)]
+        table = self._score_ids(lm, questions, answer_ids)
+        table.insert(1, "answer", [decode_answer(lm.tokenizer, ids) for ids in answer_ids])
+        return [{k: (None if v is pd.NA else v) for k, v in row.items()} for row in table.to_dict("records")]
 
-    def _score_ids(self, lm, questions, answer_ids, exact_answers=None) -> np.ndarray:
-        from ..stages.extract import extract_batch, site_rows
+    def _score_ids(self, lm, questions, answer_ids, exact_answers=None, gold=None, answer_types=None):
+        import pandas as pd
+
+        from ..stages.label import position_indices
 
         card = self.card
         prompt_ids = [self.prompt_ids(lm, q) for q in questions]
-        index = locate_positions(lm, questions, prompt_ids, answer_ids, [card["position"]], exact_answers)
-        out = np.full(len(questions), np.nan)
-        keep = np.flatnonzero(index[:, 0] >= 0)
+        located = locate(lm, questions, prompt_ids, answer_ids, [card["position"]], card.get("locator") or {},
+                         exact_answers=exact_answers, gold=gold, answer_types=answer_types,
+                         extractor=self.extractor)
+        index = located[f"pos_{card['position']}"].to_numpy(dtype=np.int64)
+        p = self._read_and_score(lm, self.detector, card, prompt_ids, answer_ids, index)
+        table = pd.DataFrame({"question": questions, "p_error": p})
+        table["flagged"] = pd.array([None if np.isnan(v) else bool(v >= self.threshold) for v in p], dtype="boolean")
+        table["status"] = ["not scored" if np.isnan(v) else "flagged" if v >= self.threshold else "not flagged"
+                           for v in p]
+        table["reason"] = [why_not_scored(card["position"], route, text) if np.isnan(v) else ""
+                           for v, route, text in zip(p, located["exact_answer_reason"], located["exact_answer"])]
+        table["exact_answer"] = located["exact_answer"].to_numpy()
+        table["exact_answer_route"] = located["exact_answer_reason"].to_numpy()
+        table["answer_type"] = located["answer_type"].to_numpy()
+        table["answer_type_from"] = located["answer_type_from"].to_numpy()
+        fallback = self.fallback
+        if fallback is not None:
+            fcard = fallback.card
+            findex = np.array([position_indices(len(pr), len(a), None, [fcard["position"]])[fcard["position"]]
+                               for pr, a in zip(prompt_ids, answer_ids)], dtype=np.int64)
+            fp = self._read_and_score(lm, fallback, fcard, prompt_ids, answer_ids, findex)
+            table["fallback_position"] = fcard["position"]
+            table["fallback_p_error"] = fp
+            table["fallback_flagged"] = pd.array([None if np.isnan(v) else bool(v >= fallback.threshold) for v in fp],
+                                                 dtype="boolean")
+        return table
+
+    @staticmethod
+    def _read_and_score(lm, detector, card, prompt_ids, answer_ids, index) -> np.ndarray:
+        """P(error) ``[n]`` of ``detector`` at token ``index`` of each sequence; NaN where index is -1."""
+        from ..stages.extract import extract_batch, site_rows
+
+        out = np.full(len(prompt_ids), np.nan)
+        keep = np.flatnonzero(index >= 0)
         row = site_rows(lm, card["site"]).index(card["layer"])
         for start in range(0, len(keep), 16):
             batch = keep[start : start + 16]
             sequences = [prompt_ids[i] + answer_ids[i] for i in batch]
-            features = extract_batch(lm, sequences, index[batch], [card["site"]])[card["site"]]  # [R, B, 1, d]
-            out[batch] = self.detector.predict_proba(features[row, :, 0].numpy())[:, 1]
+            features = extract_batch(lm, sequences, index[batch][:, None], [card["site"]])[card["site"]]  # [R, B, 1, d]
+            out[batch] = detector.predict_proba(features[row, :, 0].numpy())[:, 1]
         return out
+
+    @property
+    def fallback(self) -> "Detector | None":
+        """The card's fallback detector (a cell every answer has), or None."""
+        return getattr(self.detector, "fallback_", None)
+
+    @property
+    def extractor(self):
+        """The model the study asked for exact answers its rules missed (the card's
+        ``locator.extractor``): the studied model (None there), none ("none"), or another model, loaded."""
+        name = (self.card.get("locator") or {}).get("extractor")
+        if name == "none":
+            return None
+        if name is None or name == self.card.get("model"):
+            return self.lm
+        if getattr(self, "_extractor", None) is None:
+            from ..backend import Models
+            from ..config import Config
+
+            self._extractor = Models(Config(model=name, dtype=self.dtype, device=self.device)).lm
+        return self._extractor
+
+
+# what an exact-answer route that found nothing means, in words
+_NOT_FOUND = {
+    "no_candidate_in_answer": "no exact answer found in the answer",
+    "empty_answer": "the answer is empty",
+    "refusal": "the answer names nothing (a refusal)",
+    "extractor_output_not_in_answer": "no exact answer found (the extractor's phrase is not in the answer)",
+    "extractor_output_not_an_answer": "no exact answer found (the extractor's phrase names nothing)",
+    "span_not_on_tokens": "the exact answer does not fall on token boundaries",
+    "referent_names_no_option": "the answer's referent names none of the options",
+}
+
+
+def why_not_scored(position: str, route: str, exact_text: str) -> str:
+    """One line: why the detector's position does not exist for an answer."""
+    from ..stages.label import EXACT_POSITIONS
+
+    if position in EXACT_POSITIONS and not exact_text:
+        return f"{_NOT_FOUND.get(route, 'no exact answer found')} (route {route})"
+    if position in EXACT_POSITIONS:
+        return f"position {position} does not exist in this answer (exact answer '{exact_text}' at its edge)"
+    return f"position {position} does not exist in this answer (too short)"
+
+
+def _per_answer(value, n: int, nested: bool = False):
+    """None, or one value per answer; with ``nested`` (gold answers), each a list of strings (a list of
+    strings given for a single answer is that answer's gold)."""
+    if value is None:
+        return None
+    value = [value] if isinstance(value, str) else list(value)
+    if nested:
+        if n == 1 and value and all(isinstance(v, str) for v in value):
+            value = [value]
+        value = [[v] if isinstance(v, str) else list(v) for v in value]
+    if len(value) != n:
+        raise TruthmapError(f"score: {n} answers but {len(value)} values of exact_answer/gold/answer_type")
+    return value
 
 
 MAX_CARD_BYTES = 1 << 28  # the card lists the test ids: a few MB for a million answers
@@ -356,7 +520,8 @@ def _check_card(path: Path, card) -> None:
              "prompt_suffix": lambda v: v is None or isinstance(v, text),
              "model_revision": lambda v: v is None or isinstance(v, text),
              "test_ids": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
-             "test_auc": lambda v: v is None or number(v)}
+             "test_auc": lambda v: v is None or number(v),
+             "locator": _locator_ok, "fallback": lambda v: isinstance(v, dict)}
     for name, ok in rules.items():
         if name in card and not ok(card[name]):
             raise TruthmapError(f"{path}: field '{name}' is {sanitise(repr(card[name]), 60)}; export the detector again")
@@ -370,6 +535,22 @@ def _check_card(path: Path, card) -> None:
         raise TruthmapError(f"{path}: field 'site' is {sanitise(repr(card['site']), 60)}, not one of {', '.join(SITES)}")
     if "layer" in card or "position" in card:  # the cell names what is extracted: checked whole
         check_cell(card.get("site", "residual"), card.get("layer"), card.get("position"), path)
+
+
+def _locator_ok(locator) -> bool:
+    """The card's ``locator`` has the shape :func:`locator_rules` writes."""
+    strings = lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v)  # noqa: E731
+    if not isinstance(locator, dict) or locator.get("exact_answer", "blind") not in ("blind", "gold"):
+        return False
+    if not (locator.get("extractor") is None or isinstance(locator.get("extractor"), str)):
+        return False
+    vocabularies, questions = locator.get("vocabularies", {}), locator.get("questions", {})
+    grading = locator.get("grading", {})
+    return (isinstance(vocabularies, dict) and all(strings(v) for v in vocabularies.values())
+            and isinstance(grading, dict) and all(isinstance(v, str) for v in grading.values())
+            and isinstance(questions, dict)
+            and all(isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and isinstance(v[1], str)
+                    and strings(v[2]) for v in questions.values()))
 
 
 def _as_list(value) -> list:
@@ -405,10 +586,18 @@ def answer_token_ids(lm, answer: str) -> list[int]:
     return ids + ([stop] if stop is not None else [])
 
 
-def locate_positions(lm, questions: list[str], prompt_ids: list[list[int]], answer_ids: list[list[int]],
-                     positions: list[str], exact_answers: list[str] | None = None, gold=None) -> np.ndarray:
-    """Index ``[n, P]`` of each position in prompt_ids + answer_ids (-1: absent), exact answers found by
-    the label stage's rules (given ``exact_answers`` are used as they are, when they occur in the answer)."""
+def locate(lm, questions: list[str], prompt_ids: list[list[int]], answer_ids: list[list[int]],
+           positions: list[str], locator: dict, exact_answers: list[str] | None = None, gold=None,
+           answer_types: list[str] | None = None, extractor=None):
+    """Where each position lies in prompt_ids + answer_ids, found as the study's label stage found it.
+
+    ``locator`` is the card's ``locator`` (:func:`locator_rules`): each question's task (its grading
+    rule), answer type and options, the vocabularies, the exact-answer mode. Returns a DataFrame, one row
+    per answer: ``pos_<position>`` (token index, -1 = absent), ``exact_answer``, ``exact_answer_reason``
+    (the route), ``answer_type``, ``answer_type_from`` ("given", "run" = the question is one of the
+    study's, "nearest" = the answer type of the study's most similar question, "none").
+    Given ``exact_answers`` are used as they are, where they occur in the answer (whole words).
+    """
     import pandas as pd
 
     from .. import textmatch
@@ -417,25 +606,111 @@ def locate_positions(lm, questions: list[str], prompt_ids: list[list[int]], answ
 
     n = len(questions)
     texts = [decode_answer(lm.tokenizer, ids) for ids in answer_ids]
+    kinds = [question_kind(locator, q, (answer_types or [None] * n)[i]) for i, q in enumerate(questions)]
+    table = pd.DataFrame({"answer_type": [k["answer_type"] for k in kinds],
+                          "answer_type_from": [k["source"] for k in kinds]})
     if not EXACT_POSITIONS & set(positions):
-        return np.array([list(position_indices(len(p), len(a), None, positions).values())
-                         for p, a in zip(prompt_ids, answer_ids)], dtype=np.int64).reshape(n, len(positions))
-    ids = [f"q{i}" for i in range(n)]
-    # no gold and no known answer type: the answer is what the verb states, else what the model extracts
-    table = pd.DataFrame({"id": ids, "question": questions, "gold": gold or [[] for _ in range(n)],
-                          "family": "", "subgroup": "", "answer_type": "free_text", "task": "generic",
-                          "wrong_answers": [[] for _ in range(n)]})
-    generations = pd.DataFrame({"id": ids, "prompt": "", "prompt_ids": prompt_ids, "answer_ids": answer_ids,
-                                "answer": texts})
-    if exact_answers is not None:
-        # the caller's exact answers: found in the answer by whole-word match, as the extractor's are
-        labelled = []
-        for p, a, text, exact in zip(prompt_ids, answer_ids, texts, exact_answers):
-            span = textmatch.find_phrase(textmatch.words(text), exact) if exact else None
-            labelled.append(_indices_from_span(lm, p, a, text, span, positions))
-        return np.array(labelled, dtype=np.int64)
-    answers = label_answers(table, generations, {}, lm.tokenizer, positions, extractor=lm, progress=False)
-    return answers[[f"pos_{p}" for p in positions]].to_numpy(dtype=np.int64)
+        index = [position_indices(len(p), len(a), None, positions) for p, a in zip(prompt_ids, answer_ids)]
+        return table.assign(exact_answer="", exact_answer_reason="not_needed",
+                            **{f"pos_{p}": [i[p] for i in index] for p in positions})
+    columns = ["exact_answer", "exact_answer_reason"] + [f"pos_{p}" for p in positions]
+    given = list(exact_answers) if exact_answers is not None else [None] * n
+    rows: list = [None] * n
+    for i, exact in enumerate(given):
+        if exact:  # the caller's exact answer: found in the answer by whole-word match, as the extractor's are
+            text = texts[i]
+            span = textmatch.find_phrase(textmatch.words(text), exact)
+            rows[i] = [text[span[0]:span[1]] if span else "", "given" if span else "given_not_in_answer",
+                       *_indices_from_span(lm, prompt_ids[i], answer_ids[i], text, span, positions)]
+    by_rules = [i for i in range(n) if rows[i] is None]
+    if by_rules:
+        use_gold = locator.get("exact_answer", "blind") == "gold" and gold is not None
+        # label-blind: the gold only grades, and it is not known here; a choice task's options are the
+        # candidates its rule looks for (all of them, the right one not marked)
+        frame = pd.DataFrame({"id": [f"q{i}" for i in by_rules], "question": [questions[i] for i in by_rules],
+                              "gold": [list(gold[i]) if use_gold else list(kinds[i]["options"]) for i in by_rules],
+                              "family": "", "subgroup": "",
+                              "answer_type": [kinds[i]["answer_type"] or "" for i in by_rules],
+                              "task": [kinds[i]["task"] for i in by_rules],
+                              "wrong_answers": [[] for _ in by_rules]})
+        generations = pd.DataFrame({"id": frame["id"], "prompt": "", "prompt_ids": [prompt_ids[i] for i in by_rules],
+                                    "answer_ids": [answer_ids[i] for i in by_rules],
+                                    "answer": [texts[i] for i in by_rules]})
+        answers = label_answers(frame, generations, locator.get("vocabularies") or {}, lm.tokenizer, positions,
+                                extractor=extractor, progress=False)
+        for i, values in zip(by_rules, answers[columns].itertuples(index=False)):
+            rows[i] = list(values)
+    return pd.concat([table, pd.DataFrame(rows, columns=columns)], axis=1)
+
+
+def locate_positions(lm, questions, prompt_ids, answer_ids, positions, exact_answers=None, gold=None,
+                     locator: dict | None = None) -> np.ndarray:
+    """Index ``[n, P]`` of each position (-1: absent): :func:`locate`'s ``pos_`` columns."""
+    located = locate(lm, questions, prompt_ids, answer_ids, positions, locator or {}, exact_answers, gold,
+                     extractor=lm)
+    return located[[f"pos_{p}" for p in positions]].to_numpy(dtype=np.int64)
+
+
+def locator_rules(run_dir: Path, config: dict) -> dict:
+    """The card's ``locator``: every rule the label stage used to find a run's exact answers.
+
+    ``exact_answer`` ("gold": right answers were located at their gold alias; "blind": every answer by
+    the rules that see no gold), ``extractor`` (the model asked where the rules found nothing: null =
+    the studied model, "none" = no extractor, else a model id), ``grading`` (task -> grading rule),
+    ``vocabularies`` (answer type -> candidate answers), ``questions`` (normalised question -> [task,
+    answer type, options]; options only for a choice task, all of them, sorted), ``unknown_question``
+    (how a question that is not one of the run's gets its answer type).
+    """
+    import pandas as pd
+
+    from .. import textmatch
+    from ..runfolder import ANSWERS, QUESTIONS, VOCABULARIES, read_json, read_parquet
+    from ..tasks import get_task
+
+    # questions.parquet holds each question's answer type; a run folder assembled without it (answers only)
+    # gives the tasks and options
+    questions = read_parquet(run_dir / (QUESTIONS if (run_dir / QUESTIONS).exists() else ANSWERS))
+    vocabularies = read_json(run_dir / VOCABULARIES) if (run_dir / VOCABULARIES).exists() else {}
+    tasks = questions["task"] if "task" in questions.columns else pd.Series("generic", index=questions.index)
+    grading = {task: get_task(task).grading for task in sorted(set(tasks))}
+    answer_types = questions["answer_type"] if "answer_type" in questions.columns else pd.Series("", index=questions.index)
+    wrong = questions["wrong_answers"] if "wrong_answers" in questions.columns else pd.Series([[]] * len(questions))
+    table = {}
+    for question, task, answer_type, gold, others in zip(questions["question"], tasks, answer_types,
+                                                          questions["gold"], wrong):
+        options = sorted(set(list(gold) + list(others))) if grading[task] == "choice" else []
+        table.setdefault(textmatch.normalize(question), [task, answer_type or "", options])
+    return {"exact_answer": config.get("exact_answer") or "gold", "extractor": config.get("extractor_model"),
+            "grading": grading, "vocabularies": vocabularies, "questions": table,
+            "unknown_question": "the task and answer type of the run's question sharing the most words with it "
+                                "(numbers count as one word '#'); a choice task's options are then unknown"}
+
+
+@functools.lru_cache(maxsize=100_000)
+def _signature(question: str) -> frozenset:
+    from .. import textmatch
+
+    return frozenset("#" if textmatch.canonical_number(w.norm) is not None else w.norm
+                     for w in textmatch.words(question))
+
+
+def question_kind(locator: dict, question: str, answer_type: str | None = None) -> dict:
+    """{task, answer_type, options, source} of a question under the card's locator (see locator_rules)."""
+    from .. import textmatch
+
+    known = locator.get("questions") or {}
+    found = known.get(textmatch.normalize(question))
+    source = "run"
+    if found is None and known:
+        words = _signature(question)
+        best = max(known.items(), key=lambda item: len(words & _signature(item[0])) / max(1, len(words | _signature(item[0]))))
+        found, source = [best[1][0], best[1][1], []], "nearest"
+    if found is None:
+        found, source = ["generic", "", []], "none"
+    task, kind, options = found
+    if answer_type is not None and str(answer_type).strip():
+        kind, source = str(answer_type).strip(), "given"
+    return {"task": task, "answer_type": kind, "options": options, "source": source}
 
 
 def _indices_from_span(lm, prompt_ids, answer_ids, text, span, positions) -> list[int]:
@@ -513,8 +788,30 @@ def export_detector(run_dir: str | Path, *, site: str, layer: int, position: str
         if not isinstance(config.get("model"), str):
             raise TruthmapError(f"{run_dir / CONFIG}: no model named; is this a run folder?")
         detector, test_ids, X_test, y_test = fit_cell(run_dir, site, layer, position, seed, C)
+        detector.fallback_ = _fit_fallback(run_dir, site, layer, position, seed, C)
         return _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary, site, layer, position,
                               seed, out)
+
+
+def _fit_fallback(run_dir: Path, site: str, layer: int, position: str, seed, C: float) -> "Detector | None":
+    """A detector at the same site and layer on a position every answer has (the first of
+    FALLBACK_POSITIONS the run extracted), for an answer whose own position does not exist; None when
+    the detector's position always exists or the run has none of them."""
+    from ..stages.label import EXACT_POSITIONS
+    from ..stages.probe import auc_score
+
+    if position not in EXACT_POSITIONS:
+        return None
+    for candidate in FALLBACK_POSITIONS:
+        try:
+            fallback, ids, X_test, y_test = fit_cell(run_dir, site, layer, candidate, seed, C)
+        except TruthmapError:  # not extracted in this run
+            continue
+        auc = float(auc_score(fallback.predict_proba(X_test)[:, 1], y_test)) if len(set(y_test.tolist())) == 2 else None
+        fallback.card = {"site": site, "layer": int(layer), "position": candidate, "train_size": fallback.n_train_,
+                         "test_size": len(ids), "test_auc": auc}
+        return fallback
+    return None
 
 
 def _refuse_foreign_folder(out: Path) -> None:
@@ -527,8 +824,9 @@ def _refuse_foreign_folder(out: Path) -> None:
         return
     if not out.is_dir():
         raise TruthmapError(f"{out}: not a folder; give another --out")
-    foreign = [p.name for p in out.iterdir() if p.name not in (WEIGHTS, CARD) and not p.name.endswith(".tmp")]
-    if foreign or os.path.islink(out / WEIGHTS) or os.path.islink(out / CARD):
+    ours = (WEIGHTS, FALLBACK_WEIGHTS, CARD)
+    foreign = [p.name for p in out.iterdir() if p.name not in ours and not p.name.endswith(".tmp")]
+    if foreign or any(os.path.islink(out / name) for name in ours):
         raise TruthmapError(f"{out}: holds files truthmap did not write ({', '.join(sorted(foreign)[:3]) or 'links'}); "
                             f"nothing touched; give another --out")
 
@@ -558,6 +856,7 @@ def _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary,
         # the run folder's name, not its path: a card is meant to be shared, a machine's paths are not
         "run": run_dir.resolve().name, "test_ids": test_ids, "truthmap": __version__,
         "domain": domain(config["model"], task, protocol, int(max_new_tokens)),
+        "locator": locator_rules(run_dir, config),
     }
     return detector.save(out)
 
