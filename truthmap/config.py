@@ -174,10 +174,10 @@ class Config(BaseModel):
     seeds: list[Seed] = setting(None, "Split and probe seeds, e.g. --seeds 0 1 2 (default 0 1 2).",
                                 stages=("label",), default_factory=lambda: [0, 1, 2])
     test_fraction: Annotated[float, Field(ge=0.05, le=0.95)] = setting(
-        0.3, "Share of each split scored for the heatmap (default 0.3).", stages=("label",))
+        0.3, "Share of each split scored for the heatmap (default 0.3).", stages=("generate", "label"))
     validation_fraction: Annotated[float, Field(ge=0.05, le=0.9)] = setting(
         0.2, "Share of each split that chooses the best cell and region (default 0.2; train: the rest).",
-        stages=("label",))
+        stages=("generate", "label"))
     population: Literal[POPULATIONS] = setting("common", "common (default): every column trained and tested on the same "
                                                "answers, those at which every position exists; each: every column on "
                                                "the answers where its position exists.", stages=("label",))
@@ -193,7 +193,7 @@ class Config(BaseModel):
         "smallest p 0.005; 0: no null).", stages=("wholemap",))
     min_per_class: Annotated[int, Field(ge=2, le=100_000)] = setting(
         MIN_PER_CLASS, f"Fewest right and fewest wrong answers each part of a split (train, validation, test) may "
-        f"hold (default {MIN_PER_CLASS}; at least 2).", stages=("label", "probe", "entropy"))
+        f"hold (default {MIN_PER_CLASS}; at least 2).", stages=("generate", "label", "probe", "entropy"))
     progress: bool = setting(True, "Progress bars (default); --quiet or --no-progress: none.", stages=ALL,
                              aliases=(" /--quiet",))
     # optional views
