@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -187,11 +188,67 @@ def test_two_runs_side_by_side_and_their_difference(study, open_report, tmp_path
     o.cell("#difference", layer, position).hover()
     text = o.tip()
     assert number_after("B − A", text) == pytest.approx(-0.1, abs=6e-4)
+    # framed: the differences beyond noise, |B − A| > 1.96 √(se_A² + se_B²), se from each cell's 95% interval
+    a = mean_over_seeds(results[results.site == "residual"]).set_index(["layer", "position"])
+    b = mean_over_seeds(shifted[shifted.site == "residual"]).set_index(["layer", "position"])
+    se_a, se_b = (a.auc_hi - a.auc_lo) / 3.92, (b.auc_hi - b.auc_lo) / 3.92
+    noise = 1.96 * np.sqrt(se_a ** 2 + se_b ** 2)
+    beyond = int(((b.auc - a.auc).abs() > noise).sum())
+    judged = int(((b.auc - a.auc).notna() & noise.notna()).sum())
+    assert o.page.locator("#difference td.beyond-noise").count() == beyond
+    assert o.page.locator("#difference .noise-count").inner_text().startswith(f"{beyond} of {judged} differences")
     o.shot("report-compare.png")
     # a cell of a side-by-side map opens it in its run
     o.cell("#compare .run-map[data-run='1']", layer, position).click()
     assert o.page.locator("#run-1").is_visible() and not o.page.locator("#compare").is_visible()
     assert o.page.locator("#run-1 .detail h2").inner_text() == f"Cell: layer {layer} · {position} · residual"
+
+
+def with_verdict(out: Path, target: Path, beats_controls: bool) -> Path:
+    """A copy of the run whose summary.json holds a verdict in the shared shape (the probe stage's), its
+    chosen cell the validation-chosen one, one control comparison not shown when ``beats_controls`` is false."""
+    run = copy_run(out, target)
+    summary = json.loads((run / "summary.json").read_text())
+    best = summary["best_cell"]
+    surface = {"against": "surface", "kind": "control", "auc": 0.7, "diff": 0.04, "low": -0.03, "high": 0.1, "p": 0.12,
+               "shown": beats_controls}
+    summary["verdict"] = {
+        "line": "the exact-answer tokens beat the last tokens by +0.06 (−0.02 … +0.14): not shown at this size",
+        "chosen": {"site": best["site"], "layer": best["layer"], "position": best["position"], "auc": best["auc"],
+                   "low": best["auc_lo"], "high": best["auc_hi"], "seed_sd": best["auc_std"]},
+        "comparisons": [{"against": "best -1", "kind": "position", "auc": 0.797, "diff": 0.061, "low": -0.018,
+                         "high": 0.141, "p": 0.07, "shown": False}, surface],
+        "beats_controls": beats_controls, "n_test": 24, "n_test_groups": 24}
+    rewrite(run, "probe", "summary.json", summary)
+    return run
+
+
+@pytest.mark.parametrize("width,height", [(1366, 768), (390, 844)])
+def test_the_verdict_and_the_heatmap_are_on_the_first_screen(study, open_report, tmp_path, width, height):
+    out, results = study
+    run = with_verdict(out, tmp_path / "verdict", beats_controls=False)
+    o = open_report(write_report([run], tmp_path / "page.html"), width, height)
+    verdict = o.page.locator("#verdict-0")
+    text = verdict.inner_text()
+    assert "beat the last tokens by +0.06" in text and "Does not beat the controls (surface +0.040" in text
+    box = verdict.bounding_box()
+    assert box["y"] + box["height"] <= height  # the whole verdict, its warning included, on the first screen
+    first_row = o.page.locator("#run-0 section.map table.heatmap tbody tr").first.bounding_box()
+    assert box["y"] < first_row["y"] and first_row["y"] + first_row["height"] <= height  # and the map under or beside it
+    # the comparisons table: each figure on one line (a number never wraps mid-figure)
+    numbers = o.page.locator("#run-0 .comparisons .num")
+    assert numbers.count() == 6
+    line = float(o.page.evaluate("parseFloat(getComputedStyle(document.querySelector('#run-0 .comparisons td')).lineHeight)"))
+    assert all(numbers.nth(k).bounding_box()["height"] <= line * 1.2 for k in range(numbers.count()))
+    assert o.page.evaluate("document.documentElement.scrollWidth") <= width
+    # a cell that does not beat the controls is hatched: AUC at or below the controls' highest upper bound
+    from truthmap.stages.plot import control_level
+
+    level = control_level(pd.concat([results, pd.read_csv(out / "baseline_results.csv", dtype={"position": str})]))
+    means = mean_over_seeds(results[results.site == "residual"])
+    assert o.page.locator("#run-0 section.map td.below-controls").count() == int((means.auc <= level["high"]).sum())
+    ARTIFACTS.mkdir(exist_ok=True)
+    o.page.screenshot(path=str(ARTIFACTS / f"report-first-screen-{width}x{height}.png"))
 
 
 def test_phone_width_has_no_page_wide_scrolling(study, open_report):

@@ -269,3 +269,32 @@ def test_the_entropy_view_is_read_through_the_manifest(run_dir, tmp_path):
     with pytest.raises(TruthmapError, match="entropy_probe_results.csv: damaged"):
         write_report([run_dir], tmp_path / "tampered.html")
     assert not (tmp_path / "tampered.html").exists()
+
+
+def test_the_page_carries_the_verdict_the_controls_bar_and_a_scale_below_chance(run_dir, tmp_path):
+    pd.DataFrame([{"site": "baseline", "layer": -1, "position": name, "seed": s, "auc": auc, "mean_auc_lo": auc - 0.05,
+                   "mean_auc_hi": auc + 0.05, "n_test": 20} for name, auc in (("surface", 0.6), ("logprob_mean", 0.8))
+                  for s in (0, 1)]).to_csv(run_dir / "baseline_results.csv", index=False)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    verdict = {"line": "the exact-answer tokens beat the last tokens by +0.06 (−0.02 … +0.14): not shown at this size",
+               "chosen": {"site": "residual", "layer": 2, "position": "-1", "auc": 0.8, "low": 0.7, "high": 0.9,
+                          "seed_sd": 0.01},
+               "comparisons": [{"against": "surface", "kind": "control", "auc": 0.6, "diff": 0.2, "low": 0.1,
+                                "high": 0.3, "p": 0.001, "shown": True}],
+               "beats_controls": True, "n_test": 20, "n_test_groups": 20}
+    summary.update(verdict=verdict, skipped={"entropy": "too few low-entropy answers"})
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    seal(run_dir)
+    data = page_data(write_report([run_dir], tmp_path / "r.html"))
+    run = data["runs"][0]
+    assert run["summary"]["verdict"] == verdict and run["summary"]["skipped"] == summary["skipped"]
+    assert run["control"] == {"name": "surface", "auc": 0.6, "high": 0.65}  # logprob_mean is no control
+    means = mean_over_seeds(pd.read_csv(run_dir / "probe_results.csv", dtype={"position": str}))
+    best = means.loc[means.val_auc.idxmax()]  # the fallback of a run without a verdict: chosen on validation
+    assert (run["chosen"]["layer"], run["chosen"]["position"]) == (best.layer, best.position)
+    assert run["chosen"]["auc"] == pytest.approx(best.auc, abs=1e-4)
+    palette, scale = data["palette"]["auc"], data["auc_scale"]
+    assert scale == {"low": 0.3, "chance": 0.5, "high": 1.0}
+    rgb = [[int(c[k:k + 2], 16) for k in (1, 3, 5)] for c in (palette[0], palette[len(palette) // 2], palette[-1])]
+    assert rgb[0][0] > 2 * max(rgb[0][1:])  # the low end is red: AUC below chance never looks like chance
+    assert min(rgb[1]) > 200 and rgb[2][2] > 2 * rgb[2][0]  # chance near white, the high end blue

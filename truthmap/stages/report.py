@@ -6,6 +6,10 @@ Reads, from each run folder, ``probe_results.csv`` and ``baseline_results.csv`` 
 heatmap when ``truthmap run`` makes it). The page's script and style are the project's own
 (``report_assets/``), inlined; it loads nothing and works offline.
 
+The page opens on the verdict (summary.json ``verdict``: its line, the chosen cell with its interval, the
+paired comparisons; a run without one shows the validation-chosen cell) beside — on a phone, above — the
+heatmap, whose cells that do not beat the controls are hatched (:func:`truthmap.stages.plot.control_level`).
+
 What the page gets, as one JSON document (see :func:`run_data`): per site and view (mean over seeds, or
 one seed) the AUC table ``[layers][positions]`` with intervals and sizes; the test answers of every
 seed; and each test answer's probe score per cell, quantised to uint16 and base64-encoded per
@@ -32,7 +36,8 @@ import pandas as pd
 from .. import runfolder as rf
 from ..errors import TruthmapError
 from ..models import SITES as PROBE_SITES  # any other site of the results is a baseline
-from .plot import best_region
+from ..figures import AUC_CMAP, AUC_CHANCE, AUC_HIGH, AUC_LOW
+from .plot import best_region, chosen_cell, control_level
 from .probe import RESULT_COLUMNS, mean_over_seeds, read_run_results
 
 REPORT = rf.REPORT
@@ -42,7 +47,8 @@ MISSING = 65535  # no score: the position does not exist for this answer
 SUMMARY_KEYS = ("model", "model_revision", "dataset", "n", "n_layers", "hidden_size", "accuracy",
                 "valid_exact_answer_rate", "valid_exact_answer_rate_wrong", "invalid_exact_answer_reasons",
                 "families", "top_cells", "best_cell", "best_on_test", "best_within_cell", "population", "controls",
-                "probe_within_family_auc", "stage_seconds", "wall_seconds", "versions", "entropy_probe", "sampling")
+                "probe_within_family_auc", "stage_seconds", "wall_seconds", "versions", "entropy_probe", "sampling",
+                "verdict", "skipped")
 
 
 def _number(value, digits: int = 4):
@@ -215,9 +221,16 @@ def run_data(run_dir: Path) -> dict:
             raise TruthmapError(f"{run_dir / rf.SPLITS}: seed {seed} tests id '{unknown[0]}', which "
                                 f"{rf.ANSWERS} lacks; rerun the label stage")
         test_rows[seed] = [row_of[i] for i in splits["seeds"][seed]["test"]]
+    chosen = chosen_cell(results)  # the fallback of a run whose summary.json has no verdict
     return {
         "name": run_dir.resolve().name,
         "summary": {key: summary[key] for key in SUMMARY_KEYS if key in summary},
+        # the bar a cell must clear to beat the controls (plot.control_level): the map hatches the others
+        "control": control_level(results),
+        "chosen": None if chosen is None else {"site": str(chosen["site"]), "layer": int(chosen["layer"]),
+                                               "position": str(chosen["position"]), "auc": _number(chosen["auc"]),
+                                               "low": _number(chosen["auc_lo"]), "high": _number(chosen["auc_hi"]),
+                                               "seed_sd": _number(chosen["auc_std"])},
         "positions": positions,
         "seeds": seeds,
         "sites": sites,
@@ -256,7 +269,9 @@ def render(runs: list[dict]) -> str:
     script = (ASSETS / "report.js").read_text()
     style = (ASSETS / "report.css").read_text()
     assert "</script" not in script.lower() and "</style" not in style.lower()
-    data = {"runs": runs, "palette": {"auc": palette("Blues"), "difference": palette("PuOr")},
+    data = {"runs": runs, "palette": {"auc": palette(AUC_CMAP), "difference": palette("PuOr")},
+            # the AUC colours meet at chance: [low, chance] on the palette's first half, [chance, high] on its second
+            "auc_scale": {"low": AUC_LOW, "chance": AUC_CHANCE, "high": AUC_HIGH},
             "score_scale": SCORE_SCALE, "missing": MISSING}
     policy = (f"default-src 'none'; script-src '{_sha256(script)}'; style-src '{_sha256(style)}'; "
               "base-uri 'none'; form-action 'none'")

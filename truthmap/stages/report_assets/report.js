@@ -61,8 +61,31 @@
     return palette[k];
   }
 
+  // where an AUC sits on the colour bar (0..1): two slopes that meet at chance, as the PNG's (figures.auc_norm),
+  // so that AUC below 0.5 (a probe ranking the wrong way) is red and never looks like chance
+  const SCALE = DATA.auc_scale;
+  function aucPosition(auc) {
+    const v = Math.min(SCALE.high, Math.max(SCALE.low, auc));
+    return v < SCALE.chance ? 0.5 * (v - SCALE.low) / (SCALE.chance - SCALE.low)
+      : 0.5 + 0.5 * (v - SCALE.chance) / (SCALE.high - SCALE.chance);
+  }
+
   function aucColour(auc) {
-    return auc === null ? NO_VALUE : colour(DATA.palette.auc, (auc - 0.5) / 0.5);
+    return auc === null ? NO_VALUE : colour(DATA.palette.auc, aucPosition(auc));
+  }
+
+  function aucShade(auc) { // how far from white: decides the ink of a cell's value
+    return Math.abs(aucPosition(auc) - 0.5) * 2;
+  }
+
+  function signed(value, digits) { // +0.061, −0.018 (a minus sign, not a hyphen)
+    if (value === null || value === undefined) return "–";
+    return (value < 0 ? "−" : "+") + fmt(Math.abs(value), digits);
+  }
+
+  function interval(low, high, digits) { // "0.80 … 0.90": never broken inside a number (see .num in the CSS)
+    return low === null || low === undefined || high === null || high === undefined ? "–"
+      : fmt(low, digits) + " … " + fmt(high, digits);
   }
 
   function inkOn(t) { // dark text on light cells, white on dark ones
@@ -150,7 +173,8 @@
   // ---- heatmap: layers down, positions across; a grid reachable by Tab, moved in with arrows ----
   // opts: layers, positions, value(li, pi) -> number|null, fill(value) -> colour, shade(value) -> 0..1,
   // label, region [r0, c0, r1, c1] | null, selected [li, pi] | null, describe(li, pi) -> [lines],
-  // onSelect(li, pi), showValues, digits
+  // onSelect(li, pi), showValues, digits, mark(li, pi) -> bool (hatched: does not beat the controls),
+  // frame(li, pi) -> bool (framed: a difference beyond noise)
   function heatmap(opts) {
     const table = h("table", {class: opts.compact ? "heatmap compact" : "heatmap", role: "grid", "aria-label": opts.label});
     const head = h("tr", {}, h("th", {class: "corner", scope: "col"}, "layer"));
@@ -170,7 +194,9 @@
           "data-layer": layer, "data-position": position, "data-li": li, "data-pi": pi,
           "aria-selected": opts.selected && li === opts.selected[0] && pi === opts.selected[1] ? "true" : "false",
         });
-        td.style.background = opts.fill(value);
+        td.style.backgroundColor = opts.fill(value);
+        if (value !== null && opts.mark && opts.mark(li, pi)) td.classList.add("below-controls");
+        if (value !== null && opts.frame && opts.frame(li, pi)) td.classList.add("beyond-noise");
         if (opts.showValues && value !== null) {
           td.textContent = fmt(value, opts.digits === undefined ? 2 : opts.digits).replace(/^0\./, ".").replace(/^-0\./, "-.");
           td.style.color = inkOn(opts.shade(value));
@@ -233,16 +259,23 @@
     return h("div", {class: "heatmap-scroll"}, table);
   }
 
-  // A colour bar: palette from lo to hi with ticks, and the grey / outline swatches.
-  function legend(palette, lo, hi, ticks, title, extras) {
+  // A colour bar: palette from lo to hi with ticks, and the grey / outline swatches; ``where(t)`` places a
+  // value along the bar (0..1; default linear), ``line`` draws a dashed mark at that value.
+  function legend(palette, lo, hi, ticks, title, extras, where, line) {
     const width = 240, bar = 12, pad = 16;
+    const at = where || ((t) => (t - lo) / (hi - lo));
     const svg = s("svg", {width: width + 2 * pad, height: 38, viewBox: "0 0 " + (width + 2 * pad) + " 38", role: "img",
       "aria-label": title + ": colour from " + lo + " to " + hi});
     palette.forEach((c, k) => svg.append(s("rect", {x: pad + k * width / palette.length, y: 2,
       width: width / palette.length + 0.5, height: bar, fill: c})));
     svg.append(s("rect", {x: pad, y: 2, width: width, height: bar, fill: "none", stroke: "#555"}));
+    if (line !== undefined && line !== null) {
+      const x = pad + width * at(line);
+      svg.append(s("line", {x1: x, x2: x, y1: 0, y2: 4 + bar, stroke: "#000", "stroke-width": 2, "stroke-dasharray": "3 2",
+        class: "control-line"}));
+    }
     for (const t of ticks) {
-      const x = pad + width * (t - lo) / (hi - lo);
+      const x = pad + width * at(t);
       svg.append(s("line", {x1: x, x2: x, y1: 2 + bar, y2: 6 + bar, stroke: "#333"}));
       svg.append(s("text", {x: x, y: 28, "text-anchor": "middle", class: "tick"}, (t < 0 ? "−" : "") + Math.abs(t).toFixed(2).replace(/^0\.00$/, "0")));
     }
@@ -257,9 +290,19 @@
     return h("span", {class: "legend-item"}, [box, text]);
   }
 
-  function aucLegend() {
-    return legend(DATA.palette.auc, 0.5, 1.0, [0.5, 0.6, 0.7, 0.8, 0.9, 1.0], "probe AUC (predicting an error)",
-      [swatch("none", "no AUC"), swatch("region", "best region: chosen on validation AUC (within one standard error of the best)")]);
+  // the rule of the hatching, in words (plot.control_level computes the bar)
+  function controlRule(control) {
+    return "AUC ≤ " + fmt(control.high) + ", the controls' highest upper 95% bound (" + control.name + ", AUC " +
+      fmt(control.auc) + ")";
+  }
+
+  function aucLegend(control, perRun) {
+    const extras = [swatch("none", "no AUC"),
+      swatch("region", "best region: chosen on validation AUC (within one standard error of the best)")];
+    if (control) extras.push(swatch("below-controls", "hatched: does not beat the controls — " + controlRule(control) + "; dashed line"));
+    else if (perRun) extras.push(swatch("below-controls", "hatched: does not beat its run's controls (AUC ≤ their highest upper 95% bound)"));
+    return legend(DATA.palette.auc, SCALE.low, SCALE.high, [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+      "probe AUC (predicting an error; red: below chance)", extras, aucPosition, control ? control.high : null);
   }
 
   function select(label, options, value, onChange) {
@@ -300,19 +343,27 @@
         : " (" + viewLabel(run, view) + ")"));
       if (table.auc_lo[li][pi] !== null) lines.push("95% interval " + fmt(table.auc_lo[li][pi]) + "–" + fmt(table.auc_hi[li][pi]));
       if (table.val_auc && table.val_auc[li][pi] !== null) lines.push("validation AUC " + fmt(table.val_auc[li][pi]));
+      if (belowControls(run, view, auc)) lines.push("does not beat the controls: " + controlRule(run.control));
     }
     lines.push("n_train " + count(table.n_train[li][pi]) + (table.n_val ? " · n_val " + count(table.n_val[li][pi]) : "") +
       " · n_test " + count(table.n_test[li][pi]));
     return lines;
   }
 
+  // A cell that does not beat the controls: its AUC at or below their bar (the map's main views only: the
+  // controls score every answer, not pairs within strata)
+  function belowControls(run, view, auc) {
+    return Boolean(run.control) && auc !== null && (view === "mean" || !MEAN_VIEWS.includes(view)) && auc <= run.control.high;
+  }
+
   function renderRun(index) {
     const run = RUNS[index];
     const root = h("div", {class: "run"});
+    // phone: verdict, map, comparisons, the rest; wide screen: verdict and comparisons beside the map
     const top = h("div", {class: "run-top"});
     const mapSection = h("section", {class: "panel map", "aria-labelledby": "map-title-" + index});
     const detail = h("section", {class: "panel detail", "aria-labelledby": "detail-title-" + index});
-    top.append(summaryPanel(index), mapSection);
+    top.append(verdictPanel(index), mapSection, comparisonsPanel(index), summaryPanel(index));
     root.append(top, detail);
     let table = null;
 
@@ -341,17 +392,19 @@
       ]);
       const grid = heatmap({
         layers: site.layers, positions: run.positions, value: (li, pi) => view.auc[li][pi], fill: aucColour,
-        shade: (v) => (v - 0.5) / 0.5, region: view.region, selected: st.cell, showValues: st.values,
+        shade: aucShade, region: view.region, selected: st.cell, showValues: st.values,
+        mark: (li, pi) => belowControls(run, st.view, view.auc[li][pi]),
         label: "probe AUC, " + st.site + ", " + viewLabel(run, st.view) + ": layers down, token positions across",
         describe: (li, pi) => describeCell(run, st.site, st.view, li, pi),
         onSelect: (li, pi) => { st.cell = [li, pi]; table.markSelected(li, pi); drawDetail(); },
       });
       table = grid.querySelector("table");
+      // on a phone the CSS draws the grid right under the heading (the first screen), then legend and controls
       mapSection.replaceChildren(
         h("h2", {id: "map-title-" + index}, "Where the model knows its answer is wrong"),
+        controls, aucLegend(run.control), grid,
         h("p", {class: "hint"}, "Each cell: a linear probe on the hidden state at that layer and token position, " +
-          "tested on held-out answers. Hover or focus a cell for its numbers; click it, or press Enter, to see its answers."),
-        controls, aucLegend(), grid);
+          "tested on held-out answers. Hover or focus a cell for its numbers; click it, or press Enter, to see its answers."));
     }
 
     function drawDetail() {
@@ -485,6 +538,76 @@
     return h("figure", {class: "chart-box wide"}, [svg, h("figcaption", {}, "Scores of right and wrong answers")]);
   }
 
+  // ---- the verdict: what the run shows, first ------------------------------------------------------
+  // summary.json "verdict" (the probe stage): {line, chosen: {site, layer, position, auc, low, high, seed_sd},
+  // comparisons: [{against, kind, auc, diff, low, high, p, shown}], beats_controls, n_test, n_test_groups}.
+  // A run without one (an older truthmap) shows the validation-chosen cell and the controls' bar.
+  function verdictPanel(index) {
+    const run = RUNS[index];
+    const verdict = run.summary.verdict;
+    const panel = h("section", {class: "panel verdict", id: "verdict-" + index, "aria-labelledby": "verdict-title-" + index});
+    panel.append(h("h2", {id: "verdict-title-" + index}, "Verdict"));
+    const chosen = verdict && verdict.chosen ? verdict.chosen : run.chosen;
+    if (verdict && verdict.line) panel.append(h("p", {class: "verdict-line"}, verdict.line));
+    else panel.append(h("p", {class: "hint"}, "This run's summary.json holds no verdict (no paired comparisons): " +
+      "below, the cell chosen on validation and the controls' bar."));
+    if (chosen) {
+      const where = "layer " + chosen.layer + " · " + chosen.position + (Object.keys(run.sites).length > 1 ? " · " + chosen.site : "");
+      const sizes = verdict && verdict.n_test ? " · " + verdict.n_test + " test answers" +
+        (verdict.n_test_groups ? " in " + verdict.n_test_groups + " groups" : "") : "";
+      panel.append(h("p", {class: "chosen"}, [
+        "Chosen on validation: ", h("strong", {}, where), " — test AUC ",
+        h("span", {class: "num"}, fmt(chosen.auc)), " (95% ", h("span", {class: "num"}, interval(chosen.low, chosen.high)), ")",
+        chosen.seed_sd === null || chosen.seed_sd === undefined ? "" : ", seeds ± ",
+        chosen.seed_sd === null || chosen.seed_sd === undefined ? "" : h("span", {class: "num"}, fmt(chosen.seed_sd)),
+        sizes]));
+    }
+    const warning = controlsWarning(run, verdict, chosen);
+    if (warning) panel.append(h("p", {class: "warning", role: "note"}, warning));
+    return panel;
+  }
+
+  // The warning a reader must see before the map: the chosen cell does not beat the controls.
+  function controlsWarning(run, verdict, chosen) {
+    const lines = [];
+    if (verdict && verdict.beats_controls === false) {
+      const unshown = (verdict.comparisons || []).filter((c) => (c.kind === "control" || c.kind === "layer0") && !c.shown);
+      lines.push("Does not beat the controls" + (unshown.length ? " (" + unshown.map((c) => c.against + " " +
+        signed(c.diff) + ", " + signed(c.low) + " … " + signed(c.high)).join("; ") + ")" : "") +
+        ": the chosen cell may read what the answer is or looks like, not what the model knows.");
+    } else if (!verdict && chosen && run.control && chosen.auc !== null && chosen.auc <= run.control.high) {
+      lines.push("The chosen cell's AUC " + fmt(chosen.auc) + " does not beat the controls: " + controlRule(run.control) + ".");
+    }
+    const controls = run.summary.controls;
+    if (controls && controls.exact_answer_confounded) {
+      lines.push("The surface control (answer length, exact-answer length and route, whether the answer stopped) " +
+        "reaches the exact-answer columns' interval: those columns may read only what the answer looks like.");
+    }
+    if (lines.length && run.control) lines.push("Hatched on the map: " + controlRule(run.control) + ".");
+    return lines.join(" ");
+  }
+
+  function comparisonsPanel(index) {
+    const run = RUNS[index];
+    const verdict = run.summary.verdict;
+    const comparisons = verdict && verdict.comparisons ? verdict.comparisons : [];
+    const panel = h("section", {class: "panel comparisons", "aria-labelledby": "comparisons-title-" + index});
+    if (!comparisons.length) {
+      panel.hidden = true;
+      return panel;
+    }
+    panel.append(h("h2", {id: "comparisons-title-" + index}, "The chosen cell against …"));
+    panel.append(smallTable("Paired: chosen − other, on the same answers and draws",
+      ["against", "its AUC", "difference (95%)", "p", ""],
+      comparisons.map((c) => [c.against + (c.kind === "control" || c.kind === "baseline" ? " (" + c.kind + ")" : ""),
+        h("span", {class: "num"}, fmt(c.auc)),
+        h("span", {class: "num"}, signed(c.diff, 2) + " (" + signed(c.low, 2) + " … " + signed(c.high, 2) + ")"),
+        h("span", {class: "num"}, c.p === null || c.p === undefined ? "–" : (c.p < 0.001 ? "<0.001" : fmt(c.p))),
+        c.shown ? h("span", {class: "tag shown"}, "shown") : h("span", {class: "tag not-shown"}, "not shown")])));
+    panel.append(h("p", {class: "hint"}, "shown: the interval of the difference lies above zero; p: one-sided, of a difference ≤ 0."));
+    return panel;
+  }
+
   function summaryPanel(index) {
     const run = RUNS[index];
     const sm = run.summary;
@@ -500,6 +623,9 @@
     const dl = h("dl", {class: "facts-list"});
     for (const [name, value] of facts) dl.append(h("dt", {}, name), h("dd", {}, value === undefined || value === null ? "–" : String(value)));
     panel.append(h("h2", {id: "summary-title-" + index}, run.name), dl);
+    for (const [name, reason] of Object.entries(sm.skipped || {})) {
+      panel.append(h("p", {class: "hint skipped"}, name + " skipped: " + reason));
+    }
 
     const families = Object.entries(sm.families || {});
     if (families.length) {
@@ -539,10 +665,6 @@
       if (controls.family_rate) rows.push(["family control", fmt(controls.family_rate.auc)]);
       if (controls.subgroup_rate) rows.push(["family + subgroup control", fmt(controls.subgroup_rate.auc)]);
       if (rows.length) panel.append(smallTable("Controls (test AUC)", ["", "AUC"], rows));
-      if (controls.exact_answer_confounded) {
-        panel.append(h("p", {class: "warning"}, "The surface control (answer length, exact-answer length and route, " +
-          "whether the answer stopped) reaches the exact-answer columns' interval: those columns may read only what the answer looks like."));
-      }
     }
     if (run.baselines.length) {
       panel.append(smallTable("Baselines (same test splits)", ["baseline", "AUC", "95% interval", "n_test"],
@@ -607,7 +729,8 @@
           h("figcaption", {}, run.name + " · " + (run.summary.model || "") + " · n=" + (run.summary.n || "–")),
           heatmap({
             layers: site.layers, positions: run.positions, value: (li, pi) => view.auc[li][pi], fill: aucColour,
-            shade: (v) => (v - 0.5) / 0.5, region: view.region, selected: null, showValues: compare.values, compact: true,
+            shade: aucShade, region: view.region, selected: null, showValues: compare.values, compact: true,
+            mark: (li, pi) => belowControls(run, "mean", view.auc[li][pi]),
             label: "probe AUC of " + run.name + ", mean over seeds",
             describe: (li, pi) => [run.name].concat(describeCell(run, compare.site, "mean", li, pi)),
             onSelect: (li, pi) => { showTab(k); document.getElementById("run-" + k).selectCell(compare.site, li, pi); },
@@ -616,7 +739,7 @@
       });
       root.replaceChildren(h("h2", {}, "Compare runs"), controls,
         h("p", {class: "hint"}, "Mean AUC over each run's seeds, on one colour scale. Click a cell to open it in its run."),
-        aucLegend(), side, differenceMap());
+        aucLegend(null, RUNS.some((run) => run.control)), side, differenceMap());
     }
     draw();
     return root;
@@ -634,14 +757,27 @@
     // same axes: layers by index, positions by name; a cell either run lacks stays grey
     const layers = Array.from(new Set(siteA.layers.concat(siteB.layers))).sort((x, y) => x - y);
     const positions = A.positions.concat(B.positions.filter((p) => !A.positions.includes(p)));
-    const lookup = (run, site, li, pi) => {
+    const lookup = (run, site, li, pi, what) => {
       const l = site.layers.indexOf(layers[li]), p = run.positions.indexOf(positions[pi]);
-      return l < 0 || p < 0 ? null : site.views.mean.auc[l][p];
+      return l < 0 || p < 0 ? null : site.views.mean[what || "auc"][l][p];
     };
     const diff = layers.map((_, li) => positions.map((__, pi) => {
       const a = lookup(A, siteA, li, pi), b = lookup(B, siteB, li, pi);
       return a === null || b === null ? null : b - a;
     }));
+    // Beyond noise: |B − A| > 1.96 √(se_A² + se_B²), each se read off its cell's 95% interval (width / 3.92).
+    // The two runs' test answers are taken as independent: where they share answers the test is conservative.
+    const noise = layers.map((_, li) => positions.map((__, pi) => {
+      const se = [[A, siteA], [B, siteB]].map(([run, site]) => {
+        const lo = lookup(run, site, li, pi, "auc_lo"), hi = lookup(run, site, li, pi, "auc_hi");
+        return lo === null || hi === null ? null : (hi - lo) / 3.92;
+      });
+      return se[0] === null || se[1] === null ? null : 1.96 * Math.sqrt(se[0] * se[0] + se[1] * se[1]);
+    }));
+    const beyond = (li, pi) => diff[li][pi] !== null && noise[li][pi] !== null && Math.abs(diff[li][pi]) > noise[li][pi];
+    let counted = 0;
+    layers.forEach((_, li) => positions.forEach((__, pi) => { if (diff[li][pi] !== null && noise[li][pi] !== null) counted += 1; }));
+    const outside = layers.reduce((total, _, li) => total + positions.filter((__, pi) => beyond(li, pi)).length, 0);
     const biggest = Math.max(0, ...diff.flat().filter((v) => v !== null).map(Math.abs));
     const range = Math.max(0.05, Math.ceil(biggest * 20 - 1e-9) / 20);
     const fillOf = (v) => (v === null ? NO_VALUE : colour(DATA.palette.difference, 0.5 + v / (2 * range)));
@@ -649,17 +785,23 @@
       ? "The runs have different depths (" + siteA.layers.length + " and " + siteB.layers.length + " rows); layers are matched by index."
       : "Layers matched by index, positions by name.";
     box.append(title, h("p", {class: "hint"}, note + " Positive (purple): B's probes detect errors better there."),
+      h("p", {class: "hint noise-count"}, counted === 0 ? "No difference can be judged against noise: a run has no intervals." :
+        outside + " of " + counted + " differences are beyond noise (framed): " +
+        "|B − A| above 1.96 × √(se_A² + se_B²), each se from its cell's 95% interval, the runs' test answers taken as " +
+        "independent (conservative where they share answers). Over many cells a few exceed it by chance (about 5%)."),
       legend(DATA.palette.difference, -range, range, [-range, -range / 2, 0, range / 2, range], "AUC difference B − A",
-        [swatch("none", "missing in a run")]),
+        [swatch("none", "missing in a run"), swatch("beyond-noise", "framed: beyond noise")]),
       heatmap({
         layers: layers, positions: positions, value: (li, pi) => diff[li][pi], fill: fillOf,
         shade: (v) => Math.abs(v) / range, region: null, selected: null, showValues: compare.values, digits: 2, compact: true,
+        frame: beyond,
         label: "AUC difference B minus A: layers down, token positions across",
         describe: (li, pi) => {
           const a = lookup(A, siteA, li, pi), b = lookup(B, siteB, li, pi), d = diff[li][pi];
           return ["layer " + layers[li] + " · " + positions[pi] + " · " + compare.site,
             "A " + fmt(a) + " · B " + fmt(b),
-            "B − A " + (d === null ? "–" : (d >= 0 ? "+" : "−") + fmt(Math.abs(d)))];
+            "B − A " + (d === null ? "–" : signed(d)) + (noise[li][pi] === null ? " (no interval: noise unknown)"
+              : beyond(li, pi) ? " — beyond noise (±" + fmt(noise[li][pi]) + ")" : " — within noise (±" + fmt(noise[li][pi]) + ")")];
         },
         onSelect: null,
       }));
