@@ -199,8 +199,9 @@ def cli():
     """truthmap — where does a language model know that its own answer is wrong?"""
 
 
-RUN_STAGES_HELP = ("generate, label, extract, probe, wholemap, baselines, plot and report; with --also samples (or a study "
-                   "without gold answers) also samples and entropy, with --also attention the attention view")
+RUN_STAGES_HELP = ("generate, label, extract, probe, wholemap, baselines, cost, plot and report; with --also samples "
+                   "(or a study without gold answers) also samples and entropy, with --also attention the attention "
+                   "view")
 
 
 @cli.command(help=f"Run the whole study: {RUN_STAGES_HELP}. Every setting can be given here (or in --config).")
@@ -246,6 +247,7 @@ for _name, _doc in [
     ("entropy", "Stage 4d: semantic-entropy probes for every cell (heatmap_entropy.png)."),
     ("baselines", "Stage 4b: logit, entropy, p(True) and family baselines beside the probes (baselines.png)."),
     ("attention", "Stage 4c: the attention heatmap (attention.png); `run` draws it with --also attention."),
+    ("cost", "Stage 4e: every method's test AUC against its extra cost beyond answering (cost.csv, cost.png)."),
     ("plot", "Stage 5: the heatmap (heatmap.png, heatmap.svg)."),
 ]:
     _stage_command(_name, _doc)

@@ -1,6 +1,6 @@
 """Runs the stages in order over one run folder, skipping those whose inputs have not changed.
 
-    questions ─> generate ─> label ─> extract (─> samples) ─> probe ─> wholemap ─> baselines (─> entropy) (─> attention)
+    questions ─> generate ─> label ─> extract (─> samples) ─> probe ─> wholemap ─> baselines (─> entropy) (─> attention) ─> cost
               ─> plot ─> report
 
 ``samples`` and ``entropy`` (truthmap/analyses/entropy.py) run with ``--also samples``, and always in a study
@@ -312,11 +312,23 @@ def _baselines(s: StageRun) -> None:
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
     scores = bl.compute_scores(s.models.lm, answers, rf.read_parquet(run_dir / rf.GENERATIONS), config.progress,
                                one_pass=config.extract == "onepass", p_true_of=config.p_true)
-    rf.update_summary(run_dir, baseline_seconds=scores.attrs.get("seconds"))
+    rf.update_summary(run_dir, baseline_seconds=scores.attrs.get("seconds"),
+                      baseline_forward_tokens=scores.attrs.get("forward_tokens"))
     scores = with_sampling_scores(run_dir, scores)  # semantic entropy … when the run drew samples
     rf.write_parquet(run_dir / rf.BASELINE_SCORES, scores)
     title = f"{_short_model(config.model)} · {config.dataset} · baselines beside the best probe"
     rf.update_summary(run_dir, **bl.finish_baselines(run_dir, scores, n_boot=config.bootstrap, title=title))
+
+
+def _cost(s: StageRun) -> None:
+    """Every method's test AUC against its extra cost beyond answering (analyses/cost.py)."""
+    from .analyses.cost import cost_summary, cost_table, plot_cost
+
+    table = cost_table(s.run_dir)
+    rf.write_csv(s.run_dir / rf.COST, table)
+    title = f"{_short_model(s.config.model)} · {s.config.dataset} · test AUC against extra cost beyond answering"
+    plot_cost(table, s.run_dir / rf.COST_FIGURE, title)
+    rf.update_summary(s.run_dir, cost=cost_summary(table))
 
 
 def _attention(s: StageRun) -> None:
@@ -385,6 +397,10 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("attention", _attention, inputs=(rf.ANSWERS, rf.GENERATIONS),
           outputs=(rf.ATTENTION, *rf.figures(rf.ATTENTION_FIGURE)), settings=_fields("positions"), model="here",
           labelled=True, when=lambda c, run_dir: "attention" in c.also, optional=True),
+    # summary.json's timings and token counts are read, not fingerprinted (every stage rewrites it)
+    Stage("cost", _cost, inputs=(rf.ANSWERS, rf.GENERATIONS, rf.PROBE_RESULTS, rf.BASELINE_RESULTS,
+                                 rf.WHOLEMAP_RESULTS, rf.RESAMPLES),
+          outputs=(rf.COST, rf.COST_FIGURE), settings=lambda c: {}, labelled=True),
     Stage("plot", _plot, inputs=(rf.PROBE_RESULTS, rf.BASELINE_RESULTS, rf.ANSWERS, rf.SPLITS, rf.CELL_NULL),
           outputs=tuple(name for view in rf.HEATMAPS for name in rf.figures(view)), settings=_fields("positions"),
           labelled=True),

@@ -67,6 +67,8 @@ PROBE_SCORES = "probe_scores.parquet"  # probe
 WHOLEMAP_RESULTS = "wholemap_results.csv"  # wholemap: the columns of PROBE_RESULTS, site = whole_map
 WHOLEMAP_SCORES = "wholemap_scores.parquet"  # wholemap
 CELL_NULL = "cell_null.csv"  # wholemap: each cell's p under the permutation null
+COST = "cost.csv"  # cost: every method's test AUC and extra cost beyond answering
+COST_FIGURE = "cost.png"  # cost
 BASELINE_SCORES = "baseline_scores.parquet"  # baselines
 BASELINE_RESULTS = "baseline_results.csv"  # baselines: the columns of PROBE_RESULTS, site = baseline
 FAMILY_RESULTS = "family_results.csv"  # baselines
@@ -113,7 +115,7 @@ OWN_NAMES = frozenset({
     BASELINE_SCORES, BASELINE_RESULTS, FAMILY_RESULTS, BASELINES_FIGURE, ATTENTION, *figures(ATTENTION_FIGURE),
     RESAMPLES, SAMPLING_SCORES, ENTROPY_RESULTS, ENTROPY_SCORES, *figures(ENTROPY_FIGURE), ERROR_TYPES,
     ERROR_TYPE_RESULTS, ERROR_TYPES_FIGURE, CHOICE, CHOICE_ANSWERS, CHOICE_FIGURE, DETECTORS, TRANSFER, REPORT,
-    WHOLEMAP_RESULTS, WHOLEMAP_SCORES, CELL_NULL,
+    WHOLEMAP_RESULTS, WHOLEMAP_SCORES, CELL_NULL, COST, COST_FIGURE,
 })
 _OWN_FOLDERS = (GENERATION_CHUNKS, ACTIVATIONS, *(f"{ACTIVATIONS}/{site}" for site in ("residual", "mlp", "attention")))
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -81,8 +81,12 @@ def test_run_folder_contract(study):
     assert (baselines[baselines.position == "logprob_mean"].set_index("seed").n_test
             == results.groupby("seed").n_test.first()).all()
     assert (out / "heatmap_within.png").is_file()
-    assert set(summary["stage_seconds"]) == {"generate", "label", "extract", "probe", "wholemap", "baselines", "plot",
-                                             "report"}
+    assert set(summary["stage_seconds"]) == {"generate", "label", "extract", "probe", "wholemap", "baselines", "cost",
+                                             "plot", "report"}
+    # every method against its extra cost: p(True) runs its prompts, the probes run nothing more
+    methods = {m["method"]: m for m in summary["cost"]["methods"]}
+    assert methods["p_true_exact"]["forward_tokens"] > 10 and methods["whole_map"]["forward_tokens"] == 0
+    assert summary["cost"]["pareto"] and (out / "cost.png").is_file()
     # the whole map as one probe beside the best cell, and every cell under the permutation null
     assert summary["whole_map"]["paired"]["n_test"] > 0 and summary["whole_map"]["against"] == summary["best_cell"]
     assert summary["cell_null"]["cells"] == len(means) == len(pd.read_csv(out / "cell_null.csv"))

@@ -285,18 +285,22 @@ def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progres
     ``P_TRUE_CHOICES``): which p(True) variants are asked — ``exact`` (the default: the exact answer;
     the whole-answer variant costs about as much again and has scored below chance on the built-in
     task), ``both`` (also the whole answer, as the reference study), ``none``. ``scores.attrs["seconds"]``
-    says how long each part took.
+    says how long each part took, ``scores.attrs["forward_tokens"]`` how many tokens each ran through the
+    model (``token_statistics``: the answers not read while generating, prompt and answer; ``p_true_*``: the
+    tokens of the variant's prompts, as a pass without shared prefixes would run them).
     """
     import time
 
+    from .generate import encode_prompt
     from .label import char_span_to_tokens, token_char_spans
 
     columns = ["id", "prompt_ids", "answer_ids"] + [c for c in ("token_prob", "token_entropy")
                                                      if one_pass and c in generations.columns]
     table = answers.merge(generations[columns], on="id", how="left", validate="one_to_one")
     started = time.perf_counter()
-    stats = _token_statistics_of(lm, table)
+    stats, reread = _token_statistics_of(lm, table)
     seconds = {"token_statistics": time.perf_counter() - started}
+    tokens = {"token_statistics": int(sum(len(table.prompt_ids.iloc[i]) + len(table.answer_ids.iloc[i]) for i in reread))}
     special = set(lm.tokenizer.all_special_ids)
     rows = []
     for row, (prob, entropy) in zip(table.itertuples(), stats):
@@ -324,13 +328,17 @@ def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progres
         for name, proposed in asked.items():
             scores[name] = p_true(lm, questions, proposed)
     seconds["p_true"] = time.perf_counter() - started
+    for name, proposed in asked.items():
+        tokens[name] = int(sum(len(encode_prompt(lm.tokenizer, p_true_prompt(lm.tokenizer, q, a)))
+                               for q, a in zip(questions, proposed) if a))
     scores.attrs["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    scores.attrs["forward_tokens"] = tokens
     return scores
 
 
-def _token_statistics_of(lm, table: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
+def _token_statistics_of(lm, table: pd.DataFrame) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]:
     """(token probabilities, entropies) of each answer: read while generating where ``table`` has them
-    (one per answer token), else by :func:`token_statistics`."""
+    (one per answer token), else by :func:`token_statistics`; and the rows that needed that pass."""
     stats: list = [None] * len(table)
     if "token_prob" in table.columns:
         for i, (answer, prob, entropy) in enumerate(zip(table.answer_ids, table.token_prob, table.token_entropy)):
@@ -341,7 +349,7 @@ def _token_statistics_of(lm, table: pd.DataFrame) -> list[tuple[np.ndarray, np.n
         sequences = [list(table.prompt_ids.iloc[i]) + list(table.answer_ids.iloc[i]) for i in todo]
         for i, found in zip(todo, token_statistics(lm, sequences, [len(table.prompt_ids.iloc[i]) for i in todo])):
             stats[i] = found
-    return stats
+    return stats, todo
 
 
 def group_rates(answers: pd.DataFrame, train_ids: set, keys: list[str]) -> np.ndarray:
