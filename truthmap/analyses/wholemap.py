@@ -86,12 +86,19 @@ def ridge_cells(X: torch.Tensor, y: np.ndarray, train: np.ndarray, evaluate: np.
     sd = torch.linalg.vector_norm(Ztr, dim=1, keepdim=True) / count.sqrt()[:, None, None]
     sd = torch.where(sd > 1e-6, sd, torch.ones_like(sd))
     Ztr /= sd
-    d = X.shape[-1]
-    gram = torch.bmm(Ztr.transpose(1, 2), Ztr).double() + alpha * torch.eye(d, dtype=torch.float64, device=device)
+    d, n_rows = X.shape[-1], len(rows)
+    # K = (ZᵀZ + αI)⁻¹Zᵀ = Zᵀ(ZZᵀ + αI)⁻¹: the smaller of the two systems is solved (d × d, or rows × rows)
+    dual = n_rows < d
+    gram = torch.bmm(Ztr, Ztr.transpose(1, 2)) if dual else torch.bmm(Ztr.transpose(1, 2), Ztr)
+    gram = gram.double() + alpha * torch.eye(gram.shape[-1], dtype=torch.float64, device=device)
     lower, info = torch.linalg.cholesky_ex(gram)
     if bool(info.any()):
         raise TruthmapError("whole map: a cell's ridge system is not positive definite (are the features finite?)")
-    K = torch.bmm(torch.cholesky_inverse(lower).float(), Ztr.transpose(1, 2))  # [P, d, T]: w = K y
+    if dual:  # [P, d, T]: w = K y
+        K = torch.cholesky_solve(torch.eye(n_rows, dtype=torch.float64, device=device).expand_as(gram), lower)
+        K = torch.bmm(Ztr.transpose(1, 2), K.float())
+    else:
+        K = torch.cholesky_solve(Ztr.transpose(1, 2).double(), lower).float()
     labels = np.atleast_2d(y)  # [G, N]: one fit per row of labels, all from the same K
     rows_t = torch.as_tensor(rows, device=device)
     Zall = (X.float() - mean) / sd  # [P, N, d]
