@@ -90,7 +90,8 @@ def cost_table(run_dir: Path) -> pd.DataFrame:
         if name in baselines.index:
             add(name, "token scores", baselines.loc[name], token_tokens if token_tokens is not None else np.nan,
                 _per(baseline_seconds.get("token_statistics"), n_all),
-                "read while answering" if token_tokens == 0 else "a forward pass over prompt and answer")
+                "read while answering" if token_tokens == 0 else "tokens not recorded (an older run)"
+                if token_tokens is None else "a forward pass over prompt and answer")
     for name in ("p_true_exact", "p_true_answer"):
         if name in baselines.index:
             add(name, "p(True)", baselines.loc[name], _per(baseline_tokens.get(name), n_all),
@@ -137,14 +138,17 @@ def plot_cost(table: pd.DataFrame, path: Path, title: str = "") -> None:
 
     fig, ax = new_figure(figsize=(7.5, 4.8))
     shown = table[table["auc"].notna() & table["forward_tokens"].notna()].sort_values("forward_tokens")
+    kinds = list(dict.fromkeys(shown["kind"]))
     for kind, group in shown.groupby("kind", sort=False):
-        ax.errorbar(group["forward_tokens"], group["auc"],
+        # kinds side by side where they cost the same (most cost 0): a small offset in the linear part of the axis
+        x = group["forward_tokens"] + np.where(group["forward_tokens"] < 1, 0.12 * (kinds.index(kind) - (len(kinds) - 1) / 2), 0)
+        ax.errorbar(x, group["auc"],
                     yerr=[group["auc"] - group["auc_lo"].fillna(group["auc"]),
                           group["auc_hi"].fillna(group["auc"]) - group["auc"]],
                     fmt="o", capsize=2, label=kind, alpha=0.8)
     front = shown[shown["pareto"]].sort_values("forward_tokens")
     ax.plot(front["forward_tokens"], front["auc"], "k--", linewidth=1, label="Pareto front")
-    for row in front.itertuples():
+    for row in front.itertuples():  # the front's methods named (at their true cost)
         ax.annotate(row.method, (row.forward_tokens, row.auc), textcoords="offset points", xytext=(4, 4), fontsize=7)
     answering = table[table["kind"] == "answering"]["forward_tokens"]
     if len(answering) and np.isfinite(answering.iloc[0]):
@@ -152,6 +156,8 @@ def plot_cost(table: pd.DataFrame, path: Path, title: str = "") -> None:
         ax.annotate("answering", (answering.iloc[0], ax.get_ylim()[0]), fontsize=7, color="grey", rotation=90,
                     xytext=(2, 4), textcoords="offset points")
     ax.set_xscale("symlog", linthresh=1.0)
+    largest = np.nanmax([*table["forward_tokens"].to_numpy(float), 1.0])
+    ax.set_xlim(-0.6, largest * 2)
     ax.axhline(0.5, color="black", linewidth=0.6)
     ax.set_xlabel("extra forward tokens per answer, beyond answering")
     ax.set_ylabel("test AUC predicting an error (mean over seeds)")
@@ -197,8 +203,8 @@ def _sum(*values) -> float | None:
     return float(sum(known)) if known else None
 
 
-def _per(value, n: int) -> float:
-    return np.nan if value is None else float(value) / n
+def _per(value, n: int) -> float | None:
+    return None if value is None else float(value) / n
 
 
 def _float(value) -> float:
