@@ -1,10 +1,11 @@
 """The ``truthmap`` command: ``run`` does the whole study; ``generate | label | extract | probe | plot``
-run one stage each on a run folder; ``report`` writes the HTML page of one or several run folders.
+run one stage each on a run folder; ``report`` writes the HTML page of one or several run folders,
+``figure`` the figure of one run for a paper.
 Every command prints one clear line on bad input (exit status 2).
 
-One way to name things: a run a command reads is an argument (``truthmap report RUN …``, ``export RUN``,
+One way to name things: a run a command reads is an argument (``truthmap report RUN …``, ``figure RUN``, ``export RUN``,
 ``resample RUN``, ``choose RUN``; ``transfer`` reads its runs as ``--train`` / ``--test``), and where a
-command writes is ``--out`` (the run folder of ``run`` and the stage commands, the page of ``report``,
+command writes is ``--out`` (the run folder of ``run`` and the stage commands, the page of ``report``, the file of ``figure``,
 the detector folder of ``export``, the folder of ``transfer``, the scored CSV of ``score``). ``resample``
 and ``choose`` add their files to the run they read. truthmap 0.1's spellings (``export --out RUN --to
 DIR``, ``resample --out RUN``, ``choose --out RUN``, ``transfer --to DIR``) still work for one release,
