@@ -274,8 +274,7 @@ def _wholemap(s: StageRun) -> None:
                                                   n_permutations=c.permutations, device=device, progress=c.progress)
     rf.write_csv(run_dir / rf.WHOLEMAP_RESULTS, results)
     rf.write_parquet(run_dir / rf.WHOLEMAP_SCORES, scores)
-    if null is not None:
-        rf.write_csv(run_dir / rf.CELL_NULL, null)
+    rf.write_csv(run_dir / rf.CELL_NULL, null)
     rf.update_summary(run_dir, **summary)
 
 

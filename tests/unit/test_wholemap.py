@@ -85,7 +85,9 @@ def _write_run(folder, signal: np.ndarray, n: int = 400, d: int = 6, seed: int =
 def test_signal_spread_over_many_weak_cells_is_found_by_the_whole_map(tmp_path):
     signal = np.full((8, 2), 0.25)  # 16 cells, each weak
     folder = _write_run(tmp_path / "spread", signal)
-    results, scores, _, summary = wm.run_wholemap(folder, ["residual"], n_boot=300, n_permutations=0, progress=False)
+    results, scores, null, summary = wm.run_wholemap(folder, ["residual"], n_boot=300, n_permutations=0, progress=False)
+    assert null["p"].isna().all() and len(null) == 16 and summary["cell_null"] is None  # no null asked for
+    assert summary["graders"] is None  # one label only
     whole = summary["whole_map"]
     assert whole["against"] is not None
     paired = whole["paired"]
@@ -151,6 +153,10 @@ def test_the_heatmap_hatches_exactly_the_cells_below_the_null(tmp_path):
 
     folder = make_run(tmp_path / "run")
     assert wm.cells_below_null(folder) is None  # no null computed: nothing hatched
+    pd.DataFrame({"site": "residual", "layer": [0], "position": ["-1"], "ridge_auc": 0.6, "p": [np.nan],
+                  "beats_null": [None]}).to_csv(folder / rf.CELL_NULL, index=False)
+    seal(folder)
+    assert wm.cells_below_null(folder) is None  # --permutations 0: nothing hatched either
     pd.DataFrame({"site": "residual", "layer": [0, 1, 1], "position": ["last_q", "-1", "last_q"], "ridge_auc": 0.6,
                   "p": [0.5, 0.01, 0.2], "beats_null": [False, True, False]}).to_csv(folder / rf.CELL_NULL, index=False)
     seal(folder)

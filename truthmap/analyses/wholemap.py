@@ -255,10 +255,11 @@ def layer_pass(X: torch.Tensor, valid: np.ndarray, y: np.ndarray, parts: dict[st
 
 
 def run_wholemap(run_dir: Path, sites: list[str], *, C: float = 1.0, n_boot: int = 1000, n_permutations: int = 199,
-                 device: str = "cpu", progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, dict]:
+                 device: str = "cpu", progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """The whole-map probe and the permutation null of every cell; returns (``wholemap_results.csv``'s
-    table, ``wholemap_scores.parquet``'s, ``cell_null.csv``'s or None without permutations, the
-    summary.json fields ``whole_map`` and ``cell_null``). The folder is read under one shared lock."""
+    table, ``wholemap_scores.parquet``'s, ``cell_null.csv``'s (without permutations: ``p`` and
+    ``beats_null`` empty), the summary.json fields ``whole_map``, ``cell_null`` (with permutations) and
+    ``graders`` (with two or more graders' labels)). The folder is read under one shared lock."""
     from ..runfolder import reading
 
     with reading(Path(run_dir)):
@@ -321,10 +322,14 @@ def _run_wholemap(run_dir: Path, sites: list[str], *, C: float, n_boot: int, n_p
                            "score": np.concatenate([stacked[s, t] for s, t in enumerate(tested)])},
                           columns=SCORE_COLUMNS)
     summary = {"whole_map": _against_best_cell(run_dir, stacked, y, parts, weights, ids, seeds, results,
-                                                chosen_C, val_aucs, len(keys))}
-    table = None
+                                                chosen_C, val_aucs, len(keys)),
+               "cell_null": None, "graders": None}  # None: not computed in this run (clears an earlier run's)
     if permuted is not None:
         table, summary["cell_null"] = null_table(keys, np.asarray(observed), np.stack(null), n_permutations)
+    else:  # the ridge probes' AUCs without a null: every p empty (the file is still this run's)
+        table = pd.DataFrame({"site": [k[0] for k in keys], "layer": [k[1] for k in keys],
+                              "position": [k[2] for k in keys], "ridge_auc": np.asarray(observed),
+                              "p": np.nan, "beats_null": None}, columns=NULL_COLUMNS)
     if len(graders) + len(unlabelled) >= 2:
         summary["graders"] = grader_summary(answers, ids, in_study, graders, unlabelled, keys, columns, y,
                                             np.stack(graded, axis=2) if graded else None, grader_errors, parts,
@@ -449,13 +454,15 @@ def null_table(keys: list[tuple], observed: np.ndarray, null: np.ndarray, n_perm
 
 def cells_below_null(run_dir: Path) -> set[tuple[str, int, str]] | None:
     """(site, layer, position) of every cell of ``cell_null.csv`` that does not beat the null (the cells a
-    heatmap hatches); None when the run has no such file."""
+    heatmap marks); None when the run has no such file or no null (``--permutations 0``)."""
     from ..runfolder import CELL_NULL, read_csv
 
     path = Path(run_dir) / CELL_NULL
     if not path.exists():
         return None
     table = read_csv(path, dtype={"site": str, "position": str})
+    if table["p"].isna().all():
+        return None
     return {(r.site, int(r.layer), r.position) for r in table.itertuples() if not bool(r.beats_null)}
 
 
