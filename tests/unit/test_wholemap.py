@@ -228,3 +228,24 @@ def test_the_stage_command_writes_the_files_and_prints_both_lines(tmp_path):
     for name in ("wholemap_results.csv", "wholemap_scores.parquet", "cell_null.csv"):
         assert (folder / name).is_file()
     assert set(json.loads((folder / "manifest.json").read_text())["files"]) >= {"cell_null.csv", "wholemap_results.csv"}
+
+
+def test_the_report_carries_the_whole_map_the_null_graders_and_cost(tmp_path):
+    from test_report import page_data
+
+    from truthmap.stages.report import write_report
+
+    signal = np.zeros((3, 2))
+    signal[1, 1] = 1.5
+    folder = _write_run(tmp_path / "report", signal, n=200)
+    _, _, _, fields = wm.run_wholemap(folder, ["residual"], n_boot=100, n_permutations=19, progress=False)
+    summary = json.loads((folder / "summary.json").read_text())
+    summary.update(json.loads(json.dumps(fields)), cost={"methods": [{"method": "whole_map", "auc": 0.9,
+                                                                      "forward_tokens": 0.0, "seconds": 0.1,
+                                                                      "pareto": True}], "pareto": ["whole_map"]})
+    (folder / "summary.json").write_text(json.dumps(summary))
+    seal(folder)
+    run = page_data(write_report([folder], tmp_path / "r.html"))["runs"][0]
+    assert run["summary"]["whole_map"]["paired"] == fields["whole_map"]["paired"]
+    assert run["summary"]["cell_null"]["cells_beating_null"] == fields["cell_null"]["cells_beating_null"]
+    assert run["summary"]["cost"]["pareto"] == ["whole_map"]

@@ -363,7 +363,7 @@
     const top = h("div", {class: "run-top"});
     const mapSection = h("section", {class: "panel map", "aria-labelledby": "map-title-" + index});
     const detail = h("section", {class: "panel detail", "aria-labelledby": "detail-title-" + index});
-    top.append(verdictPanel(index), mapSection, comparisonsPanel(index), summaryPanel(index));
+    top.append(verdictPanel(index), mapSection, comparisonsPanel(index), beyondPanel(index), summaryPanel(index));
     root.append(top, detail);
     let table = null;
 
@@ -605,6 +605,46 @@
         h("span", {class: "num"}, c.p === null || c.p === undefined ? "–" : (c.p < 0.001 ? "<0.001" : fmt(c.p))),
         c.shown ? h("span", {class: "tag shown"}, "shown") : h("span", {class: "tag not-shown"}, "not shown")])));
     panel.append(h("p", {class: "hint"}, "shown: the interval of the difference lies above zero; p: one-sided, of a difference ≤ 0."));
+    return panel;
+  }
+
+  function beyondPanel(index) { // the whole map as one probe, the per-cell null, graders, cost (analyses/wholemap.py, cost.py)
+    const sm = RUNS[index].summary;
+    const panel = h("section", {class: "panel beyond", "aria-labelledby": "beyond-title-" + index});
+    panel.append(h("h2", {id: "beyond-title-" + index}, "Beyond one cell"));
+    const paired = sm.whole_map && sm.whole_map.paired;
+    if (paired && paired.diff !== null && paired.diff !== undefined) {
+      panel.append(h("p", {}, "The whole map as one probe (every cell's scores stacked): test AUC " + fmt(paired.auc_a) +
+        " against the best cell's " + fmt(paired.auc_b) + ", difference " + signed(paired.diff, 3) + " (" +
+        signed(paired.low, 3) + " … " + signed(paired.high, 3) + ", paired): " + (paired.shown ? "shown" : "not shown") + "."));
+    }
+    const nul = sm.cell_null;
+    if (nul) {
+      panel.append(h("p", {}, count(nul.cells_beating_null) + " of " + count(nul.cells) + " cells beat a label-permutation null " +
+        "(the largest AUC over all cells in each of " + count(nul.permutations) + " permutations; p ≤ " + fmt(nul.level, 2) +
+        ", resolution " + fmt(nul.p_resolution, 3) + ")."));
+    }
+    const graders = sm.graders;
+    if (graders && graders.probes && graders.probes.length) {
+      panel.append(smallTable("Graders: the cell each one's labels choose (probes refitted on them)",
+        ["grader (right)", "cell", "test AUC", "at the run's cell"],
+        graders.probes.map((g) => [g.grader.replace("correct_", "") + " (" + pct((graders.accuracy || {})[g.grader]) + ")",
+          "L" + g.layer + " · " + g.position, h("span", {class: "num"}, fmt(g.auc, 2) + " (" + interval(g.auc_lo, g.auc_hi) + ")"),
+          h("span", {class: "num"}, fmt(g.auc_of_correct_cell, 2))])));
+    }
+    if (graders && graders.agreement && graders.agreement.length) {
+      panel.append(smallTable("Graders' agreement", ["graders", "n", "labels that flip", "Cohen's kappa"],
+        graders.agreement.map((a) => [a.a.replace("correct_", "") + " · " + a.b.replace("correct_", ""), count(a.n),
+          count(a.flips), fmt(a.kappa)])));
+    }
+    const methods = sm.cost && sm.cost.methods ? sm.cost.methods : [];
+    if (methods.length) {
+      panel.append(smallTable("Test AUC against extra cost beyond answering (per answer; ◆ the Pareto front of AUC against tokens)",
+        ["method", "test AUC", "forward tokens", "seconds"],
+        methods.map((m) => [m.method + (m.pareto ? " ◆" : ""), h("span", {class: "num"}, fmt(m.auc)),
+          h("span", {class: "num"}, fmt(m.forward_tokens, 1)), h("span", {class: "num"}, fmt(m.seconds, 3))])));
+    }
+    panel.hidden = panel.childNodes.length <= 1;
     return panel;
   }
 
