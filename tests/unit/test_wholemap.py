@@ -63,6 +63,22 @@ def test_permutations_stay_within_blocks():
     assert len({tuple(row) for row in out[:, :4]}) > 1
 
 
+def test_permutations_move_related_questions_together():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(30), 2)  # thirty pairs of related questions whose labels agree
+    y = np.repeat(rng.random(30) < 0.5, 2).astype(np.int64)
+    blocks = np.zeros(60, int)
+    whole = wm.permutations(y, blocks, 40, groups=groups)
+    assert (whole[:, ::2] == whole[:, 1::2]).all()  # every pair still agrees
+    assert (whole.sum(1) == y.sum()).all() and len({tuple(r) for r in whole}) > 30
+    single = wm.permutations(y, blocks, 40)  # answer by answer, pairs split up
+    assert (single[:, ::2] != single[:, 1::2]).any()
+    # a group split by blocks is a unit per block; a unit without another of its size keeps its labels
+    blocks = np.r_[np.zeros(59, int), 1]
+    kept = wm.permutations(y, blocks, 20, groups=groups)
+    assert (kept[:, 59] == y[59]).all()
+
+
 def _write_run(folder, signal: np.ndarray, n: int = 400, d: int = 6, seed: int = 0):
     """A synthetic run folder whose cell (layer l, position p) carries ``signal[l, p]`` times the label
     in feature 0 (independent noise in every cell), with the probe stage's files."""

@@ -33,11 +33,12 @@ bootstrap: per replicate, the mean over seeds of each side's test AUC, then thei
 
 **The permutation null.** Labels are permuted within blocks of (stratum = family and subgroup) × (in the
 first seed's test part or not): each family keeps its error rate and the test part its class counts, so a
-cell that only tells which kind of question was asked does not beat the null. The statistic of a cell is
+cell that only tells which kind of question was asked does not beat the null. Related questions move
+together: within a block, a group's answers (``splits.split_groups``) form a unit, and units of the same
+size trade their labels whole, so the null keeps the labels' clustering that the bootstrap draws too. The statistic of a cell is
 its ridge probe's mean test AUC over seeds; the null distribution is the largest statistic over all
 cells in each permutation, so ``p = (1 + #{b: max_b ≥ observed}) / (1 + B)`` is corrected for the number
-of cells exactly (family-wise). With B = 199 (``--permutations``) the smallest p is 0.005. Related
-questions (groups) are not kept together by the permutation: see docs/run-folder.md.
+of cells exactly (family-wise). With B = 199 (``--permutations``) the smallest p is 0.005.
 """
 
 from __future__ import annotations
@@ -132,15 +133,24 @@ def auc_rows(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
         return ((ranks * positive).sum(-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def permutations(y: np.ndarray, blocks: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+def permutations(y: np.ndarray, blocks: np.ndarray, n: int, seed: int = 0, groups: np.ndarray | None = None
+                 ) -> np.ndarray:
     """``[n, N]`` copies of ``y``, each permuted within the blocks (an int per row; rows of a negative
-    block keep their label)."""
+    block keep their label). With ``groups`` (an int per row), whole units move instead of single rows:
+    a unit is a group's rows within one block, and units of the same size trade their labels as they
+    are, so labels that go together in a group (related questions) stay together under the null."""
     rng = np.random.default_rng(seed)
     out = np.tile(y, (n, 1))
+    units = np.arange(len(y)) if groups is None else pd.factorize(pd.Series(list(zip(groups, blocks))))[0]
     for block in np.unique(blocks[blocks >= 0]):
-        rows = np.flatnonzero(blocks == block)
-        if len(rows) > 1:
-            out[:, rows] = y[rows][rng.permuted(np.tile(np.arange(len(rows)), (n, 1)), axis=1)]
+        in_block = np.flatnonzero(blocks == block)
+        members = pd.Series(in_block).groupby(units[in_block]).agg(list)  # unit -> its rows
+        for size, same in members.groupby(members.map(len)):
+            rows = np.array(same.tolist())  # [m, size]: m units of this size
+            if len(rows) < 2:
+                continue
+            order = rng.permuted(np.tile(np.arange(len(rows)), (n, 1)), axis=1)  # [n, m]
+            out[:, rows.reshape(-1)] = y[rows][order].reshape(n, -1)
     return out
 
 
@@ -287,7 +297,8 @@ def _run_wholemap(run_dir: Path, sites: list[str], *, C: float, n_boot: int, n_p
     in_study = parts["train"].any(0) | parts["validation"].any(0) | parts["test"].any(0)
     evaluate = np.flatnonzero(parts["test"].any(0))  # every seed's test rows (one part, once the seeds share it)
     blocks = np.where(in_study, strata * 2 + parts["test"][0], -1)  # rows outside the study keep their label
-    permuted = permutations(y, blocks, n_permutations) if n_permutations else None
+    groups = _groups(answers, ids)
+    permuted = permutations(y, blocks, n_permutations, groups=groups) if n_permutations else None
     graders, grader_errors, unlabelled = grader_labels(answers, ids, in_study)
     n_seeds = len(seeds)
     keys, columns, observed, null, graded = [], [], [], [], []
@@ -420,6 +431,14 @@ def _choose(scores: np.ndarray, y: np.ndarray, parts: dict) -> int:
 def _round(value) -> float | None:
     value = float(value)
     return None if not np.isfinite(value) else round(value, 4)
+
+
+def _groups(answers: pd.DataFrame, ids: list[str]) -> np.ndarray:
+    """The group of related questions of each answer in ``ids`` (splits.split_groups, as the bootstrap)."""
+    from ..splits import split_groups
+
+    group_of = dict(zip(answers["id"], split_groups(answers.reset_index(drop=True))))
+    return np.array([group_of[i] for i in ids], dtype=np.int64)
 
 
 def _seed_mean(values: np.ndarray) -> np.ndarray:
