@@ -525,7 +525,10 @@ def choose(run, old_out, site, layer, position, detector_path, seed, model, trus
 @click.option("--seed", type=int, default=0, show_default=True, help="Split to train on (and test on).")
 @click.option("--out", help="Detector folder (default: <run>/detectors/<site>-L<layer>-<position>).")
 @click.option("--to", "to", hidden=True, help="Deprecated: --out.")
-def export(run, site, layer, position, seed, out, to):
+@click.option("--target-false-flag", type=float, default=0.1, show_default=True,
+              help="The share of right answers the threshold may flag: set by split-conformal calibration on the "
+                   "validation part (README, 'A threshold with a meaning').")
+def export(run, site, layer, position, seed, out, to, target_false_flag):
     """Save a reusable detector (safetensors weights + a JSON card) for one (layer, position) of RUN, a
     finished 'truthmap run'."""
     from .analyses.detector import Detector, export_detector
@@ -539,17 +542,39 @@ def export(run, site, layer, position, seed, out, to):
     with rf.reading(run_dir):  # under the shared lock, every file read checked against the manifest
         cell = _cell(run_dir, site, layer, position)
         folder = export_detector(run_dir, site=cell["site"], layer=int(cell["layer"]), position=cell["position"],
-                                 out=out, seed=seed)
+                                 out=out, seed=seed, target_false_flag=target_false_flag)
     card = Detector.load(folder).card
     click.echo(f"detector: {folder} (test AUC {_number(card['test_auc'], '.4f')} on {card['test_size']} "
                f"answers, trained on {card['train_size']})")
+    click.echo(_calibration_line(card))
+    curve = card.get("risk_coverage")
+    if curve:
+        at = curve["at_threshold"]
+        click.echo(f"risk-coverage on the test part (n {curve['n']}): area {curve['area']:.3f} (answering all "
+                   f"{curve['base']:.3f}, perfect {curve['best']:.3f}); at the threshold it answers "
+                   f"{at['coverage']:.0%} with accuracy {_number(at['accuracy'], '.1%')} "
+                   f"({folder / 'risk_coverage.png'})")
 
 
-def _detector(path, model, force, dtype, device):
+def _calibration_line(card: dict) -> str:
+    """The card's threshold and what it means, one line."""
+    calibration = card.get("calibration") or {}
+    if calibration.get("status") != "calibrated":
+        return f"threshold {card.get('threshold'):.3g}: {calibration.get('status', 'not calibrated')}"
+    lo, hi = calibration["interval_95"]
+    return (f"threshold {card['threshold']:.4g}: flags at most {calibration['target_false_flag']:.0%} of right answers "
+            f"(split-conformal, rank {calibration['rank']} of {calibration['n_right']} right validation answers; "
+            f"this calibration's rate lies in {lo:.1%} … {hi:.1%} with 95% probability); on the test part it "
+            f"flagged {_number(calibration['test_false_flag_rate'], '.1%')} of {calibration['test_right']} right and "
+            f"{_number(calibration['test_flag_rate_wrong'], '.1%')} of {calibration['test_wrong']} wrong answers")
+
+
+def _detector(path, model, force, dtype, device, target_false_flag=None):
     """The exported detector bound to its model (loaded now, so a wrong model fails before any work)."""
     from .analyses.detector import Detector, ModelScorer
 
-    scorer = ModelScorer(Detector.load(path), model, force, dtype or "auto", device or "auto")
+    scorer = ModelScorer(Detector.load(path), model, force, dtype or "auto", device or "auto",
+                         target_false_flag=target_false_flag)
     scorer.lm
     return scorer
 
@@ -565,7 +590,10 @@ def _detector(path, model, force, dtype, device):
 @click.option("--force", is_flag=True, help="Run even if the model differs from the detector's.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--device")
-def score(detector_path, questions, answers, pairs_file, out, model, force, dtype, device):
+@click.option("--target-false-flag", type=float,
+              help="Flag at a threshold that flags at most this share of right answers (split-conformal, from the "
+                   "card's validation scores; default: the card's threshold).")
+def score(detector_path, questions, answers, pairs_file, out, model, force, dtype, device, target_false_flag):
     """P(error) of given question–answer pairs under an exported detector.
 
     Each answer is also compared with the model's own greedy answer (columns own_answer, model_answer,
@@ -583,7 +611,7 @@ def score(detector_path, questions, answers, pairs_file, out, model, force, dtyp
         if not questions or len(questions) != len(answers):
             raise TruthmapError("give --question and --answer in pairs (or --file pairs.csv)")
         table = pd.DataFrame({"question": questions, "answer": answers})
-    detector = _detector(detector_path, model, force, dtype, device)
+    detector = _detector(detector_path, model, force, dtype, device, target_false_flag)
     optional = {name: _optional_column(table, name, pairs_file) for name in ("exact_answer", "gold", "answer_type")}
     if optional["gold"] is not None:
         optional["gold"] = [_gold_cell(g) for g in optional["gold"]]
@@ -633,9 +661,12 @@ def _read_pairs(path: Path):
 @click.option("--force", is_flag=True, help="Run even if the model differs from the detector's.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--device")
-def ask(question, detector_path, model, force, dtype, device):
+@click.option("--target-false-flag", type=float,
+              help="Flag at a threshold that flags at most this share of right answers (split-conformal, from the "
+                   "card's validation scores; default: the card's threshold).")
+def ask(question, detector_path, model, force, dtype, device, target_false_flag):
     """Answer a question with the detector's model and flag the answer if it is likely wrong."""
-    detector = _detector(detector_path, model, force, dtype, device)
+    detector = _detector(detector_path, model, force, dtype, device, target_false_flag)
     result = detector.ask(question)[0]
     click.echo(f"{_shown(result['answer'], 2000)}\n{_verdict(result, detector)}")
 
@@ -643,13 +674,14 @@ def ask(question, detector_path, model, force, dtype, device):
 def _verdict(row: dict, scorer, short: bool = False) -> str:
     """What the detector says of one scored answer, in words: never "likely right" for an answer it
     could not score; then what the fallback cell says, where the card has one."""
-    def said(p, flagged, threshold):
+    def said(p, flagged, threshold, card):
         if short:
             return f"P(error) {_number(p)}{'  FLAGGED' if flagged else ''}"
-        return f"P(error) {_number(p)}: {'likely WRONG' if flagged else 'likely right'} (threshold {threshold:.3g})"
+        return (f"P(error) {_number(p)}: {'likely WRONG' if flagged else 'likely right'} (threshold {threshold:.3g}"
+                f"{_threshold_meaning(card, getattr(scorer, 'target_false_flag', None))})")
 
     if row.get("status") != "not scored":
-        return said(row["p_error"], row["flagged"], scorer.threshold)
+        return said(row["p_error"], row["flagged"], scorer.threshold, scorer.card)
     card = scorer.card
     line = f"P(error) NOT COMPUTED at {card['position']}: {row['reason']}"
     fallback = scorer.fallback
@@ -657,10 +689,20 @@ def _verdict(row: dict, scorer, short: bool = False) -> str:
     if fallback is not None and p is not None and p == p:
         auc = fallback.card.get("test_auc")
         line += (f"; at position {fallback.card['position']} instead (a separate detector, test AUC "
-                 f"{_number(auc, '.3f')}): {said(p, row['fallback_flagged'], fallback.threshold)}")
+                 f"{_number(auc, '.3f')}): {said(p, row['fallback_flagged'], scorer.fallback_threshold, fallback.card)}")
     else:
         line += "; no verdict"
     return line
+
+
+def _threshold_meaning(card: dict, target: float | None) -> str:
+    """", flags at most 10% of right answers (split-conformal)" where the threshold has that meaning."""
+    calibration = card.get("calibration") or {}
+    if target is None and calibration.get("status") == "calibrated":
+        target = calibration["target_false_flag"]
+    if target is None:
+        return ", not calibrated"
+    return f", flags at most {target:.0%} of right answers: split-conformal on {len(calibration['right_scores'])} right validation answers"
 
 
 def _optional_column(table, name: str, path):

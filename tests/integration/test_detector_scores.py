@@ -20,6 +20,7 @@ def test_score_gives_the_study_scores_of_its_test_answers(small_study, default_m
     locator = card["locator"]
     assert locator["exact_answer"] in ("blind", "gold") and "number" in {v[1] for v in locator["questions"].values()}
     assert locator["vocabularies"]["country"] and card["fallback"]["position"] == "-1"
+    assert card["calibration"]["part"] == "validation" and card["risk_coverage"]["n"] == card["test_size"]
 
     answers = pd.read_parquet(run / "answers.parquet").set_index("id")
     generations = pd.read_parquet(run / "generations.parquet").set_index("id")

@@ -137,7 +137,8 @@ def test_an_unscored_answer_is_never_called_likely_right():
     from truthmap.cli import _verdict
 
     fallback = SimpleNamespace(card={"position": "-1", "test_auc": 0.71}, threshold=0.4)
-    scorer = SimpleNamespace(card={"position": "exact_answer_last"}, threshold=0.5, fallback=fallback)
+    scorer = SimpleNamespace(card={"position": "exact_answer_last"}, threshold=0.5, fallback=fallback,
+                             fallback_threshold=0.4)
     row = {"p_error": float("nan"), "flagged": None, "status": "not scored",
            "reason": "no exact answer found in the answer (route no_candidate_in_answer)",
            "fallback_p_error": 0.45, "fallback_flagged": True}

@@ -41,6 +41,7 @@ log-probability under the model; ``truthmap score`` prints it and warns. The car
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -235,17 +236,30 @@ class ModelScorer:
     """
 
     def __init__(self, detector: Detector, model=None, force: bool = False, dtype: str = "auto",
-                 device: str = "auto"):
+                 device: str = "auto", target_false_flag: float | None = None):
         self.detector, self.force, self.dtype, self.device = detector, force, dtype, device
         self._wanted, self._lm = model, None
+        self.target_false_flag = target_false_flag
+        self.threshold = self._calibrated(self.card, detector.threshold)
+        fallback = self.fallback
+        self.fallback_threshold = self._calibrated(fallback.card or {}, fallback.threshold) if fallback else None
+
+    def _calibrated(self, card: dict, threshold: float) -> float:
+        """The card's threshold, or, given ``target_false_flag``, the split-conformal threshold for it from the
+        card's validation scores of right answers (:mod:`.conformal`)."""
+        if self.target_false_flag is None:
+            return threshold
+        from .conformal import conformal_threshold
+
+        scores = (card.get("calibration") or {}).get("right_scores")
+        if not scores:
+            raise TruthmapError("this detector's card holds no validation scores to calibrate on (an export of an "
+                                "older truthmap, or a run without a validation part); export it again")
+        return conformal_threshold(scores, self.target_false_flag)["threshold"]
 
     @property
     def card(self) -> dict:
         return self.detector.card or {}
-
-    @property
-    def threshold(self) -> float:
-        return self.detector.threshold
 
     @property
     def lm(self):
@@ -403,7 +417,7 @@ class ModelScorer:
             fp = self._read_and_score(lm, fallback, fcard, prompt_ids, answer_ids, findex)
             table["fallback_position"] = fcard["position"]
             table["fallback_p_error"] = fp
-            table["fallback_flagged"] = pd.array([None if np.isnan(v) else bool(v >= fallback.threshold) for v in fp],
+            table["fallback_flagged"] = pd.array([None if np.isnan(v) else bool(v >= self.fallback_threshold) for v in fp],
                                                  dtype="boolean")
         return table
 
@@ -521,7 +535,8 @@ def _check_card(path: Path, card) -> None:
              "model_revision": lambda v: v is None or isinstance(v, text),
              "test_ids": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
              "test_auc": lambda v: v is None or number(v),
-             "locator": _locator_ok, "fallback": lambda v: isinstance(v, dict)}
+             "locator": _locator_ok, "fallback": lambda v: isinstance(v, dict),
+             "calibration": _calibration_ok}
     for name, ok in rules.items():
         if name in card and not ok(card[name]):
             raise TruthmapError(f"{path}: field '{name}' is {sanitise(repr(card[name]), 60)}; export the detector again")
@@ -535,6 +550,16 @@ def _check_card(path: Path, card) -> None:
         raise TruthmapError(f"{path}: field 'site' is {sanitise(repr(card['site']), 60)}, not one of {', '.join(SITES)}")
     if "layer" in card or "position" in card:  # the cell names what is extracted: checked whole
         check_cell(card.get("site", "residual"), card.get("layer"), card.get("position"), path)
+
+
+def _calibration_ok(calibration) -> bool:
+    """The card's ``calibration``: an object whose ``right_scores`` (if any) are sorted finite numbers."""
+    if not isinstance(calibration, dict):
+        return False
+    scores = calibration.get("right_scores", [])
+    return (isinstance(scores, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              and math.isfinite(v) for v in scores)
+            and all(a <= b for a, b in zip(scores, scores[1:])))
 
 
 def _locator_ok(locator) -> bool:
@@ -752,9 +777,66 @@ def fit_cell(run_dir: Path, site: str, layer: int, position: str, seed: int | st
     train_ids, test_ids = split_ids(run_dir, seed)
     train = np.array([i in train_ids for i in ids])
     test = np.array([i in test_ids for i in ids])
+    validation = np.isin(ids, list(validation_ids(run_dir, seed)))
     detector = Detector(C=C).fit(X[train], y[train])
     detector.n_train_ = int(train.sum())
+    # P(error) and labels of the validation answers: what export calibrates the threshold on
+    detector.validation_ = (detector.predict_proba(X[validation])[:, 1], y[validation])
     return detector, [i for i, t in zip(ids, test) if t], X[test], y[test]
+
+
+def validation_ids(run_dir: Path, seed: int | str) -> set:
+    """The ids of the validation part of ``seed`` (empty for splits written without one)."""
+    from ..runfolder import SPLITS, read_splits
+
+    part = read_splits(Path(run_dir) / SPLITS)["seeds"].get(str(seed), {}).get("validation", [])
+    return {i for i in part if isinstance(i, str)} if isinstance(part, list) else set()
+
+
+def calibrate(detector: Detector, X_test, y_test, target_false_flag: float) -> dict:
+    """Set ``detector.threshold`` by split-conformal calibration on its validation right answers
+    (:mod:`.conformal`) and describe it, with what the threshold does on the test part; the card's
+    ``calibration``. Where the validation part holds too few right answers for the target, the
+    threshold stays and the returned ``status`` says why."""
+    from .conformal import conformal_threshold, false_flag_bound
+
+    p_val, y_val = detector.validation_
+    right_scores = np.sort(p_val[y_val == 0])
+    out = {"method": "split-conformal", "part": "validation", "target_false_flag": float(target_false_flag),
+           "rule": "threshold = the next float above the k-th smallest P(error) of the n right validation "
+                   "answers, k = ceil((n + 1)(1 - target)); flag when P(error) >= threshold",
+           "guarantee": "a new right answer exchangeable with the validation ones is flagged with probability "
+                        "<= (n + 1 - k)/(n + 1) <= target; given this validation part, the false-flag rate is "
+                        "Beta(n + 1 - k, k) distributed (interval_95)",
+           "right_scores": [float(v) for v in right_scores]}
+    try:
+        found = conformal_threshold(right_scores, target_false_flag)
+    except TruthmapError as err:
+        return {**out, "status": f"not calibrated: {err}; the threshold stays {detector.threshold:g}"}
+    detector.threshold = found["threshold"]
+    p_test = detector.predict_proba(X_test)[:, 1] if len(X_test) else np.array([])
+    flagged = p_test >= detector.threshold
+    right, wrong = y_test == 0, y_test == 1
+    return {**out, "status": "calibrated", **{k: found[k] for k in ("rank", "n_right", "score_at_rank",
+                                                                     "expected_false_flag")},
+            "interval_95": list(false_flag_bound(found["n_right"], found["rank"])),
+            "test_right": int(right.sum()), "test_false_flag_rate": float(flagged[right].mean()) if right.any() else None,
+            "test_wrong": int(wrong.sum()), "test_flag_rate_wrong": float(flagged[wrong].mean()) if wrong.any() else None}
+
+
+def risk_coverage_card(detector: Detector, X_test, y_test) -> dict | None:
+    """The card's ``risk_coverage`` on the test part: accuracy kept vs fraction answered, its area, and the
+    point the card's threshold answers at (:func:`.conformal.risk_coverage`); None without test answers."""
+    from .conformal import risk_coverage
+
+    if not len(X_test):
+        return None
+    p = detector.predict_proba(X_test)[:, 1]
+    curve = risk_coverage(p, y_test)
+    kept = p < detector.threshold
+    return {"part": "test", **curve,
+            "at_threshold": {"coverage": float(kept.mean()),
+                             "accuracy": float((y_test[kept] == 0).mean()) if kept.any() else None}}
 
 
 def prompt_frame(run_dir: Path) -> tuple[str | None, str | None]:
@@ -771,11 +853,20 @@ def prompt_frame(run_dir: Path) -> tuple[str | None, str | None]:
     return frames.pop() if len(frames) == 1 else (None, None)
 
 
+DEFAULT_TARGET_FALSE_FLAG = 0.1  # export's target false-flag rate on right answers
+RISK_COVERAGE_FIGURE = "risk_coverage.png"  # export: the card's risk-coverage curve
+
+
 def export_detector(run_dir: str | Path, *, site: str, layer: int, position: str, out: str | Path | None = None,
-                    seed: int | str = 0, C: float = 1.0) -> Path:
+                    seed: int | str = 0, C: float = 1.0, target_false_flag: float = DEFAULT_TARGET_FALSE_FLAG) -> Path:
     """Fit a Detector on the run's train split (``seed``), measure it on the test split, and save it.
 
-    ``out`` (default ``<run>/detectors/<site>-L<layer>-<position>``) must be new, empty or a detector."""
+    ``out`` (default ``<run>/detectors/<site>-L<layer>-<position>``) must be new, empty or a detector.
+    The threshold is calibrated on the seed's validation part for ``target_false_flag`` (:func:`calibrate`);
+    the card holds the risk-coverage curve on the test part, also drawn as ``risk_coverage.png``."""
+    from .conformal import conformal_rank
+
+    conformal_rank(1, target_false_flag)  # a target outside (0, 1) is refused before any work
     from .resample import check_cell
     from ..runfolder import CONFIG, SUMMARY, child, read_json_object, reading
 
@@ -788,12 +879,14 @@ def export_detector(run_dir: str | Path, *, site: str, layer: int, position: str
         if not isinstance(config.get("model"), str):
             raise TruthmapError(f"{run_dir / CONFIG}: no model named; is this a run folder?")
         detector, test_ids, X_test, y_test = fit_cell(run_dir, site, layer, position, seed, C)
-        detector.fallback_ = _fit_fallback(run_dir, site, layer, position, seed, C)
+        detector.fallback_ = _fit_fallback(run_dir, site, layer, position, seed, C, target_false_flag)
+        calibration = calibrate(detector, X_test, y_test, target_false_flag)
         return _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary, site, layer, position,
-                              seed, out)
+                              seed, out, calibration)
 
 
-def _fit_fallback(run_dir: Path, site: str, layer: int, position: str, seed, C: float) -> "Detector | None":
+def _fit_fallback(run_dir: Path, site: str, layer: int, position: str, seed, C: float,
+                  target_false_flag: float) -> "Detector | None":
     """A detector at the same site and layer on a position every answer has (the first of
     FALLBACK_POSITIONS the run extracted), for an answer whose own position does not exist; None when
     the detector's position always exists or the run has none of them."""
@@ -808,8 +901,10 @@ def _fit_fallback(run_dir: Path, site: str, layer: int, position: str, seed, C: 
         except TruthmapError:  # not extracted in this run
             continue
         auc = float(auc_score(fallback.predict_proba(X_test)[:, 1], y_test)) if len(set(y_test.tolist())) == 2 else None
+        calibration = calibrate(fallback, X_test, y_test, target_false_flag)
         fallback.card = {"site": site, "layer": int(layer), "position": candidate, "train_size": fallback.n_train_,
-                         "test_size": len(ids), "test_auc": auc}
+                         "test_size": len(ids), "test_auc": auc, "calibration": calibration,
+                         "risk_coverage": risk_coverage_card(fallback, X_test, y_test)}
         return fallback
     return None
 
@@ -824,14 +919,15 @@ def _refuse_foreign_folder(out: Path) -> None:
         return
     if not out.is_dir():
         raise TruthmapError(f"{out}: not a folder; give another --out")
-    ours = (WEIGHTS, FALLBACK_WEIGHTS, CARD)
+    ours = (WEIGHTS, FALLBACK_WEIGHTS, CARD, RISK_COVERAGE_FIGURE)
     foreign = [p.name for p in out.iterdir() if p.name not in ours and not p.name.endswith(".tmp")]
     if foreign or any(os.path.islink(out / name) for name in ours):
         raise TruthmapError(f"{out}: holds files truthmap did not write ({', '.join(sorted(foreign)[:3]) or 'links'}); "
                             f"nothing touched; give another --out")
 
 
-def _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary, site, layer, position, seed, out):
+def _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary, site, layer, position, seed, out,
+                   calibration):
     from .. import __version__
     from ..stages.probe import auc_score
 
@@ -857,8 +953,19 @@ def _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary,
         "run": run_dir.resolve().name, "test_ids": test_ids, "truthmap": __version__,
         "domain": domain(config["model"], task, protocol, int(max_new_tokens)),
         "locator": locator_rules(run_dir, config),
+        "calibration": calibration,
+        "risk_coverage": risk_coverage_card(detector, X_test, y_test),
     }
-    return detector.save(out)
+    folder = detector.save(out)
+    curve = detector.card["risk_coverage"]
+    if curve is not None:
+        from .conformal import plot_risk_coverage
+
+        at = curve["at_threshold"]
+        plot_risk_coverage(curve, folder / RISK_COVERAGE_FIGURE,
+                           f"{site} layer {layer} · {position} · test part",
+                           (at["coverage"], at["accuracy"]) if at["accuracy"] is not None else None)
+    return folder
 
 
 def domain(model: str, task: str, protocol: str, max_new_tokens: int) -> dict:
