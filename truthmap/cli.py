@@ -446,6 +446,12 @@ def transfer(train, test, site, layer, position, model, out, to, bootstrap, prob
     out, grid = run_transfer(list(train), list(test), site=site, layer=layer, position=position, out=out, model=model,
                              n_boot=bootstrap, probe=probe)
     click.echo(grid.round(3).to_string())
+    table = grid.attrs.get("table")
+    for row in table.itertuples() if table is not None else []:
+        interval = f"{row.auc_lo:.3f}–{row.auc_hi:.3f}" if row.auc_lo == row.auc_lo else "no interval"
+        click.echo(f"{row.train} -> {row.test} (seed {row.seed}): AUC {_number(row.auc)} ({interval}) on "
+                   f"{row.n_test} test answers in {row.n_test_groups} groups"
+                   + (f"; {row.n_shared} sharing a question with the train run left out" if row.n_shared else ""))
     click.echo("transfer: " + ", ".join(str(out / name) for name in rf.TRANSFER_FILES))
 
 

@@ -13,24 +13,30 @@ POSITIONS = ["last_q", "-1"]
 
 
 def make_run(folder: Path, n: int = 120, d: int = 8, layers: int = 3, seed: int = 0, direction: float = 1.0,
-             model: str = "tiny-model", dataset: str = "toy", families=("a", "b")) -> Path:
+             model: str = "tiny-model", dataset: str = "toy", families=("a", "b"), first_question: int = 0,
+             repeat: int = 1) -> Path:
     """A run folder with answers, splits (seeds 0 and 1), config, summary and residual activations.
 
     Error depends on feature 0 of layer 1 at position -1 (sign ``direction``); everything else is noise.
+    Answer i asks "question {first_question + i // repeat} of {dataset}?": runs of one dataset share
+    the questions their numbers share; ``repeat`` consecutive answers ask one question and are copies
+    (same label, same features).
     """
     rng = np.random.default_rng(seed)
     folder = Path(folder)
     (folder / "activations" / "residual").mkdir(parents=True, exist_ok=True)
-    ids = [f"{dataset}-{i}" for i in range(n)]
-    error = rng.random(n) < 0.5
-    X = rng.normal(size=(layers, len(POSITIONS), n, d)).astype(np.float32)
+    ids = [f"{dataset}-{first_question + i}" for i in range(n)]
+    source = np.arange(n) // repeat  # the answer each one copies
+    error = (rng.random(n) < 0.5)[source]
+    X = rng.normal(size=(layers, len(POSITIONS), n, d)).astype(np.float32)[:, :, source]
     X[1, 1, :, 0] += direction * np.where(error, 1.5, -1.5)
     valid = np.ones((n, len(POSITIONS)), bool)
     valid[:5, 1] = False  # a few answers without the position
     X[:, 1, :5] = 0
     family = [families[i % len(families)] for i in range(n)]
-    answers = pd.DataFrame({"id": ids, "question": [f"question {i}?" for i in range(n)], "gold": [["x"]] * n,
-                            "family": family, "subgroup": "", "prompt": [f"<u>question {i}?</u>" for i in range(n)],
+    questions = [f"question {first_question + k} of {dataset}?" for k in source]
+    answers = pd.DataFrame({"id": ids, "question": questions, "gold": [["x"]] * n,
+                            "family": family, "subgroup": "", "prompt": [f"<u>{q}</u>" for q in questions],
                             "answer": "x", "correct": ~error, "exact_answer": "x", "exact_answer_valid": True,
                             "exact_answer_reason": "gold_alias", "exact_answer_start": 0, "exact_answer_end": 1})
     answers["n_prompt_tokens"] = 6

@@ -4,18 +4,27 @@
 whose run folder for ``--model`` must exist). For every train task T and every task U (the train tasks
 and the test tasks), and every seed both runs share, a :class:`~truthmap.analyses.detector.Detector` is fitted
 on T's train split at (site, layer, position) and scored on U's test split — the same test split as
-U's own probes, so the diagonal is the in-task AUC. Writes, into ``--out``:
+U's own probes, so the diagonal is the in-task AUC.
 
-* ``transfer.csv`` — ``train, test, seed, auc, auc_lo, auc_hi, n_train, n_test, probe`` (bootstrap 95%
-  interval over the test split, each draw resampling answers with their labels);
+**Shared questions are left out.** Off the diagonal (two run folders), a test answer whose question the
+train run also holds — the same normalised question text, or the same group key its task declares
+(facts: the country, state or element asked about; splits.split_groups) — is left out of the test side:
+the probe may have trained on it. ``n_shared`` counts them, and the command prints it. The bootstrap
+draws groups of related test answers (splits.split_groups of the test run, as the probe stage's
+cluster bootstrap does), not single answers. Writes, into ``--out``:
+
+* ``transfer.csv`` — ``train, test, seed, auc, auc_lo, auc_hi, n_train, n_test, probe, n_test_groups,
+  n_shared`` (cluster-bootstrap 95% interval over the test answers kept, each draw resampling whole
+  groups with their labels; ``n_test`` answers in ``n_test_groups`` groups, ``n_shared`` left out);
 * ``transfer_matrix.csv`` — rows: train task (with ``[probe]`` when both kinds were trained), columns: test
   task, mean AUC over seeds;
+* ``transfer.png`` — that matrix as a heatmap, each cell with its interval (of the first seed), its n
+  and the number of shared questions left out.
 
 ``--probe`` chooses what the probe learns on the train task: ``correctness`` (wrong vs right answers, the
 default), ``entropy`` (high vs low semantic entropy, no gold label: the train run needs
 ``sampling_scores.parquet``, from ``--also samples`` or ``truthmap resample``; the threshold is the best
 split on the train part, as in entropy.py) or ``both``. Every probe is tested on detecting wrong answers.
-* ``transfer.png`` — that matrix as a heatmap.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ import pandas as pd
 from .. import runfolder as rf
 from ..errors import TruthmapError
 
-COLUMNS = ["train", "test", "seed", "auc", "auc_lo", "auc_hi", "n_train", "n_test", "probe"]
+COLUMNS = ["train", "test", "seed", "auc", "auc_lo", "auc_hi", "n_train", "n_test", "probe", "n_test_groups",
+           "n_shared"]
 PROBES = ("correctness", "entropy")
 
 
@@ -77,11 +87,36 @@ def entropy_targets(run_dir: Path, ids, train_ids) -> np.ndarray:
     return labels[0]
 
 
+def question_keys(answers: pd.DataFrame) -> list[set]:
+    """The keys that tie each answer's question to another run's: its normalised text and, where its task
+    declares one, ``(task, group key)`` (the same rules as splits.split_groups)."""
+    from .. import textmatch
+    from ..tasks import REGISTRY
+
+    tasks = answers["task"] if "task" in answers.columns else pd.Series("generic", index=answers.index)
+    keys = []
+    for answer_id, question, task in zip(answers["id"], answers["question"], tasks):
+        own = {("question", textmatch.normalize(str(question)) or str(question))}
+        declared = getattr(REGISTRY.get(task), "group", None)
+        key = declared(str(answer_id), str(question)) if declared is not None else ""
+        if key:
+            own.add(("group", str(task), key))
+        keys.append(own)
+    return keys
+
+
+def shared_with(test_answers: pd.DataFrame, train_answers: pd.DataFrame) -> np.ndarray:
+    """``[len(test_answers)]`` bool: the test answer's question is also one of the train run's (any part)."""
+    train_keys = set().union(*question_keys(train_answers)) if len(train_answers) else set()
+    return np.array([bool(keys & train_keys) for keys in question_keys(test_answers)], dtype=bool)
+
+
 def transfer_table(train_runs: list[Path], test_runs: list[Path], *, site: str, layer: int, position: str,
                    C: float = 1.0, n_boot: int = 1000, probes: tuple[str, ...] = ("correctness",)) -> pd.DataFrame:
     """One row per (probe kind, train task, test task, shared seed); see the module docstring."""
     from .detector import Detector, cell_data
-    from ..stages.probe import auc_score, bootstrap_counts
+    from ..splits import split_groups
+    from ..stages.probe import auc_score, group_bootstrap
 
     runs = list(dict.fromkeys(list(train_runs) + list(test_runs)))
     check_same_model(runs)
@@ -90,6 +125,9 @@ def transfer_table(train_runs: list[Path], test_runs: list[Path], *, site: str, 
         names = {r: f"{task_name(r)} ({r.name})" for r in runs}
     data = {r: cell_data(r, site, layer, position) for r in runs}
     splits = {r: rf.read_splits(r / rf.SPLITS)["seeds"] for r in runs}
+    answers = {r: rf.read_parquet(r / rf.ANSWERS).reset_index(drop=True) for r in runs}
+    # a group number per answer of each run, over its whole answers table (the probe stage's groups)
+    group_of = {r: dict(zip(answers[r]["id"], split_groups(answers[r]))) for r in runs}
     rows = []
     for kind, train_run in ((k, r) for k in probes for r in train_runs):
         ids, X, y_error = data[train_run]
@@ -98,24 +136,31 @@ def transfer_table(train_runs: list[Path], test_runs: list[Path], *, site: str, 
             if not seeds:
                 raise TruthmapError(f"{train_run} and {test_run} share no split seed; rerun one with --seeds")
             test_ids_all, X_test_all, y_test_all = data[test_run]
+            shared = np.zeros(len(test_ids_all), dtype=bool)
+            if test_run != train_run:  # the probe may have trained on these questions
+                table = answers[test_run].set_index("id").loc[list(test_ids_all)].reset_index()
+                shared = shared_with(table, answers[train_run])
             for seed in seeds:
                 train = np.isin(ids, splits[train_run][seed]["train"])
                 y = y_error
                 if kind == "entropy":  # no gold label in training: high vs low semantic entropy
                     y = entropy_targets(train_run, ids, splits[train_run][seed]["train"])
                     train &= y >= 0
-                test = np.isin(test_ids_all, splits[test_run][seed]["test"])
+                in_test = np.isin(test_ids_all, splits[test_run][seed]["test"])
+                test = in_test & ~shared
                 X_test, y_test = X_test_all[test], y_test_all[test]
+                groups = pd.factorize(pd.Series([group_of[test_run][i] for i in np.asarray(test_ids_all)[test]],
+                                                dtype="int64"))[0]
+                counts = [int(train.sum()), int(test.sum()), kind, int(groups.max(initial=-1) + 1),
+                          int((in_test & shared).sum())]
                 if len(set(y[train].tolist())) < 2 or len(set(y_test.tolist())) < 2:
-                    rows.append([names[train_run], names[test_run], int(seed), np.nan, np.nan, np.nan,
-                                 int(train.sum()), int(test.sum()), kind])
+                    rows.append([names[train_run], names[test_run], int(seed), np.nan, np.nan, np.nan, *counts])
                     continue
                 score = Detector(C=C).fit(X[train], y[train]).predict_proba(X_test)[:, 1]
                 auc = float(auc_score(score, y_test))
-                lo, hi = np.nanpercentile(auc_score(score, y_test, bootstrap_counts(len(score), n_boot, int(seed))),
+                lo, hi = np.nanpercentile(auc_score(score, y_test, group_bootstrap(groups, n_boot, int(seed))),
                                           [2.5, 97.5])
-                rows.append([names[train_run], names[test_run], int(seed), auc, float(lo), float(hi),
-                             int(train.sum()), int(test.sum()), kind])
+                rows.append([names[train_run], names[test_run], int(seed), auc, float(lo), float(hi), *counts])
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -127,16 +172,31 @@ def matrix(table: pd.DataFrame) -> pd.DataFrame:
     return out.reindex(index=list(dict.fromkeys(table["train"])), columns=list(dict.fromkeys(table["test"])))
 
 
-def plot_matrix(grid: pd.DataFrame, path: Path, title: str) -> None:
+def plot_matrix(grid: pd.DataFrame, table: pd.DataFrame, path: Path, title: str) -> None:
+    """The matrix as a heatmap; each cell shows its mean AUC over seeds, the first seed's 95%
+    cluster-bootstrap interval, the test answers kept (n) and the shared questions left out."""
     from ..figures import draw_grid, new_figure, save
 
     values = grid.to_numpy(dtype=float)
-    fig, ax = new_figure(figsize=(1.8 + 1.1 * values.shape[1], 1.4 + 0.7 * values.shape[0]))
+    if "probe" in table.columns and table["probe"].nunique() > 1:
+        table = table.assign(train=table["train"] + " [" + table["probe"] + "]")
+    first = table[table["seed"] == table["seed"].min()].set_index(["train", "test"])
+    fig, ax = new_figure(figsize=(2.2 + 1.6 * values.shape[1], 1.6 + 0.95 * values.shape[0]))
     image = draw_grid(ax, values, cmap="Blues", vmin=0.5, vmax=1.0, columns=grid.columns, column_rotation=30,
                       rows=grid.index, xlabel="test task", ylabel="train task", title=title)
     for (r, c), v in np.ndenumerate(values):
-        if np.isfinite(v):
-            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=9, color="white" if v > 0.8 else "black")
+        key = (grid.index[r], grid.columns[c])
+        cell = first.loc[key] if key in first.index else None
+        lines = [f"{v:.2f}" if np.isfinite(v) else "n/a"]
+        if cell is not None:
+            if np.isfinite(cell["auc_lo"]):
+                lines.append(f"{cell['auc_lo']:.2f}–{cell['auc_hi']:.2f}")
+            lines.append(f"n {int(cell['n_test'])}" + (f", −{int(cell['n_shared'])} shared" if cell["n_shared"] else ""))
+        ax.text(c, r, "\n".join(lines), ha="center", va="center", fontsize=7,
+                color="white" if np.isfinite(v) and v > 0.8 else "black")
+    seed = int(table["seed"].min()) if len(table) else 0
+    ax.set_title(f"{title}\nmean AUC over seeds; 95% cluster-bootstrap interval and n of seed {seed}; "
+                 f"questions the train run holds left out", fontsize=8)
     fig.colorbar(image, ax=ax, label="AUC predicting an error")
     save(fig, path)
 
@@ -144,7 +204,8 @@ def plot_matrix(grid: pd.DataFrame, path: Path, title: str) -> None:
 def run_transfer(train: list[str], test: list[str], *, site: str, layer: int, position: str, out: str | None = None,
                  model: str | None = None, C: float = 1.0, n_boot: int = 1000,
                  probe: str = "correctness") -> tuple[Path, pd.DataFrame]:
-    """Resolve the runs, compute the table and matrix, write them; return (out folder, matrix)."""
+    """Resolve the runs, compute the table and matrix, write them; return (out folder, matrix), the table of
+    ``transfer.csv`` in the matrix's ``attrs["table"]``."""
     from contextlib import ExitStack
 
     from .resample import check_cell
@@ -165,7 +226,8 @@ def run_transfer(train: list[str], test: list[str], *, site: str, layer: int, po
     grid = matrix(table)
     rf.write_csv(out_dir / OUTPUTS[0], table)
     rf.write_csv(out_dir / OUTPUTS[1], grid.reset_index().rename(columns={"train": "train \\ test"}))
-    plot_matrix(grid, out_dir / OUTPUTS[2], f"transfer · {site} layer {layer} · {position}")
+    plot_matrix(grid, table, out_dir / OUTPUTS[2], f"transfer · {site} layer {layer} · {position}")
+    grid.attrs["table"] = table
     return out_dir, grid
 
 
