@@ -85,14 +85,15 @@ def test_the_heatmap_hatches_the_cells_that_do_not_beat_the_controls_and_names_t
     results = auc_rows(GRID, baselines={"surface": (0.64, 0.58, 0.70), "family_rate": (0.66, 0.65, 0.67),
                                         "logprob_mean": (0.80, 0.75, 0.85)})  # not a control: sets no bar
     assert plot.control_level(results) == {"name": "surface", "auc": 0.64, "high": 0.70}
-    left_out = plot.left_out_note({"q1": "no_exact_answer:no_match", "q2": "no_exact_answer:no_match", "q3": "-8"})
+    left_out = plot.left_out_note({"q1": "no_exact_answer:no_match", "q2": "no_exact_answer:no_match", "q3": "-8",
+                                   "q4": "-8", "q5": "refusal"})
     plot.plot_heatmap(results, ["last_q", "exact_answer_first"], tmp_path / "heatmap", model="m", dataset="d", n=40,
                       left_out=left_out)
     ax = drawn["fig"].axes[0]
     assert hatched_cells(ax) == {(0, 0), (0, 1), (1, 0), (2, 0)}  # AUC ≤ 0.70; 0.71 and 0.90 beat them
     title = ax.get_title()
     assert "layer 2, exact answer, first token: test AUC 0.900 (0.88–0.92)" in title and "0.70" in title
-    assert "n=40 answers; 3 left out (no_exact_answer:no_match 2, -8 1)" in title
+    assert "n=40 answers; 5 left out (no_exact_answer:no_match 2, -8 2, …)" in title
     assert [t.get_text() for t in ax.get_xticklabels()] == ["last question token", "exact answer, first token"]
     # below chance is coloured (red), not white like chance
     cmap, norm = matplotlib.colormaps[AUC_CMAP], auc_norm()

@@ -153,12 +153,13 @@ def auc_colorbar(fig, image, axes, label: str, level: dict | None, fontsize: flo
 
 
 def left_out_note(left_out: dict) -> str:
-    """"; 44 left out (no_exact_answer:no_match 40, …)" from splits.json's ``left_out`` {id: reason}; "" if none."""
+    """"; 44 left out (no_exact_answer:no_match 40, …)" from splits.json's ``left_out`` {id: reason} (the two
+    commonest reasons); "" if none."""
     if not left_out:
         return ""
     reasons = pd.Series(list(left_out.values()), dtype=object).value_counts()
-    shown = ", ".join(f"{reason} {count}" for reason, count in reasons.head(3).items())
-    return f"; {len(left_out)} left out ({shown}{', …' if len(reasons) > 3 else ''})"
+    shown = ", ".join(f"{reason} {count}" for reason, count in reasons.head(2).items())
+    return f"; {len(left_out)} left out ({shown}{', …' if len(reasons) > 2 else ''})"
 
 
 def plot_heatmap(results: pd.DataFrame, positions: list[str], out_stem: Path, *, model: str, dataset: str,
