@@ -571,7 +571,7 @@
   function controlsWarning(run, verdict, chosen) {
     const lines = [];
     if (verdict && verdict.beats_controls === false) {
-      const unshown = (verdict.comparisons || []).filter((c) => (c.kind === "control" || c.kind === "layer0") && !c.shown);
+      const unshown = (verdict.comparisons || []).filter((c) => c.kind === "control" && !c.shown);
       lines.push("Does not beat the controls" + (unshown.length ? " (" + unshown.map((c) => c.against + " " +
         signed(c.diff) + ", " + signed(c.low) + " … " + signed(c.high)).join("; ") + ")" : "") +
         ": the chosen cell may read what the answer is or looks like, not what the model knows.");
