@@ -96,7 +96,17 @@ def _ascii_word(value: str) -> str:
     return value
 
 
+def _template_text(value: str) -> str:
+    """A prompt template: text of lines (newlines and tabs kept), no other control character."""
+    if any((ord(c) < 32 and c not in "\n\t\r") or ord(c) == 127 for c in value):
+        raise ValueError("holds a control character other than a line break or a tab")
+    if len(value) > 100_000:
+        raise ValueError("is longer than 100000 characters")
+    return value
+
+
 Text = Annotated[str, AfterValidator(_text)]  # paths, ids, column names
+Template = Annotated[str, AfterValidator(_template_text)]
 Word = Annotated[str, AfterValidator(_text), AfterValidator(_ascii_word)]
 Whole = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's seed range
@@ -143,7 +153,7 @@ class Config(BaseModel):
     protocol: Literal[PROTOCOLS] = setting("brief", "Generation settings: brief (default; '… Answer briefly.', 24 new "
                                            "tokens) or reference (the reference study's: the question alone, 100 new "
                                            "tokens, math 200; docs/tasks.md).", stages=("generate",))
-    prompt_template: Text | None = setting(None, "User message for chat models, with {question} (and {context} for "
+    prompt_template: Template | None = setting(None, "User message for chat models, with {question} (and {context} for "
                                            "tasks with a passage); default: the task's.", stages=("generate",))
     max_new_tokens: Annotated[int, Field(ge=1, le=100_000)] | None = setting(
         None, "New tokens per answer (default: the task's under the protocol: brief 24, math 64; reference 100, "
@@ -253,10 +263,17 @@ class Config(BaseModel):
         if template is None:
             return template
         try:
-            names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+            fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                      if name is not None]
         except ValueError as err:
             raise SettingError("prompt_template", f"{template!r} cannot be filled ({err}); write a literal brace "
                                                   f"as {{{{ or }}}}") from None
+        names = [name for name, _, _ in fields]
+        shaped = [f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+                  for name, spec, conversion in fields if spec or conversion]
+        if shaped:  # a format spec can pad a field to gigabytes ({question:>999999999})
+            raise SettingError("prompt_template", f"{template!r} formats a field ({shaped[0]}); write the fields "
+                                                  f"plainly: {{question}}")
         odd = [n for n in names if n not in PROMPT_FIELDS]
         if odd:
             raise SettingError("prompt_template", f"{template!r} names {{{odd[0]}}}; use only "

@@ -46,6 +46,8 @@ def test_a_quoted_false_is_an_error_never_true(tmp_path, text):
     ("out: [a, b]", "out: ['a', 'b'] is a list; use text"),
     ("site: [mlp]", "unknown setting 'site'; did you mean sites?"),
     ("prompt_template: '{question.x}'", "prompt_template: '{question.x}' names {question.x}; use only {question}"),
+    ("prompt_template: '{question:>999999999}'", "prompt_template: '{question:>999999999}' formats a field"),
+    ("prompt_template: \"Q: {question}\\u0000\"", "prompt_template: 'Q: {question}\\x00' holds a control character"),
 ])
 def test_yaml_values_of_the_wrong_kind_are_named(tmp_path, text, says):
     path = tmp_path / "c.yaml"
@@ -324,3 +326,9 @@ def test_a_detector_cards_settings_go_through_the_schema(tmp_path, field, raw, s
     with pytest.raises(TruthmapError) as err:
         Detector.load(folder)
     assert says in str(err.value) and str(folder) in str(err.value)
+
+
+def test_a_prompt_template_keeps_its_lines():
+    template = "Answer the question.\n\nQ: {question}\nA:"
+    assert Config(prompt_template=template).prompt_template == template
+    assert len(Config(prompt_template="x" * 20_000 + "{question}").prompt_template) == 20_010
