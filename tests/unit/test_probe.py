@@ -183,7 +183,7 @@ def test_min_per_class_below_two_is_refused():
     from truthmap.config import Config
     from truthmap.errors import TruthmapError
 
-    with pytest.raises(TruthmapError, match="min_per_class 1"):
+    with pytest.raises(TruthmapError, match="min_per_class: 1 is out of range; use a whole number from 2"):
         Config(min_per_class=1).validate()
 
 
