@@ -79,11 +79,54 @@ class LoadedModel:
     def close(self) -> None:
         """Nothing to stop: the model stays in load_model's cache for the next study of this process."""
 
+    def head_logits(self, logits):
+        """What the causal-LM class does to its LM head's output before returning ``.logits``: Gemma's
+        soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling`` (a hook on the head, or the
+        head applied to a hidden state, sees the output before these)."""
+        config = self.model.config.get_text_config()
+        if getattr(config, "final_logit_softcapping", None):
+            cap = config.final_logit_softcapping
+            logits = (logits / cap).tanh() * cap
+        if getattr(config, "logit_scale", None) and "cohere" in str(getattr(config, "model_type", "")):
+            logits = logits * config.logit_scale
+        if getattr(config, "logits_scaling", None):
+            logits = logits / config.logits_scaling
+        return logits
+
+    def hook_site(self, site: str, read) -> list:
+        """Forward hooks that call ``read(row, hidden)`` with each row of ``site`` as the model computes it,
+        ``hidden`` ``[B, T, d]``; returns the hook handles (remove them when done).
+
+        Rows are numbered as the site's stored layers in order: residual row 0 is the input of the first
+        block (the embeddings with what the model adds before its blocks: learned positions, Gemma's
+        scaling — ``output_hidden_states[0]``), row l the output of block l; mlp and attention rows
+        0..L-1 are the sub-module's output in blocks 1..L."""
+
+        tokens = []  # [B, T] of the forward running now: OPT's fc2 gives [B * T, d]
+
+        def after(row):
+            def hook(_module, _inputs, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                read(row, hidden.view(*tokens[0], -1) if hidden.dim() == 2 else hidden)
+            return hook
+
+        def before(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            tokens[:] = [hidden.shape[:-1]]
+            if site == "residual":
+                read(0, hidden)
+
+        modules = self.site_modules(site)
+        handles = [m.register_forward_hook(after(row + (site == "residual"))) for row, m in enumerate(modules)]
+        return handles + [self.blocks[0].register_forward_pre_hook(before, with_kwargs=True)]
+
     def site_modules(self, site: str) -> list:
         """The module whose output is row ``layer`` of ``site``, for layer = 1..n_layers (row 0 only for residual)."""
         if site == "residual":
             return list(self.blocks)
-        names = {"mlp": ("mlp", "feed_forward", "ffn"), "attention": ("self_attn", "attention", "attn")}[site]
+        # OPT's MLP has no module of its own: its second linear layer (fc2) is the MLP's output
+        names = {"mlp": ("mlp", "feed_forward", "ffn", "fc2"),
+                 "attention": ("self_attn", "self_attention", "attention", "attn")}[site]
         found = []
         for block in self.blocks:
             module = next((getattr(block, n) for n in names if hasattr(block, n)), None)

@@ -145,7 +145,7 @@ def option_b_probability(lm, prompts: list[str | None], batch_size: int = 16) ->
         hidden = lm.model.base_model(input_ids=ids.to(lm.device), use_cache=False).last_hidden_state
         last = hidden[torch.arange(len(batch)), torch.tensor([len(encoded[i]) - 1 for i in batch])]
         # the model's own head on the last prompt token only (forward with the LM head on every token is wasted)
-        probs = torch.softmax(lm.model.get_output_embeddings()(last).float(), dim=-1)
+        probs = torch.softmax(lm.head_logits(lm.model.get_output_embeddings()(last)).float(), dim=-1)
         mass_a, mass_b = probs[:, a_ids].sum(-1), probs[:, b_ids].sum(-1)
         out[batch] = (mass_b / (mass_a + mass_b).clamp(min=1e-30)).cpu().numpy()
     return out
@@ -264,7 +264,7 @@ def p_true_variants(lm, questions: list[str], variants: list[list[str | None]], 
             last = _last_hidden_shared(lm, groups, head_cache, chunk=batch_size)
         if last is None:  # a cache that cannot be shared (sliding windows, linear attention …)
             last = _last_hidden(lm, [prompts[key] for key in keys])
-        probs = torch.softmax(lm_head(last).float(), dim=-1)  # the LM head on the last position only
+        probs = torch.softmax(lm.head_logits(lm_head(last)).float(), dim=-1)  # the LM head on the last position only
         mass_a, mass_b = probs[:, a_ids].sum(-1), probs[:, b_ids].sum(-1)
         score = (mass_b / (mass_a + mass_b).clamp(min=1e-30)).cpu().numpy()
         for (v, i), value in zip(keys, score):

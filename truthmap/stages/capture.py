@@ -128,11 +128,7 @@ class BatchCapture:
     def __enter__(self):
         self.handles.append(self.lm.embeddings.register_forward_pre_hook(self._begin_step, with_kwargs=True))
         for site in self.plan.sites:
-            modules = self.lm.site_modules(site)
-            if site == "residual":
-                modules = [self.lm.embeddings] + modules
-            for row, module in enumerate(modules):
-                self.handles.append(module.register_forward_hook(self._reader(site, row)))
+            self.handles += self.lm.hook_site(site, self._reader(site))
         self.handles.append(self.lm.model.get_output_embeddings().register_forward_hook(self._read_logits))
         return self
 
@@ -160,21 +156,21 @@ class BatchCapture:
         self.ended = self.ended | torch.isin(consumed, self.stop_ids)
         self.slot = self.plan.write_slot(token)
 
-    def _reader(self, site, row):
-        def hook(_module, _inputs, output):
+    def _reader(self, site):
+        def read(row, hidden):
             if self.slot is None:
                 return
             target = self.states[site][:, self.slot, row]
             # [B, d]; a model spread over several devices (--device-map) hands it over from its own
-            hidden = (output[0] if isinstance(output, tuple) else output)[:, -1].to(target.device, target.dtype)
+            hidden = hidden[:, -1].to(target.device, target.dtype)
             target.copy_(hidden if self.write is None else torch.where(self.write[:, None], hidden, target))
 
-        return hook
+        return read
 
     def _read_logits(self, _module, _inputs, output):
         if self.step > self.max_new_tokens:
             return
-        logp = torch.log_softmax(output[:, -1].float(), dim=-1)
+        logp = torch.log_softmax(self.lm.head_logits(output[:, -1]).float(), dim=-1)
         self.entropy[:, self.step] = (-(logp.exp() * logp).sum(-1)).to(self.entropy.device)
         self.logp = logp
 

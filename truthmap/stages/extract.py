@@ -58,20 +58,15 @@ class _Capture:
 
     def __enter__(self):
         for site in self.sites:
-            modules = self.lm.site_modules(site)
-            if site == "residual":
-                modules = [self.lm.embeddings] + modules
-            for row, module in enumerate(modules):
-                self.handles.append(module.register_forward_hook(self._hook(site, row)))
+            self.handles += self.lm.hook_site(site, self._reader(site))
         return self
 
-    def _hook(self, site, row):
-        def hook(_module, _inputs, output):
-            hidden = output[0] if isinstance(output, tuple) else output
+    def _reader(self, site):
+        def read(row, hidden):
             # [B, T, d] -> [B, P, d]: only the wanted positions leave the model
             self.buffers[site][row] = hidden[self.rows, self.cols].to(self.buffers[site].dtype)
 
-        return hook
+        return read
 
     def __exit__(self, *exc):
         for handle in self.handles:
