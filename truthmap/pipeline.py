@@ -6,9 +6,9 @@
 ``samples`` and ``entropy`` (truthmap/analyses/entropy.py) run with ``--also samples``, and always in a study
 without gold answers, where the stages that need correctness labels (``labelled`` in the table) are skipped.
 
-An optional analysis (``optional`` in the table: the entropy probe, attention) that cannot run on this
-data raises :class:`~truthmap.errors.CannotRun`; a run of several stages then skips it with one line on
-stderr, records why in summary.json ``skipped`` ({stage: reason}; the entry goes when the stage next
+An optional analysis (``optional`` in the table: the whole map, cost, the entropy probe, attention) that
+cannot run on this data raises :class:`~truthmap.errors.CannotRun`; a run of several stages then skips it
+with one line on stderr, records why in summary.json ``skipped`` ({stage: reason}; the entry goes when the stage next
 runs), removes its outputs of an earlier run, and goes on. Asked for alone (``truthmap entropy``) it is an error.
 
 ``STAGE_TABLE`` says, for every stage, the function that runs it, the run-folder files it reads (its
@@ -383,7 +383,7 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
           settings=_fields("C", "bootstrap", "sites", "min_per_class"), labelled=True),
     Stage("wholemap", _wholemap, inputs=(rf.ANSWERS, rf.SPLITS, rf.ACTIVATIONS, rf.PROBE_RESULTS, rf.PROBE_SCORES),
           outputs=(rf.WHOLEMAP_RESULTS, rf.WHOLEMAP_SCORES, rf.CELL_NULL),
-          settings=_fields("C", "bootstrap", "sites", "permutations"), labelled=True),
+          settings=_fields("C", "bootstrap", "sites", "permutations"), labelled=True, optional=True),
     Stage("baselines", _baselines,
           inputs=(rf.ANSWERS, rf.GENERATIONS, rf.SPLITS, rf.PROBE_RESULTS, rf.PROBE_SCORES, rf.SAMPLING_SCORES),
           outputs=(rf.BASELINE_SCORES, rf.BASELINE_RESULTS, rf.FAMILY_RESULTS, rf.BASELINES_FIGURE),
@@ -399,7 +399,7 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
     # summary.json's timings and token counts are read, not fingerprinted (every stage rewrites it)
     Stage("cost", _cost, inputs=(rf.ANSWERS, rf.GENERATIONS, rf.PROBE_RESULTS, rf.BASELINE_RESULTS,
                                  rf.WHOLEMAP_RESULTS, rf.RESAMPLES),
-          outputs=(rf.COST, rf.COST_FIGURE), settings=lambda c: {}, labelled=True),
+          outputs=(rf.COST, rf.COST_FIGURE), settings=lambda c: {}, labelled=True, optional=True),
     Stage("plot", _plot, inputs=(rf.PROBE_RESULTS, rf.BASELINE_RESULTS, rf.ANSWERS, rf.SPLITS, rf.CELL_NULL),
           outputs=tuple(name for view in rf.HEATMAPS for name in rf.figures(view)), settings=_fields("positions"),
           labelled=True),

@@ -265,3 +265,20 @@ def test_the_report_carries_the_whole_map_the_null_graders_and_cost(tmp_path):
     assert run["summary"]["whole_map"]["paired"] == fields["whole_map"]["paired"]
     assert run["summary"]["cell_null"]["cells_beating_null"] == fields["cell_null"]["cells_beating_null"]
     assert run["summary"]["cost"]["pareto"] == ["whole_map"]
+
+
+def test_a_grader_without_both_classes_in_validation_is_noted_not_probed(tmp_path):
+    folder = make_run(tmp_path / "onesided", n=160)
+    answers = pd.read_parquet(folder / "answers.parquet")
+    answers["correct_alias"] = answers["correct"]
+    answers["correct_strict"] = True  # a grader that calls every answer right
+    answers.to_parquet(folder / "answers.parquet", index=False)
+    seal(folder)
+    results, scores = run_probe(folder, ["residual"], n_boot=50, progress=False)
+    results.to_csv(folder / "probe_results.csv", index=False)
+    scores.to_parquet(folder / "probe_scores.parquet", index=False)
+    seal(folder)
+    _, _, _, summary = wm.run_wholemap(folder, ["residual"], n_boot=50, n_permutations=0, progress=False)
+    probes = {p["grader"]: p for p in summary["graders"]["probes"]}
+    assert "note" in probes["correct_strict"] and "layer" in probes["correct_alias"]
+    assert summary["graders"]["accuracy"]["correct_strict"] == 1.0

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import TruthmapError
+from ..errors import CannotRun, TruthmapError
 
 SITE = "baseline"  # a row of the baselines table (stages/baselines.py's SITE)
 POSITION = "whole_map"
@@ -320,7 +320,7 @@ def _run_wholemap(run_dir: Path, sites: list[str], *, C: float, n_boot: int, n_p
             bar.update(1)
     bar.close()
     if not keys:
-        raise TruthmapError(f"{run_dir}: no probe cells to combine (sites {sites})")
+        raise CannotRun(f"{run_dir}: no probe cells to combine (sites {sites})")
 
     stacked, chosen_C, val_aucs = stack(np.stack(columns, axis=-1), y, parts)
     per_seed, cell = cell_stats(stacked, y, parts, weights, strata)
@@ -403,6 +403,10 @@ def grader_summary(answers: pd.DataFrame, ids: list[str], in_study: np.ndarray, 
     main = _choose(np.stack(columns, axis=1), y, parts)  # the cell the run's own labels choose (ridge probes)
     for g, grader in enumerate(graders):
         chosen = _choose(graded[g], errors[g], parts)
+        if chosen is None or main is None:
+            out["probes"].append({"grader": grader, "note": "its labels leave a validation part without both "
+                                                            "right and wrong answers: no cell chosen"})
+            continue
         per_seed, cell = cell_stats(graded[g][:, chosen].astype(np.float64), errors[g], parts, weights, strata,
                                     probability=False)
         main_rows, _ = cell_stats(graded[g][:, main].astype(np.float64), errors[g], parts, weights, strata,
@@ -418,14 +422,16 @@ def grader_summary(answers: pd.DataFrame, ids: list[str], in_study: np.ndarray, 
     return out
 
 
-def _choose(scores: np.ndarray, y: np.ndarray, parts: dict) -> int:
-    """Index of the cell with the highest mean validation AUC over seeds; ``scores`` ``[S, F, N]``."""
+def _choose(scores: np.ndarray, y: np.ndarray, parts: dict) -> int | None:
+    """Index of the cell with the highest mean validation AUC over seeds; ``scores`` ``[S, F, N]``; None
+    when no cell has one (labels without both classes in every validation part)."""
     aucs = np.full(scores.shape[:2], np.nan)
     for s in range(scores.shape[0]):
         for f in range(scores.shape[1]):
             rows = parts["validation"][s] & np.isfinite(scores[s, f])
             aucs[s, f] = auc_rows(scores[s, f, rows].astype(np.float64), y[rows].astype(bool))
-    return int(np.nanargmax(_seed_mean(aucs)))
+    means = _seed_mean(aucs)
+    return None if np.isnan(means).all() else int(np.nanargmax(means))
 
 
 def _round(value) -> float | None:

@@ -625,10 +625,11 @@
         ", resolution " + fmt(nul.p_resolution, 3) + ")."));
     }
     const graders = sm.graders;
-    if (graders && graders.probes && graders.probes.length) {
+    const probed = graders && graders.probes ? graders.probes.filter((g) => !g.note) : [];
+    if (probed.length) {
       panel.append(smallTable("Graders: the cell each one's labels choose (probes refitted on them)",
         ["grader (right)", "cell", "test AUC", "at the run's cell"],
-        graders.probes.map((g) => [g.grader.replace("correct_", "") + " (" + pct((graders.accuracy || {})[g.grader]) + ")",
+        probed.map((g) => [g.grader.replace("correct_", "") + " (" + pct((graders.accuracy || {})[g.grader]) + ")",
           "L" + g.layer + " · " + g.position, h("span", {class: "num"}, fmt(g.auc, 2) + " (" + interval(g.auc_lo, g.auc_hi) + ")"),
           h("span", {class: "num"}, fmt(g.auc_of_correct_cell, 2))])));
     }
