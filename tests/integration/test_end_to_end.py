@@ -125,11 +125,12 @@ def test_rerun_skips_unchanged_stages_and_plot_command_works(study, small_study_
 
 def test_every_answer_wrong_is_a_clear_error(tmp_path, capsys, default_model):
     data = tmp_path / "impossible.csv"
-    data.write_text("question,answer\n" + "".join(f"What is {i} plus {i}?,zzqxv\n" for i in range(12)))
+    # 20 questions, 2 per class: a file big enough for its split (a smaller one is refused before generation)
+    data.write_text("question,answer\n" + "".join(f"What is {i} plus {i}?,zzqxv\n" for i in range(20)))
     with pytest.raises(SystemExit) as exit_:
-        app(["run", "--dataset", str(data), "--out", str(tmp_path / "run"), "--quiet"])
+        app(["run", "--dataset", str(data), "--out", str(tmp_path / "run"), "--min-per-class", "2", "--quiet"])
     assert exit_.value.code == 2
-    assert "every one of the 12 answers is wrong" in capsys.readouterr().err
+    assert "every one of the 20 answers is wrong" in capsys.readouterr().err
     assert (tmp_path / "run" / "answers.parquet").is_file()  # the graded answers are kept
 
 
