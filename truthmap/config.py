@@ -53,7 +53,7 @@ RUN = ()  # a setting only `truthmap run` takes
 
 def setting(default: Any = None, help: str = "", *, stages: tuple[str, ...] | str = RUN, flag: str | None = None,
             aliases: tuple[str, ...] = (), outside: bool = False, metavar: str | None = None,
-            flag_value: str | None = None, default_factory=None) -> Any:
+            flag_value: str | None = None, value: str | None = None, default_factory=None) -> Any:
     """The declaration of one setting.
 
     ``help``: one sentence for ``--help`` and the docs; ``stages``: the stage commands whose ``--help``
@@ -61,10 +61,11 @@ def setting(default: Any = None, help: str = "", *, stages: tuple[str, ...] | st
     it is not ``--name-with-dashes``; ``aliases``: other flags that still work (of a boolean, written as
     click does: ``" /--quiet"`` is another way to say ``--no-progress``); ``outside``: it names a
     file, folder or model outside the run folder, so it is never continued from a saved config.json;
-    ``flag_value``: the value of the flag given without one (``--ray`` alone: ``local``).
+    ``flag_value``: the value of the flag given without one (``--ray`` alone: ``local``); ``value``: how to
+    write a good value, where the type alone says only "text".
     """
     extra = {"stages": stages, "flag": flag, "aliases": aliases, "outside": outside, "metavar": metavar,
-             "flag_value": flag_value}
+             "flag_value": flag_value, "value": value}
     if default_factory is not None:
         return Field(default_factory=default_factory, description=help, json_schema_extra=extra)
     return Field(default=default, description=help, json_schema_extra=extra)
@@ -131,30 +132,33 @@ class Config(BaseModel):
 
     # what is studied (these name things outside the run folder: never taken from a saved config.json)
     model: Text = setting(DEFAULT_MODEL, "Hub id, local folder, .gguf file, or the embedded default "
-                          "(default embedded:smollm2-135m-instruct).", stages=ALL, outside=True, metavar="MODEL")
+                          "(default embedded:smollm2-135m-instruct).", stages=ALL, outside=True, metavar="MODEL",
+                          value="a hub id, a local folder or .gguf file, or embedded:NAME")
     dataset: Text = setting("facts", "A task (see `truthmap tasks`), TASK:SPLIT, TASK:PATH, a CSV/JSONL/Parquet path, "
                             "or a hub dataset id (default facts, built in).", stages=ALL, outside=True,
-                            metavar="DATASET")
+                            metavar="DATASET", value="a task, TASK:SPLIT, TASK:PATH, a file path or a hub id")
     data_dir: Text | None = setting(None, "Folder holding task files by their reference names (default "
                                     "$TRUTHMAP_DATA_DIR or ./data).", stages=("generate",), outside=True,
-                                    metavar="DIR")
+                                    metavar="DIR", value="a folder")
     on_bad_row: Literal["error", "skip"] = setting("error", "A source row that cannot become a question: stop with "
                                                    "its file and row (error, default) or skip it (counted in "
                                                    "summary.json).", stages=("generate",))
     limit: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = setting(
         None, "Study a deterministic sample of N questions.", stages=("generate",), metavar="N")
     out: Text | None = setting(None, "Run folder (default runs/<model>-<dataset>).", stages=ALL, outside=True,
-                               metavar="DIR")
+                               metavar="DIR", value="a folder")
     question_column: Text = setting("question", "Column of the questions (matched ignoring case).",
-                                    stages=("generate",))
+                                    stages=("generate",), value="a column name (a.b: a nested field)")
     answer_column: Text | None = setting(None, "Column of the gold answers (default: answers, answer or gold, "
-                                         "matched ignoring case).", stages=("generate",))
+                                         "matched ignoring case).", stages=("generate",),
+                                         value="a column name (a.b: a nested field)")
     # how the model answers
     protocol: Literal[PROTOCOLS] = setting("brief", "Generation settings: brief (default; '… Answer briefly.', 24 new "
                                            "tokens) or reference (the reference study's: the question alone, 100 new "
                                            "tokens, math 200; docs/tasks.md).", stages=("generate",))
     prompt_template: Template | None = setting(None, "User message for chat models, with {question} (and {context} for "
-                                           "tasks with a passage); default: the task's.", stages=("generate",))
+                                           "tasks with a passage); default: the task's.", stages=("generate",),
+                                           value="text with {question}")
     max_new_tokens: Annotated[int, Field(ge=1, le=100_000)] | None = setting(
         None, "New tokens per answer (default: the task's under the protocol: brief 24, math 64; reference 100, "
         "math 200).", stages=("generate", "samples"))
@@ -164,13 +168,14 @@ class Config(BaseModel):
     batch_size: Annotated[int, Field(ge=1, le=100_000)] | None = setting(
         None, "Answers per batch (default: chosen from the device and free memory).", stages=MODEL_STAGES)
     dtype: Literal[DTYPES] = setting("auto", "Weights' precision: auto, float32, bfloat16, float16.", stages=MODEL_STAGES)
-    device: Word = setting("auto", "auto, cpu, cuda, cuda:N.", stages=MODEL_STAGES)
+    device: Word = setting("auto", "auto, cpu, cuda, cuda:N.", stages=MODEL_STAGES, value="auto, cpu, cuda or cuda:N")
     device_map: Word | None = setting(None, "e.g. auto: spread a large model over several GPUs (accelerate).",
-                                      stages=MODEL_STAGES)
+                                      stages=MODEL_STAGES, value="an accelerate device map: auto, balanced, sequential")
     trust_remote_code: bool = setting(False, "Run the model repo's own code (default: no; never taken from a run "
                                       "folder).", stages=MODEL_STAGES)
     extractor_model: Text | None = setting(None, "Model asked for exact answers the rules miss (default: the studied "
-                                           "model; none to skip).", stages=("label", "samples"), outside=True)
+                                           "model; none to skip).", stages=("label", "samples"), outside=True,
+                                           value="a model, as --model, or none")
     extract: Literal[EXTRACT_MODES] = setting("onepass", "onepass (default): hidden states and token scores read while "
                                               "the model answers; separate: a forward pass of their own after "
                                               "labelling.", stages=("generate", "extract", "baselines"))
@@ -223,7 +228,8 @@ class Config(BaseModel):
     # Ray (truthmap/distributed.py, docs/scaling.md): generation and extraction on workers of a Ray cluster
     ray: Word | None = setting(None, "Generate and extract on Ray workers: a new local cluster (no ADDRESS), auto, or "
                                "ray://HOST:10001. Needs pip install 'truthmap[ray]'. See docs/scaling.md.",
-                               stages=RAY_STAGES, flag_value="local", metavar="[ADDRESS]", outside=True)
+                               stages=RAY_STAGES, flag_value="local", metavar="[ADDRESS]", outside=True,
+                               value="local, auto or ray://HOST:PORT")
     ray_workers: Annotated[int, Field(ge=1, le=100_000)] | None = setting(
         None, "At most N Ray workers, each loading the model (default: one per GPU, or per CPU).", stages=RAY_STAGES)
     ray_gpus_per_worker: Annotated[int, Field(ge=0, le=1024)] | None = setting(
@@ -322,7 +328,7 @@ def declaration(name: str) -> dict:
     field = Config.model_fields[name]
     # a field declared without setting(): shown by `run` only (tests/unit/test_settings.py asks for its help)
     info = {"stages": RUN, "flag": None, "aliases": (), "outside": False, "metavar": None, "flag_value": None,
-            **(field.json_schema_extra or {})}
+            "value": None, **(field.json_schema_extra or {})}
     info["help"] = field.description or ""
     info["default"] = field.get_default(call_default_factory=True)
     info["flag"] = info["flag"] or "--" + name.replace("_", "-")
@@ -391,7 +397,7 @@ def _expected(name: str, item: bool = False) -> str:
     elif name == "positions":
         what = f"a position name ({', '.join(NAMED_POSITIONS)}, -1, -2, …)"
     else:
-        what = "text"
+        what = info["value"] or "text"
     if info["multiple"] and not item:
         what = f"a list, each {what}"
     return what + (" (or null for the default)" if info["optional"] else "")

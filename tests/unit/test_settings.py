@@ -43,7 +43,7 @@ def test_a_quoted_false_is_an_error_never_true(tmp_path, text):
     ("limit: 2.5", "limit: 2.5 is not a whole number"),
     ("positions: [-1]", "positions: item 1: -1 is a number; a position is a name: write it quoted, '-1'"),
     ("seeds: 3", "seeds: 3 is a number; use a list, each a whole number"),
-    ("out: [a, b]", "out: ['a', 'b'] is a list; use text"),
+    ("out: [a, b]", "out: ['a', 'b'] is a list; use a folder"),
     ("site: [mlp]", "unknown setting 'site'; did you mean sites?"),
     ("prompt_template: '{question.x}'", "prompt_template: '{question.x}' names {question.x}; use only {question}"),
     ("prompt_template: '{question:>999999999}'", "prompt_template: '{question:>999999999}' formats a field"),
@@ -210,8 +210,20 @@ def test_every_setting_has_a_flag_of_its_name_and_run_takes_them_all():
     assert "--site" in options["sites"].opts and "--quiet" in options["progress"].secondary_opts
 
 
-@pytest.mark.parametrize("stage", ["generate", "label", "extract", "samples", "probe", "baselines", "entropy",
-                                   "attention", "plot"])
+def _stage_commands() -> list[str]:
+    from truthmap.cli import cli
+    from truthmap.pipeline import STAGES
+
+    return [name for name in STAGES if name in cli.commands and name != "report"]  # `report RUNS…` is its own
+
+
+def test_every_stage_but_the_report_has_a_command():
+    from truthmap.pipeline import STAGES
+
+    assert set(_stage_commands()) == set(STAGES) - {"report"}
+
+
+@pytest.mark.parametrize("stage", _stage_commands())
 def test_a_stage_command_takes_and_shows_its_own_settings_only(stage, capsys):
     from truthmap.cli import cli
 
@@ -301,7 +313,7 @@ def test_a_position_of_non_ascii_digits_is_one_line_everywhere(capsys):
 @pytest.mark.parametrize("field,raw,says", [
     ("C", '"x"', "C: 'x' is a string; use a finite number, above 0"),
     ("C", "1e400", "C: inf is not a finite number"),
-    ("model", "5", "model: 5 is a number; use text"),
+    ("model", "5", "model: 5 is a number; use a hub id, a local folder or .gguf file"),
     ("max_new_tokens", "true", "max_new_tokens: True is a boolean; use a whole number"),
     ("layer", "1e400", "layer inf is not a layer number"),
     ("position", '"-\u00b2"', "position '-²' is not a position name"),
