@@ -545,3 +545,18 @@ def settings_table() -> str:
         lines.append(f"| `{name}`{outside} | {flags} | {cell(_expected(name))} | {cell(default) or '—'} | "
                      f"{stages} | {cell(info['help'])} |")
     return "\n".join(lines) + "\n"
+
+
+def saved_settings(path: str | Path, required: bool = True) -> dict:
+    """The settings a run saved in its config.json (read through the manifest check), each checked by the
+    schema: {setting: value} for the keys the schema knows (another version's extra keys are left out). A
+    bad value is one line naming the file and the setting. Missing file: an error, or {} if not ``required``."""
+    from . import runfolder as rf
+
+    path = Path(path)
+    if not required and not path.exists():
+        return {}
+    saved = rf.read_json_object(path)
+    values = {k: v for k, v in saved.items() if k in SETTINGS}
+    config = make_config(values, str(path))
+    return {k: getattr(config, k) for k in values}

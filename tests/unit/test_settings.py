@@ -344,3 +344,16 @@ def test_a_prompt_template_keeps_its_lines():
     template = "Answer the question.\n\nQ: {question}\nA:"
     assert Config(prompt_template=template).prompt_template == template
     assert len(Config(prompt_template="x" * 20_000 + "{question}").prompt_template) == 20_010
+
+
+def test_an_analysis_reads_the_runs_settings_through_the_schema(tmp_path):
+    from truthmap.config import saved_settings
+
+    run = tmp_path / "run"
+    with rf.open_run(run):
+        rf.write_json(run / rf.CONFIG, {**Config().to_dict(), "max_new_tokens": "24", "from_a_newer_version": 1})
+        with pytest.raises(TruthmapError, match=rf"^{run / rf.CONFIG}: max_new_tokens: '24' is a string; use a whole"):
+            saved_settings(run / rf.CONFIG)
+        rf.write_json(run / rf.CONFIG, {"protocol": "reference", "max_new_tokens": 40, "from_a_newer_version": 1})
+        assert saved_settings(run / rf.CONFIG) == {"protocol": "reference", "max_new_tokens": 40}
+    assert saved_settings(tmp_path / "none.json", required=False) == {}

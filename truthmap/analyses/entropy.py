@@ -403,8 +403,10 @@ def run_sampling(lm, run_dir: Path, *, n: int = 5, temperature: float = 1.0, see
 
     from .resample import RESAMPLES, label_resamples, run_answer_length, sample_answers
 
+    from ..config import saved_settings
+
     run_dir = Path(run_dir)
-    config = rf.read_json(run_dir / rf.CONFIG, default={})
+    config = saved_settings(run_dir / rf.CONFIG, required=False)  # the run's settings, checked by the schema
     questions = rf.read_parquet(run_dir / rf.QUESTIONS)
     generations = rf.read_parquet(run_dir / rf.GENERATIONS)
     answers = rf.read_parquet(run_dir / rf.ANSWERS)

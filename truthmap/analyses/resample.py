@@ -210,8 +210,10 @@ def run_resample(lm, run_dir: Path, *, n: int = 10, temperature: float = 1.0, se
     """Draw, label, type, probe, plot (see the module docstring); return error_type_results.
 
     ``max_new_tokens``: the answers' length limit (default: the run's)."""
+    from ..config import saved_settings
+
     run_dir = Path(run_dir)
-    config = rf.read_json_object(run_dir / rf.CONFIG)
+    config = saved_settings(run_dir / rf.CONFIG)  # the run's settings, checked by the schema
     questions = rf.read_parquet(run_dir / rf.QUESTIONS)
     generations = rf.read_parquet(run_dir / rf.GENERATIONS)
     questions = questions[questions["id"].isin(set(generations["id"]))]
