@@ -254,11 +254,18 @@ for _name, _doc in [
     _stage_command(_name, _doc)
 
 
+_overwrite_option = click.option(
+    "--overwrite", is_flag=True,
+    help="Replace an existing output that truthmap did not write (a symbolic link is never written through).")
+
+
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--out", default="report.html", show_default=True, help="HTML file to write.")
+@click.option("--out", help="HTML file to write (default: report.html, or report-2.html, … if a file truthmap did "
+                             "not write has that name).")
 @click.option("--open", "open_", is_flag=True, help="Open the page in the default web browser.")
-def report(runs, out, open_):
+@_overwrite_option
+def report(runs, out, open_, overwrite):
     """The interactive HTML report of one or several run folders (several: side by side and a difference map)."""
     from contextlib import ExitStack
 
@@ -268,12 +275,13 @@ def report(runs, out, open_):
     for run in runs:
         if not Path(run).is_dir():
             raise TruthmapError(f"{run}: no such run folder")
-    _refuse_foreign_file(Path(out), ("<!doctype html", "<html"))
     # not into a run folder by default: there report.html belongs to `truthmap run` (and its manifest)
     with ExitStack() as held:  # every run read under its shared lock, every file checked against its manifest
+        held.enter_context(rf.overwriting(overwrite))
+        out = rf.guard(Path(out)) if out else rf.free_name(Path("report.html"))
         for run in runs:
             held.enter_context(rf.reading(Path(run)))
-        path = write_report([Path(r) for r in runs], Path(out))
+        path = write_report([Path(r) for r in runs], out)
     click.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if open_:
         import webbrowser
@@ -388,20 +396,6 @@ def _new_out(command: str, out: str | None, old_to: str | None) -> str | None:
     return old_to
 
 
-def _refuse_foreign_file(path: Path, starts: tuple[str, ...]) -> None:
-    """Refuse to overwrite ``path`` unless it is missing or begins as truthmap's own output does."""
-    if os.path.islink(path):
-        raise TruthmapError(f"{path}: a symbolic link; truthmap writes no file through one")
-    if not path.exists():
-        return
-    if not path.is_file():
-        raise TruthmapError(f"{path}: not a file; give another path")
-    with open(path, "rb") as f:
-        head = f.read(64).decode("utf-8", "replace").lstrip().lower()
-    if not any(head.startswith(s) for s in starts):
-        raise TruthmapError(f"{path}: exists and was not written by truthmap; not overwritten, give another path")
-
-
 def _model_options(f):
     """--model, --trust-remote-code/--no-trust-remote-code and --progress/--quiet of a command on a held run."""
     options = [_option("model", help="The run's model (default: the embedded default); never taken from the folder."),
@@ -437,14 +431,16 @@ def _held_config(run_dir: Path, progress, model, trust_remote_code):
 @click.option("--probe", type=click.Choice(["correctness", "entropy", "both"]), default="correctness",
               show_default=True, help="What the probe learns on the train task: wrong vs right answers, or high vs "
                                       "low semantic entropy (no gold label; needs the run's samples), or both.")
-def transfer(train, test, site, layer, position, model, out, to, bootstrap, probe):
+@_overwrite_option
+def transfer(train, test, site, layer, position, model, out, to, bootstrap, probe, overwrite):
     """Train a probe on one task, test it on others: a task × task AUC matrix (CSV + heatmap)."""
     from . import runfolder as rf
     from .analyses.transfer import run_transfer
 
     out = _new_out("transfer", out, to)
-    out, grid = run_transfer(list(train), list(test), site=site, layer=layer, position=position, out=out, model=model,
-                             n_boot=bootstrap, probe=probe)
+    with rf.overwriting(overwrite):
+        out, grid = run_transfer(list(train), list(test), site=site, layer=layer, position=position, out=out,
+                                 model=model, n_boot=bootstrap, probe=probe)
     click.echo(grid.round(3).to_string())
     table = grid.attrs.get("table")
     for row in table.itertuples() if table is not None else []:
@@ -534,7 +530,8 @@ def choose(run, old_out, site, layer, position, detector_path, seed, model, trus
 @click.option("--target-false-flag", type=float, default=0.1, show_default=True,
               help="The share of right answers the threshold may flag: set by split-conformal calibration on the "
                    "validation part (README, 'A threshold with a meaning').")
-def export(run, site, layer, position, seed, out, to, target_false_flag):
+@_overwrite_option
+def export(run, site, layer, position, seed, out, to, target_false_flag, overwrite):
     """Save a reusable detector (safetensors weights + a JSON card) for one (layer, position) of RUN, a
     finished 'truthmap run'."""
     from .analyses.detector import Detector, export_detector
@@ -545,7 +542,7 @@ def export(run, site, layer, position, seed, out, to, target_false_flag):
         run, out = _the_run("export", None, out), None
     out = _new_out("export", out, to)
     run_dir = _run_folder(run)
-    with rf.reading(run_dir):  # under the shared lock, every file read checked against the manifest
+    with rf.reading(run_dir), rf.overwriting(overwrite):  # under the shared lock, every file read checked
         cell = _cell(run_dir, site, layer, position)
         folder = export_detector(run_dir, site=cell["site"], layer=int(cell["layer"]), position=cell["position"],
                                  out=out, seed=seed, target_false_flag=target_false_flag)
@@ -591,7 +588,9 @@ def _detector(path, model, force, dtype, device, target_false_flag=None):
 @click.option("--answer", "answers", multiple=True, help="The answer to score (one per --question).")
 @click.option("--file", "pairs_file", type=click.Path(dir_okay=False, exists=True),
               help="CSV with columns question, answer; writes the pairs with p_error to --out.")
-@click.option("--out", type=click.Path(dir_okay=False), help="The scored CSV (default: <file>.scored.csv).")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="The scored CSV (default: <file>.scored.csv, or .scored-2.csv, … if a file truthmap did not "
+                   "write has that name).")
 @click.option("--model", help="Model to run (default: the detector's own).")
 @click.option("--force", is_flag=True, help="Run even if the model differs from the detector's.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
@@ -599,20 +598,29 @@ def _detector(path, model, force, dtype, device, target_false_flag=None):
 @click.option("--target-false-flag", type=float,
               help="Flag at a threshold that flags at most this share of right answers (split-conformal, from the "
                    "card's validation scores; default: the card's threshold).")
-def score(detector_path, questions, answers, pairs_file, out, model, force, dtype, device, target_false_flag):
+@_overwrite_option
+def score(detector_path, questions, answers, pairs_file, out, model, force, dtype, device, target_false_flag,
+          overwrite):
     """P(error) of given question–answer pairs under an exported detector.
 
     Each answer is also compared with the model's own greedy answer (columns own_answer, model_answer,
     answer_logprob): the detector was trained on the model's own answers, so it warns about any other."""
     import pandas as pd
 
+    from . import runfolder as rf
+
     if out and not pairs_file:
         raise TruthmapError("--out is where the scores of --file go; give --file pairs.csv")
-    if pairs_file:
+    target = None
+    if pairs_file:  # where the scores go, checked before the model is loaded
+        with rf.overwriting(overwrite):
+            target = rf.guard(Path(out)) if out else rf.free_name(Path(pairs_file).with_suffix(".scored.csv"))
         table = _read_pairs(Path(pairs_file))
         missing = {"question", "answer"} - set(table.columns)
         if missing:
             raise TruthmapError(f"{pairs_file}: missing column(s) {sorted(missing)} (need question, answer)")
+        if table.empty:
+            raise TruthmapError(f"{pairs_file}: no rows to score (a header only)")
     else:
         if not questions or len(questions) != len(answers):
             raise TruthmapError("give --question and --answer in pairs (or --file pairs.csv)")
@@ -628,8 +636,8 @@ def score(detector_path, questions, answers, pairs_file, out, model, force, dtyp
     own = detector.own_answers(table["question"].tolist(), table["answer"].tolist())
     table = pd.concat([table, pd.DataFrame(own, index=table.index)], axis=1)
     if pairs_file:
-        target = Path(out) if out else Path(pairs_file).with_suffix(".scored.csv")
-        table.to_csv(target, index=False)
+        with rf.overwriting(overwrite):
+            rf.write_csv(target, table)
         click.echo(f"scored: {target}")
     for row in table.to_dict("records"):
         click.echo(f"{_verdict(row, detector, short=True)}  {_shown(row['question'])} -> {_shown(row['answer'])}"

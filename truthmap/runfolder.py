@@ -99,7 +99,10 @@ LOCK = "lock"  # every command
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _RUN_FILES = {SUMMARY, STAGES, CONFIG}  # written by every stage or by none
-_TEMPORARY = re.compile(r"^\..+\.tmp$")  # atomic_path's temporary files: .<name>.<random>.tmp
+_TMP_SUFFIX = ".truthmap.tmp"
+# atomic_path's temporary files, .<name>.<random>.truthmap.tmp: only these are ever deleted as leftovers
+# (a user's .draft.tmp or .idea.v2.tmp is not truthmap's)
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.truthmap\.tmp$")
 
 
 def figures(stem: str) -> list[str]:
@@ -142,23 +145,25 @@ _open: _OpenRun | None = None
 def atomic_path(path: Path):
     """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
 
-    Inside an open run the file is listed in the manifest: its new checksum is recorded as pending
-    before the rename and committed after it, so that a crash between the two leaves a state that
-    :func:`open_run` resolves (old file and old checksum, or new file and new checksum).
+    Every file truthmap writes goes through here, so :func:`guard` (no symbolic link on the way, no
+    file of someone else replaced) checks every write. Inside an open run the file is listed in the
+    manifest: its new checksum is recorded as pending before the rename and committed after it, so that
+    a crash between the two leaves a state that :func:`open_run` resolves (old file and old checksum, or
+    new file and new checksum). Outside a run folder the file is recorded in its folder's
+    ``.truthmap-outputs.json`` (:data:`OUTPUTS_LIST`), so that a later command knows truthmap wrote it.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     if _open is not None and _key(path) is not None:
         _check_inside(_open.root, path)
+    guard(path, make_folders=True)
     if _open is not None and _open.forget is not None:
         name, _open.forget = _open.forget, None
         forget_stage(_open.root, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; run files are ordinary files
+    tmp = _temporary(path)
     try:
-        yield Path(tmp)
+        yield tmp
         _fsync(tmp)
+        guard(path)  # again just before the rename: nothing swapped for a link meanwhile
         key = _key(path)
         old = _open.files.get(key) if key is not None else None
         if key is not None:
@@ -184,9 +189,198 @@ def atomic_path(path: Path):
             _open.files[key].pop("previous", None)
             _save_manifest()
             _failpoint("after-commit", path)
+        else:
+            _record_output(path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+# ---------------------------------------------------------------- the guard of every write
+
+OUTPUTS_LIST = ".truthmap-outputs.json"  # beside outputs written outside a run folder: name -> size, sha256
+_overwrite = False  # set by overwriting(): replace a file truthmap did not write (never a link)
+
+
+@contextmanager
+def overwriting(allowed: bool = True):
+    """Within the block, :func:`guard` lets a write replace a regular file truthmap did not write
+    (the commands' ``--overwrite``). A symbolic link is still never written through."""
+    global _overwrite
+    before, _overwrite = _overwrite, bool(allowed)
+    try:
+        yield
+    finally:
+        _overwrite = before
+
+
+def guard(path: Path, make_folders: bool = False) -> Path:
+    """The one check before any write of ``path`` (a file): raise TruthmapError, touching nothing, if
+    the write would follow a symbolic link or replace a file truthmap did not write.
+
+    * No link on the way: every component from the anchor down to the file itself, where it exists,
+      must be a real folder (the file: a regular file). The anchor is the run folder holding ``path``
+      (the nearest folder above it with a ``manifest.json``), else the folder the caller named
+      (``path``'s parent): folders you name are yours, everything truthmap adds below them is checked.
+      With ``make_folders`` the missing folders are made here, one at a time, never through a link.
+    * No one else's file replaced: an existing file may be replaced when it is listed in the manifest
+      of the run being written, lies in the run folder under a name truthmap writes there, is listed
+      unchanged (same size and checksum) in its folder's :data:`OUTPUTS_LIST`, or inside
+      :func:`overwriting`.
+    """
+    path = Path(os.path.abspath(path))
+    anchor = _anchor(path)
+    if make_folders and not os.path.lexists(anchor):
+        try:
+            os.makedirs(anchor, exist_ok=True)  # the folder named by the caller (--out a/b/x.csv)
+        except OSError as err:
+            raise TruthmapError(f"{anchor}: cannot make the folder ({err.strerror})") from None
+    if os.path.lexists(anchor) and not os.path.isdir(anchor):
+        raise TruthmapError(f"{anchor}: not a folder; give another path")
+    folder = anchor
+    for part in path.relative_to(anchor).parts[:-1]:
+        folder = folder / part
+        try:
+            info = os.lstat(folder)
+        except FileNotFoundError:
+            if not make_folders:
+                break
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                pass  # made meanwhile: checked below like any other
+            except OSError as err:
+                raise TruthmapError(f"{folder}: cannot make the folder ({err.strerror})") from None
+            info = os.lstat(folder)
+        except OSError as err:
+            raise TruthmapError(f"{folder}: cannot be checked ({err.strerror})") from None
+        if stat.S_ISLNK(info.st_mode):
+            raise TruthmapError(f"{folder}: a symbolic link; truthmap writes through none (it would write to "
+                                f"{sanitise(os.path.realpath(folder), 120)}); nothing written")
+        if not stat.S_ISDIR(info.st_mode):
+            raise TruthmapError(f"{folder}: a file truthmap did not write is where it needs a folder; move it, "
+                                f"nothing touched")
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as err:
+        raise TruthmapError(f"{path}: cannot be checked ({err.strerror})") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise TruthmapError(f"{path}: a symbolic link; truthmap writes through none (it would replace "
+                            f"{sanitise(os.path.realpath(path), 120)}); nothing written")
+    if not stat.S_ISREG(info.st_mode):
+        raise TruthmapError(f"{path}: not a regular file; truthmap replaces no folder or device; give another path")
+    if not _overwrite and not _ours(path, anchor):
+        raise TruthmapError(f"{path}: exists and truthmap did not write it; not replaced (give another path, "
+                            f"or --overwrite to replace it)")
+    return path
+
+
+def free_name(path: Path) -> Path:
+    """``path`` if a write there replaces nothing of someone else's, else the first free
+    ``<stem>-2<suffix>``, ``<stem>-3<suffix>``, …: a default name never clobbers."""
+    path = Path(path)
+    candidate = path
+    for n in range(2, 1000):
+        try:
+            return guard(candidate)
+        except TruthmapError:
+            if not os.path.lexists(candidate):
+                raise  # a link on the way: every other name would be refused too
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return guard(candidate)
+
+
+def _anchor(path: Path) -> Path:
+    """The run folder holding ``path`` (the nearest folder above it with a manifest), else its parent."""
+    if _open is not None and _key(path) is not None:
+        return _open.root
+    run, _ = _reader_of(path)
+    if run is not None:
+        return run.root
+    for folder in path.parents:
+        if folder == path.parent:
+            continue  # a file beside a manifest: its parent is the anchor anyway
+        if os.path.isfile(folder / MANIFEST) and not os.path.islink(folder / MANIFEST):
+            return folder
+    return path.parent
+
+
+def _ours(path: Path, anchor: Path) -> bool:
+    """Whether the existing regular file ``path`` is truthmap's to replace (see :func:`guard`)."""
+    key = _key(path)
+    if key is not None:
+        # the open run: listed, or a name truthmap writes at its top or in its own folders
+        return key in _open.files or (("/" not in key and key in OWN_NAMES) or key.startswith(
+            (f"{GENERATION_CHUNKS}/", f"{ACTIVATIONS}/", f"{DETECTORS}/", f"{TRANSFER}/")))
+    entry = _outputs_list(path.parent).get(path.name)
+    if not isinstance(entry, dict):
+        return False
+    try:
+        actual = _describe_nofollow(path)
+    except OSError:
+        return False
+    return actual == {"size": entry.get("size"), "sha256": entry.get("sha256")}
+
+
+def _outputs_list(folder: Path) -> dict:
+    """The ``files`` of ``folder``'s :data:`OUTPUTS_LIST` ({} if missing, a link, too big or damaged)."""
+    try:
+        fd = os.open(folder / OUTPUTS_LIST, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return {}
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return {}
+        data = f.read(MAX_OUTPUTS_LIST_BYTES + 1)
+    if len(data) > MAX_OUTPUTS_LIST_BYTES:
+        return {}
+    try:
+        listed = parse_json(data)
+    except ValueError:
+        return {}
+    files = listed.get("files") if isinstance(listed, dict) else None
+    return files if isinstance(files, dict) else {}
+
+
+MAX_OUTPUTS_LIST_BYTES = 1 << 20
+
+
+def _record_output(path: Path) -> None:
+    """List ``path`` (just written, outside a run's manifest) in its folder's :data:`OUTPUTS_LIST`."""
+    folder = path.parent
+    files = {k: v for k, v in _outputs_list(folder).items() if (folder / k).is_file()}  # forget what is gone
+    files[path.name] = _describe_nofollow(path)
+    listing = folder / OUTPUTS_LIST
+    if os.path.lexists(listing) and not (os.path.isfile(listing) and not os.path.islink(listing)):
+        return  # something else is there: leave it, the file is then simply not known as truthmap's
+    tmp = _temporary(listing)
+    try:
+        tmp.write_text(json.dumps({"version": 1, "written_by": "truthmap", "files": files}, indent=1,
+                                  sort_keys=True) + "\n")
+        os.replace(tmp, listing)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def _describe_nofollow(path: Path) -> dict:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        return {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def _temporary(path: Path) -> Path:
+    """A new empty file beside ``path`` named as truthmap's temporary files are
+    (``.<name>.<random>.truthmap.tmp``: :data:`_TEMPORARY`), made without following any link."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    if os.path.realpath(tmp) != os.path.join(os.path.realpath(path.parent), os.path.basename(tmp)):
+        os.unlink(tmp)  # pragma: no cover - a folder swapped for a link between the check and here
+        raise TruthmapError(f"{path.parent}: changed into a link while truthmap wrote; nothing written")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; run files are ordinary files
+    return Path(tmp)
 
 
 def _fsync(path) -> None:
@@ -276,16 +470,15 @@ def sanitise(text, limit: int = 300) -> str:
 
 def _save_manifest() -> None:
     path = _open.root / MANIFEST
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=_open.root)
+    tmp = _temporary(path)
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             json.dump({"version": 1, "files": _open.files}, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
 
 
@@ -306,23 +499,25 @@ def trusted(path: Path) -> bool:
 
 
 def remove(path: Path) -> None:
-    """Delete a file or folder of the run and its manifest entries."""
-    path = Path(path)
-    if _open is not None and _key(path) is not None and os.path.lexists(path):
-        _check_inside(_open.root, path)
+    """Delete a file or folder of the open run: the files its manifest lists (a folder: those under it,
+    truthmap's temporary files, then the folders left empty) and their entries. Nothing else is ever
+    deleted: a file truthmap did not write stays, whatever its name, and so does the folder holding it.
+    Outside an open run nothing is deleted."""
+    path = Path(os.path.abspath(path))
     key = _key(path)
-    if key is not None and path.is_dir():
+    if key is None:
+        return
+    if os.path.lexists(path):
+        _check_inside(_open.root, path)
+    if os.path.isdir(path):
         _remove_listed(path, key)
-    elif path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
+    elif key in _open.files and os.path.isfile(path):
         path.unlink()
-    if key is not None:
-        gone = [k for k in _open.files if k == key or k.startswith(key + "/")]
-        for k in gone:
-            del _open.files[k]
-        if gone:
-            _save_manifest()
+    gone = [k for k in _open.files if k == key or k.startswith(key + "/")]
+    for k in gone:
+        del _open.files[k]
+    if gone:
+        _save_manifest()
 
 
 def _remove_listed(folder: Path, key: str) -> None:
@@ -573,8 +768,34 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 
 
 def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    """A CSV table, its text cells made safe to open in a spreadsheet (:func:`spreadsheet_safe`)."""
     with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
+        spreadsheet_safe(frame).to_csv(tmp, index=False)
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every text cell (and column name) that a spreadsheet would run as a formula —
+    one starting with ``= + - @``, a tab or a carriage return — prefixed with ``'`` (the OWASP advice
+    on CSV injection). A plain number written as text (``-1``, ``+0.5``) is left as it is: a
+    spreadsheet reads it as a number, never a formula."""
+    def safe(value):
+        if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.match(value):
+            return "'" + value
+        return value
+
+    text = [c for c in frame.columns if frame[c].dtype == object or pd.api.types.is_string_dtype(frame[c])]
+    columns = [safe(c) for c in frame.columns]
+    if not text and columns == list(frame.columns):
+        return frame
+    frame = frame.copy()
+    for c in text:
+        frame[c] = frame[c].map(safe)
+    frame.columns = columns
+    return frame
 
 
 def _json_default(obj):

@@ -10,6 +10,7 @@ import pytest
 from matplotlib.colors import to_rgba
 
 from truthmap import runfolder as rf
+from truthmap.errors import TruthmapError
 from truthmap.figures import MISSING, draw_grid, new_figure, png_and_svg, save
 from truthmap.stages.plot import plot_heatmap
 
@@ -49,7 +50,7 @@ def test_the_heatmap_writes_png_and_svg_through_the_manifest(tmp_path):
 def test_a_failed_write_leaves_no_file_and_no_open_figure(tmp_path):
     (tmp_path / "blocked").write_text("a file where a folder should be")
     fig, _ = new_figure()
-    with pytest.raises(OSError):
+    with pytest.raises(TruthmapError, match="not a folder"):
         save(fig, tmp_path / "blocked" / "figure.png")
     assert not plt.fignum_exists(fig.number)
 

@@ -93,7 +93,7 @@ def test_damaged_manifest_trusts_nothing(tmp_path):
 
 def test_leftover_temporary_files_are_removed(tmp_path):
     make_run(tmp_path)
-    leftover = tmp_path / ".answers.parquet.k2j3h4.tmp"
+    leftover = tmp_path / ".answers.parquet.k2j3h4ab.truthmap.tmp"
     leftover.write_bytes(b"half a parq")
     with rf.open_run(tmp_path):
         assert not leftover.exists()

@@ -157,19 +157,23 @@ def test_a_lock_that_is_not_a_regular_file_of_its_own_is_refused(tmp_path, kind)
 def test_only_truthmaps_own_temporary_files_are_deleted(tmp_path):
     run = tmp_path / "run"
     make_run(run)
-    ours = run / ".answers.parquet.k2j3h4.tmp"
+    ours = run / ".answers.parquet.k2j3h4ab.truthmap.tmp"
     ours.write_bytes(b"half")
     (run / "notes").mkdir()
     theirs = run / "notes" / ".draft.abc.tmp"
     theirs.write_text("mine")
     (run / "generations").mkdir()
-    linked = run / "generations" / ".plan.json.x.tmp"
+    linked = run / "generations" / ".plan.json.x1234567.truthmap.tmp"
     linked.symlink_to(tmp_path / "elsewhere.txt")
     (tmp_path / "elsewhere.txt").write_text("mine too")
+    user_tmp = [run / ".draft.tmp", run / "generations" / ".idea.v2.tmp", run / "generations" / ".a.b.tmp"]
+    for path in user_tmp:  # temporary-looking names of someone else: not truthmap's pattern
+        path.write_text("mine")
     with rf.open_run(run):
-        pass
+        rf.remove(run / rf.GENERATION_CHUNKS)
     assert not ours.exists()
     assert theirs.read_text() == "mine" and (tmp_path / "elsewhere.txt").read_text() == "mine too"
+    assert all(path.read_text() == "mine" for path in user_tmp)
 
 
 def test_removing_a_stage_folder_keeps_files_truthmap_did_not_write(tmp_path):
@@ -524,3 +528,119 @@ def test_terminal_text_from_files_and_models_is_escaped(tmp_path, capsys):
     path.write_text("query\x1b[31m,answer\nWhy?,a\n")
     err = exit_line(["run", "--dataset", str(path), "--out", str(tmp_path / "run"), "--quiet"], capsys)
     assert "\x1b" not in err and "\\x1b[31m" in err
+
+
+# ---------------------------------------------------------------- every output guarded (runfolder.guard)
+
+def test_no_write_follows_a_link_anywhere_below_the_folder_named(tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.csv").write_text("mine")
+    run = tmp_path / "run"
+    make_run(run)
+    # a folder truthmap would make inside a run, a link to elsewhere (the path does not exist yet below it)
+    (run / rf.DETECTORS).symlink_to(outside, target_is_directory=True)
+    before = snapshot(tmp_path)
+    assert "symbolic link" in exit_line(["export", str(run), "--layer", "1", "--position", "-1"], capsys)
+    assert snapshot(tmp_path) == before
+    with pytest.raises(TruthmapError, match="symbolic link"):
+        rf.write_text(run / rf.DETECTORS / "x" / "card.json", "{}")
+    # the file itself a link (score --out, report --out): refused, --overwrite or not
+    link = tmp_path / "o.csv"
+    link.symlink_to(outside / "precious.csv")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("question,answer\nq,a\n")
+    for extra in ([], ["--overwrite"]):
+        line = exit_line(["score", "--detector", str(tmp_path / "none"), "--file", str(pairs), "--out", str(link),
+                          *extra], capsys)
+        assert "symbolic link" in line
+    assert (outside / "precious.csv").read_text() == "mine" and os.path.islink(link)
+    assert list(outside.iterdir()) == [outside / "precious.csv"]
+
+
+def test_a_file_truthmap_did_not_write_is_replaced_only_with_overwrite(tmp_path):
+    page = tmp_path / "page.html"
+    page.write_text("<!doctype html><p>my own page</p>")  # looks like any HTML page, truthmap's too
+    with pytest.raises(TruthmapError, match="did not write it"):
+        rf.write_text(page, "<!doctype html>report")
+    assert page.read_text() == "<!doctype html><p>my own page</p>"
+    with rf.overwriting():
+        rf.write_text(page, "<!doctype html>report 1")
+    rf.write_text(page, "<!doctype html>report 2")  # now truthmap's: listed, unchanged, so replaced
+    assert page.read_text() == "<!doctype html>report 2"
+    page.write_text("<!doctype html>report 2, edited by hand")  # edited since: the user's again
+    with pytest.raises(TruthmapError, match="did not write it"):
+        rf.write_text(page, "<!doctype html>report 3")
+    assert "edited by hand" in page.read_text()
+    # a listing cannot be used to replace another name's file of the same content
+    other = tmp_path / "notes.html"
+    other.write_text("<!doctype html>report 2, edited by hand")
+    with pytest.raises(TruthmapError, match="did not write it"):
+        rf.write_text(other, "x")
+
+
+def test_default_output_names_never_clobber(tmp_path, capsys):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("question,answer\nq,a\n")
+    theirs = tmp_path / "pairs.scored.csv"
+    theirs.write_text("someone's scores")
+    chosen = rf.free_name(theirs)
+    assert chosen == tmp_path / "pairs.scored-2.csv"
+    rf.write_csv(chosen, pd.DataFrame({"p_error": [0.5]}))
+    assert rf.free_name(theirs) == chosen  # truthmap's own earlier output is replaced
+    assert theirs.read_text() == "someone's scores"
+    # an explicit --out naming someone's file is refused before any model is loaded
+    line = exit_line(["score", "--detector", str(tmp_path / "none"), "--file", str(pairs), "--out", str(theirs)], capsys)
+    assert "did not write it" in line and "--overwrite" in line
+    assert theirs.read_text() == "someone's scores"
+
+
+def test_transfer_and_report_refuse_a_file_of_someone_else(tmp_path, capsys, monkeypatch):
+    from truthmap.analyses import transfer
+
+    run = tmp_path / "run"
+    make_run(run)
+    monkeypatch.setattr(transfer, "resolve_run", lambda t, model: Path(t))  # a run without features is enough
+    out = tmp_path / "t"
+    out.mkdir()
+    (out / "transfer.csv").write_text("my table")
+    line = exit_line(["transfer", "--train", str(run), "--layer", "1", "--position", "-1", "--out", str(out)], capsys)
+    assert "did not write it" in line
+    assert (out / "transfer.csv").read_text() == "my table"
+    page = tmp_path / "mine.html"
+    page.write_text("<html>my page</html>")
+    assert "did not write it" in exit_line(["report", str(run), "--out", str(page)], capsys)
+    assert page.read_text() == "<html>my page</html>"
+
+
+def test_a_run_never_deletes_a_file_it_did_not_list(tmp_path, capsys):
+    run = tmp_path / "run"
+    make_run(run)
+    (run / rf.GENERATION_CHUNKS).write_text("a file of mine named generations")
+    (run / rf.ACTIVATIONS / "notes").mkdir(parents=True)
+    (run / rf.ACTIVATIONS / "notes" / ".idea.v2.tmp").write_text("an idea")
+    with rf.open_run(run):
+        rf.remove(run / rf.GENERATION_CHUNKS)
+        rf.remove(run / rf.ACTIVATIONS)
+        with pytest.raises(TruthmapError, match="where it needs a folder"):
+            rf.write_json(run / rf.GENERATION_CHUNKS / rf.CHUNK_PLAN, {"key": "k"})
+    assert (run / rf.GENERATION_CHUNKS).read_text() == "a file of mine named generations"
+    assert (run / rf.ACTIVATIONS / "notes" / ".idea.v2.tmp").read_text() == "an idea"
+    # a folder holding only dotfiles or temporary-looking files of someone else is not empty: refused
+    drafts = tmp_path / "drafts"
+    drafts.mkdir()
+    (drafts / ".draft.tmp").write_text("my draft")
+    before = snapshot(drafts)
+    assert "not a run folder" in exit_line(["run", "--dataset", "facts", "--out", str(drafts), "--quiet"], capsys)
+    assert snapshot(drafts) == before
+
+
+def test_csv_outputs_neutralise_spreadsheet_formulas(tmp_path):
+    frame = pd.DataFrame({"family": ["=HYPERLINK(\"http://x\",\"y\")", "+cmd|' /C calc'!A0", "@SUM(A1)", "-2+3",
+                                     "\tx", "plain", "-1", "+0.5"], "n": range(8)})
+    rf.write_csv(tmp_path / "t.csv", frame)
+    back = pd.read_csv(tmp_path / "t.csv", dtype=str)
+    assert back["family"].tolist()[:6] == ["'=HYPERLINK(\"http://x\",\"y\")", "'+cmd|' /C calc'!A0", "'@SUM(A1)",
+                                           "'-2+3", "'\tx", "plain"]
+    assert back["family"].tolist()[6:] == ["-1", "+0.5"]  # plain numbers are numbers, never formulas
+    assert frame["family"][0].startswith("=")  # the caller's table is not changed

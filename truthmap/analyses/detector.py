@@ -113,8 +113,7 @@ class Detector(*_estimator_bases()):
     def save(self, folder: str | Path) -> Path:
         from ..runfolder import write_json
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = Path(folder)  # made by atomic_path, never through a link
         self._save_weights(folder / WEIGHTS)
         card = {**(self.card or {}), "C": self.C, "threshold": self.threshold}
         fallback = getattr(self, "fallback_", None)
@@ -868,12 +867,13 @@ def export_detector(run_dir: str | Path, *, site: str, layer: int, position: str
 
     conformal_rank(1, target_false_flag)  # a target outside (0, 1) is refused before any work
     from .resample import check_cell
-    from ..runfolder import CONFIG, SUMMARY, child, read_json_object, reading
+    from ..runfolder import CONFIG, SUMMARY, child, guard, read_json_object, reading
 
     run_dir = Path(run_dir)
     cell = check_cell(site, layer, position)  # the values name the default folder: nothing else may
     out = Path(out) if out else child(run_dir, f"detectors/{cell['site']}-L{cell['layer']}-{cell['position']}", "detector")
-    _refuse_foreign_folder(out)
+    for name in (WEIGHTS, FALLBACK_WEIGHTS, CARD, RISK_COVERAGE_FIGURE):  # before any work: no link on the way,
+        guard(out / name)  # no file of someone else replaced
     with reading(run_dir):  # under the run's shared lock, every file checked against its manifest
         config, summary = read_json_object(run_dir / CONFIG), read_json_object(run_dir / SUMMARY, default={})
         if not isinstance(config.get("model"), str):
@@ -907,23 +907,6 @@ def _fit_fallback(run_dir: Path, site: str, layer: int, position: str, seed, C: 
                          "risk_coverage": risk_coverage_card(fallback, X_test, y_test)}
         return fallback
     return None
-
-
-def _refuse_foreign_folder(out: Path) -> None:
-    """An export writes only into a new or empty folder, or one holding a detector (which it replaces)."""
-    import os
-
-    if os.path.islink(out):
-        raise TruthmapError(f"{out}: a symbolic link; truthmap writes through none")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise TruthmapError(f"{out}: not a folder; give another --out")
-    ours = (WEIGHTS, FALLBACK_WEIGHTS, CARD, RISK_COVERAGE_FIGURE)
-    foreign = [p.name for p in out.iterdir() if p.name not in ours and not p.name.endswith(".tmp")]
-    if foreign or any(os.path.islink(out / name) for name in ours):
-        raise TruthmapError(f"{out}: holds files truthmap did not write ({', '.join(sorted(foreign)[:3]) or 'links'}); "
-                            f"nothing touched; give another --out")
 
 
 def _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary, site, layer, position, seed, out,

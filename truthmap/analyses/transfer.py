@@ -215,14 +215,14 @@ def run_transfer(train: list[str], test: list[str], *, site: str, layer: int, po
         raise TruthmapError(f"--probe '{probe}': use correctness, entropy or both")
     train_runs = [resolve_run(t, model) for t in train]
     test_runs = [resolve_run(t, model) for t in test]
+    out_dir = Path(out) if out else train_runs[0] / rf.TRANSFER
+    for name in OUTPUTS:  # before any work: no link on the way, no file of someone else replaced
+        rf.guard(out_dir / name)
     with ExitStack() as held:  # each run read under its shared lock, every file checked against its manifest
         for run in dict.fromkeys(train_runs + test_runs):
             held.enter_context(rf.reading(run))
         table = transfer_table(train_runs, test_runs, site=site, layer=layer, position=position, C=C, n_boot=n_boot,
                                probes=PROBES if probe == "both" else (probe,))
-    out_dir = Path(out) if out else train_runs[0] / rf.TRANSFER
-    _refuse_foreign_folder(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     grid = matrix(table)
     rf.write_csv(out_dir / OUTPUTS[0], table)
     rf.write_csv(out_dir / OUTPUTS[1], grid.reset_index().rename(columns={"train": "train \\ test"}))
@@ -232,17 +232,3 @@ def run_transfer(train: list[str], test: list[str], *, site: str, layer: int, po
 
 
 OUTPUTS = rf.TRANSFER_FILES
-
-
-def _refuse_foreign_folder(out: Path) -> None:
-    """The outputs go only into a new or empty folder, or one holding nothing but earlier outputs."""
-    import os
-
-    if os.path.islink(out) or any(os.path.islink(out / name) for name in OUTPUTS):
-        raise TruthmapError(f"{out}: a symbolic link; truthmap writes through none")
-    if out.exists() and not out.is_dir():
-        raise TruthmapError(f"{out}: not a folder; give another --out")
-    foreign = [p.name for p in out.iterdir() if p.name not in OUTPUTS and not p.name.endswith(".tmp")] if out.exists() else []
-    if foreign:
-        raise TruthmapError(f"{out}: holds files truthmap did not write ({', '.join(sorted(foreign)[:3])}); "
-                            f"nothing touched; give another --out")
