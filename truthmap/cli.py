@@ -296,8 +296,9 @@ def report(runs, out, open_, overwrite):
 @click.option("--width", type=click.FloatRange(1, 40), default=7.0, show_default=True, help="Width in inches.")
 @click.option("--height", type=click.FloatRange(1, 40), default=4.2, show_default=True, help="Height in inches.")
 @click.option("--font-size", type=click.FloatRange(4, 30), default=8.0, show_default=True, help="Font size in points.")
-@click.option("--out", help="The file to write (default: <run folder's name>-figure.<format>, here).")
-@click.option("--overwrite", is_flag=True, help="Replace the file at --out if it exists (never done without).")
+@click.option("--out", help="The file to write (default: <run folder's name>-figure.<format>, here; -2, -3, … "
+                             "added if a file truthmap did not write has that name).")
+@_overwrite_option
 def figure(run, fmt, width, height, font_size, out, overwrite):
     """A figure for a paper: the heatmap (readable position names, the chosen region, the cells that do not
     beat the controls hatched) beside the baselines and controls with their intervals."""
@@ -313,14 +314,9 @@ def figure(run, fmt, width, height, font_size, out, overwrite):
     if fmt and suffix and fmt != suffix:
         raise TruthmapError(f"{out}: its suffix says {suffix}, --format says {fmt}; give one of them")
     fmt = fmt or suffix or "pdf"
-    path = Path(out) if out else Path(f"{run_dir.resolve().name}-figure.{fmt}")
-    if os.path.islink(path):
-        raise TruthmapError(f"{path}: a symbolic link; truthmap writes no file through one")
-    if path.exists() and not overwrite:
-        raise TruthmapError(f"{path}: exists; not overwritten (give --overwrite to replace it, or another --out)")
-    if path.exists() and not path.is_file():
-        raise TruthmapError(f"{path}: not a file; give another --out")
-    with rf.reading(run_dir):  # the run's files checked against its manifest, under its shared lock
+    with rf.overwriting(overwrite):  # never through a link; never over a file truthmap did not write unasked
+        path = rf.guard(Path(out)) if out else rf.free_name(Path(f"{run_dir.resolve().name}-figure.{fmt}"))
+    with rf.reading(run_dir), rf.overwriting(overwrite):  # the run's files checked, under its shared lock
         written = paper_figure(run_dir, path, width=width, height=height, font_size=font_size)
     click.echo(f"figure: {written}")
 

@@ -1138,11 +1138,15 @@ def _reader_of(path: Path) -> tuple[_ReadRun | None, str | None]:
 
 
 def verify(path: Path) -> None:
-    """Before reading ``path``: inside a folder this process writes, it must stay inside it; inside a
+    """Before reading ``path``: inside a folder this process writes, it must stay inside it and be
+    :func:`trusted` (listed in the manifest, so checked when the run opened or written since); inside a
     folder it reads, it must be listed in the manifest with the size and checksum it has now."""
     path = Path(path)
     if _open is not None and _key(path) is not None:
         _check_inside(_open.root, path)
+        if not trusted(path):  # checked when the run opened, or written since: anything else is not read
+            raise TruthmapError(f"{path}: not in the run's manifest (written by hand, or found damaged and "
+                                f"deleted), so not read; run 'truthmap run --out {_open.root}' to recompute it")
         return
     run, key = _reader_of(path)
     if run is None or key in run.verified:

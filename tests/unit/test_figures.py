@@ -197,7 +197,7 @@ def test_figure_command_writes_each_format_and_never_replaces_a_file_unasked(fig
     app(["figure", str(figure_run), "--out", str(tmp_path / "mine.svg")])  # the format from the suffix
     assert b"<svg" in (tmp_path / "mine.svg").read_bytes()[:3000]
     (tmp_path / "notes.pdf").write_bytes(b"the user's own file")
-    for args, says in ((["--out", "notes.pdf"], "exists; not overwritten"),
+    for args, says in ((["--out", "notes.pdf"], "did not write it"),
                        (["--out", "x.pdf", "--format", "png"], "--format says png"),
                        (["--out", "x.jpg"], "must end in .pdf, .svg or .png")):
         with pytest.raises(SystemExit) as exit_:

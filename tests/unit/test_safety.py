@@ -121,7 +121,7 @@ def test_a_manifest_key_outside_the_folder_is_never_read_nor_deleted(tmp_path, k
     assert thesis.read_text() == "years of work"
     capsys.readouterr()
     err = exit_line(["plot", "--out", str(run), "--quiet"], capsys)  # the reproduction: plot on a shared run
-    assert "probe_results.csv: missing" in err
+    assert "not in the run's manifest" in err and "not read" in err  # a file no manifest vouches for: never read
     assert thesis.read_text() == "years of work"
 
 
@@ -644,3 +644,16 @@ def test_csv_outputs_neutralise_spreadsheet_formulas(tmp_path):
                                            "'-2+3", "'\tx", "plain"]
     assert back["family"].tolist()[6:] == ["-1", "+0.5"]  # plain numbers are numbers, never formulas
     assert frame["family"][0].startswith("=")  # the caller's table is not changed
+
+
+def test_a_file_dropped_from_the_manifest_and_edited_is_never_read(tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    manifest = json.loads((run / rf.MANIFEST).read_text())
+    del manifest["files"][rf.SPLITS]
+    (run / rf.MANIFEST).write_text(json.dumps(manifest))
+    (run / rf.SPLITS).write_text(json.dumps({"seeds": {"0": {"train": ["b"], "test": ["a"]}}}))  # swapped by hand
+    with rf.open_run(run):
+        with pytest.raises(TruthmapError, match="not in the run's manifest"):
+            rf.read_splits(run / rf.SPLITS)
+        assert rf.read_parquet(run / rf.ANSWERS)["id"].tolist() == ["a", "b"]  # a listed file still reads

@@ -264,10 +264,14 @@ class CaptureReader:
         self.where: dict[str, tuple[int, int, int]] = {}  # id -> (chunk, row in chunk, answer tokens read)
         self.read_again = 0  # examples the extract stage had to read with a forward pass
         ids, answers = generations["id"].tolist(), generations["answer_ids"].tolist()
+        self.untrusted = 0  # chunks whose capture files the manifest does not vouch for: read again
         k = 0
         while self.plan is not None and trusted(self.folder / f"chunk-{k:05d}.parquet"):
             chunk = read_parquet(self.folder / f"chunk-{k:05d}.parquet")
-            if "captured" in chunk.columns:
+            if "captured" in chunk.columns and not all(trusted(capture_path(self.folder, k, site))
+                                                       for site in self.plan.sites):
+                self.untrusted += 1  # missing, damaged (deleted when the run opened) or not listed: never read
+            elif "captured" in chunk.columns:
                 for j, (row, captured, answer) in enumerate(zip(chunk["row"], chunk["captured"], chunk["answer_ids"])):
                     # the chunk belongs to this generation only if it holds the same answer
                     if int(row) < len(ids) and list(answers[int(row)]) == list(answer):
@@ -293,7 +297,10 @@ class CaptureReader:
 
     def fill(self, store: dict, sites: list[str], ids: list[str], n_prompt, n_answer, index: np.ndarray) -> list[int]:
         """Copy the captured cells into ``store`` (site -> float16 ``[R, P, n, d]``, as extract writes it);
-        return the rows it could not fill (not captured, or a value beyond float16), for a separate pass."""
+        return the rows it could not fill (not captured, a capture file the manifest does not vouch for or
+        of another shape, or a value beyond float16), for a separate pass."""
+        from ..runfolder import read_npy
+
         if self.plan is None or not set(sites) <= set(self.plan.sites):
             return list(range(len(ids)))
         missing, by_chunk = [], {}
@@ -306,8 +313,15 @@ class CaptureReader:
         valid = index >= 0
         for k, rows in sorted(by_chunk.items()):  # one chunk file open at a time: memory stays one shard
             for site in sites:
-                states = np.load(capture_path(self.folder, k, site), mmap_mode="r", allow_pickle=False)
+                states = read_npy(capture_path(self.folder, k, site), mmap_mode="r")  # checked: listed, intact
+                layers, _, _, d = store[site].shape
+                if states.ndim != 4 or states.shape[1] != self.plan.slots or states.shape[2:] != (layers, d):
+                    missing.extend(n for n, _, _ in rows)  # not the shape this run writes: read them again
+                    continue
                 for n, j, slots in rows:
+                    if j >= states.shape[0]:
+                        missing.append(n)
+                        continue
                     cells = np.asarray(states[j, slots])  # [P, R, d]
                     cells[~valid[n]] = 0
                     if not np.isfinite(cells).all():
