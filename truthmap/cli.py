@@ -192,6 +192,12 @@ def _report(run_dir: Path) -> None:
     for stem in (*rf.HEATMAPS, rf.ENTROPY_FIGURE, Path(rf.BASELINES_FIGURE).stem, rf.ATTENTION_FIGURE):
         if (run_dir / f"{stem}.png").exists():
             console.print(f"{stem}: {text(run_dir / f'{stem}.png')}")
+    verdict = summary.get("verdict")
+    if isinstance(verdict, dict):  # last: what the study shows, paired against the other columns and controls
+        from .stages.verdict import verdict_lines
+
+        for line in verdict_lines(verdict):
+            console.print(escape(line), highlight=False, soft_wrap=True)
 
 
 @click.group()
@@ -229,7 +235,7 @@ def _stage_command(name: str, doc: str):
         config, given = _config(config_file, **values)
         run_dir = run_stages(config, stages=(name,), force=force, given=given)
         click.echo(f"{name}: done ({run_dir})")
-        if name in ("probe", "wholemap", "plot", "entropy"):
+        if name in ("probe", "wholemap", "baselines", "plot", "entropy"):
             _report(run_dir)
 
     command.__doc__ = (f"{doc}\n\nThe settings shown are those of this stage; the run's others are continued "

@@ -253,6 +253,7 @@ def _entropy(s: StageRun) -> None:
 def _probe(s: StageRun) -> None:
     from .models import resolve_device
     from .stages.probe import mean_over_seeds, run_probe
+    from .stages.verdict import study_verdict
 
     c, run_dir = s.config, s.run_dir
     device = resolve_device(c.device) if c.device_map is None else "cpu"
@@ -261,6 +262,10 @@ def _probe(s: StageRun) -> None:
     rf.write_csv(run_dir / rf.PROBE_RESULTS, results)  # the probes' rows; the baselines have their own file
     rf.write_parquet(run_dir / rf.PROBE_SCORES, scores)
     rf.update_summary(run_dir, **best_cells(mean_over_seeds(results)))
+    # the probe cells' part of the verdict; the baselines stage adds the baselines and controls
+    verdict = study_verdict(results, scores, rf.read_parquet(run_dir / rf.ANSWERS), rf.read_splits(run_dir / rf.SPLITS),
+                            c.bootstrap)
+    rf.update_summary(run_dir, verdict=verdict)
 
 
 def _wholemap(s: StageRun) -> None:

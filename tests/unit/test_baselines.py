@@ -115,6 +115,12 @@ def test_finish_keeps_numeric_looking_positions_as_text(tmp_path):
     written = pd.read_csv(run / "baseline_results.csv", dtype={"position": str})
     assert set(written.site) == {SITE} and "logprob_mean" in set(written.position)
     assert (run / "baselines.png").is_file()
+    verdict = fields["verdict"]  # the one cell against every baseline and control, paired on the test part
+    by = {c["against"]: c for c in verdict["comparisons"]}
+    assert {"logprob_mean", "surface", "family_rate", "bag_of_tokens"} <= set(by)
+    assert by["logprob_mean"]["diff"] == 0.0 and by["logprob_mean"]["kind"] == "baseline"
+    assert by["bag_of_tokens"]["kind"] == "control" and verdict["n_test"] == len(splits["test"])
+    assert fields["controls"]["exact_minus_surface"] is None  # no exact-answer column in this study
 
 
 def test_surface_control_catches_a_study_confounded_by_answer_length():
@@ -144,11 +150,13 @@ def test_surface_control_catches_a_study_confounded_by_answer_length():
 
     table = pd.DataFrame(rows("residual", "exact_answer_last", 0.90, 0.86, 0.94) + rows("residual", "-1", 0.80, 0.75, 0.85)
                          + rows(SITE, "surface", 0.88, 0.84, 0.92) + rows(SITE, "family_rate", 0.70, 0.65, 0.75))
-    found = controls(table)
+    # the flag reads the paired interval of (best exact-answer cell − surface), not the two separate intervals
+    found = controls(table, {"diff": 0.02, "low": -0.01, "high": 0.05, "p": 0.2, "shown": False})
     assert found["exact_answer_confounded"] is True and found["surface"]["auc"] == 0.88
     assert found["best_exact_answer_cell"]["position"] == "exact_answer_last" and found["best_other_cell"]["position"] == "-1"
-    table.loc[table.position == "surface", "auc"] = 0.6
-    assert controls(table)["exact_answer_confounded"] is False
+    assert controls(table, {"diff": 0.02, "low": 0.005, "high": 0.04, "p": 0.01, "shown": True})[
+        "exact_answer_confounded"] is False
+    assert controls(table)["exact_answer_confounded"] is None  # not measured: not claimed either way
 
 
 def test_p_true_choices_of_config_and_baselines_agree():
@@ -158,3 +166,26 @@ def test_p_true_choices_of_config_and_baselines_agree():
 
     assert set(P_TRUE_CHOICES) == set(COLUMNS) and Config().p_true == "exact"
     assert COLUMNS["both"] == ("p_true_exact", "p_true_answer") and COLUMNS["none"] == ()
+
+
+def test_bag_of_tokens_knows_which_answer_was_given_and_reads_the_exact_span():
+    """Wrong answers name one of a few wrong entities (their tokens): the bag-of-tokens control, fitted on
+    train, finds them on the held-out answers; its exact-span bag holds only the span's tokens."""
+    from truthmap.stages.baselines import bag_of_tokens_scores, token_bags
+
+    rng = np.random.default_rng(0)
+    n = 300
+    wrong = rng.random(n) < 0.4
+    entity = np.where(wrong, rng.integers(100, 105, n), rng.integers(200, 260, n))  # the exact answer's token
+    answer_ids = [[11, 12, int(e), 13] for e in entity]  # "The answer is <entity>."
+    answers = pd.DataFrame({"id": [str(i) for i in range(n)], "correct": ~wrong, "answer_ids": answer_ids,
+                            "exact_answer_valid": True, "n_prompt_tokens": 5,
+                            "pos_exact_answer_first": 7, "pos_exact_answer_last": 7})
+    bags = token_bags(answers)
+    width = bags.shape[1] // 2
+    assert bags[0].sum() == 5 and bags[0, width:].sum() == 1  # 4 answer tokens, 1 exact-span token
+    train = np.arange(n) < 200
+    score = bag_of_tokens_scores(answers, train)
+    assert auc_score(score[~train], wrong[~train]) > 0.95
+    shuffled = answers.assign(answer_ids=[[11, 12, 13]] * n)  # no entity token: nothing to know
+    assert np.ptp(bag_of_tokens_scores(shuffled, train)) < 1e-9

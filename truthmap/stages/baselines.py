@@ -38,6 +38,8 @@ import pandas as pd
 import torch
 
 from ..errors import TruthmapError
+from .label import EXACT_POSITIONS
+from .verdict import compare_cell, study_verdict
 from .generate import cache_argument, common_prefix, plain_cache, select_rows, shared_head
 from ..runfolder import BASELINE_RESULTS, FAMILY_RESULTS  # the names: runfolder.py
 from ..runfolder import BASELINES_FIGURE as FIGURE
@@ -365,8 +367,8 @@ def group_rates(answers: pd.DataFrame, train_ids: set, keys: list[str]) -> np.nd
 
 # ---------------------------------------------------------------------- AUCs on the probes' test splits
 
-PROBABILITIES = ("p_true_exact", "p_true_answer", "family_rate", "subgroup_rate", "surface")  # accuracy at 0.5
-LEARNED = ("family_rate", "subgroup_rate", "surface")  # fitted on the train part (n_train counts it)
+PROBABILITIES = ("p_true_exact", "p_true_answer", "family_rate", "subgroup_rate", "surface", "bag_of_tokens")  # accuracy at 0.5
+LEARNED = ("family_rate", "subgroup_rate", "surface", "bag_of_tokens")  # fitted on the train part (n_train counts it)
 
 
 def surface_features(answers: pd.DataFrame) -> np.ndarray:
@@ -401,9 +403,50 @@ def surface_scores(answers: pd.DataFrame, train: np.ndarray) -> np.ndarray:
     return model.predict_proba(X)[:, 1]
 
 
-def evaluate(scores: pd.DataFrame, answers: pd.DataFrame, splits: dict, n_boot: int = 1000) -> pd.DataFrame:
+def token_bags(answers: pd.DataFrame) -> "scipy.sparse.csr_matrix":
+    """``[N, 2V]`` 0/1 features: which token ids the answer contains (first V columns) and which its exact
+    answer contains (last V; none where it has no valid exact answer), V the token ids seen in any answer.
+    Reads ``answer_ids`` and ``n_prompt_tokens`` with ``pos_exact_answer_first`` / ``pos_exact_answer_last``
+    (indices into prompt + answer); without those positions only the answer's bag is filled."""
+    from scipy.sparse import csr_matrix
+
+    vocabulary: dict[int, int] = {}
+    rows, columns = [], []
+    has_span = {"pos_exact_answer_first", "pos_exact_answer_last"} <= set(answers.columns)
+    for r, row in enumerate(answers.itertuples()):
+        tokens = [int(t) for t in row.answer_ids]
+        exact = []
+        if has_span and row.exact_answer_valid and row.pos_exact_answer_first >= 0 and row.pos_exact_answer_last >= 0:
+            exact = tokens[row.pos_exact_answer_first - row.n_prompt_tokens : row.pos_exact_answer_last - row.n_prompt_tokens + 1]
+        for offset, bag in ((0, tokens), (1, exact)):
+            for t in set(bag):
+                rows.append(r)
+                columns.append((vocabulary.setdefault(t, len(vocabulary)), offset))
+    width = len(vocabulary)
+    cols = [k + offset * width for k, offset in columns]
+    return csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(answers), 2 * width))
+
+
+def bag_of_tokens_scores(answers: pd.DataFrame, train: np.ndarray, bags=None) -> np.ndarray:
+    """P(error) of scikit-learn's ``LogisticRegression(C=1.0)`` on :func:`token_bags`, fitted on the
+    ``train`` rows: the control for "which answer was given" (an exact-answer column that only knows
+    which tokens stand there is no better than this)."""
+    from sklearn.linear_model import LogisticRegression
+
+    X = token_bags(answers) if bags is None else bags
+    y = ~answers["correct"].astype(bool).to_numpy()
+    if len(set(y[train].tolist())) < 2 or X.shape[1] == 0:
+        return np.full(len(answers), np.nan)
+    model = LogisticRegression(C=1.0, max_iter=1000).fit(X[train], y[train])
+    return model.predict_proba(X)[:, 1]
+
+
+def evaluate(scores: pd.DataFrame, answers: pd.DataFrame, splits: dict, n_boot: int = 1000,
+             columns_out: dict | None = None) -> pd.DataFrame:
     """Rows in ``probe_results.csv``'s format for every baseline and seed: scored, like the probes, on
-    the test (and validation) parts of the seed's split — the same answers — with the same bootstrap."""
+    the test part (the same answers) and the seed's validation part, with the same bootstrap.
+    ``columns_out``, a dict: filled with every baseline's scores ``{name: float [S, N]}`` (seeds in
+    ``splits`` order, answers in ``answers``' order) for the paired comparisons of the verdict."""
     from .probe import RESULT_COLUMNS, bootstrap_for, cell_stats, result_rows, split_masks, strata_of
 
     ids = answers["id"].tolist()
@@ -421,6 +464,12 @@ def evaluate(scores: pd.DataFrame, answers: pd.DataFrame, splits: dict, n_boot: 
         columns[name] = np.stack([group_rates(answers, set(np.asarray(ids)[parts["train"][s]]), keys)
                                   for s in range(len(seeds))])
     columns["surface"] = np.stack([surface_scores(answers, parts["train"][s]) for s in range(len(seeds))])
+    if "answer_ids" in answers.columns:
+        bags = token_bags(answers)
+        columns["bag_of_tokens"] = np.stack([bag_of_tokens_scores(answers, parts["train"][s], bags)
+                                             for s in range(len(seeds))])
+    if columns_out is not None:
+        columns_out.update(columns)
     rows = []
     for name, score in columns.items():
         per_seed, cell = cell_stats(score, error, parts, weights, strata, probability=name in PROBABILITIES)
@@ -514,9 +563,10 @@ def finish_baselines(run_dir: Path, scores: pd.DataFrame, *, n_boot: int = 1000,
 
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
     generations = rf.read_parquet(run_dir / rf.GENERATIONS)
-    answers = answers.merge(generations[["id", "stopped"]], on="id", how="left")
+    answers = answers.merge(generations[["id", "stopped", "answer_ids"]], on="id", how="left")
     splits = rf.read_json(run_dir / rf.SPLITS)
-    results = evaluate(scores, answers, splits, n_boot)
+    columns: dict = {}
+    results = evaluate(scores, answers, splits, n_boot, columns)
     rf.write_csv(run_dir / BASELINE_RESULTS, results)
     # the probes beside these baselines (positions stay text: "-1")
     merged = pd.concat([read_run_results(run_dir, baselines=False), results], ignore_index=True)
@@ -527,16 +577,23 @@ def finish_baselines(run_dir: Path, scores: pd.DataFrame, *, n_boot: int = 1000,
     within = within_family_auc(families)
     plot_baselines(merged, cell, within, run_dir / FIGURE, title)
     means = mean_over_seeds(results)
+    probes = merged[merged["site"] != SITE]
+    verdict = study_verdict(probes, probe_scores, answers, splits, n_boot, others=columns)
+    exact = best_probe_cell(merged, [p for p in probes["position"].unique() if p in EXACT_POSITIONS])
+    exact_minus_surface = None
+    if exact is not None and "surface" in columns:
+        exact_minus_surface = compare_cell(exact, columns["surface"], probe_scores, answers, splits, n_boot)
     return {"baselines": {r.position: None if pd.isna(r.auc) else round(float(r.auc), 4) for r in means.itertuples()},
             "probe_within_family_auc": None if np.isnan(within) else round(within, 4),
-            "controls": controls(merged)}
+            "controls": controls(merged, exact_minus_surface), **({"verdict": verdict} if verdict else {})}
 
 
-def controls(results: pd.DataFrame) -> dict:
+def controls(results: pd.DataFrame, exact_minus_surface: dict | None = None) -> dict:
     """The surface and family controls beside the validation-chosen cells of the exact-answer columns and
-    of the other columns: ``confounded`` is true when the surface control's test AUC reaches into the
-    interval of the best exact-answer cell (those columns may only read what the answer looks like)."""
-    from .label import EXACT_POSITIONS
+    of the other columns. ``exact_minus_surface``: the paired difference of the best exact-answer cell's
+    test AUC and the surface control's (:func:`truthmap.stages.verdict.compare`); ``confounded`` is true
+    when its 95% interval reaches 0 (those columns are not shown to read more than what the answer looks
+    like), None without it."""
     from .probe import cell_summary, mean_over_seeds
 
     means = mean_over_seeds(results[results["site"] == SITE]).set_index("position")
@@ -550,10 +607,10 @@ def controls(results: pd.DataFrame) -> dict:
         row = means.loc[name]
         return {k: None if pd.isna(row[k]) else round(float(row[k]), 4) for k in ("auc", "auc_lo", "auc_hi")}
 
-    surface = auc_of("surface")
     confounded = None
-    if surface and exact and exact.get("auc_lo") is not None and not pd.isna(exact["auc_lo"]):
-        confounded = bool(surface["auc"] >= exact["auc_lo"])
-    return {"surface": surface, "family_rate": auc_of("family_rate"), "subgroup_rate": auc_of("subgroup_rate"),
+    if exact_minus_surface is not None and exact_minus_surface.get("low") is not None:
+        confounded = not exact_minus_surface["shown"]
+    return {"surface": auc_of("surface"), "family_rate": auc_of("family_rate"), "subgroup_rate": auc_of("subgroup_rate"),
+            "bag_of_tokens": auc_of("bag_of_tokens"),
             "best_exact_answer_cell": cell_summary(exact), "best_other_cell": cell_summary(other),
-            "exact_answer_confounded": confounded}
+            "exact_minus_surface": exact_minus_surface, "exact_answer_confounded": confounded}
