@@ -235,6 +235,10 @@ def test_the_verdict_and_the_heatmap_are_on_the_first_screen(study, open_report,
     assert box["y"] + box["height"] <= height  # the whole verdict, its warning included, on the first screen
     first_row = o.page.locator("#run-0 section.map table.heatmap tbody tr").first.bounding_box()
     assert box["y"] < first_row["y"] and first_row["y"] + first_row["height"] <= height  # and the map under or beside it
+    chosen = o.page.locator("#run-0 section.map td.chosen")  # the verdict's cell, marked on the map
+    layer, position = best_cell(out)
+    assert chosen.count() == 1 and (chosen.get_attribute("data-layer"), chosen.get_attribute("data-position")) == (
+        str(layer), position)
     # the comparisons table: each figure on one line (a number never wraps mid-figure)
     numbers = o.page.locator("#run-0 .comparisons .num")
     assert numbers.count() == 6

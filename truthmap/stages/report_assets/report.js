@@ -9,6 +9,7 @@
   const SVG_NS = "http://www.w3.org/2000/svg";
   const NO_VALUE = "#dddddd"; // grey: a cell with no AUC, as in the PNG
   const REGION = "#000000"; // outline of the best region (chosen on validation), as in the PNG
+  const CHOSEN = "#f0a000"; // the verdict's chosen cell, as the paper figure's circle
   const WRONG = "#d55e00", RIGHT = "#0072b2"; // Okabe-Ito vermillion and blue: apart for colour-blind readers
 
   // ---- small helpers -------------------------------------------------------------------------
@@ -174,7 +175,7 @@
   // opts: layers, positions, value(li, pi) -> number|null, fill(value) -> colour, shade(value) -> 0..1,
   // label, region [r0, c0, r1, c1] | null, selected [li, pi] | null, describe(li, pi) -> [lines],
   // onSelect(li, pi), showValues, digits, mark(li, pi) -> bool (hatched: does not beat the controls),
-  // frame(li, pi) -> bool (framed: a difference beyond noise)
+  // frame(li, pi) -> bool (framed: a difference beyond noise), chosen [li, pi] | null (the verdict's cell)
   function heatmap(opts) {
     const table = h("table", {class: opts.compact ? "heatmap compact" : "heatmap", role: "grid", "aria-label": opts.label});
     const head = h("tr", {}, h("th", {class: "corner", scope: "col"}, "layer"));
@@ -201,14 +202,18 @@
           td.textContent = fmt(value, opts.digits === undefined ? 2 : opts.digits).replace(/^0\./, ".").replace(/^-0\./, "-.");
           td.style.color = inkOn(opts.shade(value));
         }
+        const edges = [];
         if (region && li >= region[0] && li <= region[2] && pi >= region[1] && pi <= region[3]) {
-          const edges = [];
           if (li === region[0]) edges.push("inset 0 3px 0 " + REGION);
           if (li === region[2]) edges.push("inset 0 -3px 0 " + REGION);
           if (pi === region[1]) edges.push("inset 3px 0 0 " + REGION);
           if (pi === region[3]) edges.push("inset -3px 0 0 " + REGION);
-          if (edges.length) td.style.boxShadow = edges.join(", ");
         }
+        if (opts.chosen && li === opts.chosen[0] && pi === opts.chosen[1]) { // the verdict's cell, as ○ in the figure
+          td.classList.add("chosen");
+          edges.push("inset 0 0 0 3px " + CHOSEN);
+        }
+        if (edges.length) td.style.boxShadow = edges.join(", ");
         tr.append(td);
         row.push(td);
       });
@@ -299,6 +304,7 @@
   function aucLegend(control, perRun) {
     const extras = [swatch("none", "no AUC"),
       swatch("region", "best region: chosen on validation AUC (within one standard error of the best)")];
+    if (!perRun) extras.push(swatch("chosen", "the chosen cell"));
     if (control) extras.push(swatch("below-controls", "hatched: does not beat the controls — " + controlRule(control) + "; dashed line"));
     else if (perRun) extras.push(swatch("below-controls", "hatched: does not beat its run's controls (AUC ≤ their highest upper 95% bound)"));
     return legend(DATA.palette.auc, SCALE.low, SCALE.high, [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
@@ -356,6 +362,15 @@
     return Boolean(run.control) && auc !== null && (view === "mean" || !MEAN_VIEWS.includes(view)) && auc <= run.control.high;
   }
 
+  // [li, pi] of the verdict's chosen cell (or the validation-chosen one) on ``site``'s map; null elsewhere
+  function chosenAt(run, site) {
+    const verdict = run.summary.verdict;
+    const chosen = verdict && verdict.chosen ? verdict.chosen : run.chosen;
+    if (!chosen || chosen.site !== site) return null;
+    const li = run.sites[site].layers.indexOf(chosen.layer), pi = run.positions.indexOf(String(chosen.position));
+    return li < 0 || pi < 0 ? null : [li, pi];
+  }
+
   function renderRun(index) {
     const run = RUNS[index];
     const root = h("div", {class: "run"});
@@ -393,7 +408,7 @@
       const grid = heatmap({
         layers: site.layers, positions: run.positions, value: (li, pi) => view.auc[li][pi], fill: aucColour,
         shade: aucShade, region: view.region, selected: st.cell, showValues: st.values,
-        mark: (li, pi) => belowControls(run, st.view, view.auc[li][pi]),
+        mark: (li, pi) => belowControls(run, st.view, view.auc[li][pi]), chosen: chosenAt(run, st.site),
         label: "probe AUC, " + st.site + ", " + viewLabel(run, st.view) + ": layers down, token positions across",
         describe: (li, pi) => describeCell(run, st.site, st.view, li, pi),
         onSelect: (li, pi) => { st.cell = [li, pi]; table.markSelected(li, pi); drawDetail(); },
