@@ -95,9 +95,8 @@ def ridge_cells(X: torch.Tensor, y: np.ndarray, train: np.ndarray, evaluate: np.
     lower, info = torch.linalg.cholesky_ex(gram)
     if bool(info.any()):
         raise TruthmapError("whole map: a cell's ridge system is not positive definite (are the features finite?)")
-    if dual:  # [P, d, T]: w = K y
-        K = torch.cholesky_solve(torch.eye(n_rows, dtype=torch.float64, device=device).expand_as(gram), lower)
-        K = torch.bmm(Ztr.transpose(1, 2), K.float())
+    if dual:  # [P, d, T]: w = K y; Zᵀ(ZZᵀ + αI)⁻¹ is the transpose of (ZZᵀ + αI)⁻¹Z
+        K = torch.cholesky_solve(Ztr.double(), lower).float().transpose(1, 2)
     else:
         K = torch.cholesky_solve(Ztr.transpose(1, 2).double(), lower).float()
     labels = np.atleast_2d(y)  # [G, N]: one fit per row of labels, all from the same K
