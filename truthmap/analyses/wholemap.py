@@ -28,8 +28,9 @@ out-of-fold scores, its C chosen on the validation part's AUC (grid ``STACK_CS``
 part. Why this rather than one model over all the features (465 × 576 dimensions): each level-one
 model sees one cell, as the heatmap's probes do, so the combiner asks only how much the cells add to
 each other, with 465 inputs instead of 268 000; and its cost is one ridge fit per cell. Its paired
-difference against the heatmap's best cell (chosen on validation) is read on the run's shared cluster
-bootstrap: per replicate, the mean over seeds of each side's test AUC, then their difference.
+difference against the heatmap's best cell (chosen on validation) is the verdict's comparison
+(:func:`truthmap.stages.verdict.compare`): on the run's shared cluster bootstrap, per replicate, the mean
+over seeds of each side's test AUC on the answers both score, then their difference.
 
 **The permutation null.** Labels are permuted within blocks of (stratum = family and subgroup) × (in the
 first seed's test part or not): each family keeps its error rate and the test part its class counts, so a
@@ -188,40 +189,6 @@ def stack(cell_scores: np.ndarray, y: np.ndarray, parts: dict[str, np.ndarray], 
         val_aucs[s], out[s] = best[0], best[2]
         chosen.append(best[1])
     return out, chosen, val_aucs
-
-
-# ---------------------------------------------------------------------- paired comparison
-
-def paired_difference(a: np.ndarray, b: np.ndarray, y: np.ndarray, test: np.ndarray, weights: np.ndarray) -> dict:
-    """Paired difference of two scorers' mean test AUC over seeds, on the same bootstrap replicates.
-
-    ``a``, ``b`` ``[S, N]`` scores (NaN: none), ``y`` ``[N]``, ``test`` bool ``[S, N]``, ``weights``
-    ``[B, N]`` (the run's cluster bootstrap). Each seed is read on its test rows where both sides have a
-    score. Returns ``{"auc_a", "auc_b", "diff", "low", "high", "p", "shown", "n_test"}``: ``p`` the
-    share of replicates with a difference ≤ 0 (one-sided), ``shown`` when ``low > 0``."""
-    from ..stages.probe import auc_score
-
-    point, reps, n_test = [], [], 0
-    for s in range(a.shape[0]):
-        rows = test[s] & np.isfinite(a[s]) & np.isfinite(b[s])
-        labels = y[rows].astype(bool)
-        if labels.all() or not labels.any():
-            continue
-        n_test = max(n_test, int(rows.sum()))
-        pa, pb = auc_score(a[s, rows], labels), auc_score(b[s, rows], labels)
-        ra, rb = auc_score(a[s, rows], labels, weights[:, rows]), auc_score(b[s, rows], labels, weights[:, rows])
-        point.append((float(pa), float(pb)))
-        reps.append(np.asarray(ra) - np.asarray(rb))
-    if not point:
-        return {"auc_a": None, "auc_b": None, "diff": None, "low": None, "high": None, "p": None,
-                "shown": False, "n_test": 0}
-    diff = np.nanmean(np.stack(reps), axis=0)
-    diff = diff[np.isfinite(diff)]
-    low, high = np.percentile(diff, [2.5, 97.5])
-    auc_a, auc_b = np.mean([p[0] for p in point]), np.mean([p[1] for p in point])
-    return {"auc_a": round(float(auc_a), 4), "auc_b": round(float(auc_b), 4), "diff": round(float(auc_a - auc_b), 4),
-            "low": round(float(low), 4), "high": round(float(high), 4), "p": round(float((diff <= 0).mean()), 4),
-            "shown": bool(low > 0), "n_test": n_test}
 
 
 # ---------------------------------------------------------------------- the stage
@@ -497,6 +464,7 @@ def _against_best_cell(run_dir: Path, stacked: np.ndarray, y: np.ndarray, parts:
     chosen on validation (``probe_results.csv``, its test scores from ``probe_scores.parquet``)."""
     from ..runfolder import PROBE_RESULTS, PROBE_SCORES, read_parquet
     from ..stages.probe import cell_summary, choose_cell, mean_over_seeds, read_results
+    from ..stages.verdict import compare
 
     mean = mean_over_seeds(results).iloc[0]
     out = {"method": "stacking: a ridge probe per cell (leave-one-out scores on train), an L2 logistic "
@@ -515,6 +483,10 @@ def _against_best_cell(run_dir: Path, stacked: np.ndarray, y: np.ndarray, parts:
     for s, seed in enumerate(seeds):
         rows = table[table["seed"] == int(seed)]
         cell_scores[s, [row_of[i] for i in rows["id"]]] = rows["score"].to_numpy(dtype=float)
-    paired = paired_difference(stacked, cell_scores, y, parts["test"], weights)
+    # the verdict's paired comparison, on the one test part (the first seed's: the same for every seed)
+    test = parts["test"][0]
+    c = compare(stacked[:, test], cell_scores[:, test], y[test], weights[:, test])
+    paired = {"auc_a": c["auc_a"], "auc_b": c["auc"], "diff": c["diff"], "low": c["low"], "high": c["high"],
+              "p": c["p"], "shown": c["shown"], "n_test": c["n"]}
     out["against"], out["paired"] = cell_summary(best), paired
     return out
