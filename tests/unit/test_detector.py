@@ -150,3 +150,19 @@ def test_an_unscored_answer_is_never_called_likely_right():
     assert "no verdict" in _verdict({**row, "fallback_p_error": None}, SimpleNamespace(**{**vars(scorer), "fallback": None}))
     scored = {"p_error": 0.2, "flagged": False, "status": "not flagged"}
     assert "likely right" in _verdict(scored, scorer)
+
+
+def test_the_cards_exact_answer_mode_is_what_the_label_stage_did(tmp_path):
+    """summary.json's exact_answer.mode where it says; otherwise gold when any span is the gold alias."""
+    import pandas as pd
+
+    from truthmap.analyses.detector import exact_answer_mode
+
+    run = make_run(tmp_path / "run")  # its answers' route is gold_alias
+    assert exact_answer_mode(run) == "gold"
+    answers = pd.read_parquet(run / "answers.parquet").assign(exact_answer_reason="vocabulary")
+    answers.to_parquet(run / "answers.parquet", index=False)
+    assert exact_answer_mode(run) == "blind"
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "exact_answer": {"mode": "gold"}}))
+    assert exact_answer_mode(run) == "gold"

@@ -704,10 +704,23 @@ def locator_rules(run_dir: Path, config: dict) -> dict:
                                                           questions["gold"], wrong):
         options = sorted(set(list(gold) + list(others))) if grading[task] == "choice" else []
         table.setdefault(textmatch.normalize(question), [task, answer_type or "", options])
-    return {"exact_answer": config.get("exact_answer") or "gold", "extractor": config.get("extractor_model"),
+    return {"exact_answer": exact_answer_mode(run_dir), "extractor": config.get("extractor_model"),
             "grading": grading, "vocabularies": vocabularies, "questions": table,
             "unknown_question": "the task and answer type of the run's question sharing the most words with it "
                                 "(numbers count as one word '#'); a choice task's options are then unknown"}
+
+
+def exact_answer_mode(run_dir: Path) -> str:
+    """How the run's label stage located right answers: summary.json's ``exact_answer.mode`` where it says,
+    else "gold" when any answer's route is the gold alias (the rule before label-blind spans), else "blind"."""
+    from ..runfolder import ANSWERS, SUMMARY, read_json_object, read_parquet
+
+    said = (read_json_object(run_dir / SUMMARY, default={}).get("exact_answer") or {})
+    if isinstance(said, dict) and said.get("mode") in ("blind", "gold"):
+        return said["mode"]
+    answers = read_parquet(run_dir / ANSWERS)
+    routes = answers["exact_answer_reason"] if "exact_answer_reason" in answers.columns else []
+    return "gold" if "gold_alias" in set(map(str, routes)) else "blind"
 
 
 @functools.lru_cache(maxsize=100_000)
