@@ -258,7 +258,7 @@ def _probe(s: StageRun) -> None:
     c, run_dir = s.config, s.run_dir
     device = resolve_device(c.device) if c.device_map is None else "cpu"
     results, scores = run_probe(run_dir, c.sites, C=c.C, n_boot=c.bootstrap, device=device, progress=c.progress,
-                                min_per_class=c.min_per_class)
+                                min_per_class=c.min_per_class, reference=c.protocol == "reference")
     rf.write_csv(run_dir / rf.PROBE_RESULTS, results)  # the probes' rows; the baselines have their own file
     rf.write_parquet(run_dir / rf.PROBE_SCORES, scores)
     rf.update_summary(run_dir, **best_cells(mean_over_seeds(results)))
@@ -385,7 +385,7 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
                               "max_new_tokens": c.max_new_tokens, "model": c.model, "dtype": c.dtype},
           model="here", when=wants_samples),
     Stage("probe", _probe, inputs=(rf.ANSWERS, rf.SPLITS, rf.ACTIVATIONS), outputs=(rf.PROBE_RESULTS, rf.PROBE_SCORES),
-          settings=_fields("C", "bootstrap", "sites", "min_per_class"), labelled=True),
+          settings=_fields("C", "bootstrap", "sites", "min_per_class", "protocol"), labelled=True),
     Stage("wholemap", _wholemap, inputs=(rf.ANSWERS, rf.SPLITS, rf.ACTIVATIONS, rf.PROBE_RESULTS, rf.PROBE_SCORES),
           outputs=(rf.WHOLEMAP_RESULTS, rf.WHOLEMAP_SCORES, rf.CELL_NULL),
           settings=_fields("C", "bootstrap", "sites", "permutations"), labelled=True, optional=True),

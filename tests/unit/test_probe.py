@@ -239,3 +239,37 @@ def test_group_bootstrap_moves_whole_groups_and_the_mean_interval_is_of_the_mean
     mean = np.mean([r["auc"] for r in per_seed])
     assert cell["mean_auc_lo"] < mean < cell["mean_auc_hi"]
     assert cell["val_auc_se"] > 0
+
+
+def test_reference_protocol_probe_is_scikit_learns_default_logistic_regression_on_raw_features(tmp_path):
+    """protocol: reference fits ``LogisticRegression()`` with its defaults on the raw features: the
+    scores equal scikit-learn's own fit on the same rows; the default (standardised, batched) probe's do not."""
+    import json
+
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    from tests.unit._synthetic import make_run
+    from truthmap import runfolder as rf
+    from truthmap.stages.extract import load_features
+    from truthmap.stages.probe import run_probe
+
+    run = make_run(tmp_path / "run", n=160, d=6)
+    with rf.open_run(run):
+        _, reference_scores = run_probe(run, ["residual"], n_boot=20, progress=False, min_per_class=2, reference=True)
+        _, default_scores = run_probe(run, ["residual"], n_boot=20, progress=False, min_per_class=2)
+        ids, X = load_features(run, "residual", 1, "-1")
+    answers = pd.read_parquet(run / "answers.parquet").set_index("id")
+    split = json.loads((run / "splits.json").read_text())["seeds"]["1"]
+    row = {i: k for k, i in enumerate(ids)}
+    train = [row[i] for i in split["train"] if i in row]
+    test = [i for i in split["test"] if i in row]
+    y = (~answers.loc[ids, "correct"]).to_numpy().astype(int)
+    expected = LogisticRegression().fit(X[train], y[train]).predict_proba(X[[row[i] for i in test]])[:, 1]
+
+    def cell(scores):
+        found = scores[(scores.layer == 1) & (scores.position == "-1") & (scores.seed == 1)].set_index("id")
+        return found.loc[test, "score"].to_numpy()
+
+    assert np.allclose(cell(reference_scores), expected, rtol=0, atol=1e-9)
+    assert np.abs(cell(default_scores) - expected).max() > 1e-4  # standardised features: another problem

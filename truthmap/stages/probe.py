@@ -532,8 +532,13 @@ def run_probe(
     device: str = "cpu",
     progress: bool = True,
     min_per_class: int = MIN_PER_CLASS,
+    reference: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fit and evaluate every probe; return (results table, test scores table).
+
+    ``reference``: the reference study's probe instead (``protocol: reference``): scikit-learn's
+    ``LogisticRegression()`` with its defaults (C = 1, lbfgs, at most 100 iterations) on the raw features,
+    not standardised, one fit per cell and seed (:func:`reference_probabilities`); ``C`` is not used.
 
     Every part of every split must hold at least ``min_per_class`` right and wrong answers (an AUC from
     fewer is mostly noise; its bootstrap interval says how much). A probe is fitted and scored only on
@@ -546,11 +551,11 @@ def run_probe(
 
     with reading(Path(run_dir)):
         return _run_probe(Path(run_dir), sites, C=C, n_boot=n_boot, device=device, progress=progress,
-                          min_per_class=min_per_class)
+                          min_per_class=min_per_class, reference=reference)
 
 
 def _run_probe(run_dir: Path, sites: list[str], *, C: float, n_boot: int, device: str, progress: bool,
-               min_per_class: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+               min_per_class: int, reference: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     from ..runfolder import ANSWERS, SPLITS, read_activations_index, read_parquet, read_splits
 
     answers = read_parquet(run_dir / ANSWERS)
@@ -573,8 +578,11 @@ def _run_probe(run_dir: Path, sites: list[str], *, C: float, n_boot: int, device
             _, positions, features, valid = load_layer(run_dir, site, layer)
             X = torch.as_tensor(np.asarray(features), device=device).float()  # [P, N, d]
             train = torch.as_tensor(parts["train"][None] & valid.T[:, None], device=device)  # [P, S, N]
-            model = BatchedLogisticRegression(C=C).fit(X, y_t, train)
-            prob = model.predict_proba(X).cpu().numpy().astype(np.float64)  # [P, S, N]
+            if reference:
+                prob = reference_probabilities(X.cpu().numpy(), y, train.cpu().numpy())
+            else:
+                model = BatchedLogisticRegression(C=C).fit(X, y_t, train)
+                prob = model.predict_proba(X).cpu().numpy().astype(np.float64)  # [P, S, N]
             for p, position in enumerate(positions):
                 score = np.where(valid[:, p][None, :], prob[p], np.nan)  # [S, N]
                 per_seed, cell = cell_stats(score, y, parts, weights, strata)
@@ -586,6 +594,28 @@ def _run_probe(run_dir: Path, sites: list[str], *, C: float, n_boot: int, device
     bar.close()
     table = pd.DataFrame(results, columns=RESULT_COLUMNS)
     return table, _score_table(scores, np.asarray(ids))
+
+
+def reference_probabilities(X: np.ndarray, y: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """P(error) ``[P, S, N]`` of the reference study's probe: for each cell p and split s, scikit-learn's
+    ``LogisticRegression()`` (its defaults) fitted on the raw features ``X[p]`` (``[P, N, d]``) of the rows
+    ``train[p, s]`` (bool ``[P, S, N]``), labels ``y`` ``[N]``; NaN where the train rows lack a class.
+    Its convergence warnings (100 iterations on raw hidden states often stop short) are not shown: the
+    reference keeps what the defaults give, and so do we."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    prob = np.full(train.shape, np.nan)
+    for p in range(train.shape[0]):
+        for s in range(train.shape[1]):
+            rows = train[p, s]
+            if len(set(y[rows].tolist())) < 2:
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model = LogisticRegression().fit(X[p, rows], y[rows])
+            prob[p, s] = model.predict_proba(X[p])[:, 1]
+    return prob
 
 
 def _score_table(scores: list, ids: np.ndarray) -> pd.DataFrame:
