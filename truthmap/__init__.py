@@ -7,7 +7,7 @@ probe AUCs are drawn as a heatmap. See README.md and docs/run-folder.md.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .constants import __version__
 
 from .analyses.detector import Detector, ModelScorer
 from .errors import TruthmapError

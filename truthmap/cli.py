@@ -781,7 +781,7 @@ def internal_error_line() -> str:
     """The line under an unexpected exception's traceback: a bug, where to report it, with which versions."""
     import platform
 
-    from . import __version__
+    from .constants import __version__
 
     versions = [f"truthmap {__version__}", f"python {platform.python_version()}"]
     for name in ("torch", "transformers"):

@@ -33,8 +33,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import TruthmapError
-from .models import DEFAULT_MODEL, SITES
-from .stages.label import DEFAULT_POSITIONS, MIN_PER_CLASS, NAMED_POSITIONS, POPULATIONS
+from .constants import DEFAULT_MODEL, DEFAULT_POSITIONS, MIN_PER_CLASS, NAMED_POSITIONS, POPULATIONS, SITES
 from .tasks import PROTOCOLS
 
 LONG_PROMPTS = ("truncate", "skip")  # --long-prompts: what generate does with a prompt longer than the model's context

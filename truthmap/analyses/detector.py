@@ -516,7 +516,7 @@ def _check_weights(path: Path, tensors: dict) -> None:
 
 def _check_card(path: Path, card) -> None:
     """The fields a detector uses, of the types 'truthmap export' writes."""
-    from .resample import check_cell
+    from ..stages.label import check_cell
     from ..runfolder import sanitise
 
     if not isinstance(card, dict):
@@ -879,7 +879,7 @@ def export_detector(run_dir: str | Path, *, site: str, layer: int, position: str
     from .conformal import conformal_rank
 
     conformal_rank(1, target_false_flag)  # a target outside (0, 1) is refused before any work
-    from .resample import check_cell
+    from ..stages.label import check_cell
     from ..runfolder import CONFIG, SUMMARY, child, guard, read_json_object, reading
 
     run_dir = Path(run_dir)
@@ -924,7 +924,7 @@ def _fit_fallback(run_dir: Path, site: str, layer: int, position: str, seed, C: 
 
 def _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary, site, layer, position, seed, out,
                    calibration):
-    from .. import __version__
+    from ..constants import __version__
     from ..stages.probe import auc_score
 
     auc = float(auc_score(detector.predict_proba(X_test)[:, 1], y_test)) if len(set(y_test.tolist())) == 2 else None

@@ -41,6 +41,7 @@ import pandas as pd
 
 from .. import runfolder as rf
 from ..errors import TruthmapError
+from ..stages.label import check_cell  # noqa: F401  (its old home; analyses import it from here)
 
 # the names: runfolder.py
 RESAMPLES, ERROR_TYPES, ERROR_TYPE_RESULTS = rf.RESAMPLES, rf.ERROR_TYPES, rf.ERROR_TYPE_RESULTS
@@ -254,23 +255,3 @@ def default_cell(run_dir: Path) -> dict:
     if not isinstance(best, dict):
         raise TruthmapError(f"{Path(run_dir) / rf.SUMMARY}: best_cell is not a cell; give --layer and --position")
     return check_cell(best.get("site"), best.get("layer"), best.get("position"), Path(run_dir) / rf.SUMMARY)
-
-
-def check_cell(site, layer, position, source="the cell") -> dict:
-    """A probe cell {site, layer, position} whose values can name files: a known site, a whole layer
-    number, a position of check_positions; a one-line error (naming ``source``) otherwise."""
-    from ..stages.label import check_positions
-    from ..models import SITES
-
-    if site not in SITES:
-        raise TruthmapError(f"{source}: site {rf.sanitise(repr(site), 60)} is not one of {', '.join(SITES)}")
-    if (isinstance(layer, bool) or not isinstance(layer, (int, float)) or not 0 <= layer < 100_000
-            or layer != int(layer)):  # the range first: int() of an infinity (JSON 1e400) raises
-        raise TruthmapError(f"{source}: layer {rf.sanitise(repr(layer), 60)} is not a layer number")
-    if not isinstance(position, str):
-        raise TruthmapError(f"{source}: position {rf.sanitise(repr(position), 60)} is not a position name")
-    try:
-        check_positions([position])
-    except TruthmapError:
-        raise TruthmapError(f"{source}: position {rf.sanitise(repr(position), 60)} is not a position name") from None
-    return {"site": site, "layer": int(layer), "position": position}

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..constants import BASELINE_SITE
 from ..errors import TruthmapError
 from .label import EXACT_POSITIONS
 from .verdict import compare_cell, study_verdict
@@ -44,7 +45,7 @@ from .generate import cache_argument, common_prefix, plain_cache, select_rows, s
 from ..runfolder import BASELINE_RESULTS, FAMILY_RESULTS  # the names: runfolder.py
 from ..runfolder import BASELINES_FIGURE as FIGURE
 
-SITE = "baseline"
+SITE = BASELINE_SITE
 P_TRUE_PROMPT = "Question: {question}\nPossible answer: {answer}\nIs the possible answer:\n(A) True\n(B) False"
 # the reply is begun for the model, so that its next token is the option letter (not "The", "True", …)
 P_TRUE_REPLY = "The possible answer is: ("

@@ -28,21 +28,10 @@ import re
 
 import pandas as pd
 
+from .. import runfolder as rf
 from .. import textmatch
+from ..constants import DEFAULT_POSITIONS, EXACT_POSITIONS, MIN_PER_CLASS, NAMED_POSITIONS, POPULATIONS, SITES  # noqa: F401
 from ..errors import TruthmapError
-
-NAMED_POSITIONS = (
-    "last_q",
-    "first_answer",
-    "second_answer",
-    "exact_answer_before_first",
-    "exact_answer_first",
-    "exact_answer_last",
-    "exact_answer_after_last",
-)
-DEFAULT_POSITIONS = list(NAMED_POSITIONS) + [str(-k) for k in range(8, 0, -1)]
-EXACT_POSITIONS = {p for p in NAMED_POSITIONS if p.startswith("exact_answer")}
-MIN_PER_CLASS = 10
 
 
 def check_positions(positions: list[str]) -> list[str]:
@@ -52,6 +41,23 @@ def check_positions(positions: list[str]) -> list[str]:
     if len(set(positions)) != len(positions):
         raise TruthmapError(f"positions {positions}: each position may appear once")
     return list(positions)
+
+
+def check_cell(site, layer, position, source="the cell") -> dict:
+    """A probe cell {site, layer, position} whose values can name files: a known site, a whole layer
+    number, a position of check_positions; a one-line error (naming ``source``) otherwise."""
+    if site not in SITES:
+        raise TruthmapError(f"{source}: site {rf.sanitise(repr(site), 60)} is not one of {', '.join(SITES)}")
+    if (isinstance(layer, bool) or not isinstance(layer, (int, float)) or not 0 <= layer < 100_000
+            or layer != int(layer)):  # the range first: int() of an infinity (JSON 1e400) raises
+        raise TruthmapError(f"{source}: layer {rf.sanitise(repr(layer), 60)} is not a layer number")
+    if not isinstance(position, str):
+        raise TruthmapError(f"{source}: position {rf.sanitise(repr(position), 60)} is not a position name")
+    try:
+        check_positions([position])
+    except TruthmapError:
+        raise TruthmapError(f"{source}: position {rf.sanitise(repr(position), 60)} is not a position name") from None
+    return {"site": site, "layer": int(layer), "position": position}
 
 
 def judge(
@@ -453,9 +459,6 @@ def label_answers(
             }
         )
     return pd.DataFrame(rows)
-
-
-POPULATIONS = ("common", "each")
 
 
 def population(answers: pd.DataFrame, positions: list[str]) -> pd.Series:

@@ -691,7 +691,7 @@ def read_run_results(run_dir, baselines: bool = True) -> pd.DataFrame:
     """The probes' rows of a run (``probe_results.csv``) and, with ``baselines``, the baselines' rows
     after them (``baseline_results.csv`` and ``wholemap_results.csv``, when their stages have run): one table, for readers that
     compare probes with baselines. Each file has one writer; this is where they meet."""
-    from .baselines import SITE
+    from ..constants import BASELINE_SITE as SITE
     from ..runfolder import BASELINE_RESULTS, PROBE_RESULTS, WHOLEMAP_RESULTS
 
     run_dir = Path(run_dir)
