@@ -230,7 +230,7 @@ def test_the_verdict_and_the_heatmap_are_on_the_first_screen(study, open_report,
     o = open_report(write_report([run], tmp_path / "page.html"), width, height)
     verdict = o.page.locator("#verdict-0")
     text = verdict.inner_text()
-    assert "beat the last tokens by +0.06" in text and "Does not beat the controls (surface +0.040" in text
+    assert "beat the last tokens by +0.06" in text and "Does not beat the controls (1 of 1 not shown below it)" in text
     box = verdict.bounding_box()
     assert box["y"] + box["height"] <= height  # the whole verdict, its warning included, on the first screen
     first_row = o.page.locator("#run-0 section.map table.heatmap tbody tr").first.bounding_box()

@@ -582,23 +582,23 @@
     return panel;
   }
 
-  // The warning a reader must see before the map: the chosen cell does not beat the controls.
+  // The warning a reader must see before the map, short enough to leave the map on a phone's first screen:
+  // the chosen cell does not beat the controls (which ones, and by how much: the comparisons table).
   function controlsWarning(run, verdict, chosen) {
     const lines = [];
     if (verdict && verdict.beats_controls === false) {
       const unshown = (verdict.comparisons || []).filter((c) => c.kind === "control" && !c.shown);
-      lines.push("Does not beat the controls" + (unshown.length ? " (" + unshown.map((c) => c.against + " " +
-        signed(c.diff) + ", " + signed(c.low) + " … " + signed(c.high)).join("; ") + ")" : "") +
+      lines.push("Does not beat the controls" + (unshown.length ? " (" + unshown.length + " of " +
+        (verdict.comparisons || []).filter((c) => c.kind === "control").length + " not shown below it)" : "") +
         ": the chosen cell may read what the answer is or looks like, not what the model knows.");
     } else if (!verdict && chosen && run.control && chosen.auc !== null && chosen.auc <= run.control.high) {
-      lines.push("The chosen cell's AUC " + fmt(chosen.auc) + " does not beat the controls: " + controlRule(run.control) + ".");
+      lines.push("Does not beat the controls: " + controlRule(run.control) + ".");
     }
     const controls = run.summary.controls;
     if (controls && controls.exact_answer_confounded) {
-      lines.push("The surface control (answer length, exact-answer length and route, whether the answer stopped) " +
-        "reaches the exact-answer columns' interval: those columns may read only what the answer looks like.");
+      lines.push("The exact-answer columns do not beat the surface control (answer length, exact-answer length " +
+        "and route, whether it stopped).");
     }
-    if (lines.length && run.control) lines.push("Hatched on the map: " + controlRule(run.control) + ".");
     return lines.join(" ");
   }
 
@@ -613,13 +613,14 @@
     }
     panel.append(h("h2", {id: "comparisons-title-" + index}, "The chosen cell against …"));
     panel.append(smallTable("Paired: chosen − other, on the same answers and draws",
-      ["against", "its AUC", "difference (95%)", "p", ""],
-      comparisons.map((c) => [c.against + (c.kind === "control" || c.kind === "baseline" ? " (" + c.kind + ")" : ""),
+      ["against", "AUC", "difference (95%)", "p", "shown"],
+      comparisons.map((c) => [h("span", {title: c.kind}, c.against),
         h("span", {class: "num"}, fmt(c.auc)),
         h("span", {class: "num"}, signed(c.diff, 2) + " (" + signed(c.low, 2) + " … " + signed(c.high, 2) + ")"),
         h("span", {class: "num"}, c.p === null || c.p === undefined ? "–" : (c.p < 0.001 ? "<0.001" : fmt(c.p))),
-        c.shown ? h("span", {class: "tag shown"}, "shown") : h("span", {class: "tag not-shown"}, "not shown")])));
-    panel.append(h("p", {class: "hint"}, "shown: the interval of the difference lies above zero; p: one-sided, of a difference ≤ 0."));
+        c.shown ? h("span", {class: "shown", title: "shown: the interval lies above zero"}, "✓") :
+          h("span", {class: "not-shown", title: "not shown: the interval reaches zero"}, "–")])));
+    panel.append(h("p", {class: "hint"}, "✓ shown: the interval of the difference lies above zero; p: one-sided, of a difference ≤ 0."));
     return panel;
   }
 
