@@ -281,7 +281,7 @@ def test_hostile_text_shows_literally_and_runs_nothing(study, open_report, tmp_p
     summary.update(model=HOSTILE[0], dataset=HOSTILE[1], model_revision=HOSTILE[4])
     summary["families"] = {name: {"n": 1, "accuracy": 0.5, "valid_exact_answer_rate": 1.0} for name in HOSTILE}
     rewrite(hostile, "label", "summary.json", summary)
-    page_path = write_report([hostile], hostile / "report.html")
+    page_path = write_report([hostile], tmp_path / "hostile.html")  # outside the run: its report.html is the run's
 
     o = open_report(page_path)
     layer, position = best_cell(out)
