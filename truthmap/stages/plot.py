@@ -288,7 +288,11 @@ def paper_figure(run_dir: Path, out: Path, *, width: float = 7.0, height: float 
             note += f"; n = {population['n']} answers" + (f", {population['left_out']} left out"
                                                           if population.get("left_out") else "")
         caption.append(note)
-        fig.supxlabel("\n".join(caption), x=0.01, ha="left", fontsize=font_size - 1)
+        import textwrap
+
+        per_line = int(width * 72 / (0.55 * (font_size - 1)))  # characters of the caption's font across the figure
+        fig.supxlabel("\n".join(textwrap.fill(line, per_line) for line in caption), x=0.01, ha="left",
+                      fontsize=font_size - 1)
         return save(fig, Path(out))[0]
 
 
