@@ -285,12 +285,22 @@ def _chain(first, rest):
     yield from rest
 
 
-CHUNK_ROWS = 20_000  # rows a CSV or Parquet file is read at a time
+CHUNK_BYTES = 4 * 2**20  # bytes of a CSV or Parquet file read at a time, however wide its rows
+
+
+def _rows_per_chunk(bytes_per_row: float) -> int:
+    return max(1, int(CHUNK_BYTES // max(bytes_per_row, 1.0)))
 
 
 def _read_csv(path: Path):
-    """The records of a CSV file (every cell text), CHUNK_ROWS rows at a time."""
-    with pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", chunksize=CHUNK_ROWS) as chunks:
+    """The records of a CSV file (every cell text), about CHUNK_BYTES of the file at a time: the rows of
+    a chunk are counted from the mean length of the first megabyte's lines (a wide file, fewer rows)."""
+    with open(path, "rb") as f:
+        head = f.read(2**20)
+    lines = head.count(b"\n")
+    per_row = len(head) / lines if lines else max(len(head), 1)  # one line longer than 1 MiB: one row a chunk
+    with pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8",
+                     chunksize=_rows_per_chunk(per_row)) as chunks:
         for k, chunk in enumerate(chunks):
             if k == 0:
                 _check_csv_header(path)
@@ -298,9 +308,19 @@ def _read_csv(path: Path):
 
 
 def _read_parquet(path: Path):
+    """The records of a Parquet file, about CHUNK_BYTES (uncompressed) at a time; a column named twice
+    is refused (pyarrow would keep both under one name)."""
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS):
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise TruthmapError(f"{path}: duplicate column(s) {dupes}; rename or remove one of each")
+    meta = parquet.metadata
+    size = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+    per_row = size / meta.num_rows if meta.num_rows else 1.0
+    for batch in parquet.iter_batches(batch_size=_rows_per_chunk(per_row)):
         yield from batch.to_pylist()
 
 
@@ -398,24 +418,78 @@ def _read_jsonl(path: Path):
         raise TruthmapError(f"{path}: the file is empty")
 
 
-def _read_json(path: Path) -> list[dict]:
-    """A JSON list of records, or an object holding one under "Data" (TriviaQA) or "data"."""
-    from .runfolder import parse_json
+def _read_json(path: Path):
+    """The records of a JSON list, or of an object holding one under "Data" (TriviaQA) or "data", read as
+    a stream (ijson): memory holds one record at a time, never the whole document. Checked as strict as
+    :func:`truthmap.runfolder.parse_json`: no key twice in a record, no NaN, no lone surrogate, nesting
+    at most MAX_JSON_DEPTH."""
+    import ijson
 
-    try:
-        content = parse_json(path.read_bytes(), object_pairs_hook=_unique_keys)
-    except _DuplicateKey as err:
-        raise TruthmapError(f"{path}: key '{err}' twice in one record; keep one") from None
-    except ValueError as err:
-        raise TruthmapError(f"{path}: {err}") from None
-    if isinstance(content, dict):
-        content = next((content[k] for k in ("Data", "data") if isinstance(content.get(k), list)), content)
-    if not isinstance(content, list):
+    from .runfolder import MAX_JSON_DEPTH
+
+    with open(path, "rb") as f:
+        first = f.read(4096).lstrip()[:1]
+        if first not in (b"[", b"{"):
+            if not first:
+                raise TruthmapError(f"{path}: the file is empty")
+            raise TruthmapError(f"{path}: expected a list of records (or an object with a 'Data' list)")
+        f.seek(0)
+        wanted = ("item",) if first == b"[" else ("Data.item", "data.item")
+        chosen, number, stack = None, 0, []  # stack: [container being built, key its next value goes under]
+        try:
+            for prefix, event, value in ijson.parse(f, use_float=True):
+                if not stack:
+                    if prefix not in wanted or (chosen is not None and prefix != chosen) or event == "end_array":
+                        continue
+                    chosen = prefix
+                    number += 1
+                    if event != "start_map":
+                        kind = {"start_array": "a list", "string": "a string", "boolean": "true or false",
+                                "null": "null"}.get(event, "a number")
+                        raise TruthmapError(f"{path}, record {number}: {kind}, not a record ({{\"question\": …}})")
+                    stack.append([{}, None])
+                    continue
+                top = stack[-1]
+                if event == "map_key":
+                    if value in top[0]:
+                        raise TruthmapError(f"{path}, record {number}: key '{value}' twice in one record; keep one")
+                    top[1] = value
+                    continue
+                if event in ("start_map", "start_array"):
+                    if len(stack) >= MAX_JSON_DEPTH:
+                        raise TruthmapError(f"{path}, record {number}: nested deeper than {MAX_JSON_DEPTH} levels")
+                    stack.append([{} if event == "start_map" else [], None])
+                    continue
+                if event in ("end_map", "end_array"):
+                    value = stack.pop()[0]
+                    if not stack:
+                        yield value
+                        continue
+                elif isinstance(value, str):
+                    _check_string(path, number, value)
+                parent = stack[-1]
+                if isinstance(parent[0], list):
+                    parent[0].append(value)
+                else:
+                    parent[0][parent[1]] = value
+        except ijson.JSONError as err:
+            raise TruthmapError(f"{path}: not valid JSON ({sanitise_reason(err)})") from None
+    if chosen is None and first == b"{":
         raise TruthmapError(f"{path}: expected a list of records (or an object with a 'Data' list)")
-    for number, record in enumerate(content, start=1):
-        if not isinstance(record, dict):
-            raise TruthmapError(f"{path}, record {number}: {_kind(record)}, not a record ({{\"question\": …}})")
-    return content
+
+
+def _check_string(path: Path, number: int, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise TruthmapError(f"{path}, record {number}: a string holds a lone surrogate "
+                            f"(\\u{ord(value[err.start]):04x}), which is not text") from None
+
+
+def sanitise_reason(err) -> str:
+    from .runfolder import sanitise
+
+    return sanitise(str(err).splitlines()[0] if str(err) else type(err).__name__, 160)
 
 
 def _kind(value) -> str:

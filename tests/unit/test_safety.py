@@ -425,7 +425,7 @@ def test_a_limited_sample_is_the_same_as_the_whole_files(tmp_path, monkeypatch):
     path = tmp_path / "q.csv"
     path.write_text("question,answer\n" + "".join(f"What {i}?,a{i}\n" for i in range(300)))
     whole, _ = data.load_questions(str(path))
-    monkeypatch.setattr(data, "CHUNK_ROWS", 7)  # several chunks, read twice
+    monkeypatch.setattr(data, "CHUNK_BYTES", 70)  # several chunks (about 5 rows each), read twice
     sample, _ = data.load_questions(str(path), limit=20, seed=3)
     expected = whole.sample(frac=1.0, random_state=3).head(20).sort_index().reset_index(drop=True)
     assert sample.equals(expected) and sample.attrs["source_rows"]["read"] == 300
@@ -657,3 +657,60 @@ def test_a_file_dropped_from_the_manifest_and_edited_is_never_read(tmp_path):
         with pytest.raises(TruthmapError, match="not in the run's manifest"):
             rf.read_splits(run / rf.SPLITS)
         assert rf.read_parquet(run / rf.ANSWERS)["id"].tolist() == ["a", "b"]  # a listed file still reads
+
+
+# ---------------------------------------------------------------- memory bounded by bytes
+
+def test_csv_chunks_are_bounded_by_bytes_not_rows(tmp_path, monkeypatch):
+    path = tmp_path / "wide.csv"
+    filler = ",".join(f"c{i}" for i in range(500))
+    path.write_text("question,answer," + filler + "\n" + "".join(f"Q{i}?,a{i}," + filler + "\n" for i in range(60)))
+    seen = []
+    read_csv = pd.read_csv
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("chunksize"))
+        return read_csv(*args, **kwargs)
+
+    monkeypatch.setattr(data.pd, "read_csv", spy)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 20_000)  # a row is ~3.4 kB: about 5 rows a chunk, not 20,000
+    table, _ = data.load_questions(str(path), limit=3)
+    row_bytes = path.stat().st_size / 61
+    assert len(table) == 3 and seen and all(1 <= c and c * row_bytes <= 20_000 for c in seen)
+
+
+def test_parquet_chunks_by_bytes_and_a_column_named_twice_is_refused(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "q.parquet"
+    pq.write_table(pa.table([pa.array(["Q?"]), pa.array(["a"]), pa.array(["b"])],
+                            names=["question", "answer", "answer"]), path)
+    with pytest.raises(TruthmapError, match=r"duplicate column\(s\) \['answer'\]"):
+        data.load_questions(str(path))
+    pq.write_table(pa.table({"question": [f"Q{i}?" * 50 for i in range(40)], "answer": ["a"] * 40}), path)
+    batches = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def spy(self, batch_size, **kwargs):
+        batches.append(batch_size)
+        return iter_batches(self, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 2_000)
+    assert len(data.load_questions(str(path))[0]) == 40
+    assert batches and all(b < 40 for b in batches)
+
+
+def test_a_json_question_file_is_streamed_and_checked_as_strictly(tmp_path):
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps({"Version": 1, "Data": [{"question": "Q1?", "answer": "a", "meta": {"x": [1, {"y": 2}]}},
+                                                       {"question": "Q2?", "answer": "b"}]}))
+    assert data.load_questions(str(path))[0]["question"].tolist() == ["Q1?", "Q2?"]
+    for text, says in (('[{"question": "Q?", "question": "R?", "answer": "a"}]', "twice"),
+                       ('[{"question": "Q?", "answer": NaN}]', "not valid JSON"),
+                       ('[{"question": ' + "[" * 150 + "]" * 150 + ', "answer": "a"}]', "nested deeper"),
+                       ('[3]', "a number, not a record"), ('{"other": []}', "expected a list")):
+        path.write_text(text)
+        with pytest.raises(TruthmapError, match=says):
+            data.load_questions(str(path))
