@@ -161,8 +161,12 @@ def atomic_path(path: Path):
         forget_stage(_open.root, name)
     tmp = _temporary(path)
     try:
-        yield tmp
-        _fsync(tmp)
+        try:
+            yield tmp
+            _fsync(tmp)
+        except OSError as err:
+            _disk_error(err, path)
+            raise
         guard(path)  # again just before the rename: nothing swapped for a link meanwhile
         key = _key(path)
         old = _open.files.get(key) if key is not None else None
@@ -383,6 +387,14 @@ def _temporary(path: Path) -> Path:
     return Path(tmp)
 
 
+def _disk_error(err: OSError, path: Path) -> None:
+    """A full disk or quota is the machine's state, not a bug of truthmap: one line saying where."""
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        what = "no space left on device" if err.errno == errno.ENOSPC else "disk quota exceeded"
+        raise TruthmapError(f"{path}: {what} while writing it (in {path.parent}); free some space and run the "
+                            f"same command again (finished work is kept)") from None
+
+
 def _fsync(path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -437,6 +449,11 @@ def safe_key(key) -> bool:
     if not isinstance(key, str) or not key or "\\" in key or "\x00" in key or key.startswith("/"):
         return False
     parts = key.split("/")
+    try:  # a name longer than any file system holds (ENAMETOOLONG on every check) is no file of a run
+        if len(key.encode("utf-8")) > 1024 or any(len(part.encode("utf-8")) > 255 for part in parts):
+            return False
+    except UnicodeEncodeError:
+        return False
     return all(part not in ("", ".", "..") for part in parts)
 
 
@@ -470,6 +487,14 @@ def sanitise(text, limit: int = 300) -> str:
 
 def _save_manifest() -> None:
     path = _open.root / MANIFEST
+    try:
+        _write_manifest(path)
+    except OSError as err:
+        _disk_error(err, path)
+        raise
+
+
+def _write_manifest(path: Path) -> None:
     tmp = _temporary(path)
     try:
         with open(tmp, "w") as f:
@@ -575,7 +600,8 @@ def parse_json(data: bytes | str, object_pairs_hook=None):
             raise ValueError(f"not UTF-8 text (byte {err.start})") from None
     _check_depth(data)
     try:
-        value = json.loads(data, parse_constant=_no_constant, object_pairs_hook=object_pairs_hook)
+        value = json.loads(data, parse_constant=_no_constant, parse_float=_finite_float,
+                           object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as err:
         raise ValueError(f"not valid JSON: {err.msg} (line {err.lineno})") from None
     except RecursionError:  # pragma: no cover - _check_depth refuses such nesting first
@@ -605,6 +631,13 @@ def _check_depth(text: str) -> None:
                 raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
         elif ch in "]}":
             depth -= 1
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: no JSON number is infinite, and a NaN check would let it pass
+        raise ValueError(f"{text[:40]} is beyond the range of a number")
+    return value
 
 
 def _no_constant(name: str):
@@ -642,16 +675,28 @@ def read_json(path: Path, default=None):
             return default
         raise TruthmapError(f"{path}: missing; run the stage that writes it first")
     verify(path)
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise TruthmapError(f"{path}: {path.stat().st_size} bytes, more than the {MAX_JSON_BYTES} a run's JSON "
-                            f"file may hold; delete it to recompute")
+    cap = MAX_JSON_BYTES_OF.get(path.name, MAX_JSON_BYTES)
     try:
-        return parse_json(path.read_bytes())
+        return parse_json(read_capped(path, cap))
     except ValueError as err:
         raise TruthmapError(f"{path}: {err}; delete it to recompute") from None
 
 
-MAX_JSON_BYTES = 1 << 30  # splits.json and index.json list every id: a few MB per million questions
+MAX_JSON_BYTES = 256 << 20  # splits.json and index.json list every id: a few MB per million questions
+MAX_JSON_BYTES_OF = {CONFIG: 1 << 20, SUMMARY: 16 << 20, STAGES: 16 << 20, CHUNK_PLAN: 1 << 20}
+MAX_MANIFEST_BYTES = 64 << 20  # about 200 bytes a file: 300,000 files
+
+
+def read_capped(path: Path, cap: int) -> bytes:
+    """The bytes of ``path``, never more than ``cap`` read: ValueError (with the size) for a larger file,
+    so that a huge or sparse JSON document is refused before it is parsed (parsing takes several times
+    its size in memory)."""
+    with open(path, "rb") as f:
+        data = f.read(cap + 1)
+        if len(data) > cap:
+            size = os.fstat(f.fileno()).st_size
+            raise ValueError(f"{size} bytes, more than the {cap} this file may hold")
+    return data
 
 
 def read_activations_index(run_dir: str | Path, default: dict | None = None) -> dict:
@@ -864,7 +909,7 @@ def check_run_folder(run_dir: Path) -> None:
         raise TruthmapError(f"{manifest}: not a regular file; this is not a run folder truthmap wrote")
     if manifest.is_file():
         try:
-            _parse_manifest(manifest.read_bytes())
+            _parse_manifest(read_capped(manifest, MAX_MANIFEST_BYTES))
             return
         except ValueError:
             if not foreign:
@@ -988,7 +1033,7 @@ def _check(run_dir: Path) -> list[str]:
     files = {}
     if manifest_path.exists():
         try:
-            files = _parse_manifest(manifest_path.read_bytes())
+            files = _parse_manifest(read_capped(manifest_path, MAX_MANIFEST_BYTES))
             for key in files:
                 _check_inside(run_dir, run_dir / key)
         except (ValueError, TruthmapError) as err:
@@ -1112,7 +1157,7 @@ def reading(run_dir: Path):
     check_run_folder(run_dir)
     manifest = run_dir / MANIFEST
     try:
-        files = _parse_manifest(manifest.read_bytes())
+        files = _parse_manifest(read_capped(manifest, MAX_MANIFEST_BYTES))
     except (OSError, ValueError) as err:
         reason = "missing" if isinstance(err, OSError) else f"damaged ({sanitise(err, 120)})"
         raise TruthmapError(f"{manifest}: {reason}, so nothing in {run_dir} can be verified; run "

@@ -714,3 +714,51 @@ def test_a_json_question_file_is_streamed_and_checked_as_strictly(tmp_path):
         path.write_text(text)
         with pytest.raises(TruthmapError, match=says):
             data.load_questions(str(path))
+
+
+# ---------------------------------------------------------------- no tracebacks on hostile input
+
+def test_a_full_disk_and_an_overlong_manifest_key_are_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    run = tmp_path / "run"
+    make_run(run)
+    manifest = json.loads((run / rf.MANIFEST).read_text())
+    manifest["files"]["x" * 300] = {"size": 1, "sha256": "0" * 64, "stage": "probe"}  # ENAMETOOLONG on every check
+    (run / rf.MANIFEST).write_text(json.dumps(manifest))
+    with rf.open_run(run) as notices:
+        assert any("manifest.json: damaged" in n for n in notices)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(TruthmapError, match=r"notes\.txt: no space left on device while writing it \(in "):
+        rf.write_text(tmp_path / "notes.txt", "x")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_json_document_over_its_cap_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    make_run(run)
+    monkeypatch.setattr(rf, "MAX_MANIFEST_BYTES", 100)
+    with pytest.raises(TruthmapError, match=r"manifest.json: damaged \(\d+ bytes, more than the 100"):
+        with rf.reading(run):
+            pass
+    monkeypatch.setattr(rf, "MAX_MANIFEST_BYTES", 64 << 20)
+    monkeypatch.setitem(rf.MAX_JSON_BYTES_OF, rf.SUMMARY, 5)
+    with rf.reading(run), pytest.raises(TruthmapError, match=r"summary.json: \d+ bytes, more than the 5"):
+        rf.read_json(run / rf.SUMMARY)
+
+
+def test_bidi_controls_are_visible_in_the_report_and_infinite_json_is_refused(tmp_path):
+    from truthmap.stages.report import render
+
+    page = render([{"name": "run\u202eevil", "rows": ["gnp.exe\u202Ecod.txt", {"k\u2066": 1}]}])
+    assert "\u202e" not in page and "\u2066" not in page and "⟨U+202E⟩" in page and "⟨U+2066⟩" in page
+    with pytest.raises(ValueError, match="beyond the range"):
+        rf.parse_json('{"layer": 1e400}')
+    path = tmp_path / "card.json"
+    path.write_text('{"test_auc": -1e999}')
+    with pytest.raises(TruthmapError, match="beyond the range"):
+        rf.read_json(path)

@@ -28,6 +28,7 @@ import hashlib
 import html
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +261,21 @@ def embed_json(data) -> str:
     return text
 
 
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible_bidi(value):
+    """``value`` (a JSON value) with every bidirectional control character (U+202E RIGHT-TO-LEFT OVERRIDE and
+    its kin), which would reorder the text around it on the page, shown as ``⟨U+202E⟩`` instead."""
+    if isinstance(value, str):
+        return _BIDI.sub(lambda m: f"⟨U+{ord(m.group()):04X}⟩", value)
+    if isinstance(value, dict):
+        return {visible_bidi(k): visible_bidi(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [visible_bidi(v) for v in value]
+    return value
+
+
 def _sha256(text: str) -> str:
     return "sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
 
@@ -269,6 +285,7 @@ def render(runs: list[dict]) -> str:
     script = (ASSETS / "report.js").read_text()
     style = (ASSETS / "report.css").read_text()
     assert "</script" not in script.lower() and "</style" not in style.lower()
+    runs = visible_bidi(runs)  # text from data and models: no character may reorder what the page shows
     data = {"runs": runs, "palette": {"auc": palette(AUC_CMAP), "difference": palette("PuOr")},
             # the AUC colours meet at chance: [low, chance] on the palette's first half, [chance, high] on its second
             "auc_scale": {"low": AUC_LOW, "chance": AUC_CHANCE, "high": AUC_HIGH},
