@@ -19,8 +19,12 @@ Hostile folders: commands (stage commands, export, report, transfer; detector lo
 folders: random non-run folders, manifests naming paths outside the folder or damaged entries, locks
 that are links, hard links, folders or FIFOs, shards and shard folders that are links out, configs that
 name a model with its own code, switch on trust_remote_code or point Ray at a remote address, crafted
-summaries, indexes, splits and detector cards. Counted: files truthmap did not write that changed
-(outside the folder, or the user's files inside it), tracebacks, and code run from a folder: all 0.
+summaries, indexes, splits and detector cards (also through `score` and `ask`); the user's files planted
+where runs write; several files of a run damaged at once; typed-setting attacks through a saved
+config.json, a --config YAML and the command line. The whole area around each trial is snapshotted
+before and after. Counted: commands, refusals, files truthmap did not write that changed (the user's
+files inside the folder or anything outside it), files created outside the run folder and the outputs
+the command names, tracebacks, and code run from a folder: the last four 0.
 
     python tests/stress.py [--trials 5] [--damage 5] [--fuzz 300] [--hostile 45] [--limit 64] [--seed 0] [--work DIR]
 
@@ -412,6 +416,52 @@ def _craft(kind: str, target: Path, sandbox: Path, rng: random.Random) -> list[P
             index = [index]
         (target / "activations" / "index.json").write_text(json.dumps(index))
         seal(target)
+    elif kind == "planted":  # a user's files exactly where runs and commands write
+        choice = rng.randrange(4)
+        if choice == 0:
+            shutil.rmtree(target / "activations", ignore_errors=True)
+            (target / "activations" / "notes").mkdir(parents=True)
+            (target / "activations" / "notes" / ".idea.v2.tmp").write_text("an idea")
+            planted.append(target / "activations" / "notes" / ".idea.v2.tmp")
+        elif choice == 1:
+            (target / "detectors").symlink_to(sandbox / "outside", target_is_directory=True)
+        elif choice == 2:
+            (target / "transfer").mkdir()
+            (target / "transfer" / "transfer.csv").write_text("my own table")
+            planted.append(target / "transfer" / "transfer.csv")
+        else:
+            (target / "generations").write_text("a file of mine named generations")
+            planted.append(target / "generations")
+        (sandbox / "r.html").write_text("<!doctype html><p>my own page</p>")  # where report --out writes
+        (sandbox / "t").symlink_to(sandbox / "outside", target_is_directory=True)  # transfer --out: a link
+        planted.append(sandbox / "r.html")
+    elif kind == "multi":  # several files damaged at once, of several kinds
+        files = sorted(k for k in manifest["files"])
+        for key in rng.sample(files, min(len(files), rng.randint(2, 4))):
+            path = target / key
+            how = rng.choice(["truncate", "flip", "delete", "unlisted"])
+            if how == "truncate":
+                path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+            elif how == "flip":
+                data = bytearray(path.read_bytes())
+                data[rng.randrange(len(data))] ^= 0xFF if data else 0
+                path.write_bytes(bytes(data))
+            elif how == "delete":
+                path.unlink()
+            else:  # dropped from the manifest and edited: never to be read
+                manifest["files"].pop(key)
+                path.write_bytes(path.read_bytes() + b" ")
+        manifest_path.write_text(json.dumps(manifest))
+    elif kind == "settings":  # typed-setting attacks through the saved config.json (sealed) and --config
+        model = sandbox / "evil_model"
+        _custom_code_model(model, sandbox / "marker")
+        value = rng.choice([{"trust_remote_code": "false"}, {"trust_remote_code": "no"}, {"positions": [1]},
+                            {"positions": ["-\u00b2"]}, {"bootstrap": -5}, {"C": "x"}, {"limit": "5"},
+                            {"dataset": str(canary)}, {"seeds": [1e400]}, {"min_per_class": True}])
+        config = {"model": str(model), "dataset": "toy", **value}
+        (target / "config.json").write_text(json.dumps(config).replace("1e+400", "1e400"))
+        seal(target)
+        (sandbox / "c.yaml").write_text(yaml.safe_dump({"model": str(model), **value}))
     elif kind == "splits":
         splits = rng.choice([{"seeds": {"0": {"train": None}}}, {"seeds": []}, {"seeds": {"x": {"train": [], "test": []}}},
                              {"seeds": {"0": {"train": ["nope"], "test": ["nope"]}}}, "[]"])
@@ -437,14 +487,24 @@ def _card(folder: Path, rng: random.Random) -> None:
         del tensors[drop]
     if rng.random() < 0.3:
         tensors["scale"] = np.zeros(d + 1, np.float32)
+    if rng.random() < 0.3:  # weights of a dtype export never writes (numpy has no bfloat16: float16 stands in)
+        tensors = {k: v.astype(np.float16) for k, v in tensors.items()}
     save_file(tensors, str(folder / "detector.safetensors"))
     card = rng.choice([[], "x", {"model": 3}, {"model": "m", "site": "../x", "layer": 1, "position": "-1"},
                        {"model": "m", "site": "residual", "layer": None, "position": "-1"},
-                       {"model": "m", "threshold": "high"}, {"model": "m", "prompt_prefix": 5}])
-    (folder / "card.json").write_text(json.dumps(card) if rng.random() < 0.9 else "[" * 100_000)
+                       {"model": "m", "threshold": "high"}, {"model": "m", "prompt_prefix": 5},
+                       {"model": "m", "site": "residual", "layer": 999, "position": "-1", "threshold": 0.5},
+                       {"model": "m", "layer": 1, "position": "-1", "threshold": 0.5},
+                       {"model": "m", "site": "residual", "layer": 1, "position": "-1", "threshold": "1e400"},
+                       {"model": "m", "site": "residual", "layer": 1, "position": "-1\u202e", "threshold": 0.5}])
+    text = json.dumps(card).replace('"1e400"', "1e400") if rng.random() < 0.9 else "[" * 100_000
+    (folder / "card.json").write_text(text)
 
 
-HOSTILE_KINDS = ("foreign", "manifest", "lock", "shard", "config", "summary", "index", "splits", "card")
+HOSTILE_KINDS = ("foreign", "manifest", "lock", "shard", "config", "summary", "index", "splits", "card", "planted",
+                 "multi", "settings")
+SETTING_FLAGS = (["--bootstrap", "-5"], ["--positions", "-\u00b2"], ["--limit", "x"], ["--trust-remote-code", "false"],
+                 ["--seeds", "1e400"], ["--min-per-class", "1"])
 
 
 def hostile_folders(n_trials: int, work: Path, rng: random.Random) -> dict:
@@ -455,7 +515,8 @@ def hostile_folders(n_trials: int, work: Path, rng: random.Random) -> dict:
     from truthmap.analyses.detector import Detector
     from truthmap.errors import TruthmapError
 
-    tally = {"trials": 0, "refused": 0, "ran": 0, "touched": [], "tracebacks": [], "code_ran": 0,
+    tally = {"trials": 0, "commands": 0, "refused": 0, "ran": 0, "touched": [], "created": [], "tracebacks": [],
+             "code_ran": 0,
              "kinds": {k: 0 for k in HOSTILE_KINDS}}
     for k in range(n_trials):
         kind = HOSTILE_KINDS[k % len(HOSTILE_KINDS)] if k < len(HOSTILE_KINDS) else rng.choice(HOSTILE_KINDS)
@@ -476,7 +537,11 @@ def hostile_folders(n_trials: int, work: Path, rng: random.Random) -> dict:
                 outcome = "refused"
             except Exception as err:  # noqa: BLE001 - what this family exists to find
                 outcome = f"{type(err).__name__}: {str(err)[:200]}"
-            commands = []
+            (sandbox / "pairs.csv").write_text("question,answer\n=HYPERLINK(1),+cmd|x\n")
+            commands = [["score", "--detector", str(target), "--question", "Q?", "--answer", "a"],
+                        ["ask", "--detector", str(target), "--question", "Q?"],
+                        ["score", "--detector", str(target), "--file", str(sandbox / "pairs.csv")]]
+            allowed = []
         else:
             planted = _craft(kind, target, sandbox, rng)
             watched = _snapshot([sandbox / "outside", *planted])
@@ -486,8 +551,25 @@ def hostile_folders(n_trials: int, work: Path, rng: random.Random) -> dict:
                 ["transfer", "--train", str(target), "--layer", "1", "--position", "-1", "--out", str(sandbox / "t")],
                 ["generate", "--out", str(target), "--limit", "2", "--quiet"] if kind in ("foreign", "config") else
                 ["plot", "--out", str(target), "--quiet"]], 2)
+            if kind == "planted":
+                commands = [["export", str(target), "--layer", "1", "--position", "-1"],
+                            ["report", str(target), "--out", str(sandbox / "r.html")],
+                            ["transfer", "--train", str(target), "--layer", "1", "--position", "-1"],
+                            ["transfer", "--train", str(target), "--layer", "1", "--position", "-1", "--out",
+                             str(sandbox / "t")], ["probe", "--out", str(target), "--quiet"]]
+            elif kind == "settings":
+                commands = [["probe", "--out", str(target), "--quiet"],
+                            ["generate", "--out", str(sandbox / "fresh"), "--config", str(sandbox / "c.yaml"),
+                             "--quiet"],
+                            ["probe", "--out", str(target), "--quiet", *rng.choice(SETTING_FLAGS)]]
             outcome = None
+            # where truthmap may write: the run folder (not a folder of someone else's files) and the
+            # outputs the commands name; anything else new or changed is counted
+            allowed = [sandbox / "r.html", sandbox / "r-2.html", sandbox / "t", sandbox / "fresh",
+                       sandbox / ".truthmap-outputs.json"] + ([target] if kind != "foreign" else [])
+        everything = _snapshot([sandbox])
         for argv in commands:
+            tally["commands"] += 1
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                 try:
@@ -510,10 +592,14 @@ def hostile_folders(n_trials: int, work: Path, rng: random.Random) -> dict:
                 tally[outcome] += 1
             else:
                 tally["tracebacks"].append(f"card: {outcome}")
-        after = _snapshot([sandbox])  # new files are truthmap's outputs; only the watched ones must stay
-        for path, before in watched.items():
+        after = _snapshot([sandbox])
+        for path, before in watched.items():  # the user's files, inside the folder or out: unchanged
             if after.get(path) != before:
                 tally["touched"].append(f"{kind}: {path}")
+        for path, now in after.items():  # the whole area around the run, new files included
+            inside = any(Path(path) == a or Path(path).is_relative_to(a) for a in allowed)
+            if not inside and everything.get(path) != now and path not in watched:
+                tally["created" if path not in everything else "touched"].append(f"{kind}: {path}")
         if (sandbox / "marker").exists():
             tally["code_ran"] += 1
     return tally
@@ -545,12 +631,13 @@ def main() -> None:
     ok = True
     if hostile:
         print(f"hostile folders: {hostile['trials']} ({', '.join(f'{k} {v}' for k, v in hostile['kinds'].items())}); "
-              f"{hostile['refused']} refused in one line, {hostile['ran']} ran; files outside truthmap's own "
-              f"touched: {len(hostile['touched'])}; tracebacks: {len(hostile['tracebacks'])}; "
+              f"{hostile['commands']} commands: {hostile['refused']} refused in one line, {hostile['ran']} ran; "
+              f"files of someone else changed: {len(hostile['touched'])}; files created outside: "
+              f"{len(hostile['created'])}; tracebacks: {len(hostile['tracebacks'])}; "
               f"code run from a folder: {hostile['code_ran']}")
-        for failure in (hostile["touched"] + hostile["tracebacks"])[:20]:
+        for failure in (hostile["touched"] + hostile["created"] + hostile["tracebacks"])[:20]:
             print(f"  FAILED {failure}")
-        ok &= not hostile["touched"] and not hostile["tracebacks"] and not hostile["code_ran"]
+        ok &= not hostile["touched"] and not hostile["created"] and not hostile["tracebacks"] and not hostile["code_ran"]
     if kills:
         print(f"kill/resume: {kills['survived']} of {kills['trials']} trials survived "
               f"({kills['kills_at_events']} kills at write events, {kills['kills_at_times']} at random times); "
