@@ -191,7 +191,7 @@ def plot_matrix(grid: pd.DataFrame, table: pd.DataFrame, path: Path, title: str)
         if cell is not None:
             if np.isfinite(cell["auc_lo"]):
                 lines.append(f"{cell['auc_lo']:.2f}–{cell['auc_hi']:.2f}")
-            lines.append(f"n {int(cell['n_test'])}" + (f", −{int(cell['n_shared'])} shared" if cell["n_shared"] else ""))
+            lines.append(f"n {int(cell['n_test'])}" + (f"; {int(cell['n_shared'])} shared left out" if cell["n_shared"] else ""))
         ax.text(c, r, "\n".join(lines), ha="center", va="center", fontsize=7,
                 color="white" if np.isfinite(v) and v > 0.8 else "black")
     seed = int(table["seed"].min()) if len(table) else 0
