@@ -539,7 +539,7 @@ def hostile_folders(n_trials: int, work: Path, rng: random.Random) -> dict:
                 outcome = f"{type(err).__name__}: {str(err)[:200]}"
             (sandbox / "pairs.csv").write_text("question,answer\n=HYPERLINK(1),+cmd|x\n")
             commands = [["score", "--detector", str(target), "--question", "Q?", "--answer", "a"],
-                        ["ask", "--detector", str(target), "--question", "Q?"],
+                        ["ask", "Q?", "--detector", str(target)],
                         ["score", "--detector", str(target), "--file", str(sandbox / "pairs.csv")]]
             allowed = []
         else:
@@ -583,7 +583,8 @@ def hostile_folders(n_trials: int, work: Path, rng: random.Random) -> dict:
             lines = [line for line in err.getvalue().splitlines() if line.strip()]
             if code == 0:
                 tally["ran"] += 1
-            elif code == 2 and lines and lines[-1].startswith("error: ") and "Traceback" not in err.getvalue():
+            elif code == 2 and lines and lines[-1].startswith(("error: ", "Error: ")) and "Traceback" not in err.getvalue():
+                # "Error: …" is click's one line for a value or option the command refuses
                 tally["refused"] += 1
             else:
                 tally["tracebacks"].append(f"{kind}: {' '.join(argv[:1])}: exit {code}, stderr {lines[-2:]}")

@@ -218,14 +218,16 @@ def overwriting(allowed: bool = True):
         _overwrite = before
 
 
-def guard(path: Path, make_folders: bool = False) -> Path:
+def guard(path: Path, make_folders: bool = False, anchor: Path | None = None) -> Path:
     """The one check before any write of ``path`` (a file): raise TruthmapError, touching nothing, if
     the write would follow a symbolic link or replace a file truthmap did not write.
 
     * No link on the way: every component from the anchor down to the file itself, where it exists,
       must be a real folder (the file: a regular file). The anchor is the run folder holding ``path``
       (the nearest folder above it with a ``manifest.json``), else the folder the caller named
-      (``path``'s parent): folders you name are yours, everything truthmap adds below them is checked.
+      (``path``'s parent; ``anchor`` when the caller names it, as a command writing a folder of outputs
+      names that folder's parent, so the folder itself is never a link): folders you name are yours,
+      everything truthmap adds below them is checked.
       With ``make_folders`` the missing folders are made here, one at a time, never through a link.
     * No one else's file replaced: an existing file may be replaced when it is listed in the manifest
       of the run being written, lies in the run folder under a name truthmap writes there, is listed
@@ -233,7 +235,7 @@ def guard(path: Path, make_folders: bool = False) -> Path:
       :func:`overwriting`.
     """
     path = Path(os.path.abspath(path))
-    anchor = _anchor(path)
+    anchor = Path(os.path.abspath(anchor)) if anchor is not None else _anchor(path)
     if make_folders and not os.path.lexists(anchor):
         try:
             os.makedirs(anchor, exist_ok=True)  # the folder named by the caller (--out a/b/x.csv)

@@ -762,3 +762,17 @@ def test_bidi_controls_are_visible_in_the_report_and_infinite_json_is_refused(tm
     path.write_text('{"test_auc": -1e999}')
     with pytest.raises(TruthmapError, match="beyond the range"):
         rf.read_json(path)
+
+
+def test_an_output_folder_that_is_a_link_is_refused(tmp_path, monkeypatch, capsys):
+    from truthmap.analyses import transfer
+
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    make_run(run)
+    outside.mkdir()
+    (tmp_path / "t").symlink_to(outside, target_is_directory=True)
+    monkeypatch.setattr(transfer, "resolve_run", lambda t, model: Path(t))
+    for argv in (["transfer", "--train", str(run), "--layer", "1", "--position", "-1", "--out", str(tmp_path / "t")],
+                 ["export", str(run), "--layer", "1", "--position", "-1", "--out", str(tmp_path / "t")]):
+        assert "symbolic link" in exit_line(argv, capsys)
+    assert list(outside.iterdir()) == []

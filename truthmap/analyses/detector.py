@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -884,9 +885,11 @@ def export_detector(run_dir: str | Path, *, site: str, layer: int, position: str
 
     run_dir = Path(run_dir)
     cell = check_cell(site, layer, position)  # the values name the default folder: nothing else may
+    # a folder named on the command line is checked from its parent (it is no link); the default from the run
+    anchor = Path(os.path.abspath(out)).parent if out else None
     out = Path(out) if out else child(run_dir, f"detectors/{cell['site']}-L{cell['layer']}-{cell['position']}", "detector")
     for name in (WEIGHTS, FALLBACK_WEIGHTS, CARD, RISK_COVERAGE_FIGURE):  # before any work: no link on the way,
-        guard(out / name)  # no file of someone else replaced
+        guard(out / name, anchor=anchor)  # no file of someone else replaced
     with reading(run_dir):  # under the run's shared lock, every file checked against its manifest
         config, summary = read_json_object(run_dir / CONFIG), read_json_object(run_dir / SUMMARY, default={})
         if not isinstance(config.get("model"), str):

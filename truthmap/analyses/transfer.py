@@ -29,6 +29,7 @@ split on the train part, as in entropy.py) or ``both``. Every probe is tested on
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -217,7 +218,7 @@ def run_transfer(train: list[str], test: list[str], *, site: str, layer: int, po
     test_runs = [resolve_run(t, model) for t in test]
     out_dir = Path(out) if out else train_runs[0] / rf.TRANSFER
     for name in OUTPUTS:  # before any work: no link on the way, no file of someone else replaced
-        rf.guard(out_dir / name)
+        rf.guard(out_dir / name, anchor=Path(os.path.abspath(out)).parent if out else None)  # --out: no link
     with ExitStack() as held:  # each run read under its shared lock, every file checked against its manifest
         for run in dict.fromkeys(train_runs + test_runs):
             held.enter_context(rf.reading(run))
