@@ -159,14 +159,14 @@ LABEL_FREE_NOTE = ("the questions have no gold answers: no answer is graded and 
 def _label(s: StageRun) -> None:
     from .analyses.entropy import has_labels
     from .splits import make_splits
-    from .stages.label import check_labels, label_answers, population
+    from .stages.label import check_labels, exact_answer_summary, label_answers, population
 
     c, run_dir = s.config, s.run_dir
     questions = rf.read_parquet(run_dir / rf.QUESTIONS)
     generations = rf.read_parquet(run_dir / rf.GENERATIONS)
     vocabularies = rf.read_json(run_dir / rf.VOCABULARIES)
     answers = label_answers(questions, generations, vocabularies, s.models.lm.tokenizer, c.positions,
-                            extractor=s.models.extractor, progress=c.progress)
+                            extractor=s.models.extractor, progress=c.progress, exact_answer=c.exact_answer)
     labelled = has_labels(answers)
     # a label-free study is split by its groups alone (there are no classes to stratify)
     left_out = population(answers, c.positions) if c.population == "common" else None
@@ -186,7 +186,7 @@ def _label(s: StageRun) -> None:
                           population=population_summary(splits, len(answers)))
         return
     rf.update_summary(run_dir, **answer_summary(answers), population=population_summary(splits, len(answers)),
-                      labels="gold")
+                      labels="gold", exact_answer=exact_answer_summary(answers, c.exact_answer))
     check_labels(answers, str(run_dir / rf.ANSWERS))
 
 
@@ -374,7 +374,7 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
           model="workers", sources=_dataset_file),
     Stage("label", _label, inputs=(rf.QUESTIONS, rf.VOCABULARIES, rf.GENERATIONS), outputs=(rf.ANSWERS, rf.SPLITS),
           settings=_fields("positions", "extractor_model", "seeds", "test_fraction", "validation_fraction",
-                           "population"),
+                           "population", "exact_answer"),
           model="workers"),
     Stage("extract", _extract, inputs=(rf.ANSWERS, rf.GENERATIONS), outputs=(rf.ACTIVATIONS_INDEX,),
           settings=_fields("sites", "dtype", "extract"), model="workers"),

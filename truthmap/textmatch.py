@@ -189,28 +189,64 @@ class Vocabulary:
         return None
 
 
-# a number right after these words is an operand of a working ("multiply 655 by 72"), not a result
-_OPERAND_BEFORE = frozenset({"by", "of", "and", "multiply", "add", "plus", "times", "minus", "from", "divide"})
+# a number right after these words, or right before the second set, is an operand of a working ("multiply
+# 655 by 72", "81 divided by 9"), not a result; so is a number beside an arithmetic sign ("571 + 480")
+_OPERAND_BEFORE = frozenset({"by", "of", "and", "multiply", "add", "plus", "times", "minus", "from", "divide",
+                             "over", "x", "subtract", "into"})
+_OPERAND_AFTER = frozenset({"plus", "minus", "times", "divided", "multiplied", "over", "x", "and"})
+_OPERATOR = re.compile(r"[+*/×÷\-−]")
+
+
+def _operand_sides(text: str, text_words: list[Word]) -> list[int]:
+    """For each word: -1 when it is a number that is an operand by what comes before it ("by 9", "/ 9"), +1
+    by what comes after it ("81 divided", "571 +"), 0 otherwise (see :func:`operands`)."""
+    sides = []
+    for i, w in enumerate(text_words):
+        before = text_words[i - 1] if i > 0 else None
+        after = text_words[i + 1] if i + 1 < len(text_words) else None
+        if canonical_number(w.norm) is None:
+            sides.append(0)
+        elif before is not None and (before.norm in _OPERAND_BEFORE or _OPERATOR.search(text[before.end : w.start])):
+            sides.append(-1)
+        elif after is not None and (after.norm in _OPERAND_AFTER or _OPERATOR.search(text[w.end : after.start])):
+            sides.append(1)
+        else:
+            sides.append(0)
+    return sides
+
+
+def operands(text: str) -> list[tuple[str, int, int]]:
+    """(number, start, end) of each number of ``text`` that is an operand of a working: right after "by",
+    "of", "plus", …, right before "plus", "divided", …, or beside an arithmetic sign (+ - * / × ÷; not
+    "="). The span reaches to the word that makes it one ("by 9", "81 divided"), so it is longer than the
+    number alone (as ``first_match``'s ``inside`` wants)."""
+    text_words = words(text, drop_articles=False)
+    out = []
+    for i, (w, side) in enumerate(zip(text_words, _operand_sides(text, text_words))):
+        if side:
+            neighbour = text_words[i + side]
+            out.append((w.norm, min(w.start, neighbour.start), max(w.end, neighbour.end)))
+    return out
 
 
 def first_number(text: str, exclude: str = "") -> tuple[str, int, int] | None:
-    """The first number in ``text`` that is not one of the numbers of ``exclude`` (the question), nor
-    an operand ("… multiply 655 by 72")."""
+    """The first number in ``text`` that is not an operand of a working (:func:`operands`: "… multiply 655
+    by 72", "81 / 9") nor a number of ``exclude`` (the question); failing that, the first number of the
+    question that the text states as no operand ("9." answers "What is 81 divided by 9?"; "… division by
+    9." states nothing)."""
     excluded = {w.norm for w in words(exclude) if canonical_number(w.norm) is not None}
-    text_words = words(text)
-    for i, w in enumerate(text_words):
-        if canonical_number(w.norm) is None or w.norm in excluded:
-            continue
-        if i > 0 and text_words[i - 1].norm in _OPERAND_BEFORE:
-            continue
-        return w.norm, w.start, w.end
-    return None
+    text_words = words(text, drop_articles=False)
+    stated = [w for w, side in zip(text_words, _operand_sides(text, text_words))
+              if canonical_number(w.norm) is not None and not side]
+    w = next((w for w in stated if w.norm not in excluded), stated[0] if stated else None)
+    return (w.norm, w.start, w.end) if w else None
 
 
 # "The capital of X is Y." — the commonest shape of a short answer: what follows the verb is the answer;
-# "is also known as Y", "is located in the Y" state Y, so those words belong to the verb, not to the answer
+# "is also known as Y", "is located in the Y", "was written by Y" state Y, so those words belong to the verb,
+# not to the answer
 _COPULA = re.compile(r"\b(?:is|are|was|were|would be|will be)\s+(?:also\s+)?"
-                     r"(?:(?:called|known as|named|located in|situated in|found in|played by|portrayed by|voiced by)"
+                     r"(?:(?:called|known as|named|located in|situated in|found in|(?-i:[a-z]+) by)"
                      r"\s+)?(?:(?:the|an?)\s+)?",
                      re.IGNORECASE)
 # what an answer says when it gives no answer: "… is not known yet", "I don't know", "unknown"

@@ -36,7 +36,7 @@ def test_agreement_is_normalised_equality_and_none_counts_against_precision():
     rows = pd.DataFrame([
         # right answer, alias found: agrees despite case and article
         {"task": "movies", "id": "a", "question": "Who starred in X?", "gold": ["Tom Hanks"], "wrong_answers": [],
-         "answer_type": "", "answer": "It was tom hanks.", "correct": True, "extractor_reply": "",
+         "answer_type": "", "answer": "It was tom hanks.", "correct": True, "extractor_reply": "Tom Hanks",
          "exact_answer": "tom hanks", "note": ""},
         # wrong answer, the hand says none but the extractor's reply is placed: a false span
         {"task": "movies", "id": "b", "question": "Who starred in Y?", "gold": ["Meryl Streep"], "wrong_answers": [],

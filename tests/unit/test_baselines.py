@@ -135,7 +135,7 @@ def test_surface_control_catches_a_study_confounded_by_answer_length():
                             "n_answer_tokens": np.where(wrong, 20, 6) + rng.integers(0, 5, n),
                             "exact_answer_valid": True, "exact_answer_start": 0, "exact_answer_end": 5,
                             "exact_answer_reason": np.where(wrong, "vocabulary", "gold_alias"),  # gives the label away
-                            "locator_route": np.where(rng.random(n) < 0.5, "number", "vocabulary"),
+                            "exact_answer_route": np.where(rng.random(n) < 0.5, "number", "vocabulary"),
                             "stopped": ~wrong})
     train = np.arange(n) < 200
     score = surface_scores(answers, train)

@@ -115,9 +115,14 @@ def test_label_answers_table(tokenizer):
     assert answers.correct.tolist() == [True, False, False]
     assert answers.exact_answer.tolist() == ["Paris", "Douala", ""]
     assert answers.exact_answer_valid.tolist() == [True, True, False]
-    assert answers.exact_answer_reason.tolist() == ["gold_alias", "vocabulary", "refusal"]  # "I am not sure."
-    # the route without the gold answer: the right answer's "Paris" is found as the wrong answer's "Douala" is
-    assert answers.locator_route.tolist() == ["vocabulary", "vocabulary", "refusal"]
+    # label-blind (the default): the right answer's "Paris" is found as the wrong answer's "Douala" is
+    assert answers.exact_answer_reason.tolist() == ["vocabulary", "vocabulary", "refusal"]  # "I am not sure."
+    assert answers.exact_answer_route.tolist() == ["vocabulary", "vocabulary", "refusal"]
+    assert answers.gold_span_differs.tolist() == [False, None, None]  # right answers only
+    reference = label_answers(questions, generations, {"city": ["Paris", "Douala", "Lima"]}, tokenizer,
+                              DEFAULT_POSITIONS, extractor=None, progress=False, exact_answer="gold")
+    assert reference.exact_answer_reason.tolist() == ["gold_alias", "vocabulary", "refusal"]
+    assert reference.exact_answer_route.tolist() == answers.exact_answer_route.tolist()
     row = answers.iloc[1]
     full = prompt + list(generations.answer_ids[1])
     assert tokenizer.decode(full[row.pos_exact_answer_first : row.pos_exact_answer_last + 1]).strip() == "Douala"

@@ -662,7 +662,7 @@ def locate(lm, questions: list[str], prompt_ids: list[list[int]], answer_ids: li
                                     "answer_ids": [answer_ids[i] for i in by_rules],
                                     "answer": [texts[i] for i in by_rules]})
         answers = label_answers(frame, generations, locator.get("vocabularies") or {}, lm.tokenizer, positions,
-                                extractor=extractor, progress=False)
+                                extractor=extractor, progress=False, exact_answer="gold" if use_gold else "blind")
         for i, values in zip(by_rules, answers[columns].itertuples(index=False)):
             rows[i] = list(values)
     return pd.concat([table, pd.DataFrame(rows, columns=columns)], axis=1)

@@ -375,11 +375,12 @@ LEARNED = ("family_rate", "subgroup_rate", "surface", "bag_of_tokens")  # fitted
 def surface_features(answers: pd.DataFrame) -> np.ndarray:
     """``[N, k]`` what an answer looks like from outside, nothing the model holds inside: its length in
     tokens, its exact answer's length in characters, the route of the exact-answer rules (one-hot:
-    ``locator_route``, the route taken without the gold answer — ``exact_answer_reason`` would give the
-    label away, as a right answer's exact answer is always its gold alias) and whether it stopped on its
-    own (end of turn before the token limit)."""
-    if "locator_route" in answers.columns:
-        routes = pd.get_dummies(answers["locator_route"].astype(str)).to_numpy(dtype=float)
+    ``exact_answer_route``, the route taken without the gold answer — ``exact_answer_reason`` would give
+    the label away under ``--exact-answer gold``, where a right answer's is its gold alias; ``locator_route``
+    in runs of truthmap before 0.3) and whether it stopped on its own (end of turn before the token limit)."""
+    route = next((c for c in ("exact_answer_route", "locator_route") if c in answers.columns), None)
+    if route is not None:
+        routes = pd.get_dummies(answers[route].astype(str)).to_numpy(dtype=float)
     else:  # a table without the label-blind route: no route feature rather than a leak of the label
         routes = np.zeros((len(answers), 0))
     length = answers["n_answer_tokens"].to_numpy(dtype=float)[:, None]

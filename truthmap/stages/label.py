@@ -4,18 +4,26 @@ Reads the questions table, ``vocabularies.json`` and ``generations.parquet``; wr
 ``answers.parquet`` (one row per question, columns in docs/run-folder.md); :func:`population` says who
 is outside the study's population (the split design itself: truthmap/splits.py).
 
-Each row is graded by the rule its task names (``GRADING_RULES``; tasks in truthmap/tasks/):
+Each row is graded by the rule its task names (``GRADING_RULES``; tasks in truthmap/tasks/), and its exact
+answer is located by one function that never sees the gold (:func:`locate_exact_answer`, also used for
+sampled answers and by a detector scoring new answers): the gold only grades.
 
 * alias (facts, QA tasks): correct when a gold alias occurs in the answer (normalised, whole-word; see
   textmatch), not as part of a longer candidate of the question's vocabulary ("Sudan" inside "South
-  Sudan"). Exact answer: for a correct answer the matched alias; for a wrong one the first candidate of
-  the question's answer type (or the first number not in the question, for numeric answers); failing
-  that, the extractor model is asked, and its output counts only if it occurs in the answer.
+  Sudan"), nor as an operand of a working when it is a number of the question ("… division by 9."
+  answers "What is 81 divided by 9?" with nothing). Exact answer: the first candidate of the question's
+  answer type (the first number that is no operand, for a question asking for a number); else what the
+  verb states; failing that, the extractor model is asked, and its output counts only if it occurs in
+  the answer.
 * number (math): the number the answer states (``stated_number``) must equal a gold number; 9 ≠ 19,
   9.0 = 9. Exact answer: that number.
 * choice (winobias, winogrande, nli, imdb): of the gold and the wrong options, the one the answer names
   first decides (not counting a stretch that merely repeats the question, nor a list of the options).
   Exact answer: that option.
+
+``exact_answer="gold"`` (``--exact-answer gold``) keeps the reference study's choice instead: a right
+answer graded by alias has its exact answer at the matched alias. ``exact_answer_route`` always records
+the label-blind route and ``gold_span_differs`` whether, for a right answer, the two spans differ.
 
 No rule falls back to another token when it finds no exact answer: the row is marked invalid with its
 reason. positions: indices into prompt_ids + answer_ids (the sequence the extract stage reads), -1 where
@@ -30,7 +38,8 @@ import pandas as pd
 
 from .. import runfolder as rf
 from .. import textmatch
-from ..constants import DEFAULT_POSITIONS, EXACT_POSITIONS, MIN_PER_CLASS, NAMED_POSITIONS, POPULATIONS, SITES  # noqa: F401
+from ..constants import (DEFAULT_POSITIONS, EXACT_ANSWER_MODES, EXACT_POSITIONS, MIN_PER_CLASS,  # noqa: F401
+                         NAMED_POSITIONS, POPULATIONS, SITES)
 from ..errors import TruthmapError
 
 
@@ -61,56 +70,94 @@ def check_cell(site, layer, position, source="the cell") -> dict:
 
 
 def judge(
-    answer: str, gold: list[str], vocabulary: textmatch.Vocabulary | None = None
+    answer: str, gold: list[str], vocabulary: textmatch.Vocabulary | None = None, question: str = ""
 ) -> tuple[bool, tuple[str, int, int] | None]:
     """(correct, (alias, start, end) of the earliest gold alias in the answer, or None).
 
     With the ``vocabulary`` of the question's answer type, an alias that is only part of a longer
     candidate ("Republic of the Congo" in "Democratic Republic of the Congo", "Guinea" in
-    "Guinea-Bissau") does not count there: the answer names the other candidate.
+    "Guinea-Bissau") does not count there: the answer names the other candidate. A gold number that is
+    also a number of the ``question`` does not count where the answer uses it as an operand ("What is 81
+    divided by 9?" → "… division by 9." is not right; "81 / 9 = 9" is).
     """
     longer = []
     if vocabulary is not None:
         gold_forms = {textmatch.normalize(g) for g in gold}
         longer = [(s, e) for c, s, e in vocabulary.all_in(answer) if textmatch.normalize(c) not in gold_forms]
+    if question:
+        asked = {w.norm for w in textmatch.words(question) if textmatch.canonical_number(w.norm) is not None}
+        longer += [(s, e) for number, s, e in textmatch.operands(answer) if number in asked]
     match = textmatch.first_match(answer, list(gold), inside=longer)
     return match is not None, match
+
+
+# a question that asks for a count, an amount or a year: its answer is a number (a rule of the question, not
+# of its gold answer, so right and wrong answers are located alike)
+_ASKS_FOR_NUMBER = re.compile(r"^\W*(?:how (?:many|much)|(?:in )?(?:what|which) year)\b", re.IGNORECASE)
+LOCATED_ROUTES = ("number", "vocabulary", "stated_after_verb", "first_choice", "extractor")  # routes that found a span
+
+
+def check_exact_answer_mode(mode: str) -> str:
+    if mode not in EXACT_ANSWER_MODES:
+        raise TruthmapError(f"exact_answer '{mode}': use one of {', '.join(EXACT_ANSWER_MODES)}")
+    return mode
+
+
+def locate_exact_answer(answer: str, question: str, answer_type: str = "", vocabularies: dict | None = None, *,
+                        rule: str = "alias", options=()) -> tuple[str | None, int, int, str]:
+    """(exact answer text, start, end, route) of an answer, found without its gold answer; text is None
+    (and start, end -1) when the rules find none, with the reason as the route.
+
+    The one locator of the package: the label stage, sampled answers (analyses/resample.py) and a
+    detector scoring new answers (analyses/detector.py) all call it. It sees the question, the task's
+    grading ``rule``, the question's ``answer_type`` and the candidate ``vocabularies``, and for a choice
+    the ``options`` (gold and wrong ones together, in an order that does not say which is gold), never
+    which answer is right:
+
+    * ``number`` rule: the number the answer states (:func:`stated_number`);
+    * ``choice`` rule (or any question with options): the first option the answer names (:func:`first_option`);
+    * ``alias`` rule: nothing for an empty answer or a refusal; for a question asking for a number (answer
+      type ``number``, or "how many / how much / what year …") the first number that is not an operand
+      of the question; else the first candidate of the answer type's vocabulary not in the question; else
+      what the verb states ("The capital of X is Y."); else ``no_candidate_in_answer`` (the extractor
+      model may then be asked: :func:`place_extracted`).
+    """
+    vocabularies = vocabularies or {}
+    if not answer.strip():
+        return None, -1, -1, "empty_answer"
+    if rule == "number":
+        stated = stated_number(answer, question)
+        if stated is None:
+            return None, -1, -1, "no_candidate_in_answer"
+        return answer[stated[1] : stated[2]], stated[1], stated[2], "number"
+    if rule == "choice" or options:
+        return first_option(answer, question, sorted(options))
+    if textmatch.is_refusal(answer, question):  # "… is not known yet" names nothing: no candidate, no extractor
+        return None, -1, -1, "refusal"
+    found, route = None, ""
+    if answer_type == "number" or (not answer_type and _ASKS_FOR_NUMBER.match(question)):
+        found, route = textmatch.first_number(answer, exclude=question), "number"
+    elif answer_type in vocabularies:
+        vocabulary = vocabularies[answer_type]
+        found, route = vocabulary.first_in(answer, exclude=question, short_codes_capitalised=True), "vocabulary"
+    if found is None and route != "number":
+        # wrong answers often name something in no vocabulary ("… is Port-Íloula."): take what the verb states
+        found, route = textmatch.stated_answer(answer, question=question), "stated_after_verb"
+    if found is None:
+        return None, -1, -1, "no_candidate_in_answer"
+    return answer[found[1] : found[2]], found[1], found[2], route
 
 
 def find_exact_answer(
     answer: str, question: str, gold: list[str], answer_type: str, vocabularies: dict
 ) -> tuple[str | None, int, int, str]:
-    """(exact answer text, start, end, reason) without the extractor; text is None when not found."""
-    if not answer.strip():
-        return None, -1, -1, "empty_answer"
-    correct, match = judge(answer, gold, vocabularies.get(answer_type))
-    if correct:
-        return answer[match[1] : match[2]], match[1], match[2], "gold_alias"
-    if textmatch.is_refusal(answer, question):  # "… is not known yet" names nothing: no candidate, no extractor
-        return None, -1, -1, "refusal"
-    found, reason = None, ""
-    if answer_type == "number" or (not answer_type and gold and all(textmatch.canonical_number(g) for g in gold)):
-        found, reason = textmatch.first_number(answer, exclude=question), "number"
-    elif answer_type in vocabularies:
-        vocabulary = vocabularies[answer_type]
-        found, reason = vocabulary.first_in(answer, exclude=question, short_codes_capitalised=True), "vocabulary"
-    if found is None and reason != "number":
-        # wrong answers often name something in no vocabulary ("… is Port-Íloula."): take what the verb states
-        found, reason = textmatch.stated_answer(answer, question=question), "stated_after_verb"
-    if found is None:
-        return None, -1, -1, "no_candidate_in_answer"
-    return answer[found[1] : found[2]], found[1], found[2], reason
-
-
-def grade_alias(answer, question, gold, wrong_answers, answer_type, vocabularies):
-    """(correct, (exact text, start, end, reason)): a gold alias in the answer (see ``judge``).
-
-    A question with named competing answers (HotpotQA's yes/no questions) is graded as a choice.
-    """
-    if wrong_answers:
-        return grade_choice(answer, question, gold, wrong_answers, answer_type, vocabularies)
-    correct, _ = judge(answer, gold, vocabularies.get(answer_type))
-    return correct, find_exact_answer(answer, question, gold, answer_type, vocabularies)
+    """The reference study's choice, without the extractor: a right answer's matched gold alias
+    (route ``gold_alias``), any other answer located by :func:`locate_exact_answer`."""
+    if answer.strip():
+        correct, match = judge(answer, gold, vocabularies.get(answer_type), question)
+        if correct:
+            return answer[match[1] : match[2]], match[1], match[2], "gold_alias"
+    return locate_exact_answer(answer, question, answer_type, vocabularies)
 
 
 # where a calculation ends: the answer stated after "=", "so", "the answer is", …
@@ -146,18 +193,6 @@ def stated_number(answer: str, question: str = "") -> tuple[str, int, int] | Non
         w = (after or new)[0]
         return w.norm, s + w.start, s + w.end
     return None
-
-
-def grade_number(answer, question, gold, wrong_answers, answer_type, vocabularies):
-    """(correct, exact answer): the stated number equals a gold number (compared as numbers)."""
-    if not answer.strip():
-        return False, (None, -1, -1, "empty_answer")
-    stated = stated_number(answer, question)
-    if stated is None:
-        return False, (None, -1, -1, "no_candidate_in_answer")
-    value, start, end = stated
-    gold_numbers = {textmatch.canonical_number(g.strip()) for g in gold}
-    return value in gold_numbers, (answer[start:end], start, end, "number")
 
 
 ECHO_MIN_WORDS = 5  # this many words copied in a row from the question are an echo, not an answer
@@ -232,8 +267,8 @@ def referent_clauses(answer: str) -> list[tuple[int, int]]:
     return out
 
 
-def grade_choice(answer, question, gold, wrong_answers, answer_type, vocabularies):
-    """(correct, exact answer): of the gold and wrong options, the first the answer names decides.
+def first_option(answer: str, question: str, options: list[str]) -> tuple[str | None, int, int, str]:
+    """(text, start, end, route ``first_choice``) of the first option the answer names, or (None, -1, -1, reason).
 
     Options inside a stretch that repeats the question ("The cook prepared a dish for the teacher
     because …"), inside a list of options ("entailment, contradiction, or neutrality") or right after a
@@ -241,9 +276,6 @@ def grade_choice(answer, question, gold, wrong_answers, answer_type, vocabularie
     count. When the answer says what the pronoun or blank "refers to", only the options in those
     clauses count ("The baker is referring to the laborer" chooses the laborer).
     """
-    if not answer.strip():
-        return False, (None, -1, -1, "empty_answer")
-    options = list(gold) + list(wrong_answers)
     echoed = echoed_spans(answer, question)
     ignored = echoed + listed_spans(answer, options) + negated_spans(answer)
     clauses = [(s, e) for s, e in referent_clauses(answer) if not any(a <= s < b for a, b in echoed)]
@@ -255,12 +287,54 @@ def grade_choice(answer, question, gold, wrong_answers, answer_type, vocabularie
     else:
         match, reason = textmatch.first_match(answer, options, inside=ignored), "no_candidate_in_answer"
     if match is None:
-        return False, (None, -1, -1, reason)
-    phrase, start, end = match
-    gold_forms = {textmatch.normalize(g) for g in gold}
-    return textmatch.normalize(phrase) in gold_forms, (answer[start:end], start, end, "first_choice")
+        return None, -1, -1, reason
+    _, start, end = match
+    return answer[start:end], start, end, "first_choice"
 
 
+def grade(rule: str, answer: str, question: str, gold: list[str], wrong_answers: list[str], answer_type: str,
+          vocabularies: dict) -> tuple[bool, tuple[str | None, int, int, str], tuple[int, int] | None]:
+    """(correct, exact answer located without the gold, gold span) of one answer under a task's ``rule``.
+
+    The exact answer (text, start, end, route) comes from :func:`locate_exact_answer`, which never sees
+    the gold; the gold only grades:
+
+    * ``alias`` (facts, QA tasks): correct when a gold alias occurs in the answer (:func:`judge`); a
+      question with named competing answers (HotpotQA's yes/no questions) is graded as a ``choice``;
+    * ``number`` (math): the stated number equals a gold number (compared as numbers: 9 ≠ 19, 9.0 = 9);
+    * ``choice`` (winobias, winogrande, nli, imdb): the first option the answer names is a gold one.
+
+    The gold span is where the reference study puts a right answer's exact answer (``--exact-answer
+    gold``): the matched alias under ``alias``, the located span under the other rules; None for a wrong
+    answer.
+    """
+    rule = "choice" if rule == "alias" and len(wrong_answers) else rule
+    options = list(gold) + list(wrong_answers) if rule == "choice" else ()
+    located = locate_exact_answer(answer, question, answer_type, vocabularies, rule=rule, options=options)
+    if rule == "alias":
+        correct, match = judge(answer, gold, vocabularies.get(answer_type), question)
+        return correct, located, (match[1], match[2]) if correct else None
+    text = located[0]
+    if text is None:
+        return False, located, None
+    if rule == "number":
+        correct = textmatch.canonical_number(text.replace("−", "-")) in {textmatch.canonical_number(g.strip()) for g in gold}
+    else:
+        correct = textmatch.normalize(text) in {textmatch.normalize(g) for g in gold}
+    return correct, located, (located[1], located[2]) if correct else None
+
+
+def _rule(name: str):
+    def graded(answer, question, gold, wrong_answers, answer_type, vocabularies):
+        correct, located, _ = grade(name, answer, question, gold, wrong_answers, answer_type, vocabularies)
+        return correct, located
+
+    graded.__name__ = f"grade_{name}"
+    graded.__doc__ = f"(correct, exact answer located without the gold) under the ``{name}`` rule (see ``grade``)."
+    return graded
+
+
+grade_alias, grade_number, grade_choice = _rule("alias"), _rule("number"), _rule("choice")
 # rule name -> (grade function, whether the extractor model may find an exact answer the rule missed)
 GRADING_RULES = {
     "alias": (grade_alias, True),
@@ -395,37 +469,55 @@ def label_answers(
     *,
     extractor=None,
     progress: bool = True,
+    exact_answer: str = EXACT_ANSWER_MODES[0],
 ) -> pd.DataFrame:
     """The answers table: correctness, exact answer, its validity and reason, and position indices.
 
     ``extractor`` is a LoadedModel asked for the exact answer where the rules find none (None: skip).
+    ``exact_answer``: ``blind`` (default) puts every answer's exact answer where :func:`locate_exact_answer`
+    finds it without the gold; ``gold`` keeps the reference study's choice, a right answer's exact answer
+    at its gold span (the matched alias). Either way ``exact_answer_route`` is the label-blind route and
+    ``gold_span_differs`` (right answers; None for the others) says whether the label-blind span differs
+    from the gold span.
     """
     from ..tasks import get_task
 
+    check_exact_answer_mode(exact_answer)
     table = questions.merge(generations, on="id", how="inner", validate="one_to_one")
     if "task" not in table.columns:  # a questions table from before tasks: graded as the generic task
         table["task"] = "generic"
     if "wrong_answers" not in table.columns:
         table["wrong_answers"] = [[] for _ in range(len(table))]
     vocab = {name: textmatch.Vocabulary(list(words)) for name, words in vocabularies.items()}
-    correct, exact, may_extract = [], [], []
+    correct, located, gold_spans, may_extract, by_alias = [], [], [], [], []
     for row in table.itertuples():
         rule = get_task(row.task).grading
-        grade, extractable = GRADING_RULES[rule]
-        ok, found = grade(row.answer, row.question, list(row.gold), list(row.wrong_answers), row.answer_type, vocab)
+        ok, found, gold_span = grade(rule, row.answer, row.question, list(row.gold), list(row.wrong_answers),
+                                     row.answer_type, vocab)
         correct.append(ok)
-        exact.append(found)
-        may_extract.append(extractable)
-    missing = [i for i, e in enumerate(exact) if e[3] == "no_candidate_in_answer" and may_extract[i]]
+        located.append(found)
+        gold_spans.append(gold_span)
+        may_extract.append(GRADING_RULES[rule][1])
+        by_alias.append(rule == "alias" and not len(row.wrong_answers))
+    # right and wrong answers alike: the extractor is asked wherever the rules find no candidate
+    missing = [i for i, e in enumerate(located) if e[3] == "no_candidate_in_answer" and may_extract[i]]
     if extractor is not None and missing:
         replies = extract_with_model(
             extractor, [table.question.iloc[i] for i in missing], [table.answer.iloc[i] for i in missing], progress
         )
         for i, phrase in zip(missing, replies):
-            exact[i] = place_extracted(table.answer.iloc[i], phrase, table.question.iloc[i])
+            located[i] = place_extracted(table.answer.iloc[i], phrase, table.question.iloc[i])
 
     rows = []
-    for row, ok, (text, start, end, reason) in zip(table.itertuples(), correct, exact):
+    for row, ok, found, gold_span, alias in zip(table.itertuples(), correct, located, gold_spans, by_alias):
+        text, start, end, reason = found
+        graded = len(row.gold) > 0
+        differs = None
+        if graded and ok:
+            differs = text is None or (start, end) != gold_span
+            if exact_answer == "gold" and alias:  # the reference's choice: a right answer at its matched alias
+                start, end = gold_span
+                text, reason = row.answer[start:end], "gold_alias"
         answer_ids = list(row.answer_ids)
         tokens = None
         if text is not None:
@@ -444,13 +536,13 @@ def label_answers(
                 "subgroup": row.subgroup,
                 "prompt": row.prompt,
                 "answer": row.answer,
-                "correct": bool(ok) if len(row.gold) else None,  # None: no gold answer (a label-free study)
+                "correct": bool(ok) if graded else None,  # None: no gold answer (a label-free study)
                 "exact_answer": text or "",
                 "exact_answer_valid": text is not None,
                 "exact_answer_reason": reason,
-                # the route the rules take without the gold answer: the same rule for right and wrong answers
-                "locator_route": reason if reason != "gold_alias" else
-                find_exact_answer(row.answer, row.question, [], row.answer_type, vocab)[3],
+                # how the span is found without the gold: the same route for right and wrong answers
+                "exact_answer_route": found[3],
+                "gold_span_differs": differs,
                 "exact_answer_start": start if text is not None else -1,
                 "exact_answer_end": end if text is not None else -1,
                 "n_prompt_tokens": len(row.prompt_ids),
@@ -459,6 +551,16 @@ def label_answers(
             }
         )
     return pd.DataFrame(rows)
+
+
+def exact_answer_summary(answers: pd.DataFrame, mode: str) -> dict:
+    """summary.json's ``exact_answer``: the mode, the right answers, and how many of them the label-blind
+    locator puts elsewhere than the gold span (or finds no span in)."""
+    right = answers[answers["correct"].fillna(False).astype(bool)] if "correct" in answers else answers.iloc[:0]
+    differs = right["gold_span_differs"].fillna(False).astype(bool) if "gold_span_differs" in right else right["correct"] & False
+    return {"mode": mode, "right_answers": int(len(right)), "span_differs_from_gold": int(differs.sum()),
+            "right_answers_without_blind_span": int((differs & ~right["exact_answer_route"].isin(LOCATED_ROUTES)).sum())
+            if "exact_answer_route" in right else 0}
 
 
 def population(answers: pd.DataFrame, positions: list[str]) -> pd.Series:
