@@ -138,3 +138,19 @@ def test_the_setting_is_checked_and_part_of_the_label_stage():
         Config(exact_answer="alias").validate()
     settings = STAGE_TABLE["label"].settings
     assert settings(Config(exact_answer="gold"))["exact_answer"] == "gold" != settings(Config())["exact_answer"]
+
+
+@pytest.mark.parametrize("answer,right,span", [
+    ("The answer is the result of the division by 9.", False, None),  # the question's 9, as an operand
+    ("81 divided by 9", False, None),
+    ("9.", True, "9"),
+    ("81 / 9 = 9.", True, "9"),
+    ("81 divided by 9 is 9.", True, "9"),
+    ("81 divided by 9 is 8.", False, "8"),
+])
+def test_a_number_of_the_question_does_not_make_an_answer_right_by_itself(answer, right, span):
+    correct, (text, start, end, _), gold_span = grade("alias", answer, "What is 81 divided by 9?", ["9"], [],
+                                                       "number", {})
+    assert (correct, text) == (right, span)
+    if right:  # the gold span is the stated result, not the operand before it
+        assert (start, end) == gold_span == (len(answer) - 2, len(answer) - 1)
