@@ -134,8 +134,8 @@ def test_the_setting_is_checked_and_part_of_the_label_stage():
     from truthmap.pipeline import STAGE_TABLE
 
     assert Config().exact_answer == "blind"
-    with pytest.raises(TruthmapError, match="exact_answer 'alias': use one of blind, gold"):
-        Config(exact_answer="alias").validate()
+    with pytest.raises(TruthmapError, match="exact_answer: 'alias' is not a choice; use one of blind, gold"):
+        Config(exact_answer="alias")
     settings = STAGE_TABLE["label"].settings
     assert settings(Config(exact_answer="gold"))["exact_answer"] == "gold" != settings(Config())["exact_answer"]
 
