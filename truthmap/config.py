@@ -33,7 +33,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import TruthmapError
-from .constants import DEFAULT_MODEL, DEFAULT_POSITIONS, EXACT_ANSWER_MODES, MIN_PER_CLASS, NAMED_POSITIONS, POPULATIONS, SITES
+from .constants import DEFAULT_MODEL, DEFAULT_POSITIONS, EXACT_ANSWER_MODES, GRADERS, MIN_PER_CLASS, NAMED_POSITIONS, POPULATIONS, SITES
 from .tasks import PROTOCOLS
 
 LONG_PROMPTS = ("truncate", "skip")  # --long-prompts: what generate does with a prompt longer than the model's context
@@ -199,6 +199,10 @@ class Config(BaseModel):
     exact_answer: Literal[EXACT_ANSWER_MODES] = setting(
         "blind", "blind (default): every answer's exact answer located without the gold answer, as a deployed "
                  "detector must; gold: a right answer's at its matched alias (the reference study).", stages=("label",))
+    grader: Literal[GRADERS] = setting(
+        "alias", "Which label becomes `correct`: alias (default): a gold alias occurs in the answer; strict: the "
+                 "exact answer located without the gold equals a gold alias (both are kept as correct_alias, "
+                 "correct_strict).", stages=("label",))
     # the probes
     C: Annotated[float, Field(gt=0, le=1e12)] = setting(
         1.0, "Inverse L2 strength of each probe, as scikit-learn's C (default 1.0).",

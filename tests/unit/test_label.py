@@ -170,3 +170,47 @@ def test_an_operand_of_a_working_is_not_the_stated_number():
                                  ["1379"], "number", {})
     assert text is None
     assert find_exact_answer("655 plus 724 is 1389.", "What is 655 plus 724?", ["1379"], "number", {})[0] == "1389"
+
+
+def test_strict_grader_needs_the_located_answer_to_be_a_gold_alias(tokenizer):
+    texts = ["Paris", "The capital is Paris, not Lyon.", "The capital is Lyon, not Paris.",
+             "The capital is the lovely old city of Paris.", "It is PARIS!", "It is Lyon."]
+    ids = [f"q{i}" for i in range(len(texts))]
+    questions = pd.DataFrame({
+        "id": ids, "question": ["What is the capital of France?"] * len(texts), "gold": [["Paris"]] * len(texts),
+        "family": ["cap"] * len(texts), "subgroup": [""] * len(texts), "answer_type": ["city"] * len(texts),
+    })
+    prompt = tokenizer("Q: x\nA:", add_special_tokens=False)["input_ids"]
+    generations = pd.DataFrame({
+        "id": ids, "prompt": ["Q: x\nA:"] * len(texts), "prompt_ids": [prompt] * len(texts),
+        "answer_ids": [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts],
+        "answer": texts, "stopped": [True] * len(texts),
+    })
+    vocabularies = {"city": ["Paris", "Lyon"]}
+    answers = label_answers(questions, generations, vocabularies, tokenizer, DEFAULT_POSITIONS, progress=False)
+    assert answers.correct_alias.tolist() == [True, True, True, True, True, False]
+    # located without the gold: Paris, Paris, Lyon (stated first), Paris (the vocabulary's city), PARIS
+    # (equal once normalised), Lyon
+    assert answers.correct_strict.tolist() == [True, True, False, True, True, False]
+    assert answers.correct.tolist() == answers.correct_alias.tolist()  # grader: alias (the default)
+    strict = label_answers(questions, generations, vocabularies, tokenizer, DEFAULT_POSITIONS, progress=False,
+                           grader="strict")
+    assert strict.correct.tolist() == [True, True, False, True, True, False]
+    # the phrase the verb states, with no vocabulary to find the city in, is not the alias itself
+    bare = label_answers(questions, generations, {}, tokenizer, DEFAULT_POSITIONS, progress=False, grader="strict")
+    assert bare.correct_alias.tolist() == answers.correct_alias.tolist()
+    assert bare.loc[3, "exact_answer"] != "Paris" and not bare.loc[3, "correct_strict"]
+    assert bare.loc[0, "exact_answer_valid"] == False and bare.loc[0, "correct_strict"] == False  # noqa: E712
+    with pytest.raises(TruthmapError, match="grader 'lenient'"):
+        label_answers(questions, generations, vocabularies, tokenizer, DEFAULT_POSITIONS, progress=False,
+                      grader="lenient")
+
+
+def test_the_grader_is_part_of_the_label_stage_fingerprint():
+    from truthmap.config import Config
+    from truthmap.pipeline import STAGE_TABLE
+
+    settings = STAGE_TABLE["label"].settings
+    assert settings(Config(grader="strict"))["grader"] == "strict" != settings(Config())["grader"]
+    with pytest.raises(TruthmapError, match="grader"):
+        Config(grader="lenient")

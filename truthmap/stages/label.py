@@ -25,6 +25,9 @@ sampled answers and by a detector scoring new answers): the gold only grades.
 answer graded by alias has its exact answer at the matched alias. ``exact_answer_route`` always records
 the label-blind route and ``gold_span_differs`` whether, for a right answer, the two spans differ.
 
+Two graders' labels are kept side by side (``correct_alias``, ``correct_strict``; :func:`strict_correct`),
+and ``grader`` (``--grader alias|strict``) says which becomes ``correct``.
+
 No rule falls back to another token when it finds no exact answer: the row is marked invalid with its
 reason. positions: indices into prompt_ids + answer_ids (the sequence the extract stage reads), -1 where
 the position does not exist (e.g. ``second_answer`` of a one-token answer, or no valid exact answer).
@@ -38,7 +41,7 @@ import pandas as pd
 
 from .. import runfolder as rf
 from .. import textmatch
-from ..constants import (DEFAULT_POSITIONS, EXACT_ANSWER_MODES, EXACT_POSITIONS, MIN_PER_CLASS,  # noqa: F401
+from ..constants import (DEFAULT_POSITIONS, EXACT_ANSWER_MODES, EXACT_POSITIONS, GRADERS, MIN_PER_CLASS,  # noqa: F401
                          NAMED_POSITIONS, POPULATIONS, SITES)
 from ..errors import TruthmapError
 
@@ -324,6 +327,18 @@ def grade(rule: str, answer: str, question: str, gold: list[str], wrong_answers:
     return correct, located, (located[1], located[2]) if correct else None
 
 
+def strict_correct(rule: str, correct: bool, located_text: str | None, gold: list[str]) -> bool:
+    """The strict grader: right only when the exact answer located without the gold (``located_text``),
+    normalised as textmatch does, equals a gold alias; an answer with no located span is wrong (it states
+    no gold alias as its answer). Under the ``number`` and ``choice`` rules the rule's own label
+    (``correct``) is already this comparison of the located answer with the gold, and is returned."""
+    if rule != "alias":
+        return correct
+    if located_text is None:
+        return False
+    return textmatch.normalize(located_text) in {textmatch.normalize(g) for g in gold}
+
+
 def _rule(name: str):
     def graded(answer, question, gold, wrong_answers, answer_type, vocabularies):
         correct, located, _ = grade(name, answer, question, gold, wrong_answers, answer_type, vocabularies)
@@ -470,6 +485,7 @@ def label_answers(
     extractor=None,
     progress: bool = True,
     exact_answer: str = EXACT_ANSWER_MODES[0],
+    grader: str = GRADERS[0],
 ) -> pd.DataFrame:
     """The answers table: correctness, exact answer, its validity and reason, and position indices.
 
@@ -479,17 +495,24 @@ def label_answers(
     at its gold span (the matched alias). Either way ``exact_answer_route`` is the label-blind route and
     ``gold_span_differs`` (right answers; None for the others) says whether the label-blind span differs
     from the gold span.
+
+    ``correct_alias`` is the task rule's label (a gold alias occurs in the answer, for alias-graded
+    tasks), ``correct_strict`` that of :func:`strict_correct` (with the extractor's span where the
+    extractor found one); ``grader`` (``alias`` or ``strict``) says which of the two is ``correct``. All
+    three are None for a question without a gold answer.
     """
     from ..tasks import get_task
 
     check_exact_answer_mode(exact_answer)
+    if grader not in GRADERS:
+        raise TruthmapError(f"grader '{grader}': use one of {', '.join(GRADERS)}")
     table = questions.merge(generations, on="id", how="inner", validate="one_to_one")
     if "task" not in table.columns:  # a questions table from before tasks: graded as the generic task
         table["task"] = "generic"
     if "wrong_answers" not in table.columns:
         table["wrong_answers"] = [[] for _ in range(len(table))]
     vocab = {name: textmatch.Vocabulary(list(words)) for name, words in vocabularies.items()}
-    correct, located, gold_spans, may_extract, by_alias = [], [], [], [], []
+    correct, located, gold_spans, may_extract, by_alias, rules = [], [], [], [], [], []
     for row in table.itertuples():
         rule = get_task(row.task).grading
         ok, found, gold_span = grade(rule, row.answer, row.question, list(row.gold), list(row.wrong_answers),
@@ -499,6 +522,7 @@ def label_answers(
         gold_spans.append(gold_span)
         may_extract.append(GRADING_RULES[rule][1])
         by_alias.append(rule == "alias" and not len(row.wrong_answers))
+        rules.append("choice" if rule == "alias" and len(row.wrong_answers) else rule)  # as grade() does
     # right and wrong answers alike: the extractor is asked wherever the rules find no candidate
     missing = [i for i, e in enumerate(located) if e[3] == "no_candidate_in_answer" and may_extract[i]]
     if extractor is not None and missing:
@@ -509,9 +533,12 @@ def label_answers(
             located[i] = place_extracted(table.answer.iloc[i], phrase, table.question.iloc[i])
 
     rows = []
-    for row, ok, found, gold_span, alias in zip(table.itertuples(), correct, located, gold_spans, by_alias):
+    for row, ok, found, gold_span, alias, rule in zip(table.itertuples(), correct, located, gold_spans, by_alias,
+                                                      rules):
         text, start, end, reason = found
         graded = len(row.gold) > 0
+        strict = strict_correct(rule, bool(ok), text, list(row.gold)) if graded else None
+        labels = {"alias": bool(ok) if graded else None, "strict": strict}
         differs = None
         if graded and ok:
             differs = text is None or (start, end) != gold_span
@@ -536,7 +563,9 @@ def label_answers(
                 "subgroup": row.subgroup,
                 "prompt": row.prompt,
                 "answer": row.answer,
-                "correct": bool(ok) if graded else None,  # None: no gold answer (a label-free study)
+                "correct": labels[grader],  # None: no gold answer (a label-free study)
+                "correct_alias": labels["alias"],
+                "correct_strict": labels["strict"],
                 "exact_answer": text or "",
                 "exact_answer_valid": text is not None,
                 "exact_answer_reason": reason,
