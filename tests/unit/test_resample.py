@@ -77,3 +77,66 @@ def test_sampling_for_semantic_entropy_uses_the_runs_protocol(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         entropy.run_sampling(None, run, n=2, progress=False)
     assert asked["max_new_tokens"] == 100
+
+
+CONTINENTS = ["Europe", "Asia", "Africa", "North America", "South America", "Oceania"]
+MEXICO = "Mexico is located in South America, specifically in the continent of North America."
+SAMPLED = {  # question -> its sampled answers, several of them right under either gold below
+    "On which continent is Mexico located?": [MEXICO, "Mexico is in North America.", "It is in South America.",
+                                              "Mexico is in North America, not in South America."],
+    "On which continent is Chad located?": ["Chad is in Africa.", "Chad is in Asia.", "Africa, near Asia.",
+                                            "Chad is in Africa, not in Asia."],
+    "On which continent is Peru located?": ["Peru is in South America."] * 4,
+}
+GOLDS = ({"Mexico": ["North America"], "Chad": ["Africa"], "Peru": ["South America"]},
+         {"Mexico": ["South America"], "Chad": ["Asia"], "Peru": ["Oceania"]})
+
+
+def test_sampled_answers_and_the_entropy_targets_never_see_the_gold(tokenizer):
+    """The same samples labelled under two different gold answers: spans, clusters, sampling scores and
+    the entropy probes' targets are identical; only ``correct`` changes. Under ``--exact-answer gold``
+    the same answers would be placed at the gold (the planted dependence the samples must not have)."""
+    from types import SimpleNamespace
+
+    from truthmap.analyses.entropy import high_entropy_labels, sampling_scores
+    from truthmap.analyses.resample import label_resamples
+    from truthmap.stages.label import label_answers
+
+    lm = SimpleNamespace(tokenizer=tokenizer)
+    texts = list(SAMPLED)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    generations = pd.DataFrame({"id": [f"q{i}" for i in range(len(texts))], "prompt": texts,
+                                "prompt_ids": [encode(q) for q in texts],
+                                "answer_ids": [encode(SAMPLED[q][0]) for q in texts],
+                                "answer": [SAMPLED[q][0] for q in texts], "stopped": True})
+    drawn = [[(encode(a), True) for a in SAMPLED[q]] for q in texts]
+    positions = ["exact_answer_first", "exact_answer_last", "-1"]
+    labelled, greedy_gold_mode = [], []
+    for golds in GOLDS:
+        questions = pd.DataFrame({"id": generations.id, "question": texts, "family": "continent", "subgroup": "",
+                                  "answer_type": "continent", "gold": [golds[q.split()[-2]] for q in texts]})
+        greedy = label_answers(questions, generations, {"continent": CONTINENTS}, tokenizer, positions,
+                               progress=False)
+        resamples = label_resamples(lm, questions, generations, drawn, {"continent": CONTINENTS}, positions)
+        scores = sampling_scores(resamples, greedy, None)
+        entropy = scores["semantic_entropy"].to_numpy(dtype=float)
+        targets, _ = high_entropy_labels(entropy, np.ones((1, len(entropy)), dtype=bool))
+        labelled.append((resamples, scores, targets))
+        flat = questions.loc[questions.index.repeat(4)].assign(id=[f"s{k}" for k in range(12)])
+        as_generations = pd.DataFrame({"id": flat.id, "prompt": flat.question.tolist(),
+                                       "prompt_ids": [encode(q) for q in flat.question],
+                                       "answer_ids": [ids for row in drawn for ids, _ in row],
+                                       "answer": [a for q in texts for a in SAMPLED[q]], "stopped": True})
+        greedy_gold_mode.append(label_answers(flat, as_generations, {"continent": CONTINENTS}, tokenizer, positions,
+                                              progress=False, exact_answer="gold"))
+    # the planted dependence: located at the gold, the same samples' spans would follow the gold answer
+    assert greedy_gold_mode[0].exact_answer.tolist() != greedy_gold_mode[1].exact_answer.tolist()
+    (one, one_scores, one_targets), (other, other_scores, other_targets) = labelled
+    assert one.correct.tolist() != other.correct.tolist()  # the gold did grade
+    spans = ["exact_answer", "exact_answer_valid", "exact_answer_start", "exact_answer_end", "cluster",
+             *[f"pos_{p}" for p in positions]]
+    pd.testing.assert_frame_equal(one[spans], other[spans])
+    assert one.exact_answer.iloc[0] == "South America"  # MEXICO: the first continent it states, either gold
+    pd.testing.assert_frame_equal(one_scores, other_scores)
+    assert one_scores.semantic_entropy.nunique() > 1  # the targets are not trivially constant
+    np.testing.assert_array_equal(one_targets, other_targets)

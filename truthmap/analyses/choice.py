@@ -1,16 +1,20 @@
 """Answer choice: can the probe pick a better answer than greedy decoding?
 
 For every test question (first split seed) and its N resamples (``resamples.parquet``), four ways to
-choose one answer; the chosen answer's correctness is read from the grading afterwards:
+choose one answer; the chosen answer's correctness is read from the grading afterwards. The
+candidates are the same for every strategy that chooses: the samples with an exact answer (a span,
+so a non-empty ``cluster``); a sample without one (a refusal, an empty answer, nothing located) is
+no candidate of any strategy. When no sample of a question has a span, all N are the candidates,
+for every strategy alike.
 
-* ``greedy`` — the greedy answer (``answers.parquet``);
-* ``random`` — a resample drawn uniformly: its expected accuracy, the share of right resamples;
-* ``majority`` — a resample of the largest cluster of normalised exact answers (no gold label is read:
-  right answers are clustered by their own text like any other; ties go to the cluster seen first;
-  samples with no exact answer are in no cluster, and when none has one the first sample is taken);
-* ``probe`` — the resample a Detector (an exported one, or one fitted on the run's train split at the
-  chosen cell) finds least likely to be wrong; a resample where the position does not exist scores as
-  certainly wrong.
+* ``greedy`` — the greedy answer (``answers.parquet``), graded as it is: one answer, nothing to choose;
+* ``random`` — a candidate drawn uniformly: its expected accuracy, the share of right candidates;
+* ``majority`` — a candidate of the largest cluster of normalised exact answers (no gold label is
+  read: right answers are clustered by their own text like any other; ties go to the cluster seen
+  first; with no span among the samples, the first sample);
+* ``probe`` — the candidate a Detector (an exported one, or one fitted on the run's train split at the
+  chosen cell) finds least likely to be wrong; a candidate where the position does not exist scores
+  as certainly wrong; ties go to the first.
 
 Accuracy is reported overall and per error type (``error_types.parquet``) with a bootstrap 95%
 interval over questions. Reads the run folder; writes ``choice.csv`` (``strategy, error_type, n,
@@ -73,8 +77,16 @@ def resample_features(lm, run_dir: Path, resamples: pd.DataFrame, *, site: str, 
     return out
 
 
+def candidates(clusters: list[str]) -> np.ndarray:
+    """Indices of the samples every strategy chooses among: those with a span (a non-empty cluster),
+    or all of them when none has one."""
+    has_span = np.array([bool(c) for c in clusters], dtype=bool)
+    return np.flatnonzero(has_span) if has_span.any() else np.arange(len(clusters))
+
+
 def choose(answers: pd.DataFrame, resamples: pd.DataFrame, probe_scores: np.ndarray, test_ids: list[str]) -> pd.DataFrame:
-    """Per test question: correctness of each strategy's choice (``random``: expected correctness)."""
+    """Per test question: correctness of each strategy's choice (``random``: expected correctness), all
+    strategies choosing among the same :func:`candidates`."""
     greedy = answers.set_index("id")["correct"].astype(bool)
     resamples = resamples.assign(_score=probe_scores).sort_values(["id", "sample"])
     rows = []
@@ -83,9 +95,13 @@ def choose(answers: pd.DataFrame, resamples: pd.DataFrame, probe_scores: np.ndar
         if qid not in groups:
             continue
         group = groups[qid]
+        clusters = group["cluster"].fillna("").astype(str).tolist()
+        keep = candidates(clusters)
         correct = group["correct"].to_numpy(dtype=bool)
-        m, p = majority_pick(group["cluster"].tolist()), probe_pick(group["_score"].to_numpy(dtype=float))
-        rows.append({"id": qid, "greedy": float(greedy[qid]), "random": float(correct.mean()),
+        scores = group["_score"].to_numpy(dtype=float)
+        m = keep[majority_pick([clusters[i] for i in keep])]
+        p = keep[probe_pick(scores[keep])]
+        rows.append({"id": qid, "greedy": float(greedy[qid]), "random": float(correct[keep].mean()),
                      "majority": float(correct[m]), "probe": float(correct[p]),
                      "majority_sample": int(group["sample"].iloc[m]), "probe_sample": int(group["sample"].iloc[p])})
     if not rows:

@@ -3,7 +3,8 @@
 ``truthmap resample RUN --n 10`` draws N answers per question at temperature 1 (seedable; all questions ×
 N in one batched, length-sorted generation) from the whole vocabulary, or, in a run of the reference
 protocol, from the ``REFERENCE_TOP_K`` = 50 likeliest tokens as the reference study did. It grades
-each and locates its exact answer with the label stage's own rules, over the whole answer. Each
+each and locates its exact answer with the label stage's own rules, over the whole answer, always
+label-blind (the gold answer grades but never places a span, whatever ``exact_answer`` says). Each
 question then gets one error type from the pattern of its N answers. Wrong answers are clustered by
 their normalised exact answer; all right answers form one cluster. With shares as fractions of N
 (``THRESHOLDS``), checked in this order:
@@ -78,7 +79,11 @@ def cluster_key(exact_answer: str, valid: bool) -> str:
 
 def label_resamples(lm, questions: pd.DataFrame, generations: pd.DataFrame, drawn: list, vocabularies: dict,
                     positions: list[str], *, extractor=None, progress: bool = False) -> pd.DataFrame:
-    """Grade and locate the exact answer of every sample with the label stage's rules (whole answer)."""
+    """Grade and locate the exact answer of every sample with the label stage's rules (whole answer).
+
+    Always label-blind (``exact_answer="blind"``, whatever the run's setting): a sample's span, its
+    cluster and so the sampling scores and the entropy probes' targets never depend on the gold answer,
+    which only grades ``correct``."""
     from ..stages.generate import decode_answer
     from ..stages.label import label_answers
 
@@ -93,7 +98,7 @@ def label_resamples(lm, questions: pd.DataFrame, generations: pd.DataFrame, draw
                            "answer": decode_answer(lm.tokenizer, ids), "stopped": stopped})
     q_table, g_table = pd.DataFrame(rows_q), pd.DataFrame(rows_g)
     labelled = label_answers(q_table, g_table, vocabularies, lm.tokenizer, positions, extractor=extractor,
-                             progress=progress)
+                             progress=progress, exact_answer="blind")
     labelled = labelled.merge(g_table[["id", "answer_ids", "stopped"]], on="id")
     out = pd.DataFrame({"id": labelled["id"].str.rsplit("#", n=1).str[0],
                         "sample": labelled["id"].str.rsplit("#", n=1).str[1].astype(int)})
