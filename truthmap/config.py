@@ -154,8 +154,9 @@ class Config(BaseModel):
     # how the model answers
     protocol: Literal[PROTOCOLS] = setting("brief", "Generation settings: brief (default; '… Answer briefly.', 24 new "
                                            "tokens) or reference (the reference study's: the question alone, 100 new "
-                                           "tokens, math 200, and its probe: LogisticRegression() defaults on raw "
-                                           "features; docs/tasks.md).", stages=("generate", "probe"))
+                                           "tokens, math 200; its grading: a gold alias is a substring of the answer; "
+                                           "and its probe: LogisticRegression() defaults on raw features; "
+                                           "docs/tasks.md).", stages=("generate", "label", "probe"))
     prompt_template: Template | None = setting(None, "User message for chat models, with {question} (and {context} for "
                                            "tasks with a passage); default: the task's.", stages=("generate",),
                                            value="text with {question}")

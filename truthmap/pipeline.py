@@ -167,7 +167,7 @@ def _label(s: StageRun) -> None:
     vocabularies = rf.read_json(run_dir / rf.VOCABULARIES)
     answers = label_answers(questions, generations, vocabularies, s.models.lm.tokenizer, c.positions,
                             extractor=s.models.extractor, progress=c.progress, exact_answer=c.exact_answer,
-                            grader=c.grader)
+                            grader=c.grader, protocol=c.protocol)
     labelled = has_labels(answers)
     # a label-free study is split by its groups alone (there are no classes to stratify)
     left_out = population(answers, c.positions) if c.population == "common" else None
@@ -375,7 +375,7 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
           model="workers", sources=_dataset_file),
     Stage("label", _label, inputs=(rf.QUESTIONS, rf.VOCABULARIES, rf.GENERATIONS), outputs=(rf.ANSWERS, rf.SPLITS),
           settings=_fields("positions", "extractor_model", "seeds", "test_fraction", "validation_fraction",
-                           "population", "exact_answer", "grader"),
+                           "population", "exact_answer", "grader", "protocol"),
           model="workers"),
     Stage("extract", _extract, inputs=(rf.ANSWERS, rf.GENERATIONS), outputs=(rf.ACTIVATIONS_INDEX,),
           settings=_fields("sites", "dtype", "extract"), model="workers"),

@@ -317,3 +317,46 @@ def test_cpu_batch_size_is_the_cap_when_memory_allows_and_shrinks_when_it_does_n
 
     monkeypatch.setattr(generate.os, "sysconf", missing)  # no such counters: the cap
     assert generate.auto_batch_size(lm, 100) == generate.CPU_BATCH
+
+
+@pytest.mark.parametrize("answer, question, gold, brief, reference", [
+    ("It is in PARIS.", "What is the capital of France?", ["Paris"], True, True),  # case-insensitive in both
+    ("Parisian cooking.", "What is the capital of France?", ["Paris"], False, True),  # no word boundary
+    ("The answer is the result of the division by 9.", "What is 81 divided by 9?", ["9"], False, True),  # operand
+    ("It is Lyon.", "What is the capital of France?", ["Paris"], False, False),
+])
+def test_reference_grades_an_alias_that_is_a_substring_of_the_answer(answer, question, gold, brief, reference):
+    from truthmap.stages.label import grade
+
+    assert grade("alias", answer, question, gold, [], "", {})[0] is brief
+    correct, _, span = grade("alias", answer, question, gold, [], "", {}, substring=True)
+    assert correct is reference
+    if correct:  # the gold span is where the alias occurs in the answer
+        assert answer[span[0] : span[1]].lower() == gold[0].lower()
+
+
+def test_the_label_stage_grades_by_substring_under_the_reference_protocol(tokenizer):
+    import pandas as pd
+
+    from truthmap.pipeline import STAGE_TABLE
+    from truthmap.stages.label import label_answers
+
+    rows = [("What is the capital of France?", "Parisian cooking.", ["Paris"]),
+            ("What is the capital of Peru?", "Lima.", ["Lima"]),
+            ("Which side won the game?", "Our side did.", ["yes"])]  # a choice-graded task is not affected
+    questions = pd.DataFrame({"id": ["a", "b", "c"], "question": [q for q, _, _ in rows], "gold": [g for *_, g in rows],
+                              "family": "", "subgroup": "", "answer_type": "", "task": ["facts", "facts", "winobias"],
+                              "wrong_answers": [[], [], ["no"]]})
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    generations = pd.DataFrame({"id": questions.id, "prompt": questions.question,
+                                "prompt_ids": [encode(q) for q, _, _ in rows],
+                                "answer_ids": [encode(a) for _, a, _ in rows], "answer": [a for _, a, _ in rows],
+                                "stopped": True})
+    graded = {p: label_answers(questions, generations, {}, tokenizer, ["-1"], progress=False, protocol=p)
+              for p in ("brief", "reference")}
+    assert graded["brief"].correct.tolist() == [False, True, False]
+    assert graded["reference"].correct.tolist() == [True, True, False]
+    with pytest.raises(TruthmapError, match="protocol 'paper'"):
+        label_answers(questions, generations, {}, tokenizer, ["-1"], progress=False, protocol="paper")
+    settings = STAGE_TABLE["label"].settings
+    assert settings(Config(protocol="reference"))["protocol"] != settings(Config())["protocol"]

@@ -420,7 +420,8 @@ def run_sampling(lm, run_dir: Path, *, n: int = 5, temperature: float = 1.0, see
                            batch_size=batch_size, progress=progress)
     sampled = time.perf_counter()
     # the samples' exact answers come from the rules alone: the extractor model is not asked
-    resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, progress=False)
+    resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, progress=False,
+                                protocol=str(config.get("protocol", "brief")))
     resamples["token_logprobs"] = token_logprobs(lm, generations, resamples)
     rf.write_parquet(run_dir / RESAMPLES, resamples)
     scored = time.perf_counter()

@@ -78,12 +78,14 @@ def cluster_key(exact_answer: str, valid: bool) -> str:
 
 
 def label_resamples(lm, questions: pd.DataFrame, generations: pd.DataFrame, drawn: list, vocabularies: dict,
-                    positions: list[str], *, extractor=None, progress: bool = False) -> pd.DataFrame:
+                    positions: list[str], *, extractor=None, progress: bool = False,
+                    protocol: str = "brief") -> pd.DataFrame:
     """Grade and locate the exact answer of every sample with the label stage's rules (whole answer).
 
     Always label-blind (``exact_answer="blind"``, whatever the run's setting): a sample's span, its
     cluster and so the sampling scores and the entropy probes' targets never depend on the gold answer,
-    which only grades ``correct``."""
+    which only grades ``correct`` (by substring of an alias under the ``reference`` ``protocol``, as the
+    run's answers were)."""
     from ..stages.generate import decode_answer
     from ..stages.label import label_answers
 
@@ -98,7 +100,7 @@ def label_resamples(lm, questions: pd.DataFrame, generations: pd.DataFrame, draw
                            "answer": decode_answer(lm.tokenizer, ids), "stopped": stopped})
     q_table, g_table = pd.DataFrame(rows_q), pd.DataFrame(rows_g)
     labelled = label_answers(q_table, g_table, vocabularies, lm.tokenizer, positions, extractor=extractor,
-                             progress=progress, exact_answer="blind")
+                             progress=progress, exact_answer="blind", protocol=protocol)
     labelled = labelled.merge(g_table[["id", "answer_ids", "stopped"]], on="id")
     out = pd.DataFrame({"id": labelled["id"].str.rsplit("#", n=1).str[0],
                         "sample": labelled["id"].str.rsplit("#", n=1).str[1].astype(int)})
@@ -233,7 +235,7 @@ def run_resample(lm, run_dir: Path, *, n: int = 10, temperature: float = 1.0, se
     drawn = sample_answers(lm, prompts, n=n, temperature=temperature, seed=seed, max_new_tokens=max_new,
                            batch_size=batch_size, progress=progress, top_k=top_k)
     resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, extractor=extractor,
-                                progress=progress)
+                                progress=progress, protocol=str(protocol))
     rf.write_parquet(run_dir / RESAMPLES, resamples)
     types = error_types(resamples)
     rf.write_parquet(run_dir / ERROR_TYPES, types)

@@ -25,6 +25,9 @@ sampled answers and by a detector scoring new answers): the gold only grades.
 answer graded by alias has its exact answer at the matched alias. ``exact_answer_route`` always records
 the label-blind route and ``gold_span_differs`` whether, for a right answer, the two spans differ.
 
+Under ``--protocol reference`` the alias rule grades as the reference study does: right when a gold
+alias is a substring of the answer, case-insensitive (:func:`substring_match`).
+
 Two graders' labels are kept side by side (``correct_alias``, ``correct_strict``; :func:`strict_correct`),
 and ``grader`` (``--grader alias|strict``) says which becomes ``correct``.
 
@@ -295,8 +298,20 @@ def first_option(answer: str, question: str, options: list[str]) -> tuple[str | 
     return answer[start:end], start, end, "first_choice"
 
 
+def substring_match(answer: str, gold: list[str]) -> tuple[str, int, int] | None:
+    """(alias, start, end) of the earliest gold alias that is a substring of the answer, case-insensitive,
+    or None: the reference study's grading (no word boundaries, no normalisation)."""
+    found = [(m.start(), m.end(), alias) for alias in gold if alias.strip()
+             for m in [re.search(re.escape(alias), answer, re.IGNORECASE)] if m]
+    if not found:
+        return None
+    start, end, alias = min(found, key=lambda f: (f[0], -f[1]))
+    return alias, start, end
+
+
 def grade(rule: str, answer: str, question: str, gold: list[str], wrong_answers: list[str], answer_type: str,
-          vocabularies: dict) -> tuple[bool, tuple[str | None, int, int, str], tuple[int, int] | None]:
+          vocabularies: dict, *, substring: bool = False
+          ) -> tuple[bool, tuple[str | None, int, int, str], tuple[int, int] | None]:
     """(correct, exact answer located without the gold, gold span) of one answer under a task's ``rule``.
 
     The exact answer (text, start, end, route) comes from :func:`locate_exact_answer`, which never sees
@@ -310,12 +325,20 @@ def grade(rule: str, answer: str, question: str, gold: list[str], wrong_answers:
     The gold span is where the reference study puts a right answer's exact answer (``--exact-answer
     gold``): the matched alias under ``alias``, the located span under the other rules; None for a wrong
     answer.
+
+    ``substring`` (``--protocol reference``): the ``alias`` rule grades as the reference study does, right
+    when a gold alias is a substring of the answer, case-insensitive (:func:`substring_match`), without
+    :func:`judge`'s word boundaries, normalisation and longer-candidate and operand checks.
     """
     rule = "choice" if rule == "alias" and len(wrong_answers) else rule
     options = list(gold) + list(wrong_answers) if rule == "choice" else ()
     located = locate_exact_answer(answer, question, answer_type, vocabularies, rule=rule, options=options)
     if rule == "alias":
-        correct, match = judge(answer, gold, vocabularies.get(answer_type), question)
+        if substring:
+            match = substring_match(answer, gold)
+            correct = match is not None
+        else:
+            correct, match = judge(answer, gold, vocabularies.get(answer_type), question)
         return correct, located, (match[1], match[2]) if correct else None
     text = located[0]
     if text is None:
@@ -486,6 +509,7 @@ def label_answers(
     progress: bool = True,
     exact_answer: str = EXACT_ANSWER_MODES[0],
     grader: str = GRADERS[0],
+    protocol: str = "brief",
 ) -> pd.DataFrame:
     """The answers table: correctness, exact answer, its validity and reason, and position indices.
 
@@ -500,8 +524,12 @@ def label_answers(
     tasks), ``correct_strict`` that of :func:`strict_correct` (with the extractor's span where the
     extractor found one); ``grader`` (``alias`` or ``strict``) says which of the two is ``correct``. All
     three are None for a question without a gold answer.
+
+    ``protocol``: under ``reference`` the ``alias`` rule grades by substring (:func:`grade`).
     """
-    from ..tasks import get_task
+    from ..tasks import check_protocol, get_task
+
+    substring = check_protocol(protocol) == "reference"
 
     check_exact_answer_mode(exact_answer)
     if grader not in GRADERS:
@@ -516,7 +544,7 @@ def label_answers(
     for row in table.itertuples():
         rule = get_task(row.task).grading
         ok, found, gold_span = grade(rule, row.answer, row.question, list(row.gold), list(row.wrong_answers),
-                                     row.answer_type, vocab)
+                                     row.answer_type, vocab, substring=substring)
         correct.append(ok)
         located.append(found)
         gold_spans.append(gold_span)

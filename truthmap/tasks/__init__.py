@@ -16,7 +16,8 @@ Every task is phrased under two protocols (``--protocol``). ``brief``, the defau
 ``chat_prompt`` / ``base_prompt`` / ``max_new_tokens`` (QA tasks ask "{question} Answer briefly." for 24
 new tokens). ``reference`` reproduces the generation settings of the reference study (Orgad et al., "LLMs
 Know More Than They Show", ICLR 2025): ``reference_chat_prompt`` (for most tasks the question alone),
-``reference_base_prompt`` and ``reference_max_new_tokens`` (100; math 200). In both, a model without a
+``reference_base_prompt`` and ``reference_max_new_tokens`` (100; math 200); the label stage then grades
+``alias`` tasks by substring, as the reference did (stages/label.py). In both, a model without a
 chat template stops at its first line break and is graded on the line before it (stages/generate.py).
 
 ``--dataset`` takes ``TASK``, ``TASK:SPLIT``, ``TASK:PATH``, or a bare path / hub id (the ``generic``
