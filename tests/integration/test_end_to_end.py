@@ -29,7 +29,7 @@ def test_auc_table(study):
     table = table[table.site != "baseline"]  # the baselines' rows are checked in test_analyses.py
     assert list(table.columns) == ["site", "layer", "position", "seed", "auc", "auc_lo", "auc_hi", "accuracy",
                                    "n_train", "n_test", "val_auc", "n_val", "within_auc", "within_val_auc",
-                                   "mean_auc_lo", "mean_auc_hi", "val_auc_se"]
+                                   "mean_auc_lo", "mean_auc_hi", "val_auc_se", "seed_sd"]
     assert len(table) == 31 * len(DEFAULT_POSITIONS) * len(SEEDS)
     assert set(table.layer) == set(range(31)) and set(table.position) == set(DEFAULT_POSITIONS)
     scored = table.dropna(subset=["auc"])
