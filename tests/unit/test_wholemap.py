@@ -79,6 +79,14 @@ def test_permutations_move_related_questions_together():
     assert (kept[:, 59] == y[59]).all()
 
 
+def _probe(folder, n_boot: int):
+    """Run the probe stage on a sealed synthetic run and seal its files (the wholemap stage reads them)."""
+    results, scores = run_probe(folder, ["residual"], n_boot=n_boot, progress=False)
+    results.to_csv(folder / "probe_results.csv", index=False)
+    scores.to_parquet(folder / "probe_scores.parquet", index=False)
+    return seal(folder)
+
+
 def _write_run(folder, signal: np.ndarray, n: int = 400, d: int = 6, seed: int = 0):
     """A synthetic run folder whose cell (layer l, position p) carries ``signal[l, p]`` times the label
     in feature 0 (independent noise in every cell), with the probe stage's files."""
@@ -92,10 +100,7 @@ def _write_run(folder, signal: np.ndarray, n: int = 400, d: int = 6, seed: int =
     X[:, 1, :5] = 0
     np.save(folder / "activations" / "residual" / "shard-00000.npy", X.astype(np.float16))
     seal(folder)
-    results, scores = run_probe(folder, ["residual"], n_boot=300, progress=False)
-    results.to_csv(folder / "probe_results.csv", index=False)
-    scores.to_parquet(folder / "probe_scores.parquet", index=False)
-    return seal(folder)
+    return _probe(folder, 300)
 
 
 def test_signal_spread_over_many_weak_cells_is_found_by_the_whole_map(tmp_path):
@@ -204,10 +209,7 @@ def test_graders_side_by_side_refit_the_probes_on_each_graders_labels(tmp_path):
     X[2, 0, :, 1] *= 3.0  # a clear signal for the strict labels
     np.save(folder / "activations" / "residual" / "shard-00000.npy", X.astype(np.float16))
     seal(folder)
-    results, scores = run_probe(folder, ["residual"], n_boot=100, progress=False)
-    results.to_csv(folder / "probe_results.csv", index=False)
-    scores.to_parquet(folder / "probe_scores.parquet", index=False)
-    seal(folder)
+    _probe(folder, 100)
     _, _, _, summary = wm.run_wholemap(folder, ["residual"], n_boot=100, n_permutations=0, progress=False)
     graders = summary["graders"]
     assert graders["columns"] == ["correct_alias", "correct_strict", "correct_lenient"]
@@ -274,10 +276,7 @@ def test_a_grader_without_both_classes_in_validation_is_noted_not_probed(tmp_pat
     answers["correct_strict"] = True  # a grader that calls every answer right
     answers.to_parquet(folder / "answers.parquet", index=False)
     seal(folder)
-    results, scores = run_probe(folder, ["residual"], n_boot=50, progress=False)
-    results.to_csv(folder / "probe_results.csv", index=False)
-    scores.to_parquet(folder / "probe_scores.parquet", index=False)
-    seal(folder)
+    _probe(folder, 50)
     _, _, _, summary = wm.run_wholemap(folder, ["residual"], n_boot=50, n_permutations=0, progress=False)
     probes = {p["grader"]: p for p in summary["graders"]["probes"]}
     assert "note" in probes["correct_strict"] and "layer" in probes["correct_alias"]
