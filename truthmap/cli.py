@@ -175,6 +175,11 @@ def _report(run_dir: Path) -> None:
         console.print(f"cells above the label-permutation null (max over cells, {text(null.get('permutations'))} "
                       f"permutations, p ≤ {text(null.get('level'))}): {text(null.get('cells_beating_null'))} of "
                       f"{text(null.get('cells'))}")
+    located = summary.get("exact_answer")
+    if isinstance(located, dict) and located.get("right_answers"):
+        console.print(f"exact answers located {'without' if located.get('mode') == 'blind' else 'with'} the gold: "
+                      f"{text(located.get('span_differs_from_gold'))} of {text(located.get('right_answers'))} right "
+                      f"answers have another span than their gold alias")
     if summary.get("labels") == "none":
         console.print(f"no gold answers: {text(summary.get('no_correctness_auc'))}")
     entropy = summary.get("entropy_probe") or {}

@@ -62,6 +62,7 @@ def test_both_modes_record_the_label_blind_route_and_where_the_gold_span_differs
     for table in (blind, gold):
         assert table.exact_answer_route.tolist() == ["vocabulary"] * 3
         assert table.gold_span_differs.tolist() == [True, False, None]
+        assert table.exact_answer_gold.tolist() == ["North America", "South America", ""]  # both spans recorded
     assert exact_answer_summary(blind, "blind") == {"mode": "blind", "right_answers": 2, "span_differs_from_gold": 1,
                                                     "right_answers_without_blind_span": 0}
 

@@ -567,9 +567,11 @@ def label_answers(
         graded = len(row.gold) > 0
         strict = strict_correct(rule, bool(ok), text, list(row.gold)) if graded else None
         labels = {"alias": bool(ok) if graded else None, "strict": strict}
-        differs = None
+        differs, gold_text = None, ""
         if graded and ok:
             differs = text is None or (start, end) != gold_span
+            if gold_span is not None and gold_span[0] is not None and gold_span[0] < gold_span[1]:
+                gold_text = row.answer[gold_span[0]:gold_span[1]]
             if exact_answer == "gold" and alias:  # the reference's choice: a right answer at its matched alias
                 start, end = gold_span
                 text, reason = row.answer[start:end], "gold_alias"
@@ -600,6 +602,7 @@ def label_answers(
                 # how the span is found without the gold: the same route for right and wrong answers
                 "exact_answer_route": found[3],
                 "gold_span_differs": differs,
+                "exact_answer_gold": gold_text,  # a right answer's span at its matched gold (shown, never probed)
                 "exact_answer_start": start if text is not None else -1,
                 "exact_answer_end": end if text is not None else -1,
                 "n_prompt_tokens": len(row.prompt_ids),
