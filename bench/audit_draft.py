@@ -23,7 +23,8 @@ import pandas as pd
 from truthmap import runfolder as rf
 from truthmap.analyses.audit import COLUMNS
 from truthmap import textmatch
-from truthmap.stages.label import GRADING_RULES, extractor_replies
+from truthmap.grading import GRADING_RULES
+from truthmap.stages.label import extractor_replies
 from truthmap.tasks import get_task
 
 

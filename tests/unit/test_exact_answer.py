@@ -1,11 +1,12 @@
-"""The exact answer is located without the gold answer (label.locate_exact_answer); --exact-answer gold
+"""The exact answer is located without the gold answer (grading.locate_exact_answer); --exact-answer gold
 keeps the reference study's choice, a right answer at its matched alias."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from truthmap.stages.label import exact_answer_summary, grade, label_answers, locate_exact_answer
+from truthmap.grading import grade, locate_exact_answer
+from truthmap.stages.label import exact_answer_summary, label_answers
 from truthmap.textmatch import Vocabulary
 
 CONTINENTS = ["Europe", "Asia", "Africa", "North America", "South America", "Oceania"]

@@ -5,21 +5,20 @@ from truthmap.stages.label import (
     DEFAULT_POSITIONS,
     char_span_to_tokens,
     check_labels,
-    find_exact_answer,
-    judge,
     label_answers,
     position_indices,
     token_char_spans,
 )
 from truthmap.errors import TruthmapError
+from truthmap.grading import alias_match, find_exact_answer
 from truthmap.textmatch import Vocabulary
 
 
-def test_judge_whole_word_normalised():
-    assert judge("The capital of France is Paris.", ["Paris"])[0]
-    assert judge("It is 19.", ["9"])[0] is False
-    assert judge("It is 9.0", ["9"])[0]
-    assert judge("the UNITED states", ["United States", "USA"])[0]
+def test_alias_match_whole_word_normalised():
+    assert alias_match("The capital of France is Paris.", ["Paris"])[0]
+    assert alias_match("It is 19.", ["9"])[0] is False
+    assert alias_match("It is 9.0", ["9"])[0]
+    assert alias_match("the UNITED states", ["United States", "USA"])[0]
 
 
 def test_exact_answer_of_correct_answer_is_the_alias():

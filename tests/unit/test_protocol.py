@@ -326,7 +326,7 @@ def test_cpu_batch_size_is_the_cap_when_memory_allows_and_shrinks_when_it_does_n
     ("It is Lyon.", "What is the capital of France?", ["Paris"], False, False),
 ])
 def test_reference_grades_an_alias_that_is_a_substring_of_the_answer(answer, question, gold, brief, reference):
-    from truthmap.stages.label import grade
+    from truthmap.grading import grade
 
     assert grade("alias", answer, question, gold, [], "", {})[0] is brief
     correct, _, span = grade("alias", answer, question, gold, [], "", {}, substring=True)

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from truthmap.data import load_questions
-from truthmap.stages.label import grade_choice, grade_number, judge, label_answers, stated_number
+from truthmap.grading import alias_match, grade_choice, grade_number, stated_number
+from truthmap.stages.label import label_answers
 from truthmap.tasks import get_task
 from truthmap.tasks.nli import SYNONYMS
 from truthmap.textmatch import Vocabulary
@@ -23,7 +24,7 @@ MIKE = "Mike made 69 dollars mowing lawns. He spent 24 dollars on blades. How ma
 
 def grade(task, answer, gold, wrong=(), question=""):
     """(correct, exact answer text, reason) under ``task``'s rule."""
-    from truthmap.stages.label import GRADING_RULES
+    from truthmap.grading import GRADING_RULES
 
     rule, _ = GRADING_RULES[get_task(task).grading]
     correct, (text, start, end, reason) = rule(answer, question, list(gold), list(wrong), "", {})
@@ -34,7 +35,7 @@ def grade(task, answer, gold, wrong=(), question=""):
 
 def matched(task, answer, gold, wrong=(), question=""):
     """(correct, the gold span's text: the matched alias of a right answer, else None) under ``task``'s rule."""
-    from truthmap.stages.label import grade as grade_rule
+    from truthmap.grading import grade as grade_rule
 
     correct, _, span = grade_rule(get_task(task).grading, answer, question, list(gold), list(wrong), "", {})
     return correct, answer[span[0] : span[1]] if span else None
@@ -207,19 +208,19 @@ def test_a_gold_alias_inside_a_longer_candidate_does_not_count():
     countries = Vocabulary(["Republic of the Congo", "Congo-Brazzaville", "Democratic Republic of the Congo", "DR Congo",
                             "Guinea", "Guinea-Bissau", "Equatorial Guinea", "Papua New Guinea", "Sudan", "South Sudan"])
     congo = ["Republic of the Congo", "Congo-Brazzaville"]
-    assert judge("It is the Democratic Republic of the Congo.", congo, countries)[0] is False
-    assert judge("It is the Republic of the Congo.", congo, countries)[0] is True
+    assert alias_match("It is the Democratic Republic of the Congo.", congo, countries)[0] is False
+    assert alias_match("It is the Republic of the Congo.", congo, countries)[0] is True
     # the right country named after the wrong one still counts, at its own place
     text = "Not the Democratic Republic of the Congo but the Republic of the Congo."
-    ok, (alias, start, end) = judge(text, congo, countries)
+    ok, (alias, start, end) = alias_match(text, congo, countries)
     assert ok and start == text.rindex("Republic")
-    assert judge("Guinea-Bissau", ["Guinea"], countries)[0] is False
-    assert judge("Equatorial Guinea", ["Guinea"], countries)[0] is False
-    assert judge("Papua New Guinea", ["Guinea"], countries)[0] is False
-    assert judge("South Sudan", ["Sudan"], countries)[0] is False
-    assert judge("Sudan, north of South Sudan.", ["Sudan"], countries)[0] is True
-    assert judge("South Sudan", ["South Sudan"], countries)[0] is True
-    assert judge("Guinea-Bissau", ["Guinea"])[0] is True  # without a vocabulary there is nothing to tell them apart
+    assert alias_match("Guinea-Bissau", ["Guinea"], countries)[0] is False
+    assert alias_match("Equatorial Guinea", ["Guinea"], countries)[0] is False
+    assert alias_match("Papua New Guinea", ["Guinea"], countries)[0] is False
+    assert alias_match("South Sudan", ["Sudan"], countries)[0] is False
+    assert alias_match("Sudan, north of South Sudan.", ["Sudan"], countries)[0] is True
+    assert alias_match("South Sudan", ["South Sudan"], countries)[0] is True
+    assert alias_match("Guinea-Bissau", ["Guinea"])[0] is True  # without a vocabulary there is nothing to tell them apart
 
 
 def test_the_built_in_facts_are_graded_with_their_vocabularies(facts_questions):

@@ -13,7 +13,7 @@ import pytest
 from truthmap.cli import app
 from truthmap.data import load_questions
 from truthmap.errors import TruthmapError
-from truthmap.stages.label import GRADING_RULES
+from truthmap.grading import GRADING_RULES
 from truthmap.tasks import REGISTRY, resolve
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

@@ -83,7 +83,7 @@ def vocabularies_for(tasks) -> dict:
 def locate(row, vocabularies: dict) -> tuple[str | None, str, bool]:
     """(located span or None, route or reason, graded correct) for one audit row, as the label stage
     finds it; the extractor's recorded reply stands in for the extractor model."""
-    from ..stages.label import GRADING_RULES, place_extracted, extractor_phrase
+    from ..grading import GRADING_RULES, extractor_phrase, place_extracted
     from ..tasks import get_task
 
     grade, extractable = GRADING_RULES[get_task(row.task).grading]

@@ -8,7 +8,7 @@ A task says four things (one module per task in this package, each ending in ``r
 * how to phrase the prompt: ``chat_prompt`` is the user message for a model with a chat template,
   ``base_prompt`` the raw text a base model continues (fields: ``{question}``, ``{context}``,
   ``{question_base}``);
-* how to judge correctness and find the exact answer: ``grading`` names a rule of ``label.GRADING_RULES``
+* how to judge correctness and find the exact answer: ``grading`` names a rule of ``grading.GRADING_RULES``
   ("alias", "number" or "choice");
 * how long an answer may be: ``max_new_tokens``.
 
@@ -17,7 +17,7 @@ Every task is phrased under two protocols (``--protocol``). ``brief``, the defau
 new tokens). ``reference`` reproduces the generation settings of the reference study (Orgad et al., "LLMs
 Know More Than They Show", ICLR 2025): ``reference_chat_prompt`` (for most tasks the question alone),
 ``reference_base_prompt`` and ``reference_max_new_tokens`` (100; math 200); the label stage then grades
-``alias`` tasks by substring, as the reference did (stages/label.py). In both, a model without a
+``alias`` tasks by substring, as the reference did (truthmap/grading.py). In both, a model without a
 chat template stops at its first line break and is graded on the line before it (stages/generate.py).
 
 ``--dataset`` takes ``TASK``, ``TASK:SPLIT``, ``TASK:PATH``, or a bare path / hub id (the ``generic``
@@ -59,7 +59,7 @@ class Task:
     name: str
     description: str  # one line, shown by `truthmap tasks`
     convert: Callable[[dict, LoadOptions], dict] | None = None  # one source record -> one question row
-    grading: str = "alias"  # a key of label.GRADING_RULES
+    grading: str = "alias"  # a key of grading.GRADING_RULES
     chat_prompt: str = DEFAULT_CHAT_PROMPT  # user message for chat models
     base_prompt: str = DEFAULT_BASE_PROMPT  # raw text for models without a chat template
     files: dict[str, str] = field(default_factory=dict)  # split -> file name in the data folder; first = default

@@ -2,7 +2,7 @@
 
 Columns ``question, answer`` where the answer is a number or a list like "[9.0]"; optional ``id``,
 ``source`` (the family: GSM8K, SVAMP, …) and ``answerable`` (rows marked False are left out).
-Correct when the number the answer states equals the gold number (see label.grade_number).
+Correct when the number the answer states equals the gold number (see grading.grade_number).
 """
 
 from . import LeftOut, Task, number, register, text
