@@ -40,9 +40,10 @@ sys.path.insert(0, str(ROOT))
 from truthmap.data import load_questions  # noqa: E402
 from truthmap.stages.extract import run_extract  # noqa: E402
 from truthmap.stages.generate import build_prompt, encode_prompt, generate_answers  # noqa: E402
-from truthmap.stages.label import DEFAULT_POSITIONS  # noqa: E402
+from truthmap.positions import DEFAULT_POSITIONS  # noqa: E402
 from truthmap.models import load_model  # noqa: E402
-from truthmap.stages.probe import BatchedLogisticRegression, auc_score  # noqa: E402
+from truthmap.metrics import auc_score  # noqa: E402
+from truthmap.stages.probe import BatchedLogisticRegression
 
 
 def synthetic_study(lm, n: int, seed: int = 0):
@@ -301,7 +302,7 @@ def peak_rss_child(n: int) -> float:
         "from bench.run import synthetic_study\n"
         "from truthmap.models import load_model\n"
         "from truthmap.stages.extract import run_extract\n"
-        "from truthmap.stages.label import DEFAULT_POSITIONS\n"
+        "from truthmap.positions import DEFAULT_POSITIONS\n"
         "from truthmap.splits import make_splits\n"
         "from truthmap.stages.probe import run_probe\n"
         "from truthmap import runfolder as rf\n"

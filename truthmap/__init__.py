@@ -48,7 +48,7 @@ def run(
     cfg = settings_from(config, dict(model=model, dataset=dataset, limit=limit, out=out, seeds=seeds, sites=sites,
                                      **settings), "truthmap.run()")
     run_dir = run_stages(cfg, force=force)
-    from .stages.probe import read_results, read_run_results
+    from .metrics import read_results, read_run_results
     from .runfolder import ENTROPY_RESULTS, PROBE_RESULTS
 
     if (run_dir / PROBE_RESULTS).exists() or not (run_dir / ENTROPY_RESULTS).exists():

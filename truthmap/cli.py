@@ -362,7 +362,7 @@ def _cell(run_dir: Path, site: str, layer: int | None, position: str | None) -> 
         return default_cell(run_dir)
     if layer is None or position is None:
         raise TruthmapError("give both --layer and --position (or neither, for the run's best cell)")
-    from .analyses.resample import check_cell
+    from .positions import check_cell
 
     return check_cell(site, layer, position, "--site/--layer/--position")
 

@@ -33,7 +33,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import TruthmapError
-from .constants import DEFAULT_MODEL, DEFAULT_POSITIONS, EXACT_ANSWER_MODES, GRADERS, MIN_PER_CLASS, NAMED_POSITIONS, POPULATIONS, SITES
+from .constants import DEFAULT_MODEL, EXACT_ANSWER_MODES, GRADERS, MIN_PER_CLASS, POPULATIONS, SITES
+from .positions import DEFAULT_POSITIONS, NAMED_POSITIONS, is_position
 from .tasks import PROTOCOLS
 
 LONG_PROMPTS = ("truncate", "skip")  # --long-prompts: what generate does with a prompt longer than the model's context
@@ -115,7 +116,7 @@ Position = Annotated[str, AfterValidator(lambda p: _position(p))]
 
 
 def _position(p: str) -> str:
-    if p in NAMED_POSITIONS or re.fullmatch(r"-[1-9][0-9]{0,5}", p):  # ASCII digits only: no "-²"
+    if is_position(p):
         return p
     raise ValueError("is not a position")
 

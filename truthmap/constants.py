@@ -1,5 +1,6 @@
 """Names every floor of the package shares, on the ground floor: the version, the default model, the
-sites a model is read at, the token positions, the populations and the smallest class of a study.
+sites a model is read at, the populations and the smallest class of a study (the token positions have
+a module of their own: positions.py).
 
 Settings (config.py), model code and the stages all name these; defined here, they import them without
 importing each other (``models``, ``stages.label`` and ``stages.baselines`` keep their old names for them).
@@ -11,18 +12,6 @@ DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 SITES = ("residual", "mlp", "attention")  # where hidden states are read (models.LoadedModel.hook_site)
 BASELINE_SITE = "baseline"  # the ``site`` of the baselines' rows in the results tables (stages/baselines.py)
 
-# token positions by name (stages/label.py finds them), then -k: the k-th token from the end
-NAMED_POSITIONS = (
-    "last_q",
-    "first_answer",
-    "second_answer",
-    "exact_answer_before_first",
-    "exact_answer_first",
-    "exact_answer_last",
-    "exact_answer_after_last",
-)
-DEFAULT_POSITIONS = list(NAMED_POSITIONS) + [str(-k) for k in range(8, 0, -1)]
-EXACT_POSITIONS = {p for p in NAMED_POSITIONS if p.startswith("exact_answer")}
 MIN_PER_CLASS = 10  # right and wrong answers a study needs of each
 POPULATIONS = ("common", "each")  # which answers each position's probe is trained on (stages/label.py)
 EXACT_ANSWER_MODES = ("blind", "gold")  # how exact answers are located (stages/label.py); the first is the default

@@ -34,6 +34,7 @@ from . import runfolder as rf
 from .backend import Models
 from .config import OUTSIDE, SETTINGS, Config, make_config
 from .errors import CannotRun, TruthmapError
+from .metrics import cell_summary, choose_cell, mean_over_seeds, read_results, read_run_results
 
 
 @dataclass(frozen=True)
@@ -157,9 +158,8 @@ LABEL_FREE_NOTE = ("the questions have no gold answers: no answer is graded and 
 
 
 def _label(s: StageRun) -> None:
-    from .analyses.entropy import has_labels
-    from .splits import make_splits
-    from .stages.label import check_labels, exact_answer_summary, label_answers, population
+    from .splits import make_splits, population
+    from .stages.label import check_labels, exact_answer_summary, has_labels, label_answers
 
     c, run_dir = s.config, s.run_dir
     questions = rf.read_parquet(run_dir / rf.QUESTIONS)
@@ -215,7 +215,7 @@ def _extract(s: StageRun) -> None:
 
 def wants_samples(config: Config, run_dir: Path) -> bool:
     """Sampling runs with ``--also samples``, and always for a study without gold answers."""
-    from .analyses.entropy import has_labels
+    from .stages.label import has_labels
 
     return "samples" in config.also or not has_labels(rf.read_parquet(run_dir / rf.ANSWERS))
 
@@ -253,7 +253,7 @@ def _entropy(s: StageRun) -> None:
 
 def _probe(s: StageRun) -> None:
     from .models import resolve_device
-    from .stages.probe import mean_over_seeds, run_probe
+    from .stages.probe import run_probe
     from .stages.verdict import study_verdict
 
     c, run_dir = s.config, s.run_dir
@@ -286,8 +286,6 @@ def _wholemap(s: StageRun) -> None:
 
 def best_cells(means: pd.DataFrame) -> dict:
     """summary.json's choices among probe cells: every "best" is chosen on validation AUCs."""
-    from .stages.probe import cell_summary, choose_cell
-
     top = means.sort_values("val_auc", ascending=False).head(5)
     return {
         "best_cell": cell_summary(choose_cell(means)),  # chosen on validation; its test AUC is free of the choice
@@ -347,7 +345,6 @@ def _attention(s: StageRun) -> None:
 def _plot(s: StageRun) -> None:
     from .analyses.wholemap import cells_below_null
     from .stages.plot import VIEWS, left_out_note, plot_heatmap
-    from .stages.probe import read_results, read_run_results
 
     config, run_dir = s.config, s.run_dir
     results = read_run_results(run_dir, baselines=False)
@@ -620,7 +617,7 @@ def note_skipped(run_dir: Path, name: str, reason: str | None, drop: tuple[str, 
 
 def _labelled(run_dir: Path) -> bool:
     """False only for a run whose answers exist and carry no gold labels."""
-    from .analyses.entropy import has_labels
+    from .stages.label import has_labels
 
     path = run_dir / rf.ANSWERS
     return not path.exists() or has_labels(rf.read_parquet(path))

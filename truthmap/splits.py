@@ -1,7 +1,8 @@
 """The study's split design: one test part for every seed, train / validation drawn per seed.
 
-Reads nothing from the run folder; the label stage calls :func:`make_splits` and writes its dict as
-``splits.json`` (format in docs/run-folder.md):
+Reads nothing from the run folder; the label stage calls :func:`population` (who is left out of a
+common-population study) and :func:`make_splits`, and writes its dict as ``splits.json`` (format in
+docs/run-folder.md):
 
 * the **test part** is drawn once (seeded by ``TEST_SEED``, whatever the study's seeds), grouped and
   stratified by correctness, and is the same in every seed: no seed ever trains on or chooses with an
@@ -20,9 +21,28 @@ import numpy as np
 import pandas as pd
 
 from . import textmatch
+from .positions import EXACT_POSITIONS
 
 SPLIT_PARTS = ("train", "validation", "test")
 TEST_SEED = 0  # the random stream of the test part's draw: fixed, so a run's seeds never move it
+
+
+def population(answers: pd.DataFrame, positions: list[str]) -> pd.Series:
+    """Why each answer is left out of a common-population study ("" = kept), indexed like ``answers``.
+
+    An answer is kept when every requested position exists for it; with any exact-answer position
+    requested, an answer without a valid exact answer leaves every column (as in the reference study),
+    under the reason of its exact answer (``no_candidate_in_answer``, …)."""
+    reasons = pd.Series("", index=answers.index, dtype=object)
+    if EXACT_POSITIONS & set(positions):
+        invalid = ~answers["exact_answer_valid"].astype(bool)
+        reasons[invalid] = "no_exact_answer:" + answers.loc[invalid, "exact_answer_reason"].astype(str)
+    for p in positions:
+        column = f"pos_{p}"
+        if column in answers.columns:
+            missing = (answers[column] < 0) & (reasons == "")
+            reasons[missing] = f"no_position:{p}"
+    return reasons
 
 
 def split_groups(answers: pd.DataFrame) -> np.ndarray:

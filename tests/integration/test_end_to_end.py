@@ -11,8 +11,8 @@ from sklearn.preprocessing import StandardScaler
 
 import truthmap
 from truthmap.cli import app
-from truthmap.stages.label import DEFAULT_POSITIONS
-from truthmap.stages.probe import mean_over_seeds
+from truthmap.positions import DEFAULT_POSITIONS
+from truthmap.metrics import mean_over_seeds
 
 pytestmark = pytest.mark.model
 SEEDS = [0, 1]

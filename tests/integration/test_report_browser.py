@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from truthmap import runfolder as rf
-from truthmap.stages.probe import mean_over_seeds
+from truthmap.metrics import mean_over_seeds
 from truthmap.stages.report import write_report
 
 pytestmark = pytest.mark.model

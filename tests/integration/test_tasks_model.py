@@ -8,7 +8,8 @@ import pytest
 
 from truthmap.data import load_questions
 from truthmap.stages.generate import run_generate
-from truthmap.stages.label import DEFAULT_POSITIONS, label_answers
+from truthmap.positions import DEFAULT_POSITIONS
+from truthmap.stages.label import label_answers
 from truthmap.textmatch import canonical_number, normalize
 
 pytestmark = pytest.mark.model

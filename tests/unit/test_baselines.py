@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _synthetic import make_run, tiny_model
-from truthmap.stages.probe import auc_score
+from truthmap.metrics import auc_score
 from truthmap.stages.baselines import (SITE, evaluate, family_table, group_rates, summarise_tokens,
                                 token_statistics, within_family_auc)
 
@@ -68,7 +68,7 @@ def test_evaluate_same_positive_class_and_paired_bootstrap(tmp_path):
 
 
 def test_readers_get_probes_and_baselines_from_their_own_files(tmp_path):
-    from truthmap.stages.probe import read_run_results
+    from truthmap.metrics import read_run_results
 
     # probe_results.csv as an older truthmap left it, with baseline rows merged in; baseline_results.csv
     pd.DataFrame({"site": ["residual", SITE], "layer": [1, -1], "position": ["-1", "old"], "seed": [0, 0],

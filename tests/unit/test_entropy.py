@@ -220,7 +220,7 @@ def test_a_question_only_file_is_a_label_free_study_and_a_partly_answered_one_is
 def test_the_report_has_an_entropy_view_of_the_entropy_probes_error_aucs(tmp_path):
     from test_report import make_run as make_report_run
 
-    from truthmap.stages.probe import mean_over_seeds
+    from truthmap.metrics import mean_over_seeds
     from truthmap.stages.report import run_data
 
     run = tmp_path / "run"

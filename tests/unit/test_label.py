@@ -1,14 +1,8 @@
 import pandas as pd
 import pytest
 
-from truthmap.stages.label import (
-    DEFAULT_POSITIONS,
-    char_span_to_tokens,
-    check_labels,
-    label_answers,
-    position_indices,
-    token_char_spans,
-)
+from truthmap.positions import DEFAULT_POSITIONS, char_span_to_tokens, position_indices, token_char_spans
+from truthmap.stages.label import check_labels, label_answers
 from truthmap.errors import TruthmapError
 from truthmap.grading import alias_match, find_exact_answer
 from truthmap.textmatch import Vocabulary

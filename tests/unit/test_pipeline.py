@@ -86,7 +86,7 @@ def test_baseline_rows_make_the_report_stale_but_never_touch_the_probe_stage(run
         assert not pipeline.run_stage(pipeline.STAGE_TABLE["probe"], config, run)  # it never read them
         assert pipeline.run_stage(pipeline.STAGE_TABLE["report"], config, run)  # it shows them
     assert (run / rf.PROBE_RESULTS).read_bytes() == before
-    from truthmap.stages.probe import read_run_results
+    from truthmap.metrics import read_run_results
 
     both = read_run_results(run)
     assert both.site.tolist()[-2:] == ["baseline", "baseline"] and (both.site == "residual").sum() == len(

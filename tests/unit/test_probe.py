@@ -5,7 +5,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from truthmap.stages.probe import BatchedLogisticRegression, auc_score, bootstrap_counts
+from truthmap.metrics import auc_score, bootstrap_counts
+from truthmap.stages.probe import BatchedLogisticRegression
 
 
 def synthetic(n=400, d=24, cells=3, seed=0):
@@ -114,10 +115,10 @@ def test_auc_score_matches_scikit_learn_with_ties():
 @pytest.fixture(params=["pair product", "sorted sums"])
 def weighted_auc_path(request, monkeypatch):
     """Both ways auc_score sums weighted pairs: one matrix product (small sets) and cumulative sums."""
-    import truthmap.stages.probe as probe
+    import truthmap.metrics as metrics
 
     if request.param == "sorted sums":
-        monkeypatch.setattr(probe, "PAIR_LIMIT", 0)
+        monkeypatch.setattr(metrics, "PAIR_LIMIT", 0)
     return request.param
 
 
@@ -192,7 +193,7 @@ def test_the_best_cell_is_chosen_on_validation_not_on_test():
     the validation choice is 7, and its reported AUC is its test AUC."""
     import pandas as pd
 
-    from truthmap.stages.probe import choose_cell, mean_over_seeds
+    from truthmap.metrics import choose_cell, mean_over_seeds
 
     rows = []
     for seed in (0, 1):
@@ -207,7 +208,7 @@ def test_the_best_cell_is_chosen_on_validation_not_on_test():
 
 
 def test_within_strata_auc_of_a_score_that_only_encodes_the_stratum_is_one_half():
-    from truthmap.stages.probe import within_auc
+    from truthmap.metrics import within_auc
 
     rng = np.random.default_rng(0)
     strata = rng.integers(0, 6, 600)
@@ -224,7 +225,7 @@ def test_within_strata_auc_of_a_score_that_only_encodes_the_stratum_is_one_half(
 
 
 def test_group_bootstrap_moves_whole_groups_and_the_mean_interval_is_of_the_mean():
-    from truthmap.stages.probe import cell_stats, group_bootstrap
+    from truthmap.metrics import cell_stats, group_bootstrap
 
     groups = np.repeat(np.arange(50), 4)
     weights = group_bootstrap(groups, 200, seed=0)

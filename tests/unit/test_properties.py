@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from truthmap import textmatch
 from truthmap.data import load_questions
 from truthmap.errors import TruthmapError
-from truthmap.stages.label import DEFAULT_POSITIONS, char_span_to_tokens, position_indices, token_char_spans
+from truthmap.positions import DEFAULT_POSITIONS, char_span_to_tokens, position_indices, token_char_spans
 
 FILES = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 FAST = settings(max_examples=250, deadline=None)

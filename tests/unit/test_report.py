@@ -13,7 +13,7 @@ from _synthetic import seal
 
 from truthmap.cli import app
 from truthmap.stages.plot import best_region
-from truthmap.stages.probe import auc_score, mean_over_seeds
+from truthmap.metrics import auc_score, mean_over_seeds
 from truthmap.stages.report import MISSING, SCORE_SCALE, embed_json, write_report
 
 POSITIONS = ["last_q", "exact_answer_last", "-1"]
@@ -235,7 +235,7 @@ def test_a_folder_without_probe_results_is_a_clear_error(tmp_path, capsys):
 
 
 def test_a_1000_question_run_fits_in_5_mb(tmp_path):
-    from truthmap.stages.label import DEFAULT_POSITIONS
+    from truthmap.positions import DEFAULT_POSITIONS
 
     run_dir = make_run(tmp_path / "big", n=1000, layers=range(31), positions=DEFAULT_POSITIONS, seeds=(0, 1, 2),
                        test_fraction=0.3)

@@ -3,8 +3,7 @@ import pandas as pd
 import pytest
 
 from truthmap import textmatch
-from truthmap.splits import make_splits, split_groups
-from truthmap.stages.label import population
+from truthmap.splits import make_splits, population, split_groups
 
 
 def _answers(n=300, questions=None, task="generic"):

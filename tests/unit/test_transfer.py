@@ -24,7 +24,7 @@ def test_matrix_diagonal_is_in_task_and_reversed_task_transfers_below_chance(tmp
 
 def test_in_task_cell_matches_the_detector_on_the_same_split(tmp_path):
     from truthmap.analyses.detector import fit_cell
-    from truthmap.stages.probe import auc_score
+    from truthmap.metrics import auc_score
 
     a = make_run(tmp_path / "a", dataset="alpha")
     table = transfer_table([a], [], site="residual", layer=1, position="-1", n_boot=50)
@@ -78,7 +78,7 @@ def test_the_bootstrap_draws_groups_of_answers_not_single_answers(tmp_path):
     about 1.6 of each): the cluster bootstrap's interval is wider than one that resamples single answers
     (which treats the copies as independent)."""
     from truthmap.analyses.detector import fit_cell
-    from truthmap.stages.probe import auc_score, bootstrap_counts
+    from truthmap.metrics import auc_score, bootstrap_counts
 
     a = make_run(tmp_path / "a", dataset="alpha", n=400, repeat=4, direction=0.4)
     row = transfer_table([a], [], site="residual", layer=1, position="-1", n_boot=400).query("seed == 0").iloc[0]

@@ -4,7 +4,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from truthmap.splits import make_splits
-from truthmap.stages.probe import bootstrap_for, group_bootstrap
+from truthmap.metrics import bootstrap_for, group_bootstrap
 from truthmap.stages.verdict import compare, paired_replicates, study_verdict, verdict_lines
 
 

@@ -31,6 +31,7 @@ import pandas as pd
 
 from .. import runfolder as rf
 from ..errors import TruthmapError
+from ..metrics import bootstrap_counts
 
 CHOICE, CHOICE_ANSWERS, FIGURE = rf.CHOICE, rf.CHOICE_ANSWERS, rf.CHOICE_FIGURE  # the names: runfolder.py
 STRATEGIES = ("greedy", "random", "majority", "probe")
@@ -111,8 +112,6 @@ def choose(answers: pd.DataFrame, resamples: pd.DataFrame, probe_scores: np.ndar
 
 def accuracy_table(chosen: pd.DataFrame, types: pd.DataFrame | None, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Accuracy of each strategy overall and per error type, bootstrap 95% interval over questions."""
-    from ..stages.probe import bootstrap_counts
-
     kind = types.set_index("id")["error_type"] if types is not None else pd.Series(dtype=object)
     chosen = chosen.assign(error_type=chosen["id"].map(kind).fillna("unknown"))
     groups = [("all", chosen)] + [(name, g) for name, g in chosen.groupby("error_type", sort=True)]

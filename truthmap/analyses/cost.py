@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..metrics import mean_over_seeds, read_run_results
+
 COLUMNS = ["method", "kind", "auc", "auc_lo", "auc_hi", "forward_tokens", "seconds", "pareto", "note"]
 TOKEN_SCORES = ("logprob_mean", "logprob_min", "logprob_max", "logprob_last", "entropy_mean",
                 "logprob_mean_exact", "logprob_min_exact", "logprob_max_exact", "logprob_last_exact",
@@ -42,7 +44,6 @@ WITH_LOGPROBS = ("semantic_entropy_prob", "naive_entropy")
 def cost_table(run_dir: Path) -> pd.DataFrame:
     """``cost.csv``'s table (``COLUMNS``) of a finished run; methods without a test AUC are left out."""
     from .. import runfolder as rf
-    from ..stages.probe import mean_over_seeds, read_run_results
 
     run_dir = Path(run_dir)
     summary = rf.read_json_object(run_dir / rf.SUMMARY)

@@ -48,6 +48,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TruthmapError
+from ..metrics import auc_score
+from ..positions import EXACT_POSITIONS, char_span_to_tokens, check_cell, position_indices, token_char_spans
 
 WEIGHTS = "detector.safetensors"
 FALLBACK_WEIGHTS = "fallback.safetensors"  # the fallback cell's detector (card field "fallback")
@@ -390,8 +392,6 @@ class ModelScorer:
     def _score_ids(self, lm, questions, answer_ids, exact_answers=None, gold=None, answer_types=None):
         import pandas as pd
 
-        from ..stages.label import position_indices
-
         card = self.card
         prompt_ids = [self.prompt_ids(lm, q) for q in questions]
         located = locate(lm, questions, prompt_ids, answer_ids, [card["position"]], card.get("locator") or {},
@@ -472,8 +472,6 @@ _NOT_FOUND = {
 
 def why_not_scored(position: str, route: str, exact_text: str) -> str:
     """One line: why the detector's position does not exist for an answer."""
-    from ..stages.label import EXACT_POSITIONS
-
     if position in EXACT_POSITIONS and not exact_text:
         return f"{_NOT_FOUND.get(route, 'no exact answer found')} (route {route})"
     if position in EXACT_POSITIONS:
@@ -517,7 +515,6 @@ def _check_weights(path: Path, tensors: dict) -> None:
 
 def _check_card(path: Path, card) -> None:
     """The fields a detector uses, of the types 'truthmap export' writes."""
-    from ..stages.label import check_cell
     from ..runfolder import sanitise
 
     if not isinstance(card, dict):
@@ -627,7 +624,7 @@ def locate(lm, questions: list[str], prompt_ids: list[list[int]], answer_ids: li
 
     from .. import textmatch
     from ..stages.generate import decode_answer
-    from ..stages.label import EXACT_POSITIONS, label_answers, position_indices
+    from ..stages.label import label_answers
 
     n = len(questions)
     texts = [decode_answer(lm.tokenizer, ids) for ids in answer_ids]
@@ -752,8 +749,6 @@ def question_kind(locator: dict, question: str, answer_type: str | None = None) 
 
 
 def _indices_from_span(lm, prompt_ids, answer_ids, text, span, positions) -> list[int]:
-    from ..stages.label import char_span_to_tokens, position_indices, token_char_spans
-
     tokens = None
     if span is not None:
         tokens = char_span_to_tokens(token_char_spans(lm.tokenizer, answer_ids, text), span[0], span[1], text)
@@ -880,7 +875,6 @@ def export_detector(run_dir: str | Path, *, site: str, layer: int, position: str
     from .conformal import conformal_rank
 
     conformal_rank(1, target_false_flag)  # a target outside (0, 1) is refused before any work
-    from ..stages.label import check_cell
     from ..runfolder import CONFIG, SUMMARY, child, guard, read_json_object, reading
 
     run_dir = Path(run_dir)
@@ -906,9 +900,6 @@ def _fit_fallback(run_dir: Path, site: str, layer: int, position: str, seed, C: 
     """A detector at the same site and layer on a position every answer has (the first of
     FALLBACK_POSITIONS the run extracted), for an answer whose own position does not exist; None when
     the detector's position always exists or the run has none of them."""
-    from ..stages.label import EXACT_POSITIONS
-    from ..stages.probe import auc_score
-
     if position not in EXACT_POSITIONS:
         return None
     for candidate in FALLBACK_POSITIONS:
@@ -928,7 +919,6 @@ def _fit_fallback(run_dir: Path, site: str, layer: int, position: str, seed, C: 
 def _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary, site, layer, position, seed, out,
                    calibration):
     from ..constants import __version__
-    from ..stages.probe import auc_score
 
     auc = float(auc_score(detector.predict_proba(X_test)[:, 1], y_test)) if len(set(y_test.tolist())) == 2 else None
     prefix, suffix = prompt_frame(run_dir)
@@ -983,8 +973,6 @@ def domain(model: str, task: str, protocol: str, max_new_tokens: int) -> dict:
 def check_card_auc(detector: Detector, run_dir: str | Path) -> tuple[float, float]:
     """(test AUC recomputed from the stored features of ``run_dir``, the run the detector was exported
     from; AUC on the card): equal for an intact detector."""
-    from ..stages.probe import auc_score
-
     card = detector.card
     run_dir = Path(run_dir)
     ids, X, y = cell_data(run_dir, card["site"], card["layer"], card["position"])

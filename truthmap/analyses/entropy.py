@@ -47,6 +47,9 @@ import pandas as pd
 
 from .. import runfolder as rf
 from ..errors import CannotRun, TruthmapError
+from ..metrics import (RESULT_COLUMNS, bootstrap_for, cell_stats, cell_summary, choose_cell, mean_over_seeds,
+                       result_rows, split_masks, strata_of)
+from ..stages.label import has_labels
 
 # the names: runfolder.py
 SAMPLING_SCORES, ENTROPY_RESULTS, ENTROPY_SCORES = rf.SAMPLING_SCORES, rf.ENTROPY_RESULTS, rf.ENTROPY_SCORES
@@ -272,13 +275,12 @@ def run_entropy_probe(run_dir: Path, sites: list[str], *, column: str = "semanti
     """Fit and evaluate every semantic-entropy probe; return (results, test scores, details).
 
     Results have ``probe_results.csv``'s columns and ``target`` (``TARGETS``); the ``error`` rows exist
-    only when the study has gold answers (:func:`has_labels`)."""
+    only when the study has gold answers (:func:`truthmap.stages.label.has_labels`)."""
     import torch
     from tqdm.auto import tqdm
 
     from ..stages.extract import load_layer
-    from ..stages.probe import RESULT_COLUMNS, BatchedLogisticRegression, bootstrap_for, cell_stats, result_rows, \
-        split_masks, strata_of
+    from ..stages.probe import BatchedLogisticRegression
 
     run_dir = Path(run_dir)
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
@@ -344,17 +346,10 @@ def run_entropy_probe(run_dir: Path, sites: list[str], *, column: str = "semanti
     return table, score_table, details
 
 
-def has_labels(answers: pd.DataFrame) -> bool:
-    """Whether the study's answers are graded (False for a label-free study: no gold answers)."""
-    return bool(answers["correct"].notna().all()) if "correct" in answers.columns else False
-
-
 def entropy_summary(results: pd.DataFrame, details: dict) -> dict:
     """summary.json's ``entropy_probe``: the cell chosen as the correctness heatmap chooses (validation
     AUC for errors), and the cell chosen without labels (validation agreement with semantic entropy),
     each with its test AUCs for both targets."""
-    from ..stages.probe import cell_summary, choose_cell, mean_over_seeds
-
     means = {t: mean_over_seeds(results[results["target"] == t]) for t in TARGETS
              if (results["target"] == t).any()}
     out = {**details, "best_cell": None, "best_cell_label_free": None}

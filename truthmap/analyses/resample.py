@@ -42,7 +42,8 @@ import pandas as pd
 
 from .. import runfolder as rf
 from ..errors import TruthmapError
-from ..stages.label import check_cell  # noqa: F401  (its old home; analyses import it from here)
+from ..metrics import auc_score, bootstrap_counts
+from ..positions import check_cell
 
 # the names: runfolder.py
 RESAMPLES, ERROR_TYPES, ERROR_TYPE_RESULTS = rf.RESAMPLES, rf.ERROR_TYPES, rf.ERROR_TYPE_RESULTS
@@ -152,7 +153,6 @@ def type_probes(run_dir: Path, types: pd.DataFrame, *, site: str, layer: int, po
     """One-vs-rest AUC of a probe on the greedy answer's features for each error type and seed."""
     from .detector import Detector
     from ..stages.extract import load_features
-    from ..stages.probe import auc_score, bootstrap_counts
 
     ids, X = load_features(run_dir, site, layer, position)
     kind = types.set_index("id").reindex(ids)["error_type"].to_numpy()

@@ -37,6 +37,8 @@ import pandas as pd
 
 from .. import runfolder as rf
 from ..errors import TruthmapError
+from ..metrics import auc_score, group_bootstrap
+from ..positions import check_cell
 
 COLUMNS = ["train", "test", "seed", "auc", "auc_lo", "auc_hi", "n_train", "n_test", "probe", "n_test_groups",
            "n_shared"]
@@ -117,7 +119,6 @@ def transfer_table(train_runs: list[Path], test_runs: list[Path], *, site: str, 
     """One row per (probe kind, train task, test task, shared seed); see the module docstring."""
     from .detector import Detector, cell_data
     from ..splits import split_groups
-    from ..stages.probe import auc_score, group_bootstrap
 
     runs = list(dict.fromkeys(list(train_runs) + list(test_runs)))
     check_same_model(runs)
@@ -208,8 +209,6 @@ def run_transfer(train: list[str], test: list[str], *, site: str, layer: int, po
     """Resolve the runs, compute the table and matrix, write them; return (out folder, matrix), the table of
     ``transfer.csv`` in the matrix's ``attrs["table"]``."""
     from contextlib import ExitStack
-
-    from .resample import check_cell
 
     check_cell(site, layer, position, "--site/--layer/--position")
     if probe not in PROBES + ("both",):

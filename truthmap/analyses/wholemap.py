@@ -51,6 +51,8 @@ import pandas as pd
 import torch
 
 from ..errors import CannotRun, TruthmapError
+from ..metrics import (RESULT_COLUMNS, bootstrap_for, cell_stats, cell_summary, choose_cell, mean_over_seeds,
+                       read_results, result_rows, split_masks, strata_of)
 
 SITE = "baseline"  # a row of the baselines table (stages/baselines.py's SITE)
 POSITION = "whole_map"
@@ -249,7 +251,6 @@ def _run_wholemap(run_dir: Path, sites: list[str], *, C: float, n_boot: int, n_p
 
     from ..runfolder import ANSWERS, SPLITS, read_activations_index, read_parquet, read_splits
     from ..stages.extract import load_layer
-    from ..stages.probe import RESULT_COLUMNS, bootstrap_for, cell_stats, result_rows, split_masks, strata_of
 
     answers = read_parquet(run_dir / ANSWERS)
     splits = read_splits(run_dir / SPLITS)
@@ -343,8 +344,6 @@ def grader_summary(answers: pd.DataFrame, ids: list[str], in_study: np.ndarray, 
     the cell the run's own labels (``correct``) choose. ``graded`` ``[G, S, F, N]``: the refitted probes'
     scores of the F cells ``keys``; ``columns``: the F cells' ``[S, N]`` scores under ``correct``."""
     from sklearn.metrics import cohen_kappa_score
-
-    from ..stages.probe import cell_stats
 
     table = answers.set_index("id").reindex(ids)[[*graders, *unlabelled]][in_study]
     right = {c: table[c] for c in table.columns}
@@ -463,7 +462,6 @@ def _against_best_cell(run_dir: Path, stacked: np.ndarray, y: np.ndarray, parts:
     """summary.json's ``whole_map``: its test AUC and the paired difference against the heatmap's cell
     chosen on validation (``probe_results.csv``, its test scores from ``probe_scores.parquet``)."""
     from ..runfolder import PROBE_RESULTS, PROBE_SCORES, read_parquet
-    from ..stages.probe import cell_summary, choose_cell, mean_over_seeds, read_results
     from ..stages.verdict import compare
 
     mean = mean_over_seeds(results).iloc[0]

@@ -6,7 +6,7 @@ Reads ``answers.parquet``, ``generations.parquet``, ``splits.json`` and (for the
 * ``baseline_scores.parquet`` — one row per answer: ``id`` and one column per model-based baseline;
 * ``baseline_results.csv`` — the columns of ``probe_results.csv`` with ``site = baseline``,
   ``layer = -1`` and the baseline's name in ``position`` (``probe_results.csv`` holds the probes'
-  rows only; :func:`truthmap.stages.probe.read_run_results` reads both as one table);
+  rows only; :func:`truthmap.metrics.read_run_results` reads both as one table);
 * ``family_results.csv`` — per family and seed: test size, wrong answers, the family's train error
   rate and the best probe cell's AUC within the family;
 * ``baselines.png`` — every baseline's AUC beside the best probe's.
@@ -39,7 +39,9 @@ import torch
 
 from ..constants import BASELINE_SITE
 from ..errors import TruthmapError
-from .label import EXACT_POSITIONS
+from ..metrics import (RESULT_COLUMNS, auc_score, bootstrap_for, cell_stats, cell_summary, choose_cell,
+                       mean_over_seeds, read_run_results, result_rows, split_masks, strata_of)
+from ..positions import EXACT_POSITIONS, char_span_to_tokens, token_char_spans
 from .verdict import compare_cell, study_verdict
 from .generate import cache_argument, common_prefix, plain_cache, select_rows, shared_head
 from ..runfolder import BASELINE_RESULTS, FAMILY_RESULTS  # the names: runfolder.py
@@ -295,7 +297,6 @@ def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progres
     import time
 
     from .generate import encode_prompt
-    from .label import char_span_to_tokens, token_char_spans
 
     columns = ["id", "prompt_ids", "answer_ids"] + [c for c in ("token_prob", "token_entropy")
                                                      if one_pass and c in generations.columns]
@@ -449,8 +450,6 @@ def evaluate(scores: pd.DataFrame, answers: pd.DataFrame, splits: dict, n_boot: 
     the test part (the same answers) and the seed's validation part, with the same bootstrap.
     ``columns_out``, a dict: filled with every baseline's scores ``{name: float [S, N]}`` (seeds in
     ``splits`` order, answers in ``answers``' order) for the paired comparisons of the verdict."""
-    from .probe import RESULT_COLUMNS, bootstrap_for, cell_stats, result_rows, split_masks, strata_of
-
     ids = answers["id"].tolist()
     seeds, parts = split_masks(splits, ids)
     error = (~answers["correct"].astype(bool)).to_numpy().astype(np.int64)
@@ -484,8 +483,6 @@ def evaluate(scores: pd.DataFrame, answers: pd.DataFrame, splits: dict, n_boot: 
 
 def best_probe_cell(results: pd.DataFrame, positions: list[str] | None = None) -> dict | None:
     """The probe cell (not a baseline), among ``positions`` if given, chosen on mean validation AUC."""
-    from .probe import choose_cell, mean_over_seeds
-
     probes = results[results["site"] != SITE]
     if positions is not None:
         probes = probes[probes["position"].isin(positions)]
@@ -496,8 +493,6 @@ def best_probe_cell(results: pd.DataFrame, positions: list[str] | None = None) -
 
 def family_table(answers: pd.DataFrame, splits: dict, probe_scores: pd.DataFrame, cell: dict | None) -> pd.DataFrame:
     """Per family and seed: n_test, n_wrong, train error rate, and the best cell's probe AUC within the family."""
-    from .probe import auc_score
-
     error = dict(zip(answers["id"], ~answers["correct"].astype(bool)))
     family = dict(zip(answers["id"], answers["family"]))
     rows = []
@@ -537,7 +532,6 @@ def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: floa
     family rate of a one-family file) is named in the title, not drawn as an empty bar."""
     from ..figures import draw_auc_bars, new_figure, save
     from .plot import CONTROLS, control_level
-    from .probe import mean_over_seeds
 
     means = mean_over_seeds(results[results["site"] == SITE]).sort_values("auc", na_position="first")
     missing = means.loc[means["auc"].isna(), "position"].tolist()
@@ -561,7 +555,6 @@ def finish_baselines(run_dir: Path, scores: pd.DataFrame, *, n_boot: int = 1000,
     """The model-free part: AUCs on the test splits (baseline_results.csv), the family table, the
     figure, and the summary fields. probe_results.csv is read, never written."""
     from .. import runfolder as rf
-    from .probe import mean_over_seeds, read_run_results
 
     answers = rf.read_parquet(run_dir / rf.ANSWERS)
     generations = rf.read_parquet(run_dir / rf.GENERATIONS)
@@ -596,8 +589,6 @@ def controls(results: pd.DataFrame, exact_minus_surface: dict | None = None) -> 
     test AUC and the surface control's (:func:`truthmap.stages.verdict.compare`); ``confounded`` is true
     when its 95% interval reaches 0 (those columns are not shown to read more than what the answer looks
     like), None without it."""
-    from .probe import cell_summary, mean_over_seeds
-
     means = mean_over_seeds(results[results["site"] == SITE]).set_index("position")
     positions = results.loc[results["site"] != SITE, "position"].unique()
     exact = best_probe_cell(results, [p for p in positions if p in EXACT_POSITIONS])

@@ -1,8 +1,9 @@
 """Stage 2 — grade each answer, locate its exact answer, and index the token positions.
 
 Reads the questions table, ``vocabularies.json`` and ``generations.parquet``; writes
-``answers.parquet`` (one row per question, columns in docs/run-folder.md); :func:`population` says who
-is outside the study's population (the split design itself: truthmap/splits.py).
+``answers.parquet`` (one row per question, columns in docs/run-folder.md). The position vocabulary and
+where each position falls are truthmap/positions.py; who is outside the study's population and the split
+design, truthmap/splits.py; :func:`has_labels` says whether a study's answers are graded at all.
 
 The rules are truthmap/grading.py's: each row is graded by the rule its task names
 (``grading.GRADING_RULES``; tasks in truthmap/tasks/), and its exact answer located without the gold
@@ -30,109 +31,16 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .. import runfolder as rf
 from .. import grading, textmatch
-from ..constants import (DEFAULT_POSITIONS, EXACT_ANSWER_MODES, EXACT_POSITIONS, GRADERS, MIN_PER_CLASS,  # noqa: F401
-                         NAMED_POSITIONS, POPULATIONS, SITES)
+from ..constants import EXACT_ANSWER_MODES, GRADERS
 from ..errors import TruthmapError
-
-
-def check_positions(positions: list[str]) -> list[str]:
-    for p in positions:
-        if p not in NAMED_POSITIONS and not (p.startswith("-") and p[1:].isascii() and p[1:].isdigit() and int(p) < 0):
-            raise TruthmapError(f"position '{p}': use one of {', '.join(NAMED_POSITIONS)} or -1, -2, … (from the end)")
-    if len(set(positions)) != len(positions):
-        raise TruthmapError(f"positions {positions}: each position may appear once")
-    return list(positions)
-
-
-def check_cell(site, layer, position, source="the cell") -> dict:
-    """A probe cell {site, layer, position} whose values can name files: a known site, a whole layer
-    number, a position of check_positions; a one-line error (naming ``source``) otherwise."""
-    if site not in SITES:
-        raise TruthmapError(f"{source}: site {rf.sanitise(repr(site), 60)} is not one of {', '.join(SITES)}")
-    if (isinstance(layer, bool) or not isinstance(layer, (int, float)) or not 0 <= layer < 100_000
-            or layer != int(layer)):  # the range first: int() of an infinity (JSON 1e400) raises
-        raise TruthmapError(f"{source}: layer {rf.sanitise(repr(layer), 60)} is not a layer number")
-    if not isinstance(position, str):
-        raise TruthmapError(f"{source}: position {rf.sanitise(repr(position), 60)} is not a position name")
-    try:
-        check_positions([position])
-    except TruthmapError:
-        raise TruthmapError(f"{source}: position {rf.sanitise(repr(position), 60)} is not a position name") from None
-    return {"site": site, "layer": int(layer), "position": position}
+from ..positions import char_span_to_tokens, position_indices, token_char_spans
 
 
 def check_exact_answer_mode(mode: str) -> str:
     if mode not in EXACT_ANSWER_MODES:
         raise TruthmapError(f"exact_answer '{mode}': use one of {', '.join(EXACT_ANSWER_MODES)}")
     return mode
-
-
-def token_char_spans(tokenizer, answer_ids: list[int], answer: str) -> list[tuple[int, int]]:
-    """Character span of each answer token in ``answer`` (the decoded text); special tokens get (n, n).
-
-    Uses the tokenizer's offset mapping on the decoded text when re-tokenising it gives back the
-    generated ids (the usual case); otherwise the spans come from decoding growing prefixes.
-    """
-    special = set(tokenizer.all_special_ids)
-    content = [t for t in answer_ids if t not in special]
-    n_special_tail = len(answer_ids) - len(content)
-    if content == answer_ids[: len(content)]:
-        enc = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
-        if enc["input_ids"] == content:
-            return [tuple(o) for o in enc["offset_mapping"]] + [(len(answer), len(answer))] * n_special_tail
-    spans, previous = [], 0
-    for k in range(1, len(answer_ids) + 1):
-        end = min(len(tokenizer.decode(answer_ids[:k], skip_special_tokens=True)), len(answer))
-        end = max(end, previous)
-        spans.append((previous, end))
-        previous = end
-    return spans
-
-
-def char_span_to_tokens(spans: list[tuple[int, int]], start: int, end: int, text: str) -> tuple[int, int] | None:
-    """First and last token index whose characters overlap [start, end) at a non-space character."""
-    hits = [
-        k
-        for k, (s, e) in enumerate(spans)
-        if s < end and e > start and text[max(s, start) : min(e, end)].strip()
-    ]
-    return (hits[0], hits[-1]) if hits else None
-
-
-def position_indices(
-    n_prompt: int, n_answer: int, exact_tokens: tuple[int, int] | None, positions: list[str]
-) -> dict[str, int]:
-    """Index of each position in prompt_ids + answer_ids; -1 where the position does not exist."""
-    total = n_prompt + n_answer
-    out = {}
-    for p in positions:
-        if p == "last_q":
-            index = n_prompt - 1
-        elif p == "first_answer":
-            index = n_prompt if n_answer >= 1 else -1
-        elif p == "second_answer":
-            index = n_prompt + 1 if n_answer >= 2 else -1
-        elif p in EXACT_POSITIONS:
-            if exact_tokens is None:
-                index = -1
-            else:
-                first, last = exact_tokens
-                index = n_prompt + {
-                    "exact_answer_before_first": first - 1,
-                    "exact_answer_first": first,
-                    "exact_answer_last": last,
-                    "exact_answer_after_last": last + 1,
-                }[p]
-                if index >= total:
-                    index = -1
-        else:  # "-k": k-th token from the end of the whole sequence, prompt included (as the reference
-            index = total + int(p)  # study counts), so it exists for every answer of a usual length
-            if index < 0:
-                index = -1
-        out[p] = index
-    return out
 
 
 EXTRACTOR_INSTRUCTION = (
@@ -286,22 +194,9 @@ def exact_answer_summary(answers: pd.DataFrame, mode: str) -> dict:
             if "exact_answer_route" in right else 0}
 
 
-def population(answers: pd.DataFrame, positions: list[str]) -> pd.Series:
-    """Why each answer is left out of a common-population study ("" = kept), indexed like ``answers``.
-
-    An answer is kept when every requested position exists for it; with any exact-answer position
-    requested, an answer without a valid exact answer leaves every column (as in the reference study),
-    under the reason of its exact answer (``no_candidate_in_answer``, …)."""
-    reasons = pd.Series("", index=answers.index, dtype=object)
-    if EXACT_POSITIONS & set(positions):
-        invalid = ~answers["exact_answer_valid"].astype(bool)
-        reasons[invalid] = "no_exact_answer:" + answers.loc[invalid, "exact_answer_reason"].astype(str)
-    for p in positions:
-        column = f"pos_{p}"
-        if column in answers.columns:
-            missing = (answers[column] < 0) & (reasons == "")
-            reasons[missing] = f"no_position:{p}"
-    return reasons
+def has_labels(answers: pd.DataFrame) -> bool:
+    """Whether the study's answers are graded (False for a label-free study: no gold answers)."""
+    return bool(answers["correct"].notna().all()) if "correct" in answers.columns else False
 
 
 def check_labels(answers: pd.DataFrame, source: str) -> None:

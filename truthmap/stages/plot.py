@@ -1,6 +1,6 @@
 """Stage 5 — the heatmaps: layers down, token positions across, probe AUC in colour; and the paper figure.
 
-Reads ``probe_results.csv`` and ``baseline_results.csv`` (:func:`truthmap.stages.probe.read_run_results`;
+Reads ``probe_results.csv`` and ``baseline_results.csv`` (:func:`truthmap.metrics.read_run_results`;
 mean over seeds per cell); writes ``heatmap.png``/``.svg`` (each cell's test AUC) and
 ``heatmap_within.png``/``.svg`` (each cell's AUC within strata: how well the probe tells wrong from right
 answers to questions of the same kind), one panel per site when several were probed.
@@ -29,7 +29,7 @@ import pandas as pd
 
 from ..figures import (AUC_CMAP, auc_norm, draw_auc_bars, draw_grid, layer_ticks, new_figure, png_and_svg,
                        position_label, save)
-from .probe import choose_cell, mean_over_seeds
+from ..metrics import choose_cell, mean_over_seeds, read_run_results
 from ..runfolder import HEATMAP, HEATMAP_WITHIN
 
 # (shown, chosen on, its standard error) per heatmap: the test AUC is drawn, the validation AUC chooses
@@ -109,7 +109,7 @@ def chosen_cell(results: pd.DataFrame) -> dict | None:
     return choose_cell(mean_over_seeds(results[results["site"].isin(PROBE_SITES)]))
 
 
-def _interval(cell: dict) -> str:
+def interval(cell: dict) -> str:
     low, high = cell.get("auc_lo"), cell.get("auc_hi")
     if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
         return ""
@@ -188,7 +188,7 @@ def plot_heatmap(results: pd.DataFrame, positions: list[str], out_stem: Path, *,
         lines = [f"{model} · {dataset} · {site} · {what}, mean over seeds", f"n={n} answers{left_out}"]
         if cell is not None and cell["site"] == site:
             lines.append(f"chosen on validation: layer {cell['layer']}, {position_label(cell['position'])}: "
-                         f"test AUC {cell['auc']:.3f}{_interval(cell)}")
+                         f"test AUC {cell['auc']:.3f}{interval(cell)}")
         lines.append("box: best region on validation"
                      + (f" · hatched: AUC ≤ {level['high']:.2f}, the controls' upper 95% bound ({level['name']})"
                         if level else "")
@@ -233,7 +233,6 @@ def paper_figure(run_dir: Path, out: Path, *, width: float = 7.0, height: float 
 
     from .. import runfolder as rf
     from ..errors import TruthmapError
-    from .probe import read_run_results
 
     run_dir = Path(run_dir)
     if not (run_dir / rf.PROBE_RESULTS).exists():
@@ -275,7 +274,7 @@ def paper_figure(run_dir: Path, out: Path, *, width: float = 7.0, height: float 
         title = f"{model} · {dataset}" + (f" · {site}" if probes["site"].nunique() > 1 else "")
         if cell is not None:
             title += (f"\nchosen on validation: layer {cell['layer']}, {position_label(cell['position'])} — "
-                      f"test AUC {cell['auc']:.3f}{_interval(cell)}")
+                      f"test AUC {cell['auc']:.3f}{interval(cell)}")
         fig.suptitle(title, fontsize=font_size + 1)
         caption = []
         verdict = summary.get("verdict") if isinstance(summary.get("verdict"), dict) else {}

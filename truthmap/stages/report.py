@@ -1,7 +1,7 @@
 """Stage 6 — the report: one self-contained HTML page to look into every cell of one or several runs.
 
 Reads, from each run folder, ``probe_results.csv`` and ``baseline_results.csv`` (one table:
-:func:`truthmap.stages.probe.read_run_results`), ``entropy_probe_results.csv``, ``probe_scores.parquet``,
+:func:`truthmap.metrics.read_run_results`), ``entropy_probe_results.csv``, ``probe_scores.parquet``,
 ``answers.parquet``, ``splits.json``, ``summary.json`` and ``config.json``; writes one HTML file (``report.html`` beside the
 heatmap when ``truthmap run`` makes it). The page's script and style are the project's own
 (``report_assets/``), inlined; it loads nothing and works offline.
@@ -39,7 +39,7 @@ from ..errors import TruthmapError
 from ..models import SITES as PROBE_SITES  # any other site of the results is a baseline
 from ..figures import AUC_CMAP, AUC_CHANCE, AUC_HIGH, AUC_LOW
 from .plot import best_region, chosen_cell, control_level
-from .probe import RESULT_COLUMNS, mean_over_seeds, read_run_results
+from ..metrics import RESULT_COLUMNS, mean_over_seeds, read_run_results
 
 REPORT = rf.REPORT
 ASSETS = Path(__file__).parent / "report_assets"

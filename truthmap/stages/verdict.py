@@ -22,7 +22,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from .probe import _interval, auc_score, bootstrap_for, choose_cell, mean_over_seeds
+from ..metrics import auc_score, bootstrap_for, choose_cell, interval, mean_over_seeds
+from ..positions import EXACT_POSITIONS
 
 LAST_TOKENS = re.compile(r"-\d+")  # the "-k" positions: counted back from the last token
 
@@ -53,7 +54,7 @@ def compare(a: np.ndarray, b: np.ndarray, y: np.ndarray, weights: np.ndarray) ->
     point_a, point_b, reps_a, reps_b = paired_replicates(a, b, y, weights)
     diff = reps_a - reps_b
     finite = diff[np.isfinite(diff)]
-    low, high = _interval(diff)
+    low, high = interval(diff)
     p = float((finite <= 0).mean()) if len(finite) else float("nan")
     n = int((np.isfinite(a).all(0) & np.isfinite(b).all(0)).sum())
     return {"auc_a": _round(point_a), "auc": _round(point_b), "diff": _round(point_a - point_b),
@@ -87,8 +88,6 @@ def opponents(means: pd.DataFrame, chosen: dict) -> list[tuple[str, str, dict]]:
     """(against, kind, cell) of every probe cell the chosen one is compared with, each chosen on
     validation: the best ``-k`` (any k), the best ``last_q``, the best of the other kind of column (exact
     answer or not), layer 0 at the chosen position, then the best cell of each other position."""
-    from .label import EXACT_POSITIONS
-
     position = means["position"].astype(str)
     exact = position.isin(EXACT_POSITIONS)
     chosen_exact = str(chosen["position"]) in EXACT_POSITIONS
@@ -165,7 +164,7 @@ def study_verdict(results: pd.DataFrame, probe_scores: pd.DataFrame, answers: pd
         comparisons.append({"against": against, "kind": kind, "cell": cell, "auc": c["auc"], "diff": c["diff"],
                             "low": c["low"], "high": c["high"], "p": c["p"], "shown": c["shown"], "n": c["n"]})
     point, _, reps, _ = paired_replicates(mine, mine, y, weights)
-    low, high = _interval(reps)
+    low, high = interval(reps)
     scored = np.isfinite(mine).all(0)
     groups = split_groups(answers.reset_index(drop=True))
     group_of = dict(zip(answers["id"], groups))
@@ -191,8 +190,6 @@ def _signed(value) -> str:
 
 
 def _tokens(position: str) -> str:
-    from .label import EXACT_POSITIONS
-
     if position in EXACT_POSITIONS:
         return "the exact-answer tokens"
     return "the last tokens" if LAST_TOKENS.fullmatch(position) else f"the {position} token"

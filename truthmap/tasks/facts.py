@@ -1,6 +1,6 @@
 """facts — the built-in offline question set, the default task (its tables and generation: facts_data.py)."""
 
-from . import Task, register
+from .base import Task, register
 
 
 def _build():

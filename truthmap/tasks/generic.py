@@ -8,7 +8,7 @@ A source with no answer column at all (and no --answer-column) is a label-free s
 have no gold answer, and ``truthmap run`` studies them with semantic-entropy probes (truthmap/analyses/entropy.py).
 """
 
-from . import LoadOptions, Task, gold, register, text
+from .base import LoadOptions, Task, gold, register, text
 
 ANSWER_COLUMNS = ("answers", "answer", "gold")
 HINT = "name the right one with --question-column / --answer-column"

@@ -10,7 +10,7 @@ yes/no question gets the other word as its wrong answer, so that the first of "y
 says decides.
 """
 
-from . import BadRow, Task, gold, register, text
+from .base import BadRow, Task, gold, register, text
 from ..textmatch import normalize
 
 

@@ -7,7 +7,7 @@ Under ``--protocol reference`` the prompt is the reference study's instruction f
 base model gets the same instruction without the worked example the reference took from its data.
 """
 
-from . import Task, label, register, text
+from .base import Task, label, register, text
 
 CLASSIFY = 'Classify the following movie reviews as either "positive" or "negative".'
 LABELS = {1: "positive", 0: "negative", "1": "positive", "0": "negative", "positive": "positive",

@@ -5,7 +5,7 @@ Columns ``question, answer`` where the answer is a number or a list like "[9.0]"
 Correct when the number the answer states equals the gold number (see grading.grade_number).
 """
 
-from . import LeftOut, Task, number, register, text
+from .base import LeftOut, Task, number, register, text
 
 
 def convert(record: dict, options) -> dict:

@@ -1,6 +1,6 @@
 """movies — "Who acted as X in the movie Y?" (the reference study's movie_qa CSV: Question, Answer)."""
 
-from . import LoadOptions, Task, gold, register, text
+from .base import LoadOptions, Task, gold, register, text
 
 
 def convert(record: dict, options: LoadOptions) -> dict:

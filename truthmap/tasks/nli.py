@@ -5,7 +5,7 @@ contradiction, or neutrality?") and ``Answer`` (entailment, neutral or contradic
 first label word of the answer, synonyms included, is the gold label's.
 """
 
-from . import Task, label, register, text
+from .base import Task, label, register, text
 
 SYNONYMS = {
     "entailment": ["entailment", "entails", "entail", "entailed"],

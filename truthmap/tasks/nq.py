@@ -7,7 +7,7 @@ tokens) and the gold answers are the annotators' short answers; an example witho
 (about two in three, among them the yes/no ones) is left out and counted in summary.json.
 """
 
-from . import BadRow, LeftOut, Task, get, gold, register, text
+from .base import BadRow, LeftOut, Task, get, gold, register, text
 from ..textmatch import unique
 
 

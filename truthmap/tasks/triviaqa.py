@@ -6,7 +6,7 @@ Reads the official JSON (``{"Data": [{"Question", "QuestionId", "Answer": {"Valu
 in the data folder) or, when the data folder lacks them, from the hub (rc.nocontext).
 """
 
-from . import BadRow, LoadOptions, Task, get, register, text
+from .base import BadRow, LoadOptions, Task, get, register, text
 from ..textmatch import unique
 
 

@@ -6,7 +6,7 @@ sentence and ``q_instruct`` ("Who does the pronoun 'he' refer to?"), base models
 one the answer names is the right one. Family: type1 / type2; subgroup: pro / anti (stereotypical).
 """
 
-from . import BadRow, Task, register, text
+from .base import BadRow, Task, register, text
 from ..textmatch import normalize
 
 

@@ -11,7 +11,7 @@ question, then "The blank refers to:" (``question_base``), after the same worked
 
 import re
 
-from . import BadRow, Task, register, text
+from .base import BadRow, Task, register, text
 from ..textmatch import normalize
 
 EXAMPLE = "Mia lent her umbrella to Zoe because _ was going out in the rain."
