@@ -476,6 +476,7 @@ def resample(run, old_out, n, temperature, sample_seed, site, layer, position, b
     from . import runfolder as rf
     from .backend import Models
     from .analyses.resample import run_resample
+    from .pipeline import judge_model
 
     run_dir = _run_folder(_the_run("resample", run, old_out))
     with rf.open_run(run_dir), rf.stage("resample"):
@@ -483,8 +484,8 @@ def resample(run, old_out, n, temperature, sample_seed, site, layer, position, b
         cell = _cell(run_dir, site, layer, position)
         models = Models(config)  # in this process, also for a run made with --ray (docs/scaling.md)
         results = run_resample(models.lm, run_dir, n=n, temperature=temperature, seed=sample_seed, cell=cell,
-                               extractor=models.extractor, C=config.C, n_boot=config.bootstrap,
-                               batch_size=batch_size, progress=config.progress)
+                               extractor=models.extractor, judge=judge_model(config, models), C=config.C,
+                               n_boot=config.bootstrap, batch_size=batch_size, progress=config.progress)
         from .analyses.entropy import refresh_sampling_scores
 
         refresh_sampling_scores(models.lm, run_dir, (models.extractor or models.lm) if judge_equivalence else None)

@@ -203,8 +203,13 @@ class Config(BaseModel):
                  "detector must; gold: a right answer's at its matched alias (the reference study).", stages=("label",))
     grader: Literal[GRADERS] = setting(
         "alias", "Which label becomes `correct`: alias (default): a gold alias occurs in the answer; strict: the "
-                 "exact answer located without the gold equals a gold alias (both are kept as correct_alias, "
-                 "correct_strict).", stages=("label",))
+                 "exact answer located without the gold equals a gold alias; lenient: the judge says the answer "
+                 "means the same as the gold (runs the judge). All are kept: correct_alias, correct_strict, "
+                 "correct_lenient.", stages=("label", "samples"))
+    judge_grader: bool = setting(False, "Also grade by a judge (--extractor-model, or the studied model) asked whether "
+                                 "each answer means the same as the gold, read from its next-token yes/no: "
+                                 "correct_lenient; one forward pass per answer, and per sample (default: no).",
+                                 stages=("label", "samples"))
     # the probes
     C: Annotated[float, Field(gt=0, le=1e12)] = setting(
         1.0, "Inverse L2 strength of each probe, as scikit-learn's C (default 1.0).",

@@ -15,4 +15,4 @@ BASELINE_SITE = "baseline"  # the ``site`` of the baselines' rows in the results
 MIN_PER_CLASS = 10  # right and wrong answers a study needs of each
 POPULATIONS = ("common", "each")  # which answers each position's probe is trained on (stages/label.py)
 EXACT_ANSWER_MODES = ("blind", "gold")  # how exact answers are located (stages/label.py); the first is the default
-GRADERS = ("alias", "strict")  # which grader's label becomes `correct` (stages/label.py); the first is the default
+GRADERS = ("alias", "strict", "lenient")  # which grader's label becomes `correct` (stages/label.py); the first is the default

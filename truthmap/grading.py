@@ -5,7 +5,7 @@ greedy answers, sampled answers go through the same stage (analyses/resample.py,
 analyses/entropy.py), and a detector scoring new answers (analyses/detector.py) locates their exact
 answers with the same locator. Matching and normalisation are textmatch's.
 
-**The graders** (answers.parquet keeps each one's label; ``--grader`` says which is ``correct``):
+**The three graders** (answers.parquet keeps each one's label; ``--grader`` says which is ``correct``):
 
 * alias (:func:`grade` with the task's rule; the default) —
   * ``alias`` rule (facts, QA tasks): a gold alias occurs in the answer (:func:`alias_match`: normalised,
@@ -16,6 +16,9 @@ answers with the same locator. Matching and normalisation are textmatch's.
   * ``choice`` rule (winobias, winogrande, nli, imdb): the first option the answer names (:func:`first_option`)
     is a gold one;
 * strict (:func:`strict_correct`) — the exact answer located without the gold equals a gold alias;
+* lenient — a judge model asked whether the answer means the same as the gold (the semantic-entropy
+  papers' check): :func:`lenient_question` is its question; the label stage reads the judge's reply
+  (``label.judge_answers``: " yes" against " no" at the next token, one forward pass per answer).
 
 **The exact answer** is located by one function that never sees the gold (:func:`locate_exact_answer`);
 the extractor model's reply, where it is asked, is placed by :func:`place_extracted`. The gold only grades.
@@ -352,3 +355,21 @@ def place_extracted(answer: str, phrase: str, question: str = "") -> tuple[str |
     return answer[span[0] : span[1]], span[0], span[1], "extractor"
 
 
+
+
+# ---------------------------------------------------------------------- the lenient (judge) grader
+
+LENIENT_GOLD_SHOWN = 8  # at most this many gold aliases go into the judge's question (some tasks list dozens)
+LENIENT_QUESTION = ("We are grading an answer to a question.\nQuestion: {question}\n{gold_line}\n"
+                    "Proposed answer: {answer}\n"
+                    "Does the proposed answer mean the same as the expected answer, in the context of the "
+                    "question? Reply with yes or no.")
+
+
+def lenient_question(question: str, gold: list[str], answer: str) -> str:
+    """The judge's question for one answer (its reply, yes or no, is read by the label stage): the
+    question, the gold answer(s) and the proposed answer, as the semantic-entropy papers ask it."""
+    shown = [g for g in gold if str(g).strip()][:LENIENT_GOLD_SHOWN]
+    gold_line = (f"Expected answer: {shown[0]}" if len(shown) == 1
+                 else "Expected answers (any of them): " + "; ".join(shown))
+    return LENIENT_QUESTION.format(question=question.strip(), gold_line=gold_line, answer=answer.strip())

@@ -157,6 +157,17 @@ LABEL_FREE_NOTE = ("the questions have no gold answers: no answer is graded and 
                    "heatmap_entropy shows how well semantic-entropy probes agree with semantic entropy")
 
 
+def judge_model(c: Config, models):
+    """The lenient grader's judge (``--judge-grader``, or ``--grader lenient``): the extractor model, else the
+    studied model; None when not asked. It runs in this process (one forward pass per answer)."""
+    if not (c.judge_grader or c.grader == "lenient"):
+        return None
+    if models.on_workers and c.ray and c.extractor_model in (None, "none", c.model):
+        raise TruthmapError("--judge-grader with --ray: the judge runs in this process; name it with "
+                            "--extractor-model (a model loaded here), or leave the judge out")
+    return models.extractor or models.lm
+
+
 def _label(s: StageRun) -> None:
     from .splits import make_splits, population
     from .stages.label import check_labels, exact_answer_summary, has_labels, label_answers
@@ -166,8 +177,10 @@ def _label(s: StageRun) -> None:
     generations = rf.read_parquet(run_dir / rf.GENERATIONS)
     vocabularies = rf.read_json(run_dir / rf.VOCABULARIES)
     answers = label_answers(questions, generations, vocabularies, s.models.lm.tokenizer, c.positions,
-                            extractor=s.models.extractor, progress=c.progress, exact_answer=c.exact_answer,
-                            grader=c.grader, protocol=c.protocol)
+                            extractor=s.models.extractor, judge=judge_model(c, s.models), batch_size=c.batch_size,
+                            progress=c.progress, exact_answer=c.exact_answer, grader=c.grader, protocol=c.protocol)
+    judged = answers.attrs.get("judge")  # the lenient grader's calls and forward tokens; None: not asked
+    judged = {**judged, "model": c.extractor_model or c.model} if judged else None
     labelled = has_labels(answers)
     # a label-free study is split by its groups alone (there are no classes to stratify)
     left_out = population(answers, c.positions) if c.population == "common" else None
@@ -187,7 +200,7 @@ def _label(s: StageRun) -> None:
                           population=population_summary(splits, len(answers)))
         return
     rf.update_summary(run_dir, **answer_summary(answers), population=population_summary(splits, len(answers)),
-                      labels="gold", exact_answer=exact_answer_summary(answers, c.exact_answer))
+                      labels="gold", exact_answer=exact_answer_summary(answers, c.exact_answer), grader_judge=judged)
     check_labels(answers, str(run_dir / rf.ANSWERS))
 
 
@@ -227,7 +240,8 @@ def _samples(s: StageRun) -> None:
     c, models = s.config, s.models
     judge = (models.extractor or models.lm) if c.judge_equivalence else None
     info = run_sampling(models.lm, s.run_dir, n=c.samples, temperature=c.sample_temperature, seed=0,
-                            judge_lm=judge, batch_size=c.batch_size, progress=c.progress)
+                        judge_lm=judge, grader_lm=judge_model(c, models), batch_size=c.batch_size,
+                        progress=c.progress)
     rf.update_summary(s.run_dir, sampling=info)
 
 
@@ -372,7 +386,7 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
           model="workers", sources=_dataset_file),
     Stage("label", _label, inputs=(rf.QUESTIONS, rf.VOCABULARIES, rf.GENERATIONS), outputs=(rf.ANSWERS, rf.SPLITS),
           settings=_fields("positions", "extractor_model", "seeds", "test_fraction", "validation_fraction",
-                           "population", "exact_answer", "grader", "protocol"),
+                           "population", "exact_answer", "grader", "judge_grader", "protocol"),
           model="workers"),
     Stage("extract", _extract, inputs=(rf.ANSWERS, rf.GENERATIONS), outputs=(rf.ACTIVATIONS_INDEX,),
           settings=_fields("sites", "dtype", "extract"), model="workers"),
@@ -380,7 +394,8 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
           outputs=(rf.RESAMPLES, rf.SAMPLING_SCORES),
           settings=lambda c: {"samples": c.samples, "temperature": c.sample_temperature, "judge": c.judge_equivalence,
                               "judge_model": c.extractor_model if c.judge_equivalence else None,
-                              "max_new_tokens": c.max_new_tokens, "model": c.model, "dtype": c.dtype},
+                              "max_new_tokens": c.max_new_tokens, "model": c.model, "dtype": c.dtype,
+                              "grader": c.grader, "judge_grader": c.judge_grader},
           model="here", when=wants_samples),
     Stage("probe", _probe, inputs=(rf.ANSWERS, rf.SPLITS, rf.ACTIVATIONS), outputs=(rf.PROBE_RESULTS, rf.PROBE_SCORES),
           settings=_fields("C", "bootstrap", "sites", "min_per_class", "protocol"), labelled=True),

@@ -46,6 +46,7 @@ def test_the_cost_table_reads_the_runs_timings_and_tokens(tmp_path):
                    baseline_seconds={"token_statistics": 0.5, "p_true": 30.0},
                    baseline_forward_tokens={"token_statistics": 0, "p_true_exact": 4500},
                    extract={"mode": "onepass", "read_again": 0},
+                   grader_judge={"calls": 100, "forward_tokens": 12000, "seconds": 20.0, "model": "m"},
                    sampling={"n": 5, "seconds_per_question": {"sampling": 1.0, "labels_and_logprobs": 0.5, "judge": 0.0}})
     (folder / "summary.json").write_text(json.dumps(summary))
     seal(folder)
@@ -62,6 +63,9 @@ def test_the_cost_table_reads_the_runs_timings_and_tokens(tmp_path):
     assert table.loc["semantic_entropy", "forward_tokens"] == pytest.approx(45.0)  # 5 × (6 + 3)
     assert table.loc["semantic_entropy_prob", "forward_tokens"] == pytest.approx(90.0)  # and the log-prob pass
     assert table.loc["semantic_entropy", "seconds"] == pytest.approx(1.5)
+    # the lenient grader's judge: a cost of grading, per answer, with no AUC (never on the front)
+    assert table.loc["lenient grader", "forward_tokens"] == pytest.approx(120.0)
+    assert table.loc["lenient grader", "seconds"] == pytest.approx(0.2) and np.isnan(table.loc["lenient grader", "auc"])
     # the whole map has the best AUC at no extra tokens: it alone is the front (p(True) costs more, scores less)
     assert table.index[table["pareto"]].tolist() == ["whole_map"]
     cost.plot_cost(table.reset_index(), folder / "cost.png", "t")

@@ -205,5 +205,6 @@ def test_the_grader_is_part_of_the_label_stage_fingerprint():
 
     settings = STAGE_TABLE["label"].settings
     assert settings(Config(grader="strict"))["grader"] == "strict" != settings(Config())["grader"]
+    assert settings(Config(judge_grader=True))["judge_grader"] is True
     with pytest.raises(TruthmapError, match="grader"):
-        Config(grader="lenient")
+        Config(grader="judge")

@@ -14,6 +14,8 @@ Two costs per method, both per studied answer and beyond what answering cost:
   rates); the p(True) prompts for p(True); for the sampling scores, each sample's prompt and tokens
   (generation) and, for the scores that use log-probabilities, the same again (the log-probability pass).
   Tokens count what a plain forward pass would run: shared prefixes cached by the run are not subtracted.
+  ``lenient grader`` (when the run asked the judge, ``--judge-grader``): the judge's prompts, a cost of
+  grading shown for scale, with no AUC.
 * ``seconds`` — wall seconds the run spent producing the method's scores over all answers, divided by
   the answers: the probe and extract stages for a probe cell (fitting every cell included; at inference a
   probe is one dot product), the wholemap stage for the whole-map probe, the baselines' timed parts, the
@@ -70,6 +72,14 @@ def cost_table(run_dir: Path) -> pd.DataFrame:
     rows.append({"method": "answering", "kind": "answering", "auc": np.nan, "auc_lo": np.nan, "auc_hi": np.nan,
                  "forward_tokens": answer_tokens, "seconds": _per(stage.get("generate"), n_all),
                  "note": "the answer itself: prompt and answer tokens, the generate stage (for scale)"})
+    judge = summary.get("grader_judge") if isinstance(summary.get("grader_judge"), dict) else {}
+    if judge:  # the lenient grader's judge: a cost of grading, not of detecting (no AUC)
+        judge = _numbers(judge)
+        rows.append({"method": "lenient grader", "kind": "grading", "auc": np.nan, "auc_lo": np.nan, "auc_hi": np.nan,
+                     "forward_tokens": _per(judge.get("forward_tokens"), n_all),
+                     "seconds": _per(judge.get("seconds"), n_all),
+                     "note": "the judge asked whether each answer means the gold (correct_lenient): one forward "
+                             "pass per answer, at label time"})
     extract = summary.get("extract") if isinstance(summary.get("extract"), dict) else {}
     one_pass = extract.get("mode", "onepass") == "onepass"
     read_again = extract.get("read_again", 0) if one_pass else len(answers)

@@ -391,9 +391,13 @@ def plot_entropy_heatmap(results: pd.DataFrame, positions: list[str], run_dir: P
 
 
 def run_sampling(lm, run_dir: Path, *, n: int = 5, temperature: float = 1.0, seed: int = 0, judge_lm=None,
-                 batch_size: int | None = None, progress: bool = True, max_new_tokens: int | None = None) -> dict:
+                 grader_lm=None, batch_size: int | None = None, progress: bool = True,
+                 max_new_tokens: int | None = None) -> dict:
     """Draw ``n`` samples per question, keep their token log-probabilities, write ``resamples.parquet``
-    and ``sampling_scores.parquet``; return the cost figures for summary.json (``sampling``)."""
+    and ``sampling_scores.parquet``; return the cost figures for summary.json (``sampling``).
+
+    ``judge_lm`` clusters by meaning (``--judge-equivalence``); ``grader_lm`` grades every sample as the
+    lenient grader (``--judge-grader``; its calls are ``grader_calls``)."""
     import time
 
     from .resample import RESAMPLES, label_resamples, run_answer_length, sample_answers
@@ -416,6 +420,7 @@ def run_sampling(lm, run_dir: Path, *, n: int = 5, temperature: float = 1.0, see
     sampled = time.perf_counter()
     # the samples' exact answers come from the rules alone: the extractor model is not asked
     resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, progress=False,
+                                judge=grader_lm, grader=str(config.get("grader", "alias")), batch_size=batch_size,
                                 protocol=str(config.get("protocol", "brief")))
     resamples["token_logprobs"] = token_logprobs(lm, generations, resamples)
     rf.write_parquet(run_dir / RESAMPLES, resamples)
@@ -428,6 +433,8 @@ def run_sampling(lm, run_dir: Path, *, n: int = 5, temperature: float = 1.0, see
     return {"n": n, "temperature": temperature, "seed": seed, "questions": len(questions),
             "generated_samples": n * len(questions), "logprob_passes": n * len(questions),
             "judge_calls": judge.calls if judge else 0,
+            "grader_calls": resamples.attrs.get("judge", {}).get("calls", 0),
+            "grader_forward_tokens": resamples.attrs.get("judge", {}).get("forward_tokens", 0),
             "seconds_per_question": {"sampling": round((sampled - started) / q, 3),
                                      "labels_and_logprobs": round((scored - sampled) / q, 3),
                                      "judge": round((done - scored) / q, 3)}}

@@ -23,7 +23,8 @@ Reads ``questions.parquet``, ``vocabularies.json``, ``generations.parquet``, ``a
 ``splits.json``, ``activations/``; writes
 
 * ``resamples.parquet`` — one row per (question, sample): ``id, sample, answer_ids, answer, stopped,
-  correct, exact_answer, exact_answer_valid, exact_answer_reason, exact_answer_start,
+  correct`` (by the run's ``grader``), ``correct_alias, correct_strict`` (and ``correct_lenient`` when the
+  run asks the judge: ``judge_grader``), ``exact_answer, exact_answer_valid, exact_answer_reason, exact_answer_start,
   exact_answer_end, cluster`` and the ``pos_<position>`` indices (into the question's prompt_ids +
   this answer_ids);
 * ``error_types.parquet`` — one row per question: ``id, error_type, n, n_correct, n_no_answer,
@@ -79,14 +80,15 @@ def cluster_key(exact_answer: str, valid: bool) -> str:
 
 
 def label_resamples(lm, questions: pd.DataFrame, generations: pd.DataFrame, drawn: list, vocabularies: dict,
-                    positions: list[str], *, extractor=None, progress: bool = False,
-                    protocol: str = "brief") -> pd.DataFrame:
+                    positions: list[str], *, extractor=None, judge=None, grader: str = "alias",
+                    batch_size: int | None = None, progress: bool = False, protocol: str = "brief") -> pd.DataFrame:
     """Grade and locate the exact answer of every sample with the label stage's rules (whole answer).
 
     Always label-blind (``exact_answer="blind"``, whatever the run's setting): a sample's span, its
     cluster and so the sampling scores and the entropy probes' targets never depend on the gold answer,
-    which only grades ``correct`` (by substring of an alias under the ``reference`` ``protocol``, as the
-    run's answers were)."""
+    which only grades (by substring of an alias under the ``reference`` ``protocol``, as the run's answers
+    were). Every grader's column is kept, as in answers.parquet (``correct_lenient`` with a ``judge``), and
+    ``correct`` is the run's ``grader``'s."""
     from ..stages.generate import decode_answer
     from ..stages.label import label_answers
 
@@ -101,17 +103,21 @@ def label_resamples(lm, questions: pd.DataFrame, generations: pd.DataFrame, draw
                            "answer": decode_answer(lm.tokenizer, ids), "stopped": stopped})
     q_table, g_table = pd.DataFrame(rows_q), pd.DataFrame(rows_g)
     labelled = label_answers(q_table, g_table, vocabularies, lm.tokenizer, positions, extractor=extractor,
-                             progress=progress, exact_answer="blind", protocol=protocol)
+                             judge=judge, batch_size=batch_size, progress=progress, exact_answer="blind",
+                             grader=grader, protocol=protocol)
+    cost = dict(labelled.attrs)  # the judge's calls and tokens, when it graded (a merge drops attrs)
     labelled = labelled.merge(g_table[["id", "answer_ids", "stopped"]], on="id")
     out = pd.DataFrame({"id": labelled["id"].str.rsplit("#", n=1).str[0],
                         "sample": labelled["id"].str.rsplit("#", n=1).str[1].astype(int)})
-    for column in ["answer_ids", "answer", "stopped", "correct", "exact_answer", "exact_answer_valid",
+    graders = [c for c in ("correct_alias", "correct_strict", "correct_lenient") if c in labelled.columns]
+    for column in ["answer_ids", "answer", "stopped", "correct", *graders, "exact_answer", "exact_answer_valid",
                    "exact_answer_reason", "exact_answer_start", "exact_answer_end"]:
         out[column] = labelled[column].to_numpy()
     out["cluster"] = [cluster_key(e, v) for e, v in zip(out["exact_answer"], out["exact_answer_valid"])]
     for p in positions:
         out[f"pos_{p}"] = labelled[f"pos_{p}"].to_numpy()
     assert n == 0 or (out.groupby("id").size() == n).all()
+    out.attrs = cost
     return out
 
 
@@ -213,11 +219,12 @@ def run_answer_length(config: dict, questions: pd.DataFrame, max_new_tokens: int
 
 
 def run_resample(lm, run_dir: Path, *, n: int = 10, temperature: float = 1.0, seed: int = 0,
-                 cell: dict | None = None, extractor=None, C: float = 1.0, n_boot: int = 1000,
+                 cell: dict | None = None, extractor=None, judge=None, C: float = 1.0, n_boot: int = 1000,
                  batch_size: int | None = None, progress: bool = True, max_new_tokens: int | None = None) -> pd.DataFrame:
     """Draw, label, type, probe, plot (see the module docstring); return error_type_results.
 
-    ``max_new_tokens``: the answers' length limit (default: the run's)."""
+    ``max_new_tokens``: the answers' length limit (default: the run's). ``judge``: the lenient grader's
+    model (the run's ``judge_grader``), or None."""
     from ..config import saved_settings
 
     run_dir = Path(run_dir)
@@ -235,6 +242,7 @@ def run_resample(lm, run_dir: Path, *, n: int = 10, temperature: float = 1.0, se
     drawn = sample_answers(lm, prompts, n=n, temperature=temperature, seed=seed, max_new_tokens=max_new,
                            batch_size=batch_size, progress=progress, top_k=top_k)
     resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, extractor=extractor,
+                                judge=judge, grader=str(config.get("grader", "alias")), batch_size=batch_size,
                                 progress=progress, protocol=str(protocol))
     rf.write_parquet(run_dir / RESAMPLES, resamples)
     types = error_types(resamples)

@@ -29,6 +29,7 @@ the position does not exist (e.g. ``second_answer`` of a one-token answer, or no
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from .. import grading, textmatch
@@ -69,6 +70,68 @@ def extractor_replies(lm, questions: list[str], answers: list[str], progress: bo
     return [decode_answer(lm.tokenizer, ids) for ids, _ in replies]
 
 
+JUDGE_REPLY = "Reply:"  # a model without a chat template continues the question after this
+JUDGE_WORDS = ("yes", "no")
+
+
+def judge_prompt(tokenizer, question: str, gold: list[str], answer: str) -> str:
+    """The lenient grader's question (``grading.lenient_question``) as a user message, and the place
+    where the judge's reply begins."""
+    text = grading.lenient_question(question, gold, answer)
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return text + "\n" + JUDGE_REPLY
+
+
+def judge_answers(lm, questions: list[str], golds: list[list[str]], answers: list[str],
+                  batch_size: int = 16) -> tuple[np.ndarray, int]:
+    """The lenient grader: for each (question, gold aliases, answer), log P(yes) − log P(no) of the
+    judge ``lm``'s next token after :func:`judge_prompt` (each word's mass summed over its spellings,
+    " yes", "Yes", …), float ``[N]`` (an answer is right by it where this is above 0; no sampling), and
+    the tokens the judge ran through."""
+    prompts = [judge_prompt(lm.tokenizer, q, g, a) for q, g, a in zip(questions, golds, answers)]
+    groups = word_token_ids(lm.tokenizer, JUDGE_WORDS)
+    logp, tokens = next_token_logprobs(lm, prompts, groups, batch_size)
+    return logp[:, 0] - logp[:, 1], tokens
+
+
+def word_token_ids(tokenizer, words) -> list[list[int]]:
+    """For each word, every token that reads as it, whatever its case and leading space (" yes", "Yes")."""
+    texts = [t.strip().casefold() for t in tokenizer.batch_decode([[i] for i in range(len(tokenizer))])]
+    out = [[i for i, t in enumerate(texts) if t == word.casefold()] for word in words]
+    if not all(out):
+        raise TruthmapError(f"the judge's tokenizer has no token for {', '.join(w for w, ids in zip(words, out) if not ids)}")
+    return out
+
+
+def next_token_logprobs(lm, prompts: list[str], groups: list[list[int]], batch_size: int = 16
+                        ) -> tuple[np.ndarray, int]:
+    """log of the probability mass the model gives each group of token ids at the token after each prompt,
+    float ``[N, G]``, and the prompts' tokens in all: one forward pass per prompt, batched by length, right-padded (a real token never
+    attends to the padding after it), the LM head on the last prompt token only."""
+    import torch
+
+    from .generate import encode_prompt
+
+    out = np.full((len(prompts), len(groups)), np.nan)
+    encoded = [encode_prompt(lm.tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    head = lm.model.get_output_embeddings()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            ids = torch.full((len(batch), max(len(encoded[i]) for i in batch)), lm.tokenizer.pad_token_id,
+                             dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+            hidden = lm.model.base_model(input_ids=ids.to(lm.device), use_cache=False).last_hidden_state
+            last = hidden[torch.arange(len(batch)), torch.tensor([len(encoded[i]) - 1 for i in batch])]
+            logp = torch.log_softmax(lm.head_logits(head(last)).float(), dim=-1)
+            out[batch] = torch.stack([torch.logsumexp(logp[:, g], dim=-1) for g in groups], dim=-1).cpu().numpy()
+    return out, sum(len(e) for e in encoded)
+
+
 def label_answers(
     questions: pd.DataFrame,
     generations: pd.DataFrame,
@@ -77,6 +140,8 @@ def label_answers(
     positions: list[str],
     *,
     extractor=None,
+    judge=None,
+    batch_size: int | None = None,
     progress: bool = True,
     exact_answer: str = EXACT_ANSWER_MODES[0],
     grader: str = GRADERS[0],
@@ -92,9 +157,11 @@ def label_answers(
     from the gold span.
 
     ``correct_alias`` is the task rule's label (a gold alias occurs in the answer, for alias-graded
-    tasks), ``correct_strict`` that of :func:`strict_correct` (with the extractor's span where the
-    extractor found one); ``grader`` (``alias`` or ``strict``) says which of the two is ``correct``. All
-    three are None for a question without a gold answer.
+    tasks), ``correct_strict`` that of ``grading.strict_correct`` (with the extractor's span where the
+    extractor found one), and with a ``judge`` (a loaded model) ``correct_lenient``, the judge's verdict
+    (:func:`judge_answers`; an empty answer is wrong without asking; the column is absent without a judge).
+    ``grader`` (``alias``, ``strict`` or ``lenient``) says which is ``correct``. All are None for a question
+    without a gold answer.
 
     ``protocol``: under ``reference`` the ``alias`` rule grades by substring (:func:`grade`).
     """
@@ -105,6 +172,8 @@ def label_answers(
     check_exact_answer_mode(exact_answer)
     if grader not in GRADERS:
         raise TruthmapError(f"grader '{grader}': use one of {', '.join(GRADERS)}")
+    if grader == "lenient" and judge is None:
+        raise TruthmapError("grader 'lenient' needs the judge model (the extractor model, or the studied model)")
     table = questions.merge(generations, on="id", how="inner", validate="one_to_one")
     if "task" not in table.columns:  # a questions table from before tasks: graded as the generic task
         table["task"] = "generic"
@@ -130,14 +199,29 @@ def label_answers(
         )
         for i, phrase in zip(missing, replies):
             located[i] = grading.place_extracted(table.answer.iloc[i], phrase, table.question.iloc[i])
+    lenient, judge_cost = [None] * len(table), {"calls": 0, "forward_tokens": 0}
+    if judge is not None:  # every graded answer that says something; an empty one is wrong without asking
+        asked = [i for i, row in enumerate(table.itertuples()) if len(row.gold) and str(row.answer).strip()]
+        lenient = [False if len(row.gold) else None for row in table.itertuples()]
+        if asked:
+            import time
+
+            started = time.perf_counter()
+            odds, tokens = judge_answers(judge, [table.question.iloc[i] for i in asked],
+                                         [[str(g) for g in table.gold.iloc[i]] for i in asked],
+                                         [table.answer.iloc[i] for i in asked], batch_size or 16)
+            judge_cost = {"calls": len(asked), "forward_tokens": int(tokens),
+                          "seconds": round(time.perf_counter() - started, 2)}
+            for i, value in zip(asked, odds):
+                lenient[i] = bool(value > 0)
 
     rows = []
-    for row, ok, found, gold_span, alias, rule in zip(table.itertuples(), correct, located, gold_spans, by_alias,
-                                                      rules):
+    for row, ok, found, gold_span, alias, rule, judged in zip(table.itertuples(), correct, located, gold_spans,
+                                                              by_alias, rules, lenient):
         text, start, end, reason = found
         graded = len(row.gold) > 0
         strict = grading.strict_correct(rule, bool(ok), text, list(row.gold)) if graded else None
-        labels = {"alias": bool(ok) if graded else None, "strict": strict}
+        labels = {"alias": bool(ok) if graded else None, "strict": strict, "lenient": judged}
         differs, gold_text = None, ""
         if graded and ok:
             differs = text is None or (start, end) != gold_span
@@ -167,6 +251,7 @@ def label_answers(
                 "correct": labels[grader],  # None: no gold answer (a label-free study)
                 "correct_alias": labels["alias"],
                 "correct_strict": labels["strict"],
+                **({"correct_lenient": judged} if judge is not None else {}),
                 "exact_answer": text or "",
                 "exact_answer_valid": text is not None,
                 "exact_answer_reason": reason,
@@ -181,7 +266,10 @@ def label_answers(
                 **{f"pos_{p}": i for p, i in index.items()},
             }
         )
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if judge is not None:
+        out.attrs["judge"] = judge_cost  # the lenient grader's cost (summary.json: grader_judge)
+    return out
 
 
 def exact_answer_summary(answers: pd.DataFrame, mode: str) -> dict:

@@ -49,7 +49,7 @@ SUMMARY_KEYS = ("model", "model_revision", "dataset", "n", "n_layers", "hidden_s
                 "valid_exact_answer_rate", "valid_exact_answer_rate_wrong", "invalid_exact_answer_reasons",
                 "families", "top_cells", "best_cell", "best_on_test", "best_within_cell", "population", "controls",
                 "probe_within_family_auc", "stage_seconds", "wall_seconds", "versions", "entropy_probe", "sampling",
-                "verdict", "skipped", "whole_map", "cell_null", "graders", "cost")
+                "verdict", "skipped", "whole_map", "cell_null", "graders", "cost", "exact_answer")
 
 
 def _number(value, digits: int = 4):

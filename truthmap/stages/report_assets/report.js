@@ -579,6 +579,14 @@
     }
     const warning = controlsWarning(run, verdict, chosen);
     if (warning) panel.append(h("p", {class: "warning", role: "note"}, warning));
+    const located = run.summary.exact_answer;  // the label stage's summary: label-blind spans against the gold's
+    if (located && located.right_answers) {
+      const differ = count(located.span_differs_from_gold) + " of " + count(located.right_answers);
+      panel.append(h("p", {class: "hint exact-span"}, located.mode === "gold" ?
+        "Right answers' exact answers sit at their matched gold alias (--exact-answer gold); the label-blind locator puts " +
+          differ + " of them elsewhere." :
+        "Exact answers located without the gold answer: for " + differ + " right answers the span differs from the matched gold alias."));
+    }
     return panel;
   }
 
