@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from truthmap.constants import DEFAULT_POSITIONS
+from truthmap.positions import DEFAULT_POSITIONS
 from truthmap.errors import TruthmapError
 from truthmap.grading import lenient_question
 from truthmap.stages.label import JUDGE_WORDS, judge_answers, judge_prompt, label_answers, word_token_ids
