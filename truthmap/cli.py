@@ -205,18 +205,55 @@ def _report(run_dir: Path) -> None:
             console.print(escape(line), highlight=False, soft_wrap=True)
 
 
-@click.group()
+class StageGroup(click.Group):
+    """The `truthmap` group. The stage commands, and the help of `run` that lists the stages, come from the
+    stage registry (truthmap/stages/base.py), which imports every stage module (and torch with them); they
+    are added the first time a command list or one of them is asked for, so that `truthmap tasks`,
+    `report`, `score` … start without that."""
+
+    _loaded = False
+
+    @property
+    def commands(self) -> dict:
+        self._load()
+        return self._commands
+
+    @commands.setter
+    def commands(self, value: dict) -> None:
+        self._commands = value
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            _stage_commands()
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name in self._commands and cmd_name != "run":  # a command of its own: no registry needed
+            return self._commands[cmd_name]
+        return super().get_command(ctx, cmd_name)
+
+    def add_command(self, cmd, name=None) -> None:
+        self._commands[name or cmd.name] = cmd  # (click's own add_command reads self.commands)
+
+
+@click.group(cls=StageGroup)
 @click.version_option(package_name="truthmap")
 def cli():
     """truthmap — where does a language model know that its own answer is wrong?"""
 
 
-RUN_STAGES_HELP = ("generate, label, extract, probe, wholemap, baselines, cost, plot and report; with --also samples "
-                   "(or a study without gold answers) also samples and entropy, with --also attention the attention "
-                   "view")
+def _run_help() -> str:
+    """`truthmap run`'s help: the stages it runs, read from the stage registry."""
+    from .pipeline import STAGE_TABLE
+
+    always = [name for name, stage in STAGE_TABLE.items() if stage.when is None]
+    asked = [name for name, stage in STAGE_TABLE.items() if stage.when is not None]
+    passes = " or ".join(f"--also {name}" for name, stage in STAGE_TABLE.items() if stage.also)
+    return (f"Run the whole study: {', '.join(always)}; with {passes} (a study without gold answers always "
+            f"samples) also {', '.join(asked)}. Every setting can be given here (or in --config).")
 
 
-@cli.command(help=f"Run the whole study: {RUN_STAGES_HELP}. Every setting can be given here (or in --config).")
+@cli.command(help="Run the whole study.")  # the stages it runs: _run_help(), added with the stage commands
 @_settings(None)
 def run(config_file, force, **values):
     from .pipeline import run_stages
@@ -230,39 +267,35 @@ def run(config_file, force, **values):
         click.echo(f"report: {run_dir / REPORT}")
 
 
-def _stage_command(name: str, doc: str):
+def _stage_command(stage):
+    """The command of one registered stage (truthmap/stages/base.py): its settings, its help."""
+    name = stage.name
+
     @_settings(name)
     def command(config_file, force, **values):
         from .pipeline import run_stages
 
-        if name in ("attention", "samples"):  # asking for the stage by name asks for the view
+        if stage.also:  # asking for the stage by name asks for the pass
             values["also"] = [name]
         config, given = _config(config_file, **values)
         run_dir = run_stages(config, stages=(name,), force=force, given=given)
         click.echo(f"{name}: done ({run_dir})")
-        if name in ("probe", "wholemap", "baselines", "plot", "entropy"):
+        if stage.summary:
             _report(run_dir)
 
-    command.__doc__ = (f"{doc}\n\nThe settings shown are those of this stage; the run's others are continued "
-                       f"from its config.json (`truthmap run --help` lists every setting).")
+    command.__doc__ = (f"Stage {stage.step}: {stage.help}\n\nThe settings shown are those of this stage; the run's "
+                       f"others are continued from its config.json (`truthmap run --help` lists every setting).")
     cli.command(name=name, cls=StageCommand)(command)
 
 
-for _name, _doc in [
-    ("generate", "Stage 1: the model answers every question (generations.parquet)."),
-    ("label", "Stage 2: grade answers, locate exact answers and positions (answers.parquet, splits.json)."),
-    ("extract", "Stage 3: hidden states at the positions, every layer (activations/)."),
-    ("probe", "Stage 4: a probe per (site, layer, position, seed) (probe_results.csv)."),
-    ("wholemap", "Stage 4a: the whole map as one probe, and the cells that beat a label-permutation null "
-                 "(wholemap_results.csv, cell_null.csv)."),
-    ("samples", "Stage 3b: N sampled answers per question and their semantic entropy (sampling_scores.parquet)."),
-    ("entropy", "Stage 4d: semantic-entropy probes for every cell (heatmap_entropy.png)."),
-    ("baselines", "Stage 4b: logit, entropy, p(True) and family baselines beside the probes (baselines.png)."),
-    ("attention", "Stage 4c: the attention heatmap (attention.png); `run` draws it with --also attention."),
-    ("cost", "Stage 4e: every method's test AUC against its extra cost beyond answering (cost.csv, cost.png)."),
-    ("plot", "Stage 5: the heatmap (heatmap.png, heatmap.svg)."),
-]:
-    _stage_command(_name, _doc)
+def _stage_commands() -> None:
+    """One command per registered stage, and `run`'s help (StageGroup adds them when first needed)."""
+    from .pipeline import STAGE_TABLE
+
+    run.help = _run_help()
+    for stage in STAGE_TABLE.values():
+        if stage.name != "report":  # `truthmap report RUN …` writes the page of one or several runs
+            _stage_command(stage)
 
 
 _overwrite_option = click.option(
@@ -476,7 +509,7 @@ def resample(run, old_out, n, temperature, sample_seed, site, layer, position, b
     from . import runfolder as rf
     from .backend import Models
     from .analyses.resample import run_resample
-    from .pipeline import judge_model
+    from .stages.label import judge_model
 
     run_dir = _run_folder(_the_run("resample", run, old_out))
     with rf.open_run(run_dir), rf.stage("resample"):

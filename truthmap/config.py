@@ -44,7 +44,8 @@ EXTRACT_MODES = ("onepass", "separate")  # read states while generating (stages/
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROMPT_FIELDS = ("question", "question_base", "context")  # what a prompt template may name (stages/generate.py)
 
-# the stages of a study (pipeline.STAGE_TABLE); a setting names those whose work it changes
+# the stages of a study (the stage registry, stages/base.py; tests/unit/test_pipeline.py checks these are its
+# own); a setting names those whose work it changes
 MODEL_STAGES = ("generate", "label", "extract", "samples", "baselines", "attention")  # may load the model
 RAY_STAGES = ("generate", "label", "extract")  # on Ray workers with --ray
 ALL = "all"  # a setting every stage command takes (the run folder and the model it names)

@@ -61,6 +61,12 @@ def check_cell(site, layer, position, source="the cell") -> dict:
     return {"site": site, "layer": int(layer), "position": position}
 
 
+def site_rows(lm, site: str) -> list[int]:
+    """The layer numbers a site is read at in a model of ``lm.n_layers`` blocks: 0 … n for the residual
+    stream (0: the embeddings), 1 … n for the mlp and attention outputs."""
+    return list(range(0, lm.n_layers + 1)) if site == "residual" else list(range(1, lm.n_layers + 1))
+
+
 def token_char_spans(tokenizer, answer_ids: list[int], answer: str) -> list[tuple[int, int]]:
     """Character span of each answer token in ``answer`` (the decoded text); special tokens get (n, n).
 

@@ -48,7 +48,7 @@ import pandas as pd
 from .errors import TruthmapError
 
 # Every file of a run folder is named here, and written by exactly one stage or command
-# (docs/run-folder.md; pipeline.STAGE_TABLE lists each stage's inputs and outputs).
+# (docs/run-folder.md; each stage's declaration, stages/base.py, lists its inputs and outputs).
 QUESTIONS = "questions.parquet"  # generate
 VOCABULARIES = "vocabularies.json"  # generate
 GENERATIONS = "generations.parquet"  # generate

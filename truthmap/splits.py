@@ -135,3 +135,13 @@ def make_splits(answers: pd.DataFrame, seeds: list[int], test_fraction: float = 
         part = part_of_group[groups]
         splits["seeds"][str(seed)] = {name: ids[part == k].tolist() for k, name in enumerate(SPLIT_PARTS)}
     return splits
+
+
+def population_summary(splits: dict, n_answers: int) -> dict:
+    """summary.json's account of the answers studied: the rule, how many, who was left out and why."""
+    reasons = pd.Series(list(splits["left_out"].values()), dtype=object)
+    return {"rule": splits["population"], "n": splits["n"], "n_answers": n_answers,
+            "left_out": int(len(reasons)), "left_out_reasons": reasons.value_counts().to_dict(),
+            "fractions": {"train": round(1 - splits["test_fraction"] - splits["validation_fraction"], 4),
+                          "validation": splits["validation_fraction"], "test": splits["test_fraction"]},
+            "groups": splits["groups"]}

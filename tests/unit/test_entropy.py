@@ -187,13 +187,13 @@ def test_transfer_trains_either_kind_of_probe(tmp_path):
 def test_sampling_scores_are_baseline_rows_on_the_probes_test_answers(tmp_path):
     import json
 
-    from truthmap.stages.baselines import SITE, evaluate
+    from truthmap.stages.baselines import SITE, evaluate, with_sampling_scores
 
     run = make_run(tmp_path / "run", n=120)
     _plant_entropy(run, noise=0.2)
     answers = pd.read_parquet(run / "answers.parquet").merge(
         pd.read_parquet(run / "generations.parquet")[["id", "stopped"]], on="id")
-    scores = se.with_sampling_scores(run, pd.DataFrame({"id": answers["id"], "logprob_mean": 0.0}))
+    scores = with_sampling_scores(run, pd.DataFrame({"id": answers["id"], "logprob_mean": 0.0}))
     assert list(scores.columns) == ["id", "logprob_mean", "semantic_entropy"]
     splits = json.loads((run / "splits.json").read_text())
     rows = evaluate(scores, answers, splits, n_boot=20)

@@ -215,3 +215,40 @@ def test_quiet_hides_the_libraries_loading_bars(progress, monkeypatch, capsys):
     monkeypatch.setattr(models, "load_model", load_model)
     assert Models(Config(progress=progress, device="cpu")).lm == "the model"
     assert ("GGUF" in capsys.readouterr().err) == progress
+
+
+def test_a_stage_that_registers_itself_is_run_in_its_step_and_gets_a_command():
+    """Adding a stage is its module (ending in register(Stage(...))) and the import that loads it: the
+    pipeline's order and the CLI's commands come from the registry, not from tables kept by hand."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from truthmap.stages.base import Stage, register, fields\n"
+        "register(Stage('toy', '4f', 'A toy stage (toy.csv).', lambda s: None, inputs=('answers.parquet',),\n"
+        "               outputs=('toy.csv',), settings=fields('seeds'), labelled=True))\n"
+        "from truthmap import pipeline\n"
+        "from truthmap.cli import cli\n"
+        "order = list(pipeline.STAGES)\n"
+        "assert order.index('cost') < order.index('toy') < order.index('plot'), order\n"
+        "assert 'toy' in pipeline.LABELLED_STAGES and 'toy' not in pipeline.MODEL_STAGES\n"
+        "assert 'Stage 4f: A toy stage' in cli.commands['toy'].help\n"
+        "assert 'toy' in cli.commands['run'].help\n"
+        "print('ok')\n")
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_the_settings_schema_names_the_stages_the_registry_declares():
+    """config.py (below the stages) names the model stages, the Ray stages and the --also passes by
+    hand; they are the registry's."""
+    from truthmap import config
+
+    assert config.MODEL_STAGES == pipeline.MODEL_STAGES
+    assert config.RAY_STAGES == pipeline.RAY_STAGES
+    assert set(config.ALSO) == {name for name, stage in pipeline.STAGE_TABLE.items() if stage.also}
+    assert [pipeline.STAGE_TABLE[n].step for n in pipeline.STAGES] == sorted(
+        (s.step for s in pipeline.STAGE_TABLE.values()), key=lambda step: (int(step.rstrip("abcdefgh")), step))

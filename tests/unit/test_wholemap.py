@@ -170,18 +170,18 @@ def test_stage_writes_the_null_of_every_cell(tmp_path):
 def test_the_heatmap_hatches_exactly_the_cells_below_the_null(tmp_path):
     from truthmap import runfolder as rf
     from truthmap.figures import new_figure
-    from truthmap.stages.plot import draw_heatmap
+    from truthmap.stages.plot import cells_below_null, draw_heatmap
 
     folder = make_run(tmp_path / "run")
-    assert wm.cells_below_null(folder) is None  # no null computed: nothing hatched
+    assert cells_below_null(folder) is None  # no null computed: nothing hatched
     pd.DataFrame({"site": "residual", "layer": [0], "position": ["-1"], "ridge_auc": 0.6, "p": [np.nan],
                   "beats_null": [None]}).to_csv(folder / rf.CELL_NULL, index=False)
     seal(folder)
-    assert wm.cells_below_null(folder) is None  # --permutations 0: nothing hatched either
+    assert cells_below_null(folder) is None  # --permutations 0: nothing hatched either
     pd.DataFrame({"site": "residual", "layer": [0, 1, 1], "position": ["last_q", "-1", "last_q"], "ridge_auc": 0.6,
                   "p": [0.5, 0.01, 0.2], "beats_null": [False, True, False]}).to_csv(folder / rf.CELL_NULL, index=False)
     seal(folder)
-    below = wm.cells_below_null(folder)
+    below = cells_below_null(folder)
     assert below == {("residual", 0, "last_q"), ("residual", 1, "last_q")}
     fig, ax = new_figure()
     draw_heatmap(ax, np.full((3, 2), 0.7), [0, 1, 2], ["last_q", "-1"], "t",

@@ -25,6 +25,7 @@ import torch
 
 from .. import runfolder as rf
 from ..errors import CannotRun
+from ..stages.base import Stage, StageRun, fields, register, short_model
 
 ATTENTION, FIGURE = rf.ATTENTION, rf.ATTENTION_FIGURE  # the names: runfolder.py
 
@@ -135,3 +136,17 @@ def run_attention(lm, run_dir: Path, *, positions: list[str], title: str = "", b
     rf.write_csv(run_dir / ATTENTION, table)
     plot_attention(table, positions, run_dir / FIGURE, title or "attention of the last generated token")
     return table
+
+
+# ---------------------------------------------------------------- the stage
+
+def _attention(s: StageRun) -> None:
+    title = f"{short_model(s.config.model)} · {s.config.dataset} · attention of the last generated token"
+    run_attention(s.models.lm, s.run_dir, positions=s.config.positions, title=title)
+
+
+register(Stage(
+    "attention", "4d", "The attention heatmap (attention.png); `run` draws it with --also attention.", _attention,
+    inputs=(rf.ANSWERS, rf.GENERATIONS), outputs=(rf.ATTENTION, *rf.figures(rf.ATTENTION_FIGURE)),
+    settings=fields("positions"), model="here", labelled=True, when=lambda c, run_dir: "attention" in c.also,
+    optional=True, also=True))

@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import runfolder as rf
 from ..metrics import mean_over_seeds, read_run_results
+from ..stages.base import Stage, StageRun, register, short_model
 
 COLUMNS = ["method", "kind", "auc", "auc_lo", "auc_hi", "forward_tokens", "seconds", "pareto", "note"]
 TOKEN_SCORES = ("logprob_mean", "logprob_min", "logprob_max", "logprob_last", "entropy_mean",
@@ -220,3 +222,21 @@ def _per(value, n: int) -> float | None:
 
 def _float(value) -> float:
     return np.nan if value is None or pd.isna(value) else float(value)
+
+
+# ---------------------------------------------------------------- the stage
+
+def _cost(s: StageRun) -> None:
+    """Every method's test AUC against its extra cost beyond answering."""
+    table = cost_table(s.run_dir)
+    rf.write_csv(s.run_dir / rf.COST, table)
+    title = f"{short_model(s.config.model)} · {s.config.dataset} · test AUC against extra cost beyond answering"
+    plot_cost(table, s.run_dir / rf.COST_FIGURE, title)
+    rf.update_summary(s.run_dir, cost=cost_summary(table))
+
+
+# summary.json's timings and token counts are read, not fingerprinted (every stage rewrites it)
+register(Stage(
+    "cost", "4e", "Every method's test AUC against its extra cost beyond answering (cost.csv, cost.png).", _cost,
+    inputs=(rf.ANSWERS, rf.GENERATIONS, rf.PROBE_RESULTS, rf.BASELINE_RESULTS, rf.WHOLEMAP_RESULTS, rf.RESAMPLES),
+    outputs=(rf.COST, rf.COST_FIGURE), settings=lambda c: {}, labelled=True, optional=True))

@@ -49,7 +49,10 @@ from .. import runfolder as rf
 from ..errors import CannotRun, TruthmapError
 from ..metrics import (RESULT_COLUMNS, bootstrap_for, cell_stats, cell_summary, choose_cell, mean_over_seeds,
                        result_rows, split_masks, strata_of)
-from ..stages.label import has_labels
+from ..config import Config
+from ..models import resolve_device
+from ..stages.base import Stage, StageRun, register, short_model
+from ..stages.label import has_labels, judge_model
 
 # the names: runfolder.py
 SAMPLING_SCORES, ENTROPY_RESULTS, ENTROPY_SCORES = rf.SAMPLING_SCORES, rf.ENTROPY_RESULTS, rf.ENTROPY_SCORES
@@ -440,17 +443,6 @@ def run_sampling(lm, run_dir: Path, *, n: int = 5, temperature: float = 1.0, see
                                      "judge": round((done - scored) / q, 3)}}
 
 
-def with_sampling_scores(run_dir: Path, scores: pd.DataFrame) -> pd.DataFrame:
-    """``scores`` (baseline scores, one row per answer) with the run's sampling scores as further
-    columns, when it has them (``sampling_scores.parquet``); the bookkeeping columns are left out."""
-    path = Path(run_dir) / SAMPLING_SCORES
-    if not path.exists():
-        return scores
-    sampled = rf.read_parquet(path)
-    keep = ["id"] + [c for c in sampled.columns if c not in ("id", "n_samples", "judge_calls")]
-    return scores.drop(columns=[c for c in keep[1:] if c in scores.columns]).merge(sampled[keep], on="id", how="left")
-
-
 def refresh_sampling_scores(lm, run_dir: Path, judge_lm=None) -> pd.DataFrame:
     """After ``truthmap resample``: the samples' token log-probabilities (added to ``resamples.parquet``)
     and ``sampling_scores.parquet``, so that the next ``truthmap run`` scores them as baselines and trains
@@ -465,3 +457,56 @@ def refresh_sampling_scores(lm, run_dir: Path, judge_lm=None) -> pd.DataFrame:
     table = sampling_scores(resamples, rf.read_parquet(run_dir / rf.ANSWERS), judge)
     rf.write_parquet(run_dir / SAMPLING_SCORES, table)
     return table
+
+
+# ---------------------------------------------------------------- the stages (samples, entropy)
+
+def wants_samples(config: Config, run_dir: Path) -> bool:
+    """Sampling runs with ``--also samples``, and always for a study without gold answers."""
+    return "samples" in config.also or not has_labels(rf.read_parquet(run_dir / rf.ANSWERS))
+
+
+def _samples(s: StageRun) -> None:
+    """N sampled answers per question and their sampling scores (semantic entropy …)."""
+    c, models = s.config, s.models
+    judge = (models.extractor or models.lm) if c.judge_equivalence else None
+    info = run_sampling(models.lm, s.run_dir, n=c.samples, temperature=c.sample_temperature, seed=0,
+                        judge_lm=judge, grader_lm=judge_model(c, models), batch_size=c.batch_size,
+                        progress=c.progress)
+    rf.update_summary(s.run_dir, sampling=info)
+
+
+def _entropy_column(c: Config) -> str:
+    return "semantic_entropy_judged" if c.judge_equivalence else "semantic_entropy"
+
+
+def _entropy(s: StageRun) -> None:
+    """Semantic-entropy probes for every cell and their heatmap."""
+    c, run_dir = s.config, s.run_dir
+    device = resolve_device(c.device) if c.device_map is None else "cpu"
+    results, scores, details = run_entropy_probe(run_dir, c.sites, column=_entropy_column(c), C=c.C,
+                                                 n_boot=c.bootstrap, device=device, progress=c.progress,
+                                                 min_per_class=c.min_per_class)
+    rf.write_csv(run_dir / rf.ENTROPY_RESULTS, results)
+    rf.write_parquet(run_dir / rf.ENTROPY_SCORES, scores)
+    n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))
+    plot_entropy_heatmap(results, c.positions, run_dir, model=short_model(c.model), dataset=c.dataset, n=n)
+    rf.update_summary(run_dir, entropy_probe=entropy_summary(results, details))
+
+
+register(Stage(
+    "samples", "3b", "N sampled answers per question and their semantic entropy (sampling_scores.parquet).",
+    _samples, inputs=(rf.QUESTIONS, rf.VOCABULARIES, rf.ANSWERS, rf.GENERATIONS, rf.ACTIVATIONS_INDEX),
+    outputs=(rf.RESAMPLES, rf.SAMPLING_SCORES),
+    settings=lambda c: {"samples": c.samples, "temperature": c.sample_temperature, "judge": c.judge_equivalence,
+                        "judge_model": c.extractor_model if c.judge_equivalence else None,
+                        "max_new_tokens": c.max_new_tokens, "model": c.model, "dtype": c.dtype,
+                        "grader": c.grader, "judge_grader": c.judge_grader},
+    model="here", when=wants_samples, also=True))
+register(Stage(
+    "entropy", "4c", "Semantic-entropy probes for every cell (heatmap_entropy.png).", _entropy,
+    inputs=(rf.ANSWERS, rf.SPLITS, rf.ACTIVATIONS, rf.SAMPLING_SCORES),
+    outputs=(rf.ENTROPY_RESULTS, rf.ENTROPY_SCORES, *rf.figures(rf.ENTROPY_FIGURE)),
+    settings=lambda c: {"C": c.C, "bootstrap": c.bootstrap, "sites": c.sites, "column": _entropy_column(c),
+                        "positions": c.positions, "min_per_class": c.min_per_class},
+    when=lambda c, run_dir: (run_dir / rf.SAMPLING_SCORES).exists(), optional=True, summary=True))

@@ -50,9 +50,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import runfolder as rf
 from ..errors import CannotRun, TruthmapError
 from ..metrics import (RESULT_COLUMNS, bootstrap_for, cell_stats, cell_summary, choose_cell, mean_over_seeds,
                        read_results, result_rows, split_masks, strata_of)
+from ..models import resolve_device
+from ..stages.base import Stage, StageRun, fields, register
 
 SITE = "baseline"  # a row of the baselines table (stages/baselines.py's SITE)
 POSITION = "whole_map"
@@ -442,20 +445,6 @@ def null_table(keys: list[tuple], observed: np.ndarray, null: np.ndarray, n_perm
     return table, summary
 
 
-def cells_below_null(run_dir: Path) -> set[tuple[str, int, str]] | None:
-    """(site, layer, position) of every cell of ``cell_null.csv`` that does not beat the null (the cells a
-    heatmap marks); None when the run has no such file or no null (``--permutations 0``)."""
-    from ..runfolder import CELL_NULL, read_csv
-
-    path = Path(run_dir) / CELL_NULL
-    if not path.exists():
-        return None
-    table = read_csv(path, dtype={"site": str, "position": str})
-    if table["p"].isna().all():
-        return None
-    return {(r.site, int(r.layer), r.position) for r in table.itertuples() if not bool(r.beats_null)}
-
-
 def _against_best_cell(run_dir: Path, stacked: np.ndarray, y: np.ndarray, parts: dict, weights: np.ndarray,
                        ids: list[str], seeds: list, results: pd.DataFrame, chosen_C: list[float],
                        val_aucs: np.ndarray, n_cells: int) -> dict:
@@ -488,3 +477,25 @@ def _against_best_cell(run_dir: Path, stacked: np.ndarray, y: np.ndarray, parts:
               "p": c["p"], "shown": c["shown"], "n_test": c["n"]}
     out["against"], out["paired"] = cell_summary(best), paired
     return out
+
+
+# ---------------------------------------------------------------- the stage
+
+def _wholemap(s: StageRun) -> None:
+    """The whole map as one probe and the per-cell permutation null."""
+    c, run_dir = s.config, s.run_dir
+    device = resolve_device(c.device) if c.device_map is None else "cpu"
+    results, scores, null, summary = run_wholemap(run_dir, c.sites, C=c.C, n_boot=c.bootstrap,
+                                                  n_permutations=c.permutations, device=device, progress=c.progress)
+    rf.write_csv(run_dir / rf.WHOLEMAP_RESULTS, results)
+    rf.write_parquet(run_dir / rf.WHOLEMAP_SCORES, scores)
+    rf.write_csv(run_dir / rf.CELL_NULL, null)
+    rf.update_summary(run_dir, **summary)
+
+
+register(Stage(
+    "wholemap", "4a", "The whole map as one probe, and the cells that beat a label-permutation null "
+    "(wholemap_results.csv, cell_null.csv).", _wholemap,
+    inputs=(rf.ANSWERS, rf.SPLITS, rf.ACTIVATIONS, rf.PROBE_RESULTS, rf.PROBE_SCORES),
+    outputs=(rf.WHOLEMAP_RESULTS, rf.WHOLEMAP_SCORES, rf.CELL_NULL),
+    settings=fields("C", "bootstrap", "sites", "permutations"), labelled=True, optional=True, summary=True))

@@ -37,11 +37,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import runfolder as rf
 from ..constants import BASELINE_SITE
 from ..errors import TruthmapError
 from ..metrics import (RESULT_COLUMNS, auc_score, bootstrap_for, cell_stats, cell_summary, choose_cell,
                        mean_over_seeds, read_run_results, result_rows, split_masks, strata_of)
 from ..positions import EXACT_POSITIONS, char_span_to_tokens, token_char_spans
+from .base import Stage, StageRun, fields, register, short_model
 from .verdict import compare_cell, study_verdict
 from .generate import cache_argument, common_prefix, plain_cache, select_rows, shared_head
 from ..runfolder import BASELINE_RESULTS, FAMILY_RESULTS  # the names: runfolder.py
@@ -607,3 +609,37 @@ def controls(results: pd.DataFrame, exact_minus_surface: dict | None = None) -> 
             "bag_of_tokens": auc_of("bag_of_tokens"),
             "best_exact_answer_cell": cell_summary(exact), "best_other_cell": cell_summary(other),
             "exact_minus_surface": exact_minus_surface, "exact_answer_confounded": confounded}
+
+
+# ---------------------------------------------------------------- the stage
+
+def with_sampling_scores(run_dir: Path, scores: pd.DataFrame) -> pd.DataFrame:
+    """``scores`` (baseline scores, one row per answer) with the run's sampling scores as further
+    columns, when it has them (``sampling_scores.parquet``); the bookkeeping columns are left out."""
+    path = Path(run_dir) / rf.SAMPLING_SCORES
+    if not path.exists():
+        return scores
+    sampled = rf.read_parquet(path)
+    keep = ["id"] + [c for c in sampled.columns if c not in ("id", "n_samples", "judge_calls")]
+    return scores.drop(columns=[c for c in keep[1:] if c in scores.columns]).merge(sampled[keep], on="id", how="left")
+
+
+def _baselines(s: StageRun) -> None:
+    config, run_dir = s.config, s.run_dir
+    answers = rf.read_parquet(run_dir / rf.ANSWERS)
+    scores = compute_scores(s.models.lm, answers, rf.read_parquet(run_dir / rf.GENERATIONS), config.progress,
+                            one_pass=config.extract == "onepass", p_true_of=config.p_true)
+    rf.update_summary(run_dir, baseline_seconds=scores.attrs.get("seconds"),
+                      baseline_forward_tokens=scores.attrs.get("forward_tokens"))
+    scores = with_sampling_scores(run_dir, scores)  # semantic entropy … when the run drew samples
+    rf.write_parquet(run_dir / rf.BASELINE_SCORES, scores)
+    title = f"{short_model(config.model)} · {config.dataset} · baselines beside the best probe"
+    rf.update_summary(run_dir, **finish_baselines(run_dir, scores, n_boot=config.bootstrap, title=title))
+
+
+register(Stage(
+    "baselines", "4b", "Logit, entropy, p(True) and family baselines beside the probes (baselines.png).",
+    _baselines,
+    inputs=(rf.ANSWERS, rf.GENERATIONS, rf.SPLITS, rf.PROBE_RESULTS, rf.PROBE_SCORES, rf.SAMPLING_SCORES),
+    outputs=(rf.BASELINE_SCORES, rf.BASELINE_RESULTS, rf.FAMILY_RESULTS, rf.BASELINES_FIGURE),
+    settings=fields("bootstrap", "extract", "p_true"), model="here", labelled=True, summary=True))

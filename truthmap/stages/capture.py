@@ -30,6 +30,8 @@ import pandas as pd
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..positions import site_rows
+
 CAPTURE_BYTES = 256 << 20  # the most bytes of hidden states one batch holds on the device
 TAIL = 8  # the last answer tokens always held when the bound cuts an answer (the positions -8..-1)
 LEAST_HEAD = 2  # and at least its first two (first_answer, second_answer)
@@ -68,8 +70,6 @@ class CapturePlan:
 
 def bytes_per_slot(lm, sites, batch_size: int) -> int:
     """Bytes one slot of a batch holds on the device: every layer row of every site, in the model's dtype."""
-    from .extract import site_rows
-
     rows = sum(len(site_rows(lm, site)) for site in sites)
     return batch_size * rows * lm.hidden_size * lm.model.dtype.itemsize
 
@@ -109,8 +109,6 @@ class BatchCapture:
     """
 
     def __init__(self, lm, plan: CapturePlan, batch: int, max_new_tokens: int, stop_ids: list[int]):
-        from .extract import site_rows
-
         self.lm, self.plan, self.max_new_tokens = lm, plan, max_new_tokens
         device, dtype = lm.device, lm.model.dtype
         self.rows = {site: len(site_rows(lm, site)) for site in plan.sites}

@@ -29,22 +29,21 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .. import runfolder as rf
 from ..errors import TruthmapError
+from ..positions import site_rows
 from ..models import LoadedModel
 
 if TYPE_CHECKING:
     from ..backend import ModelBackend
 from ..runfolder import (ACTIVATIONS, ACTIVATIONS_INDEX, ACTIVATIONS_VALID, child, read_activations_index, read_npy,
                         reading, trusted, write_json, write_npy)
+from .base import Stage, StageRun, fields, register
+from .capture import CaptureReader
 
 read_index = read_activations_index  # the name of earlier versions
 
 SHARD_SIZE = 256
-
-
-def site_rows(lm: LoadedModel, site: str) -> list[int]:
-    """Layer numbers stored for ``site``."""
-    return list(range(0, lm.n_layers + 1)) if site == "residual" else list(range(1, lm.n_layers + 1))
 
 
 class _Capture:
@@ -258,3 +257,30 @@ def load_features(run_dir: str | Path, site: str, layer: int, position: str) -> 
     p = positions.index(position)
     keep = valid[:, p]
     return [i for i, k in zip(ids, keep) if k], np.asarray(features[p][keep], dtype=np.float32)
+
+
+# ---------------------------------------------------------------- the stage
+
+def _extract(s: StageRun) -> None:
+    c, run_dir = s.config, s.run_dir
+    # shards of an interrupted extraction with the same inputs are kept; others are stale
+    marker = run_dir / rf.ACTIVATIONS_FINGERPRINT
+    store = run_dir / rf.ACTIVATIONS
+    if s.force or (store.exists() and (not rf.trusted(marker) or marker.read_text() != s.stamp)):
+        rf.remove(store)
+    if not rf.trusted(marker):
+        rf.write_text(marker, s.stamp)
+    answers = rf.read_parquet(run_dir / rf.ANSWERS)
+    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
+    capture = CaptureReader(run_dir, generations) if c.extract == "onepass" else None
+    run_extract(s.models.lm, answers, generations, c.positions, c.sites, run_dir,
+                batch_size=c.batch_size or 16, progress=c.progress, capture=capture)
+    if capture is not None:
+        rf.update_summary(run_dir, extract={"mode": c.extract, "captured": len(capture.where),
+                                            "read_again": capture.read_again})
+
+
+register(Stage(
+    "extract", "3", "Hidden states at the positions, every layer (activations/).", _extract,
+    inputs=(rf.ANSWERS, rf.GENERATIONS), outputs=(rf.ACTIVATIONS_INDEX,),
+    settings=fields("sites", "dtype", "extract"), model="workers"))

@@ -23,21 +23,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..config import LONG_PROMPTS
+from .. import runfolder as rf
+from ..backend import Models
+from ..config import LONG_PROMPTS, Config
+from ..data import load_questions
 from ..errors import TruthmapError
 from ..models import LoadedModel
+from ..preflight import check_questions
 
 if TYPE_CHECKING:
     from ..backend import ModelBackend
 
-from ..tasks import DEFAULT_BASE_PROMPT, PROTOCOLS, get_task
+from ..tasks import DEFAULT_BASE_PROMPT, PROTOCOLS, answer_length, get_task, resolve
 from ..tasks import DEFAULT_CHAT_PROMPT as DEFAULT_TEMPLATE
+from .base import Stage, StageRun, fields, register
 
 CHUNK_BATCHES = 4  # batches per saved chunk: what a killed run can lose
 
@@ -496,3 +502,78 @@ def run_generate(
             **scores,
         }
     )
+
+
+# ---------------------------------------------------------------- the stage
+
+def _dataset_file(c: Config) -> list[Path]:
+    """A local dataset file is an input: editing it makes the answers stale (TASK:PATH and --data-dir too)."""
+    _, source = resolve(c.dataset, c.data_dir)
+    return [source.path] if source.kind == "file" else []
+
+
+def _question_settings(c: Config) -> tuple:
+    """The settings that decide the questions and their checks (the key of what preflight read)."""
+    return tuple(getattr(c, name) for name in ("dataset", "limit", "question_column", "answer_column", "data_dir",
+                                               "on_bad_row", "protocol", "test_fraction", "validation_fraction",
+                                               "min_per_class", "samples"))
+
+
+def _checked_questions(c: Config) -> tuple[pd.DataFrame, dict]:
+    """(questions, vocabularies) of the study, its modes announced and its size checked (preflight.py)."""
+    questions, vocabularies = load_questions(c.dataset, c.limit, 0, c.question_column, c.answer_column,
+                                             c.data_dir, c.on_bad_row, c.protocol)
+    check_questions(questions, c)
+    return questions, vocabularies
+
+
+# the questions read and checked before a new run folder was made, used once by generate (same settings)
+_PRELOADED: dict[tuple, tuple[pd.DataFrame, dict]] = {}
+
+
+def preflight(config: Config) -> None:
+    """Before a new run folder is made: the model is found, the questions read, modes announced and the
+    size checked — a refused input leaves no folder behind (the generate stage uses what was read)."""
+    Models(config, on_workers=True).check()
+    _PRELOADED[_question_settings(config)] = _checked_questions(config)
+
+
+def forget_preflight() -> None:
+    """Drop what :func:`preflight` read and generate did not use (a run that stopped before it)."""
+    _PRELOADED.clear()
+
+
+def _generate(s: StageRun) -> None:
+    c, run_dir = s.config, s.run_dir
+    s.models.check()  # an unknown model fails before the questions are read (a hub dataset may be large)
+    questions, vocabularies = _PRELOADED.pop(_question_settings(c), None) or _checked_questions(c)
+    max_new_tokens = answer_length(questions["task"], c.max_new_tokens, c.protocol)
+    rf.write_parquet(run_dir / rf.QUESTIONS, questions)
+    rf.write_json(run_dir / rf.VOCABULARIES, vocabularies)
+    lm = s.models.lm
+    # finished chunks of an interrupted generation with the same settings and model are kept
+    if s.force:  # --force: answer anew, not from saved chunks
+        rf.remove(run_dir / rf.GENERATION_CHUNKS)
+    chunks = rf.ChunkStore(run_dir / rf.GENERATION_CHUNKS, f"{s.stamp} {lm.revision}")
+    # one pass: the states of every site and the token scores are read while the model answers
+    capture_sites = c.sites if c.extract == "onepass" else None
+    table = run_generate(lm, questions, template=c.prompt_template, max_new_tokens=max_new_tokens,
+                         batch_size=c.batch_size, progress=c.progress, chunks=chunks,
+                         long_prompts=c.long_prompts, protocol=c.protocol, capture_sites=capture_sites)
+    rf.write_parquet(run_dir / rf.GENERATIONS, table)
+    rf.update_summary(run_dir, model=c.model, model_revision=lm.revision, dataset=c.dataset,
+                      tasks=sorted(set(questions["task"])), source_rows=questions.attrs["source_rows"],
+                      n_layers=lm.n_layers, hidden_size=lm.hidden_size,
+                      generation={"protocol": c.protocol, "max_new_tokens": max_new_tokens,
+                                  "answers_end_at_line_break": answers_one_line(lm.tokenizer)},
+                      long_prompts={"mode": c.long_prompts, "context_tokens": context_length(lm),
+                                    "truncated": int((table["prompt_cut"] > 0).sum()),
+                                    "skipped": len(questions) - len(table)})
+
+
+register(Stage(
+    "generate", "1", "The model answers every question (generations.parquet).", _generate,
+    inputs=(), outputs=(rf.QUESTIONS, rf.VOCABULARIES, rf.GENERATIONS),
+    settings=fields("model", "dataset", "limit", "protocol", "prompt_template", "max_new_tokens", "dtype",
+                    "question_column", "answer_column", "long_prompts", "data_dir", "on_bad_row"),
+    model="workers", sources=_dataset_file))

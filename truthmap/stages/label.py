@@ -33,9 +33,13 @@ import numpy as np
 import pandas as pd
 
 from .. import grading, textmatch
+from .. import runfolder as rf
 from ..constants import EXACT_ANSWER_MODES, GRADERS
 from ..errors import TruthmapError
 from ..positions import char_span_to_tokens, position_indices, token_char_spans
+from ..preflight import check_population
+from ..splits import make_splits, population, population_summary
+from .base import Stage, StageRun, fields, register
 
 
 def check_exact_answer_mode(mode: str) -> str:
@@ -296,3 +300,83 @@ def check_labels(answers: pd.DataFrame, source: str) -> None:
             f"{source}: every one of the {len(answers)} answers is {kind}; a probe needs both right and "
             f"wrong answers (use harder/easier questions or more of them)"
         )
+
+
+# ---------------------------------------------------------------- the stage
+
+LABEL_FREE_NOTE = ("the questions have no gold answers: no answer is graded and no correctness AUC exists; "
+                   "heatmap_entropy shows how well semantic-entropy probes agree with semantic entropy")
+
+
+def answer_summary(answers: pd.DataFrame) -> dict:
+    """Model accuracy and valid-exact-answer rates, overall and per family."""
+    wrong = answers[~answers["correct"]]
+    per_family = {}
+    for family, group in answers.groupby("family", sort=True):
+        wrong_group = group[~group["correct"]]
+        per_family[family] = {
+            "n": int(len(group)),
+            "accuracy": round(float(group["correct"].mean()), 4),
+            "valid_exact_answer_rate": round(float(group["exact_answer_valid"].mean()), 4),
+            "valid_exact_answer_rate_wrong": round(float(wrong_group["exact_answer_valid"].mean()), 4)
+            if len(wrong_group) else None,
+        }
+    return {
+        "n": int(len(answers)),
+        "accuracy": round(float(answers["correct"].mean()), 4),
+        "valid_exact_answer_rate": round(float(answers["exact_answer_valid"].mean()), 4),
+        "valid_exact_answer_rate_wrong": round(float(wrong["exact_answer_valid"].mean()), 4) if len(wrong) else None,
+        "invalid_exact_answer_reasons": answers.loc[~answers["exact_answer_valid"], "exact_answer_reason"]
+        .value_counts().to_dict(),
+        "families": per_family,
+    }
+
+
+def judge_model(c, models):
+    """The lenient grader's judge (``--judge-grader``, or ``--grader lenient``): the extractor model, else the
+    studied model; None when not asked. It runs in this process (one forward pass per answer)."""
+    if not (c.judge_grader or c.grader == "lenient"):
+        return None
+    if models.on_workers and c.ray and c.extractor_model in (None, "none", c.model):
+        raise TruthmapError("--judge-grader with --ray: the judge runs in this process; name it with "
+                            "--extractor-model (a model loaded here), or leave the judge out")
+    return models.extractor or models.lm
+
+
+def _label(s: StageRun) -> None:
+    c, run_dir = s.config, s.run_dir
+    questions = rf.read_parquet(run_dir / rf.QUESTIONS)
+    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
+    vocabularies = rf.read_json(run_dir / rf.VOCABULARIES)
+    answers = label_answers(questions, generations, vocabularies, s.models.lm.tokenizer, c.positions,
+                            extractor=s.models.extractor, judge=judge_model(c, s.models), batch_size=c.batch_size,
+                            progress=c.progress, exact_answer=c.exact_answer, grader=c.grader, protocol=c.protocol)
+    judged = answers.attrs.get("judge")  # the lenient grader's calls and forward tokens; None: not asked
+    judged = {**judged, "model": c.extractor_model or c.model} if judged else None
+    labelled = has_labels(answers)
+    # a label-free study is split by its groups alone (there are no classes to stratify)
+    left_out = population(answers, c.positions) if c.population == "common" else None
+    splits = make_splits(answers if labelled else answers.assign(correct=True), c.seeds, c.test_fraction,
+                         c.validation_fraction, left_out, c.population)
+    answers["split"] = ""  # "": outside the study's population
+    for part, members in splits["seeds"][str(c.seeds[0])].items():
+        answers.loc[answers["id"].isin(set(members)), "split"] = part
+    rf.write_parquet(run_dir / rf.ANSWERS, answers)
+    rf.write_json(run_dir / rf.SPLITS, splits)
+    if labelled:
+        check_population(splits, len(answers))  # said before the extraction and the probes
+    if not labelled:
+        rf.update_summary(run_dir, n=int(len(answers)), labels="none", no_correctness_auc=LABEL_FREE_NOTE,
+                          population=population_summary(splits, len(answers)))
+        return
+    rf.update_summary(run_dir, **answer_summary(answers), population=population_summary(splits, len(answers)),
+                      labels="gold", exact_answer=exact_answer_summary(answers, c.exact_answer), grader_judge=judged)
+    check_labels(answers, str(run_dir / rf.ANSWERS))
+
+
+register(Stage(
+    "label", "2", "Grade answers, locate exact answers and positions (answers.parquet, splits.json).", _label,
+    inputs=(rf.QUESTIONS, rf.VOCABULARIES, rf.GENERATIONS), outputs=(rf.ANSWERS, rf.SPLITS),
+    settings=fields("positions", "extractor_model", "seeds", "test_fraction", "validation_fraction",
+                    "population", "exact_answer", "grader", "judge_grader", "protocol"),
+    model="workers"))

@@ -27,10 +27,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import runfolder as rf
 from ..figures import (AUC_CMAP, auc_norm, draw_auc_bars, draw_grid, layer_ticks, new_figure, png_and_svg,
                        position_label, save)
-from ..metrics import choose_cell, mean_over_seeds, read_run_results
+from ..metrics import choose_cell, mean_over_seeds, read_results, read_run_results
 from ..runfolder import HEATMAP, HEATMAP_WITHIN
+from .base import Stage, StageRun, fields, register, short_model
 
 # (shown, chosen on, its standard error) per heatmap: the test AUC is drawn, the validation AUC chooses
 VIEWS = {HEATMAP: ("auc", "val_auc", "val_auc_se"), HEATMAP_WITHIN: ("within_auc", "within_val_auc", None)}
@@ -307,3 +309,38 @@ def _bars(results: pd.DataFrame, cell: dict | None) -> list[dict]:
         bars.append({"label": f"probe L{cell['layer']} {position_label(cell['position'])}", "auc": cell["auc"],
                      "low": cell.get("auc_lo"), "high": cell.get("auc_hi"), "kind": "probe"})
     return bars
+
+
+# ---------------------------------------------------------------- the stage
+
+def cells_below_null(run_dir: Path) -> set[tuple[str, int, str]] | None:
+    """(site, layer, position) of every cell of ``cell_null.csv`` (the wholemap stage's) that does not beat
+    the null (the cells a heatmap marks); None when the run has no such file or no null (``--permutations 0``)."""
+    path = Path(run_dir) / rf.CELL_NULL
+    if not path.exists():
+        return None
+    table = rf.read_csv(path, dtype={"site": str, "position": str})
+    if table["p"].isna().all():
+        return None
+    return {(r.site, int(r.layer), r.position) for r in table.itertuples() if not bool(r.beats_null)}
+
+
+def _plot(s: StageRun) -> None:
+    config, run_dir = s.config, s.run_dir
+    results = read_run_results(run_dir, baselines=False)
+    if (run_dir / rf.BASELINE_RESULTS).exists():  # the controls among the baselines' rows set the hatching
+        results = pd.concat([results, read_results(run_dir / rf.BASELINE_RESULTS)], ignore_index=True)
+    n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))  # the population
+    hatched = cells_below_null(run_dir)  # None without the per-cell null (--permutations 0)
+    left_out = left_out_note(rf.read_splits(run_dir / rf.SPLITS).get("left_out") or {})  # who else, and why
+    for view in VIEWS:
+        plot_heatmap(results, config.positions, run_dir / view, model=short_model(config.model),
+                     dataset=config.dataset, n=n, view=view, left_out=left_out,
+                     hatched=hatched if view == "heatmap" else None)
+
+
+register(Stage(
+    "plot", "5", "The heatmap (heatmap.png, heatmap.svg).", _plot,
+    inputs=(rf.PROBE_RESULTS, rf.BASELINE_RESULTS, rf.ANSWERS, rf.SPLITS, rf.CELL_NULL),
+    outputs=tuple(name for view in rf.HEATMAPS for name in rf.figures(view)), settings=fields("positions"),
+    labelled=True, summary=True))

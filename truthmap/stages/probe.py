@@ -32,11 +32,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .. import runfolder as rf
 from ..constants import MIN_PER_CLASS
 from ..errors import TruthmapError
-from ..metrics import RESULT_COLUMNS, bootstrap_for, cell_stats, result_rows, split_masks, strata_of
+from ..metrics import (RESULT_COLUMNS, bootstrap_for, cell_stats, cell_summary, choose_cell, mean_over_seeds, result_rows,
+                       split_masks, strata_of)
+from ..models import resolve_device
 from ..runfolder import ANSWERS, SPLITS, read_activations_index, read_parquet, read_splits, reading
+from .base import Stage, StageRun, fields, register
 from .extract import load_layer
+from .verdict import study_verdict
 
 
 NOT_WHITENED = "probe: the features of a position cannot be whitened (are they finite?)"
@@ -426,3 +431,37 @@ def _score_table(scores: list, ids: np.ndarray) -> pd.DataFrame:
     columns["id"] = ids[np.concatenate([rows for _, rows, _ in scores])]
     columns["score"] = np.concatenate([values for _, _, values in scores])
     return pd.DataFrame(columns)
+
+
+# ---------------------------------------------------------------- the stage
+
+def best_cells(means: pd.DataFrame) -> dict:
+    """summary.json's choices among probe cells: every "best" is chosen on validation AUCs."""
+    top = means.sort_values("val_auc", ascending=False).head(5)
+    return {
+        "best_cell": cell_summary(choose_cell(means)),  # chosen on validation; its test AUC is free of the choice
+        "top_cells": [cell_summary(row) for row in top.to_dict("records")],
+        "best_within_cell": cell_summary(choose_cell(means, "within_val_auc")),
+        # what choosing on test would report (optimistic: the best of hundreds on the answers that score it)
+        "best_on_test": cell_summary(choose_cell(means, "auc")),
+    }
+
+
+def _probe(s: StageRun) -> None:
+    c, run_dir = s.config, s.run_dir
+    device = resolve_device(c.device) if c.device_map is None else "cpu"
+    results, scores = run_probe(run_dir, c.sites, C=c.C, n_boot=c.bootstrap, device=device, progress=c.progress,
+                                min_per_class=c.min_per_class, reference=c.protocol == "reference")
+    rf.write_csv(run_dir / rf.PROBE_RESULTS, results)  # the probes' rows; the baselines have their own file
+    rf.write_parquet(run_dir / rf.PROBE_SCORES, scores)
+    rf.update_summary(run_dir, **best_cells(mean_over_seeds(results)))
+    # the probe cells' part of the verdict; the baselines stage adds the baselines and controls
+    verdict = study_verdict(results, scores, rf.read_parquet(run_dir / rf.ANSWERS), rf.read_splits(run_dir / rf.SPLITS),
+                            c.bootstrap)
+    rf.update_summary(run_dir, verdict=verdict)
+
+
+register(Stage(
+    "probe", "4", "A probe per (site, layer, position, seed) (probe_results.csv).", _probe,
+    inputs=(rf.ANSWERS, rf.SPLITS, rf.ACTIVATIONS), outputs=(rf.PROBE_RESULTS, rf.PROBE_SCORES),
+    settings=fields("C", "bootstrap", "sites", "min_per_class", "protocol"), labelled=True, summary=True))

@@ -40,6 +40,7 @@ from ..models import SITES as PROBE_SITES  # any other site of the results is a 
 from ..figures import AUC_CMAP, AUC_CHANCE, AUC_HIGH, AUC_LOW
 from .plot import best_region, chosen_cell, control_level
 from ..metrics import RESULT_COLUMNS, mean_over_seeds, read_run_results
+from .base import Stage, StageRun, register
 
 REPORT = rf.REPORT
 ASSETS = Path(__file__).parent / "report_assets"
@@ -321,3 +322,17 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
     with rf.atomic_path(out) as tmp:
         tmp.write_text(render(runs), encoding="utf-8")
     return out
+
+
+# ---------------------------------------------------------------- the stage
+
+def _report(s: StageRun) -> None:
+    write_report([s.run_dir], s.run_dir / rf.REPORT)
+
+
+# summary.json is not an input: every stage rewrites it, so the report would never be current
+register(Stage(
+    "report", "6", "The interactive report of the run (report.html).", _report,
+    inputs=(rf.ANSWERS, rf.SPLITS, rf.PROBE_RESULTS, rf.PROBE_SCORES, rf.BASELINE_RESULTS, rf.ENTROPY_RESULTS,
+            rf.WHOLEMAP_RESULTS),
+    outputs=(rf.REPORT,), settings=lambda c: {}, labelled=True))
