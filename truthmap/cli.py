@@ -158,10 +158,13 @@ def _report(run_dir: Path) -> None:
     baselines = summary.get("baselines") if isinstance(summary.get("baselines"), dict) else {}
     baselines = {k: v for k, v in baselines.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if baselines:
+        from .stages.baselines import kind_of
+
         best = sorted(baselines.items(), key=lambda kv: -kv[1])[:3]
+        controls = [(k, v) for k, v in baselines.items() if kind_of(k) == "control"]  # the registry's controls
         within = summary.get("probe_within_family_auc")
         console.print("best baselines (mean AUC): " + ", ".join(f"{text(k)} {_number(v)}" for k, v in best)
-                      + (f"; family alone {_number(baselines['family_rate'])}" if "family_rate" in baselines else "")
+                      + ("; controls " + ", ".join(f"{text(k)} {_number(v)}" for k, v in controls) if controls else "")
                       + (f"; best probe within families {_number(within)}" if within is not None else ""))
     whole = summary.get("whole_map")
     paired = whole.get("paired") if isinstance(whole, dict) else None
@@ -614,10 +617,14 @@ def _calibration_line(card: dict) -> str:
 
 
 def _detector(path, model, force, dtype, device, target_false_flag=None):
-    """The exported detector bound to its model (loaded now, so a wrong model fails before any work)."""
+    """The exported detector bound to its model (loaded now, so a wrong model fails before any work).
+    ``model``, ``dtype``, ``device``: the settings of the same names, checked by their declarations."""
     from .analyses.detector import Detector, ModelScorer
+    from .config import make_config
 
-    scorer = ModelScorer(Detector.load(path), model, force, dtype or "auto", device or "auto",
+    given = {k: v for k, v in {"model": model, "dtype": dtype, "device": device}.items() if v is not None}
+    checked = make_config(given, "the command line")  # a bad value: one line naming its flag
+    scorer = ModelScorer(Detector.load(path), model and checked.model, force, checked.dtype, checked.device,
                          target_false_flag=target_false_flag)
     scorer.lm
     return scorer
@@ -632,10 +639,10 @@ def _detector(path, model, force, dtype, device, target_false_flag=None):
 @click.option("--out", type=click.Path(dir_okay=False),
               help="The scored CSV (default: <file>.scored.csv, or .scored-2.csv, … if a file truthmap did not "
                    "write has that name).")
-@click.option("--model", help="Model to run (default: the detector's own).")
+@_option("model", help="Model to run (default: the detector's own).")
 @click.option("--force", is_flag=True, help="Run even if the model differs from the detector's.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
-@click.option("--device")
+@_option("dtype")
+@_option("device")
 @click.option("--target-false-flag", type=float,
               help="Flag at a threshold that flags at most this share of right answers (split-conformal, from the "
                    "card's validation scores; default: the card's threshold).")
@@ -712,10 +719,10 @@ def _read_pairs(path: Path):
 @cli.command()
 @click.argument("question")
 @click.option("--detector", "detector_path", required=True, help="A folder from 'truthmap export'.")
-@click.option("--model", help="Model to run (default: the detector's own).")
+@_option("model", help="Model to run (default: the detector's own).")
 @click.option("--force", is_flag=True, help="Run even if the model differs from the detector's.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
-@click.option("--device")
+@_option("dtype")
+@_option("device")
 @click.option("--target-false-flag", type=float,
               help="Flag at a threshold that flags at most this share of right answers (split-conformal, from the "
                    "card's validation scores; default: the card's threshold).")

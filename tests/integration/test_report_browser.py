@@ -246,7 +246,7 @@ def test_the_verdict_and_the_heatmap_are_on_the_first_screen(study, open_report,
     assert all(numbers.nth(k).bounding_box()["height"] <= line * 1.2 for k in range(numbers.count()))
     assert o.page.evaluate("document.documentElement.scrollWidth") <= width
     # a cell that does not beat the controls is hatched: AUC at or below the controls' highest upper bound
-    from truthmap.stages.plot import control_level
+    from truthmap.stages.baselines import control_level
 
     level = control_level(pd.concat([results, pd.read_csv(out / "baseline_results.csv", dtype={"position": str})]))
     means = mean_over_seeds(results[results.site == "residual"])

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from _synthetic import make_run, tiny_model
+from _synthetic import make_run, seal, tiny_model
 from truthmap.metrics import auc_score
 from truthmap.stages.baselines import (SITE, evaluate, family_table, group_rates, summarise_tokens,
                                 token_statistics, within_family_auc)
@@ -189,3 +189,61 @@ def test_bag_of_tokens_knows_which_answer_was_given_and_reads_the_exact_span():
     assert auc_score(score[~train], wrong[~train]) > 0.95
     shuffled = answers.assign(answer_ids=[[11, 12, 13]] * n)  # no entity token: nothing to know
     assert np.ptp(bag_of_tokens_scores(shuffled, train)) < 1e-9
+
+
+def test_every_score_column_the_stages_make_is_registered_by_name():
+    """The registry (BASELINES) is the one list of baseline names: each column the baselines and samples
+    stages write, and the whole-map row, is in it with a kind and a cost the cost table knows."""
+    from truthmap.analyses.entropy import SCORE_NAMES
+    from truthmap.stages.baselines import BASELINES, COSTS, P_TRUE_CHOICES
+
+    made = set(summarise_tokens(np.ones(2), np.ones(2), np.ones(2, bool)))
+    made |= set(summarise_tokens(np.ones(2), np.ones(2), np.ones(2, bool), "_exact"))
+    made |= {c for columns in P_TRUE_CHOICES.values() for c in columns}
+    made |= {n + judged for n in SCORE_NAMES for judged in ("", "_judged") if n + judged != "naive_entropy_judged"}
+    made |= {"whole_map"}
+    assert made <= set(BASELINES), made - set(BASELINES)
+    assert {b.kind for b in BASELINES.values()} <= {"token scores", "p(True)", "control", "sampling", "probe"}
+    assert all(b.cost in COSTS and b.label for b in BASELINES.values())
+
+
+def test_a_registered_control_is_fitted_scored_and_read_by_every_view(tmp_path, monkeypatch):
+    """Adding a baseline is its registration: evaluate fits it on each seed's train part, it sets the
+    controls' bar, summary.json's controls name it, the report labels it and the cost table counts it;
+    a name the registry does not know (another version's) is still shown, as a baseline."""
+    from truthmap import runfolder as rf
+    from truthmap.analyses import cost
+    from truthmap.stages import baselines as bl
+    from truthmap.stages.report import baselines as report_rows
+
+    fitted = []
+
+    def fit(answers):
+        error = (~answers["correct"].astype(bool)).to_numpy(float)
+
+        def score(train):
+            fitted.append(int(train.sum()))
+            return np.where(train, 0.5, error * 0.9 + 0.05)  # knows the errors of the answers it was not fitted on
+        return score
+
+    monkeypatch.setitem(bl.BASELINES, "oracle", bl.Baseline("oracle", "control", "none", "oracle control",
+                                                            probability=True, fit=fit))
+    run = make_run(tmp_path / "run")
+    answers = pd.read_parquet(run / "answers.parquet")
+    splits = json.loads((run / "splits.json").read_text())
+    results = evaluate(pd.DataFrame({"id": answers.id, "some_future_score": 0.0}), answers, splits, n_boot=50)
+    by = results[results.seed == 0].set_index("position")
+    assert fitted == [len(splits["seeds"][s]["train"]) for s in sorted(splits["seeds"], key=int)]
+    assert by.loc["oracle", "auc"] == 1.0 and by.loc["oracle", "n_train"] == len(splits["seeds"]["0"]["train"])
+    assert by.loc["some_future_score", "n_train"] == 0 and np.isnan(by.loc["some_future_score", "accuracy"])
+    assert bl.control_level(results)["name"] == "oracle"  # the highest bar of the controls
+    assert bl.controls(results)["oracle"]["auc"] == 1.0
+    shown = {row["name"]: row for row in report_rows(results)}
+    assert (shown["oracle"]["kind"], shown["oracle"]["label"]) == ("control", "oracle control")
+    assert (shown["some_future_score"]["kind"], shown["some_future_score"]["label"]) == ("baseline", "some_future_score")
+    results.to_csv(run / rf.BASELINE_RESULTS, index=False)
+    pd.DataFrame([{"site": "residual", "layer": 1, "position": "-1", "seed": 0, "auc": 0.7, "val_auc": 0.7}]
+                 ).to_csv(run / rf.PROBE_RESULTS, index=False)
+    seal(run)
+    table = cost.cost_table(run).set_index("method")
+    assert table.loc["oracle", "kind"] == "control" and table.loc["oracle", "forward_tokens"] == 0

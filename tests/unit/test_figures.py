@@ -12,6 +12,7 @@ from matplotlib.colors import to_rgba
 from truthmap import runfolder as rf
 from truthmap.errors import TruthmapError
 from truthmap.figures import MISSING, draw_grid, new_figure, png_and_svg, save
+from truthmap.stages.baselines import control_level
 from truthmap.stages.plot import plot_heatmap
 
 
@@ -85,7 +86,7 @@ def test_the_heatmap_hatches_the_cells_that_do_not_beat_the_controls_and_names_t
     # the controls' highest upper bound is surface's 0.70 (family_rate: higher AUC, narrower interval)
     results = auc_rows(GRID, baselines={"surface": (0.64, 0.58, 0.70), "family_rate": (0.66, 0.65, 0.67),
                                         "logprob_mean": (0.80, 0.75, 0.85)})  # not a control: sets no bar
-    assert plot.control_level(results) == {"name": "surface", "auc": 0.64, "high": 0.70}
+    assert control_level(results) == {"name": "surface", "auc": 0.64, "high": 0.70}
     left_out = plot.left_out_note({"q1": "no_exact_answer:no_match", "q2": "no_exact_answer:no_match", "q3": "-8",
                                    "q4": "-8", "q5": "refusal"})
     plot.plot_heatmap(results, ["last_q", "exact_answer_first"], tmp_path / "heatmap", model="m", dataset="d", n=40,

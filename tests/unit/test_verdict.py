@@ -5,6 +5,7 @@ from sklearn.metrics import roc_auc_score
 
 from truthmap.splits import make_splits
 from truthmap.metrics import bootstrap_for, group_bootstrap
+from truthmap.stages.baselines import control_names
 from truthmap.stages.verdict import compare, paired_replicates, study_verdict, verdict_lines
 
 
@@ -65,7 +66,7 @@ def _study(n, seed=0):
 
 
 def test_a_truly_better_position_is_shown_at_enough_answers_and_not_at_few():
-    big = study_verdict(*_study(3000)[:4], n_boot=300, others=_study(3000)[4])
+    big = study_verdict(*_study(3000)[:4], n_boot=300, others=_study(3000)[4], controls=control_names())
     chosen = big["chosen"]
     assert (chosen["position"], chosen["layer"]) == ("exact_answer_last", 3)
     by = {c["against"]: c for c in big["comparisons"]}

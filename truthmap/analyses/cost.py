@@ -35,14 +35,10 @@ import pandas as pd
 from .. import runfolder as rf
 from ..metrics import mean_over_seeds, read_run_results
 from ..stages.base import Stage, StageRun, register, short_model
+from ..stages.baselines import BASELINES, COSTS
 
 COLUMNS = ["method", "kind", "auc", "auc_lo", "auc_hi", "forward_tokens", "seconds", "pareto", "note"]
-TOKEN_SCORES = ("logprob_mean", "logprob_min", "logprob_max", "logprob_last", "entropy_mean",
-                "logprob_mean_exact", "logprob_min_exact", "logprob_max_exact", "logprob_last_exact",
-                "entropy_mean_exact")
-FREE_SCORES = ("family_rate", "subgroup_rate", "surface")  # read from the answer and the train part
-GENERATION_ONLY = ("semantic_entropy", "n_clusters", "sample_disagreement")  # samples, no log-probabilities
-WITH_LOGPROBS = ("semantic_entropy_prob", "naive_entropy")
+
 
 
 def cost_table(run_dir: Path) -> pd.DataFrame:
@@ -94,39 +90,39 @@ def cost_table(run_dir: Path) -> pd.DataFrame:
             add(f"probe {best['site']} L{best['layer']} {best['position']}", "probe", means.loc[key], state_tokens,
                 _per(_sum(stage.get("extract"), stage.get("probe")), n_all),
                 "the cell chosen on validation; seconds: extract and fit every cell")
-    if "whole_map" in baselines.index:
-        add("whole_map", "probe", baselines.loc["whole_map"], state_tokens,
-            _per(_sum(stage.get("extract"), stage.get("probe"), stage.get("wholemap")), n_all),
-            "every cell combined (stacking); seconds: extract, the probes and the wholemap stage")
     token_tokens = _per(baseline_tokens.get("token_statistics"), n_all)
-    for name in TOKEN_SCORES:
-        if name in baselines.index:
-            add(name, "token scores", baselines.loc[name], token_tokens if token_tokens is not None else np.nan,
-                _per(baseline_seconds.get("token_statistics"), n_all),
-                "read while answering" if token_tokens == 0 else "tokens not recorded (an older run)"
-                if token_tokens is None else "a forward pass over prompt and answer")
-    for name in ("p_true_exact", "p_true_answer"):
-        if name in baselines.index:
-            add(name, "p(True)", baselines.loc[name], _per(baseline_tokens.get(name), n_all),
-                _per(baseline_seconds.get("p_true"), n_all), "one more forward pass (variants asked share it)")
-    for name in FREE_SCORES:
-        if name in baselines.index:
-            add(name, "control", baselines.loc[name], 0.0, 0.0, "no model pass")
     sample_tokens = _sample_tokens(run_dir)
     sampling = summary.get("sampling") if isinstance(summary.get("sampling"), dict) else {}
     per_question = _numbers(sampling.get("seconds_per_question"))
-    for name in (*GENERATION_ONLY, *WITH_LOGPROBS):
-        for judged in (False, True):
-            column = name + ("_judged" if judged else "")
-            if column not in baselines.index:
+    # every registered baseline the run scored (stages/baselines.py), grouped by what it costs
+    for cost in COSTS:
+        for name, baseline in BASELINES.items():
+            if baseline.cost != cost or name not in baselines.index:
                 continue
-            passes = 2 if name in WITH_LOGPROBS else 1
-            seconds = _sum(per_question.get("sampling"), per_question.get("labels_and_logprobs"),
-                           per_question.get("judge") if judged else 0.0)
-            note = f"{sampling.get('n', '?')} samples" + (" and their log-probabilities" if passes == 2 else "")
-            note += "; judge calls not counted in tokens" if judged else ""
-            add(column, "sampling", baselines.loc[column],
-                sample_tokens * passes if sample_tokens is not None else np.nan, seconds, note)
+            row = baselines.loc[name]
+            if cost == "probes":
+                add(name, baseline.kind, row, state_tokens,
+                    _per(_sum(stage.get("extract"), stage.get("probe"), stage.get("wholemap")), n_all),
+                    "every cell combined (stacking); seconds: extract, the probes and the wholemap stage")
+            elif cost == "token statistics":
+                add(name, baseline.kind, row, token_tokens if token_tokens is not None else np.nan,
+                    _per(baseline_seconds.get("token_statistics"), n_all),
+                    "read while answering" if token_tokens == 0 else "tokens not recorded (an older run)"
+                    if token_tokens is None else "a forward pass over prompt and answer")
+            elif cost == "p(True)":
+                add(name, baseline.kind, row, _per(baseline_tokens.get(name), n_all),
+                    _per(baseline_seconds.get("p_true"), n_all), "one more forward pass (variants asked share it)")
+            elif cost == "none":
+                add(name, baseline.kind, row, 0.0, 0.0, "no model pass")
+            else:  # samples, and with log-probabilities a second pass over them
+                judged = name.endswith("_judged")
+                passes = 2 if cost == "samples and log-probabilities" else 1
+                seconds = _sum(per_question.get("sampling"), per_question.get("labels_and_logprobs"),
+                               per_question.get("judge") if judged else 0.0)
+                note = f"{sampling.get('n', '?')} samples" + (" and their log-probabilities" if passes == 2 else "")
+                note += "; judge calls not counted in tokens" if judged else ""
+                add(name, baseline.kind, row, sample_tokens * passes if sample_tokens is not None else np.nan,
+                    seconds, note)
     table = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "pareto"])
     table["pareto"] = pareto_front(table["auc"].to_numpy(float), table["forward_tokens"].to_numpy(float))
     return table[COLUMNS]

@@ -27,18 +27,26 @@ as the positive class, as the probes do. The baselines:
   question.
 
 Only two scalars per answer token (its probability and the entropy) are ever kept, never logits.
+
+Every baseline is registered by name in ``BASELINES`` (:class:`Baseline`: its kind, what it costs beyond
+answering, a label, whether its score is a probability, and for a control fitted on the train part how
+it is fitted). The verdict, the heatmap's controls bar, summary.json's ``controls``, the cost table
+(analyses/cost.py) and the report read the names of a run's rows and their kinds from the registry;
+adding a baseline is registering it (docs/extending.md).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .. import runfolder as rf
-from ..constants import BASELINE_SITE
+from ..constants import BASELINE_SITE, SITES
 from ..errors import TruthmapError
 from ..metrics import (RESULT_COLUMNS, auc_score, bootstrap_for, cell_stats, cell_summary, choose_cell,
                        mean_over_seeds, read_run_results, result_rows, split_masks, strata_of)
@@ -92,11 +100,14 @@ def token_statistics(lm, sequences: list[list[int]], n_prompt: list[int]) -> lis
     return out
 
 
+TOKEN_STATISTICS = ("logprob_mean", "logprob_min", "logprob_max", "logprob_last", "entropy_mean")  # per answer
+TOKEN_SPANS = {"": "the answer's tokens", "_exact": "the exact answer's tokens"}  # each statistic over each span
+
+
 def summarise_tokens(prob: np.ndarray, entropy: np.ndarray, keep: np.ndarray, suffix: str = "") -> dict:
     """The log-probability and entropy scores over the tokens ``keep`` (bool), oriented higher = wrong."""
     if not keep.any():
-        return {f"{name}{suffix}": np.nan for name in ("logprob_mean", "logprob_min", "logprob_max", "logprob_last",
-                                                      "entropy_mean")}
+        return {f"{name}{suffix}": np.nan for name in TOKEN_STATISTICS}
     logp = np.log(np.clip(prob[keep], 1e-30, 1.0))
     return {
         f"logprob_mean{suffix}": -float(logp.mean()),
@@ -369,11 +380,7 @@ def group_rates(answers: pd.DataFrame, train_ids: set, keys: list[str]) -> np.nd
     return rates.reindex(index).fillna(overall).to_numpy(dtype=float)
 
 
-# ---------------------------------------------------------------------- AUCs on the probes' test splits
-
-PROBABILITIES = ("p_true_exact", "p_true_answer", "family_rate", "subgroup_rate", "surface", "bag_of_tokens")  # accuracy at 0.5
-LEARNED = ("family_rate", "subgroup_rate", "surface", "bag_of_tokens")  # fitted on the train part (n_train counts it)
-
+# ---------------------------------------------------------------------- the controls fitted on the train part
 
 def surface_features(answers: pd.DataFrame) -> np.ndarray:
     """``[N, k]`` what an answer looks like from outside, nothing the model holds inside: its length in
@@ -446,6 +453,114 @@ def bag_of_tokens_scores(answers: pd.DataFrame, train: np.ndarray, bags=None) ->
     return model.predict_proba(X)[:, 1]
 
 
+# ---------------------------------------------------------------------- every baseline, by name
+
+@dataclass(frozen=True)
+class Baseline:
+    """One score a probe must beat, registered by its name: the name of its column of
+    baseline_scores.parquet (or sampling_scores.parquet) and its ``position`` in baseline_results.csv.
+    Higher always means "more likely wrong"."""
+
+    name: str
+    kind: str  # "token scores", "p(True)", "control", "sampling" or "probe": how it is made (the report groups by it)
+    cost: str  # its extra cost beyond answering (analyses/cost.py): one of COSTS
+    label: str  # a few words naming it in the report ("surface control", "p(True) of the exact answer")
+    probability: bool = False  # its score is a probability: accuracy at 0.5 is reported
+    # a control fitted on each seed's train part: answers -> (train mask [N] -> score [N]), or None where it
+    # cannot be made on these answers (no subgroups, no token ids); None for a column of a scores file
+    fit: Callable[[pd.DataFrame], Callable[[np.ndarray], np.ndarray] | None] | None = None
+
+
+# what a baseline costs beyond answering (analyses/cost.py counts each), in the order the cost table lists them
+COSTS = {"probes": "the hidden states and the probes of every cell",
+         "token statistics": "the answer's token probabilities: read while answering, or one forward pass",
+         "p(True)": "one more forward pass of its own prompt per answer",
+         "none": "no model pass: the answer and the train part",
+         "samples": "N sampled answers per question",
+         "samples and log-probabilities": "N sampled answers and a forward pass over each"}
+
+BASELINES: dict[str, Baseline] = {}
+
+
+def register_baseline(baseline: Baseline) -> Baseline:
+    """Add ``baseline`` to the registry (a name may be registered once; its cost one of COSTS)."""
+    if baseline.name in BASELINES:
+        raise ValueError(f"baseline '{baseline.name}' is registered twice")
+    if baseline.cost not in COSTS:
+        raise ValueError(f"baseline '{baseline.name}': cost '{baseline.cost}' is not one of {', '.join(COSTS)}")
+    BASELINES[baseline.name] = baseline
+    return baseline
+
+
+def kind_of(name: str) -> str:
+    """The kind of a baseline row's name; "baseline" for a name this version does not register (another
+    version's run)."""
+    return BASELINES[name].kind if name in BASELINES else "baseline"
+
+
+def _rates(keys: list[str]):
+    def fit(answers):
+        if "subgroup" in keys and not answers["subgroup"].fillna("").astype(str).str.len().gt(0).any():
+            return None  # no question has a subgroup: the family rate says it all
+        ids = answers["id"].to_numpy()
+        return lambda train: group_rates(answers, set(ids[train]), keys)
+    return fit
+
+
+def _bags(answers):
+    if "answer_ids" not in answers.columns:
+        return None
+    bags = token_bags(answers)  # once for every seed
+    return lambda train: bag_of_tokens_scores(answers, train, bags)
+
+
+for _suffix, _span in TOKEN_SPANS.items():
+    for _name in TOKEN_STATISTICS:
+        register_baseline(Baseline(f"{_name}{_suffix}", "token scores", "token statistics",
+                                   f"{_name.replace('_', ' ')} over {_span}"))
+register_baseline(Baseline("p_true_exact", "p(True)", "p(True)", "p(True) of the exact answer", probability=True))
+register_baseline(Baseline("p_true_answer", "p(True)", "p(True)", "p(True) of the whole answer", probability=True))
+register_baseline(Baseline("family_rate", "control", "none", "family control", probability=True,
+                           fit=_rates(["family"])))
+register_baseline(Baseline("subgroup_rate", "control", "none", "family + subgroup control", probability=True,
+                           fit=_rates(["family", "subgroup"])))
+register_baseline(Baseline("surface", "control", "none", "surface control", probability=True,
+                           fit=lambda answers: lambda train: surface_scores(answers, train)))
+register_baseline(Baseline("bag_of_tokens", "control", "none", "bag-of-tokens control", probability=True, fit=_bags))
+# from the samples stage (analyses/entropy.py: sampling_scores.parquet; "_judged": with --judge-equivalence)
+for _name, _cost in (("semantic_entropy", "samples"), ("semantic_entropy_prob", "samples and log-probabilities"),
+                     ("naive_entropy", "samples and log-probabilities"), ("n_clusters", "samples"),
+                     ("sample_disagreement", "samples")):
+    for _judged in ("", "_judged") if _name != "naive_entropy" else ("",):  # no clusters: nothing to judge
+        register_baseline(Baseline(_name + _judged, "sampling", _cost,
+                                   _name.replace("_", " ") + (" (judged clusters)" if _judged else "")))
+# a row of wholemap_results.csv (analyses/wholemap.py), read with the baselines' rows
+register_baseline(Baseline("whole_map", "probe", "probes", "the whole map as one probe", probability=True))
+
+
+def control_names() -> tuple[str, ...]:
+    """The registered controls: the baselines a probe cell must beat to count (the heatmap hatches the others)."""
+    return tuple(name for name, b in BASELINES.items() if b.kind == "control")
+
+
+def control_level(results: pd.DataFrame) -> dict | None:
+    """The bar a probe cell must clear to beat the controls: ``{"name", "auc", "high"}`` of the control
+    (the rows of :func:`control_names`, mean over seeds) with the highest upper 95% bound (its AUC where
+    it has no interval); None when the run has no control rows."""
+    rows = results[~results["site"].isin(SITES) & results["position"].astype(str).isin(control_names())]
+    if rows.empty:
+        return None
+    means = mean_over_seeds(rows)
+    means["bar"] = means["auc_hi"].fillna(means["auc"])
+    means = means.dropna(subset=["bar"])
+    if means.empty:
+        return None
+    top = means.loc[means["bar"].idxmax()]
+    return {"name": str(top["position"]), "auc": round(float(top["auc"]), 4), "high": round(float(top["bar"]), 4)}
+
+
+# ---------------------------------------------------------------------- AUCs on the probes' test splits
+
 def evaluate(scores: pd.DataFrame, answers: pd.DataFrame, splits: dict, n_boot: int = 1000,
              columns_out: dict | None = None) -> pd.DataFrame:
     """Rows in ``probe_results.csv``'s format for every baseline and seed: scored, like the probes, on
@@ -459,24 +574,18 @@ def evaluate(scores: pd.DataFrame, answers: pd.DataFrame, splits: dict, n_boot: 
     strata = strata_of(answers, ids)
     table = scores.set_index("id").reindex(ids)
     columns = {name: np.tile(table[name].to_numpy(dtype=float), (len(seeds), 1)) for name in table.columns}
-    has_subgroups = answers["subgroup"].fillna("").astype(str).str.len().gt(0).any()
-    learned = {"family_rate": ["family"], "subgroup_rate": ["family", "subgroup"]}
-    if not has_subgroups:
-        learned.pop("subgroup_rate")
-    for name, keys in learned.items():
-        columns[name] = np.stack([group_rates(answers, set(np.asarray(ids)[parts["train"][s]]), keys)
-                                  for s in range(len(seeds))])
-    columns["surface"] = np.stack([surface_scores(answers, parts["train"][s]) for s in range(len(seeds))])
-    if "answer_ids" in answers.columns:
-        bags = token_bags(answers)
-        columns["bag_of_tokens"] = np.stack([bag_of_tokens_scores(answers, parts["train"][s], bags)
-                                             for s in range(len(seeds))])
+    for name, baseline in BASELINES.items():  # the controls fitted on each seed's train part
+        per_seed = baseline.fit(answers) if baseline.fit is not None else None
+        if per_seed is not None:
+            columns[name] = np.stack([per_seed(parts["train"][s]) for s in range(len(seeds))])
     if columns_out is not None:
         columns_out.update(columns)
     rows = []
     for name, score in columns.items():
-        per_seed, cell = cell_stats(score, error, parts, weights, strata, probability=name in PROBABILITIES)
-        if name not in LEARNED:
+        known = BASELINES.get(name)
+        per_seed, cell = cell_stats(score, error, parts, weights, strata,
+                                    probability=known is not None and known.probability)
+        if known is None or known.fit is None:
             for row in per_seed:
                 row["n_train"] = 0
         rows.extend(result_rows(SITE, -1, name, seeds, per_seed, cell))
@@ -533,12 +642,11 @@ def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: floa
     coloured by kind (probe, control, baseline) with a legend; a baseline without an AUC on this data (the
     family rate of a one-family file) is named in the title, not drawn as an empty bar."""
     from ..figures import draw_auc_bars, new_figure, save
-    from .plot import CONTROLS, control_level
-
     means = mean_over_seeds(results[results["site"] == SITE]).sort_values("auc", na_position="first")
     missing = means.loc[means["auc"].isna(), "position"].tolist()
     bars = [{"label": row.position, "auc": row.auc, "low": row.auc_lo, "high": row.auc_hi,
-             "kind": "control" if row.position in CONTROLS else "baseline"} for row in means.dropna(subset=["auc"]).itertuples()]
+             "kind": "control" if kind_of(row.position) == "control" else "baseline"}
+            for row in means.dropna(subset=["auc"]).itertuples()]
     if np.isfinite(within_family):
         bars.append({"label": "probe within family", "auc": within_family, "kind": "probe within family"})
     if cell is not None:
@@ -575,7 +683,7 @@ def finish_baselines(run_dir: Path, scores: pd.DataFrame, *, n_boot: int = 1000,
     plot_baselines(merged, cell, within, run_dir / FIGURE, title)
     means = mean_over_seeds(results)
     probes = merged[merged["site"] != SITE]
-    verdict = study_verdict(probes, probe_scores, answers, splits, n_boot, others=columns)
+    verdict = study_verdict(probes, probe_scores, answers, splits, n_boot, others=columns, controls=control_names())
     exact = best_probe_cell(merged, [p for p in probes["position"].unique() if p in EXACT_POSITIONS])
     exact_minus_surface = None
     if exact is not None and "surface" in columns:
@@ -586,8 +694,8 @@ def finish_baselines(run_dir: Path, scores: pd.DataFrame, *, n_boot: int = 1000,
 
 
 def controls(results: pd.DataFrame, exact_minus_surface: dict | None = None) -> dict:
-    """The surface and family controls beside the validation-chosen cells of the exact-answer columns and
-    of the other columns. ``exact_minus_surface``: the paired difference of the best exact-answer cell's
+    """Every control's mean AUC (:func:`control_names`, by name; None where it has none) beside the validation-chosen
+    cells of the exact-answer columns and of the other columns. ``exact_minus_surface``: the paired difference of the best exact-answer cell's
     test AUC and the surface control's (:func:`truthmap.stages.verdict.compare`); ``confounded`` is true
     when its 95% interval reaches 0 (those columns are not shown to read more than what the answer looks
     like), None without it."""
@@ -605,8 +713,7 @@ def controls(results: pd.DataFrame, exact_minus_surface: dict | None = None) -> 
     confounded = None
     if exact_minus_surface is not None and exact_minus_surface.get("low") is not None:
         confounded = not exact_minus_surface["shown"]
-    return {"surface": auc_of("surface"), "family_rate": auc_of("family_rate"), "subgroup_rate": auc_of("subgroup_rate"),
-            "bag_of_tokens": auc_of("bag_of_tokens"),
+    return {**{name: auc_of(name) for name in control_names()},
             "best_exact_answer_cell": cell_summary(exact), "best_other_cell": cell_summary(other),
             "exact_minus_surface": exact_minus_surface, "exact_answer_confounded": confounded}
 

@@ -11,9 +11,10 @@ What the heatmap shows:
 * the black rectangle: the best region, chosen on validation AUCs only (:func:`best_region`): the
   validation-best cell and the cells connected to it (sharing an edge) whose mean validation AUC is
   within one bootstrap standard error of the best one's; the rectangle is the region's bounding box;
-* hatching: a cell that does not beat the controls (:func:`control_level`): its test AUC is at or below
-  the highest upper 95% bound of the controls (``CONTROLS``: the surface and family controls, the
-  bag-of-answer-tokens baseline); the bar is marked on the colour bar;
+* hatching: a cell that does not beat the controls (:func:`truthmap.stages.baselines.control_level`): its
+  test AUC is at or below the highest upper 95% bound of the controls (the baselines registered as
+  controls: the surface and family controls, the bag-of-answer-tokens baseline); the bar is marked on the
+  colour bar;
 * the title: the validation-chosen cell's test AUC and interval.
 
 :func:`paper_figure` (``truthmap figure RUN``) draws the same map with readable position names beside the
@@ -33,12 +34,12 @@ from ..figures import (AUC_CMAP, auc_norm, draw_auc_bars, draw_grid, layer_ticks
 from ..metrics import choose_cell, mean_over_seeds, read_results, read_run_results
 from ..runfolder import HEATMAP, HEATMAP_WITHIN
 from .base import Stage, StageRun, fields, register, short_model
+from .baselines import control_level, kind_of
 
 # (shown, chosen on, its standard error) per heatmap: the test AUC is drawn, the validation AUC chooses
 VIEWS = {HEATMAP: ("auc", "val_auc", "val_auc_se"), HEATMAP_WITHIN: ("within_auc", "within_val_auc", None)}
 # the baselines that say what a probe reads besides the model's knowledge: the answer's look (surface), the
 # kind of question (family, subgroup), which answer was given (bag of answer tokens)
-CONTROLS = ("surface", "family_rate", "subgroup_rate", "bag_of_tokens")
 PROBE_SITES = ("residual", "mlp", "attention")  # models.SITES; any other site of the results is a baseline
 HATCH = "////"  # a cell that does not beat the controls
 NULL_HATCH = "..."  # a cell not above the per-cell permutation null (analyses/wholemap.py)
@@ -81,22 +82,6 @@ def site_region(results: pd.DataFrame, site: str, positions: list[str], view: st
         _, se = auc_grid(results, site, positions, error)
         margin = se[np.unravel_index(np.nanargmax(grid), grid.shape)]
     return best_region(grid, margin)
-
-
-def control_level(results: pd.DataFrame) -> dict | None:
-    """The bar a probe cell must clear to beat the controls: ``{"name", "auc", "high"}`` of the control
-    (``CONTROLS`` rows of the baselines, mean over seeds) with the highest upper 95% bound (its AUC where
-    it has no interval); None when the run has no control rows."""
-    rows = results[~results["site"].isin(PROBE_SITES) & results["position"].astype(str).isin(CONTROLS)]
-    if rows.empty:
-        return None
-    means = mean_over_seeds(rows)
-    means["bar"] = means["auc_hi"].fillna(means["auc"])
-    means = means.dropna(subset=["bar"])
-    if means.empty:
-        return None
-    top = means.loc[means["bar"].idxmax()]
-    return {"name": str(top["position"]), "auc": round(float(top["auc"]), 4), "high": round(float(top["bar"]), 4)}
 
 
 def below_controls(grid: np.ndarray, level: dict | None) -> np.ndarray:
@@ -304,7 +289,7 @@ def _bars(results: pd.DataFrame, cell: dict | None) -> list[dict]:
     if not rows.empty:
         means = mean_over_seeds(rows).dropna(subset=["auc"]).sort_values("auc")
         bars = [{"label": str(r.position).replace("_", " "), "auc": r.auc, "low": r.auc_lo, "high": r.auc_hi,
-                 "kind": "control" if str(r.position) in CONTROLS else "baseline"} for r in means.itertuples()]
+                 "kind": "control" if kind_of(str(r.position)) == "control" else "baseline"} for r in means.itertuples()]
     if cell is not None:
         bars.append({"label": f"probe L{cell['layer']} {position_label(cell['position'])}", "auc": cell["auc"],
                      "low": cell.get("auc_lo"), "high": cell.get("auc_hi"), "kind": "probe"})

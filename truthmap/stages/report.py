@@ -8,7 +8,7 @@ heatmap when ``truthmap run`` makes it). The page's script and style are the pro
 
 The page opens on the verdict (summary.json ``verdict``: its line, the chosen cell with its interval, the
 paired comparisons; a run without one shows the validation-chosen cell) beside — on a phone, above — the
-heatmap, whose cells that do not beat the controls are hatched (:func:`truthmap.stages.plot.control_level`).
+heatmap, whose cells that do not beat the controls are hatched (:func:`truthmap.stages.baselines.control_level`).
 
 What the page gets, as one JSON document (see :func:`run_data`): per site and view (mean over seeds, or
 one seed) the AUC table ``[layers][positions]`` with intervals and sizes; the test answers of every
@@ -38,7 +38,8 @@ from .. import runfolder as rf
 from ..errors import TruthmapError
 from ..models import SITES as PROBE_SITES  # any other site of the results is a baseline
 from ..figures import AUC_CMAP, AUC_CHANCE, AUC_HIGH, AUC_LOW
-from .plot import best_region, chosen_cell, control_level
+from .baselines import BASELINES, control_level
+from .plot import best_region, chosen_cell
 from ..metrics import RESULT_COLUMNS, mean_over_seeds, read_run_results
 from .base import Stage, StageRun, register
 
@@ -122,14 +123,17 @@ def add_entropy_view(run_dir: Path, sites: dict, positions: list[str]) -> None:
 
 
 def baselines(results: pd.DataFrame) -> list[dict]:
-    """Rows of sites other than the probe sites (``site = baseline`` …), mean over seeds."""
+    """Rows of sites other than the probe sites (``site = baseline`` …), mean over seeds, each with its kind
+    and label from the baseline registry (stages/baselines.py)."""
     rows = results[~results["site"].isin(PROBE_SITES)]
     if rows.empty:
         return []
     means = mean_over_seeds(rows)
+    known = {name: (b.kind, b.label) for name, b in BASELINES.items()}  # a name of another version: its own
     return [{"site": str(r.site), "layer": _number(r.layer, 0), "name": str(r.position), "auc": _number(r.auc),
              "auc_std": _number(r.auc_std), "auc_lo": _number(r.auc_lo), "auc_hi": _number(r.auc_hi),
-             "n_test": _number(r.n_test, 1)} for r in means.itertuples()]
+             "n_test": _number(r.n_test, 1), "kind": known.get(str(r.position), ("baseline", str(r.position)))[0],
+             "label": known.get(str(r.position), ("baseline", str(r.position)))[1]} for r in means.itertuples()]
 
 
 def answer_table(answers: pd.DataFrame) -> dict:
@@ -227,7 +231,7 @@ def run_data(run_dir: Path) -> dict:
     return {
         "name": run_dir.resolve().name,
         "summary": {key: summary[key] for key in SUMMARY_KEYS if key in summary},
-        # the bar a cell must clear to beat the controls (plot.control_level): the map hatches the others
+        # the bar a cell must clear to beat the controls (baselines.control_level): the map hatches the others
         "control": control_level(results),
         "chosen": None if chosen is None else {"site": str(chosen["site"]), "layer": int(chosen["layer"]),
                                                "position": str(chosen["position"]), "auc": _number(chosen["auc"]),

@@ -127,14 +127,14 @@ def compare_cell(cell: dict, other: np.ndarray, probe_scores: pd.DataFrame, answ
 
 
 def study_verdict(results: pd.DataFrame, probe_scores: pd.DataFrame, answers: pd.DataFrame, splits: dict,
-                  n_boot: int = 1000, others: dict[str, np.ndarray] | None = None) -> dict | None:
+                  n_boot: int = 1000, others: dict[str, np.ndarray] | None = None,
+                  controls: tuple[str, ...] = ()) -> dict | None:
     """summary.json's ``verdict`` (docs/run-folder.md): the validation-chosen cell's test AUC, its interval
     and the seeds' spread, and its paired comparisons. ``results``: the probes' rows of
     probe_results.csv; ``others``: ``{baseline name: scores [S, N]}`` over ``answers``' row order
-    (seeds in ``splits`` order), from the baselines stage; None: the probe cells only. None when no cell
-    has a validation AUC."""
+    (seeds in ``splits`` order), from the baselines stage; None: the probe cells only; ``controls``: the
+    names among them that are controls (the others are baselines). None when no cell has a validation AUC."""
     from ..splits import split_groups
-    from .plot import CONTROLS
 
     means = mean_over_seeds(results)
     chosen = choose_cell(means)
@@ -153,7 +153,7 @@ def study_verdict(results: pd.DataFrame, probe_scores: pd.DataFrame, answers: pd
         row_of = {i: k for k, i in enumerate(answers["id"])}
         rows = [row_of[i] for i in ids]
         for name, score in others.items():
-            sides.append((name, "control" if name in CONTROLS else "baseline", np.asarray(score, float)[:, rows], name))
+            sides.append((name, "control" if name in controls else "baseline", np.asarray(score, float)[:, rows], name))
     # the headline comparisons first (other kinds of column, layer 0), then controls, baselines, other positions
     order = {"position": 3, "layer0": 0, "control": 1, "baseline": 2}
     headline = ("best -k", "best last_q", "best non-exact", "best exact-answer")

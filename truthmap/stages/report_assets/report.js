@@ -726,9 +726,8 @@
       const rows = [];
       if (controls.best_exact_answer_cell) rows.push(["best exact-answer cell", fmt(controls.best_exact_answer_cell.auc)]);
       if (controls.best_other_cell) rows.push(["best other cell", fmt(controls.best_other_cell.auc)]);
-      if (controls.surface) rows.push(["surface control", fmt(controls.surface.auc)]);
-      if (controls.family_rate) rows.push(["family control", fmt(controls.family_rate.auc)]);
-      if (controls.subgroup_rate) rows.push(["family + subgroup control", fmt(controls.subgroup_rate.auc)]);
+      // the controls are the run's baseline rows of kind "control" (their names and labels: the baseline registry)
+      run.baselines.filter((b) => b.kind === "control" && b.auc !== null).forEach((b) => rows.push([b.label, fmt(b.auc)]));
       if (rows.length) panel.append(smallTable("Controls (test AUC)", ["", "AUC"], rows));
     }
     if (run.baselines.length) {
