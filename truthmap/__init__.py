@@ -29,7 +29,7 @@ def run(
     limit: int | None = None,
     out: str | None = None,
     seeds: list[int] | None = None,
-    site: str | list[str] | None = None,
+    sites: str | list[str] | None = None,
     config: str | None = None,
     force: bool = False,
     **settings,
@@ -39,12 +39,17 @@ def run(
     probes' table (``entropy_probe_results.csv``).
 
     Arguments mirror ``truthmap run``; any other field of :class:`truthmap.config.Config` can be
-    passed by name (``positions=[...]``, ``max_new_tokens=32``, ``device="cuda"``, …).
+    passed by name (``positions=[...]``, ``max_new_tokens=32``, ``device="cuda"``, …). ``sites`` may be
+    one site's name; ``site=`` (an earlier spelling) still works.
     """
     from .config import settings_from
     from .pipeline import run_stages
 
-    sites = [site] if isinstance(site, str) else site
+    if "site" in settings:  # the earlier keyword
+        if sites is not None:
+            raise TruthmapError("truthmap.run(): give sites=, not both sites= and site=")
+        sites = settings.pop("site")
+    sites = [sites] if isinstance(sites, str) else sites
     cfg = settings_from(config, dict(model=model, dataset=dataset, limit=limit, out=out, seeds=seeds, sites=sites,
                                      **settings), "truthmap.run()")
     run_dir = run_stages(cfg, force=force)

@@ -357,3 +357,51 @@ def test_an_analysis_reads_the_runs_settings_through_the_schema(tmp_path):
         rf.write_json(run / rf.CONFIG, {"protocol": "reference", "max_new_tokens": 40, "from_a_newer_version": 1})
         assert saved_settings(run / rf.CONFIG) == {"protocol": "reference", "max_new_tokens": 40}
     assert saved_settings(tmp_path / "none.json", required=False) == {}
+
+
+class _Seen(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_each_setting_is_a_yaml_key_and_a_python_keyword_of_its_name(name, monkeypatch, tmp_path):
+    """One name everywhere: the flag (above), the key of a --config YAML file and the keyword of
+    truthmap.run() give the same setting the same value."""
+    import yaml
+
+    import truthmap
+    import truthmap.pipeline
+    from truthmap.config import load_config
+
+    _, value = _a_value(name)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({name: value}))
+    assert getattr(load_config(path), name) == value
+    seen = {}
+
+    def fake_run_stages(config, **kw):
+        seen["config"] = config
+        raise _Seen
+
+    monkeypatch.setattr(truthmap.pipeline, "run_stages", fake_run_stages)
+    with pytest.raises(_Seen):
+        truthmap.run(**{name: value})
+    assert getattr(seen["config"], name) == value
+
+
+@pytest.mark.parametrize("command", ["score", "ask"])
+def test_score_and_ask_take_the_model_settings_from_their_declarations(command, capsys, tmp_path):
+    """--model, --dtype and --device of the detector commands are the settings' own options (choices,
+    help) and their values are checked as the settings are: a bad one is one line naming its flag."""
+    from truthmap.cli import app
+
+    options = _options(command)
+    for name in ("dtype", "device"):
+        assert options[name].opts == _options("run")[name].opts and options[name].help == declaration(name)["help"]
+    assert list(options["dtype"].type.choices) == list(declaration("dtype")["choices"])
+    words = ["--detector", str(tmp_path / "no-such-detector"), "--device", "cuda 0"]
+    words = ["a question?", *words] if command == "ask" else ["--question", "q?", "--answer", "a", *words]
+    with pytest.raises(SystemExit) as exit_:
+        app([command, *words])
+    line = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and line.startswith("error: the command line: --device: 'cuda 0'"), line
