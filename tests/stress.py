@@ -579,7 +579,10 @@ def hostile_folders(n_trials: int, work: Path, rng: random.Random) -> dict:
                     code = exit_.code
                 except Exception as error:  # noqa: BLE001 - what this family exists to find
                     code = f"{type(error).__name__}: {str(error)[:200]}"
-            rf._open = None  # an escaped exception would leave the holder set; the next trial starts clean
+            if rf.open_runs():  # an escaped exception left a run folder held: its lock was never released
+                tally["tracebacks"].append(f"{kind}: {' '.join(argv[:1])}: left open {rf.open_runs()}")
+                for held in rf.open_runs():
+                    held.close()
             lines = [line for line in err.getvalue().splitlines() if line.strip()]
             if code == 0:
                 tally["ran"] += 1

@@ -57,8 +57,8 @@ def config_of(run: Path) -> Config:
 
 def test_the_probe_plot_and_report_stages_read_only_what_their_fingerprints_cover(run, monkeypatch):
     reads = []
-    verify = rf.verify
-    monkeypatch.setattr(rf, "verify", lambda path: reads.append(Path(path)) or verify(path))
+    verify = rf.Run.verify
+    monkeypatch.setattr(rf.Run, "verify", lambda run, name: reads.append(run.path(name)) or verify(run, name))
     config = config_of(run)
     with rf.open_run(run):
         for name in ("probe", "wholemap", "plot", "report"):
@@ -141,8 +141,8 @@ def test_the_samples_stage_reruns_when_a_setting_or_input_it_reads_changes(sampl
     stage = pipeline.STAGE_TABLE["samples"]
     models = SimpleNamespace(lm=object(), extractor=None)
     reads = []
-    verify = rf.verify
-    monkeypatch.setattr(rf, "verify", lambda path: reads.append(Path(path)) or verify(path))
+    verify = rf.Run.verify
+    monkeypatch.setattr(rf.Run, "verify", lambda run, name: reads.append(run.path(name)) or verify(run, name))
     config = config_of(run).replace(also=["samples"])
     with rf.open_run(run):
         assert pipeline.run_stage(stage, config, run, models)

@@ -74,7 +74,7 @@ def _clear(call) -> None:
     except TruthmapError as err:
         assert str(err).strip() and "Traceback" not in str(err)
     finally:
-        rf._open = None
+        assert not rf.open_runs()  # every run opened for the call was closed, however it ended
 
 
 @FUZZ

@@ -218,7 +218,7 @@ def test_chunk_store_keeps_chunks_of_the_same_key_only(tmp_path):
         assert again.get(0).row.tolist() == [0, 1] and again.get(1) is None
         other = rf.ChunkStore(tmp_path / "generations", "key-2")
         assert other.get(0) is None and other.setting("batch_size", 16) == 16
-        assert not any(k.startswith("generations/chunk") for k in rf._open.files)
+        assert not any(k.startswith("generations/chunk") for k in rf.innermost().files)
 
 
 def test_chunks_do_not_change_the_batches_or_the_answers(tmp_path, fake_generation):
@@ -262,3 +262,62 @@ def test_lock_file_survives_a_clean_exit_and_is_reused(tmp_path):
     with rf.open_run(tmp_path):
         pass
     assert time.time() - started < 5 and (tmp_path / rf.LOCK).exists()
+
+
+def test_two_runs_open_at_once_each_record_their_own_files(tmp_path):
+    """Two runs open in one process, written and read interleaved (explicitly and by path): each file is
+    in its own run's manifest under its own stage, and closing one leaves the other working."""
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    make_run(b_dir)  # b has a finished run already: its files are checked when it opens
+    with rf.Run.open(a_dir) as a, rf.Run.open(b_dir) as b:
+        assert a.notices == [] and b.notices == []
+        with a.stage("generate"), b.stage("probe"):
+            a.write_parquet(rf.QUESTIONS, pd.DataFrame({"id": ["q1"]}))
+            b.write_csv(rf.PROBE_RESULTS, pd.DataFrame({"auc": [0.7]}))
+            rf.write_json(a_dir / rf.VOCABULARIES, {"colour": ["red"]})  # by path: the run holding it
+            rf.update_summary(b_dir, best=1)
+            a.update_summary(model="m")
+        assert a.read_parquet(rf.QUESTIONS).id.tolist() == ["q1"]
+        assert rf.read_csv(b_dir / rf.PROBE_RESULTS).auc.tolist() == [0.7]
+        assert b.read_parquet(rf.ANSWERS).id.tolist() == ["a", "b"]
+        assert {k: v["stage"] for k, v in a.files.items()} == {
+            rf.QUESTIONS: "generate", rf.VOCABULARIES: "generate", rf.SUMMARY: None}
+        assert b.files[rf.PROBE_RESULTS]["stage"] == "probe" and rf.QUESTIONS not in b.files
+        assert a.read_json(rf.SUMMARY) == {"model": "m"} and b.read_json(rf.SUMMARY)["best"] == 1
+        with pytest.raises(TruthmapError, match="already writes the run folder"):
+            rf.Run.open(a_dir)
+        assert not a.trusted(rf.ANSWERS) and b.trusted(rf.ANSWERS)  # b's file, never written in a
+
+        a.close()
+        with pytest.raises(TruthmapError, match="was closed"):
+            a.read_parquet(rf.QUESTIONS)
+        with b.stage("plot"):
+            b.write_text(rf.REPORT, "<html>")
+        assert b.read_csv(rf.PROBE_RESULTS).auc.tolist() == [0.7] and rf.trusted(b_dir / rf.REPORT)
+        with rf.Run.open(a_dir, write=False) as again:  # a's lock was released; b still holds its own
+            assert again.read_parquet(rf.QUESTIONS).id.tolist() == ["q1"]
+    assert set(manifest(a_dir)) == {rf.QUESTIONS, rf.VOCABULARIES, rf.SUMMARY}
+    assert set(manifest(b_dir)) == {rf.ANSWERS, rf.SPLITS, rf.SUMMARY, rf.STAGES, rf.PROBE_RESULTS, rf.REPORT}
+    assert not rf.open_runs()
+    for run_dir in (a_dir, b_dir):
+        with rf.open_run(run_dir) as notices:  # both folders whole
+            assert notices == []
+
+
+def test_a_run_read_beside_one_written_is_verified_on_its_own_manifest(tmp_path):
+    """A reader and a writer open at once: the reader refuses its own damaged file; the writer is unaffected."""
+    read_dir, write_dir = tmp_path / "read", tmp_path / "write"
+    make_run(read_dir)
+    answers = read_dir / rf.ANSWERS
+    answers.write_bytes(answers.read_bytes()[:-1] + b"\0")
+    with rf.Run.open(read_dir, write=False) as reader, rf.Run.open(write_dir) as writer:
+        writer.write_parquet(rf.ANSWERS, pd.DataFrame({"id": ["x"]}))
+        with pytest.raises(TruthmapError, match="damaged"):
+            reader.read_parquet(rf.ANSWERS)
+        with pytest.raises(TruthmapError, match="damaged"):
+            rf.read_parquet(answers)  # by path: the reader's check too
+        assert reader.read_splits()["seeds"]["0"]["test"] == ["b"]
+        assert writer.read_parquet(rf.ANSWERS).id.tolist() == ["x"]
+        with pytest.raises(TruthmapError, match="opened for reading"):
+            reader.write_json(rf.SPLITS, {})
+    assert answers.read_bytes()[-1:] == b"\0"  # a reader deletes nothing

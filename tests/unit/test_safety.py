@@ -185,7 +185,7 @@ def test_removing_a_stage_folder_keeps_files_truthmap_did_not_write(tmp_path):
         rf.remove(run / rf.ACTIVATIONS)
         assert not (run / rf.ACTIVATIONS / "residual").exists()
         assert (run / rf.ACTIVATIONS / "my_notes.txt").read_text() == "mine"
-        assert not any(k.startswith("activations/") for k in rf._open.files)
+        assert not any(k.startswith("activations/") for k in rf.innermost().files)
 
 
 def test_a_write_through_a_symlinked_folder_is_refused(tmp_path):
@@ -741,11 +741,11 @@ def test_a_full_disk_and_an_overlong_manifest_key_are_one_line(tmp_path, monkeyp
 def test_a_json_document_over_its_cap_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
     run = tmp_path / "run"
     make_run(run)
-    monkeypatch.setattr(rf, "MAX_MANIFEST_BYTES", 100)
+    monkeypatch.setattr(rf.manifest, "MAX_MANIFEST_BYTES", 100)
     with pytest.raises(TruthmapError, match=r"manifest.json: damaged \(\d+ bytes, more than the 100"):
         with rf.reading(run):
             pass
-    monkeypatch.setattr(rf, "MAX_MANIFEST_BYTES", 64 << 20)
+    monkeypatch.setattr(rf.manifest, "MAX_MANIFEST_BYTES", 64 << 20)
     monkeypatch.setitem(rf.MAX_JSON_BYTES_OF, rf.SUMMARY, 5)
     with rf.reading(run), pytest.raises(TruthmapError, match=r"summary.json: \d+ bytes, more than the 5"):
         rf.read_json(run / rf.SUMMARY)
