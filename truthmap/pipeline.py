@@ -5,7 +5,7 @@
 
 Every stage declares itself in its own module (``register(Stage(...))``, truthmap/stages/base.py): its
 step (the order), the function that runs it, the run-folder files it reads (its fingerprint, with its
-settings) and the files it writes — each file written by exactly one stage (runfolder.py names them) —
+settings) and the files it writes — each file written by exactly one stage (runfolder/names.py names them) —
 and whether it needs the model: ``workers`` (on Ray workers with ``--ray``, otherwise in this process)
 or ``here`` (in this process). The imports below are what registers them; ``STAGE_TABLE`` is the
 registry in step order. The model is loaded at most once, and only if a stage that needs it has to run.

@@ -4,7 +4,7 @@ A stage is one :class:`Stage` entry, registered where the stage's code is (``reg
 the bottom of stages/probe.py, analyses/wholemap.py, …): its name, the step it is in the study (which
 orders the stages: ``"4"`` runs before ``"4a"``, before ``"5"``), a line of help for its command, the
 function that runs it, the run-folder files it reads (with its settings, its fingerprint) and those it
-writes (no other stage writes them; runfolder.py names them), and whether it needs the model.
+writes (no other stage writes them; runfolder/names.py names them), and whether it needs the model.
 pipeline.py runs the registered stages in step order; the CLI makes one command per stage from the same
 entries. Adding a stage: a module that ends in ``register(Stage(...))`` and one import line in
 pipeline.py (docs/extending.md walks through it).
