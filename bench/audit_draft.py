@@ -52,7 +52,7 @@ def draft(run_dirs: list[Path]) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=COLUMNS)
     alias = table.task.map(lambda t: get_task(t).grading == "alias") & pd.Series(needs_extractor, index=table.index)
     if alias.any():
-        from truthmap.models import load_model
+        from truthmap.backends.hf import load_model
 
         lm = load_model(dtype="float32", device="cpu")
         replies = extractor_replies(lm, table.question[alias].tolist(), table.answer[alias].tolist())

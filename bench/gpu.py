@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "tests" / "arch"))
 
 from archcheck import Mismatch, byte_tokenizer, check_model  # noqa: E402
 
-from truthmap.models import LoadedModel  # noqa: E402
+from truthmap.backends.hf import LoadedModel  # noqa: E402
 
 SHAPES = {  # name -> (config class, the published shape)
     "llama": ("Llama-3-8B", "LlamaConfig", dict(
@@ -130,7 +130,7 @@ def generation(lm, prompts, batch, device, peak, params) -> tuple[list, Path, fl
 
 def extraction(lm, sequences, index, batch, device, peak, params) -> None:
     """The separate pass (extract.py) beside a bare batched forward with ``output_hidden_states``."""
-    from truthmap.stages.extract import extract_shard
+    from truthmap.backends.hf import extract_shard
 
     names = [str(p) for p in range(index.shape[1])]
     order = np.argsort([len(s) for s in sequences])

@@ -27,7 +27,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # bind Ray to the loopbac
 
 from truthmap.config import Config  # noqa: E402
 from truthmap.data import load_questions  # noqa: E402
-from truthmap.distributed import import_ray, start_workers  # noqa: E402
+from truthmap.backends.ray import import_ray, start_workers  # noqa: E402
 from truthmap.stages.generate import encode_prompt, generate_answers, task_prompts  # noqa: E402
 
 

@@ -41,7 +41,7 @@ from truthmap.data import load_questions  # noqa: E402
 from truthmap.stages.extract import run_extract  # noqa: E402
 from truthmap.stages.generate import build_prompt, encode_prompt, generate_answers  # noqa: E402
 from truthmap.positions import DEFAULT_POSITIONS  # noqa: E402
-from truthmap.models import load_model  # noqa: E402
+from truthmap.backends.hf import load_model  # noqa: E402
 from truthmap.metrics import auc_score  # noqa: E402
 from truthmap.stages.probe import BatchedLogisticRegression
 
@@ -300,7 +300,7 @@ def peak_rss_child(n: int) -> float:
         "import sys, resource, tempfile; sys.path.insert(0, %r)\n"
         "from pathlib import Path\n"
         "from bench.run import synthetic_study\n"
-        "from truthmap.models import load_model\n"
+        "from truthmap.backends.hf import load_model\n"
         "from truthmap.stages.extract import run_extract\n"
         "from truthmap.positions import DEFAULT_POSITIONS\n"
         "from truthmap.splits import make_splits\n"

@@ -5,7 +5,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def default_model():
-    from truthmap.models import load_model
+    from truthmap.backends.hf import load_model
 
     return load_model(dtype="float32", device="cpu")
 
@@ -36,7 +36,7 @@ def model_folder(default_model, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded default model's tokenizer alone: unit tests of grading and positions load no weights."""
-    from truthmap.models import load_tokenizer
+    from truthmap.backends.hf import load_tokenizer
 
     return load_tokenizer()
 

@@ -510,7 +510,7 @@ def resample(run, old_out, n, temperature, sample_seed, site, layer, position, b
     """N sampled answers per question, error types, and probes predicting each type, added to RUN (a
     finished 'truthmap run')."""
     from . import runfolder as rf
-    from .backend import Models
+    from .backends import Models
     from .analyses.resample import run_resample
     from .stages.label import judge_model
 
@@ -551,7 +551,7 @@ def choose(run, old_out, site, layer, position, detector_path, seed, model, trus
     vote, probe (accuracy per error type), added to RUN."""
     from . import runfolder as rf
     from .analyses.choice import run_choice
-    from .backend import Models
+    from .backends import Models
     from .analyses.detector import Detector
 
     run_dir = _run_folder(_the_run("choose", run, old_out))

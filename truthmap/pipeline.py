@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import runfolder as rf
-from .backend import Models
+from .backends import Models
 from .config import OUTSIDE, SETTINGS, Config, make_config
 from .errors import CannotRun, TruthmapError
 from .stages.base import Stage, StageRun, in_order
@@ -64,15 +64,16 @@ RAY_STAGES = tuple(name for name, stage in STAGE_TABLE.items() if stage.model ==
 
 
 def versions() -> dict:
+    from importlib.metadata import version
+
     import pyarrow
     import sklearn
     import torch
-    import transformers
 
     from .constants import __version__
 
     return {"python": platform.python_version(), "truthmap": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+            "transformers": version("transformers"), "numpy": np.__version__, "scikit-learn": sklearn.__version__,
             "pyarrow": pyarrow.__version__, "platform": platform.platform(),
             # CPU results depend on the thread count (it changes the order of float sums)
             "torch_threads": torch.get_num_threads()}

@@ -12,7 +12,7 @@ gives at the same token positions:
   before the final norm, read by a hook on that block) and the outputs of the attention and MLP
   sub-modules in that forward (hooks on the modules truthmap names); for families whose blocks simply
   add those outputs to the residual stream, residual row l - row l-1 equals attention + MLP of block l;
-* the token probabilities and entropies (captured, and baselines.token_statistics) equal the softmax of
+* the token probabilities and entropies (captured, and the backend's token_statistics) equal the softmax of
   the model's own logits (``model(ids).logits``: soft-capping included) of one unpadded forward;
 * p(True) (both paths of baselines.py) equals P(B) / (P(A) + P(B)) of the next token of each prompt
   alone, from the model's own logits.
@@ -153,7 +153,7 @@ class Mismatch(AssertionError):
 
 def prompt_ids(lm, questions=QUESTIONS) -> list[list[int]]:
     """The study's prompts (generate.build_prompt / encode_prompt) of ``questions``, as token ids."""
-    from truthmap.stages.generate import build_prompt, encode_prompt
+    from truthmap.backends.base import build_prompt, encode_prompt
 
     return [encode_prompt(lm.tokenizer, build_prompt(lm.tokenizer, q)) for q in questions]
 
@@ -248,9 +248,10 @@ def check_model(lm, folder: Path, dtype: str, max_new_tokens: int = 8, additive:
     import pandas as pd
 
     from truthmap import runfolder as rf
-    from truthmap.stages.baselines import p_true, p_true_variants, token_statistics
+    from truthmap.positions import site_rows
+    from truthmap.backends.hf import extract_shard
+    from truthmap.stages.baselines import p_true, p_true_variants
     from truthmap.stages.capture import CaptureReader, ChunkCapture
-    from truthmap.stages.extract import extract_shard, site_rows
     from truthmap.stages.generate import generate_answers
 
     tol, ptol, name = TOLERANCE[dtype], PROB_TOLERANCE[dtype], f"{lm.model_id} {dtype}"
@@ -296,7 +297,7 @@ def check_model(lm, folder: Path, dtype: str, max_new_tokens: int = 8, additive:
 
     # token statistics: captured and the slow path, against the plain forward's own logits
     scores = capture.columns(len(prompts))
-    slow = token_statistics(lm, sequences, n_prompt)
+    slow = lm.token_statistics(sequences, n_prompt)
     worst = 0.0
     for i, ref in enumerate(references):
         steps = np.arange(n_prompt[i] - 1, len(sequences[i]) - 1)
@@ -314,7 +315,7 @@ def check_model(lm, folder: Path, dtype: str, max_new_tokens: int = 8, additive:
 
     # p(True): both paths of baselines.py against each prompt alone
     from truthmap.stages.baselines import letter_token_ids, p_true_prompt
-    from truthmap.stages.generate import encode_prompt
+    from truthmap.backends.base import encode_prompt
 
     a_ids, b_ids = letter_token_ids(lm.tokenizer)
     proposals = [PROPOSED, [f"{p}, I think" for p in PROPOSED]]

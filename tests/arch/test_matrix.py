@@ -1,5 +1,5 @@
 """The architecture matrix: tiny random-weight models of thirteen families, each loaded from a saved
-folder by truthmap.models, in float32 and bfloat16, with and without a chat template, through
+folder by truthmap.backends.hf, in float32 and bfloat16, with and without a chat template, through
 generate-with-capture, the separate extraction pass, the token statistics and p(True) — every result
 compared with a plain forward pass of the same model (tests/arch/archcheck.py says how, and the
 tolerances). Select it with ``-m arch``; it runs in ``make test``."""
@@ -31,7 +31,7 @@ def folders(tmp_path_factory):
 @pytest.mark.parametrize("chat", [False, True], ids=["base", "chat"])
 @pytest.mark.parametrize("family", [f.name for f in FAMILIES])
 def test_the_study_reads_what_the_model_computes(family, chat, dtype, folders, tmp_path):
-    from truthmap.models import load_model
+    from truthmap.backends.hf import load_model
 
     lm = load_model(str(folders(family, chat)), dtype, "cpu")
     assert str(lm.model.dtype) == f"torch.{dtype}"
@@ -44,7 +44,7 @@ def test_the_study_reads_what_the_model_computes(family, chat, dtype, folders, t
 def test_a_family_without_the_capping_fix_is_caught(folders, tmp_path, monkeypatch):
     """Gemma 2's soft-capped logits: reading the LM head's raw output (as truthmap did) gives other token
     probabilities and p(True) than the model's own logits, and the matrix says so."""
-    from truthmap.models import LoadedModel, load_model
+    from truthmap.backends.hf import LoadedModel, load_model
 
     lm = load_model(str(folders("gemma2", False)), "float32", "cpu")
     monkeypatch.setattr(LoadedModel, "head_logits", lambda self, logits: logits)
@@ -55,7 +55,7 @@ def test_a_family_without_the_capping_fix_is_caught(folders, tmp_path, monkeypat
 def test_residual_row_0_read_from_the_embedding_module_is_caught(folders, tmp_path, monkeypatch):
     """GPT-2 adds learned positions after its token embedding: row 0 read from the embedding module (as
     truthmap did) is not the input of the first block, and the matrix says so."""
-    from truthmap.models import LoadedModel, load_model
+    from truthmap.backends.hf import LoadedModel, load_model
 
     lm = load_model(str(folders("gpt2", False)), "float32", "cpu")
     hook_site = LoadedModel.hook_site

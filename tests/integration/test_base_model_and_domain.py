@@ -9,8 +9,8 @@ import torch
 from truthmap import Detector, ModelScorer
 from truthmap.cli import app
 from truthmap.data import load_questions
-from truthmap.stages.generate import build_prompt, end_of_turn_ids, run_generate
-from truthmap.models import DEFAULT_MODEL
+from truthmap.stages.generate import build_prompt, run_generate
+from truthmap.constants import DEFAULT_MODEL
 
 pytestmark = pytest.mark.model
 
@@ -40,8 +40,8 @@ def test_a_base_model_stops_at_its_first_line_break_and_is_graded_on_that_line(b
         assert "\n" not in tok.decode(list(ids)[:-1])  # nothing after the first line break
         assert answer == tok.decode(list(ids)[:-1], skip_special_tokens=True)  # the line, without its break
     # without the line break as a stop, this model goes on past the line (the made-up next "Q: …")
-    eos_only = [t for t in end_of_turn_ids(base_model) if t in (tok.eos_token_id, base_model.model.generation_config.eos_token_id)]
-    from truthmap.stages.generate import answer_prompts
+    eos_only = [t for t in base_model.end_of_turn_ids() if t in (tok.eos_token_id, base_model.model.generation_config.eos_token_id)]
+    from truthmap.backends.hf import answer_prompts
 
     longer, _ = answer_prompts(base_model, table.prompt_ids.map(list).tolist(), 40, 4, eos_only)
     assert any("\n" in tok.decode(ids).strip() for ids, _ in longer)
@@ -81,7 +81,7 @@ def test_score_says_when_an_answer_is_not_the_models_own(default_model, tmp_path
     assert checked[1]["answer_logprob"] == pytest.approx(logp.mean().item(), abs=1e-4)
 
     # the command: a column per check, and a warning naming the question of the answer that is not its own
-    monkeypatch.setattr("truthmap.models.load_model", lambda *args, **kwargs: default_model)
+    monkeypatch.setattr("truthmap.backends.hf.load_model", lambda *args, **kwargs: default_model)
     pairs = tmp_path / "pairs.csv"
     pd.DataFrame({"question": [PERU, PERU], "answer": [BOGOTA, own]}).to_csv(pairs, index=False)
     app(["score", "--detector", str(tmp_path / "det"), "--file", str(pairs)])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from truthmap.stages.extract import extract_batch
+from truthmap.backends.hf import extract_batch
 
 pytestmark = pytest.mark.model
 

@@ -12,7 +12,9 @@ ROOM = 120  # the context these tests pretend the model has, less max_new_tokens
 
 @pytest.fixture
 def small_context(monkeypatch):
-    monkeypatch.setattr(generate, "context_length", lambda lm: ROOM + 8)
+    from truthmap.backends.hf import LoadedModel
+
+    monkeypatch.setattr(LoadedModel, "context_length", lambda lm: ROOM + 8)
 
 
 def questions():

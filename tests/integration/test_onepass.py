@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from truthmap import runfolder as rf
-from truthmap.stages.baselines import p_true, p_true_variants, token_statistics
-from truthmap.stages.capture import BatchCapture, CaptureReader, bytes_per_slot
+from truthmap.positions import site_rows
+from truthmap.backends.hf import BatchCapture, extract_shard
+from truthmap.stages.baselines import p_true, p_true_variants
+from truthmap.stages.capture import CaptureReader, bytes_per_slot
 from truthmap.data import load_questions
-from truthmap.stages.extract import extract_shard, site_rows
 from truthmap.stages.generate import run_generate
 
 pytestmark = pytest.mark.model
@@ -78,7 +79,7 @@ def test_features_and_token_scores_read_while_generating_equal_a_separate_pass(d
     assert missing == []  # answers of 24 tokens at most fit the default bound whole
     assert_close(store, separate, FEATURE_TOL)
     sequences = [list(p) + list(a) for p, a in zip(generations.prompt_ids, generations.answer_ids)]
-    expected = token_statistics(lm, sequences, [len(p) for p in generations.prompt_ids])
+    expected = lm.token_statistics(sequences, [len(p) for p in generations.prompt_ids])
     for prob, entropy, (prob_ref, entropy_ref) in zip(generations.token_prob, generations.token_entropy, expected):
         assert len(prob) == len(prob_ref)
         np.testing.assert_allclose(prob, prob_ref, atol=1e-4, rtol=0)
@@ -86,7 +87,7 @@ def test_features_and_token_scores_read_while_generating_equal_a_separate_pass(d
 
 
 def test_features_of_a_float16_model(tmp_path, model_folder):
-    from truthmap.models import _load
+    from truthmap.backends.hf import _load
 
     # the default model's weights as float16, from its folder (a second; the GGUF file takes half a minute),
     # past load_model's cache, which keeps one model: the float32 model stays for the tests after this
@@ -111,7 +112,7 @@ def test_the_bound_holds_long_answers_and_the_rest_is_read_again(default_model, 
         original(self, *args, **kwargs)
         held.append(sum(t.numel() * t.element_size() for t in self.states.values()))
 
-    monkeypatch.setattr("truthmap.stages.capture.BatchCapture.__init__", spy)
+    monkeypatch.setattr("truthmap.backends.hf.BatchCapture.__init__", spy)
     monkeypatch.setattr("truthmap.stages.capture.CAPTURE_BYTES", budget)
     generations = generate(lm, tmp_path, 8, 8, ["residual"], max_new_tokens=40)
     assert held and max(held) <= budget  # every batch held its states within the bound
@@ -152,7 +153,8 @@ def test_a_batch_computes_what_its_prompts_share_once(default_model):
     """Generation runs the beginning a batch's prompts share (the chat template's system turn …) once and
     lets its KV cache serve every row: the same greedy answers as one prompt at a time, with fewer prompt
     tokens through the model."""
-    from truthmap.stages.generate import build_prompt, common_prefix, encode_prompt, end_of_turn_ids, answer_prompts
+    from truthmap.backends.base import build_prompt, encode_prompt
+    from truthmap.backends.hf import answer_prompts, common_prefix
 
     lm = default_model
     questions = ["What is the capital of Peru?", "Who painted the Mona Lisa?", "What is the largest ocean?",
@@ -163,9 +165,9 @@ def test_a_batch_computes_what_its_prompts_share_once(default_model):
     seen = []
     hook = lm.embeddings.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
     try:
-        together, _ = answer_prompts(lm, prompts, 12, 5, end_of_turn_ids(lm))
+        together, _ = answer_prompts(lm, prompts, 12, 5, lm.end_of_turn_ids())
         prefill = [shape for shape in seen if shape[1] > 1]
-        alone = [answer_prompts(lm, [p], 12, 1, end_of_turn_ids(lm))[0][0] for p in prompts]
+        alone = [answer_prompts(lm, [p], 12, 1, lm.end_of_turn_ids())[0][0] for p in prompts]
     finally:
         hook.remove()
     assert together == alone

@@ -119,7 +119,7 @@ def test_same_aucs(runs):
 def test_resample_and_choose_on_a_ray_run_run_in_this_process(runs, model_folder, monkeypatch, capsys):
     import ray
 
-    import truthmap.distributed as distributed
+    import truthmap.backends.ray as distributed
     from truthmap.cli import app
 
     _, run, _ = runs

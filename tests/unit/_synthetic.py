@@ -88,7 +88,7 @@ def tiny_model(layers: int = 2, vocab: int = 40, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from truthmap.models import LoadedModel
+    from truthmap.backends.hf import LoadedModel
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
@@ -106,9 +106,9 @@ def prompts(n: int = 37) -> list[list[int]]:
 
 
 def fake_model(**fields):
-    """An in-process model backend (truthmap.models.LoadedModel) without weights, for tests that replace
+    """An in-process model backend (truthmap.backends.hf.LoadedModel) without weights, for tests that replace
     the functions that would run it (``fake_generation``)."""
-    from truthmap.models import LoadedModel
+    from truthmap.backends.hf import LoadedModel
 
     values = dict(model=None, tokenizer=SimpleNamespace(pad_token_id=0), model_id="fake", source="fake",
                   gguf_file=None, revision="fake", n_layers=2, hidden_size=4, blocks=None, embeddings=None)
@@ -116,8 +116,8 @@ def fake_model(**fields):
 
 
 def fake_remote(workers, **fields):
-    """The model backend of a Ray pool (truthmap.distributed.RemoteModel) whose ``workers`` is a stand-in."""
-    from truthmap.distributed import RemoteModel
+    """The model backend of a Ray pool (truthmap.backends.ray.RemoteModel) whose ``workers`` is a stand-in."""
+    from truthmap.backends.ray import RemoteModel
 
     values = dict(model=None, tokenizer=SimpleNamespace(pad_token_id=0), model_id="fake", source="fake",
                   gguf_file=None, revision="fake", n_layers=2, hidden_size=4)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from truthmap.backends import hf
 from truthmap.stages import generate
 
 
@@ -15,9 +16,9 @@ def fake_generation(monkeypatch):
         batches.append([tuple(p) for p in batch])
         return [([sum(p) % 97, len(batch)], True) for p in batch]
 
-    monkeypatch.setattr(generate, "_generate_batch", fake_batch)
+    monkeypatch.setattr(hf, "_generate_batch", fake_batch)
     monkeypatch.setattr(generate, "prompt_room", lambda lm, n: 50)
-    monkeypatch.setattr(generate, "end_of_turn_ids", lambda lm: [1])
+    monkeypatch.setattr(hf.LoadedModel, "end_of_turn_ids", lambda lm: [1])
     return batches
 
 

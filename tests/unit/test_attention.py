@@ -3,14 +3,14 @@ import pandas as pd
 import torch
 
 from _synthetic import tiny_model
-from truthmap.analyses.attention import attention_batch, attention_table
+from truthmap.analyses.attention import attention_table
 
 
 def test_hooks_read_the_last_tokens_attention_row_averaged_over_heads():
     lm = tiny_model()
     sequences = [[1, 5, 7, 9, 11, 3], [2, 3, 4, 8]]
     index = np.array([[0, 2, 5], [1, 3, -1]])
-    weights = attention_batch(lm, sequences, index)  # [L, B, P]
+    weights = lm.attention_weights(sequences, index)  # [L, B, P]
     assert weights.shape == (2, 2, 3)
     lm.model.set_attn_implementation("eager")
     for b, seq in enumerate(sequences):

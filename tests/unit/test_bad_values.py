@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from truthmap.stages import extract
+from truthmap.backends import hf
 from truthmap.errors import TruthmapError
 
 FAKE = SimpleNamespace(n_layers=2, hidden_size=4, model=SimpleNamespace(dtype=torch.float16))
@@ -30,18 +30,18 @@ def fake_batch(values_at):
     (1e6, r"a value beyond float16's range \(±65504\)"),  # finite in the model, not in the store
 ])
 def test_a_non_finite_value_names_example_site_layer_and_position(monkeypatch, value, message):
-    monkeypatch.setattr(extract, "extract_batch", fake_batch({(1, 1, 1): value}))
+    monkeypatch.setattr(hf, "extract_batch", fake_batch({(1, 1, 1): value}))
     index = np.array([[3, 5], [3, 4]])
     with pytest.raises(TruthmapError, match=rf"example 'b', site residual, layer row 1, position exact_answer_first: "
                                             rf"{message}"):
-        extract.extract_shard(FAKE, [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]], index, ["a", "b"], POSITIONS, ["residual"])
+        hf.extract_shard(FAKE, [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]], index, ["a", "b"], POSITIONS, ["residual"])
 
 
 def test_a_position_that_does_not_exist_is_not_checked_and_holds_zeros(monkeypatch):
     # position -1 reads token 0, whose state may overflow (attention sinks do): it is not a feature
-    monkeypatch.setattr(extract, "extract_batch", fake_batch({(2, 0, 1): float("inf")}))
+    monkeypatch.setattr(hf, "extract_batch", fake_batch({(2, 0, 1): float("inf")}))
     index = np.array([[3, -1]])
-    store = extract.extract_shard(FAKE, [[1, 2, 3, 4]], index, ["a"], POSITIONS, ["residual"])
+    store = hf.extract_shard(FAKE, [[1, 2, 3, 4]], index, ["a"], POSITIONS, ["residual"])
     features = store["residual"]
     assert features.dtype == np.float16 and np.isfinite(features).all()
     assert (features[:, 1] == 0).all() and (features[:, 0] == 1).all()

@@ -7,8 +7,7 @@ import torch
 
 from _synthetic import make_run, seal, tiny_model
 from truthmap.metrics import auc_score
-from truthmap.stages.baselines import (SITE, evaluate, family_table, group_rates, summarise_tokens,
-                                token_statistics, within_family_auc)
+from truthmap.stages.baselines import SITE, evaluate, family_table, group_rates, summarise_tokens, within_family_auc
 
 
 def test_every_score_is_higher_for_the_less_confident_answer():
@@ -26,7 +25,7 @@ def test_every_score_is_higher_for_the_less_confident_answer():
 def test_token_statistics_match_a_plain_forward_pass():
     lm = tiny_model()
     sequences = [[1, 5, 7, 9, 11], [2, 3, 4, 8, 12, 15, 20]]
-    stats = token_statistics(lm, sequences, [3, 4])
+    stats = lm.token_statistics(sequences, [3, 4])
     for seq, n_prompt, (prob, entropy) in zip(sequences, [3, 4], stats):
         with torch.no_grad():
             logp = torch.log_softmax(lm.model(torch.tensor([seq])).logits[0], -1)

@@ -27,7 +27,8 @@ def test_what_the_ring_holds_is_what_is_read_back(head, tail, n_answer):
 
 
 def fake_model(n_layers=30, hidden=576, dtype=torch.float32):
-    return SimpleNamespace(n_layers=n_layers, hidden_size=hidden, model=SimpleNamespace(dtype=dtype))
+    """What the plan asks of a backend: its layout and the bytes of one value in the model's dtype."""
+    return SimpleNamespace(n_layers=n_layers, hidden_size=hidden, bytes_per_value=lambda: dtype.itemsize)
 
 
 def test_the_plan_keeps_a_batch_within_its_byte_bound():

@@ -79,7 +79,7 @@ def test_an_unknown_model_fails_first_and_offline_asks_no_network(tmp_path, caps
 
     import huggingface_hub.constants  # noqa: F401  (read before the variable is set)
 
-    import truthmap.models
+    import truthmap.backends.hf
 
     def forbidden(what):
         def fail(*args, **kwargs):
@@ -95,7 +95,7 @@ def test_an_unknown_model_fails_first_and_offline_asks_no_network(tmp_path, caps
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(socket, "getaddrinfo", lookup)
     monkeypatch.setattr("truthmap.data.load_questions", forbidden("the questions were read before the model was found"))
-    monkeypatch.setattr(truthmap.models, "_load", forbidden("the model was loaded before it was found"))
+    monkeypatch.setattr(truthmap.backends.hf, "_load", forbidden("the model was loaded before it was found"))
     with pytest.raises(SystemExit) as exit_:
         app(["generate", "--model", "no-such-org/no-such-model", "--limit", "3", "--out", str(tmp_path / "run"), "--quiet"])
     assert exit_.value.code == 2
@@ -111,7 +111,7 @@ def test_an_unknown_model_fails_first_and_offline_asks_no_network(tmp_path, caps
 def test_auto_and_what_it_means_here_load_the_model_once(monkeypatch):
     """A study run with the default settings ("auto") and a caller that names the dtype and device they
     mean on this machine share one load; another dtype loads again, and one model at most is kept."""
-    import truthmap.models as models
+    import truthmap.backends.hf as models
 
     loads = []
     monkeypatch.setattr(models, "_LOADED", {})

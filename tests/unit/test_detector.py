@@ -113,7 +113,7 @@ def test_the_scorer_gets_its_model_from_the_backend_factory(tmp_path, monkeypatc
     from _synthetic import fake_model
 
     from truthmap import ModelScorer
-    from truthmap.backend import Models
+    from truthmap.backends import Models
 
     run = make_run(tmp_path / "run")
     detector = Detector.load(export_detector(run, site="residual", layer=1, position="-1", out=tmp_path / "det"))

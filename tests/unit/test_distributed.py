@@ -1,4 +1,4 @@
-"""Model-free checks of the Ray path (truthmap/distributed.py): the driver's side of the work loop —
+"""Model-free checks of the Ray path (truthmap/backends/ray.py): the driver's side of the work loop —
 chunks and shards that come back in any order are merged in their fixed order, saved once, and
 resumed — with stand-in workers; settings; and the error when Ray is missing. The real workers are
 tested in tests/integration/test_ray.py."""
@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from _synthetic import fake_model, fake_remote, prompts
 
+from truthmap.backends import hf
 from truthmap.stages import generate
 from truthmap import runfolder as rf
 from truthmap.config import load_config
@@ -19,7 +20,7 @@ from truthmap.stages.extract import run_extract
 
 
 class FakeWorkers:
-    """Stand-in for distributed.Workers: does the work here, hands results back in reverse order."""
+    """Stand-in for backends.ray.Workers: does the work here, hands results back in reverse order."""
 
     def __init__(self):
         self.asked, self.closed = [], 0
@@ -33,7 +34,7 @@ class FakeWorkers:
     def answer_chunks(self, jobs, max_new_tokens, batch_size, bar=None):
         self.asked += sorted(jobs)
         for k in sorted(jobs, reverse=True):
-            answers, _ = generate.answer_prompts(None, jobs[k], max_new_tokens, batch_size, [1])
+            answers, _ = hf.answer_prompts(None, jobs[k], max_new_tokens, batch_size, [1])
             yield k, answers
 
     def extract_shards(self, jobs, positions, sites, batch_size, bar=None):
@@ -120,7 +121,7 @@ def test_cli_ray_flag_takes_an_optional_address(monkeypatch):
 
 
 def test_missing_ray_is_a_clear_error(monkeypatch):
-    from truthmap.distributed import import_ray
+    from truthmap.backends.ray import import_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(TruthmapError, match=r"pip install 'truthmap\[ray\]'"):
@@ -128,16 +129,16 @@ def test_missing_ray_is_a_clear_error(monkeypatch):
 
 
 def test_both_backends_keep_the_contract_and_the_factory_puts_analyses_in_this_process(monkeypatch):
-    import truthmap.distributed as distributed
-    import truthmap.models as models
-    from truthmap.backend import ModelBackend, Models
+    import truthmap.backends.hf as hf_backend
+    import truthmap.backends.ray as ray_backend
+    from truthmap.backends import ModelBackend, Models
 
     here, remote = fake_model(), fake_remote(FakeWorkers())
     assert isinstance(here, ModelBackend) and isinstance(remote, ModelBackend)
     assert here.in_process and not remote.in_process
     started, loaded = [], []
-    monkeypatch.setattr(distributed, "start_workers", lambda config: started.append(config.ray) or remote)
-    monkeypatch.setattr(models, "load_model", lambda *args: loaded.append(args[0]) or here)
+    monkeypatch.setattr(ray_backend, "start_workers", lambda config: started.append(config.ray) or remote)
+    monkeypatch.setattr(hf_backend, "load_model", lambda *args: loaded.append(args[0]) or here)
     config = load_config(None, ray="local", extractor_model="none")
     with Models(config) as analysis:  # resample, choose, baselines …: in this process, even for a --ray run
         assert analysis.lm is here and analysis.extractor is None
@@ -159,7 +160,7 @@ def test_closing_the_pool_stops_its_workers_once():
         def shutdown(self):
             self.shut.append(True)
 
-    from truthmap.distributed import Workers
+    from truthmap.backends.ray import Workers
 
     ray = Actors()
     remote = fake_remote(Workers(ray, ["a", "b"], started_ray=True))

@@ -1,4 +1,4 @@
-"""Sampled answers (truthmap/stages/generate.py, ``Draws``): each prompt draws from a random stream of
+"""Sampled answers (truthmap/backends/base.py ``Draws``, drawn by hf.py's ``draw_processor``): each prompt draws from a random stream of
 its own, so its samples do not depend on the batching; the Gumbel-max draw follows the tempered softmax
 and keeps to the top k."""
 
@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from _synthetic import fake_model, prompts
 
+from truthmap.backends import hf
+from truthmap.backends.base import Draws
 from truthmap.stages import generate
-from truthmap.stages.generate import Draws
 
 
 def test_a_prompt_s_seed_depends_on_the_seed_the_prompt_and_its_repeat_only():
@@ -25,7 +26,7 @@ def test_a_prompt_s_seed_depends_on_the_seed_the_prompt_and_its_repeat_only():
 
 def _draw(draws: Draws, logits: torch.Tensor, steps: int = 1) -> torch.Tensor:
     """Tokens picked by the greedy step over ``steps`` steps, ``[steps, rows]``."""
-    processor = draws.processor("cpu")
+    processor = hf.draw_processor(draws, "cpu")
     return torch.stack([processor(None, logits).argmax(-1) for _ in range(steps)])
 
 
@@ -74,9 +75,9 @@ def test_each_prompt_gets_its_own_seed_whatever_the_batch_size(monkeypatch):
             seen.setdefault(tuple(ids), []).append(seed)
         return [([7], True) for _ in batch]
 
-    monkeypatch.setattr(generate, "_generate_batch", fake_batch)
+    monkeypatch.setattr(hf, "_generate_batch", fake_batch)
     monkeypatch.setattr(generate, "prompt_room", lambda lm, n: 50)
-    monkeypatch.setattr(generate, "end_of_turn_ids", lambda lm: [1])
+    monkeypatch.setattr(hf.LoadedModel, "end_of_turn_ids", lambda lm: [1])
     asked = prompts()[:10] * 2  # every prompt twice: two samples each
     by_batch = {}
     for batch_size in (1, 3, 8):

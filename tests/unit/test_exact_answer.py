@@ -73,12 +73,11 @@ def _cell_aucs(lm, table, generations, positions, train):
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    from truthmap.stages.extract import extract_batch
 
     sequences = [list(p) + list(a) for p, a in zip(generations.prompt_ids, generations.answer_ids)]
     index = table[[f"pos_{p}" for p in positions]].to_numpy(dtype=np.int64)
     assert (index >= 0).all()
-    states = extract_batch(lm, sequences, index, ["residual"])["residual"].numpy()  # [R, N, P, d]
+    states = lm.hidden_states(sequences, index, ["residual"])["residual"]  # [R, N, P, d]
     error = ~table.correct.to_numpy(dtype=bool)
     aucs = {}
     for layer in range(states.shape[0]):

@@ -205,14 +205,13 @@ def test_an_optional_analysis_that_cannot_run_is_skipped_with_its_reason_and_the
 def test_quiet_hides_the_libraries_loading_bars(progress, monkeypatch, capsys):
     import sys
 
-    from truthmap import models
-    from truthmap.backend import Models
+    from truthmap.backends import Models, hf
 
     def load_model(*args):
         print("Converting and de-quantizing GGUF tensors...: 100%", file=sys.stderr)
         return "the model"
 
-    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setattr(hf, "load_model", load_model)
     assert Models(Config(progress=progress, device="cpu")).lm == "the model"
     assert ("GGUF" in capsys.readouterr().err) == progress
 

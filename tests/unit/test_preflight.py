@@ -45,9 +45,9 @@ def test_an_ambiguous_column_name_is_an_error(tmp_path):
 
 
 def test_a_file_too_small_is_refused_at_once_with_what_would_work(tmp_path, capsys, monkeypatch):
-    import truthmap.models
+    import truthmap.backends.hf
 
-    monkeypatch.setattr(truthmap.models, "_load", lambda *a: pytest.fail("the model was loaded for a refused file"))
+    monkeypatch.setattr(truthmap.backends.hf, "_load", lambda *a: pytest.fail("the model was loaded for a refused file"))
     small = _csv(tmp_path / "small.csv", 60)
     line = _refused(["run", "--dataset", small, "--out", str(tmp_path / "run"), "--quiet"], capsys)
     assert line == (f"error: {small}: 60 questions cannot give 10 right and 10 wrong answers to every part of a "

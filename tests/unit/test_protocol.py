@@ -8,12 +8,13 @@ import pytest
 import torch
 from _synthetic import fake_model
 
+from truthmap.backends import hf
 from truthmap.stages import generate
 from truthmap.cli import app
 from truthmap.config import Config, load_config
 from truthmap.data import load_questions
 from truthmap.errors import TruthmapError
-from truthmap.stages.generate import decode_answer, end_of_turn_ids, run_generate, task_prompts
+from truthmap.stages.generate import decode_answer, run_generate, task_prompts
 from truthmap.tasks import REGISTRY, answer_length
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -252,7 +253,7 @@ def _no_context_limit(monkeypatch):
 def test_a_model_without_a_chat_template_stops_at_its_first_line_break(line_break):
     # " Paris is the capital" then a line break, then a made-up next question
     lm = scripted_lm([1, 2, 3, 4, line_break, 7, 8, 5, 7], chat_template=None)
-    assert set(end_of_turn_ids(lm)) == {5, 6, 9}
+    assert set(lm.end_of_turn_ids()) == {5, 6, 9}
     table = generations(lm)
     assert table.answer_ids.map(list).tolist() == [[1, 2, 3, 4, line_break]] * 2
     # the line, without its line break (a merged ".\n" leaves its period on the line)
@@ -263,7 +264,7 @@ def test_a_model_without_a_chat_template_stops_at_its_first_line_break(line_brea
 
 def test_a_chat_model_is_not_stopped_by_a_line_break():
     lm = scripted_lm([1, 5, 8, 9, 7], chat_template="{{ messages }}")
-    assert end_of_turn_ids(lm) == [9]
+    assert lm.end_of_turn_ids() == [9]
     table = generations(lm)
     assert table.answer_ids.map(list).tolist() == [[1, 5, 8, 9]] * 2
     assert table.answer.tolist() == [" Paris\n Rome"] * 2 and table.stopped.all()
@@ -301,22 +302,22 @@ def _sized_model(device: str):
 
 def test_cpu_batch_size_is_the_cap_when_memory_allows_and_shrinks_when_it_does_not(monkeypatch):
     lm = _sized_model("cpu")
-    per_sequence = generate._bytes_per_sequence(lm, 100)
+    per_sequence = hf._bytes_per_sequence(lm, 100)
     assert per_sequence > 100 * 2 * 30 * 3 * 64 * 4  # at least the KV cache of 100 tokens
     pages = {"SC_PAGE_SIZE": 4096}
-    monkeypatch.setattr(generate.os, "sysconf", lambda name: pages[name])
+    monkeypatch.setattr(hf.os, "sysconf", lambda name: pages[name])
     pages["SC_AVPHYS_PAGES"] = (1 << 35) // 4096  # 32 GiB available
-    assert generate.auto_batch_size(lm, 100) == generate.CPU_BATCH
+    assert hf.auto_batch_size(lm, 100) == hf.CPU_BATCH
     pages["SC_AVPHYS_PAGES"] = 10 * per_sequence * 4 // 4096  # a quarter of it holds ten sequences
-    assert generate.auto_batch_size(lm, 100) in (9, 10)
+    assert hf.auto_batch_size(lm, 100) in (9, 10)
     pages["SC_AVPHYS_PAGES"] = 0
-    assert generate.auto_batch_size(lm, 100) == 1
+    assert hf.auto_batch_size(lm, 100) == 1
 
     def missing(name):
         raise ValueError(name)
 
-    monkeypatch.setattr(generate.os, "sysconf", missing)  # no such counters: the cap
-    assert generate.auto_batch_size(lm, 100) == generate.CPU_BATCH
+    monkeypatch.setattr(hf.os, "sysconf", missing)  # no such counters: the cap
+    assert hf.auto_batch_size(lm, 100) == hf.CPU_BATCH
 
 
 @pytest.mark.parametrize("answer, question, gold, brief, reference", [

@@ -5,9 +5,9 @@ as "where does the model look?". ``truthmap run --also attention`` draws that se
 (layer l, position p) is the attention weight that the last generated token pays to position p in the
 attention of block l, averaged over heads and over the answers where p exists.
 
-Attention weights exist only in the eager implementation, so this pass switches the model to eager
-attention and back. Forward hooks on the attention modules keep one query row per sequence (the last
-token), so nothing of size tokens × tokens leaves a layer.
+The weights come from the backend (``attention_weights``, truthmap/backends/base.py); the Hugging Face
+backend switches the model to eager attention for the pass (the only implementation that returns
+weights) and keeps one query row per sequence, so nothing of size tokens × tokens leaves a layer.
 
 Reads ``answers.parquet`` (position indices) and ``generations.parquet``; writes ``attention.csv``
 (``layer, position, attention, n``; layers 1..L) and ``attention.png`` / ``attention.svg`` (layer 0,
@@ -16,81 +16,15 @@ the embeddings, has no attention and stays grey).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .. import runfolder as rf
-from ..errors import CannotRun
 from ..stages.base import Stage, StageRun, fields, register, short_model
 
 ATTENTION, FIGURE = rf.ATTENTION, rf.ATTENTION_FIGURE  # the names: runfolder.py
-
-
-@contextmanager
-def eager_attention(lm):
-    """Run the block with the model's eager attention implementation, then restore the previous one."""
-    model = lm.model
-    previous = getattr(model.config, "_attn_implementation", None)
-    try:
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")
-        else:
-            model.config._attn_implementation = "eager"
-    except (ValueError, ImportError, AttributeError) as err:
-        raise CannotRun(f"model '{lm.model_id}': cannot switch to eager attention ({err}); "
-                            f"drop --also attention") from None
-    try:
-        yield
-    finally:
-        if previous and previous != "eager":
-            if hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation(previous)
-            else:
-                model.config._attn_implementation = previous
-
-
-@torch.inference_mode()
-def attention_batch(lm, sequences: list[list[int]], index: np.ndarray) -> np.ndarray:
-    """Attention ``[L, B, P]`` from each sequence's last token to the positions ``index`` ``[B, P]``
-    (mean over heads; invalid positions, index -1, read position 0 and must be masked by the caller)."""
-    device = lm.device
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), lm.tokenizer.pad_token_id, dtype=torch.long)
-    for row, s in enumerate(sequences):
-        ids[row, : len(s)] = torch.tensor(s)
-    rows = torch.arange(len(sequences), device=device)
-    last = torch.tensor([len(s) - 1 for s in sequences], device=device)
-    cols = torch.as_tensor(np.maximum(index, 0), device=device)
-    modules = lm.site_modules("attention")
-    out = torch.zeros((len(modules), len(sequences), index.shape[1]), dtype=torch.float32)
-    missing = []
-
-    def hook_for(layer):
-        def hook(_module, _inputs, output):
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if weights is None:
-                missing.append(layer)
-                return
-            row = weights[rows, :, last].float().mean(1)  # [B, T]: heads averaged
-            out[layer] = row[rows[:, None], cols].cpu()
-
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(k)) for k, m in enumerate(modules)]
-    try:
-        with eager_attention(lm):
-            lm.model.base_model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    if missing:
-        raise CannotRun(f"model '{lm.model_id}': its attention modules return no weights even in eager "
-                            f"mode; drop --also attention")
-    return out.numpy()
 
 
 def attention_table(lm, answers: pd.DataFrame, generations: pd.DataFrame, positions: list[str],
@@ -104,7 +38,7 @@ def attention_table(lm, answers: pd.DataFrame, generations: pd.DataFrame, positi
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        weights = attention_batch(lm, [sequences[i] for i in batch], index[batch])  # [L, B, P]
+        weights = lm.attention_weights([sequences[i] for i in batch], index[batch])  # [L, B, P]
         total += (weights * (index[batch] >= 0)[None]).sum(1)
     n = (index >= 0).sum(0)
     mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)

@@ -59,7 +59,7 @@ def resample_features(lm, run_dir: Path, resamples: pd.DataFrame, *, site: str, 
                       batch_size: int = 16) -> np.ndarray:
     """Features ``[n_resamples, d]`` of each resample at (site, layer, position); NaN rows where it does
     not exist. Reads prompt ids from ``generations.parquet``."""
-    from ..stages.extract import extract_batch, site_rows
+    from ..positions import site_rows
 
     generations = rf.read_parquet(Path(run_dir) / rf.GENERATIONS).set_index("id")
     column = f"pos_{position}"
@@ -73,8 +73,8 @@ def resample_features(lm, run_dir: Path, resamples: pd.DataFrame, *, site: str, 
     for start in range(0, len(keep), batch_size):
         batch = keep[start : start + batch_size]
         sequences = [list(prompts[i]) + list(resamples["answer_ids"].iloc[i]) for i in batch]
-        features = extract_batch(lm, sequences, index[batch][:, None], [site])[site]  # [R, B, 1, d]
-        out[batch] = features[row, :, 0].numpy()
+        features = lm.hidden_states(sequences, index[batch][:, None], [site])[site]  # [R, B, 1, d]
+        out[batch] = features[row, :, 0]
     return out
 
 

@@ -266,14 +266,13 @@ class ModelScorer:
     @property
     def lm(self):
         """The card's model, loaded once (through the backend factory, as every command loads its model)."""
-        from ..backend import Models
+        from ..backends import ModelBackend, Models
         from ..config import Config
-        from ..models import LoadedModel
 
         if self._lm is not None:
             return self._lm
         card, force, model = self.card, self.force, self._wanted
-        if isinstance(model, LoadedModel):
+        if isinstance(model, ModelBackend):
             lm = model
         else:
             name = model or card.get("model")
@@ -354,7 +353,6 @@ class ModelScorer:
         given answer's tokens under the model, its end-of-turn token included (a text the model would not
         write scores lower than its own answer).
         """
-        from ..stages.baselines import token_statistics
         from ..stages.generate import decode_answer, generate_answers
         from ..textmatch import normalize
 
@@ -367,7 +365,7 @@ class ModelScorer:
                                      progress=False)
         greedy = [decode_answer(lm.tokenizer, ids).strip() for ids, _ in generated]
         given = [answer_token_ids(lm, a) for a in answers]
-        stats = token_statistics(lm, [p + a for p, a in zip(prompts, given)], [len(p) for p in prompts])
+        stats = lm.token_statistics([p + a for p, a in zip(prompts, given)], [len(p) for p in prompts])
         return [{"model_answer": own, "own_answer": normalize(own) == normalize(text),
                  "answer_logprob": float(np.log(np.clip(prob, 1e-30, 1.0)).mean())}
                 for own, text, (prob, _) in zip(greedy, answers, stats)]
@@ -424,7 +422,7 @@ class ModelScorer:
     @staticmethod
     def _read_and_score(lm, detector, card, prompt_ids, answer_ids, index) -> np.ndarray:
         """P(error) ``[n]`` of ``detector`` at token ``index`` of each sequence; NaN where index is -1."""
-        from ..stages.extract import extract_batch, site_rows
+        from ..positions import site_rows
 
         out = np.full(len(prompt_ids), np.nan)
         keep = np.flatnonzero(index >= 0)
@@ -432,8 +430,8 @@ class ModelScorer:
         for start in range(0, len(keep), 16):
             batch = keep[start : start + 16]
             sequences = [prompt_ids[i] + answer_ids[i] for i in batch]
-            features = extract_batch(lm, sequences, index[batch][:, None], [card["site"]])[card["site"]]  # [R, B, 1, d]
-            out[batch] = detector.predict_proba(features[row, :, 0].numpy())[:, 1]
+            features = lm.hidden_states(sequences, index[batch][:, None], [card["site"]])[card["site"]]  # [R, B, 1, d]
+            out[batch] = detector.predict_proba(features[row, :, 0])[:, 1]
         return out
 
     @property
@@ -451,7 +449,7 @@ class ModelScorer:
         if name is None or name == self.card.get("model"):
             return self.lm
         if getattr(self, "_extractor", None) is None:
-            from ..backend import Models
+            from ..backends import Models
             from ..config import Config
 
             self._extractor = Models(Config(model=name, dtype=self.dtype, device=self.device)).lm
@@ -541,7 +539,7 @@ def _check_card(path: Path, card) -> None:
         raise TruthmapError(f"{path}: field 'model' is missing; export the detector again")
     if card.get("prompt_prefix") is not None and not isinstance(card.get("prompt_suffix"), str):
         raise TruthmapError(f"{path}: field 'prompt_suffix' is missing; export the detector again")
-    from ..models import SITES
+    from ..constants import SITES
 
     if "site" in card and card["site"] not in SITES:
         raise TruthmapError(f"{path}: field 'site' is {sanitise(repr(card['site']), 60)}, not one of {', '.join(SITES)}")
@@ -582,9 +580,9 @@ def _as_list(value) -> list:
 def end_of_turn_id(lm) -> int | None:
     """The token the chat template puts after an assistant message (the one a finished answer ends with);
     for a model without a chat template, the line break that ends its one-line answer."""
-    from ..stages.generate import answers_one_line, encode_prompt, end_of_turn_ids
+    from ..stages.generate import answers_one_line, encode_prompt
 
-    stops = end_of_turn_ids(lm)
+    stops = lm.end_of_turn_ids()
     tok = lm.tokenizer
     if answers_one_line(tok):
         line_break = tok("\n", add_special_tokens=False)["input_ids"][-1:]

@@ -50,7 +50,7 @@ from ..errors import CannotRun, TruthmapError
 from ..metrics import (RESULT_COLUMNS, bootstrap_for, cell_stats, cell_summary, choose_cell, mean_over_seeds,
                        result_rows, split_masks, strata_of)
 from ..config import Config
-from ..models import resolve_device
+from ..backends.base import resolve_device
 from ..stages.base import Stage, StageRun, register, short_model
 from ..stages.label import has_labels, judge_model
 
@@ -225,12 +225,10 @@ def token_logprobs(lm, generations: pd.DataFrame, resamples: pd.DataFrame) -> li
     """Each sample's token log-probabilities under the model (special tokens such as end-of-turn left
     out), read by one teacher-forced pass over prompt + sample: at temperature 1 with no top-k/top-p these
     are the probabilities the samples were drawn with."""
-    from ..stages.baselines import token_statistics
-
     prompt_of = generations.set_index("id")["prompt_ids"]
     prompts = [list(prompt_of[i]) for i in resamples["id"]]
     answers = [list(a) for a in resamples["answer_ids"]]
-    stats = token_statistics(lm, [p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts])
+    stats = lm.token_statistics([p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts])
     special = set(lm.tokenizer.all_special_ids)
     out = []
     for ids, (prob, _) in zip(answers, stats):

@@ -54,7 +54,7 @@ from .. import runfolder as rf
 from ..errors import CannotRun, TruthmapError
 from ..metrics import (RESULT_COLUMNS, bootstrap_for, cell_stats, cell_summary, choose_cell, mean_over_seeds,
                        read_results, result_rows, split_masks, strata_of)
-from ..models import resolve_device
+from ..backends.base import resolve_device
 from ..stages.base import Stage, StageRun, fields, register
 
 SITE = "baseline"  # a row of the baselines table (stages/baselines.py's SITE)

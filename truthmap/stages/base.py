@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # the model backend is only named here, in types
-    from ..backend import Models
+    from ..backends import Models
     from ..config import Config
 
 

@@ -43,9 +43,9 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .. import runfolder as rf
+from ..backends.base import chat_prompt, encode_prompt
 from ..constants import BASELINE_SITE, SITES
 from ..errors import TruthmapError
 from ..metrics import (RESULT_COLUMNS, auc_score, bootstrap_for, cell_stats, cell_summary, choose_cell,
@@ -53,7 +53,6 @@ from ..metrics import (RESULT_COLUMNS, auc_score, bootstrap_for, cell_stats, cel
 from ..positions import EXACT_POSITIONS, char_span_to_tokens, token_char_spans
 from .base import Stage, StageRun, fields, register, short_model
 from .verdict import compare_cell, study_verdict
-from .generate import cache_argument, common_prefix, plain_cache, select_rows, shared_head
 from ..runfolder import BASELINE_RESULTS, FAMILY_RESULTS  # the names: runfolder.py
 from ..runfolder import BASELINES_FIGURE as FIGURE
 
@@ -63,42 +62,11 @@ P_TRUE_PROMPT = "Question: {question}\nPossible answer: {answer}\nIs the possibl
 P_TRUE_REPLY = "The possible answer is: ("
 # which p(True) variants a run asks (--p-true): the score columns each choice adds
 P_TRUE_CHOICES = {"exact": ("p_true_exact",), "both": ("p_true_exact", "p_true_answer"), "none": ()}
-LOGIT_BUDGET = 1 << 26  # floats of logits held at once ([batch, tokens, vocab])
 
 
 # ---------------------------------------------------------------------- per-token scalars
-
-@torch.inference_mode()
-def token_statistics(lm, sequences: list[list[int]], n_prompt: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(probability of each answer token, entropy of the distribution it was drawn from) per sequence.
-
-    ``sequences[i]`` is prompt + answer ids and its answer starts at ``n_prompt[i]``. Sequences are
-    right-padded (a real token never attends to the padding after it); the logits of a batch are reduced
-    to the two scalars per token at once.
-    """
-    vocab = lm.model.get_output_embeddings().weight.shape[0]
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out: list = [None] * len(sequences)
-    start = 0
-    while start < len(order):
-        width = len(sequences[order[min(start + 15, len(order) - 1)]])
-        size = max(1, min(16, LOGIT_BUDGET // max(1, width * vocab)))
-        batch = order[start : start + size]
-        width = max(len(sequences[i]) for i in batch)
-        ids = torch.full((len(batch), width), lm.tokenizer.pad_token_id, dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-        logits = lm.model(input_ids=ids.to(lm.device), use_cache=False).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)  # [B, T]
-        for row, i in enumerate(batch):
-            n = len(sequences[i])
-            steps = torch.arange(n_prompt[i] - 1, n - 1, device=logp.device)  # the logits that chose each answer token
-            chosen = ids[row, n_prompt[i] : n].to(logp.device)
-            out[i] = (logp[row, steps, chosen].exp().cpu().numpy(), entropy[row, steps].cpu().numpy())
-        start += len(batch)
-    return out
-
+# (the probability and entropy of each answer token come from the backend: ``lm.token_statistics``, or
+# read while generating)
 
 TOKEN_STATISTICS = ("logprob_mean", "logprob_min", "logprob_max", "logprob_last", "entropy_mean")  # per answer
 TOKEN_SPANS = {"": "the answer's tokens", "_exact": "the exact answer's tokens"}  # each statistic over each span
@@ -130,9 +98,23 @@ def p_true_prompt(tokenizer, question: str, proposed: str) -> str:
     """The p(True) question as a user message, and the start of the model's reply."""
     text = P_TRUE_PROMPT.format(question=question, answer=proposed)
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + P_TRUE_REPLY
+        return chat_prompt(tokenizer, text) + P_TRUE_REPLY
     return text + "\n" + P_TRUE_REPLY
+
+
+def option_letters(lm) -> tuple[list[int], list[int]]:
+    """The token ids that read as "A" and as "B" in ``lm``'s vocabulary; a one-line error when either has none."""
+    a_ids, b_ids = letter_token_ids(lm.tokenizer)
+    if not a_ids or not b_ids:
+        raise TruthmapError(f"model '{lm.model_id}': its tokenizer has no token for the option letters A/B")
+    return a_ids, b_ids
+
+
+def option_b_share(logp: np.ndarray) -> np.ndarray:
+    """P(B) / (P(A) + P(B)) from the log masses ``[N, 2]`` of the options A and B."""
+    from scipy.special import expit
+
+    return expit(logp[:, 1] - logp[:, 0])
 
 
 def p_true(lm, questions: list[str], proposed: list[str | None], batch_size: int = 16) -> np.ndarray:
@@ -141,152 +123,51 @@ def p_true(lm, questions: list[str], proposed: list[str | None], batch_size: int
     return option_b_probability(lm, texts, batch_size)
 
 
-@torch.inference_mode()
 def option_b_probability(lm, prompts: list[str | None], batch_size: int = 16) -> np.ndarray:
     """P(B) / (P(A) + P(B)) of the next token after each prompt text (which ends where the model names an
     option letter); NaN where the prompt is None."""
-    from .generate import encode_prompt
-
-    a_ids, b_ids = letter_token_ids(lm.tokenizer)
-    if not a_ids or not b_ids:
-        raise TruthmapError(f"model '{lm.model_id}': its tokenizer has no token for the option letters A/B")
+    options = option_letters(lm)
     out = np.full(len(prompts), np.nan)
     todo = [i for i, p in enumerate(prompts) if p]
-    encoded = {i: encode_prompt(lm.tokenizer, prompts[i]) for i in todo}
-    todo.sort(key=lambda i: len(encoded[i]))
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), lm.tokenizer.pad_token_id, dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-        hidden = lm.model.base_model(input_ids=ids.to(lm.device), use_cache=False).last_hidden_state
-        last = hidden[torch.arange(len(batch)), torch.tensor([len(encoded[i]) - 1 for i in batch])]
-        # the model's own head on the last prompt token only (forward with the LM head on every token is wasted)
-        probs = torch.softmax(lm.head_logits(lm.model.get_output_embeddings()(last)).float(), dim=-1)
-        mass_a, mass_b = probs[:, a_ids].sum(-1), probs[:, b_ids].sum(-1)
-        out[batch] = (mass_b / (mass_a + mass_b).clamp(min=1e-30)).cpu().numpy()
+    if todo:
+        logp = lm.next_token_logprobs([encode_prompt(lm.tokenizer, prompts[i]) for i in todo], list(options), batch_size)
+        out[todo] = option_b_share(logp)
     return out
 
 
-def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, r in enumerate(rows):
-        ids[row, : len(r)] = torch.tensor(r)
-        mask[row, : len(r)] = 1
-    return ids, mask
-
-
-@torch.inference_mode()
-def _last_hidden_shared(lm, groups: list[list[list[int]]], head_cache=None, chunk: int = 16) -> torch.Tensor:
-    """The last position's final hidden state of every prompt of ``groups`` but each group's last (which
-    only marks how far the group's prompts agree), in three shared levels: ``head_cache`` (what every
-    prompt begins with, computed once per run; its length is the head), then each group's own shared
-    beginning (its question) once, then the prompts' own ends in chunks of ``chunk`` rows of similar
-    length (little padding). Where every group has one prompt (one p(True) variant), the middle level
-    would share nothing and is left out: the prompts' ends follow the head. None where the model's cache
-    cannot be shared."""
-    pad = lm.tokenizer.pad_token_id
-    device = lm.device
-    head = head_cache.get_seq_length() if head_cache is not None else 0
-    n = len(groups)
-    if head_cache is not None:
-        cache = select_rows(lm, head_cache, torch.zeros(n, dtype=torch.long, device=device))
-    middle_mask = torch.ones((n, head), dtype=torch.long)
-    if head_cache is not None and all(len(g) == 2 for g in groups):  # one prompt each: no middle level
-        cut = [head] * n
-    else:
-        cut = [common_prefix(g) for g in groups]
-        if min(cut) <= head:  # a group with nothing of its own to share
-            return None
-        middle_ids, own_mask = _right_pad([g[0][head:c] for g, c in zip(groups, cut)], pad)
-        if head_cache is None:
-            from transformers.cache_utils import DynamicCache
-
-            cache = DynamicCache(config=lm.model.config)
-        middle_mask = torch.cat([middle_mask, own_mask], dim=1)
-        lm.model.base_model(input_ids=middle_ids.to(device), attention_mask=middle_mask.to(device),
-                            position_ids=(head + torch.arange(middle_ids.shape[1]))[None].expand_as(middle_ids).to(device),
-                            **{cache_argument(lm): cache}, use_cache=True)
-        if not plain_cache(cache):
-            return None
-    owner = [g for g, group in enumerate(groups) for _ in group[:-1]]
-    suffixes = [prompt[cut[g]:] for g, group in enumerate(groups) for prompt in group[:-1]]
-    order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
-    hidden = [None] * len(suffixes)
-    for start in range(0, len(order), chunk):
-        rows = order[start : start + chunk]
-        owners = torch.tensor([owner[i] for i in rows])
-        suffix_ids, suffix_mask = _right_pad([suffixes[i] for i in rows], pad)
-        positions = owners.new_tensor([cut[owner[i]] for i in rows])[:, None] + torch.arange(suffix_ids.shape[1])[None]
-        out = lm.model.base_model(
-            input_ids=suffix_ids.to(device),
-            attention_mask=torch.cat([middle_mask[owners], suffix_mask], dim=1).to(device),
-            position_ids=positions.to(device),
-            **{cache_argument(lm): select_rows(lm, cache, owners.to(device))}, use_cache=True,
-        ).last_hidden_state
-        last = out[torch.arange(len(rows)), torch.tensor([len(suffixes[i]) - 1 for i in rows])]
-        for i, state in zip(rows, last):
-            hidden[i] = state
-    return torch.stack(hidden)
-
-
-@torch.inference_mode()
-def _last_hidden(lm, prompts: list[list[int]]) -> torch.Tensor:
-    """The last position's final hidden state of each prompt, in one right-padded pass."""
-    ids, _ = _right_pad(prompts, lm.tokenizer.pad_token_id)
-    hidden = lm.model.base_model(input_ids=ids.to(lm.device), use_cache=False).last_hidden_state
-    return hidden[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])]
-
-
-@torch.inference_mode()
 def p_true_variants(lm, questions: list[str], variants: list[list[str | None]], batch_size: int = 16,
                     share_prefix: bool = True) -> np.ndarray:
     """:func:`p_true` of several proposed answers per question (``variants[v][i]``), float ``[V, N]``.
 
-    All proposals of a question go in one batched pass, and what prompts share is computed once and its
-    KV cache serves them (``share_prefix``, where the model's cache allows it): the beginning of every
-    prompt (the chat template's system turn, "Question: ") once per call, each question once for all its
-    proposals (with one variant, the default, there is nothing to share per question and each prompt's
-    end after the head runs in one pass); the proposals' own ends run in chunks of similar length. Only each prompt's last position
-    goes through the LM head.
+    All proposals of a question go to the backend as one group, ``batch_size`` questions at a time, with
+    a marker prompt (the question with the proposal "?") that says where the question's shared part
+    ends: with ``share_prefix`` the backend computes what prompts share once (``next_token_logprobs`` in
+    truthmap/backends/base.py), the beginning of every prompt and each question once for all its
+    proposals; questions run in order of their longest prompt (similar lengths, little padding).
     """
-    from .generate import encode_prompt
-
-    a_ids, b_ids = letter_token_ids(lm.tokenizer)
-    if not a_ids or not b_ids:
-        raise TruthmapError(f"model '{lm.model_id}': its tokenizer has no token for the option letters A/B")
+    options = option_letters(lm)
     out = np.full((len(variants), len(questions)), np.nan)
-    prompts, probe = {}, {}
+    prompts, marker = {}, {}
     for i, question in enumerate(questions):
         for v, proposed in enumerate(variants):
             if proposed[i]:
                 prompts[(v, i)] = encode_prompt(lm.tokenizer, p_true_prompt(lm.tokenizer, question, proposed[i]))
         if share_prefix:  # ends where any proposal would begin: what a question's prompts share
-            probe[i] = encode_prompt(lm.tokenizer, p_true_prompt(lm.tokenizer, question, "?"))
+            marker[i] = encode_prompt(lm.tokenizer, p_true_prompt(lm.tokenizer, question, "?"))
     keys_of = {i: [(v, i) for v in range(len(variants)) if (v, i) in prompts] for i in range(len(questions))}
     todo = sorted((i for i in keys_of if keys_of[i]), key=lambda i: max(len(prompts[key]) for key in keys_of[i]))
-    head_cache = None
-    if share_prefix and todo:  # what every prompt begins with, short of where any question's own text starts
-        own = min(common_prefix([prompts[key] for key in keys_of[i]] + [probe[i]]) for i in todo)
-        firsts = [probe[i] for i in todo]
-        head_cache = shared_head(lm, firsts[0][: min(common_prefix(firsts), own - 1)])
-    lm_head = lm.model.get_output_embeddings()
-    for start in range(0, len(todo), batch_size):
-        keys = [key for i in todo[start : start + batch_size] for key in keys_of[i]]
-        last = None
-        if share_prefix:
-            groups = [[prompts[key] for key in keys_of[i]] + [probe[i]] for i in todo[start : start + batch_size]]
-            last = _last_hidden_shared(lm, groups, head_cache, chunk=batch_size)
-        if last is None:  # a cache that cannot be shared (sliding windows, linear attention …)
-            last = _last_hidden(lm, [prompts[key] for key in keys])
-        probs = torch.softmax(lm.head_logits(lm_head(last)).float(), dim=-1)  # the LM head on the last position only
-        mass_a, mass_b = probs[:, a_ids].sum(-1), probs[:, b_ids].sum(-1)
-        score = (mass_b / (mass_a + mass_b).clamp(min=1e-30)).cpu().numpy()
-        for (v, i), value in zip(keys, score):
-            out[v, i] = value
+    keys = [key for i in todo for key in keys_of[i]]
+    if not keys:
+        return out
+    groups, first = None, 0
+    if share_prefix:
+        groups = []
+        for i in todo:
+            groups.append((list(range(first, first + len(keys_of[i]))), marker[i]))
+            first += len(keys_of[i])
+    scores = option_b_share(lm.next_token_logprobs([prompts[key] for key in keys], list(options), batch_size, groups))
+    for (v, i), value in zip(keys, scores):
+        out[v, i] = value
     return out
 
 
@@ -308,8 +189,6 @@ def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progres
     tokens of the variant's prompts, as a pass without shared prefixes would run them).
     """
     import time
-
-    from .generate import encode_prompt
 
     columns = ["id", "prompt_ids", "answer_ids"] + [c for c in ("token_prob", "token_entropy")
                                                      if one_pass and c in generations.columns]
@@ -355,7 +234,7 @@ def compute_scores(lm, answers: pd.DataFrame, generations: pd.DataFrame, progres
 
 def _token_statistics_of(lm, table: pd.DataFrame) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]:
     """(token probabilities, entropies) of each answer: read while generating where ``table`` has them
-    (one per answer token), else by :func:`token_statistics`; and the rows that needed that pass."""
+    (one per answer token), else by the backend's ``token_statistics``; and the rows that needed that pass."""
     stats: list = [None] * len(table)
     if "token_prob" in table.columns:
         for i, (answer, prob, entropy) in enumerate(zip(table.answer_ids, table.token_prob, table.token_entropy)):
@@ -364,7 +243,7 @@ def _token_statistics_of(lm, table: pd.DataFrame) -> tuple[list[tuple[np.ndarray
     todo = [i for i, s in enumerate(stats) if s is None]
     if todo:
         sequences = [list(table.prompt_ids.iloc[i]) + list(table.answer_ids.iloc[i]) for i in todo]
-        for i, found in zip(todo, token_statistics(lm, sequences, [len(table.prompt_ids.iloc[i]) for i in todo])):
+        for i, found in zip(todo, lm.token_statistics(sequences, [len(table.prompt_ids.iloc[i]) for i in todo])):
             stats[i] = found
     return stats, todo
 

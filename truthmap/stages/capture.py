@@ -1,12 +1,14 @@
 """One pass: the hidden states and token scores of each answer, read while the model writes it.
 
-Generation (generate.py) already runs the model over every prompt and every answer token; this module
-rides along with forward hooks, so the extract stage and the token-statistics baseline need no forward
-pass of their own:
+Generation (generate.py) already runs the model over every prompt and every answer token; the backend
+reads the states and token scores as it goes (generate with capture: ``answer_chunks`` in
+truthmap/backends/base.py; the hooks are truthmap/backends/hf.py's ``BatchCapture``), so the extract
+stage and the token-statistics baseline need no forward pass of their own. This module plans and keeps
+that capture:
 
 * the prompt's last position is read from the prefill, each answer token's states from the decoding
-  step that consumes it. Generation runs one step past each answer's end (its stop token, or its
-  ``max_new_tokens``-th token, is consumed too) and the extra token is cut, so the answers are the same;
+  step that consumes it; generation runs one step past each answer's end and the extra token is cut,
+  so the answers are the same;
 * the probability of each answer token and the entropy of the distribution it was drawn from come
   from the logits that generation computes anyway (two scalars per token, never logits);
 * a batch's states are held on the model's device in a buffer of at most ``CAPTURE_BYTES`` (the bound
@@ -22,14 +24,12 @@ a site or chunk that was not captured), with the separate forward pass of extrac
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..backends.base import CapturePlan, ModelBackend
 from ..positions import site_rows
 
 CAPTURE_BYTES = 256 << 20  # the most bytes of hidden states one batch holds on the device
@@ -37,44 +37,14 @@ TAIL = 8  # the last answer tokens always held when the bound cuts an answer (th
 LEAST_HEAD = 2  # and at least its first two (first_answer, second_answer)
 
 
-@dataclass(frozen=True)
-class CapturePlan:
-    """Which states a run holds per answer: slot 0 = the prompt's last token, slots 1..head = answer
-    tokens 0..head-1, the next ``tail`` slots = a ring of the answer's last ``tail`` tokens."""
-
-    sites: tuple[str, ...]
-    head: int
-    tail: int
-
-    @property
-    def slots(self) -> int:
-        return 1 + self.head + self.tail
-
-    def slot(self, token: int, n_answer: int) -> int | None:
-        """The slot that holds answer token ``token`` of an answer of ``n_answer`` tokens (None: not held)."""
-        if token < self.head:
-            return 1 + token
-        if self.tail and token >= n_answer - self.tail:
-            return 1 + self.head + (token - self.head) % self.tail
-        return None
-
-    def write_slot(self, token: int) -> int | None:
-        """The slot answer token ``token`` is written to as it is read (the ring overwrites older tokens)."""
-        if token < self.head:
-            return 1 + token
-        return 1 + self.head + (token - self.head) % self.tail if self.tail else None
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "sites": list(self.sites)}
-
-
-def bytes_per_slot(lm, sites, batch_size: int) -> int:
+def bytes_per_slot(lm: ModelBackend, sites, batch_size: int) -> int:
     """Bytes one slot of a batch holds on the device: every layer row of every site, in the model's dtype."""
     rows = sum(len(site_rows(lm, site)) for site in sites)
-    return batch_size * rows * lm.hidden_size * lm.model.dtype.itemsize
+    return batch_size * rows * lm.hidden_size * lm.bytes_per_value()
 
 
-def capture_plan(lm, sites, batch_size: int, max_new_tokens: int, budget: int = CAPTURE_BYTES) -> CapturePlan | None:
+def capture_plan(lm: ModelBackend, sites, batch_size: int, max_new_tokens: int,
+                 budget: int = CAPTURE_BYTES) -> CapturePlan | None:
     """The largest plan whose batch buffer fits in ``budget`` bytes; None when not even the prompt's last
     token, the first ``LEAST_HEAD`` and the last ``TAIL`` answer tokens fit (the run extracts separately)."""
     fit = budget // max(1, bytes_per_slot(lm, sites, batch_size))
@@ -83,115 +53,6 @@ def capture_plan(lm, sites, batch_size: int, max_new_tokens: int, budget: int = 
     if fit < 1 + LEAST_HEAD + TAIL:
         return None
     return CapturePlan(tuple(sites), fit - 1 - TAIL, TAIL)
-
-
-class _StopAfterConsumed(StoppingCriteria):
-    """Stopping rule of a capturing generation: a row ends one step after its stop token (or its
-    ``max_new_tokens``-th token), so that the step consuming that token runs and is read."""
-
-    def __init__(self, prompt_width: int, max_new_tokens: int, stop_ids: list[int]):
-        self.width, self.max_new_tokens = prompt_width, max_new_tokens
-        self.stop_ids = torch.tensor(stop_ids, dtype=torch.long)
-
-    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
-        answer = input_ids[:, self.width :]
-        n = answer.shape[1]
-        consumed = answer[:, : n - 1]  # every token but the newest has been fed to the model
-        stopped = torch.isin(consumed, self.stop_ids.to(answer.device)).any(dim=1)
-        return stopped | (n > self.max_new_tokens)
-
-
-class BatchCapture:
-    """Forward hooks that read one generating batch (see the module docstring).
-
-    Step 0 is the prefill; step k ≥ 1 consumes answer token k - 1. A row's states are written only while
-    it has not yet consumed its stop token, so steps run after its end change nothing.
-    """
-
-    def __init__(self, lm, plan: CapturePlan, batch: int, max_new_tokens: int, stop_ids: list[int]):
-        self.lm, self.plan, self.max_new_tokens = lm, plan, max_new_tokens
-        device, dtype = lm.device, lm.model.dtype
-        self.rows = {site: len(site_rows(lm, site)) for site in plan.sites}
-        self.states = {site: torch.zeros((batch, plan.slots, r, lm.hidden_size), dtype=dtype, device=device)
-                       for site, r in self.rows.items()}
-        self.prob = torch.full((batch, max_new_tokens + 1), float("nan"), device=device)
-        self.entropy = torch.full((batch, max_new_tokens + 1), float("nan"), device=device)
-        self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
-        self.ended = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.captured = torch.zeros(batch, dtype=torch.long, device=device)
-        self.step, self.slot, self.write, self.logp = -1, 0, None, None
-        self.handles = []
-
-    # ------------------------------------------------------------ hooks
-    def __enter__(self):
-        self.handles.append(self.lm.embeddings.register_forward_pre_hook(self._begin_step, with_kwargs=True))
-        for site in self.plan.sites:
-            self.handles += self.lm.hook_site(site, self._reader(site))
-        self.handles.append(self.lm.model.get_output_embeddings().register_forward_hook(self._read_logits))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    def _begin_step(self, _module, args, kwargs):
-        """Before each forward: which slot its last position fills, and for which rows."""
-        self.step += 1
-        if self.step == 0:  # the prefill: every row's last prompt token (prompts are left-padded)
-            self.slot, self.write = 0, None
-            return
-        token = self.step - 1
-        consumed = (args[0] if args else next(iter(kwargs.values())))[:, -1].to(self.ended.device)
-        if self.logp is not None:  # the probability the previous step gave the token it now consumes
-            chosen = self.logp.gather(1, consumed[:, None].to(self.logp.device))[:, 0]
-            self.prob[:, token] = chosen.exp().to(self.prob.device)
-        if token >= self.max_new_tokens:  # a step past every answer: nothing to read
-            self.slot, self.write = None, None
-            return
-        self.write = ~self.ended  # rows still in their answer (their stop token included)
-        self.captured += self.write.long()
-        self.ended = self.ended | torch.isin(consumed, self.stop_ids)
-        self.slot = self.plan.write_slot(token)
-
-    def _reader(self, site):
-        def read(row, hidden):
-            if self.slot is None:
-                return
-            target = self.states[site][:, self.slot, row]
-            # [B, d]; a model spread over several devices (--device-map) hands it over from its own
-            hidden = hidden[:, -1].to(target.device, target.dtype)
-            target.copy_(hidden if self.write is None else torch.where(self.write[:, None], hidden, target))
-
-        return read
-
-    def _read_logits(self, _module, _inputs, output):
-        if self.step > self.max_new_tokens:
-            return
-        logp = torch.log_softmax(self.lm.head_logits(output[:, -1]).float(), dim=-1)
-        self.entropy[:, self.step] = (-(logp.exp() * logp).sum(-1)).to(self.entropy.device)
-        self.logp = logp
-
-    # ------------------------------------------------------------ generate() arguments and results
-    def generate_kwargs(self, prompt_width: int, stop_ids: list[int]) -> dict:
-        """Arguments of ``model.generate`` that make it run one step past each answer's end."""
-        return {"max_new_tokens": self.max_new_tokens + 1, "eos_token_id": None,
-                "stopping_criteria": StoppingCriteriaList([_StopAfterConsumed(prompt_width, self.max_new_tokens,
-                                                                              stop_ids)])}
-
-    def results(self, answer_lengths: list[int]) -> dict:
-        """The batch's capture on the CPU: float16 states per site ``[B, slots, rows, d]``, ``captured``
-        (answer tokens read per row) and the token probability / entropy of each answer token."""
-        captured = np.minimum(self.captured.cpu().numpy(), answer_lengths)
-        prob, entropy = self.prob.cpu().numpy(), self.entropy.cpu().numpy()
-        with np.errstate(over="ignore", invalid="ignore"):  # beyond float16: found when extracted, read again
-            states = {site: x.float().cpu().numpy().astype(np.float16) for site, x in self.states.items()}
-        return {
-            "states": states,
-            "captured": captured.tolist(),
-            "token_prob": [prob[i, :n].astype(np.float32) for i, n in enumerate(answer_lengths)],
-            "token_entropy": [entropy[i, :n].astype(np.float32) for i, n in enumerate(answer_lengths)],
-        }
 
 
 def capture_path(folder: Path, k: int, site: str) -> Path:
@@ -214,11 +75,8 @@ class ChunkCapture:
         saved = self.chunks.setting("capture", proposed.to_dict() if proposed else None)
         self.plan = CapturePlan(tuple(saved["sites"]), saved["head"], saved["tail"]) if saved else None
 
-    def batch(self, size: int, max_new_tokens: int, stop_ids: list[int]) -> BatchCapture | None:
-        """Hooks for one batch, or None when this run does not capture."""
-        return BatchCapture(self.lm, self.plan, size, max_new_tokens, stop_ids) if self.plan else None
-
     def add(self, batch_results: dict) -> None:
+        """One generated batch's capture, as the backend hands it over (base.py, ``answer_chunks``)."""
         self.pending.append(batch_results)
 
     def finish_chunk(self, k: int, frame: pd.DataFrame) -> pd.DataFrame:

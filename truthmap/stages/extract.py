@@ -12,30 +12,23 @@ Reads ``answers.parquet`` (position indices) and ``generations.parquet`` (token 
   examples of that shard (consecutive rows of answers.parquet), hidden size d. Invalid cells hold 0.
 
 Layer rows: residual has rows 0..L (0 = embedding output, l = output of decoder block l); mlp and
-attention have rows 1..L (the sub-module's output inside block l). Forward hooks keep only the wanted
-positions, so nothing of size tokens × layers is ever held. Sequences are right-padded: with causal
-attention a real token never sees the padding after it, so features do not depend on batch size.
-The base model is called without its LM head (whose output is never needed).
-Shards already on disk are kept, so an interrupted extraction continues where it stopped.
+attention have rows 1..L (the sub-module's output inside block l). The backend computes them
+(``feature_shards``, truthmap/backends/base.py): it keeps only the wanted positions, so nothing of size
+tokens × layers is ever held, and features do not depend on the batch size. Shards already on disk are kept, so an interrupted extraction continues where it stopped.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from .. import runfolder as rf
+from ..backends.base import ModelBackend
 from ..errors import TruthmapError
 from ..positions import site_rows
-from ..models import LoadedModel
-
-if TYPE_CHECKING:
-    from ..backend import ModelBackend
 from ..runfolder import (ACTIVATIONS, ACTIVATIONS_INDEX, ACTIVATIONS_VALID, child, read_activations_index, read_npy,
                         reading, trusted, write_json, write_npy)
 from .base import Stage, StageRun, fields, register
@@ -44,52 +37,6 @@ from .capture import CaptureReader
 read_index = read_activations_index  # the name of earlier versions
 
 SHARD_SIZE = 256
-
-
-class _Capture:
-    """Forward hooks that copy the hidden state at given token positions into a buffer."""
-
-    def __init__(self, lm: LoadedModel, sites: list[str]):
-        self.lm, self.sites, self.handles = lm, sites, []
-        self.rows = None  # [B] long, set per batch
-        self.cols = None  # [B, P] long
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def __enter__(self):
-        for site in self.sites:
-            self.handles += self.lm.hook_site(site, self._reader(site))
-        return self
-
-    def _reader(self, site):
-        def read(row, hidden):
-            # [B, T, d] -> [B, P, d]: only the wanted positions leave the model
-            self.buffers[site][row] = hidden[self.rows, self.cols].to(self.buffers[site].dtype)
-
-        return read
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-
-
-@torch.inference_mode()
-def extract_batch(lm: LoadedModel, sequences: list[list[int]], index: np.ndarray, sites: list[str]) -> dict:
-    """Features of one batch: site -> float32 CPU tensor ``[R, B, P, d]`` (invalid positions read token 0)."""
-    device = lm.device
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), lm.tokenizer.pad_token_id, dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-    with _Capture(lm, sites) as capture:
-        capture.rows = torch.arange(len(sequences), device=device)[:, None]
-        capture.cols = torch.as_tensor(np.maximum(index, 0), device=device)
-        for site in sites:
-            n_rows = len(site_rows(lm, site))
-            capture.buffers[site] = torch.empty(
-                (n_rows, len(sequences), index.shape[1], lm.hidden_size), dtype=torch.float32, device=device
-            )
-        lm.model.base_model(input_ids=input_ids.to(device), use_cache=False)
-    return {site: buf.cpu() for site, buf in capture.buffers.items()}
 
 
 def run_extract(
@@ -108,9 +55,8 @@ def run_extract(
     """Write the activations store for ``answers`` (see the module docstring).
 
     ``shard_size``: examples per shard (default ``SHARD_SIZE``). ``lm`` is a model backend
-    (truthmap/backend.py): its ``feature_shards`` computes the missing shards — here, or on Ray workers
-    (:class:`truthmap.distributed.RemoteModel`), several at once, with the function used here
-    (:func:`extract_shard`) — and each is written here as it arrives.
+    (truthmap/backends/base.py): its ``feature_shards`` computes the missing shards — here, or on Ray
+    workers several at once — and each is written here as it arrives.
     ``capture``: a :class:`truthmap.stages.capture.CaptureReader`; the states it holds are copied from it,
     and only the examples it lacks go through the forward pass.
     """
@@ -145,7 +91,7 @@ def run_extract(
             bar.update(stop - start)
         else:
             todo.append(k)
-    if capture is not None and lm.in_process:  # the capture's missing examples need the weights here
+    if capture is not None and lm.in_process:  # (on Ray workers whole shards run in parallel instead)
         lengths = (np.array([len(p) for p in table.prompt_ids]), np.array([len(a) for a in table.answer_ids]))
         finished = ((k, _shard_from_capture(lm, capture, sequences, index, ids, lengths, positions, sites, a, b,
                                             batch_size, bar)) for k, (a, b) in ((k, shards[k]) for k in todo))
@@ -171,47 +117,11 @@ def _shard_from_capture(lm, capture, sequences, index, ids, lengths, positions, 
         bar.update(stop - start - len(missing))
     if missing:
         rows = [start + m for m in missing]
-        again = extract_shard(lm, [sequences[i] for i in rows], index[rows], [ids[i] for i in rows], positions,
-                              sites, batch_size, bar)
+        (_, again), = lm.feature_shards({0: ([sequences[i] for i in rows], index[rows], [ids[i] for i in rows])},
+                                        positions, sites, batch_size, bar)
         for site in sites:
             store[site][:, :, missing, :] = again[site]
     capture.read_again += len(missing)
-    return store
-
-
-def extract_shard(lm: LoadedModel, sequences: list[list[int]], index: np.ndarray, ids: list[str],
-                  positions: list[str], sites: list[str], batch_size: int = 16, bar=None) -> dict[str, np.ndarray]:
-    """The features of one shard: site -> float16 ``[R, P, n, d]`` for the n ``sequences`` (token ids),
-    at the positions ``index`` (int ``[n, P]``, -1 where a position does not exist; those cells hold 0).
-    ``ids`` name the examples in errors. Batches run shortest first."""
-    valid = index >= 0
-    store = {site: np.zeros((len(site_rows(lm, site)), len(positions), len(sequences), lm.hidden_size), np.float16)
-             for site in sites}
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    for b in range(0, len(order), batch_size):
-        batch = order[b : b + batch_size]
-        features = extract_batch(lm, [sequences[i] for i in batch], index[batch], sites)
-        for site, values in features.items():
-            values = values.numpy()  # [R, B, P, d]
-            with np.errstate(over="ignore", invalid="ignore"):  # found and named just below
-                half = values.astype(np.float16)
-            # only cells of existing positions count (the others read token 0 and are zeroed below)
-            finite = np.isfinite(half).all(axis=-1) | ~valid[batch][None]
-            if not finite.all():
-                row, j, p = np.argwhere(~finite)[0]
-                where = (f"extract: example '{ids[batch[j]]}', site {site}, layer row {row}, "
-                         f"position {positions[p]}")
-                if np.isfinite(values[row, j, p]).all():
-                    raise TruthmapError(f"{where}: a value beyond float16's range (±65504), which the store "
-                                        f"uses; probe another --site, or layers of this model cannot be stored")
-                dtype = str(lm.model.dtype).replace("torch.", "")
-                advice = "use --dtype float32" if dtype != "float32" else "the model overflows even in float32"
-                raise TruthmapError(f"{where}: the model produced NaN/inf in {dtype}; {advice}")
-            store[site][:, :, batch, :] = half.transpose(0, 2, 1, 3)
-        if bar is not None:
-            bar.update(len(batch))
-    for site in sites:
-        store[site][:, ~valid.T] = 0  # cells with no such position hold zeros
     return store
 
 

@@ -113,26 +113,12 @@ def next_token_logprobs(lm, prompts: list[str], groups: list[list[int]], batch_s
                         ) -> tuple[np.ndarray, int]:
     """log of the probability mass the model gives each group of token ids at the token after each prompt,
     float ``[N, G]``, and the prompts' tokens in all: one forward pass per prompt, batched by length, right-padded (a real token never
-    attends to the padding after it), the LM head on the last prompt token only."""
-    import torch
-
+    attends to the padding after it), the LM head on the last prompt token only (the backend's
+    ``next_token_logprobs``)."""
     from .generate import encode_prompt
 
-    out = np.full((len(prompts), len(groups)), np.nan)
     encoded = [encode_prompt(lm.tokenizer, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    head = lm.model.get_output_embeddings()
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            ids = torch.full((len(batch), max(len(encoded[i]) for i in batch)), lm.tokenizer.pad_token_id,
-                             dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-            hidden = lm.model.base_model(input_ids=ids.to(lm.device), use_cache=False).last_hidden_state
-            last = hidden[torch.arange(len(batch)), torch.tensor([len(encoded[i]) - 1 for i in batch])]
-            logp = torch.log_softmax(lm.head_logits(head(last)).float(), dim=-1)
-            out[batch] = torch.stack([torch.logsumexp(logp[:, g], dim=-1) for g in groups], dim=-1).cpu().numpy()
+    out = lm.next_token_logprobs(encoded, groups, batch_size) if encoded else np.full((0, len(groups)), np.nan)
     return out, sum(len(e) for e in encoded)
 
 

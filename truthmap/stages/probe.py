@@ -37,7 +37,7 @@ from ..constants import MIN_PER_CLASS
 from ..errors import TruthmapError
 from ..metrics import (RESULT_COLUMNS, bootstrap_for, cell_stats, cell_summary, choose_cell, mean_over_seeds, result_rows,
                        split_masks, strata_of)
-from ..models import resolve_device
+from ..backends.base import resolve_device
 from ..runfolder import ANSWERS, SPLITS, read_activations_index, read_parquet, read_splits, reading
 from .base import Stage, StageRun, fields, register
 from .extract import load_layer

@@ -36,7 +36,7 @@ import pandas as pd
 
 from .. import runfolder as rf
 from ..errors import TruthmapError
-from ..models import SITES as PROBE_SITES  # any other site of the results is a baseline
+from ..constants import SITES as PROBE_SITES  # any other site of the results is a baseline
 from ..figures import AUC_CMAP, AUC_CHANCE, AUC_HIGH, AUC_LOW
 from .baselines import BASELINES, control_level
 from .plot import best_region, chosen_cell
