@@ -1,12 +1,14 @@
 """The lenient grader: a judge model's next-token " yes" against " no" (stages/label.py's judge_answers),
 on a fake model whose logits are set by hand, with the default model's real tokenizer and chat template."""
 
+import functools
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 
+from truthmap.backends import hf
 from truthmap.positions import DEFAULT_POSITIONS
 from truthmap.errors import TruthmapError
 from truthmap.grading import lenient_question
@@ -40,7 +42,10 @@ def fake_judge(tokenizer, per_paris: float = 10.0, offset: float = -15.0):
         return logits
 
     model = SimpleNamespace(base_model=base_model, get_output_embeddings=lambda: head)
-    return SimpleNamespace(tokenizer=tokenizer, model=model, device="cpu", head_logits=lambda x: x)
+    lm = SimpleNamespace(tokenizer=tokenizer, model=model, device="cpu", head_logits=lambda x: x)
+    # the Hugging Face backend's next-token scores, run on this scripted model
+    lm.next_token_logprobs = functools.partial(hf.next_token_logprobs, lm)
+    return lm
 
 
 def test_the_judge_reads_yes_against_no_at_the_next_token(tokenizer):
