@@ -35,14 +35,13 @@ from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
-
-from ..constants import DEFAULT_MODEL
-from ..errors import CannotRun, TruthmapError
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
                           PreTrainedModel, StoppingCriteria, StoppingCriteriaList)
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.utils import logging as hf_logging
 
+from ..constants import DEFAULT_MODEL
+from ..errors import CannotRun, TruthmapError
 from ..positions import site_rows
 from .base import CapturePlan, context_limit, end_of_turn_ids_of, resolve_device
 
