@@ -36,7 +36,8 @@ from .stages.base import Stage, StageRun, in_order
 from .stages.generate import forget_preflight, preflight
 from .stages.label import has_labels
 
-# the stages register themselves on import (one line per stage module; the order is each one's step)
+# each stage module registers its stage(s) when imported (generate and label above); a new stage's module is
+# named on one of these lines. The order they run in is their declared step, not the order of these imports.
 from .stages import extract, probe, baselines, plot, report  # noqa: E402,F401
 from .analyses import entropy, wholemap, attention, cost  # noqa: E402,F401
 
