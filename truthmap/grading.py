@@ -360,16 +360,18 @@ def place_extracted(answer: str, phrase: str, question: str = "") -> tuple[str |
 # ---------------------------------------------------------------------- the lenient (judge) grader
 
 LENIENT_GOLD_SHOWN = 8  # at most this many gold aliases go into the judge's question (some tasks list dozens)
-LENIENT_QUESTION = ("We are grading an answer to a question.\nQuestion: {question}\n{gold_line}\n"
-                    "Proposed answer: {answer}\n"
-                    "Does the proposed answer mean the same as the expected answer, in the context of the "
-                    "question? Reply with yes or no.")
+# the semantic-entropy papers' equivalence question (Farquhar et al., Nature 2024, and its code), one gold
+# answer or several
+LENIENT_QUESTION = ("We are assessing the quality of answers to the following question: {question}\n{gold_line}\n"
+                    "The proposed answer is: {answer}\n"
+                    "Within the context of the question, does the proposed answer mean the same as the expected "
+                    "answer? Respond only with yes or no.")
 
 
 def lenient_question(question: str, gold: list[str], answer: str) -> str:
     """The judge's question for one answer (its reply, yes or no, is read by the label stage): the
     question, the gold answer(s) and the proposed answer, as the semantic-entropy papers ask it."""
-    shown = [g for g in gold if str(g).strip()][:LENIENT_GOLD_SHOWN]
-    gold_line = (f"Expected answer: {shown[0]}" if len(shown) == 1
-                 else "Expected answers (any of them): " + "; ".join(shown))
+    shown = [str(g).strip() for g in gold if str(g).strip()][:LENIENT_GOLD_SHOWN]
+    gold_line = (f"The expected answer is: {shown[0]}." if len(shown) == 1
+                 else "The following are expected answers to this question: " + "; ".join(shown) + ".")
     return LENIENT_QUESTION.format(question=question.strip(), gold_line=gold_line, answer=answer.strip())

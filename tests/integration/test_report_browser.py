@@ -219,6 +219,8 @@ def with_verdict(out: Path, target: Path, beats_controls: bool) -> Path:
         "comparisons": [{"against": "best -1", "kind": "position", "auc": 0.797, "diff": 0.061, "low": -0.018,
                          "high": 0.141, "p": 0.07, "shown": False}, surface],
         "beats_controls": beats_controls, "n_test": 24, "n_test_groups": 24}
+    summary["exact_answer"] = {"mode": "blind", "right_answers": 31, "span_differs_from_gold": 4,
+                               "right_answers_without_blind_span": 0}  # the label stage's
     rewrite(run, "probe", "summary.json", summary)
     return run
 
@@ -231,6 +233,7 @@ def test_the_verdict_and_the_heatmap_are_on_the_first_screen(study, open_report,
     verdict = o.page.locator("#verdict-0")
     text = verdict.inner_text()
     assert "beat the last tokens by +0.06" in text and "Does not beat the controls (1 of 1 not shown below it)" in text
+    assert "for 4 of 31 right answers the span differs from the matched gold alias" in text
     box = verdict.bounding_box()
     assert box["y"] + box["height"] <= height  # the whole verdict, its warning included, on the first screen
     first_row = o.page.locator("#run-0 section.map table.heatmap tbody tr").first.bounding_box()

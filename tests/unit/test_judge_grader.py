@@ -64,10 +64,10 @@ def test_the_judge_reads_yes_against_no_at_the_next_token(tokenizer):
 
 def test_the_judge_is_asked_the_question_the_gold_and_the_answer(tokenizer):
     text = lenient_question(QUESTION, ["Paris", "City of Light"], "It is Paris.")
-    assert QUESTION in text and "Paris; City of Light" in text and "Proposed answer: It is Paris." in text
-    assert "yes or no" in text
+    assert QUESTION in text and "expected answers to this question: Paris; City of Light." in text
+    assert "The proposed answer is: It is Paris.\n" in text and text.endswith("Respond only with yes or no.")
     prompt = judge_prompt(tokenizer, QUESTION, ["Paris"], "It is Paris.")
-    assert prompt.endswith("assistant\n") and "Expected answer: Paris" in prompt  # the chat template's reply turn
+    assert prompt.endswith("assistant\n") and "The expected answer is: Paris." in prompt  # the chat's reply turn
 
 
 def _tables(tokenizer, texts, gold):
@@ -100,6 +100,7 @@ def test_the_lenient_column_sits_beside_the_others_and_becomes_the_label_when_ch
     assert judged.correct.tolist() == judged.correct_alias.tolist()  # the default grader
     assert judged.loc[4, ["correct", "correct_alias", "correct_strict", "correct_lenient"]].isna().all()
     assert judged.attrs["judge"]["calls"] == 3  # not the empty answer, not the question without gold
+    assert judged.lenient_log_odds[3:].isna().all() and (judged.lenient_log_odds[:3] > 0).tolist() == [True, True, False]
     # a judge that says no to everything: the lenient label, chosen, follows it alone
     never = fake_judge(tokenizer, per_paris=0.0, offset=-20.0)
     lenient = label_answers(questions, generations, vocabularies, tokenizer, DEFAULT_POSITIONS, progress=False,

@@ -74,7 +74,7 @@ def extractor_replies(lm, questions: list[str], answers: list[str], progress: bo
     return [decode_answer(lm.tokenizer, ids) for ids, _ in replies]
 
 
-JUDGE_REPLY = "Reply:"  # a model without a chat template continues the question after this
+JUDGE_REPLY = "Response:"  # a model without a chat template continues the question after this
 JUDGE_WORDS = ("yes", "no")
 
 
@@ -149,7 +149,8 @@ def label_answers(
     ``correct_alias`` is the task rule's label (a gold alias occurs in the answer, for alias-graded
     tasks), ``correct_strict`` that of ``grading.strict_correct`` (with the extractor's span where the
     extractor found one), and with a ``judge`` (a loaded model) ``correct_lenient``, the judge's verdict
-    (:func:`judge_answers`; an empty answer is wrong without asking; the column is absent without a judge).
+    (:func:`judge_answers`; an empty answer is wrong without asking; the column is absent without a judge),
+    beside its log-odds ``lenient_log_odds``.
     ``grader`` (``alias``, ``strict`` or ``lenient``) says which is ``correct``. All are None for a question
     without a gold answer.
 
@@ -190,6 +191,7 @@ def label_answers(
         for i, phrase in zip(missing, replies):
             located[i] = grading.place_extracted(table.answer.iloc[i], phrase, table.question.iloc[i])
     lenient, judge_cost = [None] * len(table), {"calls": 0, "forward_tokens": 0}
+    log_odds = np.full(len(table), np.nan)
     if judge is not None:  # every graded answer that says something; an empty one is wrong without asking
         asked = [i for i, row in enumerate(table.itertuples()) if len(row.gold) and str(row.answer).strip()]
         lenient = [False if len(row.gold) else None for row in table.itertuples()]
@@ -203,11 +205,11 @@ def label_answers(
             judge_cost = {"calls": len(asked), "forward_tokens": int(tokens),
                           "seconds": round(time.perf_counter() - started, 2)}
             for i, value in zip(asked, odds):
-                lenient[i] = bool(value > 0)
+                lenient[i], log_odds[i] = bool(value > 0), float(value)
 
     rows = []
-    for row, ok, found, gold_span, alias, rule, judged in zip(table.itertuples(), correct, located, gold_spans,
-                                                              by_alias, rules, lenient):
+    for row, ok, found, gold_span, alias, rule, judged, odds in zip(table.itertuples(), correct, located, gold_spans,
+                                                                    by_alias, rules, lenient, log_odds):
         text, start, end, reason = found
         graded = len(row.gold) > 0
         strict = grading.strict_correct(rule, bool(ok), text, list(row.gold)) if graded else None
@@ -241,7 +243,8 @@ def label_answers(
                 "correct": labels[grader],  # None: no gold answer (a label-free study)
                 "correct_alias": labels["alias"],
                 "correct_strict": labels["strict"],
-                **({"correct_lenient": judged} if judge is not None else {}),
+                # the judge's log P(yes) − log P(no) (NaN: not asked), so a user can read it at another threshold
+                **({"correct_lenient": judged, "lenient_log_odds": odds} if judge is not None else {}),
                 "exact_answer": text or "",
                 "exact_answer_valid": text is not None,
                 "exact_answer_reason": reason,
