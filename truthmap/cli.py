@@ -178,6 +178,19 @@ def _report(run_dir: Path) -> None:
         console.print(f"cells above the label-permutation null (max over cells, {text(null.get('permutations'))} "
                       f"permutations, p ≤ {text(null.get('level'))}): {text(null.get('cells_beating_null'))} of "
                       f"{text(null.get('cells'))}")
+    graders = summary.get("graders")
+    if isinstance(graders, dict) and isinstance(graders.get("accuracy"), dict):
+        name = lambda column: text(str(column).replace("correct_", ""))  # noqa: E731
+        pairs = [p for p in graders.get("agreement") or [] if isinstance(p, dict)]
+        cells = [g for g in graders.get("probes") or [] if isinstance(g, dict) and "layer" in g]
+        console.print("graders (share right): " + ", ".join(f"{name(k)} {_number(v, '.1%')}"
+                                                             for k, v in graders["accuracy"].items())
+                      + ("; labels that flip: " + ", ".join(f"{name(p.get('a'))}·{name(p.get('b'))} "
+                                                            f"{text(p.get('flips'))} (κ {_number(p.get('kappa'))})"
+                                                            for p in pairs) if pairs else "")
+                      + ("; the cell each chooses: " + ", ".join(f"{name(g.get('grader'))} L{text(g.get('layer'))} "
+                                                                 f"{text(g.get('position'))} {_number(g.get('auc'))}"
+                                                                 for g in cells) if cells else ""))
     located = summary.get("exact_answer")
     if isinstance(located, dict) and located.get("right_answers"):
         console.print(f"exact answers located {'without' if located.get('mode') == 'blind' else 'with'} the gold: "

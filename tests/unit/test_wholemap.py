@@ -237,12 +237,21 @@ def test_the_stage_command_writes_the_files_and_prints_both_lines(tmp_path):
     signal = np.zeros((3, 2))
     signal[1, 1] = 1.5
     folder = _write_run(tmp_path / "cli", signal, n=200)
+    answers = pd.read_parquet(folder / "answers.parquet")
+    answers["correct_alias"] = answers["correct"]
+    answers["correct_strict"] = answers["correct"] & (np.arange(len(answers)) % 10 != 0)  # stricter on 1 in 10
+    flips = int((answers["correct_alias"] != answers["correct_strict"]).sum())
+    answers.to_parquet(folder / "answers.parquet", index=False)
+    seal(folder)
     result = CliRunner().invoke(cli, ["wholemap", "--out", str(folder), "--model", "tiny-model", "--quiet",
                                       "--permutations", "19", "--bootstrap", "100"])
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())  # the terminal's width wraps lines
     assert "whole map as one probe: test AUC" in output
     assert "cells above the label-permutation null (max over cells, 19 permutations, p ≤ 0.05): 1 of 6" in output
+    right = answers.set_index("id")  # the graders line: each one's share right, the flips, the cell each chooses
+    assert f"graders (share right): alias {right['correct_alias'].mean():.1%}, strict" in output
+    assert f"labels that flip: alias·strict {flips} (κ" in output and "the cell each chooses: alias L1 -1" in output
     for name in ("wholemap_results.csv", "wholemap_scores.parquet", "cell_null.csv"):
         assert (folder / name).is_file()
     assert set(json.loads((folder / "manifest.json").read_text())["files"]) >= {"cell_null.csv", "wholemap_results.csv"}

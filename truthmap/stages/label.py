@@ -29,6 +29,8 @@ the position does not exist (e.g. ``second_answer`` of a one-token answer, or no
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
 
@@ -175,7 +177,7 @@ def label_answers(
     for row in table.itertuples():
         rule = get_task(row.task).grading
         ok, found, gold_span = grading.grade(rule, row.answer, row.question, list(row.gold), list(row.wrong_answers),
-                                     row.answer_type, vocab, substring=substring)
+                                             row.answer_type, vocab, substring=substring)
         correct.append(ok)
         located.append(found)
         gold_spans.append(gold_span)
@@ -196,8 +198,6 @@ def label_answers(
         asked = [i for i, row in enumerate(table.itertuples()) if len(row.gold) and str(row.answer).strip()]
         lenient = [False if len(row.gold) else None for row in table.itertuples()]
         if asked:
-            import time
-
             started = time.perf_counter()
             odds, tokens = judge_answers(judge, [table.question.iloc[i] for i in asked],
                                          [[str(g) for g in table.gold.iloc[i]] for i in asked],
