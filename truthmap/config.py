@@ -240,7 +240,7 @@ class Config(BaseModel):
     p_true: Literal[P_TRUE_CHOICES] = setting("exact", "p(True) baselines: exact (default; the model asked whether its "
                                               "exact answer is true), both (also its whole answer, as the reference "
                                               "study; about twice the cost), none.", stages=("baselines",))
-    # Ray (truthmap/distributed.py, docs/scaling.md): generation and extraction on workers of a Ray cluster
+    # Ray (truthmap/backends/ray.py, docs/scaling.md): generation and extraction on workers of a Ray cluster
     ray: Word | None = setting(None, "Generate and extract on Ray workers: a new local cluster (no ADDRESS), auto, or "
                                "ray://HOST:10001. Needs pip install 'truthmap[ray]'. See docs/scaling.md.",
                                stages=RAY_STAGES, flag_value="local", metavar="[ADDRESS]", outside=True,

@@ -9,7 +9,7 @@ importing each other (``models``, ``stages.label`` and ``stages.baselines`` keep
 __version__ = "0.1.0"
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
-SITES = ("residual", "mlp", "attention")  # where hidden states are read (models.LoadedModel.hook_site)
+SITES = ("residual", "mlp", "attention")  # where hidden states are read (backends.hf.LoadedModel.hook_site)
 BASELINE_SITE = "baseline"  # the ``site`` of the baselines' rows in the results tables (stages/baselines.py)
 
 MIN_PER_CLASS = 10  # right and wrong answers a study needs of each

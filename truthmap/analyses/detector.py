@@ -232,9 +232,9 @@ class ModelScorer:
     """A detector bound to its language model: P(error) of question–answer texts, end to end.
 
     ``ModelScorer(detector, model=None, force=False)`` loads the card's model on first use (``model``: an
-    id or a loaded ``LoadedModel``; another model than the card's is refused unless ``force``). It builds
-    each prompt as the run did, locates the card's position, reads the hidden state and applies the
-    detector.
+    id or a loaded model backend such as ``truthmap.backends.hf.LoadedModel``; another model than the
+    card's is refused unless ``force``). It builds each prompt as the run did, locates the card's position,
+    reads the hidden state and applies the detector.
     """
 
     def __init__(self, detector: Detector, model=None, force: bool = False, dtype: str = "auto",

@@ -141,7 +141,7 @@ def label_answers(
 ) -> pd.DataFrame:
     """The answers table: correctness, exact answer, its validity and reason, and position indices.
 
-    ``extractor`` is a LoadedModel asked for the exact answer where the rules find none (None: skip).
+    ``extractor`` is a model backend asked for the exact answer where the rules find none (None: skip).
     ``exact_answer``: ``blind`` (default) puts every answer's exact answer where :func:`locate_exact_answer`
     finds it without the gold; ``gold`` keeps the reference study's choice, a right answer's exact answer
     at its gold span (the matched alias). Either way ``exact_answer_route`` is the label-blind route and
