@@ -42,18 +42,15 @@ from .stages import extract, probe, baselines, plot, report  # noqa: E402,F401
 from .analyses import entropy, wholemap, attention, cost  # noqa: E402,F401
 
 
-def run_stage(stage: Stage, config: Config, run_dir: Path, models: Models | None = None, force: bool = False) -> bool:
-    """Run ``stage`` unless it is current; record its fingerprint and time. True if it ran."""
-    inputs = [run_dir / name for name in stage.inputs] + (stage.sources(config) if stage.sources else [])
-    stamp = rf.fingerprint(stage.settings(config), inputs)
-    if not force and rf.stage_is_current(run_dir, stage.name, stamp, [run_dir / name for name in stage.outputs]):
+def run_stage(stage: Stage, config: Config, run: rf.Run, models: Models | None = None, force: bool = False) -> bool:
+    """Run ``stage`` in the open ``run`` unless it is current; record its fingerprint and time. True if it ran."""
+    inputs = list(stage.inputs) + [Path(p).absolute() for p in (stage.sources(config) if stage.sources else [])]
+    stamp = run.fingerprint(stage.settings(config), inputs)
+    if not force and run.is_current(stage.name, stamp, stage.outputs):
         return False
-    with rf.stage(stage.name, rerun=True):  # until it finishes, the stage's old outputs are not current
-        started = time.perf_counter()
-        stage.run(StageRun(config, run_dir, models, stamp, force))
-        seconds = time.perf_counter() - started
-        rf.mark_stage_done(run_dir, stage.name, stamp, seconds)
-        rf.update_summary(run_dir, stage_seconds={stage.name: round(seconds, 2)})
+    # until it finishes, the stage's old outputs are not current; then it is marked done, and timed
+    with run.stage(stage.name, fingerprint=stamp):
+        stage.run(StageRun(config, run.root, models, stamp, force, run))
     return True
 
 
@@ -93,12 +90,12 @@ def run_stages(config: Config, stages: tuple[str, ...] = STAGES, force: bool = F
         rf.check_run_folder(run_dir)  # a folder that is not a run folder is the first thing said
         if "generate" in stages and not any((run_dir / name).exists() for name in (rf.MANIFEST, rf.CONFIG)):
             preflight(config)  # a new run: what can be refused is refused before the folder is made
-        with rf.open_run(run_dir) as notices:  # one writer; damaged files are found, named and recomputed
-            for notice in notices:
+        with rf.Run.open(run_dir) as run:  # one writer; damaged files are found, named and recomputed
+            for notice in run.notices:
                 print(f"truthmap: {rf.sanitise(notice, 1000)}", file=sys.stderr)
             if given is not None:
                 config = continue_config(config, run_dir, given, stages)
-            _run_stages(config, run_dir, stages, force)
+            _run_stages(config, run, stages, force)
     finally:
         forget_preflight()
     return run_dir
@@ -171,12 +168,13 @@ def continue_config(config: Config, run_dir: Path, given: frozenset, stages: tup
         raise
 
 
-def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: bool) -> None:
+def _run_stages(config: Config, run: rf.Run, stages: tuple[str, ...], force: bool) -> None:
+    run_dir = run.root
     saved = saved_config(run_dir)
     if saved and "generate" not in stages and saved.get("model") != config.model:
         raise TruthmapError(f"{run_dir}: this run studied model '{rf.sanitise(saved.get('model'))}', not '{config.model}'")
-    rf.write_json(run_dir / rf.CONFIG, config.to_dict())
-    rf.update_summary(run_dir, versions=versions(), config=config.to_dict())
+    run.write_json(rf.CONFIG, config.to_dict())
+    run.update_summary(versions=versions(), config=config.to_dict())
     started = time.perf_counter()
     workers = Models(config, on_workers=True)  # on Ray workers with --ray (generate, label, extract)
     # with Ray, the other model stages load the model here, in the driver (loaded only if they run)
@@ -184,43 +182,40 @@ def _run_stages(config: Config, run_dir: Path, stages: tuple[str, ...], force: b
     try:
         for name in stages:
             stage = STAGE_TABLE[name]
-            if stage.labelled and not _labelled(run_dir):
+            if stage.labelled and not _labelled(run):
                 continue  # a label-free study: no correctness to probe, score or draw (summary.json says so)
             if stage.when is not None and not stage.when(config, run_dir):
                 continue  # an optional stage that was not asked for
             try:
-                run_stage(stage, config, run_dir, {"workers": workers, "here": here}.get(stage.model), force)
+                run_stage(stage, config, run, {"workers": workers, "here": here}.get(stage.model), force)
             except CannotRun as err:
                 # a label-free study has nothing but the entropy probe: there it is the study, not an extra
-                if not (stage.optional and len(stages) > 1 and _labelled(run_dir)):
+                if not (stage.optional and len(stages) > 1 and _labelled(run)):
                     raise
-                skip_stage(stage, run_dir, str(err))
+                skip_stage(stage, run, str(err))
             else:
-                note_skipped(run_dir, name, None)
+                note_skipped(run, name, None)
     finally:
         workers.close()
         here.close()
-    rf.update_summary(run_dir, wall_seconds=round(time.perf_counter() - started, 2))
+    run.update_summary(wall_seconds=round(time.perf_counter() - started, 2))
 
 
-def skip_stage(stage: Stage, run_dir: Path, reason: str) -> None:
+def skip_stage(stage: Stage, run: rf.Run, reason: str) -> None:
     """Leave out an optional analysis that cannot run on this data: say why (stderr and summary.json
     ``skipped``) and remove its outputs of an earlier run, which no longer describe this one."""
     print(f"truthmap: {stage.name} skipped: {rf.sanitise(reason, 1000)}", file=sys.stderr)
     for name in stage.outputs:
-        if rf.trusted(run_dir / name):
-            rf.remove(run_dir / name)
-    done = rf.read_json(run_dir / rf.STAGES, default={}) if rf.trusted(run_dir / rf.STAGES) else {}
-    entry = done.get(stage.name) if isinstance(done, dict) else None
-    stale = entry.get("summary") if isinstance(entry, dict) else None  # its summary fields of that earlier run
-    rf.forget_stage(run_dir, stage.name)
-    note_skipped(run_dir, stage.name, reason, drop=tuple(stale) if isinstance(stale, dict) else ())
+        if run.trusted(name):
+            run.remove(name)
+    stale = run.stages().get(stage.name, {}).get("summary")  # its summary fields of that earlier run
+    run.forget(stage.name)
+    note_skipped(run, stage.name, reason, drop=tuple(stale) if isinstance(stale, dict) else ())
 
 
-def note_skipped(run_dir: Path, name: str, reason: str | None, drop: tuple[str, ...] = ()) -> None:
+def note_skipped(run: rf.Run, name: str, reason: str | None, drop: tuple[str, ...] = ()) -> None:
     """Set (or, with None, clear) summary.json ``skipped[name]``; remove the summary fields ``drop``."""
-    path = run_dir / rf.SUMMARY
-    summary = rf.read_json_object(path, default={}) if rf.trusted(path) else {}
+    summary = run.read_json_object(rf.SUMMARY, default={}) if run.trusted(rf.SUMMARY) else {}
     skipped = summary.get("skipped") if isinstance(summary.get("skipped"), dict) else {}
     if reason is None and name not in skipped:
         return
@@ -231,11 +226,10 @@ def note_skipped(run_dir: Path, name: str, reason: str | None, drop: tuple[str, 
     summary["skipped"] = skipped
     for key in drop:
         summary.pop(key, None)
-    rf.write_json(path, summary)
+    run.write_json(rf.SUMMARY, summary)
 
 
-def _labelled(run_dir: Path) -> bool:
+def _labelled(run: rf.Run) -> bool:
     """False only for a run whose answers exist and carry no gold labels."""
-    path = run_dir / rf.ANSWERS
-    return not path.exists() or has_labels(rf.read_parquet(path))
+    return not run.path(rf.ANSWERS).exists() or has_labels(run.read_parquet(rf.ANSWERS))
 

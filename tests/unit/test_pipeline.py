@@ -60,11 +60,11 @@ def test_the_probe_plot_and_report_stages_read_only_what_their_fingerprints_cove
     verify = rf.Run.verify
     monkeypatch.setattr(rf.Run, "verify", lambda run, name: reads.append(run.path(name)) or verify(run, name))
     config = config_of(run)
-    with rf.open_run(run):
+    with rf.Run.open(run) as held:
         for name in ("probe", "wholemap", "plot", "report"):
             stage = pipeline.STAGE_TABLE[name]
             reads.clear()
-            assert pipeline.run_stage(stage, config, run)
+            assert pipeline.run_stage(stage, config, held)
             read = {p.relative_to(run).as_posix() for p in reads}
             covered = {r for r in read if any(r == i or r.startswith(i + "/") for i in stage.inputs)}
             # summary.json and config.json: titles and names, rewritten by every stage (never an input);
@@ -77,14 +77,14 @@ def test_the_probe_plot_and_report_stages_read_only_what_their_fingerprints_cove
 
 def test_baseline_rows_make_the_report_stale_but_never_touch_the_probe_stage(run):
     config = config_of(run)
-    with rf.open_run(run):
+    with rf.Run.open(run) as held:
         for name in ("probe", "report"):
-            pipeline.run_stage(pipeline.STAGE_TABLE[name], config, run)
+            pipeline.run_stage(pipeline.STAGE_TABLE[name], config, held)
         before = (run / rf.PROBE_RESULTS).read_bytes()
         with rf.stage("baselines"):
             rf.write_csv(run / rf.BASELINE_RESULTS, baseline_rows(0.7))
-        assert not pipeline.run_stage(pipeline.STAGE_TABLE["probe"], config, run)  # it never read them
-        assert pipeline.run_stage(pipeline.STAGE_TABLE["report"], config, run)  # it shows them
+        assert not pipeline.run_stage(pipeline.STAGE_TABLE["probe"], config, held)  # it never read them
+        assert pipeline.run_stage(pipeline.STAGE_TABLE["report"], config, held)  # it shows them
     assert (run / rf.PROBE_RESULTS).read_bytes() == before
     from truthmap.metrics import read_run_results
 
@@ -144,21 +144,21 @@ def test_the_samples_stage_reruns_when_a_setting_or_input_it_reads_changes(sampl
     verify = rf.Run.verify
     monkeypatch.setattr(rf.Run, "verify", lambda run, name: reads.append(run.path(name)) or verify(run, name))
     config = config_of(run).replace(also=["samples"])
-    with rf.open_run(run):
-        assert pipeline.run_stage(stage, config, run, models)
+    with rf.Run.open(run) as held:
+        assert pipeline.run_stage(stage, config, held, models)
         read = {p.relative_to(run).as_posix() for p in reads}
         covered = {r for r in read if any(r == i or r.startswith(i + "/") for i in stage.inputs)}
         assert read - covered <= {rf.SUMMARY, rf.CONFIG, rf.STAGES}, read - covered
-        assert not pipeline.run_stage(stage, config, run, models)  # nothing changed: skipped
+        assert not pipeline.run_stage(stage, config, held, models)  # nothing changed: skipped
         more = config.replace(samples=config.samples + 3)
-        assert pipeline.run_stage(stage, more, run, models)
-        assert not pipeline.run_stage(stage, more, run, models)
+        assert pipeline.run_stage(stage, more, held, models)
+        assert not pipeline.run_stage(stage, more, held, models)
         hotter = more.replace(sample_temperature=0.7)
-        assert pipeline.run_stage(stage, hotter, run, models)
+        assert pipeline.run_stage(stage, hotter, held, models)
         with rf.stage("generate"):  # the grading vocabularies change (a new task version, say)
             rf.write_json(run / rf.VOCABULARIES, {"colours": ["red", "blue"]})
-        assert pipeline.run_stage(stage, hotter, run, models)
-        assert not pipeline.run_stage(stage, hotter, run, models)
+        assert pipeline.run_stage(stage, hotter, held, models)
+        assert not pipeline.run_stage(stage, hotter, held, models)
     assert [(d["n"], d["temperature"]) for d in drawn] == [(5, 1.0), (8, 1.0), (8, 0.7), (8, 0.7)]
 
 

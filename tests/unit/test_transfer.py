@@ -87,3 +87,24 @@ def test_the_bootstrap_draws_groups_of_answers_not_single_answers(tmp_path):
     p = detector.predict_proba(X)[:, 1]
     lo, hi = np.nanpercentile(auc_score(p, y, bootstrap_counts(len(p), 400, 0)), [2.5, 97.5])
     assert row.auc_hi - row.auc_lo > 1.15 * (hi - lo)
+
+
+def test_each_run_is_verified_on_its_own_manifest_and_all_are_released(tmp_path):
+    """Transfer holds both runs open at once: the test run's altered activations, read while the train run
+    is open too, are checked against the test run's own manifest and refused; every run is released
+    after, whether the transfer ended well or not."""
+    from truthmap import runfolder as rf
+
+    a = make_run(tmp_path / "a", dataset="alpha", seed=0)
+    b = make_run(tmp_path / "b", dataset="beta", seed=1)
+    shard = b / "activations" / "residual" / "shard-00000.npy"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TruthmapError, match=r"b/activations/residual/shard-00000.npy: damaged"):
+        transfer_table([a], [b], site="residual", layer=1, position="-1", n_boot=10)
+    assert not rf.open_runs()
+    with rf.Run.open(a) as held:  # a run this process writes is read through the same Run, not reopened
+        table = transfer_table([a], [], site="residual", layer=1, position="-1", n_boot=10)
+        assert rf.open_runs() == (held,) and len(table) == 2
+    assert not rf.open_runs()

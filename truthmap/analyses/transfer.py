@@ -61,31 +61,31 @@ def resolve_run(name: str, model: str | None = None) -> Path:
     return path
 
 
-def task_name(run_dir: Path) -> str:
-    """The task a run studied: its dataset's name (the folder name when the dataset is a path)."""
-    dataset = rf.read_json_object(run_dir / rf.CONFIG, default={}).get("dataset") or run_dir.name
-    dataset = dataset if isinstance(dataset, str) else run_dir.name
+def task_name(run: rf.Run) -> str:
+    """The task an open run studied: its dataset's name (the folder name when the dataset is a path)."""
+    dataset = run.read_json_object(rf.CONFIG, default={}).get("dataset") or run.root.name
+    dataset = dataset if isinstance(dataset, str) else run.root.name
     return Path(dataset).stem if ("/" in dataset or "." in dataset) else dataset
 
 
-def check_same_model(runs: list[Path]) -> str:
-    models = {str(r): rf.read_json_object(r / rf.CONFIG, default={}).get("model") for r in runs}
+def check_same_model(runs: dict[Path, rf.Run]) -> str:
+    """The model all the open ``runs`` (folder as given -> Run) studied; an error naming each if they differ."""
+    models = {str(r): run.read_json_object(rf.CONFIG, default={}).get("model") for r, run in runs.items()}
     if len(set(models.values())) > 1:
         listing = ", ".join(f"{r}: {m}" for r, m in models.items())
         raise TruthmapError(f"transfer needs runs of one model; these differ ({listing})")
     return next(iter(models.values()))
 
 
-def entropy_targets(run_dir: Path, ids, train_ids) -> np.ndarray:
-    """1 = high semantic entropy, 0 = low, -1 = no samples, for ``ids`` of a run, the threshold the best
-    split of its ``train_ids`` (entropy.best_split_threshold)."""
+def entropy_targets(run: rf.Run, ids, train_ids) -> np.ndarray:
+    """1 = high semantic entropy, 0 = low, -1 = no samples, for ``ids`` of an open run, the threshold the
+    best split of its ``train_ids`` (entropy.best_split_threshold)."""
     from .entropy import SAMPLING_SCORES, high_entropy_labels
 
-    path = Path(run_dir) / SAMPLING_SCORES
-    if not path.exists():
-        raise TruthmapError(f"{run_dir}: no {SAMPLING_SCORES} for an entropy-trained probe; run "
-                            f"'truthmap run --also samples --out {run_dir}' or 'truthmap resample {run_dir}'")
-    entropy = rf.read_parquet(path).set_index("id")["semantic_entropy"].reindex(list(ids)).to_numpy(dtype=float)
+    if not run.path(SAMPLING_SCORES).exists():
+        raise TruthmapError(f"{run.root}: no {SAMPLING_SCORES} for an entropy-trained probe; run "
+                            f"'truthmap run --also samples --out {run.root}' or 'truthmap resample {run.root}'")
+    entropy = run.read_parquet(SAMPLING_SCORES).set_index("id")["semantic_entropy"].reindex(list(ids)).to_numpy(dtype=float)
     labels, _ = high_entropy_labels(entropy, np.isin(ids, list(train_ids))[None, :])
     return labels[0]
 
@@ -116,18 +116,31 @@ def shared_with(test_answers: pd.DataFrame, train_answers: pd.DataFrame) -> np.n
 
 def transfer_table(train_runs: list[Path], test_runs: list[Path], *, site: str, layer: int, position: str,
                    C: float = 1.0, n_boot: int = 1000, probes: tuple[str, ...] = ("correctness",)) -> pd.DataFrame:
-    """One row per (probe kind, train task, test task, shared seed); see the module docstring."""
+    """One row per (probe kind, train task, test task, shared seed); see the module docstring.
+
+    Every run is open for reading at once (a shared lock on each; one this process holds already is
+    used as it is), and each file read is checked against its own run's manifest."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        held = {r: stack.enter_context(rf.Run.reading(r)) for r in dict.fromkeys(list(train_runs) + list(test_runs))}
+        return _transfer_table(held, train_runs, site=site, layer=layer, position=position, C=C, n_boot=n_boot,
+                               probes=probes)
+
+
+def _transfer_table(held: dict[Path, rf.Run], train_runs: list[Path], *, site: str, layer: int, position: str,
+                    C: float, n_boot: int, probes: tuple[str, ...]) -> pd.DataFrame:
     from .detector import Detector, cell_data
     from ..splits import split_groups
 
-    runs = list(dict.fromkeys(list(train_runs) + list(test_runs)))
-    check_same_model(runs)
-    names = {r: task_name(r) for r in runs}
+    runs = list(held)
+    check_same_model(held)
+    names = {r: task_name(held[r]) for r in runs}
     if len(set(names.values())) < len(runs):  # two runs of one task: tell them apart by folder
-        names = {r: f"{task_name(r)} ({r.name})" for r in runs}
+        names = {r: f"{names[r]} ({r.name})" for r in runs}
     data = {r: cell_data(r, site, layer, position) for r in runs}
-    splits = {r: rf.read_splits(r / rf.SPLITS)["seeds"] for r in runs}
-    answers = {r: rf.read_parquet(r / rf.ANSWERS).reset_index(drop=True) for r in runs}
+    splits = {r: held[r].read_splits(rf.SPLITS)["seeds"] for r in runs}
+    answers = {r: held[r].read_parquet(rf.ANSWERS).reset_index(drop=True) for r in runs}
     # a group number per answer of each run, over its whole answers table (the probe stage's groups)
     group_of = {r: dict(zip(answers[r]["id"], split_groups(answers[r]))) for r in runs}
     rows = []
@@ -146,7 +159,7 @@ def transfer_table(train_runs: list[Path], test_runs: list[Path], *, site: str, 
                 train = np.isin(ids, splits[train_run][seed]["train"])
                 y = y_error
                 if kind == "entropy":  # no gold label in training: high vs low semantic entropy
-                    y = entropy_targets(train_run, ids, splits[train_run][seed]["train"])
+                    y = entropy_targets(held[train_run], ids, splits[train_run][seed]["train"])
                     train &= y >= 0
                 in_test = np.isin(test_ids_all, splits[test_run][seed]["test"])
                 test = in_test & ~shared
@@ -208,8 +221,6 @@ def run_transfer(train: list[str], test: list[str], *, site: str, layer: int, po
                  probe: str = "correctness") -> tuple[Path, pd.DataFrame]:
     """Resolve the runs, compute the table and matrix, write them; return (out folder, matrix), the table of
     ``transfer.csv`` in the matrix's ``attrs["table"]``."""
-    from contextlib import ExitStack
-
     check_cell(site, layer, position, "--site/--layer/--position")
     if probe not in PROBES + ("both",):
         raise TruthmapError(f"--probe '{probe}': use correctness, entropy or both")
@@ -218,11 +229,9 @@ def run_transfer(train: list[str], test: list[str], *, site: str, layer: int, po
     out_dir = Path(out) if out else train_runs[0] / rf.TRANSFER
     for name in OUTPUTS:  # before any work: no link on the way, no file of someone else replaced
         rf.guard(out_dir / name, anchor=Path(os.path.abspath(out)).parent if out else None)  # --out: no link
-    with ExitStack() as held:  # each run read under its shared lock, every file checked against its manifest
-        for run in dict.fromkeys(train_runs + test_runs):
-            held.enter_context(rf.reading(run))
-        table = transfer_table(train_runs, test_runs, site=site, layer=layer, position=position, C=C, n_boot=n_boot,
-                               probes=PROBES if probe == "both" else (probe,))
+    # each run read under its shared lock, every file checked against its own manifest (transfer_table)
+    table = transfer_table(train_runs, test_runs, site=site, layer=layer, position=position, C=C, n_boot=n_boot,
+                           probes=PROBES if probe == "both" else (probe,))
     grid = matrix(table)
     rf.write_csv(out_dir / OUTPUTS[0], table)
     rf.write_csv(out_dir / OUTPUTS[1], grid.reset_index().rename(columns={"train": "train \\ test"}))

@@ -70,11 +70,7 @@ def reading(run_dir: Path):
     """Read ``run_dir`` under a shared lock for the block (``Run.open(run_dir, write=False)``), every file
     checked against the manifest as it is read. Nothing more to do when this process already holds the
     folder, for writing or reading."""
-    held = run_of(Path(run_dir) / MANIFEST)
-    if held is not None and held.root == Path(os.path.abspath(run_dir)):
-        yield
-        return
-    with Run.open(run_dir, write=False):
+    with Run.reading(run_dir):
         yield
 
 

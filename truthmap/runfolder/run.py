@@ -139,6 +139,19 @@ class Run:
         _held.append(run)
         return run
 
+    @classmethod
+    @contextmanager
+    def reading(cls, run_dir: str | Path):
+        """``run_dir`` for reading during the block: the Run this process already holds for that folder
+        (for writing or reading), else one opened with ``write=False`` and closed when the block ends."""
+        root = Path(os.path.abspath(run_dir))
+        held = next((run for run in _held if run.root == root), None)
+        if held is not None:
+            yield held
+            return
+        with cls.open(root, write=False) as run:
+            yield run
+
     def close(self) -> None:
         """Release the lock (the lock file stays: see lock.py); the run can no longer be read or written."""
         if self.closed:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:  # the model backend is only named here, in types
     from ..backends import Models
     from ..config import Config
+    from ..runfolder import Run
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class StageRun:
     models: Models | None  # None for a stage that needs no model
     stamp: str  # the stage's fingerprint (settings + inputs)
     force: bool  # --force: recompute, keeping nothing of an earlier, interrupted run
+    run: Run | None = None  # the open run (run_dir's): read and write its files through it
 
 
 @dataclass(frozen=True)
