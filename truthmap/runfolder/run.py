@@ -74,10 +74,10 @@ class Run:
     files are attributed to it).
     """
 
-    def __init__(self, root: Path, writable: bool, files_: dict):
+    def __init__(self, root: Path, writable: bool, listed: dict):
         self.root = root
         self.writable = writable
-        self.files = files_
+        self.files = listed  # the manifest: relative posix path -> entry
         self.notices: list[str] = []
         self.stage_name: str | None = None
         self.events: dict[str, int] = {}  # stage -> failpoint events so far
