@@ -38,7 +38,7 @@ from ..errors import TruthmapError
 from . import atomic, files
 from .atomic import overwriting
 from .disk import child
-from .manifest import MAX_MANIFEST_BYTES, OUTPUTS_LIST, check_run_folder
+from .manifest import MAX_MANIFEST_BYTES, MAX_OUTPUTS_LIST_BYTES, OUTPUTS_LIST, check_run_folder
 from .names import (ACTIVATIONS, ACTIVATIONS_FINGERPRINT, ACTIVATIONS_INDEX, ACTIVATIONS_VALID, ANSWERS,
                     ATTENTION, ATTENTION_FIGURE, BASELINE_RESULTS, BASELINE_SCORES, BASELINES_FIGURE, CELL_NULL,
                     CHOICE, CHOICE_ANSWERS, CHOICE_FIGURE, CHUNK_PLAN, CONFIG, COST, COST_FIGURE, DETECTORS,
