@@ -321,3 +321,26 @@ def test_a_run_read_beside_one_written_is_verified_on_its_own_manifest(tmp_path)
         with pytest.raises(TruthmapError, match="opened for reading"):
             reader.write_json(rf.SPLITS, {})
     assert answers.read_bytes()[-1:] == b"\0"  # a reader deletes nothing
+
+
+def test_a_stage_block_with_a_fingerprint_is_marked_done_only_when_it_returns(tmp_path):
+    """run.stage(name, fingerprint=…): done (fingerprint, seconds, its summary fields) after the block;
+    a block that fails after writing leaves the stage unfinished, its earlier entry gone."""
+    with rf.Run.open(tmp_path) as run:
+        stamp = run.fingerprint({"C": 1.0}, [])
+        assert not run.is_current("probe", stamp, [rf.PROBE_RESULTS])
+        with run.stage("probe", fingerprint=stamp):
+            run.write_csv(rf.PROBE_RESULTS, pd.DataFrame({"auc": [0.7]}))
+            run.update_summary(best_cell={"auc": 0.7})
+            assert "probe" not in run.stages()  # marked unfinished before its first write, not yet done
+        entry = run.stages()["probe"]
+        assert entry["fingerprint"] == stamp and entry["summary"]["best_cell"] == {"auc": 0.7}
+        assert run.read_json(rf.SUMMARY)["stage_seconds"]["probe"] == round(entry["seconds"], 2)
+        assert run.is_current("probe", stamp, [rf.PROBE_RESULTS])
+        assert not run.is_current("probe", run.fingerprint({"C": 2.0}, []), [rf.PROBE_RESULTS])
+        with pytest.raises(RuntimeError, match="midway"):
+            with run.stage("probe", fingerprint=stamp):
+                run.write_csv(rf.PROBE_RESULTS, pd.DataFrame({"auc": [0.1]}))
+                raise RuntimeError("midway")
+        assert "probe" not in run.stages() and not run.is_current("probe", stamp, [rf.PROBE_RESULTS])
+        assert run.stage_name is None

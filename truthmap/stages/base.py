@@ -33,7 +33,7 @@ class StageRun:
     models: Models | None  # None for a stage that needs no model
     stamp: str  # the stage's fingerprint (settings + inputs)
     force: bool  # --force: recompute, keeping nothing of an earlier, interrupted run
-    run: Run | None = None  # the open run (run_dir's): read and write its files through it
+    run: Run  # the open run folder (run_dir is its root): read and write its files through it
 
 
 @dataclass(frozen=True)
