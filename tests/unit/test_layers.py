@@ -85,3 +85,17 @@ def test_no_module_outside_the_backends_touches_a_model_object():
     assert model_touches("def f(self):\n    self.lm.embeddings.register_forward_pre_hook(g)\n") == [
         "line 2: .register_forward_pre_hook", "line 2: .embeddings"]
     assert model_touches("def f(lm):\n    return lm.hidden_states(s, i, ['residual'])\n") == []
+
+
+def test_a_circle_among_the_run_folder_modules_is_found(tmp_path):
+    """The run folder's modules build on each other one way (names, text < disk < lock, manifest < atomic
+    < files < run < the package's functions): a lazy import from the name catalogue up into run.py closes a
+    circle inside truthmap.runfolder, and the contract names that package."""
+    pytest.importorskip("importlinter")
+    copy = tmp_path / "truthmap"
+    shutil.copytree(ROOT / "truthmap", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / "runfolder" / "names.py", "a") as f:
+        f.write("\n\ndef _up():\n    from . import run\n")
+    result = lint(tmp_path)
+    assert result.returncode == 1
+    assert "No cycles are allowed in truthmap.runfolder." in result.stdout, result.stdout[-3000:]
