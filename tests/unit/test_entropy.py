@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from truthmap.analyses import entropy as se
-from _synthetic import make_run
+from _synthetic import make_run, seal
 
 
 def test_one_meaning_has_zero_entropy_and_n_distinct_meanings_have_log_n():
@@ -122,6 +122,7 @@ def _plant_entropy(run, noise: float, seed: int = 0) -> None:
     flip = rng.random(len(wrong)) < noise
     entropy = np.where(wrong ^ flip, math.log(5), 0.0) + rng.random(len(wrong)) * 0.2
     pd.DataFrame({"id": answers["id"], "semantic_entropy": entropy}).to_parquet(run / se.SAMPLING_SCORES, index=False)
+    seal(run)  # listed in the manifest, as the samples stage would: readers verify what they read
 
 
 def _cell(table, target, layer, position):
