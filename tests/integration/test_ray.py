@@ -4,7 +4,7 @@ worker is killed in the middle of it.
 The test starts its own one-machine Ray cluster on the loopback address (2 CPUs: 2 workers of 1 CPU,
 each loading the default model, saved as a folder: tests/conftest.py ``model_folder``, a second a load
 instead of the GGUF file's half minute). One single-process reference run, then one distributed run in which
-the worker that starts generation chunk 1 kills itself once (TRUTHMAP_RAY_FAILPOINT, distributed.py):
+the worker that starts generation chunk 1 kills itself once (TRUTHMAP_RAY_FAILPOINT, backends/ray.py):
 Ray restarts it and retries that chunk. Small chunks and shards give both workers several pieces of
 each stage; the stages after probe do not involve the workers and are left out. Last, the analyses of
 a finished run, ``truthmap resample`` and ``truthmap choose``, on the distributed run: they run the

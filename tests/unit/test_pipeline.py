@@ -22,7 +22,7 @@ def test_every_run_folder_file_has_one_writing_stage_and_is_read_after_it():
         assert stage.name == name
         for output in stage.outputs:
             assert output not in writer, f"{output}: written by {writer.get(output)} and {name}"
-            assert output.split("/")[0] in rf.OWN_NAMES  # named in runfolder.py
+            assert output.split("/")[0] in rf.OWN_NAMES  # named in runfolder/names.py
             writer[output] = name
     assert not {rf.SUMMARY, rf.CONFIG, rf.STAGES, rf.MANIFEST} & set(writer)  # every stage's, or none's
     assert writer[rf.PROBE_RESULTS] == "probe" and writer[rf.BASELINE_RESULTS] == "baselines"

@@ -24,7 +24,7 @@ import pandas as pd
 from .. import runfolder as rf
 from ..stages.base import Stage, StageRun, fields, register, short_model
 
-ATTENTION, FIGURE = rf.ATTENTION, rf.ATTENTION_FIGURE  # the names: runfolder.py
+ATTENTION, FIGURE = rf.ATTENTION, rf.ATTENTION_FIGURE  # the names: runfolder/names.py
 
 
 def attention_table(lm, answers: pd.DataFrame, generations: pd.DataFrame, positions: list[str],

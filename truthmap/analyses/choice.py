@@ -33,7 +33,7 @@ from .. import runfolder as rf
 from ..errors import TruthmapError
 from ..metrics import bootstrap_counts
 
-CHOICE, CHOICE_ANSWERS, FIGURE = rf.CHOICE, rf.CHOICE_ANSWERS, rf.CHOICE_FIGURE  # the names: runfolder.py
+CHOICE, CHOICE_ANSWERS, FIGURE = rf.CHOICE, rf.CHOICE_ANSWERS, rf.CHOICE_FIGURE  # the names: runfolder/names.py
 STRATEGIES = ("greedy", "random", "majority", "probe")
 
 

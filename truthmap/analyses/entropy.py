@@ -54,7 +54,7 @@ from ..backends.base import resolve_device
 from ..stages.base import Stage, StageRun, register, short_model
 from ..stages.label import has_labels, judge_model
 
-# the names: runfolder.py
+# the names: runfolder/names.py
 SAMPLING_SCORES, ENTROPY_RESULTS, ENTROPY_SCORES = rf.SAMPLING_SCORES, rf.ENTROPY_RESULTS, rf.ENTROPY_SCORES
 FIGURE = rf.ENTROPY_FIGURE
 TARGETS = ("error", "high_entropy")

@@ -46,7 +46,7 @@ from ..errors import TruthmapError
 from ..metrics import auc_score, bootstrap_counts
 from ..positions import check_cell
 
-# the names: runfolder.py
+# the names: runfolder/names.py
 RESAMPLES, ERROR_TYPES, ERROR_TYPE_RESULTS = rf.RESAMPLES, rf.ERROR_TYPES, rf.ERROR_TYPE_RESULTS
 FIGURE = rf.ERROR_TYPES_FIGURE
 TYPES = ("refuses", "consistently_correct", "consistently_incorrect", "two_competing", "many_answers", "other")

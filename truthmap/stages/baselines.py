@@ -53,7 +53,7 @@ from ..metrics import (RESULT_COLUMNS, auc_score, bootstrap_for, cell_stats, cel
 from ..positions import EXACT_POSITIONS, char_span_to_tokens, token_char_spans
 from .base import Stage, StageRun, fields, register, short_model
 from .verdict import compare_cell, study_verdict
-from ..runfolder import BASELINE_RESULTS, FAMILY_RESULTS  # the names: runfolder.py
+from ..runfolder import BASELINE_RESULTS, FAMILY_RESULTS  # the names: runfolder/names.py
 from ..runfolder import BASELINES_FIGURE as FIGURE
 
 SITE = BASELINE_SITE
