@@ -355,8 +355,6 @@ def place_extracted(answer: str, phrase: str, question: str = "") -> tuple[str |
     return answer[span[0] : span[1]], span[0], span[1], "extractor"
 
 
-
-
 # ---------------------------------------------------------------------- the lenient (judge) grader
 
 LENIENT_GOLD_SHOWN = 8  # at most this many gold aliases go into the judge's question (some tasks list dozens)
