@@ -160,7 +160,7 @@ def probes(lm, answers, prompts, folder, device, sklearn_cell: bool) -> list[str
 
     from truthmap.stages.capture import CaptureReader
     from truthmap.metrics import auc_score
-    from truthmap.stages.probe import BatchedLogisticRegression
+    from truthmap.logistic import BatchedLogisticRegression
 
     n = len(prompts)
     n_prompt, n_answer = np.array([len(p) for p in prompts]), np.array([len(a) for a, _ in answers])

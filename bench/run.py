@@ -43,7 +43,7 @@ from truthmap.stages.generate import build_prompt, encode_prompt, generate_answe
 from truthmap.positions import DEFAULT_POSITIONS  # noqa: E402
 from truthmap.backends.hf import load_model  # noqa: E402
 from truthmap.metrics import auc_score  # noqa: E402
-from truthmap.stages.probe import BatchedLogisticRegression
+from truthmap.logistic import BatchedLogisticRegression
 
 
 def synthetic_study(lm, n: int, seed: int = 0):

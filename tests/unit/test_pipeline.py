@@ -241,6 +241,29 @@ def test_a_stage_that_registers_itself_is_run_in_its_step_and_gets_a_command():
     assert result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+def test_listing_the_stages_loads_neither_torch_nor_the_model_code():
+    """`truthmap --help` and a stage's --help import every stage module (the registry); torch and the
+    model backends are imported only where a stage runs, so the help stays quick."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from truthmap.cli import cli\n"
+        "for args in (['--help'], ['probe', '--help'], ['wholemap', '--help'], ['run', '--help']):\n"
+        "    result = CliRunner().invoke(cli, args)\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "assert 'probe' in cli.commands and 'wholemap' in cli.commands\n"
+        "heavy = [m for m in ('torch', 'transformers', 'truthmap.backends.hf') if m in sys.modules]\n"
+        "print(heavy)\n")
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.stdout.strip() == "[]", (result.stdout + result.stderr)[-2000:]
+
+
 def test_the_settings_schema_names_the_stages_the_registry_declares():
     """config.py (below the stages) names the model stages, the Ray stages and the --also passes by
     hand; they are the registry's."""

@@ -6,7 +6,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from truthmap.metrics import auc_score, bootstrap_counts
-from truthmap.stages.probe import BatchedLogisticRegression
+from truthmap.logistic import BatchedLogisticRegression
 
 
 def synthetic(n=400, d=24, cells=3, seed=0):

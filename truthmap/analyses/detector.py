@@ -2,7 +2,7 @@
 
 :class:`Detector` follows scikit-learn's estimator contract: ``Detector(C=1.0).fit(X, y)`` standardises
 ``X`` with the train rows' mean and deviation and fits an L2 logistic regression (the same problem as a
-probe of stages/probe.py, solved by its :class:`~truthmap.stages.probe.BatchedLogisticRegression`);
+probe of stages/probe.py, solved by its :class:`~truthmap.logistic.BatchedLogisticRegression`);
 ``predict_proba(X)`` returns ``[n, 2]`` = (P(right), P(error)), ``classes_ = [0, 1]``, 1 = the answer is wrong.
 
 ``truthmap export`` (:func:`export_detector`) fits one on a run's train split at one (site, layer,
@@ -77,7 +77,7 @@ class Detector(*_estimator_bases()):
     def fit(self, X, y) -> "Detector":
         import torch
 
-        from ..stages.probe import BatchedLogisticRegression
+        from ..logistic import BatchedLogisticRegression
 
         X, y = np.asarray(X, dtype=np.float32), np.asarray(y).astype(np.int64)
         if X.ndim != 2 or len(X) != len(y):

@@ -281,7 +281,7 @@ def run_entropy_probe(run_dir: Path, sites: list[str], *, column: str = "semanti
     from tqdm.auto import tqdm
 
     from ..stages.extract import load_layer
-    from ..stages.probe import BatchedLogisticRegression
+    from ..logistic import BatchedLogisticRegression
 
     run_dir = Path(run_dir)
     answers = rf.read_parquet(run_dir / rf.ANSWERS)

@@ -45,10 +45,10 @@ of cells exactly (family-wise). With B = 199 (``--permutations``) the smallest p
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .. import runfolder as rf
 from ..errors import CannotRun, TruthmapError
@@ -56,6 +56,9 @@ from ..metrics import (RESULT_COLUMNS, bootstrap_for, cell_stats, cell_summary, 
                        read_results, result_rows, split_masks, strata_of)
 from ..backends.base import resolve_device
 from ..stages.base import Stage, StageRun, fields, register
+
+if TYPE_CHECKING:  # torch is imported where it is used: listing the stages (truthmap --help) does not load it
+    import torch
 
 SITE = "baseline"  # a row of the baselines table (stages/baselines.py's SITE)
 POSITION = "whole_map"
@@ -82,6 +85,8 @@ def ridge_cells(X: torch.Tensor, y: np.ndarray, train: np.ndarray, evaluate: np.
     ``operator @ y_permuted[rows]`` are their scores under permuted labels, up to a constant per cell).
 
     Products in float32; the penalised Gram matrix is inverted in float64."""
+    import torch
+
     device = X.device
     rows = np.flatnonzero(train.any(0))
     mask = torch.as_tensor(train[:, rows], dtype=torch.float32, device=device)  # [P, T]
@@ -209,6 +214,8 @@ def layer_pass(X: torch.Tensor, valid: np.ndarray, y: np.ndarray, parts: dict[st
     ``[S, P, N]``: leave-one-out on train rows, NaN where the position is missing; the observed test AUC
     ``[S, P]``; the test AUC under each permutation ``[S, P, B]``; the probes refitted on each grader's
     labels, scores ``[G, S, P, N]`` float32, or None)."""
+    import torch
+
     n_seeds, n_positions = parts["train"].shape[0], X.shape[0]
     n_perm = 0 if permuted is None else len(permuted)
     scores_out = np.full((n_seeds, n_positions, len(y)), np.nan)
@@ -250,6 +257,7 @@ def run_wholemap(run_dir: Path, sites: list[str], *, C: float = 1.0, n_boot: int
 
 def _run_wholemap(run_dir: Path, sites: list[str], *, C: float, n_boot: int, n_permutations: int, device: str,
                   progress: bool) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, dict]:
+    import torch
     from tqdm.auto import tqdm
 
     from ..runfolder import ANSWERS, SPLITS, read_activations_index, read_parquet, read_splits
