@@ -26,6 +26,9 @@ FAST = settings(max_examples=250, deadline=None)
 # cannot hold them as UTF-8)
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
 WORDY = st.text(st.characters(categories=("L", "N", "Zs", "P", "Mn")), min_size=1, max_size=30)
+# the same text around one visible character: never blank, so no example is thrown away for it
+NONBLANK = st.builds(lambda head, mark, tail: head + mark + tail, TEXT,
+                     st.characters(categories=("L", "N", "P", "S"), exclude_characters="["), TEXT)
 
 
 # ---------------------------------------------------------------- loaders
@@ -94,14 +97,13 @@ def test_damaged_valid_files_give_a_table_or_a_clear_error(tmp_path, suffix, edi
 
 
 @FILES
-@given(rows=st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=6),
+@given(rows=st.lists(st.tuples(NONBLANK, NONBLANK), min_size=1, max_size=6),
        suffix=st.sampled_from([".csv", ".jsonl", ".parquet"]))
 def test_any_unicode_survives_the_round_trip_through_a_file(tmp_path, rows, suffix):
     questions = [q for q, _ in rows]
     answers = [a for _, a in rows]
-    assume(all(q.strip() for q in questions))
     # a gold cell that starts with "[" is read as a JSON list, by design
-    assume(all(a.strip() and not a.strip().startswith("[") for a in answers))
+    assume(all(not a.strip().startswith("[") for a in answers))
     frame = pd.DataFrame({"id": [f"r{i}" for i in range(len(rows))], "question": questions, "answer": answers})
     path = tmp_path / f"questions{suffix}"
     if suffix == ".csv":
