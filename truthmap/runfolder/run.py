@@ -141,15 +141,37 @@ class Run:
 
     @classmethod
     @contextmanager
-    def reading(cls, run_dir: str | Path):
+    def reading(cls, run_dir: str | Path | Run):
         """``run_dir`` for reading during the block: the Run this process already holds for that folder
-        (for writing or reading), else one opened with ``write=False`` and closed when the block ends."""
+        (for writing or reading), else one opened with ``write=False`` and closed when the block ends.
+        Given an open Run, that Run: a function taking "a run folder" takes either."""
+        if isinstance(run_dir, Run):
+            run_dir._live()
+            yield run_dir
+            return
         root = Path(os.path.abspath(run_dir))
         held = next((run for run in _held if run.root == root), None)
         if held is not None:
             yield held
             return
         with cls.open(root, write=False) as run:
+            yield run
+
+    @classmethod
+    @contextmanager
+    def writing(cls, run_dir: str | Path | Run):
+        """``run_dir`` for writing during the block: the Run this process already holds for writing that
+        folder, else one opened (:meth:`open`) and closed when the block ends. Given an open Run, that Run."""
+        if isinstance(run_dir, Run):
+            run_dir._writing()
+            yield run_dir
+            return
+        root = Path(os.path.abspath(run_dir))
+        held = next((run for run in _held if run.root == root and run.writable), None)
+        if held is not None:
+            yield held
+            return
+        with cls.open(root) as run:
             yield run
 
     def close(self) -> None:

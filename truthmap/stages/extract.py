@@ -29,8 +29,7 @@ from .. import runfolder as rf
 from ..backends.base import ModelBackend
 from ..errors import TruthmapError
 from ..positions import site_rows
-from ..runfolder import (ACTIVATIONS, ACTIVATIONS_INDEX, ACTIVATIONS_VALID, child, read_activations_index, read_npy,
-                        reading, trusted, write_json, write_npy)
+from ..runfolder import ACTIVATIONS, ACTIVATIONS_INDEX, ACTIVATIONS_VALID, Run, child, read_activations_index
 from .base import Stage, StageRun, fields, register
 from .capture import CaptureReader
 
@@ -45,14 +44,16 @@ def run_extract(
     generations: pd.DataFrame,
     positions: list[str],
     sites: list[str],
-    run_dir: Path,
+    run_dir: Path | Run,
     *,
     batch_size: int = 16,
     shard_size: int | None = None,
     progress: bool = True,
     capture=None,
 ) -> None:
-    """Write the activations store for ``answers`` (see the module docstring).
+    """Write the activations store for ``answers`` into the run folder ``run_dir`` (a path, or an open
+    :class:`~truthmap.runfolder.Run`; see the module docstring and :meth:`Run.writing
+    <truthmap.runfolder.Run.writing>`).
 
     ``shard_size``: examples per shard (default ``SHARD_SIZE``). ``lm`` is a model backend
     (truthmap/backends/base.py): its ``feature_shards`` computes the missing shards — here, or on Ray
@@ -60,8 +61,12 @@ def run_extract(
     ``capture``: a :class:`truthmap.stages.capture.CaptureReader`; the states it holds are copied from it,
     and only the examples it lacks go through the forward pass.
     """
-    out = Path(run_dir) / ACTIVATIONS
-    shard_size = shard_size or SHARD_SIZE
+    with Run.writing(run_dir) as run:
+        _write_store(lm, answers, generations, positions, sites, run, batch_size, shard_size or SHARD_SIZE,
+                     progress, capture)
+
+
+def _write_store(lm, answers, generations, positions, sites, run: Run, batch_size, shard_size, progress, capture):
     table = answers[["id"] + [f"pos_{p}" for p in positions]].merge(
         generations[["id", "prompt_ids", "answer_ids"]], on="id", how="left", validate="one_to_one"
     )
@@ -83,11 +88,11 @@ def run_extract(
             for site in sites
         },
     }
-    write_npy(Path(run_dir) / ACTIVATIONS_VALID, index >= 0)
+    run.write_npy(ACTIVATIONS_VALID, index >= 0)
     bar = tqdm(total=n, desc="extract", unit="q", disable=not progress)
     todo = []
     for k, (start, stop) in enumerate(shards):
-        if all(trusted(out / site / f"shard-{k:05d}.npy") for site in sites):  # finished (and intact) before
+        if all(run.trusted(f"{ACTIVATIONS}/{site}/shard-{k:05d}.npy") for site in sites):  # finished (and intact) before
             bar.update(stop - start)
         else:
             todo.append(k)
@@ -100,9 +105,9 @@ def run_extract(
         finished = lm.feature_shards(jobs, positions, sites, batch_size, bar)
     for k, store in finished:
         for site in sites:
-            write_npy(out / site / f"shard-{k:05d}.npy", store[site])
+            run.write_npy(f"{ACTIVATIONS}/{site}/shard-{k:05d}.npy", store[site])
     bar.close()
-    write_json(Path(run_dir) / ACTIVATIONS_INDEX, meta)  # last: the store is whole
+    run.write_json(ACTIVATIONS_INDEX, meta)  # last: the store is whole
 
 
 def _shard_from_capture(lm, capture, sequences, index, ids, lengths, positions, sites, start, stop, batch_size,
@@ -125,14 +130,15 @@ def _shard_from_capture(lm, capture, sequences, index, ids, lengths, positions, 
     return store
 
 
-def load_layer(run_dir: str | Path, site: str, layer: int) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+def load_layer(run_dir: str | Path | Run, site: str, layer: int) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """All positions of one layer: (ids, positions, features float16 ``[P, N, d]``, valid bool ``[N, P]``).
 
-    Every file read is checked against the run's manifest, under the folder's shared lock
-    (:func:`truthmap.runfolder.reading`), unless this process already holds the folder."""
-    run_dir = Path(run_dir)
-    with reading(run_dir):
-        meta = read_activations_index(run_dir)
+    ``run_dir``: a run folder or an open :class:`~truthmap.runfolder.Run`. Every file read is checked
+    against the run's manifest, under the folder's shared lock (:meth:`Run.reading
+    <truthmap.runfolder.Run.reading>`), unless this process already holds the folder."""
+    with Run.reading(run_dir) as run:
+        run_dir = run.root
+        meta = run.read_activations_index()
         if site not in meta["sites"]:
             raise TruthmapError(f"site '{site}': not extracted in {run_dir} (have {sorted(meta['sites'])})")
         layers = meta["sites"][site]["layers"]
@@ -142,8 +148,8 @@ def load_layer(run_dir: str | Path, site: str, layer: int) -> tuple[list[str], l
         parts = []
         for shard in meta["sites"][site]["shards"]:
             path = child(run_dir / ACTIVATIONS, shard["file"], "shard")
-            parts.append(read_npy(path, mmap_mode="r")[row])
-        valid = read_npy(run_dir / ACTIVATIONS_VALID)
+            parts.append(run.read_npy(path, mmap_mode="r")[row])
+        valid = run.read_npy(ACTIVATIONS_VALID)
         try:
             features = np.concatenate(parts, axis=1)
         except ValueError as err:
@@ -154,7 +160,7 @@ def load_layer(run_dir: str | Path, site: str, layer: int) -> tuple[list[str], l
     return meta["ids"], meta["positions"], features, valid
 
 
-def load_features(run_dir: str | Path, site: str, layer: int, position: str) -> tuple[list[str], np.ndarray]:
+def load_features(run_dir: str | Path | Run, site: str, layer: int, position: str) -> tuple[list[str], np.ndarray]:
     """The example ids and float32 feature matrix ``[n, d]`` of one cell, valid examples only.
 
     ``site`` is residual / mlp / attention, ``layer`` a layer number (0 = embeddings for residual),
@@ -172,22 +178,22 @@ def load_features(run_dir: str | Path, site: str, layer: int, position: str) -> 
 # ---------------------------------------------------------------- the stage
 
 def _extract(s: StageRun) -> None:
-    c, run_dir = s.config, s.run_dir
+    c, run = s.config, s.run
     # shards of an interrupted extraction with the same inputs are kept; others are stale
-    marker = run_dir / rf.ACTIVATIONS_FINGERPRINT
-    store = run_dir / rf.ACTIVATIONS
-    if s.force or (store.exists() and (not rf.trusted(marker) or marker.read_text() != s.stamp)):
-        rf.remove(store)
-    if not rf.trusted(marker):
-        rf.write_text(marker, s.stamp)
-    answers = rf.read_parquet(run_dir / rf.ANSWERS)
-    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
-    capture = CaptureReader(run_dir, generations) if c.extract == "onepass" else None
-    run_extract(s.models.lm, answers, generations, c.positions, c.sites, run_dir,
+    marker = rf.ACTIVATIONS_FINGERPRINT
+    if s.force or (run.path(rf.ACTIVATIONS).exists()
+                   and (not run.trusted(marker) or run.path(marker).read_text() != s.stamp)):
+        run.remove(rf.ACTIVATIONS)
+    if not run.trusted(marker):
+        run.write_text(marker, s.stamp)
+    answers = run.read_parquet(rf.ANSWERS)
+    generations = run.read_parquet(rf.GENERATIONS)
+    capture = CaptureReader(s.run_dir, generations) if c.extract == "onepass" else None
+    run_extract(s.models.lm, answers, generations, c.positions, c.sites, run,
                 batch_size=c.batch_size or 16, progress=c.progress, capture=capture)
     if capture is not None:
-        rf.update_summary(run_dir, extract={"mode": c.extract, "captured": len(capture.where),
-                                            "read_again": capture.read_again})
+        run.update_summary(extract={"mode": c.extract, "captured": len(capture.where),
+                                    "read_again": capture.read_again})
 
 
 register(Stage(

@@ -333,10 +333,10 @@ def judge_model(c, models):
 
 
 def _label(s: StageRun) -> None:
-    c, run_dir = s.config, s.run_dir
-    questions = rf.read_parquet(run_dir / rf.QUESTIONS)
-    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
-    vocabularies = rf.read_json(run_dir / rf.VOCABULARIES)
+    c, run = s.config, s.run
+    questions = run.read_parquet(rf.QUESTIONS)
+    generations = run.read_parquet(rf.GENERATIONS)
+    vocabularies = run.read_json(rf.VOCABULARIES)
     answers = label_answers(questions, generations, vocabularies, s.models.lm.tokenizer, c.positions,
                             extractor=s.models.extractor, judge=judge_model(c, s.models), batch_size=c.batch_size,
                             progress=c.progress, exact_answer=c.exact_answer, grader=c.grader, protocol=c.protocol)
@@ -350,17 +350,17 @@ def _label(s: StageRun) -> None:
     answers["split"] = ""  # "": outside the study's population
     for part, members in splits["seeds"][str(c.seeds[0])].items():
         answers.loc[answers["id"].isin(set(members)), "split"] = part
-    rf.write_parquet(run_dir / rf.ANSWERS, answers)
-    rf.write_json(run_dir / rf.SPLITS, splits)
+    run.write_parquet(rf.ANSWERS, answers)
+    run.write_json(rf.SPLITS, splits)
     if labelled:
         check_population(splits, len(answers))  # said before the extraction and the probes
     if not labelled:
-        rf.update_summary(run_dir, n=int(len(answers)), labels="none", no_correctness_auc=LABEL_FREE_NOTE,
-                          population=population_summary(splits, len(answers)))
+        run.update_summary(n=int(len(answers)), labels="none", no_correctness_auc=LABEL_FREE_NOTE,
+                           population=population_summary(splits, len(answers)))
         return
-    rf.update_summary(run_dir, **answer_summary(answers), population=population_summary(splits, len(answers)),
-                      labels="gold", exact_answer=exact_answer_summary(answers, c.exact_answer), grader_judge=judged)
-    check_labels(answers, str(run_dir / rf.ANSWERS))
+    run.update_summary(**answer_summary(answers), population=population_summary(splits, len(answers)),
+                       labels="gold", exact_answer=exact_answer_summary(answers, c.exact_answer), grader_judge=judged)
+    check_labels(answers, str(run.path(rf.ANSWERS)))
 
 
 register(Stage(

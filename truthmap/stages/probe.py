@@ -37,7 +37,7 @@ from ..errors import TruthmapError
 from ..metrics import (RESULT_COLUMNS, bootstrap_for, cell_stats, cell_summary, choose_cell, mean_over_seeds, result_rows,
                        split_masks, strata_of)
 from ..backends.base import resolve_device
-from ..runfolder import ANSWERS, SPLITS, read_activations_index, read_parquet, read_splits, reading
+from ..runfolder import ANSWERS, SPLITS, Run
 from .base import Stage, StageRun, fields, register
 from .extract import load_layer
 from .verdict import study_verdict
@@ -74,7 +74,7 @@ def check_split_sizes(labels: np.ndarray, splits: dict, ids: list[str], min_per_
 
 
 def run_probe(
-    run_dir: Path,
+    run_dir: Path | Run,
     sites: list[str],
     *,
     C: float = 1.0,
@@ -94,23 +94,24 @@ def run_probe(
     fewer is mostly noise; its bootstrap interval says how much). A probe is fitted and scored only on
     the answers its splits hold (the study's population) at which its position exists.
 
-    The folder is read under one shared lock (:func:`truthmap.runfolder.reading`), so each file is checked
-    against the manifest once, not once per layer.
+    ``run_dir``: a run folder, or an open :class:`~truthmap.runfolder.Run`. The folder is read under one
+    shared lock (:meth:`Run.reading <truthmap.runfolder.Run.reading>`), so each file is checked against
+    the manifest once, not once per layer.
     """
-    with reading(Path(run_dir)):
-        return _run_probe(Path(run_dir), sites, C=C, n_boot=n_boot, device=device, progress=progress,
+    with Run.reading(run_dir) as run:
+        return _run_probe(run, sites, C=C, n_boot=n_boot, device=device, progress=progress,
                           min_per_class=min_per_class, reference=reference)
 
 
-def _run_probe(run_dir: Path, sites: list[str], *, C: float, n_boot: int, device: str, progress: bool,
+def _run_probe(run: Run, sites: list[str], *, C: float, n_boot: int, device: str, progress: bool,
                min_per_class: int, reference: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     import torch  # here, not at the top: listing the stages (truthmap --help) does not load torch
 
     from ..logistic import BatchedLogisticRegression
-    answers = read_parquet(run_dir / ANSWERS)
-    splits = read_splits(run_dir / SPLITS)
+    answers = run.read_parquet(ANSWERS)
+    splits = run.read_splits(SPLITS)
 
-    meta = read_activations_index(run_dir)  # checked: a crafted index is a one-line error
+    meta = run.read_activations_index()  # checked: a crafted index is a one-line error
     ids = meta["ids"]
     label_of = dict(zip(answers["id"], ~answers["correct"].astype(bool)))
     y = np.array([label_of[i] for i in ids], dtype=np.int64)  # 1 = error
@@ -124,7 +125,7 @@ def _run_probe(run_dir: Path, sites: list[str], *, C: float, n_boot: int, device
     bar = tqdm(total=total, desc="probe", unit="layer", disable=not progress)
     for site in sites:
         for layer in meta["sites"][site]["layers"]:
-            _, positions, features, valid = load_layer(run_dir, site, layer)
+            _, positions, features, valid = load_layer(run, site, layer)
             X = torch.as_tensor(np.asarray(features), device=device).float()  # [P, N, d]
             train = torch.as_tensor(parts["train"][None] & valid.T[:, None], device=device)  # [P, S, N]
             if reference:
@@ -196,17 +197,16 @@ def best_cells(means: pd.DataFrame) -> dict:
 
 
 def _probe(s: StageRun) -> None:
-    c, run_dir = s.config, s.run_dir
+    c, run = s.config, s.run
     device = resolve_device(c.device) if c.device_map is None else "cpu"
-    results, scores = run_probe(run_dir, c.sites, C=c.C, n_boot=c.bootstrap, device=device, progress=c.progress,
+    results, scores = run_probe(run, c.sites, C=c.C, n_boot=c.bootstrap, device=device, progress=c.progress,
                                 min_per_class=c.min_per_class, reference=c.protocol == "reference")
-    rf.write_csv(run_dir / rf.PROBE_RESULTS, results)  # the probes' rows; the baselines have their own file
-    rf.write_parquet(run_dir / rf.PROBE_SCORES, scores)
-    rf.update_summary(run_dir, **best_cells(mean_over_seeds(results)))
+    run.write_csv(rf.PROBE_RESULTS, results)  # the probes' rows; the baselines have their own file
+    run.write_parquet(rf.PROBE_SCORES, scores)
+    run.update_summary(**best_cells(mean_over_seeds(results)))
     # the probe cells' part of the verdict; the baselines stage adds the baselines and controls
-    verdict = study_verdict(results, scores, rf.read_parquet(run_dir / rf.ANSWERS), rf.read_splits(run_dir / rf.SPLITS),
-                            c.bootstrap)
-    rf.update_summary(run_dir, verdict=verdict)
+    verdict = study_verdict(results, scores, run.read_parquet(rf.ANSWERS), run.read_splits(rf.SPLITS), c.bootstrap)
+    run.update_summary(verdict=verdict)
 
 
 register(Stage(
