@@ -74,6 +74,80 @@ def reading(run_dir: Path):
         yield
 
 
+def at(run_dir: str | Path | Run) -> Run | Folder:
+    """What a function given "a run folder" reads and writes through: an open Run as it is; for a path,
+    the Run this process holds for that folder, else a :class:`Folder` (the same methods, acting as the
+    module-level functions do outside an open run). So a public function taking ``run_dir`` (``run_probe``,
+    ``finish_baselines``, …) takes a Run too, and its body is written once, against Run's methods."""
+    if isinstance(run_dir, (Run, Folder)):
+        return run_dir
+    root = Path(os.path.abspath(run_dir))
+    return next((run for run in open_runs() if run.root == root), None) or Folder(root)
+
+
+class Folder:
+    """A run folder this process does not hold open, with the reading and writing methods of :class:`Run`:
+    each acts as the module-level function of the same name (a file inside another open run goes through
+    that run; elsewhere written with the guard and the outputs list, and read unverified)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(os.path.abspath(root))
+
+    def __repr__(self) -> str:
+        return f"Folder({str(self.root)!r})"
+
+    def path(self, name: str | Path) -> Path:
+        return child(self.root, Path(name).as_posix(), "file") if not Path(name).is_absolute() else Path(name)
+
+    def trusted(self, name) -> bool:
+        return trusted(self.path(name))
+
+    def read_json(self, name, default=None):
+        return read_json(self.path(name), default)
+
+    def read_json_object(self, name, default=None) -> dict:
+        return read_json_object(self.path(name), default)
+
+    def read_parquet(self, name) -> pd.DataFrame:
+        return read_parquet(self.path(name))
+
+    def read_csv(self, name, **options) -> pd.DataFrame:
+        return read_csv(self.path(name), **options)
+
+    def read_npy(self, name, mmap_mode: str | None = None) -> np.ndarray:
+        return read_npy(self.path(name), mmap_mode)
+
+    def read_splits(self, name=SPLITS) -> dict:
+        return read_splits(self.path(name))
+
+    def read_activations_index(self, default: dict | None = None) -> dict:
+        return read_activations_index(self.root, default)
+
+    def atomic_path(self, name):
+        return atomic_path(self.path(name))
+
+    def write_json(self, name, obj) -> None:
+        write_json(self.path(name), obj)
+
+    def write_text(self, name, text: str) -> None:
+        write_text(self.path(name), text)
+
+    def write_parquet(self, name, frame: pd.DataFrame) -> None:
+        write_parquet(self.path(name), frame)
+
+    def write_csv(self, name, frame: pd.DataFrame) -> None:
+        write_csv(self.path(name), frame)
+
+    def write_npy(self, name, array: np.ndarray) -> None:
+        write_npy(self.path(name), array)
+
+    def remove(self, name) -> None:
+        remove(self.path(name))
+
+    def update_summary(self, **fields) -> dict:
+        return update_summary(self.root, **fields)
+
+
 # ---------------------------------------------------------------- the same operations, given a path
 
 def atomic_path(path: Path):

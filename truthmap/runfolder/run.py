@@ -157,23 +157,6 @@ class Run:
         with cls.open(root, write=False) as run:
             yield run
 
-    @classmethod
-    @contextmanager
-    def writing(cls, run_dir: str | Path | Run):
-        """``run_dir`` for writing during the block: the Run this process already holds for writing that
-        folder, else one opened (:meth:`open`) and closed when the block ends. Given an open Run, that Run."""
-        if isinstance(run_dir, Run):
-            run_dir._writing()
-            yield run_dir
-            return
-        root = Path(os.path.abspath(run_dir))
-        held = next((run for run in _held if run.root == root and run.writable), None)
-        if held is not None:
-            yield held
-            return
-        with cls.open(root) as run:
-            yield run
-
     def close(self) -> None:
         """Release the lock (the lock file stays: see lock.py); the run can no longer be read or written."""
         if self.closed:

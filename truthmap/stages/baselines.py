@@ -540,26 +540,26 @@ def plot_baselines(results: pd.DataFrame, cell: dict | None, within_family: floa
     save(fig, path)
 
 
-def finish_baselines(run_dir: Path, scores: pd.DataFrame, *, n_boot: int = 1000, title: str = "") -> dict:
+def finish_baselines(run_dir: Path | rf.Run, scores: pd.DataFrame, *, n_boot: int = 1000, title: str = "") -> dict:
     """The model-free part: AUCs on the test splits (baseline_results.csv), the family table, the
-    figure, and the summary fields. probe_results.csv is read, never written."""
-    from .. import runfolder as rf
-
-    answers = rf.read_parquet(run_dir / rf.ANSWERS)
-    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
+    figure, and the summary fields. probe_results.csv is read, never written. ``run_dir``: a run folder or
+    an open Run (:func:`truthmap.runfolder.at`)."""
+    run = rf.at(run_dir)
+    answers = run.read_parquet(rf.ANSWERS)
+    generations = run.read_parquet(rf.GENERATIONS)
     answers = answers.merge(generations[["id", "stopped", "answer_ids"]], on="id", how="left")
-    splits = rf.read_json(run_dir / rf.SPLITS)
+    splits = run.read_json(rf.SPLITS)
     columns: dict = {}
     results = evaluate(scores, answers, splits, n_boot, columns)
-    rf.write_csv(run_dir / BASELINE_RESULTS, results)
+    run.write_csv(BASELINE_RESULTS, results)
     # the probes beside these baselines (positions stay text: "-1")
-    merged = pd.concat([read_run_results(run_dir, baselines=False), results], ignore_index=True)
+    merged = pd.concat([read_run_results(run.root, baselines=False), results], ignore_index=True)
     cell = best_probe_cell(merged)
-    probe_scores = rf.read_parquet(run_dir / rf.PROBE_SCORES)
+    probe_scores = run.read_parquet(rf.PROBE_SCORES)
     families = family_table(answers, splits, probe_scores, cell)
-    rf.write_csv(run_dir / FAMILY_RESULTS, families)
+    run.write_csv(FAMILY_RESULTS, families)
     within = within_family_auc(families)
-    plot_baselines(merged, cell, within, run_dir / FIGURE, title)
+    plot_baselines(merged, cell, within, run.path(FIGURE), title)
     means = mean_over_seeds(results)
     probes = merged[merged["site"] != SITE]
     verdict = study_verdict(probes, probe_scores, answers, splits, n_boot, others=columns, controls=control_names())
@@ -599,28 +599,28 @@ def controls(results: pd.DataFrame, exact_minus_surface: dict | None = None) -> 
 
 # ---------------------------------------------------------------- the stage
 
-def with_sampling_scores(run_dir: Path, scores: pd.DataFrame) -> pd.DataFrame:
+def with_sampling_scores(run_dir: Path | rf.Run, scores: pd.DataFrame) -> pd.DataFrame:
     """``scores`` (baseline scores, one row per answer) with the run's sampling scores as further
     columns, when it has them (``sampling_scores.parquet``); the bookkeeping columns are left out."""
-    path = Path(run_dir) / rf.SAMPLING_SCORES
-    if not path.exists():
+    run = rf.at(run_dir)
+    if not run.path(rf.SAMPLING_SCORES).exists():
         return scores
-    sampled = rf.read_parquet(path)
+    sampled = run.read_parquet(rf.SAMPLING_SCORES)
     keep = ["id"] + [c for c in sampled.columns if c not in ("id", "n_samples", "judge_calls")]
     return scores.drop(columns=[c for c in keep[1:] if c in scores.columns]).merge(sampled[keep], on="id", how="left")
 
 
 def _baselines(s: StageRun) -> None:
-    config, run_dir = s.config, s.run_dir
-    answers = rf.read_parquet(run_dir / rf.ANSWERS)
-    scores = compute_scores(s.models.lm, answers, rf.read_parquet(run_dir / rf.GENERATIONS), config.progress,
+    config, run = s.config, s.run
+    answers = run.read_parquet(rf.ANSWERS)
+    scores = compute_scores(s.models.lm, answers, run.read_parquet(rf.GENERATIONS), config.progress,
                             one_pass=config.extract == "onepass", p_true_of=config.p_true)
-    rf.update_summary(run_dir, baseline_seconds=scores.attrs.get("seconds"),
-                      baseline_forward_tokens=scores.attrs.get("forward_tokens"))
-    scores = with_sampling_scores(run_dir, scores)  # semantic entropy … when the run drew samples
-    rf.write_parquet(run_dir / rf.BASELINE_SCORES, scores)
+    run.update_summary(baseline_seconds=scores.attrs.get("seconds"),
+                       baseline_forward_tokens=scores.attrs.get("forward_tokens"))
+    scores = with_sampling_scores(run, scores)  # semantic entropy … when the run drew samples
+    run.write_parquet(rf.BASELINE_SCORES, scores)
     title = f"{short_model(config.model)} · {config.dataset} · baselines beside the best probe"
-    rf.update_summary(run_dir, **finish_baselines(run_dir, scores, n_boot=config.bootstrap, title=title))
+    run.update_summary(**finish_baselines(run, scores, n_boot=config.bootstrap, title=title))
 
 
 register(Stage(

@@ -52,8 +52,8 @@ def run_extract(
     capture=None,
 ) -> None:
     """Write the activations store for ``answers`` into the run folder ``run_dir`` (a path, or an open
-    :class:`~truthmap.runfolder.Run`; see the module docstring and :meth:`Run.writing
-    <truthmap.runfolder.Run.writing>`).
+    :class:`~truthmap.runfolder.Run`, read and written through :func:`truthmap.runfolder.at`; see the module
+    docstring).
 
     ``shard_size``: examples per shard (default ``SHARD_SIZE``). ``lm`` is a model backend
     (truthmap/backends/base.py): its ``feature_shards`` computes the missing shards — here, or on Ray
@@ -61,12 +61,11 @@ def run_extract(
     ``capture``: a :class:`truthmap.stages.capture.CaptureReader`; the states it holds are copied from it,
     and only the examples it lacks go through the forward pass.
     """
-    with Run.writing(run_dir) as run:
-        _write_store(lm, answers, generations, positions, sites, run, batch_size, shard_size or SHARD_SIZE,
-                     progress, capture)
+    _write_store(lm, answers, generations, positions, sites, rf.at(run_dir), batch_size, shard_size or SHARD_SIZE,
+                 progress, capture)
 
 
-def _write_store(lm, answers, generations, positions, sites, run: Run, batch_size, shard_size, progress, capture):
+def _write_store(lm, answers, generations, positions, sites, run: Run | rf.Folder, batch_size, shard_size, progress, capture):
     table = answers[["id"] + [f"pos_{p}" for p in positions]].merge(
         generations[["id", "prompt_ids", "answer_ids"]], on="id", how="left", validate="one_to_one"
     )

@@ -256,31 +256,31 @@ def forget_preflight() -> None:
 
 
 def _generate(s: StageRun) -> None:
-    c, run_dir = s.config, s.run_dir
+    c, run = s.config, s.run
     s.models.check()  # an unknown model fails before the questions are read (a hub dataset may be large)
     questions, vocabularies = _PRELOADED.pop(_question_settings(c), None) or _checked_questions(c)
     max_new_tokens = answer_length(questions["task"], c.max_new_tokens, c.protocol)
-    rf.write_parquet(run_dir / rf.QUESTIONS, questions)
-    rf.write_json(run_dir / rf.VOCABULARIES, vocabularies)
+    run.write_parquet(rf.QUESTIONS, questions)
+    run.write_json(rf.VOCABULARIES, vocabularies)
     lm = s.models.lm
     # finished chunks of an interrupted generation with the same settings and model are kept
     if s.force:  # --force: answer anew, not from saved chunks
-        rf.remove(run_dir / rf.GENERATION_CHUNKS)
-    chunks = rf.ChunkStore(run_dir / rf.GENERATION_CHUNKS, f"{s.stamp} {lm.revision}")
+        run.remove(rf.GENERATION_CHUNKS)
+    chunks = run.chunks(rf.GENERATION_CHUNKS, f"{s.stamp} {lm.revision}")
     # one pass: the states of every site and the token scores are read while the model answers
     capture_sites = c.sites if c.extract == "onepass" else None
     table = run_generate(lm, questions, template=c.prompt_template, max_new_tokens=max_new_tokens,
                          batch_size=c.batch_size, progress=c.progress, chunks=chunks,
                          long_prompts=c.long_prompts, protocol=c.protocol, capture_sites=capture_sites)
-    rf.write_parquet(run_dir / rf.GENERATIONS, table)
-    rf.update_summary(run_dir, model=c.model, model_revision=lm.revision, dataset=c.dataset,
-                      tasks=sorted(set(questions["task"])), source_rows=questions.attrs["source_rows"],
-                      n_layers=lm.n_layers, hidden_size=lm.hidden_size,
-                      generation={"protocol": c.protocol, "max_new_tokens": max_new_tokens,
-                                  "answers_end_at_line_break": answers_one_line(lm.tokenizer)},
-                      long_prompts={"mode": c.long_prompts, "context_tokens": lm.context_length(),
-                                    "truncated": int((table["prompt_cut"] > 0).sum()),
-                                    "skipped": len(questions) - len(table)})
+    run.write_parquet(rf.GENERATIONS, table)
+    run.update_summary(model=c.model, model_revision=lm.revision, dataset=c.dataset,
+                       tasks=sorted(set(questions["task"])), source_rows=questions.attrs["source_rows"],
+                       n_layers=lm.n_layers, hidden_size=lm.hidden_size,
+                       generation={"protocol": c.protocol, "max_new_tokens": max_new_tokens,
+                                   "answers_end_at_line_break": answers_one_line(lm.tokenizer)},
+                       long_prompts={"mode": c.long_prompts, "context_tokens": lm.context_length(),
+                                     "truncated": int((table["prompt_cut"] > 0).sum()),
+                                     "skipped": len(questions) - len(table)})
 
 
 register(Stage(

@@ -298,28 +298,29 @@ def _bars(results: pd.DataFrame, cell: dict | None) -> list[dict]:
 
 # ---------------------------------------------------------------- the stage
 
-def cells_below_null(run_dir: Path) -> set[tuple[str, int, str]] | None:
+def cells_below_null(run_dir: Path | rf.Run) -> set[tuple[str, int, str]] | None:
     """(site, layer, position) of every cell of ``cell_null.csv`` (the wholemap stage's) that does not beat
-    the null (the cells a heatmap marks); None when the run has no such file or no null (``--permutations 0``)."""
-    path = Path(run_dir) / rf.CELL_NULL
-    if not path.exists():
+    the null (the cells a heatmap marks); None when the run has no such file or no null (``--permutations 0``).
+    ``run_dir``: a run folder or an open :class:`~truthmap.runfolder.Run` (:func:`truthmap.runfolder.at`)."""
+    run = rf.at(run_dir)
+    if not run.path(rf.CELL_NULL).exists():
         return None
-    table = rf.read_csv(path, dtype={"site": str, "position": str})
+    table = run.read_csv(rf.CELL_NULL, dtype={"site": str, "position": str})
     if table["p"].isna().all():
         return None
     return {(r.site, int(r.layer), r.position) for r in table.itertuples() if not bool(r.beats_null)}
 
 
 def _plot(s: StageRun) -> None:
-    config, run_dir = s.config, s.run_dir
-    results = read_run_results(run_dir, baselines=False)
-    if (run_dir / rf.BASELINE_RESULTS).exists():  # the controls among the baselines' rows set the hatching
-        results = pd.concat([results, read_results(run_dir / rf.BASELINE_RESULTS)], ignore_index=True)
-    n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))  # the population
-    hatched = cells_below_null(run_dir)  # None without the per-cell null (--permutations 0)
-    left_out = left_out_note(rf.read_splits(run_dir / rf.SPLITS).get("left_out") or {})  # who else, and why
+    config, run = s.config, s.run
+    results = read_run_results(run.root, baselines=False)
+    if run.path(rf.BASELINE_RESULTS).exists():  # the controls among the baselines' rows set the hatching
+        results = pd.concat([results, read_results(run.path(rf.BASELINE_RESULTS))], ignore_index=True)
+    n = len(run.read_parquet(rf.ANSWERS).query("split != ''"))  # the population
+    hatched = cells_below_null(run)  # None without the per-cell null (--permutations 0)
+    left_out = left_out_note(run.read_splits(rf.SPLITS).get("left_out") or {})  # who else, and why
     for view in VIEWS:
-        plot_heatmap(results, config.positions, run_dir / view, model=short_model(config.model),
+        plot_heatmap(results, config.positions, run.path(view), model=short_model(config.model),
                      dataset=config.dataset, n=n, view=view, left_out=left_out,
                      hatched=hatched if view == "heatmap" else None)
 

@@ -108,13 +108,12 @@ def cell_tables(results: pd.DataFrame, positions: list[str]) -> dict:
     return sites
 
 
-def add_entropy_view(run_dir: Path, sites: dict, positions: list[str]) -> None:
+def add_entropy_view(run: rf.Run | rf.Folder, sites: dict, positions: list[str]) -> None:
     """The ``"entropy"`` view of every site: the semantic-entropy probes' test AUC for errors (mean over
-    seeds, region chosen on validation), when the run has ``entropy_probe_results.csv``."""
-    path = Path(run_dir) / rf.ENTROPY_RESULTS
-    if not path.exists():
+    seeds, region chosen on validation), when the open ``run`` has ``entropy_probe_results.csv``."""
+    if not run.path(rf.ENTROPY_RESULTS).exists():
         return
-    table = rf.read_csv(path, dtype={"site": str, "position": str})  # verified against the manifest
+    table = run.read_csv(rf.ENTROPY_RESULTS, dtype={"site": str, "position": str})  # verified against the manifest
     table = table[table["target"] == "error"]
     for site, entry in sites.items():
         rows = table[table["site"] == site]
@@ -187,23 +186,25 @@ def score_arrays(scores: pd.DataFrame, sites: dict, positions: list[str], test_r
     return out
 
 
-def run_data(run_dir: Path) -> dict:
-    """Everything the page shows about one run folder."""
-    run_dir = Path(run_dir)
+def run_data(run_dir: Path | rf.Run) -> dict:
+    """Everything the page shows about one run folder (a path, or an open :class:`~truthmap.runfolder.Run`;
+    read through :func:`truthmap.runfolder.at`)."""
+    run = rf.at(run_dir)
+    run_dir = run.root
     if not (run_dir / rf.PROBE_RESULTS).exists():
         raise TruthmapError(f"{run_dir / rf.PROBE_RESULTS}: missing; is {run_dir} a run folder whose probe "
                             "stage has finished? (truthmap run, or truthmap probe --out RUN)")
-    results = read_run_results(run_dir)  # the probes' rows, then the baselines' (verified)
+    results = read_run_results(run.root)  # the probes' rows, then the baselines' (verified)
     problem = ", ".join(sorted(set(RESULT_COLUMNS[:10]) - set(results.columns)))  # the rest: optional
     problem = problem and f"no column {problem}"
     if problem:
         raise TruthmapError(f"{run_dir / rf.PROBE_RESULTS}: unreadable ({problem}); "
                             "rerun the probe stage (truthmap probe --force --out RUN)")
-    scores = rf.read_parquet(run_dir / rf.PROBE_SCORES)
-    answers = rf.read_parquet(run_dir / rf.ANSWERS)
-    splits = rf.read_splits(run_dir / rf.SPLITS)
-    summary = rf.finite(rf.read_json_object(run_dir / rf.SUMMARY, default={}))
-    config = rf.read_json_object(run_dir / rf.CONFIG, default={})
+    scores = run.read_parquet(rf.PROBE_SCORES)
+    answers = run.read_parquet(rf.ANSWERS)
+    splits = run.read_splits(rf.SPLITS)
+    summary = rf.finite(run.read_json_object(rf.SUMMARY, default={}))
+    config = run.read_json_object(rf.CONFIG, default={})
     if not isinstance(config.get("positions", []), list):
         raise TruthmapError(f"{run_dir / rf.CONFIG}: 'positions' is not a list; rerun the run")
 
@@ -211,7 +212,7 @@ def run_data(run_dir: Path) -> dict:
     positions = [str(p) for p in config.get("positions", []) if str(p) in set(probed["position"])]
     positions += [p for p in dict.fromkeys(probed["position"]) if p not in positions]
     sites = cell_tables(results, positions)
-    add_entropy_view(run_dir, sites, positions)
+    add_entropy_view(run, sites, positions)
 
     seeds = sorted((s for s in splits["seeds"] if int(s) in set(probed["seed"])), key=int)
     if not seeds:
@@ -311,13 +312,14 @@ def render(runs: list[dict]) -> str:
 
 
 def write_report(run_dirs: list[Path], out: Path) -> Path:
-    """Write the report of ``run_dirs`` (one page; several runs side by side) to ``out``; return it."""
+    """Write the report of ``run_dirs`` (one page; several runs side by side) to ``out``, a path anywhere
+    (``truthmap report --out``: the write is guarded, inside a run folder or not); return it."""
     if not run_dirs:
         raise TruthmapError("report: name at least one run folder")
     runs = []
     for d in run_dirs:
-        with rf.reading(Path(d)):  # shared lock; every file checked against the manifest (no-op in a held run)
-            runs.append(run_data(Path(d)))
+        with rf.Run.reading(d) as run:  # shared lock; every file checked against the manifest (a held run: itself)
+            runs.append(run_data(run))
     names = [run["name"] for run in runs]
     for k, run in enumerate(runs):  # tabs are labelled by folder name: make them distinct
         if names.count(run["name"]) > 1:
@@ -331,7 +333,8 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
 # ---------------------------------------------------------------- the stage
 
 def _report(s: StageRun) -> None:
-    write_report([s.run_dir], s.run_dir / rf.REPORT)
+    with s.run.atomic_path(rf.REPORT) as tmp:
+        tmp.write_text(render([run_data(s.run)]), encoding="utf-8")  # (write_report, but through the Run)
 
 
 # summary.json is not an input: every stage rewrites it, so the report would never be current
