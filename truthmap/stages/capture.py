@@ -81,13 +81,14 @@ class ChunkCapture:
 
     def finish_chunk(self, k: int, frame: pd.DataFrame) -> pd.DataFrame:
         """Write chunk ``k``'s states; ``frame`` (its rows in order) with its capture columns added."""
-        from ..runfolder import write_npy
+        from ..runfolder import at
 
         parts, self.pending = self.pending, []
         if self.plan is None or sum(len(p["captured"]) for p in parts) != len(frame):
             return frame  # an answer was not captured (no plan, or a batch retried): extract reads it
+        folder = at(self.chunks.run or self.chunks.folder.parent)  # the run holding the chunks
         for site in self.plan.sites:
-            write_npy(capture_path(self.chunks.folder, k, site), np.concatenate([p["states"][site] for p in parts]))
+            folder.write_npy(capture_path(self.chunks.folder, k, site), np.concatenate([p["states"][site] for p in parts]))
         frame = frame.assign(captured=[c for p in parts for c in p["captured"]],
                              token_prob=[x for p in parts for x in p["token_prob"]],
                              token_entropy=[x for p in parts for x in p["token_entropy"]])
@@ -110,21 +111,23 @@ class ChunkCapture:
 class CaptureReader:
     """The captured states of a finished generation, looked up by answer id (extract stage)."""
 
-    def __init__(self, run_dir: Path, generations: pd.DataFrame):
-        from ..runfolder import CHUNK_PLAN, GENERATION_CHUNKS, read_json, read_parquet, trusted
+    def __init__(self, run_dir, generations: pd.DataFrame):
+        """``run_dir``: a run folder or an open Run (:func:`truthmap.runfolder.at`)."""
+        from ..runfolder import CHUNK_PLAN, GENERATION_CHUNKS, at
 
-        self.folder = Path(run_dir) / GENERATION_CHUNKS
-        plan_path = self.folder / CHUNK_PLAN
-        saved = (read_json(plan_path) if trusted(plan_path) else {}).get("capture")
+        self.run = run = at(run_dir)
+        self.folder = run.path(GENERATION_CHUNKS)
+        plan = f"{GENERATION_CHUNKS}/{CHUNK_PLAN}"
+        saved = (run.read_json(plan) if run.trusted(plan) else {}).get("capture")
         self.plan = CapturePlan(tuple(saved["sites"]), saved["head"], saved["tail"]) if saved else None
         self.where: dict[str, tuple[int, int, int]] = {}  # id -> (chunk, row in chunk, answer tokens read)
         self.read_again = 0  # examples the extract stage had to read with a forward pass
         ids, answers = generations["id"].tolist(), generations["answer_ids"].tolist()
         self.untrusted = 0  # chunks whose capture files the manifest does not vouch for: read again
         k = 0
-        while self.plan is not None and trusted(self.folder / f"chunk-{k:05d}.parquet"):
-            chunk = read_parquet(self.folder / f"chunk-{k:05d}.parquet")
-            if "captured" in chunk.columns and not all(trusted(capture_path(self.folder, k, site))
+        while self.plan is not None and run.trusted(self.folder / f"chunk-{k:05d}.parquet"):
+            chunk = run.read_parquet(self.folder / f"chunk-{k:05d}.parquet")
+            if "captured" in chunk.columns and not all(run.trusted(capture_path(self.folder, k, site))
                                                        for site in self.plan.sites):
                 self.untrusted += 1  # missing, damaged (deleted when the run opened) or not listed: never read
             elif "captured" in chunk.columns:
@@ -155,8 +158,6 @@ class CaptureReader:
         """Copy the captured cells into ``store`` (site -> float16 ``[R, P, n, d]``, as extract writes it);
         return the rows it could not fill (not captured, a capture file the manifest does not vouch for or
         of another shape, or a value beyond float16), for a separate pass."""
-        from ..runfolder import read_npy
-
         if self.plan is None or not set(sites) <= set(self.plan.sites):
             return list(range(len(ids)))
         missing, by_chunk = [], {}
@@ -169,7 +170,7 @@ class CaptureReader:
         valid = index >= 0
         for k, rows in sorted(by_chunk.items()):  # one chunk file open at a time: memory stays one shard
             for site in sites:
-                states = read_npy(capture_path(self.folder, k, site), mmap_mode="r")  # checked: listed, intact
+                states = self.run.read_npy(capture_path(self.folder, k, site), mmap_mode="r")  # checked: listed, intact
                 layers, _, _, d = store[site].shape
                 if states.ndim != 4 or states.shape[1] != self.plan.slots or states.shape[2:] != (layers, d):
                     missing.extend(n for n, _, _ in rows)  # not the shape this run writes: read them again

@@ -187,7 +187,7 @@ def _extract(s: StageRun) -> None:
         run.write_text(marker, s.stamp)
     answers = run.read_parquet(rf.ANSWERS)
     generations = run.read_parquet(rf.GENERATIONS)
-    capture = CaptureReader(s.run_dir, generations) if c.extract == "onepass" else None
+    capture = CaptureReader(run, generations) if c.extract == "onepass" else None
     run_extract(s.models.lm, answers, generations, c.positions, c.sites, run,
                 batch_size=c.batch_size or 16, progress=c.progress, capture=capture)
     if capture is not None:
