@@ -62,13 +62,13 @@ def plot_attention(table: pd.DataFrame, positions: list[str], out_stem: Path, ti
     return save(fig, *png_and_svg(out_stem))
 
 
-def run_attention(lm, run_dir: Path, *, positions: list[str], title: str = "", batch_size: int = 8) -> pd.DataFrame:
-    run_dir = Path(run_dir)
-    answers = rf.read_parquet(run_dir / rf.ANSWERS)
-    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
+def run_attention(lm, run_dir: Path | rf.Run, *, positions: list[str], title: str = "", batch_size: int = 8) -> pd.DataFrame:
+    run = rf.at(run_dir)  # a folder or an open Run
+    answers = run.read_parquet(rf.ANSWERS)
+    generations = run.read_parquet(rf.GENERATIONS)
     table = attention_table(lm, answers, generations, positions, batch_size)
-    rf.write_csv(run_dir / ATTENTION, table)
-    plot_attention(table, positions, run_dir / FIGURE, title or "attention of the last generated token")
+    run.write_csv(ATTENTION, table)
+    plot_attention(table, positions, run.path(FIGURE), title or "attention of the last generated token")
     return table
 
 
@@ -76,7 +76,7 @@ def run_attention(lm, run_dir: Path, *, positions: list[str], title: str = "", b
 
 def _attention(s: StageRun) -> None:
     title = f"{short_model(s.config.model)} · {s.config.dataset} · attention of the last generated token"
-    run_attention(s.models.lm, s.run_dir, positions=s.config.positions, title=title)
+    run_attention(s.models.lm, s.run, positions=s.config.positions, title=title)
 
 
 register(Stage(

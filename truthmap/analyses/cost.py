@@ -41,20 +41,19 @@ COLUMNS = ["method", "kind", "auc", "auc_lo", "auc_hi", "forward_tokens", "secon
 
 
 
-def cost_table(run_dir: Path) -> pd.DataFrame:
-    """``cost.csv``'s table (``COLUMNS``) of a finished run; methods without a test AUC are left out."""
-    from .. import runfolder as rf
-
-    run_dir = Path(run_dir)
-    summary = rf.read_json_object(run_dir / rf.SUMMARY)
-    answers = rf.read_parquet(run_dir / rf.ANSWERS)
+def cost_table(run_dir: Path | rf.Run) -> pd.DataFrame:
+    """``cost.csv``'s table (``COLUMNS``) of a finished run (a folder or an open Run:
+    :func:`truthmap.runfolder.at`); methods without a test AUC are left out."""
+    run = rf.at(run_dir)
+    summary = run.read_json_object(rf.SUMMARY)
+    answers = run.read_parquet(rf.ANSWERS)
     studied = answers[answers["split"].fillna("") != ""] if "split" in answers.columns else answers
     n = max(len(studied), 1)
     n_all = max(len(answers), 1)  # the stages' seconds cover every answer, studied or not
     stage = _numbers(summary.get("stage_seconds"))
     baseline_seconds = _numbers(summary.get("baseline_seconds"))
     baseline_tokens = _numbers(summary.get("baseline_forward_tokens"))
-    means = mean_over_seeds(read_run_results(run_dir))
+    means = mean_over_seeds(read_run_results(run.root))
     baselines = means[means["site"] == "baseline"].set_index("position")
     means = means.set_index(["site", "layer", "position"])
     rows = []
@@ -91,7 +90,7 @@ def cost_table(run_dir: Path) -> pd.DataFrame:
                 _per(_sum(stage.get("extract"), stage.get("probe")), n_all),
                 "the cell chosen on validation; seconds: extract and fit every cell")
     token_tokens = _per(baseline_tokens.get("token_statistics"), n_all)
-    sample_tokens = _sample_tokens(run_dir)
+    sample_tokens = _sample_tokens(run)
     sampling = summary.get("sampling") if isinstance(summary.get("sampling"), dict) else {}
     per_question = _numbers(sampling.get("seconds_per_question"))
     # every registered baseline the run scored (stages/baselines.py), grouped by what it costs
@@ -185,18 +184,15 @@ def cost_summary(table: pd.DataFrame) -> dict:
     return {"methods": records, "pareto": [r["method"] for r in records if r["pareto"]]}
 
 
-def _sample_tokens(run_dir: Path) -> float | None:
+def _sample_tokens(run: rf.Run | rf.Folder) -> float | None:
     """Tokens per studied question of generating the run's samples (each sample's prompt and tokens),
     from ``resamples.parquet``; None without samples."""
-    from .. import runfolder as rf
-
-    path = run_dir / rf.RESAMPLES
-    if not path.exists():
+    if not run.path(rf.RESAMPLES).exists():
         return None
-    samples = rf.read_parquet(path)
+    samples = run.read_parquet(rf.RESAMPLES)
     if samples.empty or "answer_ids" not in samples.columns:
         return None
-    prompts = rf.read_parquet(run_dir / rf.GENERATIONS).set_index("id")["prompt_ids"].map(len)
+    prompts = run.read_parquet(rf.GENERATIONS).set_index("id")["prompt_ids"].map(len)
     lengths = samples["answer_ids"].map(len) + samples["id"].map(prompts).fillna(0)
     return float(lengths.groupby(samples["id"]).sum().mean())
 
@@ -224,11 +220,11 @@ def _float(value) -> float:
 
 def _cost(s: StageRun) -> None:
     """Every method's test AUC against its extra cost beyond answering."""
-    table = cost_table(s.run_dir)
-    rf.write_csv(s.run_dir / rf.COST, table)
+    table = cost_table(s.run)
+    s.run.write_csv(rf.COST, table)
     title = f"{short_model(s.config.model)} · {s.config.dataset} · test AUC against extra cost beyond answering"
-    plot_cost(table, s.run_dir / rf.COST_FIGURE, title)
-    rf.update_summary(s.run_dir, cost=cost_summary(table))
+    plot_cost(table, s.run.path(rf.COST_FIGURE), title)
+    s.run.update_summary(cost=cost_summary(table))
 
 
 # summary.json's timings and token counts are read, not fingerprinted (every stage rewrites it)

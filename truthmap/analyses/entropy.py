@@ -270,25 +270,27 @@ def high_entropy_labels(entropy: np.ndarray, train: np.ndarray) -> tuple[np.ndar
     return labels, thresholds
 
 
-def run_entropy_probe(run_dir: Path, sites: list[str], *, column: str = "semantic_entropy", C: float = 1.0,
+def run_entropy_probe(run_dir: Path | rf.Run, sites: list[str], *, column: str = "semantic_entropy", C: float = 1.0,
                       n_boot: int = 1000, device: str = "cpu", progress: bool = True,
                       min_per_class: int = 2) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Fit and evaluate every semantic-entropy probe; return (results, test scores, details).
 
     Results have ``probe_results.csv``'s columns and ``target`` (``TARGETS``); the ``error`` rows exist
-    only when the study has gold answers (:func:`truthmap.stages.label.has_labels`)."""
+    only when the study has gold answers (:func:`truthmap.stages.label.has_labels`). ``run_dir``: a run
+    folder or an open Run (:func:`truthmap.runfolder.at`)."""
     import torch
     from tqdm.auto import tqdm
 
     from ..stages.extract import load_layer
     from ..logistic import BatchedLogisticRegression
 
-    run_dir = Path(run_dir)
-    answers = rf.read_parquet(run_dir / rf.ANSWERS)
-    splits = rf.read_splits(run_dir / rf.SPLITS)
-    meta = rf.read_activations_index(run_dir)
+    run = rf.at(run_dir)
+    run_dir = run.root
+    answers = run.read_parquet(rf.ANSWERS)
+    splits = run.read_splits(rf.SPLITS)
+    meta = run.read_activations_index()
     ids = meta["ids"]
-    scores = rf.read_parquet(run_dir / SAMPLING_SCORES).set_index("id")
+    scores = run.read_parquet(SAMPLING_SCORES).set_index("id")
     if column not in scores.columns:
         raise TruthmapError(f"{run_dir / SAMPLING_SCORES}: no column '{column}'")
     entropy = scores[column].reindex(ids).to_numpy(dtype=float)
@@ -314,7 +316,7 @@ def run_entropy_probe(run_dir: Path, sites: list[str], *, column: str = "semanti
                disable=not progress)
     for site in sites:
         for layer in meta["sites"][site]["layers"]:
-            _, positions, features, valid = load_layer(run_dir, site, layer)
+            _, positions, features, valid = load_layer(run, site, layer)
             X = torch.as_tensor(np.asarray(features), device=device).float()  # [P, N, d]
             prob = np.empty((len(positions), len(seeds), len(ids)))
             for s in range(len(seeds)):  # one target per seed: its threshold comes from its train part
@@ -374,7 +376,7 @@ def entropy_summary(results: pd.DataFrame, details: dict) -> dict:
     return out
 
 
-def plot_entropy_heatmap(results: pd.DataFrame, positions: list[str], run_dir: Path, *, model: str, dataset: str,
+def plot_entropy_heatmap(results: pd.DataFrame, positions: list[str], run_dir: Path | rf.Run, *, model: str, dataset: str,
                          n: int) -> list[Path]:
     """``heatmap_entropy.png``/``.svg``: the entropy probes' test AUC for errors (or, in a label-free
     study, for high semantic entropy), box on the validation choice, as the correctness heatmap."""
@@ -387,32 +389,33 @@ def plot_entropy_heatmap(results: pd.DataFrame, positions: list[str], run_dir: P
     else:
         what = "entropy probes, test AUC for high SE (no gold answers)"
         label = "agreement with semantic entropy (AUC for high SE)"
-    return plot_heatmap(rows, positions, Path(run_dir) / FIGURE, model=model, dataset=dataset, n=n, what=what,
+    return plot_heatmap(rows, positions, rf.at(run_dir).path(FIGURE), model=model, dataset=dataset, n=n, what=what,
                         label=label)
 
 
-def run_sampling(lm, run_dir: Path, *, n: int = 5, temperature: float = 1.0, seed: int = 0, judge_lm=None,
+def run_sampling(lm, run_dir: Path | rf.Run, *, n: int = 5, temperature: float = 1.0, seed: int = 0, judge_lm=None,
                  grader_lm=None, batch_size: int | None = None, progress: bool = True,
                  max_new_tokens: int | None = None) -> dict:
     """Draw ``n`` samples per question, keep their token log-probabilities, write ``resamples.parquet``
     and ``sampling_scores.parquet``; return the cost figures for summary.json (``sampling``).
 
     ``judge_lm`` clusters by meaning (``--judge-equivalence``); ``grader_lm`` grades every sample as the
-    lenient grader (``--judge-grader``; its calls are ``grader_calls``)."""
+    lenient grader (``--judge-grader``; its calls are ``grader_calls``). ``run_dir``: a run folder or an
+    open Run (:func:`truthmap.runfolder.at`)."""
     import time
 
     from .resample import RESAMPLES, label_resamples, run_answer_length, sample_answers
 
     from ..config import saved_settings
 
-    run_dir = Path(run_dir)
-    config = saved_settings(run_dir / rf.CONFIG, required=False)  # the run's settings, checked by the schema
-    questions = rf.read_parquet(run_dir / rf.QUESTIONS)
-    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
-    answers = rf.read_parquet(run_dir / rf.ANSWERS)
+    run = rf.at(run_dir)
+    config = saved_settings(run.path(rf.CONFIG), required=False)  # the run's settings, checked by the schema
+    questions = run.read_parquet(rf.QUESTIONS)
+    generations = run.read_parquet(rf.GENERATIONS)
+    answers = run.read_parquet(rf.ANSWERS)
     questions = questions[questions["id"].isin(set(generations["id"]))]
-    vocabularies = rf.read_json(run_dir / rf.VOCABULARIES, default={})
-    positions = rf.read_activations_index(run_dir, default={}).get("positions") or []
+    vocabularies = run.read_json(rf.VOCABULARIES, default={})
+    positions = run.read_activations_index(default={}).get("positions") or []
     prompts = generations.set_index("id").loc[questions["id"], "prompt_ids"].map(list).tolist()
     max_new = run_answer_length(config, questions, max_new_tokens)
     started = time.perf_counter()
@@ -424,11 +427,11 @@ def run_sampling(lm, run_dir: Path, *, n: int = 5, temperature: float = 1.0, see
                                 judge=grader_lm, grader=str(config.get("grader", "alias")), batch_size=batch_size,
                                 protocol=str(config.get("protocol", "brief")))
     resamples["token_logprobs"] = token_logprobs(lm, generations, resamples)
-    rf.write_parquet(run_dir / RESAMPLES, resamples)
+    run.write_parquet(RESAMPLES, resamples)
     scored = time.perf_counter()
     judge = ModelJudge(judge_lm) if judge_lm is not None else None
     table = sampling_scores(resamples, answers, judge)
-    rf.write_parquet(run_dir / SAMPLING_SCORES, table)
+    run.write_parquet(SAMPLING_SCORES, table)
     done = time.perf_counter()
     q = max(len(questions), 1)
     return {"n": n, "temperature": temperature, "seed": seed, "questions": len(questions),
@@ -441,19 +444,19 @@ def run_sampling(lm, run_dir: Path, *, n: int = 5, temperature: float = 1.0, see
                                      "judge": round((done - scored) / q, 3)}}
 
 
-def refresh_sampling_scores(lm, run_dir: Path, judge_lm=None) -> pd.DataFrame:
+def refresh_sampling_scores(lm, run_dir: Path | rf.Run, judge_lm=None) -> pd.DataFrame:
     """After ``truthmap resample``: the samples' token log-probabilities (added to ``resamples.parquet``)
     and ``sampling_scores.parquet``, so that the next ``truthmap run`` scores them as baselines and trains
     semantic-entropy probes."""
     from .resample import RESAMPLES
 
-    run_dir = Path(run_dir)
-    resamples = rf.read_parquet(run_dir / RESAMPLES)
-    resamples["token_logprobs"] = token_logprobs(lm, rf.read_parquet(run_dir / rf.GENERATIONS), resamples)
-    rf.write_parquet(run_dir / RESAMPLES, resamples)
+    run = rf.at(run_dir)
+    resamples = run.read_parquet(RESAMPLES)
+    resamples["token_logprobs"] = token_logprobs(lm, run.read_parquet(rf.GENERATIONS), resamples)
+    run.write_parquet(RESAMPLES, resamples)
     judge = ModelJudge(judge_lm) if judge_lm is not None else None
-    table = sampling_scores(resamples, rf.read_parquet(run_dir / rf.ANSWERS), judge)
-    rf.write_parquet(run_dir / SAMPLING_SCORES, table)
+    table = sampling_scores(resamples, run.read_parquet(rf.ANSWERS), judge)
+    run.write_parquet(SAMPLING_SCORES, table)
     return table
 
 
@@ -468,10 +471,10 @@ def _samples(s: StageRun) -> None:
     """N sampled answers per question and their sampling scores (semantic entropy …)."""
     c, models = s.config, s.models
     judge = (models.extractor or models.lm) if c.judge_equivalence else None
-    info = run_sampling(models.lm, s.run_dir, n=c.samples, temperature=c.sample_temperature, seed=0,
+    info = run_sampling(models.lm, s.run, n=c.samples, temperature=c.sample_temperature, seed=0,
                         judge_lm=judge, grader_lm=judge_model(c, models), batch_size=c.batch_size,
                         progress=c.progress)
-    rf.update_summary(s.run_dir, sampling=info)
+    s.run.update_summary(sampling=info)
 
 
 def _entropy_column(c: Config) -> str:
@@ -480,16 +483,16 @@ def _entropy_column(c: Config) -> str:
 
 def _entropy(s: StageRun) -> None:
     """Semantic-entropy probes for every cell and their heatmap."""
-    c, run_dir = s.config, s.run_dir
+    c, run = s.config, s.run
     device = resolve_device(c.device) if c.device_map is None else "cpu"
-    results, scores, details = run_entropy_probe(run_dir, c.sites, column=_entropy_column(c), C=c.C,
+    results, scores, details = run_entropy_probe(run, c.sites, column=_entropy_column(c), C=c.C,
                                                  n_boot=c.bootstrap, device=device, progress=c.progress,
                                                  min_per_class=c.min_per_class)
-    rf.write_csv(run_dir / rf.ENTROPY_RESULTS, results)
-    rf.write_parquet(run_dir / rf.ENTROPY_SCORES, scores)
-    n = len(rf.read_parquet(run_dir / rf.ANSWERS).query("split != ''"))
-    plot_entropy_heatmap(results, c.positions, run_dir, model=short_model(c.model), dataset=c.dataset, n=n)
-    rf.update_summary(run_dir, entropy_probe=entropy_summary(results, details))
+    run.write_csv(rf.ENTROPY_RESULTS, results)
+    run.write_parquet(rf.ENTROPY_SCORES, scores)
+    n = len(run.read_parquet(rf.ANSWERS).query("split != ''"))
+    plot_entropy_heatmap(results, c.positions, run, model=short_model(c.model), dataset=c.dataset, n=n)
+    run.update_summary(entropy_probe=entropy_summary(results, details))
 
 
 register(Stage(

@@ -242,30 +242,29 @@ def layer_pass(X: torch.Tensor, valid: np.ndarray, y: np.ndarray, parts: dict[st
     return scores_out, observed, null, graded
 
 
-def run_wholemap(run_dir: Path, sites: list[str], *, C: float = 1.0, n_boot: int = 1000, n_permutations: int = 199,
+def run_wholemap(run_dir: Path | rf.Run, sites: list[str], *, C: float = 1.0, n_boot: int = 1000, n_permutations: int = 199,
                  device: str = "cpu", progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """The whole-map probe and the permutation null of every cell; returns (``wholemap_results.csv``'s
     table, ``wholemap_scores.parquet``'s, ``cell_null.csv``'s (without permutations: ``p`` and
     ``beats_null`` empty), the summary.json fields ``whole_map``, ``cell_null`` (with permutations) and
-    ``graders`` (with two or more graders' labels)). The folder is read under one shared lock."""
-    from ..runfolder import reading
-
-    with reading(Path(run_dir)):
-        return _run_wholemap(Path(run_dir), sites, C=C, n_boot=n_boot, n_permutations=n_permutations,
+    ``graders`` (with two or more graders' labels)). ``run_dir``: a run folder or an open Run; the folder
+    is read under one shared lock (:meth:`Run.reading <truthmap.runfolder.Run.reading>`)."""
+    with rf.Run.reading(run_dir) as run:
+        return _run_wholemap(run, sites, C=C, n_boot=n_boot, n_permutations=n_permutations,
                              device=device, progress=progress)
 
 
-def _run_wholemap(run_dir: Path, sites: list[str], *, C: float, n_boot: int, n_permutations: int, device: str,
+def _run_wholemap(run: rf.Run, sites: list[str], *, C: float, n_boot: int, n_permutations: int, device: str,
                   progress: bool) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, dict]:
     import torch
     from tqdm.auto import tqdm
 
-    from ..runfolder import ANSWERS, SPLITS, read_activations_index, read_parquet, read_splits
     from ..stages.extract import load_layer
 
-    answers = read_parquet(run_dir / ANSWERS)
-    splits = read_splits(run_dir / SPLITS)
-    meta = read_activations_index(run_dir)
+    run_dir = run.root
+    answers = run.read_parquet(rf.ANSWERS)
+    splits = run.read_splits(rf.SPLITS)
+    meta = run.read_activations_index()
     ids = meta["ids"]
     label_of = dict(zip(answers["id"], ~answers["correct"].astype(bool)))
     y = np.array([label_of[i] for i in ids], dtype=np.int64)  # 1 = error
@@ -284,7 +283,7 @@ def _run_wholemap(run_dir: Path, sites: list[str], *, C: float, n_boot: int, n_p
     bar = tqdm(total=total, desc="whole map", unit="layer", disable=not progress)
     for site in sites:
         for layer in meta["sites"][site]["layers"]:
-            _, positions, features, valid = load_layer(run_dir, site, layer)
+            _, positions, features, valid = load_layer(run, site, layer)
             X = torch.as_tensor(np.asarray(features), device=device)  # [P, N, d] float16
             layer_scores, layer_obs, layer_null, layer_graded = layer_pass(
                 X, valid, y, parts, evaluate, permuted, alpha=4.0 / C, graders=grader_errors)
@@ -310,7 +309,7 @@ def _run_wholemap(run_dir: Path, sites: list[str], *, C: float, n_boot: int, n_p
                            "id": np.asarray(ids, dtype=object)[np.concatenate(tested)],
                            "score": np.concatenate([stacked[s, t] for s, t in enumerate(tested)])},
                           columns=SCORE_COLUMNS)
-    summary = {"whole_map": _against_best_cell(run_dir, stacked, y, parts, weights, ids, seeds, results,
+    summary = {"whole_map": _against_best_cell(run, stacked, y, parts, weights, ids, seeds, results,
                                                 chosen_C, val_aucs, len(keys)),
                "cell_null": None, "graders": None}  # None: not computed in this run (clears an earlier run's)
     if permuted is not None:
@@ -453,12 +452,11 @@ def null_table(keys: list[tuple], observed: np.ndarray, null: np.ndarray, n_perm
     return table, summary
 
 
-def _against_best_cell(run_dir: Path, stacked: np.ndarray, y: np.ndarray, parts: dict, weights: np.ndarray,
+def _against_best_cell(run: rf.Run, stacked: np.ndarray, y: np.ndarray, parts: dict, weights: np.ndarray,
                        ids: list[str], seeds: list, results: pd.DataFrame, chosen_C: list[float],
                        val_aucs: np.ndarray, n_cells: int) -> dict:
     """summary.json's ``whole_map``: its test AUC and the paired difference against the heatmap's cell
     chosen on validation (``probe_results.csv``, its test scores from ``probe_scores.parquet``)."""
-    from ..runfolder import PROBE_RESULTS, PROBE_SCORES, read_parquet
     from ..stages.verdict import compare
 
     mean = mean_over_seeds(results).iloc[0]
@@ -467,10 +465,10 @@ def _against_best_cell(run_dir: Path, stacked: np.ndarray, y: np.ndarray, parts:
            "cells": int(n_cells), "C": chosen_C, "val_auc": round(float(np.nanmean(val_aucs)), 4),
            **{k: None if pd.isna(mean[k]) else round(float(mean[k]), 4) for k in ("auc", "auc_lo", "auc_hi", "auc_std")},
            "against": None, "paired": None}
-    best = choose_cell(mean_over_seeds(read_results(run_dir / PROBE_RESULTS)))
+    best = choose_cell(mean_over_seeds(read_results(run.path(rf.PROBE_RESULTS))))
     if best is None:
         return out
-    table = read_parquet(run_dir / PROBE_SCORES)
+    table = run.read_parquet(rf.PROBE_SCORES)
     table = table[(table["site"] == best["site"]) & (table["layer"] == best["layer"])
                   & (table["position"].astype(str) == str(best["position"]))]
     row_of = {i: k for k, i in enumerate(ids)}
@@ -491,14 +489,14 @@ def _against_best_cell(run_dir: Path, stacked: np.ndarray, y: np.ndarray, parts:
 
 def _wholemap(s: StageRun) -> None:
     """The whole map as one probe and the per-cell permutation null."""
-    c, run_dir = s.config, s.run_dir
+    c, run = s.config, s.run
     device = resolve_device(c.device) if c.device_map is None else "cpu"
-    results, scores, null, summary = run_wholemap(run_dir, c.sites, C=c.C, n_boot=c.bootstrap,
+    results, scores, null, summary = run_wholemap(run, c.sites, C=c.C, n_boot=c.bootstrap,
                                                   n_permutations=c.permutations, device=device, progress=c.progress)
-    rf.write_csv(run_dir / rf.WHOLEMAP_RESULTS, results)
-    rf.write_parquet(run_dir / rf.WHOLEMAP_SCORES, scores)
-    rf.write_csv(run_dir / rf.CELL_NULL, null)
-    rf.update_summary(run_dir, **summary)
+    run.write_csv(rf.WHOLEMAP_RESULTS, results)
+    run.write_parquet(rf.WHOLEMAP_SCORES, scores)
+    run.write_csv(rf.CELL_NULL, null)
+    run.update_summary(**summary)
 
 
 register(Stage(

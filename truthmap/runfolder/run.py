@@ -144,12 +144,12 @@ class Run:
     def reading(cls, run_dir: str | Path | Run):
         """``run_dir`` for reading during the block: the Run this process already holds for that folder
         (for writing or reading), else one opened with ``write=False`` and closed when the block ends.
-        Given an open Run, that Run: a function taking "a run folder" takes either."""
+        Given an open Run, that Run: a function taking "a run folder" takes either (or a ``Folder``, its root)."""
         if isinstance(run_dir, Run):
             run_dir._live()
             yield run_dir
             return
-        root = Path(os.path.abspath(run_dir))
+        root = Path(os.path.abspath(run_dir if isinstance(run_dir, (str, os.PathLike)) else run_dir.root))
         held = next((run for run in _held if run.root == root), None)
         if held is not None:
             yield held
