@@ -323,9 +323,13 @@ def test_a_run_read_beside_one_written_is_verified_on_its_own_manifest(tmp_path)
     assert answers.read_bytes()[-1:] == b"\0"  # a reader deletes nothing
 
 
-def test_a_stage_block_with_a_fingerprint_is_marked_done_only_when_it_returns(tmp_path):
+def test_a_stage_block_with_a_fingerprint_is_marked_done_only_when_it_returns(tmp_path, monkeypatch):
     """run.stage(name, fingerprint=…): done (fingerprint, seconds, its summary fields) after the block;
-    a block that fails after writing leaves the stage unfinished, its earlier entry gone."""
+    a block that fails after writing leaves the stage unfinished, its earlier entry gone. The block
+    takes 4.96 ms: rounded to 3 places and then 2 that is 0.01 s, straight to 2 places 0.0 — summary.json
+    says what stages.json says."""
+    clock = iter([100.0, 100.00496] + [200.0] * 10)
+    monkeypatch.setattr(rf.run.time, "perf_counter", lambda: next(clock))
     with rf.Run.open(tmp_path) as run:
         stamp = run.fingerprint({"C": 1.0}, [])
         assert not run.is_current("probe", stamp, [rf.PROBE_RESULTS])
@@ -335,7 +339,8 @@ def test_a_stage_block_with_a_fingerprint_is_marked_done_only_when_it_returns(tm
             assert "probe" not in run.stages()  # marked unfinished before its first write, not yet done
         entry = run.stages()["probe"]
         assert entry["fingerprint"] == stamp and entry["summary"]["best_cell"] == {"auc": 0.7}
-        assert run.read_json(rf.SUMMARY)["stage_seconds"]["probe"] == round(entry["seconds"], 2)
+        assert entry["seconds"] == 0.005
+        assert run.read_json(rf.SUMMARY)["stage_seconds"]["probe"] == round(entry["seconds"], 2) == 0.01
         assert run.is_current("probe", stamp, [rf.PROBE_RESULTS])
         assert not run.is_current("probe", run.fingerprint({"C": 2.0}, []), [rf.PROBE_RESULTS])
         with pytest.raises(RuntimeError, match="midway"):

@@ -412,8 +412,9 @@ class Run:
         try:
             yield self
             if fingerprint is not None:
-                seconds = time.perf_counter() - started
+                seconds = round(time.perf_counter() - started, 3)  # as stages.json keeps it
                 self.mark_done(name, fingerprint, seconds)
+                # rounded from the kept value, as a summary rebuilt from stages.json is (no double-rounding drift)
                 self.update_summary(stage_seconds={name: round(seconds, 2)})
         finally:
             self.stage_name = previous
