@@ -62,7 +62,8 @@ def plot_attention(table: pd.DataFrame, positions: list[str], out_stem: Path, ti
     return save(fig, *png_and_svg(out_stem))
 
 
-def run_attention(lm, run_dir: Path | rf.Run, *, positions: list[str], title: str = "", batch_size: int = 8) -> pd.DataFrame:
+def run_attention(lm, run_dir: Path | rf.Run, *, positions: list[str], title: str = "",
+                  batch_size: int = 8) -> pd.DataFrame:
     run = rf.at(run_dir)  # a folder or an open Run
     answers = run.read_parquet(rf.ANSWERS)
     generations = run.read_parquet(rf.GENERATIONS)

@@ -55,16 +55,17 @@ def probe_pick(scores: np.ndarray) -> int:
     return int(np.argmin(np.where(np.isfinite(scores), scores, 1.0)))
 
 
-def resample_features(lm, run_dir: Path, resamples: pd.DataFrame, *, site: str, layer: int, position: str,
+def resample_features(lm, run_dir: Path | rf.Run, resamples: pd.DataFrame, *, site: str, layer: int, position: str,
                       batch_size: int = 16) -> np.ndarray:
     """Features ``[n_resamples, d]`` of each resample at (site, layer, position); NaN rows where it does
     not exist. Reads prompt ids from ``generations.parquet``."""
     from ..positions import site_rows
 
-    generations = rf.read_parquet(Path(run_dir) / rf.GENERATIONS).set_index("id")
+    run = rf.at(run_dir)
+    generations = run.read_parquet(rf.GENERATIONS).set_index("id")
     column = f"pos_{position}"
     if column not in resamples.columns:
-        raise TruthmapError(f"{rf.ACTIVATIONS}: position '{position}' was not located in {Path(run_dir) / 'resamples.parquet'}")
+        raise TruthmapError(f"{rf.ACTIVATIONS}: position '{position}' was not located in {run.path(rf.RESAMPLES)}")
     index = resamples[column].to_numpy(dtype=np.int64)
     out = np.full((len(resamples), lm.hidden_size), np.nan, dtype=np.float32)
     keep = np.flatnonzero(index >= 0)
@@ -148,46 +149,47 @@ def plot_choice(table: pd.DataFrame, path: Path, title: str) -> None:
     save(fig, path)
 
 
-def run_choice(lm, run_dir: Path, *, detector=None, cell: dict | None = None, seed: int | str | None = None,
+def run_choice(lm, run_dir: Path | rf.Run, *, detector=None, cell: dict | None = None, seed: int | str | None = None,
                C: float = 1.0, n_boot: int = 1000) -> pd.DataFrame:
     """Score every test question's resamples and compare the strategies; returns the accuracy table.
 
     ``detector``: a loaded Detector (its card's site/layer/position are used, and its model must be the
     run's); otherwise one is fitted on the run's train split at ``cell`` (default: the best probe cell).
+    ``run_dir``: a run folder or an open Run (:func:`truthmap.runfolder.at`).
     """
     from .detector import fit_cell
     from .resample import ERROR_TYPES, RESAMPLES, default_cell
 
-    run_dir = Path(run_dir)
-    splits = rf.read_splits(run_dir / rf.SPLITS)["seeds"]
+    run = rf.at(run_dir)
+    splits = run.read_splits(rf.SPLITS)["seeds"]
     seed = str(seed if seed is not None else min(splits, key=int))
     if detector is None:
-        cell = cell or default_cell(run_dir)
-        detector, *_ = fit_cell(run_dir, cell["site"], int(cell["layer"]), cell["position"], seed, C)
+        cell = cell or default_cell(run)
+        detector, *_ = fit_cell(run.root, cell["site"], int(cell["layer"]), cell["position"], seed, C)
     else:
-        run_model = rf.read_json_object(run_dir / rf.CONFIG).get("model")
+        run_model = run.read_json_object(rf.CONFIG).get("model")
         if detector.card.get("model") != run_model:
             raise TruthmapError(f"the detector was trained on model '{detector.card.get('model')}', this run "
                                 f"studied '{run_model}'; export a detector from a run of this model")
         cell = {k: detector.card[k] for k in ("site", "layer", "position")}
-    resamples = rf.read_parquet(run_dir / RESAMPLES)
-    answers = rf.read_parquet(run_dir / rf.ANSWERS)
+    resamples = run.read_parquet(RESAMPLES)
+    answers = run.read_parquet(rf.ANSWERS)
     test_ids = splits[seed]["test"]
     resamples = resamples[resamples["id"].isin(set(test_ids))].reset_index(drop=True)
-    features = resample_features(lm, run_dir, resamples, site=cell["site"], layer=int(cell["layer"]),
+    features = resample_features(lm, run, resamples, site=cell["site"], layer=int(cell["layer"]),
                                  position=cell["position"])
     scores = np.full(len(resamples), np.nan)
     valid = np.isfinite(features).all(1)
     if valid.any():
         scores[valid] = detector.predict_proba(features[valid])[:, 1]
     chosen = choose(answers, resamples, scores, test_ids)
-    types = rf.read_parquet(run_dir / ERROR_TYPES) if rf.trusted(run_dir / ERROR_TYPES) else None
+    types = run.read_parquet(ERROR_TYPES) if run.trusted(ERROR_TYPES) else None
     table = accuracy_table(chosen, types, n_boot, int(seed))
-    rf.write_parquet(run_dir / CHOICE_ANSWERS, chosen)
-    rf.write_csv(run_dir / CHOICE, table)
+    run.write_parquet(CHOICE_ANSWERS, chosen)
+    run.write_csv(CHOICE, table)
     n = int(resamples.groupby("id").size().max())
-    plot_choice(table, run_dir / FIGURE, f"answer choice among {n} samples · probe at {cell['site']} "
+    plot_choice(table, run.path(FIGURE), f"answer choice among {n} samples · probe at {cell['site']} "
                                         f"L{cell['layer']} {cell['position']} · seed {seed} test split")
     overall = table[table["error_type"] == "all"].set_index("strategy")["accuracy"].round(4).to_dict()
-    rf.update_summary(run_dir, choice={"cell": cell, "accuracy": overall})
+    run.update_summary(choice={"cell": cell, "accuracy": overall})
     return table

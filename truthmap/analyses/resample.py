@@ -154,7 +154,7 @@ def error_types(resamples: pd.DataFrame, thresholds: dict = THRESHOLDS) -> pd.Da
     return pd.DataFrame(rows)
 
 
-def type_probes(run_dir: Path, types: pd.DataFrame, *, site: str, layer: int, position: str, C: float = 1.0,
+def type_probes(run_dir: Path | rf.Run, types: pd.DataFrame, *, site: str, layer: int, position: str, C: float = 1.0,
                 n_boot: int = 1000) -> pd.DataFrame:
     """One-vs-rest AUC of a probe on the greedy answer's features for each error type and seed."""
     from .detector import Detector
@@ -162,7 +162,7 @@ def type_probes(run_dir: Path, types: pd.DataFrame, *, site: str, layer: int, po
 
     ids, X = load_features(run_dir, site, layer, position)
     kind = types.set_index("id").reindex(ids)["error_type"].to_numpy()
-    splits = rf.read_splits(Path(run_dir) / rf.SPLITS)["seeds"]
+    splits = rf.at(run_dir).read_splits(rf.SPLITS)["seeds"]
     rows = []
     for seed, split in sorted(splits.items(), key=lambda kv: int(kv[0])):
         train, test = np.isin(ids, split["train"]), np.isin(ids, split["test"])
@@ -218,23 +218,24 @@ def run_answer_length(config: dict, questions: pd.DataFrame, max_new_tokens: int
     return answer_length(questions.get("task", ()), max_new_tokens or saved, str(protocol))
 
 
-def run_resample(lm, run_dir: Path, *, n: int = 10, temperature: float = 1.0, seed: int = 0,
+def run_resample(lm, run_dir: Path | rf.Run, *, n: int = 10, temperature: float = 1.0, seed: int = 0,
                  cell: dict | None = None, extractor=None, judge=None, C: float = 1.0, n_boot: int = 1000,
                  batch_size: int | None = None, progress: bool = True, max_new_tokens: int | None = None) -> pd.DataFrame:
     """Draw, label, type, probe, plot (see the module docstring); return error_type_results.
 
     ``max_new_tokens``: the answers' length limit (default: the run's). ``judge``: the lenient grader's
-    model (the run's ``judge_grader``), or None."""
+    model (the run's ``judge_grader``), or None. ``run_dir``: a run folder or an open Run
+    (:func:`truthmap.runfolder.at`)."""
     from ..config import saved_settings
 
-    run_dir = Path(run_dir)
-    config = saved_settings(run_dir / rf.CONFIG)  # the run's settings, checked by the schema
-    questions = rf.read_parquet(run_dir / rf.QUESTIONS)
-    generations = rf.read_parquet(run_dir / rf.GENERATIONS)
+    run = rf.at(run_dir)
+    config = saved_settings(run.path(rf.CONFIG))  # the run's settings, checked by the schema
+    questions = run.read_parquet(rf.QUESTIONS)
+    generations = run.read_parquet(rf.GENERATIONS)
     questions = questions[questions["id"].isin(set(generations["id"]))]
-    vocabularies = rf.read_json(run_dir / rf.VOCABULARIES, default={})
+    vocabularies = run.read_json(rf.VOCABULARIES, default={})
 
-    positions = rf.read_activations_index(run_dir)["positions"]
+    positions = run.read_activations_index()["positions"]
     prompts = generations.set_index("id").loc[questions["id"], "prompt_ids"].map(list).tolist()
     protocol = config.get("protocol", "brief")
     max_new = run_answer_length(config, questions, max_new_tokens)
@@ -244,26 +245,28 @@ def run_resample(lm, run_dir: Path, *, n: int = 10, temperature: float = 1.0, se
     resamples = label_resamples(lm, questions, generations, drawn, vocabularies, positions, extractor=extractor,
                                 judge=judge, grader=str(config.get("grader", "alias")), batch_size=batch_size,
                                 progress=progress, protocol=str(protocol))
-    rf.write_parquet(run_dir / RESAMPLES, resamples)
+    run.write_parquet(RESAMPLES, resamples)
     types = error_types(resamples)
-    rf.write_parquet(run_dir / ERROR_TYPES, types)
-    cell = cell or default_cell(run_dir)
-    results = type_probes(run_dir, types, site=cell["site"], layer=int(cell["layer"]), position=cell["position"],
+    run.write_parquet(ERROR_TYPES, types)
+    cell = cell or default_cell(run)
+    results = type_probes(run, types, site=cell["site"], layer=int(cell["layer"]), position=cell["position"],
                           C=C, n_boot=n_boot)
-    rf.write_csv(run_dir / ERROR_TYPE_RESULTS, results)
-    plot_error_types(types, results, run_dir / FIGURE,
+    run.write_csv(ERROR_TYPE_RESULTS, results)
+    plot_error_types(types, results, run.path(FIGURE),
                      f"error types over {n} samples (T={temperature}) · probe at {cell['site']} "
                      f"L{cell['layer']} {cell['position']}")
-    rf.update_summary(run_dir, resample={"n": n, "temperature": temperature, "seed": seed, "top_k": top_k,
-                                         "error_types": types["error_type"].value_counts().to_dict(),
-                                         "type_auc": results.groupby("error_type")["auc"].mean().round(4)
-                                         .dropna().to_dict()})
+    run.update_summary(resample={"n": n, "temperature": temperature, "seed": seed, "top_k": top_k,
+                                 "error_types": types["error_type"].value_counts().to_dict(),
+                                 "type_auc": results.groupby("error_type")["auc"].mean().round(4)
+                                 .dropna().to_dict()})
     return results
 
 
-def default_cell(run_dir: Path) -> dict:
+def default_cell(run_dir: Path | rf.Run) -> dict:
     """The run's best probe cell (summary.json), the cell analyses use unless told otherwise."""
-    best = rf.read_json_object(Path(run_dir) / rf.SUMMARY, default={}).get("best_cell")
+    run = rf.at(run_dir)
+    run_dir = run.root
+    best = run.read_json_object(rf.SUMMARY, default={}).get("best_cell")
     if not best:
         raise TruthmapError(f"{run_dir}: no best probe cell yet; run 'truthmap probe --out {run_dir}' "
                             f"or give --layer and --position")

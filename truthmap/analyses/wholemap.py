@@ -242,8 +242,8 @@ def layer_pass(X: torch.Tensor, valid: np.ndarray, y: np.ndarray, parts: dict[st
     return scores_out, observed, null, graded
 
 
-def run_wholemap(run_dir: Path | rf.Run, sites: list[str], *, C: float = 1.0, n_boot: int = 1000, n_permutations: int = 199,
-                 device: str = "cpu", progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+def run_wholemap(run_dir: Path | rf.Run, sites: list[str], *, C: float = 1.0, n_boot: int = 1000,
+                 n_permutations: int = 199, device: str = "cpu", progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """The whole-map probe and the permutation null of every cell; returns (``wholemap_results.csv``'s
     table, ``wholemap_scores.parquet``'s, ``cell_null.csv``'s (without permutations: ``p`` and
     ``beats_null`` empty), the summary.json fields ``whole_map``, ``cell_null`` (with permutations) and

@@ -65,7 +65,8 @@ def run_extract(
                  progress, capture)
 
 
-def _write_store(lm, answers, generations, positions, sites, run: Run | rf.Folder, batch_size, shard_size, progress, capture):
+def _write_store(lm, answers, generations, positions, sites, run: Run | rf.Folder, batch_size, shard_size, progress,
+                 capture):
     table = answers[["id"] + [f"pos_{p}" for p in positions]].merge(
         generations[["id", "prompt_ids", "answer_ids"]], on="id", how="left", validate="one_to_one"
     )

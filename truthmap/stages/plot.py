@@ -205,7 +205,7 @@ def _verdict_cell(summary: dict, results: pd.DataFrame) -> dict | None:
     return None if cell is None else {k: cell[k] for k in ("site", "layer", "position", "auc", "auc_lo", "auc_hi")}
 
 
-def paper_figure(run_dir: Path, out: Path, *, width: float = 7.0, height: float = 4.2, font_size: float = 8.0,
+def paper_figure(run_dir: Path | rf.Run, out: Path, *, width: float = 7.0, height: float = 4.2, font_size: float = 8.0,
                  model: str = "", dataset: str = "") -> Path:
     """Draw the run's map for a paper into ``out`` (format from its suffix: ``FIGURE_FORMATS``).
 
@@ -214,20 +214,22 @@ def paper_figure(run_dir: Path, out: Path, *, width: float = 7.0, height: float 
     colour bar. Right: the chosen cell, the controls and the baselines as bars with their 95% intervals and
     a legend. The title holds the chosen cell's test AUC and interval; the caption, the verdict's line
     (when the run has one) and the hatching rule. Reads ``probe_results.csv``, ``baseline_results.csv``,
-    ``answers.parquet``, ``summary.json`` and ``config.json`` of ``run_dir`` (call under ``rf.reading``).
+    ``answers.parquet``, ``summary.json`` and ``config.json`` of ``run_dir`` (a folder, read under
+    ``Run.reading``, or an open Run: :func:`truthmap.runfolder.at`); ``out`` may be anywhere.
     """
     import matplotlib
 
     from .. import runfolder as rf
     from ..errors import TruthmapError
 
-    run_dir = Path(run_dir)
+    run = rf.at(run_dir)
+    run_dir = run.root
     if not (run_dir / rf.PROBE_RESULTS).exists():
         raise TruthmapError(f"{run_dir / rf.PROBE_RESULTS}: missing; is {run_dir} a run folder whose probe stage "
                             "has finished? (truthmap run)")
     results = read_run_results(run_dir)
-    summary = rf.read_json_object(run_dir / rf.SUMMARY, default={})
-    config = rf.read_json_object(run_dir / rf.CONFIG, default={})
+    summary = run.read_json_object(rf.SUMMARY, default={})
+    config = run.read_json_object(rf.CONFIG, default={})
     probes = results[results["site"].isin(PROBE_SITES)]
     if probes.empty:
         raise TruthmapError(f"{run_dir / rf.PROBE_RESULTS}: no probe rows; rerun the probe stage")
