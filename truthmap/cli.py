@@ -122,8 +122,8 @@ def _report(run_dir: Path) -> None:
 
     from . import runfolder as rf
 
-    with rf.reading(run_dir):
-        summary = rf.read_json_object(run_dir / rf.SUMMARY)
+    with rf.Run.reading(run_dir) as held:
+        summary = held.read_json_object(rf.SUMMARY)
     def text(value) -> str:  # file text, shown as text (no terminal escapes, no rich markup)
         return escape(rf.sanitise(value, 80))
 
@@ -528,16 +528,16 @@ def resample(run, old_out, n, temperature, sample_seed, site, layer, position, b
     from .stages.label import judge_model
 
     run_dir = _run_folder(_the_run("resample", run, old_out))
-    with rf.open_run(run_dir), rf.stage("resample"):
+    with rf.Run.open(run_dir) as held, held.stage("resample"):
         config = _held_config(run_dir, progress, model, trust_remote_code)
         cell = _cell(run_dir, site, layer, position)
         models = Models(config)  # in this process, also for a run made with --ray (docs/scaling.md)
-        results = run_resample(models.lm, run_dir, n=n, temperature=temperature, seed=sample_seed, cell=cell,
+        results = run_resample(models.lm, held, n=n, temperature=temperature, seed=sample_seed, cell=cell,
                                extractor=models.extractor, judge=judge_model(config, models), C=config.C,
                                n_boot=config.bootstrap, batch_size=batch_size, progress=config.progress)
         from .analyses.entropy import refresh_sampling_scores
 
-        refresh_sampling_scores(models.lm, run_dir, (models.extractor or models.lm) if judge_equivalence else None)
+        refresh_sampling_scores(models.lm, held, (models.extractor or models.lm) if judge_equivalence else None)
     table = results.groupby("error_type", sort=False)[["auc", "n_train_positive", "n_test_positive"]].mean()
     click.echo(table.round(3).to_string())
     click.echo("resample: " + ", ".join(str(run_dir / name) for name in (rf.ERROR_TYPES, rf.ERROR_TYPE_RESULTS,
@@ -569,10 +569,10 @@ def choose(run, old_out, site, layer, position, detector_path, seed, model, trus
 
     run_dir = _run_folder(_the_run("choose", run, old_out))
     detector = Detector.load(detector_path) if detector_path else None
-    with rf.open_run(run_dir), rf.stage("choice"):
+    with rf.Run.open(run_dir) as held, held.stage("choice"):
         config = _held_config(run_dir, progress, model, trust_remote_code)
         cell = None if detector else _cell(run_dir, site, layer, position)
-        table = run_choice(Models(config).lm, run_dir, detector=detector, cell=cell, seed=seed, C=config.C,
+        table = run_choice(Models(config).lm, held, detector=detector, cell=cell, seed=seed, C=config.C,
                            n_boot=config.bootstrap)
     click.echo(table.pivot(index="error_type", columns="strategy", values="accuracy").round(3).to_string())
     click.echo(f"choice: {run_dir / rf.CHOICE}, {run_dir / rf.CHOICE_FIGURE}")
