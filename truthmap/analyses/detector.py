@@ -44,12 +44,16 @@ import functools
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import TruthmapError
 from ..metrics import auc_score
 from ..positions import EXACT_POSITIONS, char_span_to_tokens, check_cell, position_indices, token_char_spans
+
+if TYPE_CHECKING:
+    from ..runfolder import Run
 
 WEIGHTS = "detector.safetensors"
 FALLBACK_WEIGHTS = "fallback.safetensors"  # the fallback cell's detector (card field "fallback")
@@ -671,7 +675,7 @@ def locate_positions(lm, questions, prompt_ids, answer_ids, positions, exact_ans
     return located[[f"pos_{p}" for p in positions]].to_numpy(dtype=np.int64)
 
 
-def locator_rules(run_dir: Path, config: dict) -> dict:
+def locator_rules(run_dir: Path | Run, config: dict) -> dict:
     """The card's ``locator``: every rule the label stage used to find a run's exact answers.
 
     ``exact_answer`` ("gold": right answers were located at their gold alias; "blind": every answer by
@@ -684,13 +688,14 @@ def locator_rules(run_dir: Path, config: dict) -> dict:
     import pandas as pd
 
     from .. import textmatch
-    from ..runfolder import ANSWERS, QUESTIONS, VOCABULARIES, read_json, read_parquet
+    from ..runfolder import ANSWERS, QUESTIONS, VOCABULARIES, at
     from ..tasks import get_task
 
+    run = at(run_dir)  # a folder or an open Run
     # questions.parquet holds each question's answer type; a run folder assembled without it (answers only)
     # gives the tasks and options
-    questions = read_parquet(run_dir / (QUESTIONS if (run_dir / QUESTIONS).exists() else ANSWERS))
-    vocabularies = read_json(run_dir / VOCABULARIES) if (run_dir / VOCABULARIES).exists() else {}
+    questions = run.read_parquet(QUESTIONS if run.path(QUESTIONS).exists() else ANSWERS)
+    vocabularies = run.read_json(VOCABULARIES) if run.path(VOCABULARIES).exists() else {}
     tasks = questions["task"] if "task" in questions.columns else pd.Series("generic", index=questions.index)
     grading = {task: get_task(task).grading for task in sorted(set(tasks))}
     answer_types = questions["answer_type"] if "answer_type" in questions.columns else pd.Series("", index=questions.index)
@@ -700,21 +705,22 @@ def locator_rules(run_dir: Path, config: dict) -> dict:
                                                           questions["gold"], wrong):
         options = sorted(set(list(gold) + list(others))) if grading[task] == "choice" else []
         table.setdefault(textmatch.normalize(question), [task, answer_type or "", options])
-    return {"exact_answer": exact_answer_mode(run_dir), "extractor": config.get("extractor_model"),
+    return {"exact_answer": exact_answer_mode(run), "extractor": config.get("extractor_model"),
             "grading": grading, "vocabularies": vocabularies, "questions": table,
             "unknown_question": "the task and answer type of the run's question sharing the most words with it "
                                 "(numbers count as one word '#'); a choice task's options are then unknown"}
 
 
-def exact_answer_mode(run_dir: Path) -> str:
+def exact_answer_mode(run_dir: Path | Run) -> str:
     """How the run's label stage located right answers: summary.json's ``exact_answer.mode`` where it says,
     else "gold" when any answer's route is the gold alias (the rule before label-blind spans), else "blind"."""
-    from ..runfolder import ANSWERS, SUMMARY, read_json_object, read_parquet
+    from ..runfolder import ANSWERS, SUMMARY, at
 
-    said = (read_json_object(run_dir / SUMMARY, default={}).get("exact_answer") or {})
+    run = at(run_dir)  # a folder or an open Run
+    said = (run.read_json_object(SUMMARY, default={}).get("exact_answer") or {})
     if isinstance(said, dict) and said.get("mode") in ("blind", "gold"):
         return said["mode"]
-    answers = read_parquet(run_dir / ANSWERS)
+    answers = run.read_parquet(ANSWERS)
     routes = answers["exact_answer_reason"] if "exact_answer_reason" in answers.columns else []
     return "gold" if "gold_alias" in set(map(str, routes)) else "blind"
 
@@ -755,27 +761,28 @@ def _indices_from_span(lm, prompt_ids, answer_ids, text, span, positions) -> lis
 
 # ---------------------------------------------------------------------- training from a run folder
 
-def cell_data(run_dir: Path, site: str, layer: int, position: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+def cell_data(run_dir: Path | Run, site: str, layer: int, position: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(ids, features ``[n, d]``, y ``[n]`` with 1 = error) of one cell of a run, valid examples only."""
     from ..stages.extract import load_features
-    from ..runfolder import ANSWERS, read_parquet
+    from ..runfolder import ANSWERS, at
 
     ids, X = load_features(run_dir, site, layer, position)
-    answers = read_parquet(Path(run_dir) / ANSWERS).set_index("id")
+    answers = at(run_dir).read_parquet(ANSWERS).set_index("id")
     y = (~answers.loc[ids, "correct"].astype(bool)).to_numpy().astype(np.int64)
     return ids, X, y
 
 
-def split_ids(run_dir: Path, seed: int | str) -> tuple[set, set]:
-    from ..runfolder import SPLITS, read_splits
+def split_ids(run_dir: Path | Run, seed: int | str) -> tuple[set, set]:
+    from ..runfolder import SPLITS, at
 
-    splits = read_splits(Path(run_dir) / SPLITS)["seeds"]
+    run = at(run_dir)  # a folder or an open Run
+    splits = run.read_splits(SPLITS)["seeds"]
     if str(seed) not in splits:
-        raise TruthmapError(f"{Path(run_dir) / SPLITS}: no seed {seed} (have {sorted(splits, key=int)})")
+        raise TruthmapError(f"{run.path(SPLITS)}: no seed {seed} (have {sorted(splits, key=int)})")
     return set(splits[str(seed)]["train"]), set(splits[str(seed)]["test"])
 
 
-def fit_cell(run_dir: Path, site: str, layer: int, position: str, seed: int | str = 0, C: float = 1.0):
+def fit_cell(run_dir: Path | Run, site: str, layer: int, position: str, seed: int | str = 0, C: float = 1.0):
     """A Detector fitted on one cell's train split of ``seed``; returns (detector, test ids, test X, test y).
 
     The detector's ``n_train_`` is the number of train answers where the position exists."""
@@ -791,11 +798,11 @@ def fit_cell(run_dir: Path, site: str, layer: int, position: str, seed: int | st
     return detector, [i for i, t in zip(ids, test) if t], X[test], y[test]
 
 
-def validation_ids(run_dir: Path, seed: int | str) -> set:
+def validation_ids(run_dir: Path | Run, seed: int | str) -> set:
     """The ids of the validation part of ``seed`` (empty for splits written without one)."""
-    from ..runfolder import SPLITS, read_splits
+    from ..runfolder import SPLITS, at
 
-    part = read_splits(Path(run_dir) / SPLITS)["seeds"].get(str(seed), {}).get("validation", [])
+    part = at(run_dir).read_splits(SPLITS)["seeds"].get(str(seed), {}).get("validation", [])
     return {i for i in part if isinstance(i, str)} if isinstance(part, list) else set()
 
 
@@ -845,11 +852,11 @@ def risk_coverage_card(detector: Detector, X_test, y_test) -> dict | None:
                              "accuracy": float((y_test[kept] == 0).mean()) if kept.any() else None}}
 
 
-def prompt_frame(run_dir: Path) -> tuple[str | None, str | None]:
+def prompt_frame(run_dir: Path | Run) -> tuple[str | None, str | None]:
     """(prefix, suffix) such that every prompt of the run is prefix + question + suffix, or (None, None)."""
-    from ..runfolder import ANSWERS, read_parquet
+    from ..runfolder import ANSWERS, at
 
-    answers = read_parquet(Path(run_dir) / ANSWERS)
+    answers = at(run_dir).read_parquet(ANSWERS)
     frames = set()
     for prompt, question in zip(answers["prompt"], answers["question"]):
         if prompt.count(question) != 1:
@@ -873,7 +880,7 @@ def export_detector(run_dir: str | Path, *, site: str, layer: int, position: str
     from .conformal import conformal_rank
 
     conformal_rank(1, target_false_flag)  # a target outside (0, 1) is refused before any work
-    from ..runfolder import CONFIG, SUMMARY, child, guard, read_json_object, reading
+    from ..runfolder import CONFIG, SUMMARY, Run, child, guard
 
     run_dir = Path(run_dir)
     cell = check_cell(site, layer, position)  # the values name the default folder: nothing else may
@@ -882,18 +889,18 @@ def export_detector(run_dir: str | Path, *, site: str, layer: int, position: str
     out = Path(out) if out else child(run_dir, f"detectors/{cell['site']}-L{cell['layer']}-{cell['position']}", "detector")
     for name in (WEIGHTS, FALLBACK_WEIGHTS, CARD, RISK_COVERAGE_FIGURE):  # before any work: no link on the way,
         guard(out / name, anchor=anchor)  # no file of someone else replaced
-    with reading(run_dir):  # under the run's shared lock, every file checked against its manifest
-        config, summary = read_json_object(run_dir / CONFIG), read_json_object(run_dir / SUMMARY, default={})
+    with Run.reading(run_dir) as run:  # under the run's shared lock, every file checked against its manifest
+        config, summary = run.read_json_object(CONFIG), run.read_json_object(SUMMARY, default={})
         if not isinstance(config.get("model"), str):
             raise TruthmapError(f"{run_dir / CONFIG}: no model named; is this a run folder?")
-        detector, test_ids, X_test, y_test = fit_cell(run_dir, site, layer, position, seed, C)
-        detector.fallback_ = _fit_fallback(run_dir, site, layer, position, seed, C, target_false_flag)
+        detector, test_ids, X_test, y_test = fit_cell(run, site, layer, position, seed, C)
+        detector.fallback_ = _fit_fallback(run, site, layer, position, seed, C, target_false_flag)
         calibration = calibrate(detector, X_test, y_test, target_false_flag)
-        return _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary, site, layer, position,
+        return _finish_export(run, detector, test_ids, X_test, y_test, config, summary, site, layer, position,
                               seed, out, calibration)
 
 
-def _fit_fallback(run_dir: Path, site: str, layer: int, position: str, seed, C: float,
+def _fit_fallback(run_dir: Path | Run, site: str, layer: int, position: str, seed, C: float,
                   target_false_flag: float) -> "Detector | None":
     """A detector at the same site and layer on a position every answer has (the first of
     FALLBACK_POSITIONS the run extracted), for an answer whose own position does not exist; None when
@@ -923,10 +930,10 @@ def _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary,
     protocol = config.get("protocol", "brief")
     max_new_tokens = config.get("max_new_tokens")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:  # the task's own answer length, as the generate stage chose it
-        from ..runfolder import QUESTIONS, read_parquet
+        from ..runfolder import QUESTIONS, at
         from ..tasks import answer_length
 
-        max_new_tokens = answer_length(read_parquet(run_dir / QUESTIONS)["task"], None, protocol)
+        max_new_tokens = answer_length(at(run_dir).read_parquet(QUESTIONS)["task"], None, protocol)
     task = summary.get("dataset", config.get("dataset"))
     detector.card = {
         "model": config["model"], "model_revision": summary.get("model_revision"),
@@ -937,7 +944,7 @@ def _finish_export(run_dir, detector, test_ids, X_test, y_test, config, summary,
         "positive_class": "error (the answer is wrong)", "threshold_rule": "flag when P(error) >= threshold",
         "prompt_prefix": prefix, "prompt_suffix": suffix, "max_new_tokens": int(max_new_tokens),
         # the run folder's name, not its path: a card is meant to be shared, a machine's paths are not
-        "run": run_dir.resolve().name, "test_ids": test_ids, "truthmap": __version__,
+        "run": run_dir.root.resolve().name, "test_ids": test_ids, "truthmap": __version__,
         "domain": domain(config["model"], task, protocol, int(max_new_tokens)),
         "locator": locator_rules(run_dir, config),
         "calibration": calibration,
