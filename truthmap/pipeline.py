@@ -94,7 +94,7 @@ def run_stages(config: Config, stages: tuple[str, ...] = STAGES, force: bool = F
             for notice in run.notices:
                 print(f"truthmap: {rf.sanitise(notice, 1000)}", file=sys.stderr)
             if given is not None:
-                config = continue_config(config, run_dir, given, stages)
+                config = continue_config(config, run, given, stages)
             _run_stages(config, run, stages, force)
     finally:
         forget_preflight()
@@ -107,20 +107,21 @@ TRUST_SETTINGS = ("model", "trust_remote_code", "ray", "device_map", "extractor_
 _NOT_CONTINUED = tuple(dict.fromkeys(TRUST_SETTINGS + OUTSIDE + ("progress",)))
 
 
-def saved_config(run_dir: Path) -> dict:
-    """The run folder's config.json if the manifest vouches for it (call inside open_run), else {}."""
-    path = Path(run_dir) / rf.CONFIG
-    if not rf.trusted(path):
+def saved_config(run_dir: Path | rf.Run) -> dict:
+    """The run folder's config.json if the manifest vouches for it (the open Run, or the Run this process
+    holds for the folder: :func:`truthmap.runfolder.at`), else {}."""
+    run = rf.at(run_dir)
+    if not run.trusted(rf.CONFIG):
         return {}
     try:
-        saved = rf.read_json(path)
+        saved = run.read_json(rf.CONFIG)
     except TruthmapError as err:
         print(f"truthmap: {err}; its settings are not continued", file=sys.stderr)
         return {}
     return saved if isinstance(saved, dict) else {}
 
 
-def continue_config(config: Config, run_dir: Path, given: frozenset, stages: tuple[str, ...]) -> Config:
+def continue_config(config: Config, run_dir: Path | rf.Run, given: frozenset, stages: tuple[str, ...]) -> Config:
     """``config`` with the settings the user did not give taken from the run's saved config.json.
 
     Saved settings never choose what is read or run: those naming something outside the folder (the
@@ -133,6 +134,7 @@ def continue_config(config: Config, run_dir: Path, given: frozenset, stages: tup
     saved = saved_config(run_dir)
     if not saved:
         return config
+    run_dir = rf.at(run_dir).root
     values = config.to_dict()
     continued = {k: v for k, v in saved.items() if k in SETTINGS and k not in given and k not in _NOT_CONTINUED}
     values.update(continued)
@@ -170,7 +172,7 @@ def continue_config(config: Config, run_dir: Path, given: frozenset, stages: tup
 
 def _run_stages(config: Config, run: rf.Run, stages: tuple[str, ...], force: bool) -> None:
     run_dir = run.root
-    saved = saved_config(run_dir)
+    saved = saved_config(run)
     if saved and "generate" not in stages and saved.get("model") != config.model:
         raise TruthmapError(f"{run_dir}: this run studied model '{rf.sanitise(saved.get('model'))}', not '{config.model}'")
     run.write_json(rf.CONFIG, config.to_dict())
