@@ -5,10 +5,11 @@ The test starts its own one-machine Ray cluster on the loopback address (2 CPUs:
 each loading the default model, saved as a folder: tests/conftest.py ``model_folder``, a second a load
 instead of the GGUF file's half minute). One single-process reference run, then one distributed run in which
 the worker that starts generation chunk 1 kills itself once (TRUTHMAP_RAY_FAILPOINT, backends/ray.py):
-Ray restarts it and retries that chunk. Small chunks and shards give both workers several pieces of
-each stage; the stages after probe do not involve the workers and are left out. Last, the analyses of
-a finished run, ``truthmap resample`` and ``truthmap choose``, on the distributed run: they run the
-model in this process (docs/scaling.md), with Ray stopped.
+Ray restarts it and retries that chunk. Both runs ask the lenient grader's judge (the studied model:
+on the workers in the distributed run, its prompts cut into chunks of next-token scores). Small chunks
+and shards give both workers several pieces of each stage; the stages after probe do not involve the
+workers and are left out. Last, the analyses of a finished run, ``truthmap resample`` and ``truthmap
+choose``, on the distributed run: they run the model in this process (docs/scaling.md), with Ray stopped.
 """
 
 import json
@@ -26,7 +27,8 @@ pytestmark = pytest.mark.model
 # a tiny study: 24 questions, batch size 2 -> 3 generation chunks of 8; 3 feature shards of 8
 STUDY = dict(limit=24, seeds=[0], test_fraction=0.3, validation_fraction=0.3, bootstrap=50, batch_size=2, max_new_tokens=12,
              dtype="float32", device="cpu", progress=False,  # the workers' dtype and device, also in this process
-             min_per_class=2)  # a tiny study still gets AUCs to compare
+             min_per_class=2,  # a tiny study still gets AUCs to compare
+             judge_grader=True)  # the judge: 24 prompts in batches of 2 -> 3 chunks of next-token scores
 STAGES = ("generate", "label", "extract", "probe")
 SHARD_SIZE = 8
 SCORE_TOL = 0.05  # probe probabilities of the two runs (features within float16 rounding)
@@ -81,6 +83,23 @@ def test_same_answers(runs):
     columns = ["id", "correct", "exact_answer", "exact_answer_reason", "split"]
     pd.testing.assert_frame_equal(pd.read_parquet(single / "answers.parquet")[columns],
                                   pd.read_parquet(distributed / "answers.parquet")[columns])
+
+
+def test_the_judge_on_the_workers_gives_the_log_odds_of_one_process(runs):
+    """The judge's log-odds of yes over no for each answer, scored in 3 chunks on 2 workers, equal the
+    single-process ones row by row (the same batches, one thread each): a chunk written to the wrong
+    answers, or dropped (NaN), fails this."""
+    single, distributed, _ = runs
+    columns = ["id", "lenient_log_odds", "correct_lenient"]
+    a = pd.read_parquet(single / "answers.parquet")[columns]
+    b = pd.read_parquet(distributed / "answers.parquet")[columns]
+    assert a.id.tolist() == b.id.tolist()
+    asked = a.lenient_log_odds.notna()  # an empty answer is wrong without asking
+    assert asked.sum() >= 20
+    odds = a.lenient_log_odds[asked].to_numpy()
+    assert np.unique(odds.round(3)).size >= 10  # the answers' log-odds differ: a swap would show
+    np.testing.assert_allclose(b.lenient_log_odds.to_numpy(), a.lenient_log_odds.to_numpy(), rtol=0, atol=1e-5)
+    assert a.correct_lenient.tolist() == b.correct_lenient.tolist()
 
 
 def test_same_features(runs):

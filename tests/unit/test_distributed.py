@@ -167,3 +167,68 @@ def test_closing_the_pool_stops_its_workers_once():
     remote.close()
     remote.close()
     assert ray.killed == ["a", "b"] and ray.shut == [True]
+
+
+class _Ref:
+    def __init__(self, k, value):
+        self.k, self.value = k, value
+
+
+class _ReverseRay:
+    """Stand-in for the ray module: the work in flight finishes last-submitted first."""
+
+    def __init__(self):
+        self.finished = []
+
+    def wait(self, refs, num_returns=1):
+        return [refs[-1]], refs[:-1]
+
+    def get(self, ref):
+        self.finished.append(ref.k)
+        return ref.value
+
+
+class _ScoringActor:
+    """Stand-in for a worker's ``score``: each prompt's score is its own number (its first id) and the
+    token set's index; records the chunks it was given."""
+
+    def __init__(self, seen):
+        self.seen = seen
+        self.score = self
+
+    def remote(self, k, prompts, token_sets, batch_size, shared):
+        self.seen.append((k, [p[0] for p in prompts], shared))
+        rows = range(len(prompts)) if shared is None else [i for indices, _ in shared for i in indices]
+        out = np.full((len(prompts), len(token_sets)), np.nan)
+        for i in rows:
+            out[i] = [prompts[i][0] + s / 10 for s in range(len(token_sets))]
+        return _Ref(k, out)
+
+
+@pytest.mark.parametrize("with_groups", [False, True])
+def test_next_token_scores_from_workers_in_any_order_come_back_in_the_prompts_order(with_groups):
+    """21 prompts (prompt i starts with id i, lengths shuffled): chunks of 4 batches by length (batch
+    size 2: 8, 8, 5 prompts), finished in reverse; every row gets its own prompt's score. With groups
+    (3 prompts per group, the contract's ``shared``; batch size 1: 4 groups a chunk), whole groups go to
+    a chunk in their order, their prompts renumbered within it."""
+    from truthmap.backends.ray import SCORE_CHUNK_BATCHES, Workers
+
+    rng = np.random.default_rng(0)
+    prompts = [[i] + [7] * int(n) for i, n in enumerate(rng.integers(0, 9, 21))]
+    shared = [(list(range(g, g + 3)), [99]) for g in range(0, 21, 3)] if with_groups else None
+    seen = []
+    ray = _ReverseRay()
+    workers = Workers(ray, [_ScoringActor(seen), _ScoringActor(seen)], started_ray=False)
+    out = workers.next_token_logprobs(prompts, [[1], [2]], 1 if with_groups else 2, shared)
+    np.testing.assert_array_equal(out, [[i, i + 0.1] for i in range(21)])
+    assert ray.finished != sorted(ray.finished)  # they did finish out of order
+    chunks = [ids for _, ids, _ in sorted(seen, key=lambda s: s[0])]
+    if with_groups:
+        assert chunks == [list(range(12)), list(range(12, 21))]
+        assert [groups for *_, groups in sorted(seen, key=lambda s: s[0])][1] == [
+            ([0, 1, 2], [99]), ([3, 4, 5], [99]), ([6, 7, 8], [99])]
+    else:
+        assert [len(ids) for ids in chunks] == [2 * SCORE_CHUNK_BATCHES] * 2 + [5]
+        assert sorted(i for ids in chunks for i in ids) == list(range(21))  # each prompt once
+        lengths = [len(prompts[i]) for ids in chunks for i in ids]
+        assert lengths == sorted(lengths)  # the single-process backend's length order: the same batches

@@ -7,8 +7,9 @@ object, a hook or an inference library themselves. The implementations:
 * :class:`truthmap.backends.hf.LoadedModel` — a Hugging Face causal LM in this process (``in_process``
   true): every method works, including sampling and reading the states while generating;
 * :class:`truthmap.backends.ray.RemoteModel` — the same model held by Ray workers (``in_process``
-  false): the driver has the tokenizer and the model's config, no weights; answers and feature shards
-  are computed on the workers. The methods that need the weights here say so in one line.
+  false): the driver has the tokenizer and the model's config, no weights; answers, feature shards
+  and next-token scores are computed on the workers. The methods that need the weights here say so in
+  one line.
 
 :class:`truthmap.backends.factory.Models` gives a command its backends. Adding an engine (vLLM, a
 remote service) is one new module beside these and one line in the factory (docs/extending.md).

@@ -4,9 +4,10 @@ machines.
 With ``ray`` set (``truthmap run --ray [ADDRESS]``, or ``ray: ADDRESS`` in the YAML config) the driver —
 the process that runs the pipeline — starts one Ray actor per GPU (``ray_gpus_per_worker`` GPUs each,
 for a model larger than one GPU) or per ``ray_cpus_per_worker`` CPUs. Each actor loads the model once
-and then answers chunks of questions (generate, and the label stage's extractor) and computes shards of
-features (extract), one at a time, with the very functions the single-process path uses
-(:func:`truthmap.backends.hf.answer_prompts`, :func:`truthmap.backends.hf.extract_shard`).
+and then answers chunks of questions (generate, and the label stage's extractor), computes shards of
+features (extract) and scores chunks of prompts by their next token (the label stage's judge), one at a
+time, with the very functions the single-process path uses (:func:`truthmap.backends.hf.answer_prompts`,
+:func:`truthmap.backends.hf.extract_shard`, :func:`truthmap.backends.hf.next_token_logprobs`).
 
 The driver keeps everything else: it tokenizes the prompts, plans the chunks and shards exactly as a
 single-process run does (so the batches, the greedy answers and the features are the same), receives
@@ -19,11 +20,11 @@ A worker process that dies (killed, preempted node) is restarted by Ray, which r
 retries the chunk it held (``max_restarts`` / ``max_task_retries``, ``MAX_RESTARTS`` times); only that
 chunk's work is lost. On the driver, the model is a :class:`RemoteModel`: its tokenizer and config,
 no weights — an implementation of the backend contract (base.py) whose methods that need the weights
-here (sampling, capture, token statistics, next-token scores, attention) say so in one line: the factory
+here (sampling, capture, token statistics, attention) say so in one line: the factory
 (factory.py) gives those uses the model in this process.
 
-``TRUTHMAP_RAY_FAILPOINT=<generate|extract>:<k>:<marker file>`` makes the worker that starts chunk
-(or shard) ``k`` of that stage SIGKILL itself, once: it creates the marker file first, and a marker
+``TRUTHMAP_RAY_FAILPOINT=<generate|extract|score>:<k>:<marker file>`` makes the worker that starts chunk
+(or shard) ``k`` of that work SIGKILL itself, once: it creates the marker file first, and a marker
 that exists disarms it. The kill test uses it.
 """
 
@@ -34,12 +35,14 @@ import signal
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from ..errors import TruthmapError
 from .base import context_limit, end_of_turn_ids_of
-from .hf import LoadedModel, answer_prompts, extract_shard, load_model
+from .hf import LoadedModel, answer_prompts, extract_shard, load_model, next_token_logprobs
 
+SCORE_CHUNK_BATCHES = 4  # batches of next-token scores per chunk a worker takes at a time
 MAX_RESTARTS = 3  # how often a lost worker is restarted, and its chunk retried, before the run stops
 # environment variables a worker gets from the driver (a remote cluster does not inherit the driver's)
 _PASSED_ENV = ("TRUTHMAP_RAY_FAILPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -70,8 +73,8 @@ def _here(what: str) -> TruthmapError:
 @dataclass
 class RemoteModel:
     """A model held by Ray workers, as the driver sees it (the backend contract of base.py): the
-    tokenizer, the layout (``n_layers``, ``hidden_size``), the config in ``model``; no weights. Answers
-    and feature shards are computed by ``workers``."""
+    tokenizer, the layout (``n_layers``, ``hidden_size``), the config in ``model``; no weights. Answers,
+    feature shards and next-token scores are computed by ``workers``."""
 
     model: _ConfigOnly
     tokenizer: object
@@ -116,7 +119,7 @@ class RemoteModel:
         raise _here("token statistics")
 
     def next_token_logprobs(self, prompts, token_sets, batch_size: int = 16, shared=None):
-        raise _here("next-token scores (p(True), judges)")
+        return self.workers.next_token_logprobs(prompts, token_sets, batch_size, shared)
 
     def attention_weights(self, sequences, index):
         raise _here("attention weights")
@@ -167,6 +170,11 @@ class _ModelWorker:
         _failpoint("extract", k)
         return extract_shard(self._model(), sequences, index, ids, positions, sites, batch_size)
 
+    def score(self, k: int, prompts, token_sets, batch_size, shared):
+        """Chunk ``k`` of next-token scores: float ``[len(prompts), S]``."""
+        _failpoint("score", k)
+        return next_token_logprobs(self._model(), prompts, token_sets, batch_size, shared)
+
 
 def _failpoint(stage: str, k: int) -> None:
     spec = os.environ.get("TRUTHMAP_RAY_FAILPOINT")
@@ -210,6 +218,38 @@ class Workers:
             if bar is not None:
                 bar.update(len(jobs[k][0]))
             yield k, store
+
+    def next_token_logprobs(self, prompts: list[list[int]], token_sets: list[list[int]], batch_size: int,
+                            shared=None) -> np.ndarray:
+        """The contract's ``next_token_logprobs``, float ``[N, S]`` in the order of ``prompts``: the prompts
+        are cut into chunks of ``SCORE_CHUNK_BATCHES`` whole batches, planned as the single-process
+        backend plans its batches (by length; with ``shared``, whole groups in their order), so each
+        worker forms the same batches and the scores equal a single-process call's on the same kind of
+        device (with ``shared``, to float rounding: a chunk computes its own common beginning)."""
+        step = SCORE_CHUNK_BATCHES * max(int(batch_size), 1)
+        rows, jobs = {}, {}  # k -> the chunk's rows of prompts; k -> (its prompts, its groups or None)
+        if shared is None:
+            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+            for k, start in enumerate(range(0, len(order), step)):
+                rows[k] = order[start : start + step]
+                jobs[k] = ([prompts[i] for i in rows[k]], None)
+        else:
+            for k, start in enumerate(range(0, len(shared), step)):
+                part = shared[start : start + step]
+                rows[k] = [i for indices, _ in part for i in indices]
+                local, groups = iter(range(len(rows[k]))), []
+                for indices, marker in part:  # the group's prompts renumbered within the chunk
+                    groups.append(([next(local) for _ in indices], marker))
+                jobs[k] = ([prompts[i] for i in rows[k]], groups)
+        out = np.full((len(prompts), len(token_sets)), np.nan)
+
+        def submit(actor, k):
+            chunk, groups = jobs[k]
+            return actor.score.remote(k, chunk, token_sets, batch_size, groups)
+
+        for k, scores in self._run(sorted(jobs), submit, "next-token scores: chunk"):
+            out[rows[k]] = scores
+        return out
 
     def _run(self, queue: list[int], submit, what: str):
         # what is still in flight when the driver stops early (an error, Ctrl-C) ends with the actors (close)

@@ -323,12 +323,10 @@ def answer_summary(answers: pd.DataFrame) -> dict:
 
 def judge_model(c, models):
     """The lenient grader's judge (``--judge-grader``, or ``--grader lenient``): the extractor model, else the
-    studied model; None when not asked. It runs in this process (one forward pass per answer)."""
+    studied model; None when not asked (one forward pass per answer). Under ``--ray`` the studied model
+    judges on the workers; an ``--extractor-model`` judges in this process."""
     if not (c.judge_grader or c.grader == "lenient"):
         return None
-    if models.on_workers and c.ray and c.extractor_model in (None, "none", c.model):
-        raise TruthmapError("--judge-grader with --ray: the judge runs in this process; name it with "
-                            "--extractor-model (a model loaded here), or leave the judge out")
     return models.extractor or models.lm
 
 
