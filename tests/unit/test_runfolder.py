@@ -349,3 +349,20 @@ def test_a_stage_block_with_a_fingerprint_is_marked_done_only_when_it_returns(tm
                 raise RuntimeError("midway")
         assert "probe" not in run.stages() and not run.is_current("probe", stamp, [rf.PROBE_RESULTS])
         assert run.stage_name is None
+
+
+def test_a_folder_not_held_open_names_no_path_outside_it(tmp_path):
+    """runfolder.at(dir) on a folder no run holds gives a Folder; like Run.path, its path() takes a name
+    or a path inside the folder and refuses any other, so nothing it reads or writes lies elsewhere."""
+    folder = rf.at(tmp_path / "run")
+    assert isinstance(folder, rf.Folder)
+    assert folder.path("answers.parquet") == tmp_path / "run" / "answers.parquet"
+    assert folder.path(tmp_path / "run" / "a" / "b.csv") == tmp_path / "run" / "a" / "b.csv"
+    for outside in (tmp_path / "elsewhere.csv", tmp_path / "run-2" / "x.csv", tmp_path / "run" / ".." / "x.csv"):
+        with pytest.raises(TruthmapError, match="not inside the run folder"):
+            folder.path(outside)
+    with pytest.raises(TruthmapError):
+        folder.path("../x.csv")
+    with pytest.raises(TruthmapError, match="not inside the run folder"):
+        folder.write_csv(tmp_path / "elsewhere.csv", pd.DataFrame({"a": [1]}))
+    assert not (tmp_path / "elsewhere.csv").exists()

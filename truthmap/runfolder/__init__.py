@@ -97,7 +97,13 @@ class Folder:
         return f"Folder({str(self.root)!r})"
 
     def path(self, name: str | Path) -> Path:
-        return child(self.root, Path(name).as_posix(), "file") if not Path(name).is_absolute() else Path(name)
+        """As :meth:`Run.path`: a relative name, or a path inside the folder (no other is followed)."""
+        if Path(name).is_absolute():
+            path = Path(os.path.abspath(name))
+            if path != self.root and self.root not in path.parents:
+                raise TruthmapError(f"{name}: not inside the run folder {self.root}")
+            return path
+        return child(self.root, Path(name).as_posix(), "file")
 
     def trusted(self, name) -> bool:
         return trusted(self.path(name))
