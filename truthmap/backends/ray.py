@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import TruthmapError
-from .base import context_limit, end_of_turn_ids_of
+from .base import ConfigFacts
 from .hf import LoadedModel, answer_prompts, extract_shard, load_model, next_token_logprobs
 
 SCORE_CHUNK_BATCHES = 4  # batches of next-token scores per chunk a worker takes at a time
@@ -71,7 +71,7 @@ def _here(what: str) -> TruthmapError:
 
 
 @dataclass
-class RemoteModel:
+class RemoteModel(ConfigFacts):
     """A model held by Ray workers, as the driver sees it (the backend contract of base.py): the
     tokenizer, the layout (``n_layers``, ``hidden_size``), the config in ``model``; no weights. Answers,
     feature shards and next-token scores are computed by ``workers``."""
@@ -89,15 +89,6 @@ class RemoteModel:
 
     def describe(self) -> str:
         return f"{self.model_id} ({self.revision}) on {len(self.workers.actors)} Ray worker(s)"
-
-    def context_length(self) -> int | None:
-        return context_limit(self.model.config.get_text_config(), self.tokenizer)
-
-    def end_of_turn_ids(self) -> list[int]:
-        return end_of_turn_ids_of(self.model.generation_config.eos_token_id, self.tokenizer)
-
-    def bytes_per_value(self) -> int:
-        return self.model.dtype.itemsize
 
     def auto_batch_size(self, longest: int) -> int:
         return self.workers.auto_batch_size(longest)
