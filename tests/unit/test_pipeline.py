@@ -216,13 +216,20 @@ def test_quiet_hides_the_libraries_loading_bars(progress, monkeypatch, capsys):
     assert ("GGUF" in capsys.readouterr().err) == progress
 
 
-def test_a_stage_that_registers_itself_is_run_in_its_step_and_gets_a_command():
-    """Adding a stage is its module (ending in register(Stage(...))) and the import that loads it: the
-    pipeline's order and the CLI's commands come from the registry, not from tables kept by hand."""
+def _fresh_python(code: str):
+    """Run ``code`` in a new Python process (a registry or an import state of its own) on this checkout."""
     import os
     import subprocess
     import sys
 
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+
+
+def test_a_stage_that_registers_itself_is_run_in_its_step_and_gets_a_command():
+    """Adding a stage is its module (ending in register(Stage(...))) and the import that loads it: the
+    pipeline's order and the CLI's commands come from the registry, not from tables kept by hand."""
     code = (
         "from truthmap.stages.base import Stage, register, fields\n"
         "register(Stage('toy', '4f', 'A toy stage (toy.csv).', lambda s: None, inputs=('answers.parquet',),\n"
@@ -235,19 +242,13 @@ def test_a_stage_that_registers_itself_is_run_in_its_step_and_gets_a_command():
         "assert 'Stage 4f: A toy stage' in cli.commands['toy'].help\n"
         "assert 'toy' in cli.commands['run'].help\n"
         "print('ok')\n")
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(root)})
+    result = _fresh_python(code)
     assert result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def test_listing_the_stages_loads_neither_torch_nor_the_model_code():
     """`truthmap --help` and a stage's --help import every stage module (the registry); torch and the
     model backends are imported only where a stage runs, so the help stays quick."""
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
@@ -258,9 +259,7 @@ def test_listing_the_stages_loads_neither_torch_nor_the_model_code():
         "assert 'probe' in cli.commands and 'wholemap' in cli.commands\n"
         "heavy = [m for m in ('torch', 'transformers', 'truthmap.backends.hf') if m in sys.modules]\n"
         "print(heavy)\n")
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(root)})
+    result = _fresh_python(code)
     assert result.stdout.strip() == "[]", (result.stdout + result.stderr)[-2000:]
 
 
